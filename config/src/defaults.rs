@@ -1,0 +1,15 @@
+//! Every default value of Shoal's configuration, in one place.
+
+pub const ROOT: &str = "/var/lib/shoal";
+pub const SOCKET: &str = "/run/shoal/shoal.sock";
+pub const LOG_LEVEL: &str = "info";
+pub const CACHE_CAPACITY: u64 = 10 << 30;
+pub const CACHE_BLOCK_SIZE: u64 = 1 << 20;
+pub const CACHE_MEMORY: u64 = 256 << 20;
+pub const FETCH_MAX_CONCURRENT: usize = 32;
+pub const FETCH_PREFETCH: bool = true;
+pub const FETCH_BACKGROUND: bool = false;
+pub const FETCH_BACKGROUND_RATE: u64 = 20 << 20;
+pub const REGISTRY_TIMEOUT_SECS: u64 = 30;
+pub const REGISTRY_RETRIES: u32 = 4;
+pub const DOCKER_CONFIG: &str = "/root/.docker/config.json";

@@ -1,0 +1,20 @@
+//! Configuration layer of Shoal: TOML text in, a validated [`Config`] out.
+//!
+//! The file is parsed into [`raw::RawConfig`], whose every section rejects unknown keys, and then
+//! resolved into [`Config`], where each value has been checked and every default filled in from
+//! one place ([`defaults`]). Errors ([`ConfigError`]) name the offending field by its TOML path,
+//! e.g. `cache.block_size`.
+//!
+//! Architecture Invariant: no other crate reads TOML or knows a default; they receive `Config`.
+
+mod bytesize;
+pub mod defaults;
+mod error;
+pub mod raw;
+mod resolve;
+
+pub use bytesize::ByteSize;
+pub use error::ConfigError;
+pub use resolve::{
+    CacheConfig, Config, FetchConfig, HostConfig, LogConfig, LogFormat, RegistryConfig,
+};

@@ -1,0 +1,69 @@
+//! The configuration file as written: every key optional, unknown keys rejected.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// A byte size as TOML allows it: an integer, or a string such as `"10GiB"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawByteSize {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub root: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub log: Option<RawLog>,
+    pub cache: Option<RawCache>,
+    pub fetch: Option<RawFetch>,
+    pub registry: Option<RawRegistry>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Option<String>,
+    pub format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    pub capacity: Option<RawByteSize>,
+    pub block_size: Option<RawByteSize>,
+    pub memory: Option<RawByteSize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFetch {
+    pub max_concurrent: Option<i64>,
+    pub prefetch: Option<bool>,
+    pub background: Option<bool>,
+    pub background_rate: Option<RawByteSize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegistry {
+    pub timeout_secs: Option<i64>,
+    pub retries: Option<i64>,
+    pub docker_config: Option<PathBuf>,
+    #[serde(default)]
+    pub hosts: BTreeMap<String, RawHost>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHost {
+    pub plain_http: Option<bool>,
+    pub insecure_skip_verify: Option<bool>,
+    pub ca: Option<PathBuf>,
+    #[serde(default)]
+    pub mirrors: Vec<String>,
+}

@@ -1,0 +1,357 @@
+//! Resolution of [`RawConfig`] into a validated [`Config`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::bytesize::ByteSize;
+use crate::defaults;
+use crate::error::ConfigError;
+use crate::raw::{RawByteSize, RawConfig, RawHost};
+
+/// Shoal's validated configuration. Build it with [`Config::load`] or [`Config::parse`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Directory for snapshots, metadata and the chunk cache.
+    pub root: PathBuf,
+    /// Unix socket containerd connects to.
+    pub socket: PathBuf,
+    pub log: LogConfig,
+    pub cache: CacheConfig,
+    pub fetch: FetchConfig,
+    pub registry: RegistryConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A `tracing` filter directive, e.g. `info` or `shoal_fetcher=debug`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Upper bound of compressed bytes kept on disk.
+    pub capacity: ByteSize,
+    /// Cache unit: an aligned block of a blob. A power of two.
+    pub block_size: ByteSize,
+    /// Upper bound of decompressed chunk bytes kept in memory.
+    pub memory: ByteSize,
+}
+
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    /// Fetches from the network in flight at once, over all layers.
+    pub max_concurrent: usize,
+    /// Fetch the files before a layer's `.prefetch.landmark` right after it is mounted.
+    pub prefetch: bool,
+    /// Fetch whole layers in the background after mounting them.
+    pub background: bool,
+    /// Bytes per second the background fetch may use.
+    pub background_rate: ByteSize,
+}
+
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    pub timeout: Duration,
+    pub retries: u32,
+    /// Docker `config.json` whose `auths` supply credentials.
+    pub docker_config: PathBuf,
+    /// Per-host settings, keyed by `host[:port]`.
+    pub hosts: BTreeMap<String, HostConfig>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostConfig {
+    pub plain_http: bool,
+    pub insecure_skip_verify: bool,
+    pub ca: Option<PathBuf>,
+    /// Hosts tried, in order, before this one.
+    pub mirrors: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::from_raw(RawConfig::default()).expect("defaults are valid")
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            source: Box::new(source),
+        })?;
+        Config::from_raw(raw)
+    }
+
+    pub fn from_raw(raw: RawConfig) -> Result<Config, ConfigError> {
+        let root = absolute("root", raw.root.unwrap_or_else(|| defaults::ROOT.into()))?;
+        let socket = absolute(
+            "socket",
+            raw.socket.unwrap_or_else(|| defaults::SOCKET.into()),
+        )?;
+        if socket.as_os_str().len() >= 108 {
+            return Err(ConfigError::invalid(
+                "socket",
+                "a unix socket path must be shorter than 108 bytes",
+            ));
+        }
+
+        let log = raw.log.unwrap_or_default();
+        let level = log.level.unwrap_or_else(|| defaults::LOG_LEVEL.into());
+        if level.trim().is_empty() {
+            return Err(ConfigError::invalid("log.level", "must not be empty"));
+        }
+        let format = match log.format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::invalid(
+                    "log.format",
+                    format!("`{other}` is neither `text` nor `json`"),
+                ))
+            }
+        };
+
+        let cache = raw.cache.unwrap_or_default();
+        let block_size = byte_size(
+            "cache.block_size",
+            cache.block_size,
+            defaults::CACHE_BLOCK_SIZE,
+        )?;
+        if !block_size.0.is_power_of_two() || !(4096..=64 << 20).contains(&block_size.0) {
+            return Err(ConfigError::invalid(
+                "cache.block_size",
+                "must be a power of two between 4KiB and 64MiB",
+            ));
+        }
+        let capacity = byte_size("cache.capacity", cache.capacity, defaults::CACHE_CAPACITY)?;
+        if capacity.0 < block_size.0 {
+            return Err(ConfigError::invalid(
+                "cache.capacity",
+                "must hold at least one block (cache.block_size)",
+            ));
+        }
+        let memory = byte_size("cache.memory", cache.memory, defaults::CACHE_MEMORY)?;
+
+        let fetch = raw.fetch.unwrap_or_default();
+        let max_concurrent = positive(
+            "fetch.max_concurrent",
+            fetch.max_concurrent,
+            defaults::FETCH_MAX_CONCURRENT as i64,
+            4096,
+        )? as usize;
+        let background_rate = byte_size(
+            "fetch.background_rate",
+            fetch.background_rate,
+            defaults::FETCH_BACKGROUND_RATE,
+        )?;
+        if background_rate.0 == 0 {
+            return Err(ConfigError::invalid(
+                "fetch.background_rate",
+                "must be greater than zero",
+            ));
+        }
+
+        let registry = raw.registry.unwrap_or_default();
+        let timeout = positive(
+            "registry.timeout_secs",
+            registry.timeout_secs,
+            defaults::REGISTRY_TIMEOUT_SECS as i64,
+            3600,
+        )?;
+        let retries = match registry.retries {
+            None => defaults::REGISTRY_RETRIES,
+            Some(n) if (0..=20).contains(&n) => n as u32,
+            Some(n) => {
+                return Err(ConfigError::invalid(
+                    "registry.retries",
+                    format!("{n} is outside 0..=20"),
+                ))
+            }
+        };
+        let mut hosts = BTreeMap::new();
+        for (name, host) in registry.hosts {
+            let resolved = resolve_host(&name, host)?;
+            hosts.insert(name, resolved);
+        }
+
+        Ok(Config {
+            root,
+            socket,
+            log: LogConfig { level, format },
+            cache: CacheConfig {
+                capacity,
+                block_size,
+                memory,
+            },
+            fetch: FetchConfig {
+                max_concurrent,
+                prefetch: fetch.prefetch.unwrap_or(defaults::FETCH_PREFETCH),
+                background: fetch.background.unwrap_or(defaults::FETCH_BACKGROUND),
+                background_rate,
+            },
+            registry: RegistryConfig {
+                timeout: Duration::from_secs(timeout as u64),
+                retries,
+                docker_config: registry
+                    .docker_config
+                    .unwrap_or_else(|| defaults::DOCKER_CONFIG.into()),
+                hosts,
+            },
+        })
+    }
+
+    /// Settings for `host`, or the defaults when the file names none.
+    pub fn host(&self, host: &str) -> HostConfig {
+        self.registry.hosts.get(host).cloned().unwrap_or_default()
+    }
+}
+
+fn resolve_host(name: &str, raw: RawHost) -> Result<HostConfig, ConfigError> {
+    let field = |key: &str| format!("registry.hosts.\"{name}\".{key}");
+    if name.is_empty() || name.contains('/') || name.contains("://") {
+        return Err(ConfigError::invalid(
+            format!("registry.hosts.\"{name}\""),
+            "a host is written as `name[:port]`, without scheme or path",
+        ));
+    }
+    for mirror in &raw.mirrors {
+        if mirror.is_empty() || mirror.contains("://") {
+            return Err(ConfigError::invalid(
+                field("mirrors"),
+                format!("`{mirror}` must be `name[:port]`, without scheme"),
+            ));
+        }
+    }
+    if let Some(ca) = &raw.ca {
+        if !ca.is_absolute() {
+            return Err(ConfigError::invalid(
+                field("ca"),
+                "must be an absolute path",
+            ));
+        }
+    }
+    Ok(HostConfig {
+        plain_http: raw.plain_http.unwrap_or(false),
+        insecure_skip_verify: raw.insecure_skip_verify.unwrap_or(false),
+        ca: raw.ca,
+        mirrors: raw.mirrors,
+    })
+}
+
+fn absolute(field: &str, path: PathBuf) -> Result<PathBuf, ConfigError> {
+    if path.is_absolute() {
+        Ok(path)
+    } else {
+        Err(ConfigError::invalid(
+            field,
+            format!("`{}` must be an absolute path", path.display()),
+        ))
+    }
+}
+
+fn byte_size(field: &str, raw: Option<RawByteSize>, default: u64) -> Result<ByteSize, ConfigError> {
+    match raw {
+        None => Ok(ByteSize(default)),
+        Some(RawByteSize::Bytes(n)) => Ok(ByteSize(n)),
+        Some(RawByteSize::Text(text)) => {
+            ByteSize::parse(&text).map_err(|reason| ConfigError::invalid(field, reason))
+        }
+    }
+}
+
+fn positive(field: &str, raw: Option<i64>, default: i64, max: i64) -> Result<i64, ConfigError> {
+    let value = raw.unwrap_or(default);
+    if (1..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::invalid(
+            field,
+            format!("{value} is outside 1..={max}"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(text: &str) -> String {
+        match Config::parse(text).unwrap_err() {
+            ConfigError::InvalidValue { field, .. } => field,
+            other => panic!("expected InvalidValue, got {other}"),
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.root, Path::new(defaults::ROOT));
+        assert_eq!(config.socket, Path::new(defaults::SOCKET));
+        assert_eq!(config.cache.block_size.0, 1 << 20);
+        assert_eq!(config.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../example.toml");
+        let config = Config::parse(text).unwrap();
+        assert_eq!(config.root, Path::new("/var/lib/shoal"));
+        assert!(config.registry.hosts.contains_key("127.0.0.1:5000"));
+        assert!(config.host("127.0.0.1:5000").plain_http);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = Config::parse("rooot = \"/x\"").unwrap_err();
+        assert!(err.to_string().contains("rooot"), "{err}");
+        let err = Config::parse("[cache]\nsize = 3").unwrap_err();
+        assert!(err.to_string().contains("size"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_field() {
+        assert_eq!(field_of("root = \"relative\""), "root");
+        assert_eq!(field_of("[log]\nformat = \"xml\""), "log.format");
+        assert_eq!(field_of("[cache]\nblock_size = 1000"), "cache.block_size");
+        assert_eq!(
+            field_of("[cache]\nblock_size = \"1Mib\""),
+            "cache.block_size"
+        );
+        assert_eq!(field_of("[cache]\ncapacity = 10"), "cache.capacity");
+        assert_eq!(
+            field_of("[fetch]\nmax_concurrent = 0"),
+            "fetch.max_concurrent"
+        );
+        assert_eq!(field_of("[registry]\nretries = -1"), "registry.retries");
+        assert_eq!(
+            field_of("[registry.hosts.\"r:5000\"]\nmirrors = [\"http://m\"]"),
+            "registry.hosts.\"r:5000\".mirrors"
+        );
+    }
+
+    #[test]
+    fn byte_sizes_accept_suffixes() {
+        let config =
+            Config::parse("[cache]\ncapacity = \"2GiB\"\nblock_size = \"512KiB\"").unwrap();
+        assert_eq!(config.cache.capacity.0, 2 << 30);
+        assert_eq!(config.cache.block_size.0, 512 << 10);
+    }
+}

@@ -1,0 +1,1 @@
+//! Filesystem layer of Shoal (being built): pure format readers for eStargz and overlaybd.

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs, idempotently, every Debian package Shoal's build, demo and tests use.
+# Safe to run again: apt-get skips what is already installed.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: run as root (it calls apt-get)" >&2
+  exit 1
+fi
+
+packages=(
+  # build
+  build-essential pkg-config protobuf-compiler libfuse3-dev
+  # runtime: containerd as the client, runc to run containers, fuse3 for lazy layers
+  containerd runc fuse3
+  # test images and registry
+  docker-registry skopeo umoci busybox-static jq curl
+  # overlaybd filesystems, multi-node networking
+  e2fsprogs erofs-utils iproute2 kmod
+  # second eStargz producer for compatibility tests
+  stargz-snapshotter
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+  echo "install-deps: all Debian packages present"
+fi
+
+# The Debian registry package starts a system service on :5000; tests run their own registries
+# on loopback ports of their choosing, so the packaged one is stopped to keep the machine quiet.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet docker-registry 2>/dev/null; then
+  systemctl stop docker-registry || true
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "install-deps: cargo not found; install the stable Rust toolchain (rustup) first" >&2
+  exit 1
+fi
+
+modprobe fuse 2>/dev/null || true
+modprobe overlay 2>/dev/null || true
+echo "install-deps: done"
