@@ -1,1 +1,24 @@
-//! placeholder
+//! Snapshotter layer of Shoal: containerd's Snapshots API, served over a proxy-plugin socket.
+//!
+//! - [`ShoalSnapshotter`] implements `containerd_snapshots::Snapshotter`; [`server`] wraps it
+//!   in the tonic service the daemon serves.
+//! - `metadata`: snapshot records in an embedded transactional store (redb) under the root.
+//! - `layout`: on-disk layout and mount lists, identical to containerd's overlayfs snapshotter.
+//! - `filter`: containerd's filter syntax for List.
+//! - [`SnapshotError`]: the crate's one error type; `From<SnapshotError> for tonic::Status` is the
+//!   only conversion to gRPC codes.
+//!
+//! Architecture Invariant: a snapshot record is visible only if its directory exists; every
+//! change to records is one transaction.
+
+mod error;
+mod filter;
+mod layout;
+mod metadata;
+mod service;
+mod usage;
+
+pub use containerd_snapshots::{api, server, tonic};
+pub use error::SnapshotError;
+pub use layout::Layout;
+pub use service::{ShoalSnapshotter, SnapshotCounts};

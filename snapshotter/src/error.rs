@@ -1,0 +1,102 @@
+use std::path::PathBuf;
+
+use containerd_snapshots::tonic::{Code, Status};
+
+/// Why a snapshot operation failed. Converted to a gRPC status exactly once, at the API boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("open metadata store {path}: {source}")]
+    OpenStore {
+        path: PathBuf,
+        source: Box<redb::Error>,
+    },
+    #[error("metadata store {operation}: {source}")]
+    Store {
+        operation: &'static str,
+        source: Box<redb::Error>,
+    },
+    #[error("decode metadata record of snapshot {key}: {source}")]
+    DecodeRecord {
+        key: String,
+        source: serde_json::Error,
+    },
+    #[error("snapshot {key} does not exist")]
+    NotFound { key: String },
+    #[error("snapshot {key} already exists")]
+    AlreadyExists { key: String },
+    #[error("parent snapshot {parent} does not exist")]
+    ParentNotFound { parent: String },
+    #[error("parent {parent} is not a committed snapshot")]
+    ParentNotCommitted { parent: String },
+    #[error("snapshot {key} is not active (it is {kind})")]
+    NotActive { key: String, kind: &'static str },
+    #[error("snapshot {key} is committed and has no mounts")]
+    NoMounts { key: String },
+    #[error("cannot remove snapshot {key}: it has children")]
+    HasChildren { key: String },
+    #[error("invalid filter {filter:?}: {reason}")]
+    InvalidFilter { filter: String, reason: String },
+    #[error("cannot update field {field:?} of snapshot {key}")]
+    InvalidUpdateField { key: String, field: String },
+    #[error("invalid label {label:?}: {reason}")]
+    InvalidLabel { label: String, reason: String },
+    #[error("invalid snapshot key: {reason}")]
+    InvalidKey { reason: &'static str },
+    #[error("create snapshot directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("remove snapshot directory {path}: {source}")]
+    RemoveDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("measure disk usage of {path}: {source}")]
+    DiskUsage {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("blocking task for {operation} failed: {reason}")]
+    Task {
+        operation: &'static str,
+        reason: String,
+    },
+}
+
+impl SnapshotError {
+    pub(crate) fn store(operation: &'static str, source: impl Into<redb::Error>) -> Self {
+        SnapshotError::Store {
+            operation,
+            source: Box::new(source.into()),
+        }
+    }
+
+    /// The gRPC code containerd maps back to its `errdefs` errors.
+    pub fn code(&self) -> Code {
+        use SnapshotError::*;
+        match self {
+            NotFound { .. } | ParentNotFound { .. } => Code::NotFound,
+            AlreadyExists { .. } => Code::AlreadyExists,
+            NotActive { .. } | NoMounts { .. } | HasChildren { .. } => Code::FailedPrecondition,
+            ParentNotCommitted { .. }
+            | InvalidFilter { .. }
+            | InvalidUpdateField { .. }
+            | InvalidLabel { .. }
+            | InvalidKey { .. } => Code::InvalidArgument,
+            OpenStore { .. }
+            | Store { .. }
+            | DecodeRecord { .. }
+            | CreateDir { .. }
+            | RemoveDir { .. }
+            | DiskUsage { .. }
+            | Task { .. } => Code::Internal,
+        }
+    }
+}
+
+impl From<SnapshotError> for Status {
+    fn from(err: SnapshotError) -> Status {
+        Status::new(err.code(), err.to_string())
+    }
+}

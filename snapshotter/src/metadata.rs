@@ -1,0 +1,520 @@
+//! The metadata store: snapshot records in an embedded transactional database (redb).
+//!
+//! Every change is one write transaction, so a crash (even `kill -9` in the middle of a Commit)
+//! leaves either the old state or the new one, never a half-made snapshot. Directories on disk
+//! are created before the transaction that names them commits, and removed after the one that
+//! forgets them commits: a crash can leave an orphaned directory (reclaimed by Cleanup), never a
+//! record without its directory.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::SystemTime;
+
+use redb::{
+    Database, MultimapTableDefinition, ReadableMultimapTable, ReadableTable, TableDefinition,
+    WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::error::SnapshotError;
+
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+const CHILDREN: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("children");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+const NEXT_ID: &str = "next_id";
+
+/// The kind of a snapshot, as containerd names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Active,
+    View,
+    Committed,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Active => "active",
+            Kind::View => "view",
+            Kind::Committed => "committed",
+        }
+    }
+}
+
+/// Disk resources of one snapshot alone, excluding its parents.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskUsage {
+    pub size: i64,
+    pub inodes: i64,
+}
+
+/// What the store keeps per snapshot key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Directory name under `snapshots/`; stays the same across Commit.
+    pub id: u64,
+    pub kind: Kind,
+    /// Parent key, empty for none.
+    pub parent: String,
+    pub labels: BTreeMap<String, String>,
+    pub created: SystemTime,
+    pub updated: SystemTime,
+    /// Measured at Commit; active snapshots are measured on demand.
+    pub usage: DiskUsage,
+}
+
+/// A snapshot key with its record.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub key: String,
+    pub record: Record,
+}
+
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, SnapshotError> {
+        let open_err = |source: redb::Error| SnapshotError::OpenStore {
+            path: path.to_owned(),
+            source: Box::new(source),
+        };
+        let db = Database::create(path).map_err(|e| open_err(e.into()))?;
+        // Create the tables up front so that readers never meet a missing one.
+        let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
+        txn.open_table(SNAPSHOTS).map_err(|e| open_err(e.into()))?;
+        txn.open_multimap_table(CHILDREN)
+            .map_err(|e| open_err(e.into()))?;
+        txn.open_table(COUNTERS).map_err(|e| open_err(e.into()))?;
+        txn.commit().map_err(|e| open_err(e.into()))?;
+        let store = Store { db };
+        // Decode everything once so a damaged store fails at start-up, not mid-request.
+        store.list()?;
+        Ok(store)
+    }
+
+    pub fn get(&self, key: &str) -> Result<Record, SnapshotError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| SnapshotError::store("begin read", e))?;
+        let table = txn
+            .open_table(SNAPSHOTS)
+            .map_err(|e| SnapshotError::store("open table", e))?;
+        read_record(&table, key)?.ok_or_else(|| SnapshotError::NotFound { key: key.into() })
+    }
+
+    pub fn list(&self) -> Result<Vec<Entry>, SnapshotError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| SnapshotError::store("begin read", e))?;
+        let table = txn
+            .open_table(SNAPSHOTS)
+            .map_err(|e| SnapshotError::store("open table", e))?;
+        let mut entries = Vec::new();
+        for row in table
+            .iter()
+            .map_err(|e| SnapshotError::store("iterate", e))?
+        {
+            let (key, value) = row.map_err(|e| SnapshotError::store("iterate", e))?;
+            let key = key.value().to_string();
+            let record = decode(&key, value.value())?;
+            entries.push(Entry { key, record });
+        }
+        Ok(entries)
+    }
+
+    /// Ids of `key`'s ancestors, nearest first.
+    pub fn parent_ids(&self, record: &Record) -> Result<Vec<u64>, SnapshotError> {
+        let mut ids = Vec::new();
+        let mut parent = record.parent.clone();
+        while !parent.is_empty() {
+            let rec = self.get(&parent)?;
+            ids.push(rec.id);
+            parent = rec.parent;
+        }
+        Ok(ids)
+    }
+
+    /// Creates an active or view snapshot. `make_dir(id)` lays out its directory and runs inside
+    /// the transaction, so the record only becomes visible once the directory exists.
+    pub fn create(
+        &self,
+        key: &str,
+        parent: &str,
+        kind: Kind,
+        labels: BTreeMap<String, String>,
+        make_dir: impl FnOnce(u64, Option<u64>) -> Result<(), SnapshotError>,
+    ) -> Result<Record, SnapshotError> {
+        let txn = self.begin_write()?;
+        let record = {
+            let mut table = txn
+                .open_table(SNAPSHOTS)
+                .map_err(|e| SnapshotError::store("open table", e))?;
+            if read_record(&table, key)?.is_some() {
+                return Err(SnapshotError::AlreadyExists { key: key.into() });
+            }
+            let parent_id = if parent.is_empty() {
+                None
+            } else {
+                let parent_record =
+                    read_record(&table, parent)?.ok_or_else(|| SnapshotError::ParentNotFound {
+                        parent: parent.into(),
+                    })?;
+                if parent_record.kind != Kind::Committed {
+                    return Err(SnapshotError::ParentNotCommitted {
+                        parent: parent.into(),
+                    });
+                }
+                Some(parent_record.id)
+            };
+            let id = next_id(&txn)?;
+            let now = SystemTime::now();
+            let record = Record {
+                id,
+                kind,
+                parent: parent.into(),
+                labels,
+                created: now,
+                updated: now,
+                usage: DiskUsage::default(),
+            };
+            write_record(&mut table, key, &record)?;
+            if !parent.is_empty() {
+                let mut children = txn
+                    .open_multimap_table(CHILDREN)
+                    .map_err(|e| SnapshotError::store("open children", e))?;
+                children
+                    .insert(parent, key)
+                    .map_err(|e| SnapshotError::store("insert child", e))?;
+            }
+            make_dir(id, parent_id)?;
+            record
+        };
+        commit(txn)?;
+        Ok(record)
+    }
+
+    /// Turns active snapshot `key` into committed snapshot `name`, keeping its directory.
+    pub fn commit(
+        &self,
+        key: &str,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        usage: DiskUsage,
+    ) -> Result<Record, SnapshotError> {
+        let txn = self.begin_write()?;
+        let record = {
+            let mut table = txn
+                .open_table(SNAPSHOTS)
+                .map_err(|e| SnapshotError::store("open table", e))?;
+            let active = read_record(&table, key)?
+                .ok_or_else(|| SnapshotError::NotFound { key: key.into() })?;
+            if active.kind != Kind::Active {
+                return Err(SnapshotError::NotActive {
+                    key: key.into(),
+                    kind: active.kind.as_str(),
+                });
+            }
+            if read_record(&table, name)?.is_some() {
+                return Err(SnapshotError::AlreadyExists { key: name.into() });
+            }
+            let now = SystemTime::now();
+            let record = Record {
+                kind: Kind::Committed,
+                labels,
+                created: now,
+                updated: now,
+                usage,
+                ..active
+            };
+            table
+                .remove(key)
+                .map_err(|e| SnapshotError::store("remove record", e))?;
+            write_record(&mut table, name, &record)?;
+            if !record.parent.is_empty() {
+                let mut children = txn
+                    .open_multimap_table(CHILDREN)
+                    .map_err(|e| SnapshotError::store("open children", e))?;
+                children
+                    .remove(record.parent.as_str(), key)
+                    .map_err(|e| SnapshotError::store("remove child", e))?;
+                children
+                    .insert(record.parent.as_str(), name)
+                    .map_err(|e| SnapshotError::store("insert child", e))?;
+            }
+            record
+        };
+        commit(txn)?;
+        Ok(record)
+    }
+
+    /// Forgets `key`; its directory is the caller's to remove once this returns.
+    pub fn remove(&self, key: &str) -> Result<Record, SnapshotError> {
+        let txn = self.begin_write()?;
+        let record = {
+            let mut table = txn
+                .open_table(SNAPSHOTS)
+                .map_err(|e| SnapshotError::store("open table", e))?;
+            let record = read_record(&table, key)?
+                .ok_or_else(|| SnapshotError::NotFound { key: key.into() })?;
+            let mut children = txn
+                .open_multimap_table(CHILDREN)
+                .map_err(|e| SnapshotError::store("open children", e))?;
+            let has_children = children
+                .get(key)
+                .map_err(|e| SnapshotError::store("read children", e))?
+                .next()
+                .is_some();
+            if has_children {
+                return Err(SnapshotError::HasChildren { key: key.into() });
+            }
+            table
+                .remove(key)
+                .map_err(|e| SnapshotError::store("remove record", e))?;
+            if !record.parent.is_empty() {
+                children
+                    .remove(record.parent.as_str(), key)
+                    .map_err(|e| SnapshotError::store("remove child", e))?;
+            }
+            record
+        };
+        commit(txn)?;
+        Ok(record)
+    }
+
+    /// Applies `change` to the record of `key` and stores the result.
+    pub fn update(
+        &self,
+        key: &str,
+        change: impl FnOnce(&mut Record) -> Result<(), SnapshotError>,
+    ) -> Result<Record, SnapshotError> {
+        let txn = self.begin_write()?;
+        let record = {
+            let mut table = txn
+                .open_table(SNAPSHOTS)
+                .map_err(|e| SnapshotError::store("open table", e))?;
+            let mut record = read_record(&table, key)?
+                .ok_or_else(|| SnapshotError::NotFound { key: key.into() })?;
+            change(&mut record)?;
+            record.updated = SystemTime::now();
+            write_record(&mut table, key, &record)?;
+            record
+        };
+        commit(txn)?;
+        Ok(record)
+    }
+
+    /// Runs `sweep` with the ids of every live snapshot while holding the write lock, so that
+    /// no snapshot is created or committed while directories are being reclaimed.
+    pub fn with_live_ids<T>(
+        &self,
+        sweep: impl FnOnce(&HashSet<u64>) -> T,
+    ) -> Result<T, SnapshotError> {
+        let txn = self.begin_write()?;
+        let ids = {
+            let table = txn
+                .open_table(SNAPSHOTS)
+                .map_err(|e| SnapshotError::store("open table", e))?;
+            let mut ids = HashSet::new();
+            for row in table
+                .iter()
+                .map_err(|e| SnapshotError::store("iterate", e))?
+            {
+                let (key, value) = row.map_err(|e| SnapshotError::store("iterate", e))?;
+                ids.insert(decode(key.value(), value.value())?.id);
+            }
+            ids
+        };
+        let result = sweep(&ids);
+        txn.abort()
+            .map_err(|e| SnapshotError::store("end sweep", e))?;
+        Ok(result)
+    }
+
+    fn begin_write(&self) -> Result<WriteTransaction, SnapshotError> {
+        self.db
+            .begin_write()
+            .map_err(|e| SnapshotError::store("begin write", e))
+    }
+}
+
+fn next_id(txn: &WriteTransaction) -> Result<u64, SnapshotError> {
+    let mut counters = txn
+        .open_table(COUNTERS)
+        .map_err(|e| SnapshotError::store("open counters", e))?;
+    let id = counters
+        .get(NEXT_ID)
+        .map_err(|e| SnapshotError::store("read counter", e))?
+        .map(|v| v.value())
+        .unwrap_or(1);
+    counters
+        .insert(NEXT_ID, id + 1)
+        .map_err(|e| SnapshotError::store("write counter", e))?;
+    Ok(id)
+}
+
+fn read_record(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<Record>, SnapshotError> {
+    let value = table
+        .get(key)
+        .map_err(|e| SnapshotError::store("read record", e))?;
+    value.map(|v| decode(key, v.value())).transpose()
+}
+
+fn write_record(
+    table: &mut redb::Table<&'static str, &'static [u8]>,
+    key: &str,
+    record: &Record,
+) -> Result<(), SnapshotError> {
+    let bytes = serde_json::to_vec(record).map_err(|source| SnapshotError::DecodeRecord {
+        key: key.into(),
+        source,
+    })?;
+    table
+        .insert(key, bytes.as_slice())
+        .map_err(|e| SnapshotError::store("write record", e))?;
+    Ok(())
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<Record, SnapshotError> {
+    serde_json::from_slice(bytes).map_err(|source| SnapshotError::DecodeRecord {
+        key: key.into(),
+        source,
+    })
+}
+
+fn commit(txn: WriteTransaction) -> Result<(), SnapshotError> {
+    txn.commit().map_err(|e| SnapshotError::store("commit", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("metadata.db")).unwrap();
+        (dir, store)
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn no_dir(_: u64, _: Option<u64>) -> Result<(), SnapshotError> {
+        Ok(())
+    }
+
+    #[test]
+    fn create_commit_remove_lifecycle() {
+        let (_dir, store) = store();
+        let a = store
+            .create("a", "", Kind::Active, labels(&[]), no_dir)
+            .unwrap();
+        let usage = DiskUsage {
+            size: 4096,
+            inodes: 2,
+        };
+        let base = store
+            .commit("a", "base", labels(&[("x", "1")]), usage)
+            .unwrap();
+        assert_eq!(base.id, a.id, "commit keeps the directory id");
+        assert_eq!(base.kind, Kind::Committed);
+        assert!(matches!(
+            store.get("a"),
+            Err(SnapshotError::NotFound { .. })
+        ));
+
+        let child = store
+            .create("b", "base", Kind::Active, labels(&[]), no_dir)
+            .unwrap();
+        assert_eq!(store.parent_ids(&child).unwrap(), vec![base.id]);
+        assert!(matches!(
+            store.remove("base"),
+            Err(SnapshotError::HasChildren { .. })
+        ));
+        store.remove("b").unwrap();
+        store.remove("base").unwrap();
+        assert!(store.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn errors_match_containerd_semantics() {
+        let (_dir, store) = store();
+        assert!(matches!(
+            store.create("a", "missing", Kind::Active, labels(&[]), no_dir),
+            Err(SnapshotError::ParentNotFound { .. })
+        ));
+        store
+            .create("a", "", Kind::Active, labels(&[]), no_dir)
+            .unwrap();
+        assert!(matches!(
+            store.create("a", "", Kind::View, labels(&[]), no_dir),
+            Err(SnapshotError::AlreadyExists { .. })
+        ));
+        assert!(matches!(
+            store.create("b", "a", Kind::Active, labels(&[]), no_dir),
+            Err(SnapshotError::ParentNotCommitted { .. })
+        ));
+        store
+            .create("v", "", Kind::View, labels(&[]), no_dir)
+            .unwrap();
+        assert!(matches!(
+            store.commit("v", "c", labels(&[]), DiskUsage::default()),
+            Err(SnapshotError::NotActive { .. })
+        ));
+    }
+
+    #[test]
+    fn failed_directory_setup_leaves_no_record() {
+        let (_dir, store) = store();
+        let err = store.create("a", "", Kind::Active, labels(&[]), |_, _| {
+            Err(SnapshotError::InvalidKey { reason: "boom" })
+        });
+        assert!(err.is_err());
+        assert!(matches!(
+            store.get("a"),
+            Err(SnapshotError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metadata.db");
+        {
+            let store = Store::open(&path).unwrap();
+            store
+                .create("a", "", Kind::Active, labels(&[("k", "v")]), no_dir)
+                .unwrap();
+            store
+                .commit("a", "c", labels(&[("k", "v")]), DiskUsage::default())
+                .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let record = store.get("c").unwrap();
+        assert_eq!(record.labels, labels(&[("k", "v")]));
+        let next = store
+            .create("d", "c", Kind::Active, labels(&[]), no_dir)
+            .unwrap();
+        assert!(next.id > record.id, "ids are never reused");
+    }
+
+    #[test]
+    fn corrupt_file_is_a_clear_open_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metadata.db");
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let err = Store::open(&path).err().expect("garbage must not open");
+        assert!(matches!(err, SnapshotError::OpenStore { .. }), "{err}");
+    }
+}

@@ -1,0 +1,533 @@
+//! The containerd Snapshots API over the metadata store and the on-disk layout.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use containerd_snapshots::api::types::Mount;
+use containerd_snapshots::{Info, Kind as ApiKind, Snapshotter, Usage};
+use futures::stream::{self, BoxStream};
+use tracing::{info, warn};
+
+use crate::error::SnapshotError;
+use crate::filter::{Fields, Filter};
+use crate::layout::Layout;
+use crate::metadata::{Entry, Kind, Record, Store};
+use crate::usage;
+
+/// containerd's limit on a label's key plus value (`labels.Validate`).
+const MAX_LABEL_BYTES: usize = 4096;
+
+/// Shoal's snapshotter: what containerd talks to over the proxy-plugin socket.
+#[derive(Clone)]
+pub struct ShoalSnapshotter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    store: Store,
+    layout: Layout,
+}
+
+/// A count of snapshots by kind, for `shoal status`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotCounts {
+    pub active: usize,
+    pub view: usize,
+    pub committed: usize,
+}
+
+impl ShoalSnapshotter {
+    /// Opens (creating if needed) the snapshotter rooted at `root` and reclaims directories a
+    /// crash left behind.
+    pub fn open(root: &Path) -> Result<ShoalSnapshotter, SnapshotError> {
+        let layout = Layout::detect(root);
+        for dir in [root, layout.snapshots_dir()] {
+            std::fs::create_dir_all(dir).map_err(|source| SnapshotError::CreateDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let store = Store::open(&root.join("metadata.db"))?;
+        let snapshotter = ShoalSnapshotter {
+            inner: Arc::new(Inner {
+                root: root.to_owned(),
+                store,
+                layout,
+            }),
+        };
+        let reclaimed = snapshotter.inner.cleanup()?;
+        if reclaimed > 0 {
+            info!(
+                reclaimed,
+                "removed directories orphaned by an earlier crash"
+            );
+        }
+        Ok(snapshotter)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    pub fn counts(&self) -> Result<SnapshotCounts, SnapshotError> {
+        let mut counts = SnapshotCounts::default();
+        for entry in self.inner.store.list()? {
+            match entry.record.kind {
+                Kind::Active => counts.active += 1,
+                Kind::View => counts.view += 1,
+                Kind::Committed => counts.committed += 1,
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn blocking<T, F>(&self, operation: &'static str, f: F) -> Result<T, SnapshotError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T, SnapshotError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|err| SnapshotError::Task {
+                operation,
+                reason: err.to_string(),
+            })?
+    }
+
+    async fn create(
+        &self,
+        kind: Kind,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        validate_key(&key)?;
+        let labels = validate_labels(labels)?;
+        self.blocking("create", move |inner| {
+            let record = inner.create(&key, &parent, kind, labels)?;
+            inner.mounts_of(&record)
+        })
+        .await
+    }
+}
+
+impl Inner {
+    fn create(
+        &self,
+        key: &str,
+        parent: &str,
+        kind: Kind,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Record, SnapshotError> {
+        let mut made = None;
+        let result = self
+            .store
+            .create(key, parent, kind, labels, |id, parent_id| {
+                self.make_dir(id, kind, parent_id)?;
+                made = Some(id);
+                Ok(())
+            });
+        if let (Err(_), Some(id)) = (&result, made) {
+            // The transaction did not commit: the directory belongs to nobody.
+            let _ = std::fs::remove_dir_all(self.layout.dir(id));
+        }
+        result
+    }
+
+    /// Lays out `snapshots/<id>` in a temporary directory and renames it into place, so a
+    /// crash never leaves a half-made snapshot directory under a live id.
+    fn make_dir(&self, id: u64, kind: Kind, parent: Option<u64>) -> Result<(), SnapshotError> {
+        let create = |path: &Path, mode: u32| {
+            std::fs::create_dir(path)
+                .and_then(|()| {
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                })
+                .map_err(|source| SnapshotError::CreateDir {
+                    path: path.to_owned(),
+                    source,
+                })
+        };
+        let tmp = self.layout.snapshots_dir().join(format!("new-{id}"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        create(&tmp, 0o700)?;
+        let fs = tmp.join("fs");
+        create(&fs, 0o755)?;
+        if kind == Kind::Active {
+            create(&tmp.join("work"), 0o711)?;
+        }
+        if let Some(parent) = parent {
+            // A child starts owned like its parent's root, as containerd's overlay snapshotter
+            // does, so that a chowned image root stays chowned in containers.
+            let upper = self.layout.upper(parent);
+            let meta = std::fs::metadata(&upper).map_err(|source| SnapshotError::CreateDir {
+                path: upper.clone(),
+                source,
+            })?;
+            std::os::unix::fs::lchown(&fs, Some(meta.uid()), Some(meta.gid())).map_err(
+                |source| SnapshotError::CreateDir {
+                    path: fs.clone(),
+                    source,
+                },
+            )?;
+        }
+        let dir = self.layout.dir(id);
+        std::fs::rename(&tmp, &dir).map_err(|source| SnapshotError::CreateDir { path: dir, source })
+    }
+
+    fn mounts_of(&self, record: &Record) -> Result<Vec<Mount>, SnapshotError> {
+        let parents = self.store.parent_ids(record)?;
+        Ok(self.layout.mounts(record.kind, record.id, &parents))
+    }
+
+    /// Removes every directory under `snapshots/` that no record names. Returns how many.
+    fn cleanup(&self) -> Result<usize, SnapshotError> {
+        let dir = self.layout.snapshots_dir().to_owned();
+        self.store.with_live_ids(|live| {
+            let entries = std::fs::read_dir(&dir).map_err(|source| SnapshotError::RemoveDir {
+                path: dir.clone(),
+                source,
+            })?;
+            let mut removed = 0;
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let live_id = name
+                    .to_str()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_some_and(|id| live.contains(&id));
+                if live_id {
+                    continue;
+                }
+                let path = entry.path();
+                std::fs::remove_dir_all(&path)
+                    .map_err(|source| SnapshotError::RemoveDir { path, source })?;
+                removed += 1;
+            }
+            Ok(removed)
+        })?
+    }
+}
+
+impl Fields for Entry {
+    fn field(&self, path: &[String]) -> Option<String> {
+        match path {
+            [field] if field == "name" => Some(self.key.clone()),
+            [field] if field == "parent" => Some(self.record.parent.clone()),
+            [field] if field == "kind" => Some(self.record.kind.as_str().to_string()),
+            [field, rest @ ..] if field == "labels" && !rest.is_empty() => {
+                self.record.labels.get(&rest.join(".")).cloned()
+            }
+            _ => None,
+        }
+    }
+}
+
+fn info_of(key: String, record: Record) -> Info {
+    Info {
+        kind: match record.kind {
+            Kind::Active => ApiKind::Active,
+            Kind::View => ApiKind::View,
+            Kind::Committed => ApiKind::Committed,
+        },
+        name: key,
+        parent: record.parent,
+        labels: record.labels.into_iter().collect(),
+        created_at: record.created,
+        updated_at: record.updated,
+    }
+}
+
+fn validate_key(key: &str) -> Result<(), SnapshotError> {
+    if key.is_empty() {
+        return Err(SnapshotError::InvalidKey {
+            reason: "key must not be empty",
+        });
+    }
+    Ok(())
+}
+
+fn validate_labels(
+    labels: HashMap<String, String>,
+) -> Result<BTreeMap<String, String>, SnapshotError> {
+    let mut out = BTreeMap::new();
+    for (key, value) in labels {
+        if key.len() + value.len() > MAX_LABEL_BYTES {
+            return Err(SnapshotError::InvalidLabel {
+                label: key.chars().take(64).collect(),
+                reason: format!(
+                    "key and value are {} bytes, more than {MAX_LABEL_BYTES}",
+                    key.len() + value.len()
+                ),
+            });
+        }
+        out.insert(key, value);
+    }
+    Ok(out)
+}
+
+/// containerd's `UpdateInfo`: only labels change; no paths means "replace all labels", a
+/// `labels.<key>` path sets (or, with an empty value, deletes) one label.
+fn apply_update(
+    record: &mut Record,
+    key: &str,
+    labels: BTreeMap<String, String>,
+    paths: &[String],
+) -> Result<(), SnapshotError> {
+    if paths.is_empty() {
+        record.labels = labels;
+        return Ok(());
+    }
+    for path in paths {
+        if let Some(label) = path.strip_prefix("labels.") {
+            match labels.get(label).filter(|v| !v.is_empty()) {
+                Some(value) => record.labels.insert(label.to_string(), value.clone()),
+                None => record.labels.remove(label),
+            };
+        } else if path == "labels" {
+            record.labels = labels.clone();
+        } else {
+            return Err(SnapshotError::InvalidUpdateField {
+                key: key.into(),
+                field: path.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[containerd_snapshots::tonic::async_trait]
+impl Snapshotter for ShoalSnapshotter {
+    type Error = SnapshotError;
+    type InfoStream = BoxStream<'static, Result<Info, SnapshotError>>;
+
+    async fn stat(&self, key: String) -> Result<Info, SnapshotError> {
+        self.blocking("stat", move |inner| {
+            let record = inner.store.get(&key)?;
+            Ok(info_of(key, record))
+        })
+        .await
+    }
+
+    async fn update(
+        &self,
+        info: Info,
+        fieldpaths: Option<Vec<String>>,
+    ) -> Result<Info, SnapshotError> {
+        let labels = validate_labels(info.labels)?;
+        let key = info.name;
+        let paths = fieldpaths.unwrap_or_default();
+        self.blocking("update", move |inner| {
+            let record = inner
+                .store
+                .update(&key, |record| apply_update(record, &key, labels, &paths))?;
+            Ok(info_of(key, record))
+        })
+        .await
+    }
+
+    async fn usage(&self, key: String) -> Result<Usage, SnapshotError> {
+        self.blocking("usage", move |inner| {
+            let record = inner.store.get(&key)?;
+            let measured = match record.kind {
+                Kind::Active => usage::measure(&inner.layout.upper(record.id))?,
+                Kind::View | Kind::Committed => record.usage,
+            };
+            Ok(Usage {
+                size: measured.size,
+                inodes: measured.inodes,
+            })
+        })
+        .await
+    }
+
+    async fn mounts(&self, key: String) -> Result<Vec<Mount>, SnapshotError> {
+        self.blocking("mounts", move |inner| {
+            let record = inner.store.get(&key)?;
+            if record.kind == Kind::Committed {
+                return Err(SnapshotError::NoMounts { key });
+            }
+            inner.mounts_of(&record)
+        })
+        .await
+    }
+
+    async fn prepare(
+        &self,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        self.create(Kind::Active, key, parent, labels).await
+    }
+
+    async fn view(
+        &self,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        self.create(Kind::View, key, parent, labels).await
+    }
+
+    async fn commit(
+        &self,
+        name: String,
+        key: String,
+        labels: HashMap<String, String>,
+    ) -> Result<(), SnapshotError> {
+        validate_key(&name)?;
+        let labels = validate_labels(labels)?;
+        self.blocking("commit", move |inner| {
+            let active = inner.store.get(&key)?;
+            if active.kind != Kind::Active {
+                return Err(SnapshotError::NotActive {
+                    key,
+                    kind: active.kind.as_str(),
+                });
+            }
+            let measured = usage::measure(&inner.layout.upper(active.id))?;
+            inner.store.commit(&key, &name, labels, measured)?;
+            // The work directory is overlayfs scratch space; a committed layer needs none.
+            let _ = std::fs::remove_dir_all(inner.layout.work(active.id));
+            Ok(())
+        })
+        .await
+    }
+
+    async fn remove(&self, key: String) -> Result<(), SnapshotError> {
+        self.blocking("remove", move |inner| {
+            let record = inner.store.remove(&key)?;
+            let dir = inner.layout.dir(record.id);
+            if let Err(err) = std::fs::remove_dir_all(&dir) {
+                // The record is gone; Cleanup reclaims the directory later.
+                warn!(key, dir = %dir.display(), error = %err, "could not remove snapshot directory");
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn clear(&self) -> Result<(), SnapshotError> {
+        let removed = self.blocking("cleanup", |inner| inner.cleanup()).await?;
+        info!(removed, "cleanup removed orphaned snapshot directories");
+        Ok(())
+    }
+
+    async fn list(
+        &self,
+        _snapshotter: String,
+        filters: Vec<String>,
+    ) -> Result<Self::InfoStream, SnapshotError> {
+        let filter = Filter::parse_all(&filters)?;
+        let entries = self.blocking("list", |inner| inner.store.list()).await?;
+        let infos: Vec<Result<Info, SnapshotError>> = entries
+            .into_iter()
+            .filter(|entry| filter.matches(entry))
+            .map(|entry| Ok(info_of(entry.key, entry.record)))
+            .collect();
+        Ok(Box::pin(stream::iter(infos)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    async fn list(sn: &ShoalSnapshotter, filters: &[&str]) -> Vec<String> {
+        let filters = filters.iter().map(|s| s.to_string()).collect();
+        let mut names: Vec<String> = sn
+            .list(String::new(), filters)
+            .await
+            .unwrap()
+            .map(|info| info.unwrap().name)
+            .collect()
+            .await;
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn prepare_commit_view_and_cleanup() {
+        let dir = tempfile::tempdir().unwrap();
+        let sn = ShoalSnapshotter::open(dir.path()).unwrap();
+        let mounts = sn
+            .prepare("a".into(), String::new(), HashMap::new())
+            .await
+            .unwrap();
+        assert_eq!(mounts[0].r#type, "bind");
+        let upper = PathBuf::from(&mounts[0].source);
+        let mode = std::fs::metadata(&upper).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755, "a snapshot root is 0755");
+        std::fs::write(upper.join("file"), b"hello").unwrap();
+        sn.commit("base".into(), "a".into(), HashMap::new())
+            .await
+            .unwrap();
+        let usage = sn.usage("base".into()).await.unwrap();
+        assert_eq!(usage.inodes, 2);
+
+        let view = sn
+            .view("v".into(), "base".into(), HashMap::new())
+            .await
+            .unwrap();
+        assert_eq!(view[0].source, upper.display().to_string());
+        assert_eq!(list(&sn, &["kind==view"]).await, ["v"]);
+        assert_eq!(list(&sn, &["parent==base"]).await, ["v"]);
+        assert_eq!(list(&sn, &[]).await, ["base", "v"]);
+
+        std::fs::create_dir(dir.path().join("snapshots/999")).unwrap();
+        sn.clear().await.unwrap();
+        assert!(!dir.path().join("snapshots/999").exists());
+        assert!(upper.exists(), "cleanup keeps live snapshots");
+    }
+
+    #[tokio::test]
+    async fn update_follows_containerd_field_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let sn = ShoalSnapshotter::open(dir.path()).unwrap();
+        let labels = HashMap::from([("a".to_string(), "1".to_string())]);
+        sn.prepare("k".into(), String::new(), labels).await.unwrap();
+        let before = sn.stat("k".into()).await.unwrap();
+
+        let mut info = sn.stat("k".into()).await.unwrap();
+        info.labels = HashMap::from([("b".to_string(), "2".to_string())]);
+        let updated = sn
+            .update(info, Some(vec!["labels.b".into()]))
+            .await
+            .unwrap();
+        assert_eq!(updated.labels.len(), 2);
+        assert!(updated.updated_at >= before.updated_at);
+        assert_eq!(updated.created_at, before.created_at);
+
+        let mut info = sn.stat("k".into()).await.unwrap();
+        info.labels = HashMap::new();
+        let updated = sn.update(info, None).await.unwrap();
+        assert!(updated.labels.is_empty(), "no paths replaces all labels");
+
+        let info = sn.stat("k".into()).await.unwrap();
+        let err = sn
+            .update(info, Some(vec!["parent".into()]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SnapshotError::InvalidUpdateField { .. }));
+    }
+
+    #[tokio::test]
+    async fn oversized_label_is_invalid_argument() {
+        let dir = tempfile::tempdir().unwrap();
+        let sn = ShoalSnapshotter::open(dir.path()).unwrap();
+        let labels = HashMap::from([("k".to_string(), "v".repeat(5000))]);
+        let err = sn
+            .prepare("k".into(), String::new(), labels)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            containerd_snapshots::tonic::Code::InvalidArgument
+        );
+    }
+}
