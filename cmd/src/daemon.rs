@@ -1,0 +1,99 @@
+//! The daemon: owns the root and the socket, serves the Snapshots API until SIGTERM or SIGINT.
+
+use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use nix::fcntl::{Flock, FlockArg};
+use shoal_config::Config;
+use shoal_snapshotter::{server, tonic::transport::Server, ShoalSnapshotter};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_stream::wrappers::UnixListenerStream;
+use tracing::info;
+
+/// Runs the daemon to completion.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.root)
+        .with_context(|| format!("create root {}", config.root.display()))?;
+    refuse_live_socket(&config.socket).await?;
+    let _lock = lock_root(&config.root)?;
+    let listener = bind(&config.socket).await?;
+
+    let snapshotter = ShoalSnapshotter::open(&config.root)
+        .with_context(|| format!("open snapshotter at {}", config.root.display()))?;
+    let counts = snapshotter.counts()?;
+    info!(
+        root = %config.root.display(),
+        socket = %config.socket.display(),
+        committed = counts.committed,
+        active = counts.active,
+        view = counts.view,
+        version = env!("CARGO_PKG_VERSION"),
+        "shoal-snapshotter serving"
+    );
+
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let shutdown = async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        info!(
+            signal = name,
+            "draining in-flight requests and shutting down"
+        );
+    };
+
+    let served = Server::builder()
+        .add_service(server(Arc::new(snapshotter)))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await;
+    let _ = std::fs::remove_file(&config.socket);
+    served.context("serve snapshots API")?;
+    info!("shoal-snapshotter stopped");
+    Ok(())
+}
+
+/// One daemon per root: a second one would corrupt nothing (redb locks too) but would fight
+/// over mounts and the socket, so it is refused up front with a clear message.
+fn lock_root(root: &Path) -> anyhow::Result<Flock<File>> {
+    let path = root.join("shoal.lock");
+    let file = File::create(&path).with_context(|| format!("create {}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        anyhow::anyhow!(
+            "root {} is in use by another shoal-snapshotter ({errno})",
+            root.display()
+        )
+    })
+}
+
+async fn refuse_live_socket(socket: &Path) -> anyhow::Result<()> {
+    if socket.exists() && UnixStream::connect(socket).await.is_ok() {
+        bail!(
+            "socket {} is held by a live daemon; stop it first or choose another socket",
+            socket.display()
+        );
+    }
+    Ok(())
+}
+
+/// Binds the socket, replacing a stale one (the root lock proves nobody else serves it).
+async fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
+    if socket.exists() {
+        std::fs::remove_file(socket)
+            .with_context(|| format!("remove stale socket {}", socket.display()))?;
+    }
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let listener =
+        UnixListener::bind(socket).with_context(|| format!("bind {}", socket.display()))?;
+    // containerd runs as root; nobody else has business on this socket.
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod {}", socket.display()))?;
+    Ok(listener)
+}

@@ -1,0 +1,34 @@
+//! Command layer of Shoal: the `shoal-snapshotter` daemon and the `shoal` CLI.
+//!
+//! This is the only crate that builds the tokio runtime ([`runtime`]), installs tracing
+//! ([`logging`]), parses arguments, and uses `anyhow`. Everything below it receives a validated
+//! `shoal_config::Config` and returns typed errors.
+//!
+//! - [`daemon`]: socket ownership, serving the Snapshots API, graceful shutdown.
+//! - [`client`]: a Snapshots gRPC client over the daemon's unix socket.
+//! - [`status`]: `shoal status`.
+
+pub mod client;
+pub mod daemon;
+pub mod logging;
+pub mod runtime;
+pub mod status;
+
+use std::path::Path;
+
+use anyhow::Context;
+use shoal_config::Config;
+
+/// Default location of the configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/shoal/config.toml";
+
+/// Loads `path`; the default path may be absent (then every default applies), an explicit one
+/// may not.
+pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    match path {
+        Some(path) => Config::load(path).with_context(|| format!("load {}", path.display())),
+        None if Path::new(DEFAULT_CONFIG).exists() => Config::load(Path::new(DEFAULT_CONFIG))
+            .with_context(|| format!("load {DEFAULT_CONFIG}")),
+        None => Ok(Config::default()),
+    }
+}
