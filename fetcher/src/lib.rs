@@ -1,1 +1,34 @@
-//! placeholder, replaced by its owner
+//! Data-plane layer of Shoal: blob bytes by range, from the node-local chunk cache or the
+//! registry.
+//!
+//! - [`Fetcher`] is the front door: [`Fetcher::read`] serves `(blob, range)` from the
+//!   [`ChunkCache`] or fetches the missing blocks, coalesced, single-flight, bounded.
+//! - [`RegistryClient`] speaks the OCI distribution API: manifests, small blobs, byte ranges,
+//!   with bearer/basic auth, mirrors, retries and credential-safe redirects.
+//! - [`ChunkCache`] keeps aligned blocks ([`BlockKey`]) on disk, durable before visible,
+//!   bounded by LRU eviction with pinning.
+//! - [`Digest`], [`ImageRef`] and [`BlobRef`] name what is fetched; [`FetchError`] says what
+//!   failed.
+//!
+//! Nothing here knows about FUSE or containerd, and nothing builds a runtime: the async API
+//! runs on the caller's tokio runtime, and the `read_cached` paths are synchronous.
+
+mod cache;
+mod digest;
+mod error;
+mod fetcher;
+mod flight;
+mod reference;
+mod registry;
+mod stats;
+
+pub use cache::{BlockKey, CacheUsage, ChunkCache, MAX_CACHED_BLOB_BYTES};
+pub use digest::Digest;
+pub use error::{FetchError, HttpFailure};
+pub use fetcher::Fetcher;
+pub use reference::{BlobRef, ImageRef};
+pub use registry::{
+    Credential, Credentials, Manifest, RegistryClient, RetryPolicy, MANIFEST_MEDIA_TYPES,
+    MAX_WHOLE_BLOB_BYTES,
+};
+pub use stats::{FetchStats, Source};

@@ -1,0 +1,101 @@
+//! Content digests: the `sha256:<hex>` names blobs and manifests go by.
+
+use std::fmt;
+use std::str::FromStr;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::error::FetchError;
+
+const SHA256_PREFIX: &str = "sha256:";
+const SHA256_HEX_LEN: usize = 64;
+
+/// A validated `sha256:<64 lower-case hex>` content digest.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(String);
+
+impl Digest {
+    /// Parses `sha256:<hex>`; other algorithms are rejected because nothing in the read path
+    /// could verify them.
+    pub fn parse(text: &str) -> Result<Digest, FetchError> {
+        let invalid = |reason: &str| FetchError::ParseDigest {
+            text: text.chars().take(100).collect(),
+            reason: reason.to_owned(),
+        };
+        let hex = text
+            .strip_prefix(SHA256_PREFIX)
+            .ok_or_else(|| invalid("only sha256 digests are supported"))?;
+        if hex.len() != SHA256_HEX_LEN {
+            return Err(invalid("a sha256 digest has 64 hex digits"));
+        }
+        if !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(invalid("digits must be lower-case hex"));
+        }
+        Ok(Digest(text.to_owned()))
+    }
+
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Digest {
+        Digest(format!(
+            "{SHA256_PREFIX}{}",
+            hex::encode(Sha256::digest(bytes))
+        ))
+    }
+
+    /// The full `sha256:<hex>` form.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The hex digits alone, safe to use as a file name.
+    pub fn hex(&self) -> &str {
+        &self.0[SHA256_PREFIX.len()..]
+    }
+}
+
+impl FromStr for Digest {
+    type Err = FetchError;
+
+    fn from_str(text: &str) -> Result<Digest, FetchError> {
+        Digest::parse(text)
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Short form: full digests drown log lines.
+        write!(f, "sha256:{}…", &self.hex()[..12])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_hashes() {
+        let digest = Digest::of(b"");
+        assert_eq!(
+            digest.as_str(),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(Digest::parse(digest.as_str()).unwrap(), digest);
+        assert_eq!(digest.hex().len(), 64);
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        let upper = format!("sha256:{}", "A".repeat(64));
+        for bad in ["", "sha256:", "sha512:00", "sha256:abc", upper.as_str()] {
+            assert!(Digest::parse(bad).is_err(), "{bad}");
+        }
+        let path = format!("sha256:{}/..", "a".repeat(61));
+        assert!(Digest::parse(&path).is_err());
+    }
+}

@@ -1,0 +1,226 @@
+//! The crate's error type: one variant per operation that failed, with the context to act on it.
+
+use std::io;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cache::BlockKey;
+use crate::digest::Digest;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("parse digest `{text}`: {reason}")]
+    ParseDigest { text: String, reason: String },
+
+    #[error("parse image reference `{text}`: {reason}")]
+    ParseReference { text: String, reason: String },
+
+    #[error("build http client for {host}")]
+    BuildClient {
+        host: String,
+        #[source]
+        source: reqwest::Error,
+    },
+
+    #[error("read ca file {}", path.display())]
+    ReadCaFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("parse ca file {}", path.display())]
+    ParseCaFile {
+        path: PathBuf,
+        #[source]
+        source: reqwest::Error,
+    },
+
+    #[error("read docker config {}", path.display())]
+    ReadDockerConfig {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("parse docker config {}: {reason}", path.display())]
+    ParseDockerConfig { path: PathBuf, reason: String },
+
+    #[error("fetch manifest {url}: {cause}")]
+    FetchManifest { url: String, cause: HttpFailure },
+
+    #[error("fetch blob {url}: {cause}")]
+    FetchBlob { url: String, cause: HttpFailure },
+
+    #[error("fetch range {}..{} of {url}: {cause}", range.start, range.end)]
+    FetchRange {
+        url: String,
+        range: Range<u64>,
+        cause: HttpFailure,
+    },
+
+    #[error("fetch token {url}: {cause}")]
+    FetchToken { url: String, cause: HttpFailure },
+
+    #[error("verify {url}: expected {expected}, got {actual}")]
+    VerifyDigest {
+        url: String,
+        expected: Digest,
+        actual: Digest,
+    },
+
+    #[error("read range {}..{} of blob {digest}: blob has {size} bytes", range.start, range.end)]
+    RangeOutOfBounds {
+        digest: Digest,
+        range: Range<u64>,
+        size: u64,
+    },
+
+    #[error("blob {digest} of {size} bytes exceeds the limit of {limit} bytes")]
+    BlobTooLarge {
+        digest: Digest,
+        size: u64,
+        limit: u64,
+    },
+
+    #[error("open cache {}", path.display())]
+    OpenCache {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("create cache files of blob {digest} in {}", path.display())]
+    CreateCacheFiles {
+        digest: Digest,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("cache blob {digest}: cached as {cached} bytes, asked as {asked}")]
+    CacheBlobSize {
+        digest: Digest,
+        cached: u64,
+        asked: u64,
+    },
+
+    #[error("cache block {block}: {len} bytes given, block holds {expected}")]
+    CacheBlockLength {
+        block: BlockKey,
+        len: u64,
+        expected: u64,
+    },
+
+    #[error("cache block {block}: no space left in {}", path.display())]
+    CacheNoSpace { block: BlockKey, path: PathBuf },
+
+    #[error("cache block {block}: every block is in use, none can be evicted")]
+    CacheFull { block: BlockKey },
+
+    #[error("write cache block {block} to {}", path.display())]
+    WriteBlock {
+        block: BlockKey,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("read cache block {block} from {}", path.display())]
+    ReadBlock {
+        block: BlockKey,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("persist cache bitmap {}", path.display())]
+    PersistBitmap {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("evict cache block {block} from {}", path.display())]
+    EvictBlock {
+        block: BlockKey,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("cache task for block {block} did not finish: {reason}")]
+    CacheTask { block: BlockKey, reason: String },
+
+    /// The fetch a block's readers shared failed; every reader gets the same cause.
+    #[error("fetch block {block}: {cause}")]
+    JoinFetch {
+        block: BlockKey,
+        cause: Arc<FetchError>,
+    },
+
+    #[error("fetch block {block}: the fetching task ended without an answer")]
+    AbandonedFetch { block: BlockKey },
+}
+
+/// Why one HTTP operation failed, carried by the `Fetch*` variants of [`FetchError`].
+#[derive(Debug, thiserror::Error)]
+pub enum HttpFailure {
+    #[error("status {status}")]
+    Status { status: u16 },
+
+    #[error("credentials rejected (status 401)")]
+    Unauthorized,
+
+    #[error("unsupported authentication challenge `{header}`")]
+    Challenge { header: String },
+
+    #[error("timed out after {after:?}")]
+    TimedOut { after: Duration },
+
+    // The chain goes in the message, not `source`: `cause` is printed inline by its parent.
+    #[error("{}", chain(error))]
+    Transport { error: reqwest::Error },
+
+    #[error("redirect: {reason}")]
+    Redirect { reason: String },
+
+    #[error("response has {actual} bytes, expected {expected}")]
+    Length { expected: u64, actual: u64 },
+
+    #[error("unexpected content-range `{header}`")]
+    ContentRange { header: String },
+
+    #[error("response exceeds {limit} bytes")]
+    TooLarge { limit: u64 },
+
+    #[error("malformed response: {reason}")]
+    Malformed { reason: String },
+}
+
+impl HttpFailure {
+    /// Whether another attempt may succeed: transport trouble, timeouts, 408, 429 and 5xx.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            HttpFailure::Status { status } => {
+                matches!(status, 408 | 429) || (500..600).contains(status)
+            }
+            HttpFailure::TimedOut { .. } | HttpFailure::Transport { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// reqwest's own message is terse ("error sending request"); the cause is what helps.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

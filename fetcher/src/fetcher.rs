@@ -1,0 +1,319 @@
+//! [`Fetcher`]: bytes of a blob, from the chunk cache when it has them, else fetched, cached
+//! and shared with every concurrent reader of the same blocks.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use shoal_config::{Config, FetchConfig};
+use tokio::sync::Semaphore;
+
+use crate::cache::{BlockKey, ChunkCache};
+use crate::error::FetchError;
+use crate::flight::{Flights, Joined, Lead, Waiter};
+use crate::reference::BlobRef;
+use crate::registry::RegistryClient;
+use crate::stats::{Counters, FetchStats, Source};
+
+/// Adjacent missing blocks are fetched with one range request of at most this many bytes.
+const MAX_RUN_BYTES: u64 = 16 << 20;
+/// Prefetch walks a blob in windows of this many runs, so its memory stays bounded.
+const PREFETCH_WINDOW_RUNS: u64 = 4;
+
+/// The crate's front door: `read(blob, range)`. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct Fetcher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: RegistryClient,
+    cache: ChunkCache,
+    flights: Arc<Flights>,
+    /// Bounds remote fetches in flight over all blobs (`fetch.max_concurrent`).
+    remote: Semaphore,
+    counters: Counters,
+    max_run_blocks: u64,
+}
+
+impl Fetcher {
+    /// Opens the cache under `<root>/cache/` and builds the registry client.
+    pub fn new(config: &Config) -> Result<Fetcher, FetchError> {
+        let cache = ChunkCache::open(
+            &config.root.join("cache"),
+            config.cache.block_size.0,
+            config.cache.capacity.0,
+        )?;
+        let registry = RegistryClient::new(&config.registry)?;
+        Ok(Fetcher::from_parts(registry, cache, &config.fetch))
+    }
+
+    pub fn from_parts(
+        registry: RegistryClient,
+        cache: ChunkCache,
+        config: &FetchConfig,
+    ) -> Fetcher {
+        let max_run_blocks = (MAX_RUN_BYTES / cache.block_size()).max(1);
+        Fetcher {
+            inner: Arc::new(Inner {
+                registry,
+                cache,
+                flights: Arc::default(),
+                remote: Semaphore::new(config.max_concurrent.max(1)),
+                counters: Counters::default(),
+                max_run_blocks,
+            }),
+        }
+    }
+
+    pub fn registry(&self) -> &RegistryClient {
+        &self.inner.registry
+    }
+
+    pub fn cache(&self) -> &ChunkCache {
+        &self.inner.cache
+    }
+
+    pub fn stats(&self) -> FetchStats {
+        self.inner.counters.snapshot()
+    }
+
+    /// Bytes `range` of `blob`, from the cache or fetched. The bytes are those the registry
+    /// served: verifying them is the caller's job (see [`refetch`](Self::refetch)).
+    pub async fn read(&self, blob: &BlobRef, range: Range<u64>) -> Result<Bytes, FetchError> {
+        check_bounds(blob, &range)?;
+        if range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        if let Some(bytes) = self.read_cached(blob, range.clone()) {
+            return Ok(bytes);
+        }
+        let blocks = self.block_range(&range);
+        let parts = self.blocks(blob, blocks.clone(), false).await?;
+        Ok(self.assemble(blocks.start, parts, range))
+    }
+
+    /// Bytes `range` of `blob` if the cache holds all of them; never waits on the network.
+    pub fn read_cached(&self, blob: &BlobRef, range: Range<u64>) -> Option<Bytes> {
+        if check_bounds(blob, &range).is_err() {
+            return None;
+        }
+        let bytes = self.inner.cache.read(&blob.digest, range.clone())?;
+        let counters = &self.inner.counters;
+        counters.hits(self.block_range(&range).count() as u64);
+        counters.served(Source::Cache, bytes.len() as u64);
+        Some(bytes)
+    }
+
+    /// Drops the cached blocks under `range` and fetches them again: for when the caller's
+    /// verification of what [`read`](Self::read) returned failed.
+    pub async fn refetch(&self, blob: &BlobRef, range: Range<u64>) -> Result<Bytes, FetchError> {
+        check_bounds(blob, &range)?;
+        if range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        let fetcher = self.clone();
+        let digest = blob.digest.clone();
+        let dropped = range.clone();
+        tokio::task::spawn_blocking(move || fetcher.inner.cache.invalidate(&digest, dropped))
+            .await
+            .map_err(|e| FetchError::CacheTask {
+                block: BlockKey::new(blob.digest.clone(), range.start / self.block_size()),
+                reason: e.to_string(),
+            })??;
+        let blocks = self.block_range(&range);
+        let parts = self.blocks(blob, blocks.clone(), true).await?;
+        Ok(self.assemble(blocks.start, parts, range))
+    }
+
+    /// Brings `range` of `blob` into the cache without returning it.
+    pub async fn prefetch(&self, blob: &BlobRef, range: Range<u64>) -> Result<(), FetchError> {
+        check_bounds(blob, &range)?;
+        let blocks = self.block_range(&range);
+        let window = self.inner.max_run_blocks * PREFETCH_WINDOW_RUNS;
+        let mut start = blocks.start;
+        while start < blocks.end {
+            let end = blocks.end.min(start + window);
+            self.blocks(blob, start..end, false).await?;
+            start = end;
+        }
+        Ok(())
+    }
+
+    fn block_size(&self) -> u64 {
+        self.inner.cache.block_size()
+    }
+
+    fn block_range(&self, range: &Range<u64>) -> Range<u64> {
+        if range.is_empty() {
+            return 0..0;
+        }
+        range.start / self.block_size()..(range.end - 1) / self.block_size() + 1
+    }
+
+    /// Blocks `blocks` of `blob`: present ones from the cache (unless `refresh`), missing ones
+    /// joined to a fetch already under way or fetched now, adjacent ones together.
+    async fn blocks(
+        &self,
+        blob: &BlobRef,
+        blocks: Range<u64>,
+        refresh: bool,
+    ) -> Result<Vec<Bytes>, FetchError> {
+        enum Part {
+            Ready(Bytes),
+            Waiting(Waiter),
+        }
+        let inner = &self.inner;
+        let mut parts = Vec::with_capacity((blocks.end - blocks.start) as usize);
+        let mut leads: Vec<Lead> = Vec::new();
+        for index in blocks {
+            let key = BlockKey::new(blob.digest.clone(), index);
+            let cached = (!refresh)
+                .then(|| {
+                    inner
+                        .cache
+                        .read(&blob.digest, self.block_bytes(blob, index))
+                })
+                .flatten();
+            if let Some(bytes) = cached {
+                inner.counters.hits(1);
+                inner.counters.served(Source::Cache, bytes.len() as u64);
+                parts.push(Part::Ready(bytes));
+                continue;
+            }
+            inner.counters.misses(1);
+            match inner.flights.join(&key) {
+                Joined::Follow(waiter) => parts.push(Part::Waiting(waiter)),
+                Joined::Lead(lead) => {
+                    parts.push(Part::Waiting(lead.waiter()));
+                    leads.push(lead);
+                }
+            }
+        }
+        for run in runs(leads, inner.max_run_blocks) {
+            // A task of its own: the fetch must finish for the other waiters even if this
+            // reader gives up (a FUSE request interrupted, a caller's timeout).
+            tokio::spawn(self.clone().fetch_run(blob.clone(), run));
+        }
+        let mut blocks = Vec::with_capacity(parts.len());
+        for part in parts {
+            blocks.push(match part {
+                Part::Ready(bytes) => bytes,
+                Part::Waiting(waiter) => waiter.wait().await?,
+            });
+        }
+        Ok(blocks)
+    }
+
+    /// Fetches one run of adjacent blocks with a single range request, answers its waiters,
+    /// then caches the blocks.
+    async fn fetch_run(self, blob: BlobRef, run: Vec<Lead>) {
+        let (Some(first), Some(last)) = (run.first(), run.last()) else {
+            return;
+        };
+        let range = self.block_bytes(&blob, first.key().index).start
+            ..self.block_bytes(&blob, last.key().index).end;
+        let inner = &self.inner;
+        let fetched = {
+            let Ok(_permit) = inner.remote.acquire().await else {
+                return;
+            };
+            let _in_flight = inner.counters.in_flight();
+            // Peers go here: ask the blob's index owners for holders of these blocks within
+            // a latency budget, count what they send as `Source::Peer`, and fall through to
+            // the registry for whatever they cannot serve.
+            inner.registry.get_blob_range(&blob, range.clone()).await
+        };
+        let bytes = match fetched {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                inner.counters.error();
+                tracing::debug!(blob = %blob.digest, ?range, %error, "block fetch failed");
+                let error = Arc::new(error);
+                for lead in &run {
+                    lead.publish(Err(error.clone()));
+                }
+                return;
+            }
+        };
+        inner.counters.served(Source::Registry, bytes.len() as u64);
+        let mut blocks = Vec::with_capacity(run.len());
+        for lead in &run {
+            let block = self.block_bytes(&blob, lead.key().index);
+            let part = bytes
+                .slice((block.start - range.start) as usize..(block.end - range.start) as usize);
+            lead.publish(Ok(part.clone()));
+            blocks.push((lead.key().index, part));
+        }
+        // The leads stay registered until the blocks are cached, so a reader arriving
+        // meanwhile joins the finished flight instead of fetching again.
+        let fetcher = self.clone();
+        let cached = tokio::task::spawn_blocking(move || {
+            for (index, part) in blocks {
+                if let Err(error) =
+                    fetcher
+                        .inner
+                        .cache
+                        .insert(&blob.digest, blob.size, index, &part)
+                {
+                    tracing::warn!(%error, "block fetched but not cached");
+                }
+            }
+        })
+        .await;
+        if let Err(error) = cached {
+            tracing::warn!(%error, "caching task failed");
+        }
+        drop(run);
+    }
+
+    /// Byte range of block `index` within `blob`; the last block may be short.
+    fn block_bytes(&self, blob: &BlobRef, index: u64) -> Range<u64> {
+        let start = index.saturating_mul(self.block_size()).min(blob.size);
+        start..start.saturating_add(self.block_size()).min(blob.size)
+    }
+
+    /// `range` cut out of consecutive blocks starting at block `first`.
+    fn assemble(&self, first: u64, blocks: Vec<Bytes>, range: Range<u64>) -> Bytes {
+        let offset = (range.start - first * self.block_size()) as usize;
+        let len = (range.end - range.start) as usize;
+        if let [only] = blocks.as_slice() {
+            return only.slice(offset..offset + len);
+        }
+        let mut out = BytesMut::with_capacity(len);
+        let mut skip = offset;
+        for block in &blocks {
+            let take = (block.len() - skip.min(block.len())).min(len - out.len());
+            out.extend_from_slice(&block[skip.min(block.len())..skip.min(block.len()) + take]);
+            skip = skip.saturating_sub(block.len());
+        }
+        out.freeze()
+    }
+}
+
+fn check_bounds(blob: &BlobRef, range: &Range<u64>) -> Result<(), FetchError> {
+    if range.start > range.end || range.end > blob.size {
+        return Err(FetchError::RangeOutOfBounds {
+            digest: blob.digest.clone(),
+            range: range.clone(),
+            size: blob.size,
+        });
+    }
+    Ok(())
+}
+
+/// Splits leads (in block order) into runs of adjacent blocks, each at most `max` long.
+fn runs(leads: Vec<Lead>, max: u64) -> Vec<Vec<Lead>> {
+    let mut runs: Vec<Vec<Lead>> = Vec::new();
+    for lead in leads {
+        let extends = runs
+            .last()
+            .and_then(|run| run.last())
+            .is_some_and(|last| last.key().index + 1 == lead.key().index);
+        match runs.last_mut() {
+            Some(run) if extends && (run.len() as u64) < max => run.push(lead),
+            _ => runs.push(vec![lead]),
+        }
+    }
+    runs
+}

@@ -1,0 +1,349 @@
+//! Registry authentication: docker `config.json` credentials, `WWW-Authenticate` challenges and
+//! the token cache.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use reqwest::header::HeaderValue;
+use serde::Deserialize;
+
+use crate::error::FetchError;
+
+/// Docker config files are small; a larger one is not a config file.
+const MAX_DOCKER_CONFIG_BYTES: u64 = 4 << 20;
+/// Lifetime the token spec assumes when a token server does not say.
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// Tokens are dropped this long before they expire, so a request does not race the expiry.
+const TOKEN_EXPIRY_MARGIN: Duration = Duration::from_secs(5);
+
+/// A user name and password for one registry host.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub username: String,
+    pub password: String,
+}
+
+impl Credential {
+    /// The `Authorization: Basic` value for this credential.
+    pub fn basic_header(&self) -> HeaderValue {
+        let encoded = BASE64.encode(format!("{}:{}", self.username, self.password));
+        let mut value = HeaderValue::from_str(&format!("Basic {encoded}"))
+            .unwrap_or_else(|_| HeaderValue::from_static(""));
+        value.set_sensitive(true);
+        value
+    }
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never let a password reach a log line.
+        write!(f, "Credential({}, <redacted>)", self.username)
+    }
+}
+
+/// Credentials by registry host, as a docker `config.json` lists them under `auths`.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    by_host: HashMap<String, Credential>,
+}
+
+#[derive(Deserialize)]
+struct DockerConfig {
+    #[serde(default)]
+    auths: HashMap<String, DockerAuth>,
+}
+
+#[derive(Deserialize)]
+struct DockerAuth {
+    auth: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+impl Credentials {
+    /// Reads `path`; a missing file means no credentials, as for docker itself.
+    pub fn load(path: &Path) -> Result<Credentials, FetchError> {
+        let read_error = |source| FetchError::ReadDockerConfig {
+            path: path.to_owned(),
+            source,
+        };
+        let metadata = match std::fs::metadata(path) {
+            Ok(metadata) => metadata,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Credentials::default())
+            }
+            Err(error) => return Err(read_error(error)),
+        };
+        if metadata.len() > MAX_DOCKER_CONFIG_BYTES {
+            return Err(FetchError::ParseDockerConfig {
+                path: path.to_owned(),
+                reason: format!("larger than {MAX_DOCKER_CONFIG_BYTES} bytes"),
+            });
+        }
+        let text = std::fs::read(path).map_err(read_error)?;
+        Credentials::parse(&text).map_err(|reason| FetchError::ParseDockerConfig {
+            path: path.to_owned(),
+            reason,
+        })
+    }
+
+    /// Parses the JSON text of a docker `config.json`.
+    pub fn parse(text: &[u8]) -> Result<Credentials, String> {
+        let config: DockerConfig = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+        let mut by_host = HashMap::new();
+        for (key, auth) in config.auths {
+            let credential = match (auth.auth, auth.username, auth.password) {
+                (Some(encoded), _, _) if !encoded.is_empty() => decode_auth(&key, &encoded)?,
+                (_, Some(username), Some(password)) => Credential { username, password },
+                // Entries without secrets (credential helpers) are not ours to use.
+                _ => continue,
+            };
+            by_host.insert(canonical_host(&key), credential);
+        }
+        Ok(Credentials { by_host })
+    }
+
+    pub fn get(&self, host: &str) -> Option<&Credential> {
+        self.by_host.get(&canonical_host(host))
+    }
+}
+
+fn decode_auth(key: &str, encoded: &str) -> Result<Credential, String> {
+    let decoded = BASE64
+        .decode(encoded.trim())
+        .map_err(|e| format!("auths.\"{key}\".auth is not base64: {e}"))?;
+    let text =
+        String::from_utf8(decoded).map_err(|_| format!("auths.\"{key}\".auth is not utf-8"))?;
+    let (username, password) = text
+        .split_once(':')
+        .ok_or_else(|| format!("auths.\"{key}\".auth is not `user:password`"))?;
+    Ok(Credential {
+        username: username.to_owned(),
+        password: password.to_owned(),
+    })
+}
+
+/// `https://index.docker.io/v1/`, `registry-1.docker.io` and `docker.io` are one registry.
+fn canonical_host(key: &str) -> String {
+    let key = key
+        .strip_prefix("https://")
+        .or_else(|| key.strip_prefix("http://"))
+        .unwrap_or(key);
+    let host = key.split('/').next().unwrap_or(key);
+    match host {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io".to_owned(),
+        other => other.to_owned(),
+    }
+}
+
+/// A parsed `WWW-Authenticate` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    Basic,
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
+}
+
+impl Challenge {
+    /// Parses `Bearer realm="..",service="..",scope=".."` or `Basic realm=".."`.
+    pub fn parse(header: &str) -> Option<Challenge> {
+        let header = header.trim();
+        let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
+        if scheme.eq_ignore_ascii_case("basic") {
+            return Some(Challenge::Basic);
+        }
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        let params = parse_params(rest)?;
+        let get = |name: &str| {
+            params
+                .iter()
+                .find(|(key, _)| key.eq_ignore_ascii_case(name))
+                .map(|(_, value)| value.clone())
+        };
+        Some(Challenge::Bearer {
+            realm: get("realm")?,
+            service: get("service"),
+            scope: get("scope"),
+        })
+    }
+}
+
+/// `key=value` or `key="quoted, value"` pairs separated by commas.
+fn parse_params(text: &str) -> Option<Vec<(String, String)>> {
+    let mut params = Vec::new();
+    let mut rest = text.trim_start();
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once('=')?;
+        let key = key.trim().to_owned();
+        let after = after.trim_start();
+        let (value, after) = if let Some(quoted) = after.strip_prefix('"') {
+            let mut value = String::new();
+            let mut chars = quoted.char_indices();
+            let end = loop {
+                match chars.next()? {
+                    (_, '\\') => value.push(chars.next()?.1),
+                    (i, '"') => break i + 1,
+                    (_, c) => value.push(c),
+                }
+            };
+            (value, &quoted[end..])
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            (after[..end].trim().to_owned(), &after[end..])
+        };
+        params.push((key, value));
+        rest = after.trim_start();
+        rest = rest.strip_prefix(',').unwrap_or(rest).trim_start();
+    }
+    Some(params)
+}
+
+/// The body a token server answers with.
+#[derive(Deserialize)]
+pub struct TokenResponse {
+    token: Option<String>,
+    access_token: Option<String>,
+    expires_in: Option<u64>,
+}
+
+impl TokenResponse {
+    /// The bearer header value and how long it lives.
+    pub fn into_header(self) -> Option<(HeaderValue, Duration)> {
+        let token = self.token.or(self.access_token).filter(|t| !t.is_empty())?;
+        let mut value = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
+        value.set_sensitive(true);
+        let lifetime = self
+            .expires_in
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+        Some((value, lifetime))
+    }
+}
+
+/// `Authorization` values by (registry host, repository), each until it expires.
+#[derive(Debug, Default)]
+pub struct TokenCache {
+    entries: Mutex<HashMap<(String, String), CachedAuth>>,
+}
+
+#[derive(Debug, Clone)]
+struct CachedAuth {
+    header: HeaderValue,
+    expires: Option<Instant>,
+}
+
+impl TokenCache {
+    pub fn get(&self, host: &str, repository: &str) -> Option<HeaderValue> {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (host.to_owned(), repository.to_owned());
+        let entry = entries.get(&key)?;
+        match entry.expires {
+            Some(expires) if Instant::now() >= expires => {
+                entries.remove(&key);
+                None
+            }
+            _ => Some(entry.header.clone()),
+        }
+    }
+
+    /// Stores `header`; `lifetime` is `None` for basic credentials, which do not expire.
+    pub fn insert(
+        &self,
+        host: &str,
+        repository: &str,
+        header: HeaderValue,
+        lifetime: Option<Duration>,
+    ) {
+        let expires =
+            lifetime.map(|lifetime| Instant::now() + lifetime.saturating_sub(TOKEN_EXPIRY_MARGIN));
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.insert(
+            (host.to_owned(), repository.to_owned()),
+            CachedAuth { header, expires },
+        );
+    }
+
+    pub fn remove(&self, host: &str, repository: &str) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.remove(&(host.to_owned(), repository.to_owned()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bearer_challenge() {
+        let header = r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull,push""#;
+        assert_eq!(
+            Challenge::parse(header),
+            Some(Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into()),
+                scope: Some("repository:library/busybox:pull,push".into()),
+            })
+        );
+        assert_eq!(
+            Challenge::parse("bearer realm=http://x/t"),
+            Some(Challenge::Bearer {
+                realm: "http://x/t".into(),
+                service: None,
+                scope: None,
+            })
+        );
+        assert_eq!(
+            Challenge::parse(r#"Basic realm="Registry""#),
+            Some(Challenge::Basic)
+        );
+        assert_eq!(Challenge::parse("Bearer service=x"), None);
+        assert_eq!(Challenge::parse(r#"Bearer realm="unterminated"#), None);
+        assert_eq!(Challenge::parse("Negotiate abc"), None);
+    }
+
+    #[test]
+    fn reads_docker_config_forms() {
+        let text = br#"{"auths": {
+            "https://index.docker.io/v1/": {"auth": "dXNlcjpwYTpzcw=="},
+            "reg.example:5000": {"username": "u", "password": "p"},
+            "helper.example": {}
+        }}"#;
+        let credentials = Credentials::parse(text).unwrap();
+        let hub = credentials.get("registry-1.docker.io").unwrap();
+        assert_eq!(
+            (hub.username.as_str(), hub.password.as_str()),
+            ("user", "pa:ss")
+        );
+        assert_eq!(credentials.get("reg.example:5000").unwrap().username, "u");
+        assert!(credentials.get("helper.example").is_none());
+        assert!(Credentials::parse(br#"{"auths": {"h": {"auth": "!!"}}}"#).is_err());
+        assert!(format!("{hub:?}").contains("redacted"));
+    }
+
+    #[test]
+    fn missing_docker_config_is_empty() {
+        let credentials = Credentials::load(Path::new("/nonexistent/config.json")).unwrap();
+        assert!(credentials.get("docker.io").is_none());
+    }
+
+    #[test]
+    fn tokens_expire() {
+        let cache = TokenCache::default();
+        let header = HeaderValue::from_static("Bearer t");
+        cache.insert("h", "r", header.clone(), Some(Duration::from_secs(1)));
+        // The expiry margin exceeds the lifetime, so the token is already stale.
+        assert!(cache.get("h", "r").is_none());
+        cache.insert("h", "r", header.clone(), Some(Duration::from_secs(600)));
+        assert_eq!(cache.get("h", "r"), Some(header));
+        assert!(cache.get("h", "other").is_none());
+    }
+}

@@ -1,0 +1,540 @@
+//! The OCI distribution client: manifests, whole small blobs and byte ranges of large ones.
+//!
+//! Every request goes to the host's configured mirrors in order, then to the host itself; on
+//! each endpoint it authenticates on demand (bearer tokens or basic credentials), retries
+//! transient failures with backoff, and follows redirects to blob storage.
+
+mod auth;
+mod retry;
+mod transport;
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, RANGE, WWW_AUTHENTICATE};
+use reqwest::{Client, StatusCode, Url};
+use shoal_config::{HostConfig, RegistryConfig};
+
+pub use auth::{Credential, Credentials};
+pub use retry::RetryPolicy;
+
+use crate::digest::Digest;
+use crate::error::{FetchError, HttpFailure};
+use crate::reference::{BlobRef, ImageRef};
+use auth::{Challenge, TokenCache, TokenResponse};
+use transport::{BodyPlan, Reply};
+
+/// Manifests and indexes are small; containerd refuses larger ones too.
+const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// [`RegistryClient::get_blob`] is for configs and the like; layers go through ranges.
+pub const MAX_WHOLE_BLOB_BYTES: u64 = 64 << 20;
+const MAX_TOKEN_RESPONSE_BYTES: u64 = 1 << 20;
+
+/// Media types a manifest request accepts: OCI and Docker, single-platform and lists.
+pub const MANIFEST_MEDIA_TYPES: [&str; 4] = [
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+
+/// A manifest or index as the registry served it.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub bytes: Bytes,
+    /// `Content-Type` without parameters.
+    pub media_type: String,
+    /// sha256 of `bytes`, verified against the reference's digest when it had one.
+    pub digest: Digest,
+}
+
+/// A registry client; cheap to clone, all clones share connections and tokens.
+#[derive(Clone)]
+pub struct RegistryClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    hosts: BTreeMap<String, HostConfig>,
+    /// Clients of hosts with their own TLS settings; every other host uses `default_client`.
+    clients: HashMap<String, Client>,
+    default_client: Client,
+    credentials: Credentials,
+    tokens: TokenCache,
+    policy: RetryPolicy,
+}
+
+/// One place a request can be sent: a mirror or the registry itself.
+struct Endpoint<'a> {
+    /// `host[:port]` as it appears in URLs.
+    host: &'a str,
+    plain_http: bool,
+    client: &'a Client,
+}
+
+impl RegistryClient {
+    /// Builds the client, reading credentials from `config.docker_config`.
+    pub fn new(config: &RegistryConfig) -> Result<RegistryClient, FetchError> {
+        let credentials = Credentials::load(&config.docker_config)?;
+        RegistryClient::with_credentials(config, credentials)
+    }
+
+    pub fn with_credentials(
+        config: &RegistryConfig,
+        credentials: Credentials,
+    ) -> Result<RegistryClient, FetchError> {
+        let policy = RetryPolicy {
+            retries: config.retries,
+            timeout: config.timeout,
+        };
+        let default_client = build_client("default", &HostConfig::default(), &policy)?;
+        let mut clients = HashMap::new();
+        for (host, host_config) in &config.hosts {
+            if host_config.insecure_skip_verify || host_config.ca.is_some() {
+                clients.insert(host.clone(), build_client(host, host_config, &policy)?);
+            }
+        }
+        Ok(RegistryClient {
+            inner: Arc::new(Inner {
+                hosts: config.hosts.clone(),
+                clients,
+                default_client,
+                credentials,
+                tokens: TokenCache::default(),
+                policy,
+            }),
+        })
+    }
+
+    /// Fetches the manifest or index `image` names.
+    pub async fn get_manifest(&self, image: &ImageRef) -> Result<Manifest, FetchError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            ACCEPT,
+            HeaderValue::from_static(
+                "application/vnd.oci.image.index.v1+json, \
+                 application/vnd.oci.image.manifest.v1+json, \
+                 application/vnd.docker.distribution.manifest.list.v2+json, \
+                 application/vnd.docker.distribution.manifest.v2+json",
+            ),
+        );
+        let path = format!("manifests/{}", image.manifest_reference());
+        let plan = BodyPlan::Full {
+            limit: MAX_MANIFEST_BYTES,
+        };
+        let (url, reply) = self
+            .execute(image, &path, &headers, &plan, &|url, cause| {
+                FetchError::FetchManifest { url, cause }
+            })
+            .await?;
+        let digest = Digest::of(&reply.body);
+        if let Some(expected) = image.digest() {
+            if *expected != digest {
+                return Err(FetchError::VerifyDigest {
+                    url,
+                    expected: expected.clone(),
+                    actual: digest,
+                });
+            }
+        }
+        let media_type = reply
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.split(';').next())
+            .unwrap_or("")
+            .trim()
+            .to_owned();
+        Ok(Manifest {
+            bytes: reply.body,
+            media_type,
+            digest,
+        })
+    }
+
+    /// Fetches a whole small blob (an image config, a TOC) and verifies its digest.
+    pub async fn get_blob(&self, blob: &BlobRef) -> Result<Bytes, FetchError> {
+        if blob.size > MAX_WHOLE_BLOB_BYTES {
+            return Err(FetchError::BlobTooLarge {
+                digest: blob.digest.clone(),
+                size: blob.size,
+                limit: MAX_WHOLE_BLOB_BYTES,
+            });
+        }
+        let path = format!("blobs/{}", blob.digest);
+        let plan = BodyPlan::Full { limit: blob.size };
+        let (url, reply) = self
+            .execute(
+                &blob.image,
+                &path,
+                &HeaderMap::new(),
+                &plan,
+                &|url, cause| FetchError::FetchBlob { url, cause },
+            )
+            .await?;
+        let actual = Digest::of(&reply.body);
+        if actual != blob.digest {
+            return Err(FetchError::VerifyDigest {
+                url,
+                expected: blob.digest.clone(),
+                actual,
+            });
+        }
+        Ok(reply.body)
+    }
+
+    /// Fetches bytes `range` of `blob` with an HTTP range request. The bytes are exactly the
+    /// requested ones, but unverified: only the caller knows the digests of pieces of a blob.
+    pub async fn get_blob_range(
+        &self,
+        blob: &BlobRef,
+        range: Range<u64>,
+    ) -> Result<Bytes, FetchError> {
+        if range.start > range.end || range.end > blob.size {
+            return Err(FetchError::RangeOutOfBounds {
+                digest: blob.digest.clone(),
+                range,
+                size: blob.size,
+            });
+        }
+        if range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        let mut headers = HeaderMap::new();
+        let spec = format!("bytes={}-{}", range.start, range.end - 1);
+        headers.insert(
+            RANGE,
+            HeaderValue::from_str(&spec).expect("digits and `bytes=-` are valid header text"),
+        );
+        let path = format!("blobs/{}", blob.digest);
+        let plan = BodyPlan::Range {
+            range: range.clone(),
+            blob_size: blob.size,
+        };
+        let (_, reply) = self
+            .execute(&blob.image, &path, &headers, &plan, &|url, cause| {
+                FetchError::FetchRange {
+                    url,
+                    range: range.clone(),
+                    cause,
+                }
+            })
+            .await?;
+        Ok(reply.body)
+    }
+
+    /// Runs one request against the mirrors, then the registry, returning the first success
+    /// and the URL that served it, or the registry's own error.
+    async fn execute(
+        &self,
+        image: &ImageRef,
+        path: &str,
+        headers: &HeaderMap,
+        plan: &BodyPlan,
+        fail: &(dyn Fn(String, HttpFailure) -> FetchError + Sync),
+    ) -> Result<(String, Reply), FetchError> {
+        let endpoints = self.endpoints(image);
+        let mut last_error = None;
+        for endpoint in &endpoints {
+            let url = format!(
+                "{}://{}/v2/{}/{path}",
+                if endpoint.plain_http { "http" } else { "https" },
+                endpoint.host,
+                image.repository_name(),
+            );
+            let result = match Url::parse(&url) {
+                Ok(parsed) => {
+                    self.execute_on(endpoint, image.repository_name(), &parsed, headers, plan)
+                        .await
+                }
+                Err(e) => Err(RequestError::Http(HttpFailure::Malformed {
+                    reason: format!("url: {e}"),
+                })),
+            };
+            match result {
+                Ok(reply) => return Ok((url, reply)),
+                Err(error) => {
+                    let error = match error {
+                        RequestError::Http(cause) => fail(url.clone(), cause),
+                        RequestError::Fetch(error) => error,
+                    };
+                    tracing::debug!(endpoint = endpoint.host, %error, "registry endpoint failed");
+                    last_error = Some(error);
+                }
+            }
+        }
+        Err(last_error.expect("the registry itself is always an endpoint"))
+    }
+
+    fn endpoints<'a>(&'a self, image: &'a ImageRef) -> Vec<Endpoint<'a>> {
+        let inner = &self.inner;
+        let config = |host: &str| inner.hosts.get(host);
+        let own = config(image.host()).or_else(|| config(image.api_host()));
+        let mut endpoints = Vec::new();
+        for mirror in own.map(|c| c.mirrors.as_slice()).unwrap_or_default() {
+            endpoints.push(Endpoint {
+                host: mirror,
+                plain_http: config(mirror).is_some_and(|c| c.plain_http),
+                client: inner.client(mirror),
+            });
+        }
+        endpoints.push(Endpoint {
+            host: image.api_host(),
+            plain_http: own.is_some_and(|c| c.plain_http),
+            client: inner
+                .clients
+                .get(image.host())
+                .unwrap_or_else(|| inner.client(image.api_host())),
+        });
+        endpoints
+    }
+
+    /// One endpoint: authenticate on demand, retry transient failures.
+    async fn execute_on(
+        &self,
+        endpoint: &Endpoint<'_>,
+        repository: &str,
+        url: &Url,
+        headers: &HeaderMap,
+        plan: &BodyPlan,
+    ) -> Result<Reply, RequestError> {
+        let inner = &self.inner;
+        let mut challenged = false;
+        loop {
+            let auth = inner.tokens.get(endpoint.host, repository);
+            let reply = self
+                .send_with_retries(endpoint.client, url, headers, auth.as_ref(), plan)
+                .await?;
+            if reply.status.is_success() {
+                return Ok(reply);
+            }
+            if reply.status != StatusCode::UNAUTHORIZED {
+                return Err(RequestError::Http(HttpFailure::Status {
+                    status: reply.status.as_u16(),
+                }));
+            }
+            // A second 401 means fresh credentials were refused; a first one may just mean
+            // that none were sent yet or that a token expired before we expected.
+            if challenged {
+                return Err(RequestError::Http(HttpFailure::Unauthorized));
+            }
+            challenged = true;
+            inner.tokens.remove(endpoint.host, repository);
+            let header = self.authorize(endpoint, repository, &reply.headers).await?;
+            inner
+                .tokens
+                .insert(endpoint.host, repository, header.0, header.1);
+        }
+    }
+
+    /// Answers a 401's challenge with the `Authorization` value to retry with.
+    async fn authorize(
+        &self,
+        endpoint: &Endpoint<'_>,
+        repository: &str,
+        headers: &HeaderMap,
+    ) -> Result<(HeaderValue, Option<std::time::Duration>), RequestError> {
+        let values: Vec<&str> = headers
+            .get_all(WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .collect();
+        let challenges: Vec<Challenge> =
+            values.iter().filter_map(|v| Challenge::parse(v)).collect();
+        let bearer = challenges
+            .iter()
+            .find(|c| matches!(c, Challenge::Bearer { .. }));
+        let credential = self.inner.credentials.get(endpoint.host);
+        match (bearer, challenges.first(), credential) {
+            (
+                Some(Challenge::Bearer {
+                    realm,
+                    service,
+                    scope,
+                }),
+                _,
+                _,
+            ) => {
+                let scope = scope
+                    .clone()
+                    .unwrap_or_else(|| format!("repository:{repository}:pull"));
+                let token = self
+                    .fetch_token(endpoint, realm, service.as_deref(), &scope, credential)
+                    .await?;
+                Ok((token.0, Some(token.1)))
+            }
+            (_, Some(Challenge::Basic), Some(credential)) => Ok((credential.basic_header(), None)),
+            (_, Some(Challenge::Basic), None) => Err(RequestError::Http(HttpFailure::Unauthorized)),
+            _ => Err(RequestError::Http(HttpFailure::Challenge {
+                header: values.join(", ").chars().take(200).collect(),
+            })),
+        }
+    }
+
+    async fn fetch_token(
+        &self,
+        endpoint: &Endpoint<'_>,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+        credential: Option<&Credential>,
+    ) -> Result<(HeaderValue, std::time::Duration), RequestError> {
+        let fail = |cause| {
+            RequestError::Fetch(FetchError::FetchToken {
+                url: realm.to_owned(),
+                cause,
+            })
+        };
+        let mut url = Url::parse(realm).map_err(|e| {
+            fail(HttpFailure::Malformed {
+                reason: format!("realm: {e}"),
+            })
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(fail(HttpFailure::Malformed {
+                reason: "realm is not http(s)".to_owned(),
+            }));
+        }
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(service) = service {
+                query.append_pair("service", service);
+            }
+            query.append_pair("scope", scope);
+        }
+        // The realm is a different server: it gets the registry's TLS settings but only the
+        // basic credential, which is what token servers exchange for a token.
+        let basic = credential.map(Credential::basic_header);
+        let plan = BodyPlan::Full {
+            limit: MAX_TOKEN_RESPONSE_BYTES,
+        };
+        let reply = self
+            .send_with_retries(
+                endpoint.client,
+                &url,
+                &HeaderMap::new(),
+                basic.as_ref(),
+                &plan,
+            )
+            .await
+            .map_err(|error| match error {
+                RequestError::Http(cause) => fail(cause),
+                other => other,
+            })?;
+        if !reply.status.is_success() {
+            return Err(fail(HttpFailure::Status {
+                status: reply.status.as_u16(),
+            }));
+        }
+        let response: TokenResponse = serde_json::from_slice(&reply.body).map_err(|e| {
+            fail(HttpFailure::Malformed {
+                reason: format!("token json: {e}"),
+            })
+        })?;
+        response.into_header().ok_or_else(|| {
+            fail(HttpFailure::Malformed {
+                reason: "token response has no usable token".to_owned(),
+            })
+        })
+    }
+
+    /// Attempts until one succeeds, fails for good, or the retry budget is spent. Returns the
+    /// final reply, whatever its status, unless that status was transient.
+    async fn send_with_retries(
+        &self,
+        client: &Client,
+        url: &Url,
+        headers: &HeaderMap,
+        auth: Option<&HeaderValue>,
+        plan: &BodyPlan,
+    ) -> Result<Reply, RequestError> {
+        let policy = self.inner.policy;
+        let mut retry = 0;
+        loop {
+            let outcome = tokio::time::timeout(
+                policy.timeout,
+                transport::attempt(client, url, headers, auth, plan),
+            )
+            .await
+            .unwrap_or(Err(HttpFailure::TimedOut {
+                after: policy.timeout,
+            }));
+            let (failure, reply_headers) = match outcome {
+                Ok(reply) => {
+                    let failure = HttpFailure::Status {
+                        status: reply.status.as_u16(),
+                    };
+                    if !failure.is_transient() {
+                        return Ok(reply);
+                    }
+                    (failure, Some(reply.headers))
+                }
+                Err(failure) => (failure, None),
+            };
+            if !failure.is_transient() || retry >= policy.retries {
+                return Err(RequestError::Http(failure));
+            }
+            let delay = policy.delay(retry, reply_headers.as_ref());
+            tracing::debug!(%url, %failure, ?delay, retry, "retrying registry request");
+            tokio::time::sleep(delay).await;
+            retry += 1;
+        }
+    }
+}
+
+impl Inner {
+    fn client(&self, host: &str) -> &Client {
+        self.clients.get(host).unwrap_or(&self.default_client)
+    }
+}
+
+/// How one endpoint failed: an HTTP failure the caller names after its operation, or an
+/// already complete error (a token fetch).
+enum RequestError {
+    Http(HttpFailure),
+    Fetch(FetchError),
+}
+
+impl From<HttpFailure> for RequestError {
+    fn from(failure: HttpFailure) -> RequestError {
+        RequestError::Http(failure)
+    }
+}
+
+fn build_client(
+    host: &str,
+    config: &HostConfig,
+    policy: &RetryPolicy,
+) -> Result<Client, FetchError> {
+    let mut builder = Client::builder()
+        // Redirects are followed by hand so that credentials never leave the registry.
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(policy.timeout)
+        .user_agent(concat!("shoal/", env!("CARGO_PKG_VERSION")));
+    if config.insecure_skip_verify {
+        builder = builder.danger_accept_invalid_certs(true);
+    }
+    if let Some(ca) = &config.ca {
+        for certificate in read_ca_file(ca)? {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    builder.build().map_err(|source| FetchError::BuildClient {
+        host: host.to_owned(),
+        source,
+    })
+}
+
+fn read_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, FetchError> {
+    let pem = std::fs::read(path).map_err(|source| FetchError::ReadCaFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| FetchError::ParseCaFile {
+        path: path.to_owned(),
+        source,
+    })
+}
