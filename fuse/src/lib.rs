@@ -1,1 +1,3 @@
 //! Filesystem layer of Shoal (being built): pure format readers for eStargz and overlaybd.
+
+pub mod overlaybd;
