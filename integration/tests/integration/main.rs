@@ -1,1 +1,26 @@
-//! placeholder
+//! End-to-end tests of Shoal: the daemon driven over its gRPC socket, by a real containerd
+//! (Debian's 1.6), with images served by a real registry on loopback.
+//!
+//! One test binary, many modules. The harness modules (`fixture`, `process`, `binary`, `mount`,
+//! `tree`, `proxy`, `registry`, `image`, `containerd`, `daemon`, `client`) start and clean up
+//! the real parts; the test modules use them. Tests that need root and /dev/fuse skip loudly
+//! without them, and fail instead under `CI=true`. The daemon and CLI binaries must be built
+//! first: `cargo build -p shoal-cmd --bins`.
+
+mod binary;
+mod client;
+mod containerd;
+mod daemon;
+mod fixture;
+mod image;
+mod mount;
+mod process;
+mod proxy;
+mod registry;
+mod tree;
+
+mod bad_input;
+mod cli;
+mod conformance;
+mod ctr;
+mod harness;

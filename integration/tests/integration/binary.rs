@@ -1,0 +1,33 @@
+//! Locating Shoal's binaries, which `cargo test` of this crate does not build.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+/// The daemon, `target/<profile>/shoal-snapshotter`.
+pub fn daemon() -> Result<PathBuf> {
+    locate("shoal-snapshotter")
+}
+
+/// The CLI, `target/<profile>/shoal`.
+pub fn cli() -> Result<PathBuf> {
+    locate("shoal")
+}
+
+/// This test executable is `target/<profile>/deps/integration-<hash>`; binaries sit in
+/// `target/<profile>/`.
+fn locate(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locate the test executable")?;
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .with_context(|| format!("{} has no target/<profile>/deps parent", exe.display()))?;
+    let path = profile_dir.join(name);
+    anyhow::ensure!(
+        path.is_file(),
+        "{} is missing: build it first with `cargo build -p shoal-cmd --bins` \
+         (add --release when testing with --release)",
+        path.display()
+    );
+    Ok(path)
+}

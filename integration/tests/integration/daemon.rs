@@ -1,0 +1,149 @@
+//! The shoal-snapshotter daemon under test: configured inside the fixture, started, stopped
+//! with SIGTERM, killed with SIGKILL, restarted.
+
+use std::fs;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use nix::sys::signal::Signal;
+
+use crate::binary;
+use crate::client::Snapshots;
+use crate::fixture::{wait_until, Fixture};
+use crate::process::Process;
+
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct Daemon {
+    binary: PathBuf,
+    root: PathBuf,
+    socket: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    process: Option<Process>,
+}
+
+impl Daemon {
+    /// Configures a daemon rooted in the fixture and starts it.
+    pub fn start(fixture: &Fixture) -> Result<Daemon> {
+        let mut daemon = Daemon::configure(fixture)?;
+        daemon.launch()?;
+        Ok(daemon)
+    }
+
+    /// Writes the daemon's configuration without starting it.
+    pub fn configure(fixture: &Fixture) -> Result<Daemon> {
+        let binary = binary::daemon()?;
+        let root = fixture.path("shoal");
+        // The daemon must create the socket's directory itself.
+        let socket = fixture.path("run/shoal.sock");
+        let config = fixture.path("shoal.toml");
+        let text = format!(
+            "root = \"{}\"\nsocket = \"{}\"\n\n[log]\nlevel = \"debug\"\n",
+            root.display(),
+            socket.display()
+        );
+        fs::write(&config, text).with_context(|| format!("write {}", config.display()))?;
+        let log = fixture.path("shoal-snapshotter.log");
+        fixture.register_log("shoal-snapshotter", &log);
+        Ok(Daemon {
+            binary,
+            root,
+            socket,
+            config,
+            log,
+            process: None,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(&self.binary);
+        command.arg("--config").arg(&self.config);
+        command
+    }
+
+    /// Spawns the daemon and waits until its socket accepts connections.
+    pub fn launch(&mut self) -> Result<()> {
+        anyhow::ensure!(self.process.is_none(), "the daemon is already running");
+        let process = Process::spawn("shoal-snapshotter", &mut self.command(), &self.log)?;
+        let process = self.process.insert(process);
+        let socket = self.socket.clone();
+        wait_until("the daemon's socket", START_TIMEOUT, || {
+            if let Some(status) = process.try_status()? {
+                anyhow::bail!("shoal-snapshotter exited during start-up ({status})");
+            }
+            Ok(UnixStream::connect(&socket).is_ok())
+        })
+        .with_context(|| format!("start shoal-snapshotter; its log:\n{}", process.log()))
+    }
+
+    /// SIGTERM, then waits for the exit; returns its status.
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        let mut process = self.process.take().context("the daemon is not running")?;
+        process.signal(Signal::SIGTERM)?;
+        process
+            .wait_timeout(STOP_TIMEOUT)?
+            .with_context(|| format!("shoal-snapshotter ignored SIGTERM for {STOP_TIMEOUT:?}"))
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill(&mut self) -> Result<()> {
+        let mut process = self.process.take().context("the daemon is not running")?;
+        process.kill()?;
+        Ok(())
+    }
+
+    /// Whether the daemon is still alive (reaps it if it exited).
+    pub fn is_running(&mut self) -> Result<bool> {
+        match self.process.as_mut() {
+            Some(process) => Ok(process.try_status()?.is_none()),
+            None => Ok(false),
+        }
+    }
+
+    /// Runs another daemon with this configuration and waits (bounded) for it to exit, as it
+    /// should when it refuses to start; returns its status and output.
+    pub fn run_expecting_exit(&self, fixture: &Fixture, tag: &str) -> Result<(ExitStatus, String)> {
+        let log = fixture.path(&format!("shoal-snapshotter-{tag}.log"));
+        fixture.register_log(&format!("shoal-snapshotter ({tag})"), &log);
+        let mut process = Process::spawn("shoal-snapshotter", &mut self.command(), &log)?;
+        match process.wait_timeout(START_TIMEOUT)? {
+            Some(status) => Ok((status, process.log())),
+            None => anyhow::bail!(
+                "shoal-snapshotter ({tag}) was expected to refuse to start but still runs after \
+                 {START_TIMEOUT:?}; its log:\n{}",
+                process.log()
+            ),
+        }
+    }
+
+    pub fn client(&self) -> Result<Snapshots> {
+        Snapshots::connect(&self.socket)
+    }
+
+    /// Every `<root>/snapshots/<id>/fs` directory.
+    pub fn snapshot_dirs(&self) -> Result<Vec<PathBuf>> {
+        let base = self.root.join("snapshots");
+        let mut dirs = Vec::new();
+        for entry in fs::read_dir(&base).with_context(|| format!("read {}", base.display()))? {
+            let fs_dir = entry?.path().join("fs");
+            if fs_dir.is_dir() {
+                dirs.push(fs_dir);
+            }
+        }
+        dirs.sort();
+        Ok(dirs)
+    }
+}

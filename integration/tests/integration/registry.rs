@@ -1,0 +1,73 @@
+//! A distribution registry (Debian's `docker-registry`) on loopback, storing into the fixture,
+//! with a counting proxy in front.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::fixture::{wait_until, Fixture};
+use crate::process::Process;
+use crate::proxy::CountingProxy;
+
+const REGISTRY_BINARY: &str = "/usr/bin/docker-registry";
+
+pub struct Registry {
+    addr: SocketAddr,
+    proxy: CountingProxy,
+    _process: Process,
+}
+
+impl Registry {
+    pub fn start(fixture: &Fixture) -> Result<Registry> {
+        let addr = free_port()?;
+        let storage = fixture.mkdir("registry/data")?;
+        let config = fixture.path("registry/config.yml");
+        let text = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
+             storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+             http:\n  addr: {addr}\n",
+            storage.display()
+        );
+        fs::write(&config, text).with_context(|| format!("write {}", config.display()))?;
+        let log = fixture.path("registry/registry.log");
+        fixture.register_log("docker-registry", &log);
+        let mut command = Command::new(REGISTRY_BINARY);
+        command.arg("serve").arg(&config);
+        let mut process = Process::spawn("docker-registry", &mut command, &log)?;
+        wait_until("the registry to listen", Duration::from_secs(20), || {
+            if let Some(status) = process.try_status()? {
+                anyhow::bail!("docker-registry exited ({status}):\n{}", process.log());
+            }
+            Ok(TcpStream::connect(addr).is_ok())
+        })?;
+        let proxy = CountingProxy::start(addr)?;
+        Ok(Registry {
+            addr,
+            proxy,
+            _process: process,
+        })
+    }
+
+    /// `127.0.0.1:<port>` of the registry itself, bypassing the proxy.
+    pub fn direct_host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// `127.0.0.1:<port>` of the counting proxy: what clients under test should pull from.
+    pub fn host(&self) -> String {
+        self.proxy.addr().to_string()
+    }
+
+    pub fn proxy(&self) -> &CountingProxy {
+        &self.proxy
+    }
+}
+
+/// A port nobody listens on right now (the registry binds it a moment later).
+pub fn free_port() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("find a free port")?;
+    Ok(listener.local_addr()?)
+}
