@@ -190,17 +190,25 @@ impl Fetcher {
                 }
             }
         }
-        for run in runs(leads, inner.max_run_blocks) {
-            // A task of its own: the fetch must finish for the other waiters even if this
-            // reader gives up (a FUSE request interrupted, a caller's timeout).
-            tokio::spawn(self.clone().fetch_run(blob.clone(), run));
-        }
+        // Each run is a task of its own: the fetch must finish for the other waiters even if
+        // this reader gives up (a FUSE request interrupted, a caller's timeout).
+        let tasks: Vec<_> = runs(leads, inner.max_run_blocks)
+            .into_iter()
+            .map(|run| tokio::spawn(self.clone().fetch_run(blob.clone(), run)))
+            .collect();
         let mut blocks = Vec::with_capacity(parts.len());
         for part in parts {
             blocks.push(match part {
                 Part::Ready(bytes) => bytes,
                 Part::Waiting(waiter) => waiter.wait().await?,
             });
+        }
+        // Followers are answered as soon as the bytes arrive; the reader that started the
+        // fetches returns once they are cached, so that its read leaves the cache warm.
+        for task in tasks {
+            if let Err(error) = task.await {
+                tracing::warn!(%error, "block fetch task failed");
+            }
         }
         Ok(blocks)
     }

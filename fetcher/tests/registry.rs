@@ -1,0 +1,413 @@
+//! The registry client against scripted HTTP servers on 127.0.0.1.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use shoal_fetcher::{BlobRef, Digest, FetchError, HttpFailure, ImageRef, RegistryClient};
+use support::{config, content, Reply, Request, TestServer};
+
+fn blob_on(host: &str, data: &[u8]) -> BlobRef {
+    BlobRef::new(
+        ImageRef::repository(host, "team/app").unwrap(),
+        Digest::of(data),
+        data.len() as u64,
+    )
+}
+
+fn client(root: &std::path::Path, retries: u32, hosts: &[(&str, &str)]) -> RegistryClient {
+    RegistryClient::new(&config(root, retries, hosts).registry).unwrap()
+}
+
+#[tokio::test]
+async fn range_reads_return_exactly_the_asked_bytes() {
+    let data = Arc::new(content(10_000));
+    let served = data.clone();
+    let server = TestServer::start(move |request| Reply::blob(request, &served)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = client(dir.path(), 0, &[(&server.host(), "")]);
+    let blob = blob_on(&server.host(), &data);
+
+    let bytes = client.get_blob_range(&blob, 100..5_000).await.unwrap();
+    assert_eq!(&bytes[..], &data[100..5_000]);
+    let request = &server.requests()[0];
+    assert_eq!(request.header("range"), Some("bytes=100-4999"));
+    assert_eq!(
+        request.path(),
+        format!("/v2/team/app/blobs/{}", blob.digest)
+    );
+
+    let whole = client.get_blob(&blob).await.unwrap();
+    assert_eq!(&whole[..], &data[..]);
+    assert!(matches!(
+        client.get_blob_range(&blob, 9_000..10_001).await,
+        Err(FetchError::RangeOutOfBounds { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_server_ignoring_range_is_sliced() {
+    let data = Arc::new(content(50_000));
+    let served = data.clone();
+    let server = TestServer::start(move |_| Reply::ok(served.to_vec())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = client(dir.path(), 0, &[(&server.host(), "")]);
+    let blob = blob_on(&server.host(), &data);
+    let bytes = client.get_blob_range(&blob, 30_000..30_100).await.unwrap();
+    assert_eq!(&bytes[..], &data[30_000..30_100]);
+}
+
+#[tokio::test]
+async fn a_wrong_content_range_is_an_error() {
+    let data = content(1_000);
+    let server = TestServer::start(move |_| {
+        Reply {
+            body: data[0..10].to_vec(),
+            ..Reply::status(206)
+        }
+        .header("Content-Range", "bytes 0-9/1000")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = client(dir.path(), 2, &[(&server.host(), "")]);
+    let blob = blob_on(&server.host(), &content(1_000));
+    let error = client.get_blob_range(&blob, 10..20).await.unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            FetchError::FetchRange {
+                cause: HttpFailure::ContentRange { .. },
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert_eq!(server.count(), 1, "a protocol error is not retried");
+}
+
+#[tokio::test]
+async fn bearer_tokens_are_fetched_cached_and_renewed_on_expiry() {
+    let issued = Arc::new(AtomicUsize::new(0));
+    let issued_by_auth = issued.clone();
+    let auth = TestServer::start(move |request| {
+        assert!(request
+            .target
+            .contains("scope=repository%3Ateam%2Fapp%3Apull"));
+        assert!(request.target.contains("service=test-registry"));
+        let n = issued_by_auth.fetch_add(1, Ordering::SeqCst) + 1;
+        Reply::ok(format!(r#"{{"token": "tok-{n}", "expires_in": 300}}"#))
+    })
+    .await;
+    let realm = format!("http://{}/token", auth.host());
+    // Tokens numbered below `oldest_valid` have expired on the registry's side.
+    let oldest_valid = Arc::new(AtomicUsize::new(1));
+    let registry_oldest = oldest_valid.clone();
+    let data = content(100);
+    let registry = TestServer::start(move |request| {
+        let token = request
+            .header("authorization")
+            .and_then(|value| value.strip_prefix("Bearer tok-"))
+            .and_then(|n| n.parse::<usize>().ok());
+        if token.is_some_and(|n| n >= registry_oldest.load(Ordering::SeqCst)) {
+            return Reply::blob(request, &data);
+        }
+        Reply::status(401).header(
+            "WWW-Authenticate",
+            format!(
+                r#"Bearer realm="{realm}",service="test-registry",scope="repository:team/app:pull""#
+            ),
+        )
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = client(dir.path(), 0, &[(&registry.host(), "")]);
+    let blob = blob_on(&registry.host(), &content(100));
+
+    client.get_blob_range(&blob, 0..10).await.unwrap();
+    assert_eq!(auth.count(), 1);
+    assert_eq!(registry.count(), 2, "a 401, then the retry with the token");
+
+    client.get_blob_range(&blob, 10..20).await.unwrap();
+    assert_eq!(auth.count(), 1, "the token is cached");
+    assert_eq!(registry.count(), 3);
+
+    oldest_valid.store(2, Ordering::SeqCst);
+    client.get_blob_range(&blob, 20..30).await.unwrap();
+    assert_eq!(
+        auth.count(),
+        2,
+        "a 401 with a cached token fetches a new one"
+    );
+    let last = registry.requests().pop().unwrap();
+    assert_eq!(last.header("authorization"), Some("Bearer tok-2"));
+}
+
+#[tokio::test]
+async fn refused_credentials_fail_after_one_reauth() {
+    let auth = TestServer::start(|_| Reply::ok(r#"{"access_token": "never-good"}"#)).await;
+    let realm = format!("http://{}/token", auth.host());
+    let registry = TestServer::start(move |_| {
+        Reply::status(401).header("WWW-Authenticate", format!(r#"Bearer realm="{realm}""#))
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = client(dir.path(), 3, &[(&registry.host(), "")]);
+    let blob = blob_on(&registry.host(), &content(100));
+    let error = client.get_blob(&blob).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            FetchError::FetchBlob {
+                cause: HttpFailure::Unauthorized,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert_eq!(registry.count(), 2);
+}
+
+#[tokio::test]
+async fn basic_auth_comes_from_docker_config() {
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("alice:s3cret")
+    );
+    let manifest = br#"{"schemaVersion":2}"#.to_vec();
+    let body = manifest.clone();
+    let server = TestServer::start(move |request| {
+        if request.header("authorization") == Some(expected.as_str()) {
+            Reply::ok(body.clone()).header(
+                "Content-Type",
+                "application/vnd.oci.image.manifest.v1+json; x=y",
+            )
+        } else {
+            Reply::status(401).header("WWW-Authenticate", r#"Basic realm="registry""#)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("docker-config.json"),
+        format!(
+            r#"{{"auths": {{"{}": {{"auth": "{}"}}}}}}"#,
+            server.host(),
+            base64::engine::general_purpose::STANDARD.encode("alice:s3cret")
+        ),
+    )
+    .unwrap();
+    let client = client(dir.path(), 0, &[(&server.host(), "")]);
+    let image = ImageRef::parse(&format!("{}/team/app:v1", server.host())).unwrap();
+
+    let fetched = client.get_manifest(&image).await.unwrap();
+    assert_eq!(&fetched.bytes[..], &manifest[..]);
+    assert_eq!(
+        fetched.media_type,
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    assert_eq!(fetched.digest, Digest::of(&manifest));
+    let first = &server.requests()[0];
+    assert_eq!(first.path(), "/v2/team/app/manifests/v1");
+    assert!(first
+        .header("accept")
+        .unwrap()
+        .contains("application/vnd.docker.distribution.manifest.list.v2+json"));
+
+    // Basic credentials are sent up front once the registry asked for them.
+    client.get_manifest(&image).await.unwrap();
+    assert_eq!(server.count(), 3);
+
+    let pinned = ImageRef::parse(&format!(
+        "{}/team/app@{}",
+        server.host(),
+        Digest::of(b"something else")
+    ))
+    .unwrap();
+    assert!(matches!(
+        client.get_manifest(&pinned).await,
+        Err(FetchError::VerifyDigest { .. })
+    ));
+}
+
+#[tokio::test]
+async fn redirects_never_carry_the_registry_authorization_elsewhere() {
+    let data = Arc::new(content(3_000));
+    let stored = data.clone();
+    let storage = TestServer::start(move |request| Reply::blob(request, &stored)).await;
+    let location = format!("http://{}/signed/blob?sig=abc", storage.host());
+    let registry = TestServer::start(move |request| {
+        if request.header("authorization").is_none() {
+            return Reply::status(401).header("WWW-Authenticate", r#"Basic realm="r""#);
+        }
+        Reply::status(307).header("Location", location.clone())
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("docker-config.json"),
+        format!(
+            r#"{{"auths": {{"{}": {{"username": "u", "password": "p"}}}}}}"#,
+            registry.host()
+        ),
+    )
+    .unwrap();
+    let client = client(dir.path(), 0, &[(&registry.host(), "")]);
+    let blob = blob_on(&registry.host(), &data);
+
+    let bytes = client.get_blob_range(&blob, 1_000..2_000).await.unwrap();
+    assert_eq!(&bytes[..], &data[1_000..2_000]);
+    assert!(registry.requests()[1].header("authorization").is_some());
+    let at_storage = storage.requests();
+    assert_eq!(at_storage.len(), 1);
+    assert_eq!(at_storage[0].target, "/signed/blob?sig=abc");
+    assert_eq!(at_storage[0].header("authorization"), None);
+    assert_eq!(at_storage[0].header("range"), Some("bytes=1000-1999"));
+}
+
+#[tokio::test]
+async fn transient_errors_are_retried_until_success() {
+    let data = Arc::new(content(100));
+    let served = data.clone();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let server = TestServer::start(move |request: &Request| {
+        if seen.fetch_add(1, Ordering::SeqCst) < 2 {
+            Reply::status(500)
+        } else {
+            Reply::blob(request, &served)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = client(dir.path(), 3, &[(&server.host(), "")]);
+    let blob = blob_on(&server.host(), &data);
+    let bytes = client.get_blob_range(&blob, 0..50).await.unwrap();
+    assert_eq!(&bytes[..], &data[..50]);
+    assert_eq!(server.count(), 3);
+}
+
+#[tokio::test]
+async fn retries_are_bounded_and_the_error_names_url_and_status() {
+    let server = TestServer::start(|_| Reply::status(503)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = client(dir.path(), 2, &[(&server.host(), "")]);
+    let blob = blob_on(&server.host(), &content(100));
+    let error = client.get_blob_range(&blob, 0..50).await.unwrap_err();
+    assert_eq!(server.count(), 3, "one attempt and two retries");
+    assert!(
+        matches!(
+            &error,
+            FetchError::FetchRange {
+                cause: HttpFailure::Status { status: 503 },
+                ..
+            }
+        ),
+        "{error}"
+    );
+    let message = error.to_string();
+    assert!(message.contains(&server.host()), "{message}");
+    assert!(message.contains("status 503"), "{message}");
+}
+
+#[tokio::test]
+async fn client_errors_are_not_retried() {
+    let server = TestServer::start(|_| Reply::status(404)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = client(dir.path(), 4, &[(&server.host(), "")]);
+    let blob = blob_on(&server.host(), &content(100));
+    assert!(client.get_blob(&blob).await.is_err());
+    assert_eq!(server.count(), 1);
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let data = Arc::new(content(100));
+    let served = data.clone();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let server = TestServer::start(move |request: &Request| {
+        if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+            Reply::status(429).header("Retry-After", "1")
+        } else {
+            Reply::blob(request, &served)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = client(dir.path(), 1, &[(&server.host(), "")]);
+    let blob = blob_on(&server.host(), &data);
+    let started = Instant::now();
+    client.get_blob_range(&blob, 0..10).await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(server.count(), 2);
+}
+
+#[tokio::test]
+async fn a_stalled_server_times_out() {
+    let server = TestServer::start(|_| Reply::stall()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = client(dir.path(), 0, &[(&server.host(), "")]);
+    let blob = blob_on(&server.host(), &content(100));
+    let started = Instant::now();
+    let error = client.get_blob_range(&blob, 0..10).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            FetchError::FetchRange {
+                cause: HttpFailure::TimedOut { .. },
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn mirrors_are_tried_first_and_fall_through_on_error() {
+    let data = Arc::new(content(100));
+    let broken = TestServer::start(|_| Reply::status(404)).await;
+    let served = data.clone();
+    let mirror = TestServer::start(move |request| Reply::blob(request, &served)).await;
+    let served = data.clone();
+    let origin = TestServer::start(move |request| Reply::blob(request, &served)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mirrors = format!("mirrors = [\"{}\", \"{}\"]", broken.host(), mirror.host());
+    let client = client(
+        dir.path(),
+        0,
+        &[
+            (&origin.host(), &mirrors),
+            (&broken.host(), ""),
+            (&mirror.host(), ""),
+        ],
+    );
+    let blob = blob_on(&origin.host(), &data);
+    let bytes = client.get_blob_range(&blob, 5..15).await.unwrap();
+    assert_eq!(&bytes[..], &data[5..15]);
+    assert_eq!((broken.count(), mirror.count(), origin.count()), (1, 1, 0));
+
+    drop(mirror);
+    let bytes = client.get_blob_range(&blob, 5..15).await.unwrap();
+    assert_eq!(&bytes[..], &data[5..15]);
+    assert_eq!(origin.count(), 1, "the registry itself is the last resort");
+}
+
+#[tokio::test]
+async fn a_tampered_blob_fails_verification() {
+    let server = TestServer::start(|_| Reply::ok(b"not the blob".to_vec())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = client(dir.path(), 0, &[(&server.host(), "")]);
+    let blob = blob_on(&server.host(), b"the blob!!!!");
+    assert!(matches!(
+        client.get_blob(&blob).await,
+        Err(FetchError::VerifyDigest { .. })
+    ));
+}
