@@ -15,8 +15,9 @@ const MAGIC1: [u8; 16] = [
 ];
 /// `sizeof(HeaderTrailer)` (packed) in the reference implementation.
 const STRUCT_SIZE: u32 = 390;
-const VERSION: u8 = 1;
-const SUB_VERSION: u8 = 1;
+/// Format version the writer records (v1.1: UUID checks, no level range).
+pub(super) const VERSION: u8 = 1;
+pub(super) const SUB_VERSION: u8 = 1;
 
 const FLAG_HEADER: u32 = 1 << 0;
 const FLAG_DATA_FILE: u32 = 1 << 1;
@@ -114,8 +115,8 @@ impl HeaderTrailer {
             &mut out[PARENT_UUID_AT..PARENT_UUID_AT + UUID_LEN],
             &self.parent_uuid,
         );
-        out[VERSION_AT] = VERSION;
-        out[VERSION_AT + 1] = SUB_VERSION;
+        out[VERSION_AT] = self.version;
+        out[VERSION_AT + 1] = self.sub_version;
         put_c_string(&mut out[TAG_AT..TAG_AT + TAG_LEN], &self.user_tag);
         out
     }

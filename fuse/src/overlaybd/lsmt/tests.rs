@@ -31,6 +31,7 @@ fn writer_output_parses_back_with_data_and_zeroed_mappings() {
     assert_eq!(lsmt.virtual_size(), MIB);
     assert_eq!(lsmt.trailer().uuid, "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0");
     assert_eq!(lsmt.trailer().user_tag, "test layer");
+    assert_eq!((lsmt.trailer().version, lsmt.trailer().sub_version), (1, 1));
     assert_eq!(lsmt.index_records(), 256, "index padded to one 4 KiB page");
     let m = lsmt.mappings();
     assert_eq!(m.len(), 4);

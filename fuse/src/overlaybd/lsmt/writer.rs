@@ -1,6 +1,6 @@
 //! LSMT writer: turns one layer's changed extents into a sealed LSMT data file.
 
-use super::header::{HeaderTrailer, Record, HEADER_SIZE, TAG_LEN, UUID_LEN};
+use super::header::{HeaderTrailer, Record, HEADER_SIZE, SUB_VERSION, TAG_LEN, UUID_LEN, VERSION};
 use super::index::{Mapping, MAX_LENGTH, RECORD_SIZE, SECTOR};
 use super::LsmtError;
 
@@ -113,8 +113,8 @@ impl Writer {
             virtual_size: self.virtual_size,
             uuid: self.uuid.clone(),
             parent_uuid: self.parent_uuid.clone(),
-            version: 0,
-            sub_version: 0,
+            version: VERSION,
+            sub_version: SUB_VERSION,
             user_tag: self.user_tag.clone(),
         };
         out[..HEADER_SIZE].copy_from_slice(&info.encode(Record::Header));

@@ -60,8 +60,8 @@ impl std::fmt::Display for Record {
 
 /// The decoded fields of a header or trailer.
 ///
-/// Old writers left uninitialised memory in unused flag bits and, in the first header, in
-/// every field after the flags; only the documented low flag bits are ever interpreted.
+/// Old writers left uninitialised memory in unused flag bits, so only the documented low
+/// bits are ever interpreted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeaderTrailer {
     pub flags: u64,
@@ -79,72 +79,21 @@ pub struct HeaderTrailer {
 }
 
 impl HeaderTrailer {
-    /// Decodes the header (`Record::Header`) or trailer and checks its kind and digest.
-    pub fn parse(bytes: &[u8], record: Record) -> Result<Self, ZFileError> {
-        let bytes: &[u8; HEADER_SIZE] = bytes.try_into().map_err(|_| ZFileError::RecordLength {
-            record,
-            len: bytes.len(),
-        })?;
-        if &bytes[0..8] != MAGIC0 || &bytes[8..24] != MAGIC1 {
-            return Err(ZFileError::Magic { record });
+    /// Decodes the header, checking its magic, kind and digest. A header written before the
+    /// file was finished carries no information (old writers left uninitialised memory in
+    /// it): `None`.
+    pub fn parse_header(bytes: &[u8]) -> Result<Option<Self>, ZFileError> {
+        let (bytes, flags) = check(bytes, Record::Header)?;
+        if flags & FLAG_INFO_VALID == 0 {
+            return Ok(None);
         }
-        let flags = u64_at(bytes, 32);
-        let kind_ok = match record {
-            Record::Header => flags & FLAG_HEADER != 0,
-            Record::Trailer => {
-                let want = FLAG_DATA_FILE | FLAG_SEALED;
-                flags & FLAG_HEADER == 0 && flags & want == want
-            }
-        };
-        if !kind_ok {
-            return Err(ZFileError::RecordKind { record, flags });
-        }
-        if flags & FLAG_DIGEST != 0 {
-            let stored = u32_at(bytes, 28);
-            let computed = digest(bytes);
-            if stored != computed {
-                return Err(ZFileError::Digest {
-                    record,
-                    stored,
-                    computed,
-                });
-            }
-        }
-        if record == Record::Header && flags & FLAG_INFO_VALID == 0 {
-            // Everything after the flags may be garbage: report defaults, never use them.
-            return Ok(Self::placeholder(flags));
-        }
-        if bytes[78] != 0 {
-            // No known writer uses a shared dictionary; refuse rather than misdecode.
-            return Err(ZFileError::Dictionary);
-        }
-        Ok(Self {
-            flags,
-            index_offset: u64_at(bytes, 40),
-            index_size: u64_at(bytes, 48),
-            original_size: u64_at(bytes, 56),
-            index_crc: u32_at(bytes, 64),
-            block_size: u32_at(bytes, 72),
-            algorithm: Algorithm::from_code(bytes[76])?,
-            level: bytes[77],
-            dict_size: u32_at(bytes, 84),
-            verify: bytes[88] != 0,
-        })
+        decode(bytes, flags).map(Some)
     }
 
-    fn placeholder(flags: u64) -> Self {
-        Self {
-            flags,
-            index_offset: 0,
-            index_size: 0,
-            original_size: 0,
-            index_crc: 0,
-            block_size: 0,
-            algorithm: Algorithm::Lz4,
-            level: 0,
-            dict_size: 0,
-            verify: false,
-        }
+    /// Decodes the sealed trailer, checking its magic, kind and digest.
+    pub fn parse_trailer(bytes: &[u8]) -> Result<Self, ZFileError> {
+        let (bytes, flags) = check(bytes, Record::Trailer)?;
+        decode(bytes, flags)
     }
 
     /// Whether the jump-table CRC and header digest were recorded.
@@ -179,6 +128,59 @@ impl HeaderTrailer {
         out[28..32].copy_from_slice(&digest.to_le_bytes());
         out
     }
+}
+
+/// Checks magic, kind and (when recorded) digest; returns the record and its flags.
+fn check(bytes: &[u8], record: Record) -> Result<(&[u8; HEADER_SIZE], u64), ZFileError> {
+    let bytes: &[u8; HEADER_SIZE] = bytes.try_into().map_err(|_| ZFileError::RecordLength {
+        record,
+        len: bytes.len(),
+    })?;
+    if &bytes[0..8] != MAGIC0 || &bytes[8..24] != MAGIC1 {
+        return Err(ZFileError::Magic { record });
+    }
+    let flags = u64_at(bytes, 32);
+    let kind_ok = match record {
+        Record::Header => flags & FLAG_HEADER != 0,
+        Record::Trailer => {
+            let want = FLAG_DATA_FILE | FLAG_SEALED;
+            flags & FLAG_HEADER == 0 && flags & want == want
+        }
+    };
+    if !kind_ok {
+        return Err(ZFileError::RecordKind { record, flags });
+    }
+    if flags & FLAG_DIGEST != 0 {
+        let stored = u32_at(bytes, 28);
+        let computed = digest(bytes);
+        if stored != computed {
+            return Err(ZFileError::Digest {
+                record,
+                stored,
+                computed,
+            });
+        }
+    }
+    Ok((bytes, flags))
+}
+
+fn decode(bytes: &[u8; HEADER_SIZE], flags: u64) -> Result<HeaderTrailer, ZFileError> {
+    if bytes[78] != 0 {
+        // No known writer uses a shared dictionary; refuse rather than misdecode.
+        return Err(ZFileError::Dictionary);
+    }
+    Ok(HeaderTrailer {
+        flags,
+        index_offset: u64_at(bytes, 40),
+        index_size: u64_at(bytes, 48),
+        original_size: u64_at(bytes, 56),
+        index_crc: u32_at(bytes, 64),
+        block_size: u32_at(bytes, 72),
+        algorithm: Algorithm::from_code(bytes[76])?,
+        level: bytes[77],
+        dict_size: u32_at(bytes, 84),
+        verify: bytes[88] != 0,
+    })
 }
 
 /// CRC32C of the whole record with the digest field taken as zero.

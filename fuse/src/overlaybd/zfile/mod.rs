@@ -40,6 +40,8 @@ pub enum ZFileError {
         stored: u32,
         computed: u32,
     },
+    #[error("zfile header and trailer disagree on the file's layout")]
+    HeaderMismatch,
     #[error("zfile uses unsupported compression algorithm {algo}")]
     UnsupportedAlgorithm { algo: u8 },
     #[error("zfile uses a compression dictionary, which is unsupported")]
@@ -63,8 +65,13 @@ pub enum ZFileError {
     JumpTableLength { expected: u64, actual: usize },
     #[error("zfile jump table crc is {computed:#010x}, trailer records {stored:#010x}")]
     JumpTableChecksum { stored: u32, computed: u32 },
-    #[error("zfile block {index} has compressed length {len}, outside 1..={max}")]
-    BlockLength { index: u64, len: u32, max: u32 },
+    #[error("zfile block {index} has compressed length {len}, outside {min}..={max}")]
+    BlockLength {
+        index: u64,
+        len: u32,
+        min: u32,
+        max: u32,
+    },
     #[error("zfile blocks end at {end}, past the jump table at {index_offset}")]
     BlocksOverrunIndex { end: u64, index_offset: u64 },
     #[error("zfile block {index} does not exist ({count} blocks)")]
@@ -120,8 +127,17 @@ pub struct ZFileInfo {
 impl ZFileInfo {
     /// Checks the header and the (authoritative) trailer.
     pub fn parse(header: &[u8], trailer: &[u8]) -> Result<Self, ZFileError> {
-        HeaderTrailer::parse(header, Record::Header)?;
-        let trailer = HeaderTrailer::parse(trailer, Record::Trailer)?;
+        let header = HeaderTrailer::parse_header(header)?;
+        let trailer = HeaderTrailer::parse_trailer(trailer)?;
+        if let Some(header) = header {
+            let same = HeaderTrailer {
+                flags: trailer.flags,
+                ..header
+            };
+            if same != trailer {
+                return Err(ZFileError::HeaderMismatch);
+            }
+        }
         if trailer.block_size == 0 || trailer.block_size > MAX_BLOCK_SIZE {
             return Err(ZFileError::BlockSize {
                 block_size: trailer.block_size,
@@ -209,6 +225,7 @@ impl ZFile {
                 return Err(ZFileError::BlockLength {
                     index: index as u64,
                     len,
+                    min,
                     max,
                 });
             }

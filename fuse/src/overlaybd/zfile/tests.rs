@@ -169,3 +169,14 @@ fn raw_crc32c_matches_the_reference_convention() {
         crc32c_raw(crc32c_raw(7, &data[..300]), &data[300..])
     );
 }
+
+#[test]
+fn header_disagreeing_with_trailer_is_rejected() {
+    let file = compress(&sample(9000), 4096, Algorithm::Lz4).unwrap();
+    let (_, trailer, table) = parts(&file);
+    let mut info = HeaderTrailer::parse_trailer(trailer).unwrap();
+    info.original_size -= 1;
+    let header = info.encode(Record::Header);
+    let err = ZFile::parse(&header, trailer, table).unwrap_err();
+    assert!(matches!(err, ZFileError::HeaderMismatch), "{err}");
+}
