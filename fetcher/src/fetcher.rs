@@ -283,19 +283,16 @@ impl Fetcher {
 
     /// `range` cut out of consecutive blocks starting at block `first`.
     fn assemble(&self, first: u64, blocks: Vec<Bytes>, range: Range<u64>) -> Bytes {
-        let offset = (range.start - first * self.block_size()) as usize;
+        let start = (range.start - first * self.block_size()) as usize;
         let len = (range.end - range.start) as usize;
         if let [only] = blocks.as_slice() {
-            return only.slice(offset..offset + len);
+            return only.slice(start..start + len);
         }
-        let mut out = BytesMut::with_capacity(len);
-        let mut skip = offset;
+        let mut joined = BytesMut::with_capacity(blocks.iter().map(Bytes::len).sum());
         for block in &blocks {
-            let take = (block.len() - skip.min(block.len())).min(len - out.len());
-            out.extend_from_slice(&block[skip.min(block.len())..skip.min(block.len()) + take]);
-            skip = skip.saturating_sub(block.len());
+            joined.extend_from_slice(block);
         }
-        out.freeze()
+        joined.freeze().slice(start..start + len)
     }
 }
 

@@ -498,12 +498,6 @@ enum RequestError {
     Fetch(FetchError),
 }
 
-impl From<HttpFailure> for RequestError {
-    fn from(failure: HttpFailure) -> RequestError {
-        RequestError::Http(failure)
-    }
-}
-
 fn build_client(
     host: &str,
     config: &HostConfig,
