@@ -2,6 +2,7 @@
 //! metadata database, a second daemon on a live socket, and a crash in the middle of commits.
 
 use std::fs;
+use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -277,6 +278,26 @@ fn kill_during_commits_keeps_every_acknowledged_commit() {
             missing.is_empty(),
             "{top} lacks the files of layers {missing:?}"
         );
+        Ok(())
+    });
+}
+
+/// Clients that connected and then hung must not keep the daemon from shutting down: the drain
+/// on SIGTERM has to be bounded.
+#[test]
+fn sigterm_exits_despite_hung_clients() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let mut daemon = Daemon::start(fixture)?;
+        // One hung after a completed call, one after the HTTP/2 preface, one before a byte.
+        let after_call = Snapshots::connect_hung(daemon.socket())?;
+        after_call.prepare("before", "")?;
+        let mut after_preface = std::os::unix::net::UnixStream::connect(daemon.socket())?;
+        after_preface.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")?;
+        let _silent = std::os::unix::net::UnixStream::connect(daemon.socket())?;
+        let status = daemon.stop()?;
+        anyhow::ensure!(status.success(), "SIGTERM exit status {status}");
+        anyhow::ensure!(!daemon.socket().exists(), "the socket outlived SIGTERM");
         Ok(())
     });
 }

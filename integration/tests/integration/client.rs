@@ -45,6 +45,20 @@ impl Snapshots {
             .enable_all()
             .build()
             .context("build the client's runtime")?;
+        Snapshots::connect_on(runtime, socket)
+    }
+
+    /// A client whose connection is serviced only during its own calls, like a client process
+    /// that hangs between calls: it never answers the daemon's pings or GOAWAY in between.
+    pub fn connect_hung(socket: &Path) -> Result<Snapshots> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("build the client's runtime")?;
+        Snapshots::connect_on(runtime, socket)
+    }
+
+    fn connect_on(runtime: tokio::runtime::Runtime, socket: &Path) -> Result<Snapshots> {
         let path: PathBuf = socket.to_owned();
         let channel = runtime
             .block_on(async move {
