@@ -22,7 +22,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _lock = lock_root(&config.root)?;
     let listener = bind(&config.socket).await?;
 
-    let snapshotter = ShoalSnapshotter::open(&config.root)
+    let mounter = Arc::new(shoal_snapshotter::remote::NoRemote);
+    let snapshotter = ShoalSnapshotter::open(&config.root, mounter)
         .with_context(|| format!("open snapshotter at {}", config.root.display()))?;
     let counts = snapshotter.counts()?;
     info!(

@@ -57,6 +57,15 @@ pub enum SnapshotError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("mount remote layer at {mountpoint}: {reason}")]
+    MountLayer { mountpoint: PathBuf, reason: String },
+    #[error("unmount {mountpoint}: {reason}")]
+    UnmountLayer { mountpoint: PathBuf, reason: String },
+    #[error("persist layer index at {path}: {source}")]
+    PersistIndex {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("blocking task for {operation} failed: {reason}")]
     Task {
         operation: &'static str,
@@ -90,6 +99,9 @@ impl SnapshotError {
             | CreateDir { .. }
             | RemoveDir { .. }
             | DiskUsage { .. }
+            | MountLayer { .. }
+            | UnmountLayer { .. }
+            | PersistIndex { .. }
             | Task { .. } => Code::Internal,
         }
     }

@@ -5,6 +5,9 @@
 //! - `metadata`: snapshot records in an embedded transactional store (redb) under the root.
 //! - `layout`: on-disk layout and mount lists, identical to containerd's overlayfs snapshotter.
 //! - `filter`: containerd's filter syntax for List.
+//! - [`remote`]: the remote-snapshot handshake's labels, fallback reasons, and the
+//!   [`remote::LayerMounter`] seam through which lazy layers are mounted (a recording double in
+//!   tests, FUSE in the daemon).
 //! - [`SnapshotError`]: the crate's one error type; `From<SnapshotError> for tonic::Status` is the
 //!   only conversion to gRPC codes.
 //!
@@ -15,10 +18,11 @@ mod error;
 mod filter;
 mod layout;
 mod metadata;
+pub mod remote;
 mod service;
 mod usage;
 
 pub use containerd_snapshots::{api, server, tonic};
 pub use error::SnapshotError;
 pub use layout::Layout;
-pub use service::{ShoalSnapshotter, SnapshotCounts};
+pub use service::{LazyStats, ShoalSnapshotter, SnapshotCounts};

@@ -17,6 +17,7 @@ use redb::{
 use serde::{Deserialize, Serialize};
 
 use crate::error::SnapshotError;
+use crate::remote::RemoteLayer;
 
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
 const CHILDREN: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("children");
@@ -62,6 +63,9 @@ pub struct Record {
     pub updated: SystemTime,
     /// Measured at Commit; active snapshots are measured on demand.
     pub usage: DiskUsage,
+    /// Set when the snapshot is a lazily mounted layer rather than a directory of files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteLayer>,
 }
 
 /// A snapshot key with its record.
@@ -139,14 +143,16 @@ impl Store {
         Ok(ids)
     }
 
-    /// Creates an active or view snapshot. `make_dir(id)` lays out its directory and runs inside
-    /// the transaction, so the record only becomes visible once the directory exists.
+    /// Creates a snapshot: active or view, or committed for a remote layer. `make_dir(id)` lays
+    /// out its directory and runs inside the transaction, so the record only becomes visible
+    /// once the directory exists.
     pub fn create(
         &self,
         key: &str,
         parent: &str,
         kind: Kind,
         labels: BTreeMap<String, String>,
+        remote: Option<RemoteLayer>,
         make_dir: impl FnOnce(u64, Option<u64>) -> Result<(), SnapshotError>,
     ) -> Result<Record, SnapshotError> {
         let txn = self.begin_write()?;
@@ -181,6 +187,7 @@ impl Store {
                 created: now,
                 updated: now,
                 usage: DiskUsage::default(),
+                remote,
             };
             write_record(&mut table, key, &record)?;
             if !parent.is_empty() {
@@ -418,7 +425,7 @@ mod tests {
     fn create_commit_remove_lifecycle() {
         let (_dir, store) = store();
         let a = store
-            .create("a", "", Kind::Active, labels(&[]), no_dir)
+            .create("a", "", Kind::Active, labels(&[]), None, no_dir)
             .unwrap();
         let usage = DiskUsage {
             size: 4096,
@@ -435,7 +442,7 @@ mod tests {
         ));
 
         let child = store
-            .create("b", "base", Kind::Active, labels(&[]), no_dir)
+            .create("b", "base", Kind::Active, labels(&[]), None, no_dir)
             .unwrap();
         assert_eq!(store.parent_ids(&child).unwrap(), vec![base.id]);
         assert!(matches!(
@@ -451,22 +458,22 @@ mod tests {
     fn errors_match_containerd_semantics() {
         let (_dir, store) = store();
         assert!(matches!(
-            store.create("a", "missing", Kind::Active, labels(&[]), no_dir),
+            store.create("a", "missing", Kind::Active, labels(&[]), None, no_dir),
             Err(SnapshotError::ParentNotFound { .. })
         ));
         store
-            .create("a", "", Kind::Active, labels(&[]), no_dir)
+            .create("a", "", Kind::Active, labels(&[]), None, no_dir)
             .unwrap();
         assert!(matches!(
-            store.create("a", "", Kind::View, labels(&[]), no_dir),
+            store.create("a", "", Kind::View, labels(&[]), None, no_dir),
             Err(SnapshotError::AlreadyExists { .. })
         ));
         assert!(matches!(
-            store.create("b", "a", Kind::Active, labels(&[]), no_dir),
+            store.create("b", "a", Kind::Active, labels(&[]), None, no_dir),
             Err(SnapshotError::ParentNotCommitted { .. })
         ));
         store
-            .create("v", "", Kind::View, labels(&[]), no_dir)
+            .create("v", "", Kind::View, labels(&[]), None, no_dir)
             .unwrap();
         assert!(matches!(
             store.commit("v", "c", labels(&[]), DiskUsage::default()),
@@ -477,7 +484,7 @@ mod tests {
     #[test]
     fn failed_directory_setup_leaves_no_record() {
         let (_dir, store) = store();
-        let err = store.create("a", "", Kind::Active, labels(&[]), |_, _| {
+        let err = store.create("a", "", Kind::Active, labels(&[]), None, |_, _| {
             Err(SnapshotError::InvalidKey { reason: "boom" })
         });
         assert!(err.is_err());
@@ -494,7 +501,7 @@ mod tests {
         {
             let store = Store::open(&path).unwrap();
             store
-                .create("a", "", Kind::Active, labels(&[("k", "v")]), no_dir)
+                .create("a", "", Kind::Active, labels(&[("k", "v")]), None, no_dir)
                 .unwrap();
             store
                 .commit("a", "c", labels(&[("k", "v")]), DiskUsage::default())
@@ -504,7 +511,7 @@ mod tests {
         let record = store.get("c").unwrap();
         assert_eq!(record.labels, labels(&[("k", "v")]));
         let next = store
-            .create("d", "c", Kind::Active, labels(&[]), no_dir)
+            .create("d", "c", Kind::Active, labels(&[]), None, no_dir)
             .unwrap();
         assert!(next.id > record.id, "ids are never reused");
     }

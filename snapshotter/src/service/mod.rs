@@ -1,5 +1,7 @@
 //! The containerd Snapshots API over the metadata store and the on-disk layout.
 
+mod lazy;
+
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -14,7 +16,10 @@ use crate::error::SnapshotError;
 use crate::filter::{Fields, Filter};
 use crate::layout::Layout;
 use crate::metadata::{Entry, Kind, Record, Store};
+use crate::remote::{LayerLabels, LayerMounter, ResolvedLayer};
 use crate::usage;
+
+pub use lazy::LazyStats;
 
 /// containerd's limit on a label's key plus value (`labels.Validate`).
 const MAX_LABEL_BYTES: usize = 4096;
@@ -29,6 +34,8 @@ struct Inner {
     root: PathBuf,
     store: Store,
     layout: Layout,
+    mounter: Arc<dyn LayerMounter>,
+    lazy: LazyStats,
 }
 
 /// A count of snapshots by kind, for `shoal status`.
@@ -40,9 +47,12 @@ pub struct SnapshotCounts {
 }
 
 impl ShoalSnapshotter {
-    /// Opens (creating if needed) the snapshotter rooted at `root` and reclaims directories a
-    /// crash left behind.
-    pub fn open(root: &Path) -> Result<ShoalSnapshotter, SnapshotError> {
+    /// Opens (creating if needed) the snapshotter rooted at `root`, reclaims directories a crash
+    /// left behind and mounts its remote layers again through `mounter`.
+    pub fn open(
+        root: &Path,
+        mounter: Arc<dyn LayerMounter>,
+    ) -> Result<ShoalSnapshotter, SnapshotError> {
         let layout = Layout::detect(root);
         for dir in [root, layout.snapshots_dir()] {
             std::fs::create_dir_all(dir).map_err(|source| SnapshotError::CreateDir {
@@ -56,6 +66,8 @@ impl ShoalSnapshotter {
                 root: root.to_owned(),
                 store,
                 layout,
+                mounter,
+                lazy: LazyStats::default(),
             }),
         };
         let reclaimed = snapshotter.inner.cleanup()?;
@@ -65,11 +77,17 @@ impl ShoalSnapshotter {
                 "removed directories orphaned by an earlier crash"
             );
         }
+        snapshotter.inner.remount_all()?;
         Ok(snapshotter)
     }
 
     pub fn root(&self) -> &Path {
         &self.inner.root
+    }
+
+    /// Lazy mounts made and fallbacks by reason, since start.
+    pub fn lazy_stats(&self) -> &LazyStats {
+        &self.inner.lazy
     }
 
     pub fn counts(&self) -> Result<SnapshotCounts, SnapshotError> {
@@ -107,8 +125,19 @@ impl ShoalSnapshotter {
     ) -> Result<Vec<Mount>, SnapshotError> {
         validate_key(&key)?;
         let labels = validate_labels(labels)?;
+        if kind == Kind::Active {
+            match LayerLabels::parse(&labels) {
+                Ok(Some(layer)) => {
+                    if let Some(err) = self.try_remote(&key, &parent, &labels, layer).await {
+                        return Err(err);
+                    }
+                }
+                Ok(None) => {}
+                Err(fallback) => self.inner.lazy.fell_back(&key, &fallback),
+            }
+        }
         self.blocking("create", move |inner| {
-            let record = inner.create(&key, &parent, kind, labels)?;
+            let record = inner.create(&key, &parent, kind, labels, None)?;
             inner.mounts_of(&record)
         })
         .await
@@ -122,17 +151,24 @@ impl Inner {
         parent: &str,
         kind: Kind,
         labels: BTreeMap<String, String>,
+        remote: Option<&ResolvedLayer>,
     ) -> Result<Record, SnapshotError> {
         let mut made = None;
+        let layer = remote.map(|r| r.layer.clone());
         let result = self
             .store
-            .create(key, parent, kind, labels, |id, parent_id| {
-                self.make_dir(id, kind, parent_id)?;
+            .create(key, parent, kind, labels, layer, |id, parent_id| {
                 made = Some(id);
-                Ok(())
+                match remote {
+                    None => self.make_dir(id, kind, parent_id),
+                    Some(resolved) => self.make_remote_dir(id, resolved),
+                }
             });
         if let (Err(_), Some(id)) = (&result, made) {
             // The transaction did not commit: the directory belongs to nobody.
+            if remote.is_some() {
+                let _ = self.mounter.unmount(&self.layout.upper(id));
+            }
             let _ = std::fs::remove_dir_all(self.layout.dir(id));
         }
         result
@@ -202,6 +238,8 @@ impl Inner {
                     continue;
                 }
                 let path = entry.path();
+                // An orphan may still carry a (dead) FUSE mount from before a crash.
+                self.mounter.unmount(&path.join("fs"))?;
                 std::fs::remove_dir_all(&path)
                     .map_err(|source| SnapshotError::RemoveDir { path, source })?;
                 removed += 1;
@@ -400,6 +438,9 @@ impl Snapshotter for ShoalSnapshotter {
     async fn remove(&self, key: String) -> Result<(), SnapshotError> {
         self.blocking("remove", move |inner| {
             let record = inner.store.remove(&key)?;
+            if record.remote.is_some() {
+                inner.mounter.unmount(&inner.layout.upper(record.id))?;
+            }
             let dir = inner.layout.dir(record.id);
             if let Err(err) = std::fs::remove_dir_all(&dir) {
                 // The record is gone; Cleanup reclaims the directory later.
@@ -437,6 +478,7 @@ mod tests {
     use futures::StreamExt;
 
     use super::*;
+    use crate::remote::NoRemote;
 
     async fn list(sn: &ShoalSnapshotter, filters: &[&str]) -> Vec<String> {
         let filters = filters.iter().map(|s| s.to_string()).collect();
@@ -454,7 +496,7 @@ mod tests {
     #[tokio::test]
     async fn prepare_commit_view_and_cleanup() {
         let dir = tempfile::tempdir().unwrap();
-        let sn = ShoalSnapshotter::open(dir.path()).unwrap();
+        let sn = ShoalSnapshotter::open(dir.path(), Arc::new(NoRemote)).unwrap();
         let mounts = sn
             .prepare("a".into(), String::new(), HashMap::new())
             .await
@@ -488,7 +530,7 @@ mod tests {
     #[tokio::test]
     async fn update_follows_containerd_field_paths() {
         let dir = tempfile::tempdir().unwrap();
-        let sn = ShoalSnapshotter::open(dir.path()).unwrap();
+        let sn = ShoalSnapshotter::open(dir.path(), Arc::new(NoRemote)).unwrap();
         let labels = HashMap::from([("a".to_string(), "1".to_string())]);
         sn.prepare("k".into(), String::new(), labels).await.unwrap();
         let before = sn.stat("k".into()).await.unwrap();
@@ -519,7 +561,7 @@ mod tests {
     #[tokio::test]
     async fn oversized_label_is_invalid_argument() {
         let dir = tempfile::tempdir().unwrap();
-        let sn = ShoalSnapshotter::open(dir.path()).unwrap();
+        let sn = ShoalSnapshotter::open(dir.path(), Arc::new(NoRemote)).unwrap();
         let labels = HashMap::from([("k".to_string(), "v".repeat(5000))]);
         let err = sn
             .prepare("k".into(), String::new(), labels)

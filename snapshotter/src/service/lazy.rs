@@ -1,0 +1,436 @@
+//! The remote-snapshot handshake: Prepare with a target chainID either mounts the layer lazily
+//! and answers ALREADY_EXISTS, or falls back (logged and counted) to an ordinary snapshot that
+//! containerd fills by downloading the layer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use tracing::{error, info, warn};
+
+use super::{Inner, ShoalSnapshotter};
+use crate::error::SnapshotError;
+use crate::metadata::Kind;
+use crate::remote::{Fallback, LayerLabels, ResolvedLayer, LABEL_REMOTE};
+
+/// File under a remote snapshot's directory holding its verified index (the eStargz TOC), so
+/// that a restart mounts it again without the registry.
+const INDEX_FILE: &str = "index";
+
+/// How lazy pulling has gone since start: layers mounted, fallbacks by reason.
+#[derive(Debug, Default)]
+pub struct LazyStats {
+    mounted: AtomicU64,
+    remount_failures: AtomicU64,
+    fallbacks: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl LazyStats {
+    pub fn mounted(&self) -> u64 {
+        self.mounted.load(Ordering::Relaxed)
+    }
+
+    pub fn remount_failures(&self) -> u64 {
+        self.remount_failures.load(Ordering::Relaxed)
+    }
+
+    /// Fallback counts keyed by [`Fallback::kind`].
+    pub fn fallbacks(&self) -> BTreeMap<&'static str, u64> {
+        self.fallbacks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn fell_back(&self, key: &str, reason: &Fallback) {
+        match reason {
+            Fallback::NotLazyFormat(_) | Fallback::Disabled => {
+                info!(key, reason = %reason, kind = reason.kind(), "layer is downloaded, not lazily mounted")
+            }
+            _ => {
+                warn!(key, reason = %reason, kind = reason.kind(), "lazy mount failed; layer is downloaded instead")
+            }
+        }
+        *self
+            .fallbacks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(reason.kind())
+            .or_default() += 1;
+    }
+}
+
+impl ShoalSnapshotter {
+    /// `Some(error)` is the answer to the Prepare (ALREADY_EXISTS when the layer is provided);
+    /// `None` means "fall back to an ordinary snapshot".
+    pub(super) async fn try_remote(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+        layer: LayerLabels,
+    ) -> Option<SnapshotError> {
+        let target = layer.target.clone();
+        let exists = {
+            let target = target.clone();
+            self.blocking("stat", move |inner| inner.store.get(&target))
+                .await
+        };
+        if exists.is_ok() {
+            return Some(SnapshotError::AlreadyExists { key: target });
+        }
+        let resolved = match self.inner.mounter.resolve(&layer).await {
+            Ok(resolved) => resolved,
+            Err(fallback) => {
+                self.inner.lazy.fell_back(key, &fallback);
+                return None;
+            }
+        };
+        let mut labels = labels.clone();
+        labels.insert(LABEL_REMOTE.into(), "shoal".into());
+        let (name, parent_key) = (target.clone(), parent.to_string());
+        let created = self
+            .blocking("prepare remote", move |inner| {
+                inner.create(&name, &parent_key, Kind::Committed, labels, Some(&resolved))
+            })
+            .await;
+        match created {
+            Ok(record) => {
+                self.inner.lazy.mounted.fetch_add(1, Ordering::Relaxed);
+                info!(
+                    chain_id = %target,
+                    id = record.id,
+                    layer = record.remote.as_ref().map(|r| r.digest.as_str()).unwrap_or(""),
+                    "layer mounted lazily"
+                );
+                Some(SnapshotError::AlreadyExists { key: target })
+            }
+            // Another Prepare for the same layer won the race: the layer is there all the same.
+            Err(SnapshotError::AlreadyExists { .. }) => {
+                Some(SnapshotError::AlreadyExists { key: target })
+            }
+            Err(err) => {
+                self.inner
+                    .lazy
+                    .fell_back(key, &Fallback::Mount(err.to_string()));
+                None
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Lays out a remote snapshot in place (a FUSE mount cannot be renamed into place) and mounts
+    /// it; a crash part-way leaves an orphan that start-up cleanup unmounts and removes.
+    pub(super) fn make_remote_dir(
+        &self,
+        id: u64,
+        resolved: &ResolvedLayer,
+    ) -> Result<(), SnapshotError> {
+        let dir = self.layout.dir(id);
+        let fs = self.layout.upper(id);
+        for (path, mode) in [(&dir, 0o700), (&fs, 0o755)] {
+            std::fs::create_dir(path)
+                .and_then(|()| {
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                })
+                .map_err(|source| SnapshotError::CreateDir {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+        let index = dir.join(INDEX_FILE);
+        write_durably(&index, &resolved.index).map_err(|source| SnapshotError::PersistIndex {
+            path: index,
+            source,
+        })?;
+        self.mounter.mount(resolved, &fs)
+    }
+
+    /// Mounts every remote layer again after a restart, from its persisted index.
+    pub(super) fn remount_all(&self) -> Result<(), SnapshotError> {
+        let mut remounted = HashMap::new();
+        for entry in self.store.list()? {
+            let Some(layer) = entry.record.remote.clone() else {
+                continue;
+            };
+            let fs = self.layout.upper(entry.record.id);
+            let index_path = self.layout.dir(entry.record.id).join(INDEX_FILE);
+            // Whatever a previous daemon left there is a dead FUSE connection.
+            let _ = self.mounter.unmount(&fs);
+            let result = std::fs::read(&index_path)
+                .map_err(|source| SnapshotError::PersistIndex {
+                    path: index_path.clone(),
+                    source,
+                })
+                .and_then(|index| self.mounter.mount(&ResolvedLayer { layer, index }, &fs));
+            match result {
+                Ok(()) => {
+                    remounted.insert(entry.key, entry.record.id);
+                }
+                Err(err) => {
+                    self.lazy.remount_failures.fetch_add(1, Ordering::Relaxed);
+                    error!(key = %entry.key, error = %err, "could not mount remote layer again");
+                }
+            }
+        }
+        if !remounted.is_empty() {
+            info!(layers = remounted.len(), "remote layers mounted again");
+        }
+        Ok(())
+    }
+}
+
+fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    use containerd_snapshots::Snapshotter;
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::remote::{LayerFormat, LayerMounter, RemoteLayer, LABEL_TARGET};
+
+    /// Records every call; "mounts" by remembering the mountpoint.
+    #[derive(Default)]
+    struct RecordingMounter {
+        fail_resolve: Option<Fallback>,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl RecordingMounter {
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    #[containerd_snapshots::tonic::async_trait]
+    impl LayerMounter for RecordingMounter {
+        async fn resolve(&self, labels: &LayerLabels) -> Result<ResolvedLayer, Fallback> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("resolve {}", labels.layer_digest));
+            if let Some(fallback) = &self.fail_resolve {
+                return Err(fallback.clone());
+            }
+            Ok(ResolvedLayer {
+                layer: RemoteLayer {
+                    format: LayerFormat::Estargz,
+                    image_ref: labels.image_ref.clone(),
+                    digest: labels.layer_digest.clone(),
+                    size: 1234,
+                    index_digest: "sha256:toc".into(),
+                },
+                index: b"{\"version\":1}".to_vec(),
+            })
+        }
+
+        fn mount(&self, layer: &ResolvedLayer, mountpoint: &Path) -> Result<(), SnapshotError> {
+            self.calls.lock().unwrap().push(format!(
+                "mount {} {} index={}",
+                layer.layer.digest,
+                mountpoint.display(),
+                String::from_utf8_lossy(&layer.index)
+            ));
+            Ok(())
+        }
+
+        fn unmount(&self, mountpoint: &Path) -> Result<(), SnapshotError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("unmount {}", mountpoint.display()));
+            Ok(())
+        }
+    }
+
+    fn remote_labels(target: &str, layer: &str) -> HashMap<String, String> {
+        HashMap::from([
+            (LABEL_TARGET.to_string(), target.to_string()),
+            (
+                crate::remote::LABEL_CRI_IMAGE_REF.to_string(),
+                "127.0.0.1:5000/img:1".to_string(),
+            ),
+            (
+                crate::remote::LABEL_CRI_LAYER_DIGEST.to_string(),
+                layer.to_string(),
+            ),
+        ])
+    }
+
+    fn open(root: &Path, mounter: &Arc<RecordingMounter>) -> ShoalSnapshotter {
+        ShoalSnapshotter::open(root, mounter.clone()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn remote_layers_commit_the_target_and_answer_already_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounter = Arc::new(RecordingMounter::default());
+        let sn = open(dir.path(), &mounter);
+
+        let err = sn
+            .prepare(
+                "extract-1 chain1".into(),
+                String::new(),
+                remote_labels("chain1", "sha256:l1"),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, SnapshotError::AlreadyExists { key } if key == "chain1"),
+            "{err}"
+        );
+        let err = sn
+            .prepare(
+                "extract-2 chain2".into(),
+                "chain1".into(),
+                remote_labels("chain2", "sha256:l2"),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SnapshotError::AlreadyExists { .. }));
+
+        let info = sn.stat("chain2".into()).await.unwrap();
+        assert_eq!(info.parent, "chain1");
+        assert_eq!(info.kind, containerd_snapshots::Kind::Committed);
+        assert_eq!(
+            info.labels.get(LABEL_TARGET).map(String::as_str),
+            Some("chain2")
+        );
+        assert!(
+            sn.stat("extract-2 chain2".into()).await.is_err(),
+            "the key is never created"
+        );
+
+        // containerd's follow-up lookup.
+        let filter = format!(r#"labels."{LABEL_TARGET}"==chain1,parent=="#);
+        let found: Vec<_> = sn
+            .list(String::new(), vec![filter])
+            .await
+            .unwrap()
+            .map(|i| i.unwrap().name)
+            .collect()
+            .await;
+        assert_eq!(found, ["chain1"]);
+
+        // A container on top sees both FUSE mountpoints as lowerdirs, top first.
+        let mounts = sn
+            .prepare("container".into(), "chain2".into(), HashMap::new())
+            .await
+            .unwrap();
+        let lower = mounts[0].options.last().unwrap().clone();
+        let calls = mounter.calls();
+        let mountpoints: Vec<PathBuf> = calls
+            .iter()
+            .filter_map(|c| c.strip_prefix("mount "))
+            .map(|c| PathBuf::from(c.split(' ').nth(1).unwrap()))
+            .collect();
+        assert_eq!(
+            lower,
+            format!(
+                "lowerdir={}:{}",
+                mountpoints[1].display(),
+                mountpoints[0].display()
+            )
+        );
+        assert_eq!(sn.lazy_stats().mounted(), 2);
+
+        // The same layer asked again (another image sharing it) is found, not mounted twice.
+        let err = sn
+            .prepare(
+                "extract-3 chain1".into(),
+                String::new(),
+                remote_labels("chain1", "sha256:l1"),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SnapshotError::AlreadyExists { .. }));
+        assert_eq!(
+            mounter
+                .calls()
+                .iter()
+                .filter(|c| c.starts_with("mount"))
+                .count(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn unresolvable_layers_fall_back_and_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounter = Arc::new(RecordingMounter {
+            fail_resolve: Some(Fallback::NotLazyFormat("plain gzip".into())),
+            ..Default::default()
+        });
+        let sn = open(dir.path(), &mounter);
+        let mounts = sn
+            .prepare(
+                "extract-1".into(),
+                String::new(),
+                remote_labels("chain1", "sha256:l1"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            mounts[0].r#type, "bind",
+            "an ordinary snapshot to download into"
+        );
+        assert_eq!(
+            sn.stat("extract-1".into()).await.unwrap().kind,
+            containerd_snapshots::Kind::Active
+        );
+        assert_eq!(sn.lazy_stats().fallbacks().get("not_lazy_format"), Some(&1));
+
+        let labels = HashMap::from([(LABEL_TARGET.to_string(), "chain9".to_string())]);
+        sn.prepare("extract-2".into(), String::new(), labels)
+            .await
+            .unwrap();
+        assert_eq!(sn.lazy_stats().fallbacks().get("missing_labels"), Some(&1));
+    }
+
+    #[tokio::test]
+    async fn restart_remounts_from_the_persisted_index_and_remove_unmounts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounter = Arc::new(RecordingMounter::default());
+        {
+            let sn = open(dir.path(), &mounter);
+            let _ = sn
+                .prepare(
+                    "extract-1".into(),
+                    String::new(),
+                    remote_labels("chain1", "sha256:l1"),
+                )
+                .await;
+        }
+        let restarted = Arc::new(RecordingMounter::default());
+        let sn = open(dir.path(), &restarted);
+        let calls = restarted.calls();
+        assert!(
+            calls.iter().any(|c| c.starts_with("unmount")),
+            "stale mount cleared: {calls:?}"
+        );
+        assert!(
+            calls
+                .iter()
+                .any(|c| c.starts_with("mount sha256:l1") && c.ends_with("index={\"version\":1}")),
+            "{calls:?}"
+        );
+        assert!(
+            !calls.iter().any(|c| c.starts_with("resolve")),
+            "no registry on restart"
+        );
+
+        sn.remove("chain1".into()).await.unwrap();
+        assert!(restarted.calls().last().unwrap().starts_with("unmount"));
+    }
+}
