@@ -113,6 +113,37 @@ fn hello_world_layer_is_a_verified_zfile_around_an_lsmt_ext4_disk() {
     debugfs_lists_hello(&disk);
 }
 
+#[test]
+fn writer_layer_stacks_over_the_hello_world_layer() {
+    let reader = open_layer(&converted_layers()[0]);
+    let lower = LsmtFile::open(&reader).unwrap();
+    // The upper layer replaces sector 2 (the superblock's first half) with a pattern and
+    // zeroes sector 3; everything else must still come from the converted layer.
+    let mut sectors = vec![0x42u8; 1024];
+    sectors[512..].fill(0);
+    let upper = lsmt::Writer::new(lower.virtual_size())
+        .write(&[lsmt::Extent {
+            offset: 1024,
+            data: &sectors,
+        }])
+        .unwrap();
+    let upper_file = LsmtFile::open(upper.as_slice()).unwrap();
+    let stack = Stack::from_files(&[&upper_file, &lower]).unwrap();
+    let layers: Vec<Box<dyn BlockSource>> = vec![Box::new(upper), Box::new(reader)];
+    let disk = Disk::new(stack, layers).unwrap();
+    let mut head = [0u8; 4096];
+    disk.read_exact_at(0, &mut head).unwrap();
+    assert!(head[1024..1536].iter().all(|&b| b == 0x42));
+    assert!(head[1536..2048].iter().all(|&b| b == 0));
+    let reader = open_layer(&converted_layers()[0]);
+    let single = Disk::open(vec![reader]).unwrap();
+    let mut original = [0u8; 4096];
+    single.read_exact_at(0, &mut original).unwrap();
+    assert_eq!(head[..1024], original[..1024]);
+    assert_eq!(head[2048..], original[2048..]);
+    assert_ne!(original[1536..2048], [0u8; 512]);
+}
+
 /// Writes the merged disk sparsely and asks e2fsprogs' debugfs for the root directory.
 fn debugfs_lists_hello<S: BlockSource>(disk: &Disk<S>) {
     if Command::new("debugfs").arg("-V").output().is_err() {
