@@ -7,10 +7,12 @@
 //! - [`daemon`]: socket ownership, serving the Snapshots API, graceful shutdown.
 //! - [`client`]: a Snapshots gRPC client over the daemon's unix socket.
 //! - [`status`]: `shoal status`.
+//! - [`pull`]: `shoal rpull`, pulling through containerd with remote-snapshot labels.
 
 pub mod client;
 pub mod daemon;
 pub mod logging;
+pub mod pull;
 pub mod runtime;
 pub mod status;
 

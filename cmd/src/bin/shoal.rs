@@ -28,6 +28,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Pull an image through containerd, letting the snapshotter mount layers lazily.
+    Rpull(RpullArgs),
+}
+
+#[derive(clap::Args)]
+struct RpullArgs {
+    /// containerd's gRPC socket.
+    #[arg(long, default_value = shoal_cmd::pull::DEFAULT_ADDRESS)]
+    address: PathBuf,
+    /// containerd namespace.
+    #[arg(long, short = 'n', default_value = shoal_cmd::pull::DEFAULT_NAMESPACE)]
+    namespace: String,
+    /// The snapshotter to unpack into, as containerd names it.
+    #[arg(long, default_value = shoal_cmd::pull::DEFAULT_SNAPSHOTTER)]
+    snapshotter: String,
+    /// Use plain HTTP for the image's registry.
+    #[arg(long)]
+    plain_http: bool,
+    /// `os/arch[/variant]` to pick from a multi-platform image (default: this host's).
+    #[arg(long)]
+    platform: Option<String>,
+    /// Image reference, e.g. `registry.example.com/app:1.0`.
+    reference: String,
 }
 
 fn main() -> ExitCode {
@@ -61,6 +84,22 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Rpull(rpull) => {
+            let config = shoal_cmd::load_config(args.config.as_deref())?;
+            let options = shoal_cmd::pull::Options {
+                address: rpull.address,
+                namespace: rpull.namespace,
+                snapshotter: rpull.snapshotter,
+                plain_http: rpull.plain_http,
+                platform: rpull.platform,
+                reference: rpull.reference,
+            };
+            let runtime = shoal_cmd::runtime::build()?;
+            let progress = shoal_cmd::pull::Progress::new();
+            let summary = runtime.block_on(shoal_cmd::pull::rpull(config, &options, &progress))?;
+            println!("{summary}");
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
