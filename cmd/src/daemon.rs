@@ -12,7 +12,10 @@ use shoal_snapshotter::{server, tonic::transport::Server, ShoalSnapshotter};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::UnixListenerStream;
-use tracing::info;
+use tracing::{info, warn};
+
+/// How long in-flight requests may run after SIGTERM before the daemon closes anyway.
+const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs the daemon to completion.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -38,6 +41,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let shutdown = async move {
         let name = tokio::select! {
             _ = term.recv() => "SIGTERM",
@@ -47,14 +51,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             signal = name,
             "draining in-flight requests and shutting down"
         );
+        let _ = stop_tx.send(true);
     };
 
-    let served = Server::builder()
+    let serve = Server::builder()
         .add_service(server(Arc::new(snapshotter)))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
+    // A client that stops reading its connection must not keep the daemon alive forever: after
+    // the signal, in-flight requests get a bounded grace period.
+    let deadline = async move {
+        if stop_rx.wait_for(|stopped| *stopped).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(DRAIN_DEADLINE).await;
+    };
+    let served = tokio::select! {
+        served = serve => served.context("serve snapshots API"),
+        () = deadline => {
+            warn!(deadline = ?DRAIN_DEADLINE, "clients still connected after the drain deadline; closing");
+            Ok(())
+        }
+    };
     let _ = std::fs::remove_file(&config.socket);
-    served.context("serve snapshots API")?;
+    served?;
     info!("shoal-snapshotter stopped");
     Ok(())
 }

@@ -3,7 +3,8 @@
 //! A filter is a comma-separated conjunction of selectors `fieldpath [op value]`, where a field
 //! path is dot-separated, each element a bare word or a quoted string (`labels."a.b/c"`), `op` is
 //! `==`, `!=` or `~=` (regular expression) and a selector without an operator tests presence.
-//! Several filters are OR'ed. A missing field never matches, whatever the operator.
+//! Several filters are OR'ed. As in containerd, presence and `==` need the field to exist, while
+//! `!=` and `~=` compare a missing field as the empty string.
 
 use regex::Regex;
 
@@ -66,14 +67,12 @@ impl Filter {
 
 impl Selector {
     fn matches(&self, subject: &impl Fields) -> bool {
-        let Some(value) = subject.field(&self.path) else {
-            return false;
-        };
+        let value = subject.field(&self.path);
         match &self.operator {
-            Operator::Present => true,
-            Operator::Equal(expected) => value == *expected,
-            Operator::NotEqual(expected) => value != *expected,
-            Operator::Matches(re) => re.is_match(&value),
+            Operator::Present => value.is_some(),
+            Operator::Equal(expected) => value.as_ref() == Some(expected),
+            Operator::NotEqual(expected) => value.unwrap_or_default() != *expected,
+            Operator::Matches(re) => re.is_match(&value.unwrap_or_default()),
         }
     }
 }
@@ -257,9 +256,11 @@ mod tests {
         assert!(check(&["parent"]));
         assert!(!check(&["labels.missing"]));
         assert!(
-            !check(&["labels.missing!=x"]),
-            "a missing field never matches"
+            check(&["labels.missing!=x"]),
+            "a missing field compares as empty"
         );
+        assert!(!check(&["labels.missing==x"]));
+        assert!(check(&["labels.missing~=^$"]));
     }
 
     #[test]
