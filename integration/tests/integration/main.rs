@@ -24,3 +24,4 @@ mod cli;
 mod conformance;
 mod ctr;
 mod harness;
+mod rpull;
