@@ -1,0 +1,45 @@
+//! Fuzzes TOC decoding and the filesystem index built from it: the input is tried both as a
+//! gzip TOC region and as raw `stargz.index.json` bytes. Any input must yield `Ok` or `Err`,
+//! never a panic, hang or unbounded allocation.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use shoal_fuse::estargz::toc::decode_toc_json;
+use shoal_fuse::estargz::{parse_toc, Index, Ino, NodeKind};
+
+/// Pretend TOC offset: data members must lie before it.
+const TOC_OFFSET: u64 = 1 << 20;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = parse_toc(data);
+    let Ok(parsed) = decode_toc_json(data) else {
+        return;
+    };
+    let Ok(index) = Index::new(&parsed.toc, TOC_OFFSET) else {
+        return;
+    };
+    for node in index.nodes() {
+        assert_eq!(index.node(node.attr.ino), Some(node));
+        match &node.kind {
+            NodeKind::Directory { children } => {
+                assert!(children.windows(2).all(|w| w[0].name < w[1].name));
+                for child in children {
+                    assert_eq!(index.lookup(node.attr.ino, &child.name), Some(child.ino));
+                }
+            }
+            NodeKind::Regular { chunks } => {
+                let mut next = 0;
+                for chunk in chunks {
+                    assert_eq!(chunk.file_offset, next);
+                    assert!(chunk.blob_offset < chunk.blob_end && chunk.blob_end <= TOC_OFFSET);
+                    next += chunk.size;
+                }
+                assert_eq!(next, if chunks.is_empty() { 0 } else { node.attr.size });
+                let mid = node.attr.size / 2;
+                let _ = index.chunks_for(node.attr.ino, mid, 1);
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(index.root().attr.ino, Ino::ROOT);
+});
