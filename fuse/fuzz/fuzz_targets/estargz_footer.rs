@@ -20,8 +20,11 @@ fuzz_target!(|data: &[u8]| {
     // Whatever parsed must re-encode to the bytes it came from.
     if footer.size == FOOTER_SIZE {
         assert_eq!(
-            parse_footer(FOOTER_SIZE as u64 + footer.toc_offset + 1, &Footer::encode(footer.toc_offset))
-                .map(|f| f.toc_offset),
+            parse_footer(
+                FOOTER_SIZE as u64 + footer.toc_offset + 1,
+                &Footer::encode(footer.toc_offset)
+            )
+            .map(|f| f.toc_offset),
             Ok(footer.toc_offset)
         );
     }
@@ -37,13 +40,17 @@ fuzz_target!(|data: &[u8]| {
         let NodeKind::Regular { .. } = node.kind else {
             continue;
         };
-        for chunk in index.chunks_for(node.attr.ino, 0, u64::MAX).unwrap_or_default() {
+        for chunk in index
+            .chunks_for(node.attr.ino, 0, u64::MAX)
+            .unwrap_or_default()
+        {
             if budget == 0 {
                 return;
             }
             budget -= 1;
             let compressed = &data[chunk.blob_offset as usize..chunk.blob_end as usize];
-            if let (Ok(bytes), Some(digest)) = (decompress_chunk(compressed, chunk), &chunk.digest) {
+            if let (Ok(bytes), Some(digest)) = (decompress_chunk(compressed, chunk), &chunk.digest)
+            {
                 assert_eq!(bytes.len() as u64, chunk.size);
                 let _ = verify(&bytes, digest, &node.path, chunk.file_offset);
             }
