@@ -33,12 +33,11 @@ use containerd_client::types::Descriptor as ApiDescriptor;
 use shoal_config::Config;
 use shoal_fetcher::{BlobRef, Digest, FetchError, HttpFailure, ImageRef, RegistryClient};
 
-pub use self::containerd::Containerd;
 pub use self::image::Platform;
 pub use self::progress::{LayerReport, Progress, Summary};
 pub use self::unpack::Outcome;
 
-use self::containerd::{Lease, OrStatus};
+use self::containerd::{Containerd, Lease, OrStatus};
 use self::content::{ContentStore, Stored};
 use self::image::{Document, ImageManifest};
 use self::labels::{ChainId, ImageLabels};
