@@ -8,7 +8,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
 use shoal_config::Config;
-use shoal_snapshotter::{server, tonic::transport::Server, ShoalSnapshotter};
+use shoal_fuse::layer::{ChunkReader, ReaderConfig};
+use shoal_snapshotter::{server, tonic::transport::Server, FuseMounter, ShoalSnapshotter};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -25,7 +26,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _lock = lock_root(&config.root)?;
     let listener = bind(&config.socket).await?;
 
-    let mounter = Arc::new(shoal_snapshotter::remote::NoRemote);
+    let fetcher =
+        shoal_fetcher::Fetcher::new(&config).context("open chunk cache and registry client")?;
+    let reader = ChunkReader::new(
+        fetcher.clone(),
+        ReaderConfig {
+            memory_bytes: config.cache.memory.0,
+        },
+    );
+    let mounter = Arc::new(FuseMounter::new(
+        fetcher,
+        reader,
+        tokio::runtime::Handle::current(),
+        config.fetch.prefetch,
+    ));
     let snapshotter = ShoalSnapshotter::open(&config.root, mounter)
         .with_context(|| format!("open snapshotter at {}", config.root.display()))?;
     let counts = snapshotter.counts()?;

@@ -1,4 +1,19 @@
-//! Filesystem layer of Shoal (being built): pure format readers for eStargz and overlaybd.
+//! Filesystem layer of Shoal: the pure format readers and the FUSE filesystems that present
+//! lazily pulled layers.
+//!
+//! - [`estargz`]: footer, TOC, file [`estargz::Index`], chunk decoding, and the builder used by
+//!   `shoal convert` (pure; fuzzed).
+//! - [`overlaybd`]: tar wrapper, ZFile, LSMT and layer stacking (pure; fuzzed).
+//! - [`layer`]: an opened eStargz layer ([`layer::EstargzLayer`]), the [`layer::ChunkReader`]
+//!   that verifies every chunk before it is served, and [`layer::mount`].
+//! - [`FsError`]: the crate's error; [`FsError::errno`] is the one conversion to FUSE errors.
+//!
+//! Architecture Invariant: the FUSE thread never waits on the network; a read that misses the
+//! cache moves its reply into a task on the daemon's runtime.
 
+mod error;
 pub mod estargz;
+pub mod layer;
 pub mod overlaybd;
+
+pub use error::FsError;

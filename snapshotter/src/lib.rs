@@ -16,6 +16,7 @@
 
 mod error;
 mod filter;
+mod fuse_mounter;
 mod layout;
 mod metadata;
 pub mod remote;
@@ -24,5 +25,6 @@ mod usage;
 
 pub use containerd_snapshots::{api, server, tonic};
 pub use error::SnapshotError;
+pub use fuse_mounter::FuseMounter;
 pub use layout::Layout;
 pub use service::{LazyStats, ShoalSnapshotter, SnapshotCounts};

@@ -44,6 +44,11 @@ impl Ino {
         self.0
     }
 
+    /// The inode numbered `n` as the kernel hands it back.
+    pub const fn new(n: u64) -> Self {
+        Ino(n)
+    }
+
     fn from_slot(slot: usize) -> Self {
         Ino(slot as u64 + 1)
     }

@@ -1,0 +1,50 @@
+use std::path::PathBuf;
+
+use fuser::Errno;
+use shoal_fetcher::FetchError;
+
+use crate::estargz::{ChunkError, FooterError, IndexError, TocDigest, TocError};
+
+/// Why a lazily mounted layer could not be opened, mounted or read. `FsError -> Errno` at the
+/// FUSE boundary is [`FsError::errno`].
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("fetch footer of {blob}: {source}")]
+    FetchFooter { blob: String, source: FetchError },
+    #[error("{blob} is not eStargz: {source}")]
+    ParseFooter { blob: String, source: FooterError },
+    #[error("fetch TOC of {blob}: {source}")]
+    FetchToc { blob: String, source: FetchError },
+    #[error("read TOC of {blob}: {source}")]
+    ParseToc { blob: String, source: TocError },
+    #[error("TOC of {blob} has digest {actual}, the layer annotation says {expected}")]
+    TocDigestMismatch {
+        blob: String,
+        expected: TocDigest,
+        actual: TocDigest,
+    },
+    #[error("build file index of {blob}: {source}")]
+    BuildIndex { blob: String, source: IndexError },
+    #[error("persisted index is damaged: {reason}")]
+    PersistedIndex { reason: &'static str },
+    #[error("read {path} at {offset}: {source}")]
+    ReadChunk {
+        path: String,
+        offset: u64,
+        source: FetchError,
+    },
+    #[error("decode {path}: {source}")]
+    DecodeChunk { path: String, source: ChunkError },
+    #[error("mount FUSE filesystem at {mountpoint}: {source}")]
+    Mount {
+        mountpoint: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl FsError {
+    /// What a reader in the container sees.
+    pub fn errno(&self) -> Errno {
+        Errno::EIO
+    }
+}

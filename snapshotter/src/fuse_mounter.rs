@@ -1,0 +1,286 @@
+//! The daemon's [`LayerMounter`]: finds a layer in its image's manifest, opens it as eStargz
+//! (footer and TOC through the chunk cache, TOC digest checked against the annotation) and
+//! serves it over FUSE.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::Deserialize;
+use shoal_fetcher::{BlobRef, Digest, Fetcher, ImageRef};
+use shoal_fuse::estargz::{TocDigest, TOC_DIGEST_ANNOTATION};
+use shoal_fuse::layer::{self, ChunkReader, EstargzLayer, MountedLayer};
+use shoal_fuse::FsError;
+use tokio::runtime::Handle;
+
+use crate::error::SnapshotError;
+use crate::remote::{Fallback, LayerFormat, LayerLabels, LayerMounter, RemoteLayer, ResolvedLayer};
+
+/// Mounts eStargz layers over FUSE.
+pub struct FuseMounter {
+    fetcher: Fetcher,
+    reader: Arc<ChunkReader>,
+    runtime: Handle,
+    prefetch: bool,
+    /// Layers opened by `resolve`, waiting for `mount`, so the TOC is parsed once.
+    opened: Mutex<HashMap<String, EstargzLayer>>,
+    mounted: Mutex<HashMap<PathBuf, (MountedLayer, Digest)>>,
+}
+
+impl FuseMounter {
+    pub fn new(
+        fetcher: Fetcher,
+        reader: Arc<ChunkReader>,
+        runtime: Handle,
+        prefetch: bool,
+    ) -> FuseMounter {
+        FuseMounter {
+            fetcher,
+            reader,
+            runtime,
+            prefetch,
+            opened: Mutex::new(HashMap::new()),
+            mounted: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Size and annotations of `layer` in its image's manifest (by digest when the labels name
+    /// one, else by the reference), looking through an index's manifests if need be.
+    async fn describe(&self, labels: &LayerLabels) -> Result<Descriptor, Fallback> {
+        let registry = |e: shoal_fetcher::FetchError| Fallback::Registry(e.to_string());
+        let image = ImageRef::parse(&labels.image_ref).map_err(registry)?;
+        let top = match &labels.manifest_digest {
+            Some(digest) => at_digest(&image, digest).map_err(registry)?,
+            None => image.clone(),
+        };
+        let manifest = self
+            .fetcher
+            .registry()
+            .get_manifest(&top)
+            .await
+            .map_err(registry)?;
+        let doc: Document = serde_json::from_slice(&manifest.bytes)
+            .map_err(|e| Fallback::Registry(format!("manifest is not JSON: {e}")))?;
+        if let Some(found) = doc.layers.iter().find(|l| l.digest == labels.layer_digest) {
+            return Ok(found.clone());
+        }
+        // An index: the layer is in one of its manifests (at most a few, so ask each).
+        for child in doc.manifests.iter().take(16) {
+            let child_ref = at_digest(&image, &child.digest).map_err(registry)?;
+            let bytes = self
+                .fetcher
+                .registry()
+                .get_manifest(&child_ref)
+                .await
+                .map_err(registry)?;
+            let doc: Document = serde_json::from_slice(&bytes.bytes)
+                .map_err(|e| Fallback::Registry(format!("manifest is not JSON: {e}")))?;
+            if let Some(found) = doc.layers.iter().find(|l| l.digest == labels.layer_digest) {
+                return Ok(found.clone());
+            }
+        }
+        Err(Fallback::Registry(format!(
+            "layer {} is not in the manifest of {}",
+            labels.layer_digest, labels.image_ref
+        )))
+    }
+}
+
+fn at_digest(image: &ImageRef, digest: &str) -> Result<ImageRef, shoal_fetcher::FetchError> {
+    ImageRef::parse(&format!(
+        "{}/{}@{digest}",
+        image.host(),
+        image.repository_name()
+    ))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Document {
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Descriptor {
+    digest: String,
+    size: u64,
+    #[serde(default)]
+    annotations: HashMap<String, String>,
+}
+
+fn fallback_of(err: FsError) -> Fallback {
+    match err {
+        FsError::FetchFooter { .. } | FsError::FetchToc { .. } => {
+            Fallback::Registry(err.to_string())
+        }
+        FsError::TocDigestMismatch { .. } => Fallback::IndexDigestMismatch,
+        other => Fallback::NotLazyFormat(other.to_string()),
+    }
+}
+
+fn blob_of(layer: &RemoteLayer) -> Result<BlobRef, String> {
+    let image = ImageRef::parse(&layer.image_ref).map_err(|e| e.to_string())?;
+    let digest = Digest::parse(&layer.digest).map_err(|e| e.to_string())?;
+    Ok(BlobRef::new(image, digest, layer.size))
+}
+
+#[containerd_snapshots::tonic::async_trait]
+impl LayerMounter for FuseMounter {
+    async fn resolve(&self, labels: &LayerLabels) -> Result<ResolvedLayer, Fallback> {
+        let descriptor = self.describe(labels).await?;
+        let toc = labels
+            .toc_digest
+            .clone()
+            .or_else(|| descriptor.annotations.get(TOC_DIGEST_ANNOTATION).cloned())
+            .ok_or_else(|| {
+                Fallback::NotLazyFormat("the layer has no eStargz TOC digest annotation".into())
+            })?;
+        let expected: TocDigest = toc.parse().map_err(|_| Fallback::UnverifiableIndex)?;
+        let remote = RemoteLayer {
+            format: LayerFormat::Estargz,
+            image_ref: labels.image_ref.clone(),
+            digest: labels.layer_digest.clone(),
+            size: descriptor.size,
+            index_digest: toc,
+        };
+        let blob = blob_of(&remote).map_err(Fallback::Registry)?;
+        let opened = EstargzLayer::open(&self.fetcher, blob, expected)
+            .await
+            .map_err(fallback_of)?;
+        let index = opened.persisted.clone();
+        self.opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(remote.digest.clone(), opened);
+        Ok(ResolvedLayer {
+            layer: remote,
+            index,
+        })
+    }
+
+    fn mount(&self, resolved: &ResolvedLayer, mountpoint: &Path) -> Result<(), SnapshotError> {
+        let fail = |reason: String| SnapshotError::MountLayer {
+            mountpoint: mountpoint.to_owned(),
+            reason,
+        };
+        let opened = self
+            .opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&resolved.layer.digest)
+            .filter(|l| l.persisted == resolved.index);
+        let layer = match opened {
+            Some(layer) => layer,
+            None => {
+                // A restart: the persisted TOC is verified again before it is trusted.
+                let blob = blob_of(&resolved.layer).map_err(fail)?;
+                let expected: TocDigest = resolved
+                    .layer
+                    .index_digest
+                    .parse()
+                    .map_err(|_| fail("bad TOC digest in metadata".into()))?;
+                EstargzLayer::from_persisted(blob, &resolved.index, expected)
+                    .map_err(|e| fail(e.to_string()))?
+            }
+        };
+        let digest = layer.blob.digest.clone();
+        self.fetcher.cache().pin(&digest);
+        let mounted = layer::mount(
+            layer,
+            self.reader.clone(),
+            self.runtime.clone(),
+            mountpoint,
+            self.prefetch,
+        )
+        .map_err(|e| {
+            self.fetcher.cache().unpin(&digest);
+            fail(e.to_string())
+        })?;
+        self.mounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(mountpoint.to_owned(), (mounted, digest));
+        Ok(())
+    }
+
+    fn unmount(&self, mountpoint: &Path) -> Result<(), SnapshotError> {
+        let session = self
+            .mounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(mountpoint);
+        if is_mountpoint(mountpoint) {
+            // Detach: an overlay still stacked on the layer keeps it alive until it goes.
+            nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH).map_err(|errno| {
+                SnapshotError::UnmountLayer {
+                    mountpoint: mountpoint.to_owned(),
+                    reason: errno.to_string(),
+                }
+            })?;
+        }
+        if let Some((mounted, digest)) = session {
+            self.fetcher.cache().unpin(&digest);
+            // The session thread ends once the kernel lets go; never wait for it here.
+            std::thread::spawn(move || drop(mounted));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `path` is a mount point, per this process's mount table.
+fn is_mountpoint(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let wanted = path.to_string_lossy();
+    table.lines().any(|line| {
+        line.split(' ')
+            .nth(4)
+            .is_some_and(|mp| unescape_mount_path(mp) == wanted)
+    })
+}
+
+/// `/proc/self/mountinfo` escapes space, tab, newline and backslash as octal.
+fn unescape_mount_path(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() {
+            if let Ok(code) = u8::from_str_radix(&text[i + 1..(i + 4).min(text.len())], 8) {
+                out.push(code as char);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i] as char);
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_mount_path(r"/a\040b"), "/a b");
+        assert_eq!(unescape_mount_path("/plain/path"), "/plain/path");
+    }
+
+    #[test]
+    fn root_is_a_mountpoint_and_a_fresh_dir_is_not() {
+        assert!(is_mountpoint(Path::new("/")));
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_mountpoint(dir.path()));
+    }
+
+    #[test]
+    fn fallback_reasons_follow_the_failure() {
+        let mismatch = FsError::PersistedIndex { reason: "x" };
+        assert!(matches!(fallback_of(mismatch), Fallback::NotLazyFormat(_)));
+    }
+}
