@@ -444,3 +444,35 @@ fn converting_twice_keeps_one_toc_and_landmark() {
     let hosts = index.lookup_path("etc/hosts").unwrap();
     assert_eq!(read_file(&index, &again, hosts), files["etc/hosts"]);
 }
+
+#[test]
+fn bad_layer_tars_are_errors() {
+    use shoal_fuse::estargz::BuildError;
+    let (layer, _) = sample_layer();
+    let convert = |bytes: &[u8]| build(bytes, &mut Vec::new(), BuildOptions::default());
+    // Cut inside the multi-chunk file's data.
+    let err = convert(&layer[..4096]).unwrap_err();
+    assert!(matches!(err, BuildError::TruncatedTar { .. }), "{err}");
+    let mut corrupt = layer.clone();
+    corrupt[0] ^= 0x01;
+    let err = convert(&corrupt).unwrap_err();
+    assert!(
+        matches!(err, BuildError::TarHeaderChecksum { offset: 0 }),
+        "{err}"
+    );
+    let err = build(
+        &layer[..],
+        &mut Vec::new(),
+        BuildOptions {
+            chunk_size: 0,
+            ..BuildOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, BuildError::ChunkSize { .. }), "{err}");
+    // An empty input is an empty layer, not an error.
+    let mut blob = Vec::new();
+    build(&[][..], &mut blob, BuildOptions::default()).unwrap();
+    let (index, _) = open_index(&blob);
+    assert_eq!(index.len(), 1);
+}

@@ -254,7 +254,8 @@ pub fn read_toc_json(region: &[u8]) -> Result<Vec<u8>, TocError> {
             max: MAX_TOC_JSON_SIZE,
         });
     }
-    let mut json = Vec::with_capacity(size as usize);
+    // Grow with the data actually present rather than trusting the declared size up front.
+    let mut json = Vec::with_capacity(size.min(1 << 20) as usize);
     gz.take(size)
         .read_to_end(&mut json)
         .map_err(|source| TocError::ReadJson { source })?;
