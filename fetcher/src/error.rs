@@ -61,6 +61,27 @@ pub enum FetchError {
         cause: HttpFailure,
     },
 
+    #[error("check blob {url}: {cause}")]
+    CheckBlob { url: String, cause: HttpFailure },
+
+    #[error("push blob {digest} via {url}: {cause}")]
+    PushBlob {
+        url: String,
+        digest: Digest,
+        cause: HttpFailure,
+    },
+
+    #[error("read blob {digest} to upload from {}", path.display())]
+    ReadUpload {
+        digest: Digest,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("push manifest {url}: {cause}")]
+    PushManifest { url: String, cause: HttpFailure },
+
     #[error("fetch token {url}: {cause}")]
     FetchToken { url: String, cause: HttpFailure },
 

@@ -4,7 +4,8 @@
 //! - [`Fetcher`] is the front door: [`Fetcher::read`] serves `(blob, range)` from the
 //!   [`ChunkCache`] or fetches the missing blocks, coalesced, single-flight, bounded.
 //! - [`RegistryClient`] speaks the OCI distribution API: manifests, small blobs, byte ranges,
-//!   with bearer/basic auth, mirrors, retries and credential-safe redirects.
+//!   with bearer/basic auth, mirrors, retries and credential-safe redirects; it also pushes
+//!   blobs ([`BlobContent`]) and manifests.
 //! - [`ChunkCache`] keeps aligned blocks ([`BlockKey`]) on disk, durable before visible,
 //!   bounded by LRU eviction with pinning.
 //! - [`Digest`], [`ImageRef`] and [`BlobRef`] name what is fetched; [`FetchError`] says what
@@ -28,7 +29,7 @@ pub use error::{FetchError, HttpFailure};
 pub use fetcher::Fetcher;
 pub use reference::{BlobRef, ImageRef};
 pub use registry::{
-    Credential, Credentials, Manifest, RegistryClient, RetryPolicy, MANIFEST_MEDIA_TYPES,
-    MAX_WHOLE_BLOB_BYTES,
+    BlobContent, Credential, Credentials, Manifest, Pushed, PushedManifest, RegistryClient,
+    RetryPolicy, MANIFEST_MEDIA_TYPES, MAX_WHOLE_BLOB_BYTES,
 };
 pub use stats::{FetchStats, Source};

@@ -5,6 +5,7 @@
 //! transient failures with backoff, and follows redirects to blob storage.
 
 mod auth;
+mod push;
 mod retry;
 mod transport;
 
@@ -19,6 +20,7 @@ use reqwest::{Client, StatusCode, Url};
 use shoal_config::{HostConfig, RegistryConfig};
 
 pub use auth::{Credential, Credentials};
+pub use push::{BlobContent, Pushed, PushedManifest};
 pub use retry::RetryPolicy;
 
 use crate::digest::Digest;
