@@ -9,6 +9,8 @@ use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
 use shoal_config::Config;
 use shoal_fuse::layer::{ChunkReader, ReaderConfig};
+
+use crate::metrics::{self, Observed};
 use shoal_snapshotter::{server, tonic::transport::Server, FuseMounter, ShoalSnapshotter};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
@@ -35,8 +37,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         },
     );
     let mounter = Arc::new(FuseMounter::new(
-        fetcher,
-        reader,
+        fetcher.clone(),
+        reader.clone(),
         tokio::runtime::Handle::current(),
         config.fetch.prefetch,
     ));
@@ -52,6 +54,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         version = env!("CARGO_PKG_VERSION"),
         "shoal-snapshotter serving"
     );
+
+    if let Some(address) = config.metrics.address {
+        let observed = Observed {
+            snapshotter: snapshotter.clone(),
+            fetcher,
+            reader,
+        };
+        metrics::serve(address, observed).await?;
+    }
 
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;

@@ -12,6 +12,7 @@
 pub mod client;
 pub mod daemon;
 pub mod logging;
+pub mod metrics;
 pub mod pull;
 pub mod runtime;
 pub mod status;

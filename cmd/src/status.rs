@@ -21,9 +21,11 @@ pub struct Status {
     pub disk_bytes: i64,
     pub inodes: i64,
     pub error: Option<String>,
+    /// The daemon's own counters, when its metrics endpoint is configured.
+    pub daemon: Option<crate::metrics::DaemonStatus>,
 }
 
-pub async fn gather(socket: &Path) -> Status {
+pub async fn gather(socket: &Path, metrics: Option<std::net::SocketAddr>) -> Status {
     let mut status = Status {
         socket: socket.display().to_string(),
         ..Status::default()
@@ -31,7 +33,38 @@ pub async fn gather(socket: &Path) -> Status {
     if let Err(err) = fill(socket, &mut status).await {
         status.error = Some(format!("{err:#}"));
     }
+    if let Some(address) = metrics {
+        match fetch_daemon_status(address).await {
+            Ok(daemon) => status.daemon = Some(daemon),
+            Err(err) => status.error = Some(format!("{err:#}")),
+        }
+    }
     status
+}
+
+async fn fetch_daemon_status(
+    address: std::net::SocketAddr,
+) -> anyhow::Result<crate::metrics::DaemonStatus> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        stream
+            .write_all(b"GET /status HTTP/1.1\r\nHost: shoal\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(std::time::Duration::from_secs(5), exchange)
+        .await
+        .context("metrics endpoint timed out")?
+        .with_context(|| format!("query {address}/status"))?;
+    let body = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|at| &response[at + 4..])
+        .context("malformed /status response")?;
+    serde_json::from_slice(body).context("decode /status")
 }
 
 async fn fill(socket: &Path, status: &mut Status) -> anyhow::Result<()> {
@@ -94,6 +127,42 @@ impl std::fmt::Display for Status {
             shoal_config::ByteSize(self.disk_bytes.max(0) as u64),
             self.inodes
         )?;
+        if let Some(d) = &self.daemon {
+            let fallbacks: Vec<String> = d
+                .lazy_fallbacks
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            writeln!(
+                f,
+                "lazy:       {} layers mounted, fallbacks: {}",
+                d.lazy_layers_mounted,
+                if fallbacks.is_empty() {
+                    "none".into()
+                } else {
+                    fallbacks.join(", ")
+                }
+            )?;
+            writeln!(
+                f,
+                "cache:      {} of {} ({} blocks)",
+                shoal_config::ByteSize(d.cache_bytes),
+                shoal_config::ByteSize(d.cache_capacity),
+                d.cache_blocks
+            )?;
+            writeln!(
+                f,
+                "bytes:      {} from registry, {} from peers, {} from cache",
+                shoal_config::ByteSize(d.bytes_from_registry),
+                shoal_config::ByteSize(d.bytes_from_peers),
+                shoal_config::ByteSize(d.bytes_from_cache)
+            )?;
+            writeln!(
+                f,
+                "integrity:  {} chunk verification failures, {} failed reads",
+                d.verify_failures, d.read_failures
+            )?;
+        }
         if let Some(err) = &self.error {
             writeln!(f, "warning:    {err}")?;
         }

@@ -22,6 +22,13 @@ pub struct RawConfig {
     pub cache: Option<RawCache>,
     pub fetch: Option<RawFetch>,
     pub registry: Option<RawRegistry>,
+    pub metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub address: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

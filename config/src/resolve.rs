@@ -20,6 +20,13 @@ pub struct Config {
     pub cache: CacheConfig,
     pub fetch: FetchConfig,
     pub registry: RegistryConfig,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MetricsConfig {
+    /// Where `/metrics` (Prometheus) and `/status` (JSON) are served; none when unset.
+    pub address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -192,6 +199,18 @@ impl Config {
             hosts.insert(name, resolved);
         }
 
+        let metrics = MetricsConfig {
+            address: match raw.metrics.unwrap_or_default().address {
+                None => None,
+                Some(text) => Some(text.parse().map_err(|_| {
+                    ConfigError::invalid(
+                        "metrics.address",
+                        format!("`{text}` is not an address such as 127.0.0.1:9464"),
+                    )
+                })?),
+            },
+        };
+
         Ok(Config {
             root,
             socket,
@@ -215,6 +234,7 @@ impl Config {
                     .unwrap_or_else(|| defaults::DOCKER_CONFIG.into()),
                 hosts,
             },
+            metrics,
         })
     }
 
@@ -341,6 +361,10 @@ mod tests {
             "fetch.max_concurrent"
         );
         assert_eq!(field_of("[registry]\nretries = -1"), "registry.retries");
+        assert_eq!(
+            field_of("[metrics]\naddress = \"localhost\""),
+            "metrics.address"
+        );
         assert_eq!(
             field_of("[registry.hosts.\"r:5000\"]\nmirrors = [\"http://m\"]"),
             "registry.hosts.\"r:5000\".mirrors"

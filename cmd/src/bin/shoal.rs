@@ -73,7 +73,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             let config = shoal_cmd::load_config(args.config.as_deref())?;
             let socket = args.socket.unwrap_or(config.socket);
             let runtime = shoal_cmd::runtime::build()?;
-            let status = runtime.block_on(shoal_cmd::status::gather(&socket));
+            let status =
+                runtime.block_on(shoal_cmd::status::gather(&socket, config.metrics.address));
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {

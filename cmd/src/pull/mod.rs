@@ -16,7 +16,7 @@
 
 mod containerd;
 mod content;
-mod image;
+pub(crate) mod image;
 mod labels;
 mod progress;
 mod unpack;

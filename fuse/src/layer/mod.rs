@@ -16,7 +16,7 @@ use crate::estargz::{
 };
 
 pub use mount::{mount, MountedLayer};
-pub use reader::{ChunkReader, ReaderConfig};
+pub use reader::{ChunkReader, ReaderConfig, ReaderStats};
 
 /// An opened eStargz layer: its blob, file index, and the bytes to persist so that it can be
 /// opened again without the registry.

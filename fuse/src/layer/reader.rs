@@ -2,6 +2,7 @@
 //! from the fetcher (cache first), decompression, and the chunk digest check that keeps every
 //! unverified byte away from containers.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -26,6 +27,19 @@ type ChunkKey = (shoal_fetcher::Digest, u64, u64);
 pub struct ChunkReader {
     fetcher: Fetcher,
     memory: Mutex<Memory>,
+    verify_failures: AtomicU64,
+    read_failures: AtomicU64,
+}
+
+/// What readers of lazily mounted layers have met since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReaderStats {
+    /// Chunks whose bytes failed decompression or their digest (each is refetched once).
+    pub verify_failures: u64,
+    /// Reads answered with an I/O error.
+    pub read_failures: u64,
+    /// Decoded chunk bytes held in memory.
+    pub memory_bytes: u64,
 }
 
 struct Memory {
@@ -43,11 +57,21 @@ impl ChunkReader {
                 bytes: 0,
                 cap: config.memory_bytes,
             }),
+            verify_failures: AtomicU64::new(0),
+            read_failures: AtomicU64::new(0),
         })
     }
 
     pub fn fetcher(&self) -> &Fetcher {
         &self.fetcher
+    }
+
+    pub fn stats(&self) -> ReaderStats {
+        ReaderStats {
+            verify_failures: self.verify_failures.load(Ordering::Relaxed),
+            read_failures: self.read_failures.load(Ordering::Relaxed),
+            memory_bytes: self.memory.lock().unwrap_or_else(|p| p.into_inner()).bytes,
+        }
     }
 
     /// Reads `offset..offset+len` of `ino` if every chunk it needs is in memory or in the disk
@@ -98,7 +122,13 @@ impl ChunkReader {
                 decoded.push(bytes);
                 continue;
             }
-            decoded.push(self.fetch_chunk(blob, index, ino, chunk).await?);
+            match self.fetch_chunk(blob, index, ino, chunk).await {
+                Ok(bytes) => decoded.push(bytes),
+                Err(err) => {
+                    self.read_failures.fetch_add(1, Ordering::Relaxed);
+                    return Err(err);
+                }
+            }
         }
         Ok(assemble(chunks, &decoded, offset, len, index, ino))
     }
@@ -124,6 +154,7 @@ impl ChunkReader {
         match self.decode(blob, index, ino, chunk, &compressed) {
             Ok(bytes) => Ok(bytes),
             Err(first) => {
+                self.verify_failures.fetch_add(1, Ordering::Relaxed);
                 warn!(blob = %blob.digest, error = %first, "chunk failed verification; fetching it again");
                 let again = self.fetcher.refetch(blob, range).await.map_err(|source| {
                     FsError::ReadChunk {
