@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
 use shoal_config::Config;
-use shoal_fuse::layer::{ChunkReader, ReaderConfig};
+use shoal_fuse::layer::{ChunkReader, Prefetch, ReaderConfig};
 
 use crate::metrics::{self, Observed};
 use shoal_snapshotter::{server, tonic::transport::Server, FuseMounter, ShoalSnapshotter};
@@ -40,7 +40,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         fetcher.clone(),
         reader.clone(),
         tokio::runtime::Handle::current(),
-        config.fetch.prefetch,
+        Prefetch {
+            landmark: config.fetch.prefetch,
+            background_rate: config
+                .fetch
+                .background
+                .then_some(config.fetch.background_rate.0),
+        },
     ));
     let snapshotter = ShoalSnapshotter::open(&config.root, mounter)
         .with_context(|| format!("open snapshotter at {}", config.root.display()))?;

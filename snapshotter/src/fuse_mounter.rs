@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 use shoal_fetcher::{BlobRef, Digest, Fetcher, ImageRef};
 use shoal_fuse::estargz::{TocDigest, TOC_DIGEST_ANNOTATION};
-use shoal_fuse::layer::{self, ChunkReader, EstargzLayer, MountedLayer};
+use shoal_fuse::layer::{self, ChunkReader, EstargzLayer, MountedLayer, Prefetch};
 use shoal_fuse::FsError;
 use tokio::runtime::Handle;
 
@@ -21,7 +21,7 @@ pub struct FuseMounter {
     fetcher: Fetcher,
     reader: Arc<ChunkReader>,
     runtime: Handle,
-    prefetch: bool,
+    prefetch: Prefetch,
     /// Layers opened by `resolve`, waiting for `mount`, so the TOC is parsed once.
     opened: Mutex<HashMap<String, EstargzLayer>>,
     mounted: Mutex<HashMap<PathBuf, (MountedLayer, Digest)>>,
@@ -32,7 +32,7 @@ impl FuseMounter {
         fetcher: Fetcher,
         reader: Arc<ChunkReader>,
         runtime: Handle,
-        prefetch: bool,
+        prefetch: Prefetch,
     ) -> FuseMounter {
         FuseMounter {
             fetcher,

@@ -15,7 +15,7 @@ use crate::estargz::{
     parse_footer, toc::decode_toc_json, toc::read_toc_json, Index, TocDigest, FOOTER_SIZE,
 };
 
-pub use mount::{mount, MountedLayer};
+pub use mount::{mount, MountedLayer, Prefetch};
 pub use reader::{ChunkReader, ReaderConfig, ReaderStats};
 
 /// An opened eStargz layer: its blob, file index, and the bytes to persist so that it can be

@@ -36,14 +36,26 @@ impl Drop for MountedLayer {
     }
 }
 
+/// What to fetch ahead of reads once a layer is mounted.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Prefetch {
+    /// The files a `.prefetch.landmark` marks as prioritized, right away.
+    pub landmark: bool,
+    /// The whole layer in the background, at most this many bytes per second.
+    pub background_rate: Option<u64>,
+}
+
+/// Step of the background fetch: large enough to coalesce, small enough to pace.
+const BACKGROUND_STEP: u64 = 4 << 20;
+
 /// Mounts `layer` read-only at `mountpoint`; reads that miss run on `runtime`. Starts the
-/// prefetch of the landmark-prioritized files.
+/// prefetch of the landmark-prioritized files and, if asked, of the whole layer.
 pub fn mount(
     layer: EstargzLayer,
     reader: Arc<ChunkReader>,
     runtime: Handle,
     mountpoint: &Path,
-    prefetch: bool,
+    prefetch: Prefetch,
 ) -> Result<MountedLayer, FsError> {
     let mut config = Config::default();
     config.mount_options = vec![
@@ -57,7 +69,7 @@ pub fn mount(
     // Containers run as any user; the kernel enforces modes (default_permissions).
     config.acl = SessionACL::All;
     config.n_threads = Some(THREADS);
-    let prefetch_end = layer.index.prefetch_end().filter(|_| prefetch);
+    let prefetch_end = layer.index.prefetch_end().filter(|_| prefetch.landmark);
     let blob = layer.blob.clone();
     let fs = LayerFs::new(layer, reader.clone(), runtime.clone());
     let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(|source| FsError::Mount {
@@ -65,16 +77,39 @@ pub fn mount(
         source,
     })?;
     info!(blob = %blob.digest, mountpoint = %mountpoint.display(), at = now_secs(), "layer mounted");
-    if let Some(end) = prefetch_end {
-        runtime.spawn(async move {
+    runtime.spawn(async move {
+        if let Some(end) = prefetch_end {
             match reader.fetcher().prefetch(&blob, 0..end).await {
                 Ok(()) => info!(blob = %blob.digest, bytes = end, "prefetched prioritized files"),
                 Err(err) => warn!(blob = %blob.digest, error = %err, "prefetch failed"),
             }
-        });
-    }
+        }
+        if let Some(rate) = prefetch.background_rate {
+            background_fetch(&reader, &blob, rate).await;
+        }
+    });
     Ok(MountedLayer {
         mountpoint: mountpoint.to_owned(),
         session: Some(session),
     })
+}
+
+/// Fetches the whole blob into the cache at `rate` bytes per second, skipping what is cached.
+async fn background_fetch(reader: &ChunkReader, blob: &shoal_fetcher::BlobRef, rate: u64) {
+    let started = std::time::Instant::now();
+    let mut offset = 0;
+    while offset < blob.size {
+        let end = (offset + BACKGROUND_STEP).min(blob.size);
+        if let Err(err) = reader.fetcher().prefetch(blob, offset..end).await {
+            warn!(blob = %blob.digest, error = %err, "background fetch stopped");
+            return;
+        }
+        offset = end;
+        // Pace against the start so a slow step is not followed by a burst.
+        let due = std::time::Duration::from_secs_f64(offset as f64 / rate.max(1) as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+    info!(blob = %blob.digest, bytes = blob.size, "layer fully fetched in the background");
 }
