@@ -8,8 +8,10 @@
 //! - [`client`]: a Snapshots gRPC client over the daemon's unix socket.
 //! - [`status`]: `shoal status`.
 //! - [`pull`]: `shoal rpull`, pulling through containerd with remote-snapshot labels.
+//! - [`convert`]: `shoal convert`, rebuilding an image as eStargz and pushing it.
 
 pub mod client;
+pub mod convert;
 pub mod daemon;
 pub mod logging;
 pub mod metrics;

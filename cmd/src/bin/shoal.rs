@@ -30,6 +30,8 @@ enum Command {
     },
     /// Pull an image through containerd, letting the snapshotter mount layers lazily.
     Rpull(RpullArgs),
+    /// Rebuild an image as eStargz and push it, so its layers can be mounted lazily.
+    Convert(ConvertArgs),
 }
 
 #[derive(clap::Args)]
@@ -51,6 +53,29 @@ struct RpullArgs {
     platform: Option<String>,
     /// Image reference, e.g. `registry.example.com/app:1.0`.
     reference: String,
+}
+
+#[derive(clap::Args)]
+struct ConvertArgs {
+    /// Use plain HTTP for the source's and the destination's registries.
+    #[arg(long)]
+    plain_http: bool,
+    /// A file to place first in each layer that has it (repeatable; order is kept).
+    #[arg(long = "prioritize", value_name = "FILE")]
+    prioritize: Vec<String>,
+    /// A file listing more paths to prioritize, one a line.
+    #[arg(long, value_name = "PATH")]
+    prioritize_list: Option<PathBuf>,
+    /// Largest uncompressed chunk of a file, in bytes.
+    #[arg(long, default_value_t = shoal_fuse::estargz::build::DEFAULT_CHUNK_SIZE)]
+    chunk_size: u64,
+    /// `os/arch[/variant]` to pick from a multi-platform source.
+    #[arg(long, default_value = shoal_cmd::convert::DEFAULT_PLATFORM)]
+    platform: String,
+    /// `oci:<layout dir>[:tag]` or a registry reference.
+    source: String,
+    /// Registry reference to push the eStargz image to.
+    destination: String,
 }
 
 fn main() -> ExitCode {
@@ -99,6 +124,24 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             let runtime = shoal_cmd::runtime::build()?;
             let progress = shoal_cmd::pull::Progress::new();
             let summary = runtime.block_on(shoal_cmd::pull::rpull(config, &options, &progress))?;
+            println!("{summary}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Convert(convert) => {
+            let config = shoal_cmd::load_config(args.config.as_deref())?;
+            let options = shoal_cmd::convert::Options {
+                source: convert.source,
+                destination: convert.destination,
+                plain_http: convert.plain_http,
+                prioritize: convert.prioritize,
+                prioritize_list: convert.prioritize_list,
+                chunk_size: convert.chunk_size,
+                platform: Some(convert.platform),
+            };
+            let runtime = shoal_cmd::runtime::build()?;
+            let progress = shoal_cmd::pull::Progress::new();
+            let summary =
+                runtime.block_on(shoal_cmd::convert::convert(config, &options, &progress))?;
             println!("{summary}");
             Ok(ExitCode::SUCCESS)
         }

@@ -67,20 +67,18 @@ pub fn convert(
     let mut out = BufWriter::new(out);
     let spill = tempfile::tempfile_in(work_dir)
         .with_context(|| format!("create a spill file in {}", work_dir.display()))?;
-    let built = build_with_spill(&mut reader, &mut out, spill, options.clone()).with_context(
-        || {
+    let built =
+        build_with_spill(&mut reader, &mut out, spill, options.clone()).with_context(|| {
             format!(
                 "convert layer {} (is it a tar, or a gzip'd tar?)",
                 original.digest
             )
-        },
-    )?;
+        })?;
     out.flush()
         .and_then(|()| out.get_ref().sync_all())
         .with_context(|| format!("write {}", output.display()))?;
     // The builder may stop at the tar's end-of-archive blocks; the digest covers it all.
-    io::copy(&mut reader, &mut io::sink())
-        .with_context(|| format!("read {}", input.display()))?;
+    io::copy(&mut reader, &mut io::sink()).with_context(|| format!("read {}", input.display()))?;
     let (digest, size) = reader.finish()?;
     if size != original.size || digest != original.digest {
         bail!(
@@ -97,7 +95,10 @@ pub fn convert(
 }
 
 /// Peeks at the first bytes: zstd is refused whatever the media type claimed.
-fn sniff<R: Read>(reader: &mut Verifying<BufReader<R>>, original: &Descriptor) -> anyhow::Result<()> {
+fn sniff<R: Read>(
+    reader: &mut Verifying<BufReader<R>>,
+    original: &Descriptor,
+) -> anyhow::Result<()> {
     use std::io::BufRead;
     let head = reader
         .inner
@@ -196,7 +197,13 @@ mod tests {
         let original = claimed.unwrap_or_else(|| descriptor(media_type, blob));
         check_media_type(&original)?;
         let out = dir.path().join("out");
-        let converted = convert(&input, &original, &out, dir.path(), &BuildOptions::default())?;
+        let converted = convert(
+            &input,
+            &original,
+            &out,
+            dir.path(),
+            &BuildOptions::default(),
+        )?;
         Ok((converted.built, std::fs::read(&out).unwrap()))
     }
 
@@ -225,7 +232,10 @@ mod tests {
         let mut lying = descriptor("application/vnd.oci.image.layer.v1.tar", &tar);
         lying.digest = Digest::of(b"something else");
         let err = run("", &tar, Some(lying)).unwrap_err();
-        assert!(format!("{err:#}").contains("does not match its descriptor"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("does not match its descriptor"),
+            "{err:#}"
+        );
     }
 
     #[test]
@@ -239,11 +249,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("zstd-compressed"), "{err}");
-        let err = run("application/vnd.oci.image.layer.v1.tar", &[7u8; 2048], None)
-            .unwrap_err();
+        let err = run("application/vnd.oci.image.layer.v1.tar", &[7u8; 2048], None).unwrap_err();
         assert!(format!("{err:#}").contains("is it a tar"), "{err:#}");
-        let err = run("application/vnd.oci.image.layer.v1.tar+gzip", &[7u8; 2048], None)
-            .unwrap_err();
+        let err = run(
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            &[7u8; 2048],
+            None,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("not gzip data"), "{err:#}");
         let err = run("application/json", b"{}", None).unwrap_err();
         assert!(err.to_string().contains("not a tar layer"), "{err:#}");

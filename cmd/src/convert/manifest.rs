@@ -112,7 +112,8 @@ mod tests {
         let config = br#"{"architecture":"amd64","os":"linux","config":{"Cmd":["/bin/sh"]},
             "rootfs":{"type":"layers","diff_ids":["sha256:aa","sha256:bb"]},"history":[{}]}"#;
         let new = [Digest::of(b"1"), Digest::of(b"2")];
-        let rewritten: Value = serde_json::from_slice(&rewrite_config(config, &new).unwrap()).unwrap();
+        let rewritten: Value =
+            serde_json::from_slice(&rewrite_config(config, &new).unwrap()).unwrap();
         assert_eq!(rewritten["rootfs"]["diff_ids"][1], new[1].to_string());
         assert_eq!(rewritten["rootfs"]["type"], "layers");
         assert_eq!(rewritten["config"]["Cmd"][0], "/bin/sh");
@@ -127,9 +128,10 @@ mod tests {
     #[test]
     fn manifest_round_trips_with_estargz_annotations() {
         let mut layer = descriptor(ESTARGZ_LAYER, 2);
-        layer
-            .annotations
-            .insert(TOC_DIGEST_ANNOTATION.to_owned(), Digest::of(b"toc").to_string());
+        layer.annotations.insert(
+            TOC_DIGEST_ANNOTATION.to_owned(),
+            Digest::of(b"toc").to_string(),
+        );
         let config = descriptor(OCI_CONFIG, 1);
         let bytes = oci_manifest(&config, &[layer.clone()]).unwrap();
         let (media_type, Document::Manifest(parsed)) = Document::parse("", &bytes).unwrap() else {

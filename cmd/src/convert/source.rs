@@ -21,13 +21,17 @@ const MAX_CONFIG_BYTES: u64 = 16 << 20;
 /// The annotation an OCI layout names its tags with.
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
-/// An image to read.
-pub enum Source {
+/// Where an image is: `oci:<dir>[:tag]`, or a registry reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
     Layout { dir: PathBuf, tag: Option<String> },
-    Registry {
-        client: RegistryClient,
-        image: ImageRef,
-    },
+    Registry(ImageRef),
+}
+
+/// An image to read, and the client to read it with when it is in a registry.
+pub struct Source {
+    pub location: Location,
+    pub client: RegistryClient,
 }
 
 /// A layer's compressed blob on disk, unverified: the converter hashes it as it reads.
@@ -54,9 +58,9 @@ struct LayoutEntry {
     annotations: std::collections::BTreeMap<String, String>,
 }
 
-impl Source {
+impl Location {
     /// Parses `oci:<dir>[:tag]`; anything else is a registry reference.
-    pub fn parse(text: &str, client: &RegistryClient) -> anyhow::Result<Source> {
+    pub fn parse(text: &str) -> anyhow::Result<Location> {
         if let Some(rest) = text.strip_prefix("oci:") {
             // A tag follows the last `:` unless that `:` is part of the path.
             let (dir, tag) = match rest.rsplit_once(':') {
@@ -67,17 +71,19 @@ impl Source {
             };
             let dir = PathBuf::from(dir);
             if !dir.join("index.json").is_file() {
-                bail!("{} is not an OCI image layout (no index.json)", dir.display());
+                bail!(
+                    "{} is not an OCI image layout (no index.json)",
+                    dir.display()
+                );
             }
-            return Ok(Source::Layout { dir, tag });
+            return Ok(Location::Layout { dir, tag });
         }
         let reference = text.strip_prefix("docker://").unwrap_or(text);
-        Ok(Source::Registry {
-            client: client.clone(),
-            image: ImageRef::parse(reference)?,
-        })
+        Ok(Location::Registry(ImageRef::parse(reference)?))
     }
+}
 
+impl Source {
     /// The image manifest for `platform`, choosing from an index when there is one.
     pub async fn manifest(&self, platform: &Platform) -> anyhow::Result<ImageManifest> {
         let (media_type, bytes) = self.top_document().await?;
@@ -107,9 +113,10 @@ impl Source {
                 descriptor.size
             );
         }
-        match self {
-            Source::Layout { dir, .. } => read_verified(dir, descriptor),
-            Source::Registry { client, image } => {
+        match &self.location {
+            Location::Layout { dir, .. } => read_verified(dir, descriptor),
+            Location::Registry(image) => {
+                let client = &self.client;
                 let blob = BlobRef::new(
                     ImageRef::repository(image.host(), image.repository_name())?,
                     descriptor.digest.clone(),
@@ -128,8 +135,8 @@ impl Source {
         work_dir: &Path,
         on_bytes: &(dyn Fn(u64) + Sync),
     ) -> anyhow::Result<LayerBlob> {
-        match self {
-            Source::Layout { dir, .. } => {
+        match &self.location {
+            Location::Layout { dir, .. } => {
                 let path = blob_path(dir, &descriptor.digest);
                 let size = std::fs::metadata(&path)
                     .with_context(|| format!("layer blob {}", path.display()))?
@@ -140,7 +147,8 @@ impl Source {
                     downloaded: false,
                 })
             }
-            Source::Registry { client, image } => {
+            Location::Registry(image) => {
+                let client = &self.client;
                 let blob = BlobRef::new(
                     ImageRef::repository(image.host(), image.repository_name())?,
                     descriptor.digest.clone(),
@@ -158,8 +166,9 @@ impl Source {
 
     /// The document a reference or layout tag names, and its media type as served.
     async fn top_document(&self) -> anyhow::Result<(String, Bytes)> {
-        match self {
-            Source::Registry { client, image } => {
+        match &self.location {
+            Location::Registry(image) => {
+                let client = &self.client;
                 let manifest = client.get_manifest(image).await.map_err(|err| match &err {
                     FetchError::FetchManifest {
                         cause: HttpFailure::Status { status: 404 },
@@ -169,7 +178,7 @@ impl Source {
                 })?;
                 Ok((manifest.media_type, manifest.bytes))
             }
-            Source::Layout { dir, tag } => {
+            Location::Layout { dir, tag } => {
                 let entry = layout_entry(dir, tag.as_deref())?;
                 let bytes = read_verified(dir, &entry)?;
                 Ok((entry.media_type, bytes))
@@ -179,9 +188,10 @@ impl Source {
 
     /// A manifest or index that `descriptor` (an index entry) points at, verified.
     async fn document(&self, descriptor: &Descriptor) -> anyhow::Result<Bytes> {
-        match self {
-            Source::Layout { dir, .. } => read_verified(dir, descriptor),
-            Source::Registry { client, image } => {
+        match &self.location {
+            Location::Layout { dir, .. } => read_verified(dir, descriptor),
+            Location::Registry(image) => {
+                let client = &self.client;
                 let pinned = ImageRef::parse(&format!(
                     "{}/{}@{}",
                     image.host(),
@@ -198,8 +208,8 @@ impl Source {
 fn layout_entry(dir: &Path, tag: Option<&str>) -> anyhow::Result<Descriptor> {
     let path = dir.join("index.json");
     let bytes = read_capped(&path, MAX_LAYOUT_DOCUMENT_BYTES)?;
-    let index: LayoutIndex = serde_json::from_slice(&bytes)
-        .with_context(|| format!("parse {}", path.display()))?;
+    let index: LayoutIndex =
+        serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))?;
     let tags = || {
         index
             .manifests
@@ -259,7 +269,10 @@ fn read_capped(path: &Path, limit: u64) -> anyhow::Result<Vec<u8>> {
         .with_context(|| format!("read {}", path.display()))?
         .len();
     if size > limit {
-        bail!("{} has {size} bytes, more than the {limit} expected", path.display());
+        bail!(
+            "{} has {size} bytes, more than the {limit} expected",
+            path.display()
+        );
     }
     std::fs::read(path).with_context(|| format!("read {}", path.display()))
 }
@@ -296,30 +309,28 @@ async fn download(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_config::RegistryConfig;
 
     #[test]
     fn layout_sources_take_an_optional_tag() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("index.json"), "{}").unwrap();
-        let client = RegistryClient::new(&RegistryConfig::default()).unwrap();
         let text = format!("oci:{}:v1", dir.path().display());
-        let Source::Layout { dir: parsed, tag } = Source::parse(&text, &client).unwrap() else {
+        let Location::Layout { dir: parsed, tag } = Location::parse(&text).unwrap() else {
             panic!("{text} is a layout");
         };
         assert_eq!((parsed.as_path(), tag.as_deref()), (dir.path(), Some("v1")));
         let text = format!("oci:{}", dir.path().display());
-        let Source::Layout { tag, .. } = Source::parse(&text, &client).unwrap() else {
+        let Location::Layout { tag, .. } = Location::parse(&text).unwrap() else {
             panic!("{text} is a layout");
         };
         assert_eq!(tag, None);
 
-        let err = Source::parse("oci:/nonexistent/layout", &client).err().unwrap();
+        let err = Location::parse("oci:/nonexistent/layout").unwrap_err();
         assert!(err.to_string().contains("not an OCI image layout"), "{err}");
-        assert!(matches!(
-            Source::parse("docker://127.0.0.1:5000/app:1", &client).unwrap(),
-            Source::Registry { .. }
-        ));
+        assert_eq!(
+            Location::parse("docker://127.0.0.1:5000/app:1").unwrap(),
+            Location::Registry(ImageRef::parse("127.0.0.1:5000/app:1").unwrap())
+        );
     }
 
     #[test]
@@ -333,7 +344,9 @@ mod tests {
         );
         std::fs::write(dir.path().join("index.json"), index).unwrap();
         assert_eq!(layout_entry(dir.path(), Some("two")).unwrap().digest, b);
-        let err = layout_entry(dir.path(), Some("three")).unwrap_err().to_string();
+        let err = layout_entry(dir.path(), Some("three"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no tag `three` (it has: one, two)"), "{err}");
         let err = layout_entry(dir.path(), None).unwrap_err().to_string();
         assert!(err.contains("several images"), "{err}");

@@ -1,0 +1,346 @@
+//! `shoal convert`: an ordinary OCI image, from an image layout or a registry, rebuilt as
+//! eStargz and pushed to a registry, so that Shoal can mount its layers lazily.
+//!
+//! Each layer is fetched as a file, checked to be a gzip or plain tar, run through the
+//! eStargz builder (`shoal_fuse::estargz::build_with_spill`) while its original digest is
+//! verified, and uploaded. The builder's diff IDs replace the config's (an eStargz blob
+//! decompresses to a different tar), the config is uploaded under its new digest, and an OCI
+//! manifest whose layers carry the TOC digest and uncompressed size annotations is pushed last,
+//! so a failed conversion never leaves a tag pointing at missing blobs.
+//!
+//! - [`source`]: the image to convert: [`source::Location`] and [`source::Source`].
+//! - [`layer`]: one layer's checks and conversion.
+//! - [`manifest`]: the new layer descriptors, config and manifest (pure).
+//! - [`report`]: per-layer lines and the [`Summary`].
+
+pub mod layer;
+pub mod manifest;
+pub mod report;
+pub mod source;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use shoal_config::Config;
+use shoal_fetcher::{BlobContent, Digest, ImageRef, RegistryClient};
+use shoal_fuse::estargz::build::DEFAULT_CHUNK_SIZE;
+use shoal_fuse::estargz::BuildOptions;
+
+pub use self::report::{LayerReport, Summary};
+
+use self::source::{Location, Source};
+use crate::pull::image::{self, Descriptor, Platform, OCI_MANIFEST};
+use crate::pull::Progress;
+
+/// The platform picked from a multi-platform source unless told otherwise.
+pub const DEFAULT_PLATFORM: &str = "linux/amd64";
+/// A prioritize list longer than this is not a list of files someone means to prefetch.
+const MAX_PRIORITIZE_LIST_BYTES: u64 = 16 << 20;
+
+/// What to convert, where to push it, and how to lay the layers out.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `oci:<layout dir>[:tag]` or a registry reference.
+    pub source: String,
+    /// A registry reference with a tag (`latest` when none is given).
+    pub destination: String,
+    /// Talk plain HTTP to the source's and the destination's registries.
+    pub plain_http: bool,
+    /// Files to place first in every layer that has them, in this order.
+    pub prioritize: Vec<String>,
+    /// A file naming more of them, one path a line (`#` starts a comment).
+    pub prioritize_list: Option<PathBuf>,
+    pub chunk_size: u64,
+    /// `os/arch[/variant]` to pick from an index; [`DEFAULT_PLATFORM`] when absent.
+    pub platform: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            source: String::new(),
+            destination: String::new(),
+            plain_http: false,
+            prioritize: Vec::new(),
+            prioritize_list: None,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            platform: None,
+        }
+    }
+}
+
+/// Converts `options.source` and pushes it as `options.destination`, reporting each layer to
+/// `progress`.
+pub async fn convert(
+    mut config: Config,
+    options: &Options,
+    progress: &Progress,
+) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    let prioritized = prioritized_paths(options)?;
+    let destination = ImageRef::parse(&options.destination)?;
+    if destination.digest().is_some() {
+        bail!(
+            "destination {destination} names a digest; push to a tag (the digest is only known \
+             after converting)"
+        );
+    }
+    let location = Location::parse(&options.source)?;
+    let platform = Platform::parse(options.platform.as_deref().unwrap_or(DEFAULT_PLATFORM))?;
+    if options.plain_http {
+        let mut hosts = vec![destination.host().to_owned()];
+        if let Location::Registry(image) = &location {
+            hosts.push(image.host().to_owned());
+        }
+        for host in hosts {
+            config.registry.hosts.entry(host).or_default().plain_http = true;
+        }
+    }
+    let client = RegistryClient::new(&config.registry).context("build the registry client")?;
+    let source = Source {
+        location,
+        client: client.clone(),
+    };
+    let name = &options.source;
+
+    let manifest = source
+        .manifest(&platform)
+        .await
+        .with_context(|| format!("read the manifest of {name}"))?;
+    for layer in &manifest.layers {
+        layer::check_media_type(layer).with_context(|| format!("convert {name}"))?;
+    }
+    let config_bytes = source
+        .config(&manifest.config)
+        .await
+        .with_context(|| format!("read the config of {name}"))?;
+    let old_diff_ids =
+        image::diff_ids(&config_bytes).with_context(|| format!("read the config of {name}"))?;
+    if old_diff_ids.len() != manifest.layers.len() {
+        bail!(
+            "{name}: the manifest lists {} layers but the config {} diff_ids",
+            manifest.layers.len(),
+            old_diff_ids.len()
+        );
+    }
+
+    let work_dir = tempfile::Builder::new()
+        .prefix("shoal-convert-")
+        .tempdir()
+        .context("create a work directory")?;
+    let push = Push {
+        source: &source,
+        client: &client,
+        repository: ImageRef::repository(destination.host(), destination.repository_name())?,
+        work_dir: work_dir.path(),
+        build: BuildOptions {
+            chunk_size: options.chunk_size,
+            prioritized: prioritized.clone(),
+            ..BuildOptions::default()
+        },
+        progress,
+    };
+    let result = push.layers(&manifest.layers).await;
+    progress.finish();
+    let converted = result?;
+
+    let diff_ids: Vec<Digest> = converted.iter().map(|c| c.diff_id.clone()).collect();
+    let new_config = manifest::rewrite_config(&config_bytes, &diff_ids)
+        .with_context(|| format!("rewrite the config of {name}"))?;
+    let config_descriptor = Descriptor {
+        media_type: manifest::config_media_type(&manifest.config.media_type).to_owned(),
+        digest: Digest::of(&new_config),
+        size: new_config.len() as u64,
+        annotations: manifest.config.annotations.clone(),
+    };
+    client
+        .push_blob(
+            &push.repository,
+            &config_descriptor.digest,
+            config_descriptor.size,
+            &BlobContent::Bytes(Bytes::from(new_config)),
+        )
+        .await
+        .context("push the config")?;
+    let layers: Vec<Descriptor> = converted.iter().map(|c| c.descriptor.clone()).collect();
+    let manifest_bytes = manifest::oci_manifest(&config_descriptor, &layers)?;
+    let pushed = client
+        .put_manifest(&destination, OCI_MANIFEST, Bytes::from(manifest_bytes))
+        .await
+        .context("push the manifest")?;
+
+    let unmatched_prioritized = prioritized
+        .iter()
+        .filter(|path| converted.iter().all(|c| c.missed.contains(*path)))
+        .cloned()
+        .collect();
+    Ok(Summary {
+        destination: format!(
+            "{}/{}:{}",
+            destination.host(),
+            destination.repository_name(),
+            destination.manifest_reference()
+        ),
+        manifest: pushed.digest,
+        layers: converted.into_iter().map(|c| c.report).collect(),
+        unmatched_prioritized,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// `--prioritize` paths, then those of `--prioritize-list`, each once, in order.
+fn prioritized_paths(options: &Options) -> anyhow::Result<Vec<String>> {
+    let mut paths = options.prioritize.clone();
+    if let Some(list) = &options.prioritize_list {
+        paths.extend(read_prioritize_list(list)?);
+    }
+    let mut seen = BTreeSet::new();
+    paths.retain(|path| seen.insert(path.clone()));
+    Ok(paths)
+}
+
+fn read_prioritize_list(path: &Path) -> anyhow::Result<Vec<String>> {
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("read prioritize list {}", path.display()))?
+        .len();
+    if size > MAX_PRIORITIZE_LIST_BYTES {
+        bail!(
+            "prioritize list {} has {size} bytes, more than the {MAX_PRIORITIZE_LIST_BYTES} \
+             supported",
+            path.display()
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read prioritize list {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// One converted and uploaded layer.
+struct Converted {
+    descriptor: Descriptor,
+    diff_id: Digest,
+    missed: Vec<String>,
+    report: LayerReport,
+}
+
+/// The per-layer part of a conversion.
+struct Push<'a> {
+    source: &'a Source,
+    client: &'a RegistryClient,
+    /// The destination's repository, where blobs go.
+    repository: ImageRef,
+    work_dir: &'a Path,
+    build: BuildOptions,
+    progress: &'a Progress,
+}
+
+impl Push<'_> {
+    async fn layers(&self, layers: &[Descriptor]) -> anyhow::Result<Vec<Converted>> {
+        let mut converted = Vec::with_capacity(layers.len());
+        for (i, original) in layers.iter().enumerate() {
+            let layer = self
+                .layer(i, layers.len(), original)
+                .await
+                .with_context(|| format!("layer {}/{} {}", i + 1, layers.len(), original.digest))?;
+            self.progress.line(&layer.report);
+            converted.push(layer);
+        }
+        Ok(converted)
+    }
+
+    async fn layer(
+        &self,
+        index: usize,
+        count: usize,
+        original: &Descriptor,
+    ) -> anyhow::Result<Converted> {
+        self.progress
+            .start(index + 1, count, &original.digest, original.size);
+        let blob = self
+            .source
+            .layer(original, self.work_dir, &|bytes| self.progress.bytes(bytes))
+            .await?;
+        let output = self.work_dir.join(format!("{index}.estargz"));
+        let built = {
+            let (input, original, output) = (blob.path.clone(), original.clone(), output.clone());
+            let (work_dir, build) = (self.work_dir.to_owned(), self.build.clone());
+            tokio::task::spawn_blocking(move || {
+                layer::convert(&input, &original, &output, &work_dir, &build)
+            })
+            .await
+            .context("the conversion task did not finish")??
+            .built
+        };
+        if blob.downloaded {
+            remove(&blob.path)?;
+        }
+        let descriptor = manifest::estargz_layer(original, &built)?;
+        let pushed = self
+            .client
+            .push_blob(
+                &self.repository,
+                &descriptor.digest,
+                descriptor.size,
+                &BlobContent::File(output.clone()),
+            )
+            .await?;
+        remove(&output)?;
+        Ok(Converted {
+            diff_id: Digest::parse(&built.diff_id.to_string())?,
+            missed: built.missed_prioritized.clone(),
+            report: LayerReport {
+                position: index + 1,
+                count,
+                original_size: original.size,
+                estargz_size: descriptor.size,
+                toc_digest: built.toc_digest,
+                pushed,
+            },
+            descriptor,
+        })
+    }
+}
+
+/// Work files go as soon as they are used, so a many-layer image needs room for one layer.
+fn remove(path: &Path) -> anyhow::Result<()> {
+    std::fs::remove_file(path).with_context(|| format!("remove {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prioritized_paths_merge_flags_and_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("list");
+        std::fs::write(
+            &list,
+            "# startup files\n/bin/sh\n\n  /etc/passwd \n/bin/app\n",
+        )
+        .unwrap();
+        let options = Options {
+            prioritize: vec!["/bin/app".to_owned()],
+            prioritize_list: Some(list),
+            ..Options::default()
+        };
+        assert_eq!(
+            prioritized_paths(&options).unwrap(),
+            ["/bin/app", "/bin/sh", "/etc/passwd"]
+        );
+        let missing = Options {
+            prioritize_list: Some(dir.path().join("nope")),
+            ..Options::default()
+        };
+        let err = prioritized_paths(&missing).unwrap_err().to_string();
+        assert!(err.contains("read prioritize list"), "{err}");
+    }
+}
