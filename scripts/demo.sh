@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Shoal's demo on a fresh Debian 12 machine, as root: installs dependencies, builds Shoal, starts
-# a private containerd + registry on loopback, builds a demo image, and pulls + runs it through
-# containerd's overlayfs snapshotter and through Shoal, printing the timings side by side.
+# a private containerd + registry on loopback, builds a demo image, converts it to eStargz with
+# `shoal convert`, and pulls + runs it two ways: the original image through containerd's overlayfs
+# snapshotter (`ctr image pull` + `ctr run`) and the eStargz image lazily through Shoal
+# (`shoal rpull` + `ctr run --snapshotter shoal`), printing the timings and bytes side by side.
 # Everything lives under /run/shoal-demo and /var/lib/shoal-demo and is torn down at exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +24,8 @@ data=/var/lib/shoal-demo
 port=${SHOAL_DEMO_PORT:-5123}
 registry=127.0.0.1:$port
 image=$registry/shoal-demo:latest
+lazy_image=$registry/shoal-demo:estargz
+metrics=127.0.0.1:${SHOAL_DEMO_METRICS_PORT:-9465}
 payload_mib=${SHOAL_DEMO_PAYLOAD_MIB:-96}
 
 pids=()
@@ -84,10 +88,12 @@ socket = "$run/shoal.sock"
 level = "info"
 [registry.hosts."$registry"]
 plain_http = true
+[metrics]
+address = "$metrics"
 TOML
 "$bin/shoal-snapshotter" --config "$data/shoal.toml" >"$data/shoal.log" 2>&1 &
 pids+=($!)
-wait_for shoal-snapshotter "$bin/shoal" --socket "$run/shoal.sock" status
+wait_for shoal-snapshotter "$bin/shoal" --config "$data/shoal.toml" status
 
 echo "demo: starting a private containerd with Shoal as proxy snapshotter"
 cat > "$data/containerd.toml" <<TOML
@@ -111,30 +117,37 @@ wait_for containerd ctr version
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 
-measure() { # measure SNAPSHOTTER NAMESPACE -> sets pull_s run_s output
-  local sn=$1 ns=$2 t0 t1 t2
-  t0=$(now)
-  ctr -n "$ns" image pull --plain-http --snapshotter "$sn" "$image" >/dev/null
-  t1=$(now)
-  output=$(ctr -n "$ns" run --rm --snapshotter "$sn" "$image" "demo-$sn")
-  t2=$(now)
-  pull_s=$(elapsed "$t0" "$t1"); run_s=$(elapsed "$t1" "$t2")
-}
+echo "demo: converting the image to eStargz with shoal convert"
+"$bin/shoal" --config "$data/shoal.toml" convert --plain-http "$image" "$lazy_image"
 
-measure overlayfs demo-overlayfs
-ovl_pull=$pull_s; ovl_run=$run_s; ovl_out=$output
-measure shoal demo-shoal
-shoal_pull=$pull_s; shoal_run=$run_s; shoal_out=$output
+registry_bytes() { curl -sf "http://$metrics/metrics" | awk '/^shoal_read_bytes_total\{source="registry"\}/ {print $2}'; }
 
+t0=$(now)
+ctr -n demo-overlayfs image pull --plain-http "$image" >/dev/null
+t1=$(now)
+ovl_out=$(ctr -n demo-overlayfs run --rm "$image" demo-overlayfs)
+t2=$(now)
+ovl_pull=$(elapsed "$t0" "$t1"); ovl_run=$(elapsed "$t1" "$t2")
+ovl_bytes=$(skopeo inspect --tls-verify=false "docker://$image" | jq '[.LayersData[].Size] | add')
+
+before=$(registry_bytes)
+t0=$(now)
+"$bin/shoal" --config "$data/shoal.toml" rpull --address "$run/containerd.sock" -n demo-shoal --plain-http "$lazy_image"
+t1=$(now)
+shoal_out=$(ctr -n demo-shoal run --rm --snapshotter shoal "$lazy_image" demo-shoal)
+t2=$(now)
+shoal_pull=$(elapsed "$t0" "$t1"); shoal_run=$(elapsed "$t1" "$t2")
+after=$(registry_bytes)
+shoal_bytes=$(( ${after:-0} - ${before:-0} ))
 echo
 echo "container output (overlayfs): $ovl_out"
 echo "container output (shoal):     $shoal_out"
 echo
-printf '%-12s %10s %10s %10s\n' snapshotter "pull (s)" "run (s)" "total (s)"
-printf '%-12s %10s %10s %10s\n' overlayfs "$ovl_pull" "$ovl_run" "$(awk -v a="$ovl_pull" -v b="$ovl_run" 'BEGIN{printf "%.2f", a+b}')"
-printf '%-12s %10s %10s %10s\n' shoal "$shoal_pull" "$shoal_run" "$(awk -v a="$shoal_pull" -v b="$shoal_run" 'BEGIN{printf "%.2f", a+b}')"
+printf '%-22s %10s %10s %10s %16s\n' "" "pull (s)" "run (s)" "total (s)" "layer bytes read"
+printf '%-22s %10s %10s %10s %16s\n' "overlayfs (ctr pull)" "$ovl_pull" "$ovl_run" "$(awk -v a="$ovl_pull" -v b="$ovl_run" 'BEGIN{printf "%.2f", a+b}')" "$((ovl_bytes / 1024)) KiB"
+printf '%-22s %10s %10s %10s %16s\n' "shoal (lazy eStargz)" "$shoal_pull" "$shoal_run" "$(awk -v a="$shoal_pull" -v b="$shoal_run" 'BEGIN{printf "%.2f", a+b}')" "$((shoal_bytes / 1024)) KiB"
 echo
-"$bin/shoal" --socket "$run/shoal.sock" status
+"$bin/shoal" --config "$data/shoal.toml" status
 if [ "$shoal_out" != "hello from a container on Shoal" ]; then
   echo "demo: FAILED: unexpected output from the Shoal container" >&2
   exit 1

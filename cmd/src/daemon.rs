@@ -47,6 +47,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .background
                 .then_some(config.fetch.background_rate.0),
         },
+        // One request's deadline for the whole handshake: after that a download is faster.
+        config.registry.timeout,
     ));
     let snapshotter = ShoalSnapshotter::open(&config.root, mounter)
         .with_context(|| format!("open snapshotter at {}", config.root.display()))?;

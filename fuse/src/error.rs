@@ -40,6 +40,11 @@ pub enum FsError {
         mountpoint: PathBuf,
         source: std::io::Error,
     },
+    #[error("detach FUSE filesystem at {mountpoint}: {source}")]
+    Detach {
+        mountpoint: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl FsError {

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Deserialize;
 use shoal_fetcher::{BlobRef, Digest, Fetcher, ImageRef};
@@ -22,6 +23,9 @@ pub struct FuseMounter {
     reader: Arc<ChunkReader>,
     runtime: Handle,
     prefetch: Prefetch,
+    /// How long finding and opening a layer may take before the pull downloads it instead: a
+    /// registry that hangs must not hang containerd's Prepare.
+    resolve_timeout: Duration,
     /// Layers opened by `resolve`, waiting for `mount`, so the TOC is parsed once.
     opened: Mutex<HashMap<String, EstargzLayer>>,
     mounted: Mutex<HashMap<PathBuf, (MountedLayer, Digest)>>,
@@ -33,18 +37,20 @@ impl FuseMounter {
         reader: Arc<ChunkReader>,
         runtime: Handle,
         prefetch: Prefetch,
+        resolve_timeout: Duration,
     ) -> FuseMounter {
         FuseMounter {
             fetcher,
             reader,
             runtime,
             prefetch,
+            resolve_timeout,
             opened: Mutex::new(HashMap::new()),
             mounted: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Size and annotations of `layer` in its image's manifest (by digest when the labels name
+    /// The descriptor of `layer` in its image's manifest (by digest when the labels name
     /// one, else by the reference), looking through an index's manifests if need be.
     async fn describe(&self, labels: &LayerLabels) -> Result<Descriptor, Fallback> {
         let registry = |e: shoal_fetcher::FetchError| Fallback::Registry(e.to_string());
@@ -84,6 +90,52 @@ impl FuseMounter {
             labels.layer_digest, labels.image_ref
         )))
     }
+
+    /// Finds the layer's size in its manifest, then reads and verifies its footer and TOC.
+    async fn open(
+        &self,
+        labels: &LayerLabels,
+        toc: String,
+        expected: TocDigest,
+    ) -> Result<ResolvedLayer, Fallback> {
+        let descriptor = self.describe(labels).await?;
+        let remote = RemoteLayer {
+            format: LayerFormat::Estargz,
+            image_ref: labels.image_ref.clone(),
+            digest: labels.layer_digest.clone(),
+            size: descriptor.size,
+            index_digest: toc,
+        };
+        let blob = blob_of(&remote).map_err(Fallback::Registry)?;
+        let opened = EstargzLayer::open(&self.fetcher, blob, expected)
+            .await
+            .map_err(fallback_of)?;
+        let index = opened.persisted.clone();
+        self.opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(remote.digest.clone(), opened);
+        Ok(ResolvedLayer {
+            layer: remote,
+            index,
+        })
+    }
+}
+
+/// A stopping daemon detaches its layers rather than unmounting them: a running container's
+/// overlay keeps a layer busy, and waiting for it would hang the shutdown. The next daemon
+/// mounts the layers afresh from their persisted indexes.
+impl Drop for FuseMounter {
+    fn drop(&mut self) {
+        let mounted = std::mem::take(self.mounted.get_mut().unwrap_or_else(|p| p.into_inner()));
+        for (mountpoint, (mut layer, _digest)) in mounted {
+            if let Err(err) = layer.detach() {
+                tracing::warn!(mountpoint = %mountpoint.display(), error = %err, "could not detach layer");
+            }
+            // Its session thread serves whoever still holds the layer until the process exits.
+            std::thread::spawn(move || drop(layer));
+        }
+    }
 }
 
 fn at_digest(image: &ImageRef, digest: &str) -> Result<ImageRef, shoal_fetcher::FetchError> {
@@ -106,8 +158,6 @@ struct Document {
 struct Descriptor {
     digest: String,
     size: u64,
-    #[serde(default)]
-    annotations: HashMap<String, String>,
 }
 
 fn fallback_of(err: FsError) -> Fallback {
@@ -129,35 +179,25 @@ fn blob_of(layer: &RemoteLayer) -> Result<BlobRef, String> {
 #[containerd_snapshots::tonic::async_trait]
 impl LayerMounter for FuseMounter {
     async fn resolve(&self, labels: &LayerLabels) -> Result<ResolvedLayer, Fallback> {
-        let descriptor = self.describe(labels).await?;
-        let toc = labels
-            .toc_digest
-            .clone()
-            .or_else(|| descriptor.annotations.get(TOC_DIGEST_ANNOTATION).cloned())
-            .ok_or_else(|| {
-                Fallback::NotLazyFormat("the layer has no eStargz TOC digest annotation".into())
-            })?;
-        let expected: TocDigest = toc.parse().map_err(|_| Fallback::UnverifiableIndex)?;
-        let remote = RemoteLayer {
-            format: LayerFormat::Estargz,
-            image_ref: labels.image_ref.clone(),
-            digest: labels.layer_digest.clone(),
-            size: descriptor.size,
-            index_digest: toc,
+        // containerd hands a layer's `containerd.io/snapshot/*` annotations to Prepare as labels
+        // (rpull and CRI alike), so a layer without the TOC digest label is not eStargz, or is
+        // one whose TOC cannot be verified: either way it is downloaded, without asking the
+        // registry anything first.
+        let Some(toc) = labels.toc_digest.clone() else {
+            return Err(Fallback::NotLazyFormat(format!(
+                "the layer has no {TOC_DIGEST_ANNOTATION} annotation"
+            )));
         };
-        let blob = blob_of(&remote).map_err(Fallback::Registry)?;
-        let opened = EstargzLayer::open(&self.fetcher, blob, expected)
+        let expected: TocDigest = toc.parse().map_err(|_| Fallback::UnverifiableIndex)?;
+        let limit = self.resolve_timeout;
+        tokio::time::timeout(limit, self.open(labels, toc, expected))
             .await
-            .map_err(fallback_of)?;
-        let index = opened.persisted.clone();
-        self.opened
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(remote.digest.clone(), opened);
-        Ok(ResolvedLayer {
-            layer: remote,
-            index,
-        })
+            .unwrap_or_else(|_| {
+                Err(Fallback::Registry(format!(
+                    "opening the layer took longer than {}s",
+                    limit.as_secs()
+                )))
+            })
     }
 
     fn mount(&self, resolved: &ResolvedLayer, mountpoint: &Path) -> Result<(), SnapshotError> {
@@ -211,21 +251,27 @@ impl LayerMounter for FuseMounter {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(mountpoint);
-        if is_mountpoint(mountpoint) {
-            // Detach: an overlay still stacked on the layer keeps it alive until it goes.
-            nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH).map_err(|errno| {
-                SnapshotError::UnmountLayer {
-                    mountpoint: mountpoint.to_owned(),
-                    reason: errno.to_string(),
-                }
-            })?;
-        }
-        if let Some((mounted, digest)) = session {
-            self.fetcher.cache().unpin(&digest);
-            // The session thread ends once the kernel lets go; never wait for it here.
-            std::thread::spawn(move || drop(mounted));
-        }
-        Ok(())
+        let Some((mut layer, digest)) = session else {
+            // Not ours (a previous daemon's dead connection, say): detach whatever is there.
+            if is_mountpoint(mountpoint) {
+                nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH).map_err(
+                    |errno| SnapshotError::UnmountLayer {
+                        mountpoint: mountpoint.to_owned(),
+                        reason: errno.to_string(),
+                    },
+                )?;
+            }
+            return Ok(());
+        };
+        // Detach: an overlay still stacked on the layer keeps it alive until it goes.
+        let detached = layer.detach().map_err(|err| SnapshotError::UnmountLayer {
+            mountpoint: mountpoint.to_owned(),
+            reason: err.to_string(),
+        });
+        self.fetcher.cache().unpin(&digest);
+        // The session thread ends once the kernel lets go; never wait for it here.
+        std::thread::spawn(move || drop(layer));
+        detached
     }
 }
 

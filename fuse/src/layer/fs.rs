@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyXattr, Request,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyXattr, Request,
 };
 use tokio::runtime::Handle;
 use tracing::warn;
@@ -128,6 +128,19 @@ impl Filesystem for LayerFs {
             Some(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             None => reply.error(Errno::ENOENT),
         }
+    }
+
+    /// Nothing is ever written, so a close has nothing to flush (fuser's default answers
+    /// ENOSYS with a warning on every mount).
+    fn flush(
+        &self,
+        _req: &Request,
+        _n: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
     }
 
     fn read(

@@ -14,24 +14,60 @@ use crate::error::FsError;
 /// FUSE worker threads per layer: metadata is answered from memory, slow reads leave the thread.
 const THREADS: usize = 2;
 
-/// A mounted layer; dropping it unmounts.
+/// A mounted layer; dropping it unmounts (unless detached) and waits for its session to end.
 pub struct MountedLayer {
     mountpoint: PathBuf,
     session: Option<BackgroundSession>,
+    detached: bool,
 }
 
 impl MountedLayer {
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
     }
+
+    /// Lazily unmounts the layer (`MNT_DETACH`): it leaves the mount table at once, while an
+    /// overlay stacked on it keeps being served until it lets go. Dropping the layer afterwards
+    /// waits for that, so do it off any thread that must not block.
+    pub fn detach(&mut self) -> Result<(), FsError> {
+        if self.detached {
+            return Ok(());
+        }
+        let path = std::ffi::CString::new(self.mountpoint.as_os_str().as_encoded_bytes()).map_err(
+            |e| FsError::Detach {
+                mountpoint: self.mountpoint.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+            },
+        )?;
+        // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
+        let rc = unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        if rc != 0 {
+            let source = std::io::Error::last_os_error();
+            // EINVAL: no longer a mount point (someone unmounted it already).
+            if source.raw_os_error() != Some(libc::EINVAL) {
+                return Err(FsError::Detach {
+                    mountpoint: self.mountpoint.clone(),
+                    source,
+                });
+            }
+        }
+        self.detached = true;
+        Ok(())
+    }
 }
 
 impl Drop for MountedLayer {
     fn drop(&mut self) {
-        if let Some(session) = self.session.take() {
-            if let Err(err) = session.umount_and_join() {
-                warn!(mountpoint = %self.mountpoint.display(), error = %err, "unmount failed");
-            }
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        let ended = if self.detached {
+            session.join()
+        } else {
+            session.umount_and_join()
+        };
+        if let Err(err) = ended {
+            warn!(mountpoint = %self.mountpoint.display(), error = %err, "unmount failed");
         }
     }
 }
@@ -89,6 +125,7 @@ pub fn mount(
         }
     });
     Ok(MountedLayer {
+        detached: false,
         mountpoint: mountpoint.to_owned(),
         session: Some(session),
     })

@@ -2,7 +2,7 @@
 //! fixture, Shoal registered as the `shoal` snapshot proxy plugin, and a `ctr` helper.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -11,8 +11,6 @@ use anyhow::{Context, Result};
 use crate::fixture::{wait_until, Fixture};
 use crate::process::{self, Process};
 
-/// Every `ctr` call works in this namespace.
-pub const NAMESPACE: &str = "shoal-test";
 const CTR_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Clone, Debug, Default)]
@@ -21,10 +19,19 @@ pub struct Options {
     pub shoal_socket: Option<PathBuf>,
     /// Keeps containerd's CRI plugin (disabled by default: it needs CNI and is slow to start).
     pub cri: bool,
+    /// With `cri`: the snapshotter CRI pulls unpack into, with the layer annotations passed on
+    /// to it (`disable_snapshot_annotations = false`), as a Kubernetes node using Shoal is set up.
+    pub cri_snapshotter: Option<String>,
+    /// With `cri`: registries (`host:port`) the CRI plugin reaches over plain HTTP.
+    pub cri_plain_http: Vec<String>,
 }
 
 pub struct Containerd {
     address: PathBuf,
+    /// `ctr` works in a namespace of this fixture's own: runc keeps container state under
+    /// `/run/containerd/runc/<namespace>` whatever containerd's root, so tests running side by
+    /// side must not share one.
+    namespace: String,
     _process: Process,
 }
 
@@ -51,6 +58,9 @@ impl Containerd {
                 socket.display()
             ));
         }
+        if options.cri {
+            config.push_str(&cri_config(options));
+        }
         let config_path = base.join("config.toml");
         fs::write(&config_path, config)
             .with_context(|| format!("write {}", config_path.display()))?;
@@ -75,22 +85,79 @@ impl Containerd {
                 Ok(process::run(&mut version, Duration::from_secs(5)).is_ok())
             },
         )?;
+        let suffix: String = base
+            .parent()
+            .and_then(Path::file_name)
+            .map(|name| {
+                name.to_string_lossy()
+                    .chars()
+                    .filter(char::is_ascii_alphanumeric)
+                    .collect()
+            })
+            .unwrap_or_default();
         Ok(Containerd {
             address,
+            namespace: format!("shoal-test-{suffix}"),
             _process: process,
         })
     }
 
-    /// Runs `ctr --address <sock> -n shoal-test <args>`; returns stdout, or an error carrying
+    /// containerd's gRPC socket.
+    pub fn address(&self) -> &Path {
+        &self.address
+    }
+
+    /// The namespace [`Containerd::ctr`] works in.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Runs `ctr --address <sock> -n <namespace> <args>`; returns stdout, or an error carrying
     /// the command, status and stderr.
     pub fn ctr(&self, args: &[&str]) -> Result<String> {
+        self.ctr_in(&self.namespace, args)
+    }
+
+    /// Waits (bounded) until containerd reaches the `snapshotter` proxy again: after the
+    /// daemon restarts, containerd's connection to it comes back only after a back-off.
+    pub fn wait_for_snapshotter(&self, snapshotter: &str) -> Result<()> {
+        wait_until(
+            &format!("containerd to reach the {snapshotter} snapshotter"),
+            Duration::from_secs(30),
+            || {
+                self.ctr(&["snapshots", "--snapshotter", snapshotter, "ls"])?;
+                Ok(true)
+            },
+        )
+    }
+
+    /// [`Containerd::ctr`] in another namespace (the CRI plugin works in `k8s.io`).
+    pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Result<String> {
         let mut command = Command::new("ctr");
         command
             .arg("--address")
             .arg(&self.address)
             .arg("-n")
-            .arg(NAMESPACE)
+            .arg(namespace)
             .args(args);
         process::run(&mut command, CTR_TIMEOUT)
     }
+}
+
+/// The CRI plugin's section of containerd's (version 2) configuration.
+fn cri_config(options: &Options) -> String {
+    const CRI: &str = "plugins.\"io.containerd.grpc.v1.cri\"";
+    let mut config = String::new();
+    if let Some(snapshotter) = &options.cri_snapshotter {
+        config.push_str(&format!(
+            "\n[{CRI}.containerd]\n  snapshotter = \"{snapshotter}\"\n  \
+             disable_snapshot_annotations = false\n"
+        ));
+    }
+    for host in &options.cri_plain_http {
+        config.push_str(&format!(
+            "\n[{CRI}.registry.mirrors.\"{host}\"]\n  endpoint = [\"http://{host}\"]\n"
+        ));
+    }
+    config
 }

@@ -35,15 +35,31 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// Configures a daemon that reaches `hosts` (`host:port`) over plain HTTP, and starts it.
+    pub fn start_plain_http(fixture: &Fixture, hosts: &[&str]) -> Result<Daemon> {
+        let extra: String = hosts
+            .iter()
+            .map(|host| format!("\n[registry.hosts.\"{host}\"]\nplain_http = true\n"))
+            .collect();
+        let mut daemon = Daemon::configure_with(fixture, &extra)?;
+        daemon.launch()?;
+        Ok(daemon)
+    }
+
     /// Writes the daemon's configuration without starting it.
     pub fn configure(fixture: &Fixture) -> Result<Daemon> {
+        Daemon::configure_with(fixture, "")
+    }
+
+    /// [`Daemon::configure`] with `extra` TOML appended to the configuration.
+    pub fn configure_with(fixture: &Fixture, extra: &str) -> Result<Daemon> {
         let binary = binary::daemon()?;
         let root = fixture.path("shoal");
         // The daemon must create the socket's directory itself.
         let socket = fixture.path("run/shoal.sock");
         let config = fixture.path("shoal.toml");
         let text = format!(
-            "root = \"{}\"\nsocket = \"{}\"\n\n[log]\nlevel = \"debug\"\n",
+            "root = \"{}\"\nsocket = \"{}\"\n\n[log]\nlevel = \"debug\"\n{extra}",
             root.display(),
             socket.display()
         );
@@ -66,6 +82,16 @@ impl Daemon {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The configuration file, which `shoal --config` accepts too.
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+
+    /// Everything every run of this daemon has logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_else(|err| format!("<unreadable log: {err}>"))
     }
 
     fn command(&self) -> Command {

@@ -10,16 +10,39 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
 /// A message head larger than this is not HTTP we want to proxy.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// A stalled request is held at most this long, so no test can hang on it.
+const MAX_STALL: Duration = Duration::from_secs(120);
+
+/// A failure the proxy injects, instead of forwarding, into requests whose path contains
+/// [`FaultRule::path_fragment`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Answers with this status and an empty body, then closes the connection.
+    Status(u16),
+    /// Never answers; the connection stays open until the fault is cleared (or [`MAX_STALL`]).
+    Stall,
+}
+
+#[derive(Clone, Debug)]
+struct FaultRule {
+    path_fragment: String,
+    fault: Fault,
+}
+
+type Faults = Arc<Mutex<Option<FaultRule>>>;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PathStats {
     pub requests: u64,
     pub response_bytes: u64,
+    /// Requests answered (or held) by an injected fault instead of the upstream.
+    pub faulted: u64,
 }
 
 type Stats = Arc<Mutex<BTreeMap<String, PathStats>>>;
@@ -27,6 +50,7 @@ type Stats = Arc<Mutex<BTreeMap<String, PathStats>>>;
 pub struct CountingProxy {
     addr: SocketAddr,
     stats: Stats,
+    faults: Faults,
     stop: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
 }
@@ -37,15 +61,20 @@ impl CountingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").context("bind the proxy")?;
         let addr = listener.local_addr()?;
         let stats = Stats::default();
+        let faults = Faults::default();
         let stop = Arc::new(AtomicBool::new(false));
         let acceptor = {
-            let stats = Arc::clone(&stats);
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || accept_loop(&listener, upstream, &stats, &stop))
+            let shared = Shared {
+                stats: Arc::clone(&stats),
+                faults: Arc::clone(&faults),
+                stop: Arc::clone(&stop),
+            };
+            std::thread::spawn(move || accept_loop(&listener, upstream, &shared))
         };
         Ok(CountingProxy {
             addr,
             stats,
+            faults,
             stop,
             acceptor: Some(acceptor),
         })
@@ -77,6 +106,59 @@ impl CountingProxy {
             stats.clear();
         }
     }
+
+    /// From now on, requests whose path contains `path_fragment` get `fault` instead of the
+    /// upstream's answer (replacing any earlier fault).
+    pub fn inject(&self, path_fragment: &str, fault: Fault) {
+        if let Ok(mut faults) = self.faults.lock() {
+            *faults = Some(FaultRule {
+                path_fragment: path_fragment.to_owned(),
+                fault,
+            });
+        }
+    }
+
+    /// Forwards every request again; stalled requests are released (their connection closes).
+    pub fn clear_faults(&self) {
+        if let Ok(mut faults) = self.faults.lock() {
+            *faults = None;
+        }
+    }
+}
+
+/// What every connection thread shares with the proxy.
+#[derive(Clone)]
+struct Shared {
+    stats: Stats,
+    faults: Faults,
+    stop: Arc<AtomicBool>,
+}
+
+impl Shared {
+    fn fault_for(&self, path: &str) -> Option<Fault> {
+        let faults = self.faults.lock().ok()?;
+        faults
+            .as_ref()
+            .filter(|rule| path.contains(&rule.path_fragment))
+            .map(|rule| rule.fault)
+    }
+
+    fn count_fault(&self, path: &str) {
+        if let Ok(mut stats) = self.stats.lock() {
+            stats.entry(path.to_owned()).or_default().faulted += 1;
+        }
+    }
+
+    /// Holds a stalled request until its fault is cleared, the proxy stops, or [`MAX_STALL`].
+    fn stall(&self, path: &str) {
+        let deadline = Instant::now() + MAX_STALL;
+        while self.fault_for(path) == Some(Fault::Stall)
+            && !self.stop.load(Ordering::SeqCst)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for CountingProxy {
@@ -90,16 +172,16 @@ impl Drop for CountingProxy {
     }
 }
 
-fn accept_loop(listener: &TcpListener, upstream: SocketAddr, stats: &Stats, stop: &AtomicBool) {
+fn accept_loop(listener: &TcpListener, upstream: SocketAddr, shared: &Shared) {
     for client in listener.incoming() {
-        if stop.load(Ordering::SeqCst) {
+        if shared.stop.load(Ordering::SeqCst) {
             return;
         }
         let Ok(client) = client else { continue };
-        let stats = Arc::clone(stats);
+        let shared = shared.clone();
         // Connection threads end when either side closes; the registry is killed with the test.
         std::thread::spawn(move || {
-            if let Err(err) = serve(client, upstream, stats) {
+            if let Err(err) = serve(client, upstream, &shared) {
                 eprintln!("proxy: {err:#}");
             }
         });
@@ -107,15 +189,21 @@ fn accept_loop(listener: &TcpListener, upstream: SocketAddr, stats: &Stats, stop
 }
 
 /// One client connection: requests flow up on this thread, responses down on another.
-fn serve(client: TcpStream, upstream: SocketAddr, stats: Stats) -> Result<()> {
+fn serve(client: TcpStream, upstream: SocketAddr, shared: &Shared) -> Result<()> {
     let server = TcpStream::connect(upstream).context("connect to the upstream")?;
     let (requests_tx, requests_rx) = mpsc::channel::<(String, String)>();
     let down = {
         let server = server.try_clone()?;
         let client = client.try_clone()?;
+        let stats = Arc::clone(&shared.stats);
         std::thread::spawn(move || relay_responses(server, client, &requests_rx, &stats))
     };
-    let up = relay_requests(client.try_clone()?, server.try_clone()?, &requests_tx);
+    let up = relay_requests(
+        client.try_clone()?,
+        server.try_clone()?,
+        &requests_tx,
+        shared,
+    );
     drop(requests_tx);
     let _ = server.shutdown(Shutdown::Write);
     let down = down.join().unwrap_or(Ok(()));
@@ -133,17 +221,35 @@ fn ignore_disconnects(err: io::Error) -> Result<()> {
     }
 }
 
+/// Forwards requests upstream; a request hit by a fault is answered here instead, and ends
+/// the connection. The clients under test do not pipeline, so when a request arrives every
+/// earlier answer on the connection has been relayed and the client socket is free to write.
 fn relay_requests(
     client: TcpStream,
     mut server: TcpStream,
     requests: &mpsc::Sender<(String, String)>,
+    shared: &Shared,
 ) -> io::Result<()> {
+    let mut answer = client.try_clone()?;
     let mut reader = BufReader::new(client);
     while let Some(head) = read_head(&mut reader)? {
         let mut parts = head.start_line.split(' ');
         let method = parts.next().unwrap_or_default().to_owned();
         let target = parts.next().unwrap_or_default();
         let path = target.split('?').next().unwrap_or_default().to_owned();
+        if let Some(fault) = shared.fault_for(&path) {
+            shared.count_fault(&path);
+            if let Fault::Status(status) = fault {
+                write!(
+                    answer,
+                    "HTTP/1.1 {status} Injected Fault\r\nContent-Length: 0\r\n\
+                     Connection: close\r\n\r\n"
+                )?;
+            } else {
+                shared.stall(&path);
+            }
+            return Ok(());
+        }
         // The response thread needs the method (HEAD has no body) before the answer arrives.
         let _ = requests.send((method, path));
         server.write_all(&head.raw)?;

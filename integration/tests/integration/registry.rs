@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ const REGISTRY_BINARY: &str = "/usr/bin/docker-registry";
 
 pub struct Registry {
     addr: SocketAddr,
+    storage: PathBuf,
     proxy: CountingProxy,
     _process: Process,
 }
@@ -46,6 +48,7 @@ impl Registry {
         let proxy = CountingProxy::start(addr)?;
         Ok(Registry {
             addr,
+            storage,
             proxy,
             _process: process,
         })
@@ -63,6 +66,20 @@ impl Registry {
 
     pub fn proxy(&self) -> &CountingProxy {
         &self.proxy
+    }
+
+    /// Where the registry stores the blob `sha256:<hex>` (the file it serves).
+    pub fn blob_path(&self, digest: &str) -> Result<PathBuf> {
+        let hex = digest
+            .strip_prefix("sha256:")
+            .filter(|hex| hex.len() == 64)
+            .with_context(|| format!("not a sha256 digest: {digest}"))?;
+        Ok(self
+            .storage
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data"))
     }
 }
 

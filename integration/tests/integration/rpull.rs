@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::binary;
-use crate::containerd::{self, Containerd, NAMESPACE};
+use crate::containerd::{self, Containerd};
 use crate::daemon::Daemon;
 use crate::fixture::{privileged, Fixture};
 use crate::image;
@@ -70,7 +70,7 @@ impl Stack {
             .arg("rpull")
             .arg("--address")
             .arg(address)
-            .args(["-n", NAMESPACE, "--plain-http"])
+            .args(["-n", self.ctd.namespace(), "--plain-http"])
             .args(extra)
             .arg(reference);
         process::run(&mut command, RPULL_TIMEOUT)

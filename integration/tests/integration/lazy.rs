@@ -1,0 +1,733 @@
+//! Lazy eStargz pulls end to end. Images built with umoci are converted by stargz-snapshotter's
+//! `ctr-remote` (the reference eStargz producer) in a namespace of their own, pushed to the
+//! loopback registry and pulled into the namespace under test with `shoal rpull`: every layer is
+//! mounted over FUSE, containers see the same tree as an ordinary overlayfs pull, only what they
+//! read crosses the network, tampered chunks never reach a container, a wrong TOC digest falls
+//! back to a download, registry failures become bounded I/O errors, and restarts need no
+//! registry at all.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use containerd_snapshots::api::types::Mount;
+use sha2::{Digest, Sha256};
+
+use crate::binary;
+use crate::containerd::{self, Containerd};
+use crate::daemon::Daemon;
+use crate::fixture::{privileged, Fixture};
+use crate::image;
+use crate::mount;
+use crate::process;
+use crate::proxy::Fault;
+use crate::registry::Registry;
+use crate::tree::{self, Op};
+
+/// Where source images are pulled and converted, so that the namespace under test starts empty.
+const BUILD_NAMESPACE: &str = "shoal-build";
+const TOOL_TIMEOUT: Duration = Duration::from_secs(300);
+const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// Applets the checks here use beyond the harness's busybox set.
+const EXTRA_APPLETS: &[&str] = &["sha256sum", "dd"];
+
+/// A registry (behind the counting proxy), the daemon, and containerd using it as `shoal`.
+struct Stack {
+    registry: Registry,
+    daemon: Daemon,
+    ctd: Containerd,
+}
+
+/// An image pushed twice: as umoci built it and as `ctr-remote` converted it to eStargz.
+struct Published {
+    plain: String,
+    estargz: String,
+    /// The eStargz manifest's layers, bottom first.
+    layers: Vec<Layer>,
+}
+
+struct Layer {
+    digest: String,
+    size: u64,
+}
+
+impl Stack {
+    /// `registry_settings` are extra keys of the daemon's `[registry]` table.
+    fn start(fixture: &Fixture, registry_settings: &str) -> Result<Stack> {
+        let registry = Registry::start(fixture)?;
+        let extra = format!(
+            "\n[registry]\n{registry_settings}\n[registry.hosts.\"{}\"]\nplain_http = true\n",
+            registry.host()
+        );
+        let mut daemon = Daemon::configure_with(fixture, &extra)?;
+        daemon.launch()?;
+        let options = containerd::Options {
+            shoal_socket: Some(daemon.socket().to_owned()),
+            ..containerd::Options::default()
+        };
+        let ctd = Containerd::start(fixture, &options)?;
+        Ok(Stack {
+            registry,
+            daemon,
+            ctd,
+        })
+    }
+
+    /// Builds `layers`, pushes the image as `test/<name>:latest`, converts it with
+    /// `ctr-remote image convert --estargz --oci` and pushes that as `test/<name>:esgz`.
+    fn publish(&self, fixture: &Fixture, name: &str, layers: &[Vec<Op>]) -> Result<Published> {
+        let built = image::build(fixture, name, layers)?;
+        let plain = built.push(&self.registry.host(), &format!("test/{name}"))?;
+        let estargz = format!("{}/test/{name}:esgz", self.registry.host());
+        self.ctd
+            .ctr_in(BUILD_NAMESPACE, &["images", "pull", "--plain-http", &plain])?;
+        let mut convert = Command::new("ctr-remote");
+        convert
+            .arg("--address")
+            .arg(self.ctd.address())
+            .args([
+                "-n",
+                BUILD_NAMESPACE,
+                "image",
+                "convert",
+                "--estargz",
+                "--oci",
+            ])
+            .args([&plain, &estargz]);
+        process::run(&mut convert, TOOL_TIMEOUT).context("convert with ctr-remote")?;
+        self.ctd.ctr_in(
+            BUILD_NAMESPACE,
+            &["images", "push", "--plain-http", &estargz],
+        )?;
+        let manifest = self.manifest(BUILD_NAMESPACE, &estargz)?;
+        let layers = manifest["layers"]
+            .as_array()
+            .context("manifest without layers")?
+            .iter()
+            .map(|layer| {
+                anyhow::ensure!(
+                    layer["annotations"][TOC_DIGEST].is_string(),
+                    "ctr-remote left a layer without {TOC_DIGEST}: {layer}"
+                );
+                Ok(Layer {
+                    digest: layer["digest"].as_str().context("no digest")?.to_owned(),
+                    size: layer["size"].as_u64().context("no size")?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Published {
+            plain,
+            estargz,
+            layers,
+        })
+    }
+
+    fn content(&self, namespace: &str, digest: &str) -> Result<serde_json::Value> {
+        let text = self.ctd.ctr_in(namespace, &["content", "get", digest])?;
+        serde_json::from_str(&text).with_context(|| format!("parse {digest}: {text}"))
+    }
+
+    /// The image manifest of `reference` in `namespace` (the first one, under an index).
+    fn manifest(&self, namespace: &str, reference: &str) -> Result<serde_json::Value> {
+        let listed = self.ctd.ctr_in(namespace, &["images", "ls"])?;
+        let digest = listed
+            .lines()
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+            .find(|fields| fields.first() == Some(&reference))
+            .and_then(|fields| fields.get(2).map(|digest| (*digest).to_owned()))
+            .with_context(|| format!("{reference} not in `ctr images ls`: {listed}"))?;
+        let top = self.content(namespace, &digest)?;
+        match top["manifests"][0]["digest"].as_str() {
+            Some(child) => self.content(namespace, child),
+            None => Ok(top),
+        }
+    }
+
+    /// The chainID of the whole image `reference`, from its config's diff IDs.
+    fn chain_id(&self, namespace: &str, reference: &str) -> Result<String> {
+        let manifest = self.manifest(namespace, reference)?;
+        let config_digest = manifest["config"]["digest"]
+            .as_str()
+            .context("manifest without config")?;
+        let config = self.content(namespace, config_digest)?;
+        let diff_ids = config["rootfs"]["diff_ids"]
+            .as_array()
+            .context("config without diff_ids")?;
+        let mut chain = String::new();
+        for diff_id in diff_ids {
+            let diff_id = diff_id.as_str().context("diff_id is not a string")?;
+            chain = if chain.is_empty() {
+                diff_id.to_owned()
+            } else {
+                let digest = Sha256::digest(format!("{chain} {diff_id}"));
+                format!("sha256:{}", hex::encode(digest))
+            };
+        }
+        Ok(chain)
+    }
+
+    /// `shoal rpull` of `reference` into the namespace under test, with the daemon's config.
+    fn rpull(&self, reference: &str) -> Result<String> {
+        let mut command = Command::new(binary::cli()?);
+        command
+            .arg("--config")
+            .arg(self.daemon.config())
+            .arg("rpull")
+            .arg("--address")
+            .arg(self.ctd.address())
+            .args(["-n", self.ctd.namespace(), "--plain-http", reference]);
+        process::run(&mut command, TOOL_TIMEOUT)
+    }
+
+    /// `ctr run --rm` on Shoal of `reference` running `script`: the container's stdout.
+    fn run(&self, reference: &str, id: &str, script: &str) -> Result<String> {
+        self.ctd.ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "shoal",
+            reference,
+            id,
+            "sh",
+            "-c",
+            script,
+        ])
+    }
+
+    /// Mounts a read-only view of `chain_id` from `snapshotter` on `views/<name>`.
+    fn mount_view(
+        &self,
+        fixture: &Fixture,
+        snapshotter: &str,
+        chain_id: &str,
+        name: &str,
+    ) -> Result<PathBuf> {
+        let out = self.ctd.ctr(&[
+            "snapshots",
+            "--snapshotter",
+            snapshotter,
+            "view",
+            "--mounts",
+            &format!("view-{name}"),
+            chain_id,
+        ])?;
+        let mounts = parse_mounts(&out)?;
+        let target = fixture.mkdir(&format!("views/{name}"))?;
+        mount::mount_all(&mounts, &target)?;
+        Ok(target)
+    }
+
+    /// Body bytes the registry sent for layer blobs since the proxy was last reset.
+    fn blob_bytes(&self) -> u64 {
+        self.registry.proxy().response_bytes_for("/blobs/")
+    }
+}
+
+/// `ctr snapshots view --mounts` prints Go's `[]mount.Mount` as JSON.
+fn parse_mounts(json: &str) -> Result<Vec<Mount>> {
+    let parsed: serde_json::Value =
+        serde_json::from_str(json).with_context(|| format!("parse mounts {json}"))?;
+    let field = |entry: &serde_json::Value, name: &str| -> serde_json::Value {
+        let lower = name.to_ascii_lowercase();
+        entry
+            .get(name)
+            .or_else(|| entry.get(&lower))
+            .cloned()
+            .unwrap_or_default()
+    };
+    parsed
+        .as_array()
+        .with_context(|| format!("mounts are not a list: {json}"))?
+        .iter()
+        .map(|entry| {
+            let text = |name| field(entry, name).as_str().map(str::to_owned);
+            Ok(Mount {
+                r#type: text("Type").context("mount without type")?,
+                source: text("Source").context("mount without source")?,
+                options: field(entry, "Options")
+                    .as_array()
+                    .map(|options| {
+                        options
+                            .iter()
+                            .filter_map(|o| o.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                ..Mount::default()
+            })
+        })
+        .collect()
+}
+
+fn random_bytes(len: usize) -> Result<Vec<u8>> {
+    let mut bytes = Vec::with_capacity(len);
+    fs::File::open("/dev/urandom")
+        .context("open /dev/urandom")?
+        .take(len as u64)
+        .read_to_end(&mut bytes)
+        .context("read /dev/urandom")?;
+    Ok(bytes)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// `sha256sum` output as path → hash.
+fn sums(out: &str) -> BTreeMap<String, String> {
+    out.lines()
+        .filter_map(|line| line.split_once("  "))
+        .map(|(hash, path)| (path.trim().to_owned(), hash.to_owned()))
+        .collect()
+}
+
+/// The busybox layer with the extra applets, as the first layer of every image here.
+fn base_layer() -> Result<Vec<Op>> {
+    let mut ops = image::busybox_layer()?;
+    for applet in EXTRA_APPLETS {
+        ops.push(tree::symlink("busybox", format!("/bin/{applet}")));
+    }
+    ops.push(tree::file("/etc/greeting", "hello from shoal\n", 0o644));
+    Ok(ops)
+}
+
+/// An image's layers and every data file's path with its sha256.
+type DataImage = (Vec<Vec<Op>>, BTreeMap<String, String>);
+
+/// A two-layer image: the base, then `/data/<name>` of `size` random bytes for each file.
+fn data_image(files: &[(&str, usize)]) -> Result<DataImage> {
+    let mut data = vec![tree::dir("/data", 0o755)];
+    let mut expected = BTreeMap::new();
+    for (name, size) in files {
+        let bytes = random_bytes(*size)?;
+        expected.insert(format!("/data/{name}"), sha256_hex(&bytes));
+        data.push(tree::file(format!("/data/{name}"), bytes, 0o644));
+    }
+    Ok((vec![base_layer()?, data], expected))
+}
+
+/// Fails unless rpull's output shows all `count` layers mounted lazily.
+fn ensure_all_lazy(out: &str, count: usize) -> Result<()> {
+    let lazy = out
+        .lines()
+        .filter(|line| line.starts_with("layer ") && line.contains(" lazy"))
+        .count();
+    anyhow::ensure!(
+        lazy == count && out.contains(&format!("{count} layers, {count} lazy")),
+        "expected {count} lazy layers: {out}"
+    );
+    Ok(())
+}
+
+/// Runs `sha256sum` of `paths` in a new container and fails unless every hash is `expected`.
+fn ensure_sums(
+    stack: &Stack,
+    reference: &str,
+    id: &str,
+    expected: &BTreeMap<String, String>,
+) -> Result<()> {
+    let paths: Vec<&str> = expected.keys().map(String::as_str).collect();
+    let out = stack.run(reference, id, &format!("sha256sum {}", paths.join(" ")))?;
+    let got = sums(&out);
+    anyhow::ensure!(
+        &got == expected,
+        "container {id}: {got:#?}, expected {expected:#?}"
+    );
+    Ok(())
+}
+
+/// The harness's layered image (whiteouts, an opaque directory, links, an xattr) and a fourth
+/// layer of owners, special modes, odd names and a file of several eStargz chunks.
+fn compat_layers() -> Result<Vec<Vec<Op>>> {
+    let mut layers = image::layered()?;
+    let applets = EXTRA_APPLETS
+        .iter()
+        .map(|applet| tree::symlink("busybox", format!("/bin/{applet}")));
+    layers[0].extend(applets);
+    layers.push(vec![
+        tree::dir("/srv/owned", 0o750),
+        tree::chown("/srv/owned", 1000, 1000),
+        tree::file("/srv/owned/secret", "mine\n", 0o600),
+        tree::chown("/srv/owned/secret", 1000, 100),
+        tree::file("/srv/setuid", "#!/bin/sh\n", 0o4755),
+        tree::dir("/srv/sticky", 0o1777),
+        tree::file("/srv/empty", "", 0o644),
+        tree::file("/srv/with space", "spaced\n", 0o644),
+        tree::symlink("/etc/greeting", "/srv/absolute-link"),
+        tree::symlink("nowhere", "/srv/dangling"),
+        tree::dir("/srv/deep/a/b/c", 0o755),
+        tree::file("/srv/deep/a/b/c/leaf", "leaf\n", 0o644),
+        tree::xattr("/srv/deep", "user.dir", "on a directory"),
+        // Larger than ctr-remote's 4 MiB chunks, so reads cross chunk boundaries.
+        tree::file("/srv/multi-chunk", random_bytes(9 << 20)?, 0o640),
+        tree::xattr("/srv/empty", "user.file", "on an empty file"),
+        // A whiteout of a file with an xattr, two layers down.
+        tree::remove_all("/data/xattr"),
+    ]);
+    Ok(layers)
+}
+
+#[test]
+fn ctr_remote_images_mount_lazily_with_the_same_tree_as_overlayfs() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let stack = Stack::start(fixture, "")?;
+        let image = stack.publish(fixture, "compat", &compat_layers()?)?;
+        anyhow::ensure!(image.layers.len() == 4, "4 layers expected");
+
+        // The reference: the original image pulled the ordinary way, onto overlayfs.
+        stack
+            .ctd
+            .ctr(&["images", "pull", "--plain-http", &image.plain])?;
+        let plain_chain = stack.chain_id(stack.ctd.namespace(), &image.plain)?;
+        let expected = stack.mount_view(fixture, "overlayfs", &plain_chain, "overlayfs")?;
+
+        let out = stack.rpull(&image.estargz)?;
+        ensure_all_lazy(&out, 4)?;
+        let chain = stack.chain_id(stack.ctd.namespace(), &image.estargz)?;
+        let info = stack
+            .ctd
+            .ctr(&["snapshots", "--snapshotter", "shoal", "info", &chain])?;
+        let info: serde_json::Value = serde_json::from_str(&info)?;
+        anyhow::ensure!(
+            info["Labels"]["containerd.io/snapshot/remote"].as_str() == Some("shoal"),
+            "the top layer is not a remote snapshot: {info:#}"
+        );
+
+        let lazy = stack.mount_view(fixture, "shoal", &chain, "shoal")?;
+        tree::assert_same(&expected, &lazy)?;
+        mount::unmount(&lazy)?;
+        mount::unmount(&expected)?;
+
+        let out = stack.run(&image.estargz, "layered", image::LAYERED_CHECK)?;
+        anyhow::ensure!(out.trim() == "layered-ok", "layered check printed {out:?}");
+        Ok(())
+    });
+}
+
+#[test]
+fn a_container_reading_a_few_megabytes_of_a_large_image_fetches_little() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let stack = Stack::start(fixture, "")?;
+        // 8 x 26 MiB of random data nobody reads, and 3 MiB the container reads.
+        let mut data = vec![tree::dir("/data", 0o755), tree::dir("/app", 0o755)];
+        for index in 0..8 {
+            data.push(tree::file(
+                format!("/data/unread-{index}"),
+                random_bytes(26 << 20)?,
+                0o644,
+            ));
+        }
+        let mut expected = BTreeMap::new();
+        for index in 0..3 {
+            let bytes = random_bytes(1 << 20)?;
+            expected.insert(format!("/app/read-{index}"), sha256_hex(&bytes));
+            data.push(tree::file(format!("/app/read-{index}"), bytes, 0o644));
+        }
+        let built = Instant::now();
+        let image = stack.publish(fixture, "large", &[base_layer()?, data])?;
+        let image_bytes: u64 = image.layers.iter().map(|layer| layer.size).sum();
+        eprintln!(
+            "large image: {image_bytes} bytes in {} layers, built and converted in {:?}",
+            image.layers.len(),
+            built.elapsed()
+        );
+        anyhow::ensure!(image_bytes >= 200 << 20, "only {image_bytes} bytes");
+
+        stack.registry.proxy().reset();
+        let started = Instant::now();
+        let out = stack.rpull(&image.estargz)?;
+        let pulled = started.elapsed();
+        let pull_bytes = stack.registry.proxy().response_bytes_for("/");
+        ensure_all_lazy(&out, 2)?;
+        ensure_sums(&stack, &image.estargz, "reader", &expected)?;
+        let total = started.elapsed();
+        let served = stack.registry.proxy().response_bytes_for("/");
+        let blobs = stack.blob_bytes();
+        eprintln!(
+            "large image: rpull {pulled:?} ({pull_bytes} bytes served), rpull + container \
+             {total:?}: registry served {served} bytes ({blobs} of blobs), {:.2}% of the image",
+            served as f64 * 100.0 / image_bytes as f64
+        );
+        anyhow::ensure!(
+            served * 10 < image_bytes,
+            "the registry served {served} bytes, not under 10% of {image_bytes}: {:#?}",
+            stack.registry.proxy().stats()
+        );
+        Ok(())
+    });
+}
+
+/// `(offset, end)` in the blob of the first chunk of `name`, from the eStargz TOC read with
+/// gzip and tar (independently of Shoal): the gzip member holding it ends where the next begins.
+fn chunk_range(blob: &Path, name: &str) -> Result<(u64, u64)> {
+    let script = format!(
+        "gzip -dc '{}' 2>/dev/null | tar -xOf - stargz.index.json",
+        blob.display()
+    );
+    let out = process::run(Command::new("sh").arg("-c").arg(script), TOOL_TIMEOUT)?;
+    let toc: serde_json::Value =
+        serde_json::from_str(&out).with_context(|| format!("parse the TOC: {out}"))?;
+    let offsets: Vec<(&str, u64)> = toc["entries"]
+        .as_array()
+        .context("TOC without entries")?
+        .iter()
+        .filter_map(|entry| Some((entry["name"].as_str()?, entry["offset"].as_u64()?)))
+        .filter(|(_, offset)| *offset > 0)
+        .collect();
+    let start = offsets
+        .iter()
+        .find(|(entry, _)| *entry == name)
+        .map(|(_, offset)| *offset)
+        .with_context(|| format!("{name} not in the TOC: {toc}"))?;
+    let end = offsets
+        .iter()
+        .map(|(_, offset)| *offset)
+        .filter(|offset| *offset > start)
+        .min()
+        .with_context(|| format!("nothing follows {name} in the TOC"))?;
+    Ok((start, end))
+}
+
+/// Flips `len` bytes at `offset` of the file at `path`.
+fn corrupt(path: &Path, offset: u64, len: usize) -> Result<()> {
+    let mut bytes = fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    let start = usize::try_from(offset)?;
+    let region = bytes
+        .get_mut(start..start + len)
+        .context("corruption beyond the end of the blob")?;
+    for byte in region {
+        *byte ^= 0xff;
+    }
+    fs::write(path, bytes).with_context(|| format!("write {}", path.display()))
+}
+
+#[test]
+fn a_chunk_tampered_in_the_registry_never_reaches_a_container() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let stack = Stack::start(fixture, "")?;
+        let (layers, expected) = data_image(&[
+            ("a-victim", 3 << 20),
+            ("b-fine", 1 << 20),
+            ("c-tail", 2 << 20),
+        ])?;
+        let image = stack.publish(fixture, "tamper", &layers)?;
+        let out = stack.rpull(&image.estargz)?;
+        ensure_all_lazy(&out, 2)?;
+
+        // The TOC is verified and mounted; now the registry's copy of a chunk goes bad.
+        let blob = stack.registry.blob_path(&image.layers[1].digest)?;
+        let (start, end) = chunk_range(&blob, "data/a-victim")?;
+        corrupt(&blob, start + (end - start) / 2, 64)?;
+
+        let out = stack.run(
+            &image.estargz,
+            "victim",
+            "sha256sum /data/a-victim; echo victim-rc=$?; \
+             sha256sum /data/b-fine /data/c-tail /etc/greeting; echo fine-rc=$?",
+        )?;
+        let got = sums(&out);
+        anyhow::ensure!(
+            !got.contains_key("/data/a-victim") && !out.contains("victim-rc=0"),
+            "the tampered file was read: {out}"
+        );
+        anyhow::ensure!(out.contains("fine-rc=0"), "other files failed: {out}");
+        for path in ["/data/b-fine", "/data/c-tail"] {
+            anyhow::ensure!(got.get(path) == expected.get(path), "{path}: {out}");
+        }
+        anyhow::ensure!(
+            got.get("/etc/greeting") == Some(&sha256_hex(b"hello from shoal\n")),
+            "/etc/greeting: {out}"
+        );
+        let log = stack.daemon.log();
+        anyhow::ensure!(
+            log.contains("failed verification"),
+            "the daemon log does not report the bad chunk"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn a_wrong_toc_digest_annotation_falls_back_to_a_download() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let stack = Stack::start(fixture, "")?;
+        let (layers, mut expected) = data_image(&[("payload", 2 << 20)])?;
+        let image = stack.publish(fixture, "wrongtoc", &layers)?;
+
+        // The same image with the top layer's toc.digest replaced, pushed under another tag.
+        let copy = fixture.path("wrongtoc-dir");
+        let mut pull = Command::new("skopeo");
+        pull.args(["copy", "--src-tls-verify=false"])
+            .arg(format!("docker://{}", image.estargz))
+            .arg(format!("dir:{}", copy.display()));
+        process::run(&mut pull, TOOL_TIMEOUT)?;
+        let manifest_path = copy.join("manifest.json");
+        let mut manifest: serde_json::Value = serde_json::from_slice(&fs::read(&manifest_path)?)?;
+        let wrong = format!("sha256:{}", sha256_hex(b"not the TOC"));
+        manifest["layers"][1]["annotations"][TOC_DIGEST] = wrong.into();
+        fs::write(&manifest_path, serde_json::to_vec(&manifest)?)?;
+        let reference = format!("{}/test/wrongtoc:bad-toc", stack.registry.host());
+        let mut push = Command::new("skopeo");
+        push.args(["copy", "--dest-tls-verify=false"])
+            .arg(format!("dir:{}", copy.display()))
+            .arg(format!("docker://{reference}"));
+        process::run(&mut push, TOOL_TIMEOUT)?;
+
+        let out = stack.rpull(&reference)?;
+        let line = |position: usize| -> Result<&str> {
+            out.lines()
+                .find(|line| line.starts_with(&format!("layer {position}/2 ")))
+                .with_context(|| format!("no line for layer {position}: {out}"))
+        };
+        anyhow::ensure!(line(1)?.contains(" lazy"), "bottom layer: {out}");
+        let top = line(2)?;
+        anyhow::ensure!(
+            top.contains("fetched") && top.contains("applied") && !top.contains(" lazy"),
+            "top layer: {out}"
+        );
+        anyhow::ensure!(
+            out.contains("2 layers, 1 lazy, 1 fetched"),
+            "summary: {out}"
+        );
+
+        expected.insert("/etc/greeting".into(), sha256_hex(b"hello from shoal\n"));
+        ensure_sums(&stack, &reference, "fallback", &expected)?;
+        let log = stack.daemon.log();
+        anyhow::ensure!(
+            log.contains("lazy mount failed") && log.contains("TOC digest differs"),
+            "the daemon log does not say why the layer was downloaded"
+        );
+        Ok(())
+    });
+}
+
+/// Reads `path` in a new container under a fault: the read must fail within `limit`, printing
+/// no hash. Returns how long it took.
+fn ensure_read_fails(stack: &Stack, reference: &str, id: &str, path: &str) -> Result<Duration> {
+    let started = Instant::now();
+    let out = stack.run(reference, id, &format!("sha256sum {path}; echo rc=$?"))?;
+    let took = started.elapsed();
+    anyhow::ensure!(
+        sums(&out).is_empty() && out.contains("rc=") && !out.contains("rc=0"),
+        "{path} was read despite the fault: {out}"
+    );
+    Ok(took)
+}
+
+#[test]
+fn registry_failures_during_lazy_reads_are_bounded_io_errors() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let stack = Stack::start(fixture, "timeout_secs = 2\nretries = 1\n")?;
+        let (layers, expected) = data_image(&[
+            ("cold-a", 3 << 20),
+            ("cold-b", 3 << 20),
+            ("warm", 1 << 20),
+            ("z-tail", 2 << 20),
+        ])?;
+        let image = stack.publish(fixture, "faults", &layers)?;
+        ensure_all_lazy(&stack.rpull(&image.estargz)?, 2)?;
+        let warm: BTreeMap<String, String> = expected
+            .iter()
+            .filter(|(path, _)| path.ends_with("/warm"))
+            .map(|(path, hash)| (path.clone(), hash.clone()))
+            .collect();
+        ensure_sums(&stack, &image.estargz, "warm-up", &warm)?;
+
+        // A limit well above 2 attempts of 2 s each, well below a hang.
+        let limit = Duration::from_secs(30);
+        let proxy = stack.registry.proxy();
+        proxy.inject("/blobs/", Fault::Status(500));
+        let took = ensure_read_fails(&stack, &image.estargz, "under-500", "/data/cold-a")?;
+        eprintln!("read under HTTP 500s failed after {took:?}");
+        anyhow::ensure!(took < limit, "the failing read took {took:?}");
+
+        proxy.inject("/blobs/", Fault::Stall);
+        let took = ensure_read_fails(&stack, &image.estargz, "stalled", "/data/cold-b")?;
+        eprintln!("read against a stalled registry failed after {took:?}");
+        anyhow::ensure!(took < limit, "the stalled read took {took:?}");
+        let faulted: u64 = proxy.stats().values().map(|stats| stats.faulted).sum();
+        anyhow::ensure!(
+            faulted >= 2,
+            "the faults were not hit: {:#?}",
+            proxy.stats()
+        );
+
+        // Still stalled: the daemon answers, and what it holds still reads.
+        let socket = stack.daemon.socket().to_string_lossy().into_owned();
+        let mut status = Command::new(binary::cli()?);
+        status.args(["--socket", &socket, "status"]);
+        let status = process::run(&mut status, Duration::from_secs(30))?;
+        anyhow::ensure!(status.contains("running"), "shoal status: {status}");
+        ensure_sums(&stack, &image.estargz, "warm-again", &warm)?;
+
+        // And once the registry is back, the files that failed read correctly.
+        proxy.clear_faults();
+        ensure_sums(&stack, &image.estargz, "recovered", &expected)?;
+        Ok(())
+    });
+}
+
+#[test]
+fn restarted_daemons_serve_cached_layers_without_the_registry() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let mut stack = Stack::start(fixture, "")?;
+        let (layers, mut expected) = data_image(&[("first", 2 << 20), ("second", 3 << 20)])?;
+        expected.insert("/etc/greeting".into(), sha256_hex(b"hello from shoal\n"));
+        let image = stack.publish(fixture, "restart", &layers)?;
+        ensure_all_lazy(&stack.rpull(&image.estargz)?, 2)?;
+
+        // A long-lived container reads every file once, caching it.
+        stack.ctd.ctr(&[
+            "run",
+            "-d",
+            "--snapshotter",
+            "shoal",
+            &image.estargz,
+            "keeper",
+            "sleep",
+            "600",
+        ])?;
+        let paths: Vec<&str> = expected.keys().map(String::as_str).collect();
+        let mut exec = vec!["task", "exec", "--exec-id", "read", "keeper", "sha256sum"];
+        exec.extend(&paths);
+        let read = sums(&stack.ctd.ctr(&exec)?);
+        anyhow::ensure!(read == expected, "keeper read {read:#?}");
+
+        for (how, signal) in [("SIGTERM", true), ("SIGKILL", false)] {
+            if signal {
+                let status = stack.daemon.stop()?;
+                eprintln!("daemon stopped by SIGTERM: {status}");
+            } else {
+                stack.daemon.kill()?;
+            }
+            stack.registry.proxy().reset();
+            stack.daemon.launch()?;
+            stack.ctd.wait_for_snapshotter("shoal")?;
+            ensure_sums(&stack, &image.estargz, &format!("after-{how}"), &expected)?;
+            let stats = stack.registry.proxy().stats();
+            anyhow::ensure!(
+                stats.is_empty(),
+                "after {how} the registry was asked for {stats:#?}"
+            );
+        }
+        let log = stack.daemon.log();
+        anyhow::ensure!(
+            log.matches("remote layers mounted again").count() >= 2,
+            "the daemon log does not report remounting twice"
+        );
+        stack
+            .ctd
+            .ctr(&["task", "kill", "-s", "SIGKILL", "keeper"])?;
+        Ok(())
+    });
+}
