@@ -17,8 +17,9 @@ packages=(
   docker-registry skopeo umoci busybox-static jq curl
   # overlaybd filesystems, multi-node networking
   e2fsprogs erofs-utils iproute2 kmod
-  # second eStargz producer for compatibility tests
-  stargz-snapshotter
+  # second eStargz producer, and stargz-snapshotter's Go library with the Go toolchain that
+  # builds it offline (compatibility tests read Shoal's eStargz with it)
+  stargz-snapshotter golang-go golang-github-containerd-stargz-snapshotter-dev
 )
 
 missing=()

@@ -24,7 +24,7 @@ use crate::registry::Registry;
 use crate::tree;
 
 const TOOL_TIMEOUT: Duration = Duration::from_secs(300);
-const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
+pub(crate) const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
 const UNCOMPRESSED_SIZE: &str = "io.containers.estargz.uncompressed-size";
 const ESTARGZ_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 /// Entries the eStargz builder adds to every layer.
@@ -35,7 +35,12 @@ const ESTARGZ_ENTRIES: [&str; 3] = [
 ];
 
 /// `shoal [--config <empty>] convert --plain-http <extra...> <source> <destination>`.
-fn convert(fixture: &Fixture, extra: &[&str], source: &str, destination: &str) -> Result<String> {
+pub(crate) fn convert(
+    fixture: &Fixture,
+    extra: &[&str],
+    source: &str,
+    destination: &str,
+) -> Result<String> {
     let config = fixture.path("convert.toml");
     if !config.exists() {
         // An empty configuration: every default, and nothing read from /etc/shoal.
@@ -51,7 +56,7 @@ fn convert(fixture: &Fixture, extra: &[&str], source: &str, destination: &str) -
     process::run(&mut command, TOOL_TIMEOUT)
 }
 
-fn skopeo(args: &[&str]) -> Result<String> {
+pub(crate) fn skopeo(args: &[&str]) -> Result<String> {
     process::run(Command::new("skopeo").args(args), TOOL_TIMEOUT)
 }
 
@@ -66,12 +71,12 @@ fn inspect_raw(reference: &str, config: bool) -> Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("parse {text}"))
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
 /// The path of blob `sha256:<hex>` in the OCI layout at `layout`.
-fn layout_blob(layout: &Path, digest: &str) -> PathBuf {
+pub(crate) fn layout_blob(layout: &Path, digest: &str) -> PathBuf {
     layout.join("blobs").join(digest.replacen(':', "/", 1))
 }
 
@@ -81,7 +86,7 @@ fn read_json(path: &Path) -> Result<Value> {
 }
 
 /// The single manifest of the OCI layout at `layout`.
-fn layout_manifest(layout: &Path) -> Result<Value> {
+pub(crate) fn layout_manifest(layout: &Path) -> Result<Value> {
     let index = read_json(&layout.join("index.json"))?;
     let digest = index["manifests"][0]["digest"]
         .as_str()
@@ -89,7 +94,7 @@ fn layout_manifest(layout: &Path) -> Result<Value> {
     read_json(&layout_blob(layout, digest))
 }
 
-fn layer_digests(manifest: &Value) -> Result<Vec<String>> {
+pub(crate) fn layer_digests(manifest: &Value) -> Result<Vec<String>> {
     manifest["layers"]
         .as_array()
         .context("manifest without layers")?
@@ -104,7 +109,7 @@ fn layer_digests(manifest: &Value) -> Result<Vec<String>> {
 }
 
 /// Unpacks `blob` with the system's `tar xzf` into a new directory `name`.
-fn untar(fixture: &Fixture, blob: &Path, name: &str) -> Result<PathBuf> {
+pub(crate) fn untar(fixture: &Fixture, blob: &Path, name: &str) -> Result<PathBuf> {
     let target = fixture.mkdir(name)?;
     let mut command = Command::new("tar");
     command
