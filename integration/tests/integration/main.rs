@@ -27,6 +27,5 @@ mod cri;
 mod ctr;
 mod harness;
 mod lazy;
-mod overlaybd;
 mod rpull;
 mod stargz_compat;
