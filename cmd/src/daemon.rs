@@ -11,7 +11,10 @@ use shoal_config::Config;
 use shoal_fuse::layer::{ChunkReader, Prefetch, ReaderConfig};
 
 use crate::metrics::{self, Observed};
-use shoal_snapshotter::{server, tonic::transport::Server, FuseMounter, ShoalSnapshotter};
+use shoal_snapshotter::{
+    server, tonic::transport::Server, FormatMounter, FuseMounter, LoopMount, OverlaybdMounter,
+    ShoalSnapshotter,
+};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -36,7 +39,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             memory_bytes: config.cache.memory.0,
         },
     );
-    let mounter = Arc::new(FuseMounter::new(
+    let estargz = Arc::new(FuseMounter::new(
         fetcher.clone(),
         reader.clone(),
         tokio::runtime::Handle::current(),
@@ -50,6 +53,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         // One request's deadline for the whole handshake: after that a download is faster.
         config.registry.timeout,
     ));
+    let overlaybd = Arc::new(OverlaybdMounter::new(
+        fetcher.clone(),
+        tokio::runtime::Handle::current(),
+        Arc::new(LoopMount),
+        config.registry.timeout,
+    ));
+    let mounter = Arc::new(FormatMounter::new(estargz, overlaybd));
     let snapshotter = ShoalSnapshotter::open(&config.root, mounter)
         .with_context(|| format!("open snapshotter at {}", config.root.display()))?;
     let counts = snapshotter.counts()?;

@@ -4,6 +4,7 @@ use fuser::Errno;
 use shoal_fetcher::FetchError;
 
 use crate::estargz::{ChunkError, FooterError, IndexError, TocDigest, TocError};
+use crate::overlaybd::{LsmtError, StackError, TarWrapperError, ZFileError};
 
 /// Why a lazily mounted layer could not be opened, mounted or read. `FsError -> Errno` at the
 /// FUSE boundary is [`FsError::errno`].
@@ -44,6 +45,37 @@ pub enum FsError {
     Detach {
         mountpoint: PathBuf,
         source: std::io::Error,
+    },
+    #[error("fetch the {what} of overlaybd layer {blob}: {source}")]
+    FetchLayerMetadata {
+        blob: String,
+        what: &'static str,
+        source: FetchError,
+    },
+    #[error("overlaybd layer {blob} has a bad tar wrapper: {source}")]
+    LayerWrapper {
+        blob: String,
+        source: TarWrapperError,
+    },
+    #[error("overlaybd layer {blob} is not a valid zfile: {source}")]
+    LayerZFile { blob: String, source: ZFileError },
+    #[error("overlaybd layer {blob} is not a valid lsmt file: {source}")]
+    LayerLsmt { blob: String, source: LsmtError },
+    #[error("stack overlaybd layers: {source}")]
+    StackLayers { source: StackError },
+    #[error("persisted virtual disk is damaged: {source}")]
+    PersistedDisk { source: serde_json::Error },
+    #[error("read block {block} of overlaybd layer {blob}: {source}")]
+    ReadBlock {
+        blob: String,
+        block: u64,
+        source: FetchError,
+    },
+    #[error("decode block {block} of overlaybd layer {blob}: {source}")]
+    DecodeBlock {
+        blob: String,
+        block: u64,
+        source: ZFileError,
     },
 }
 

@@ -6,6 +6,8 @@
 //! - [`overlaybd`]: tar wrapper, ZFile, LSMT and layer stacking (pure; fuzzed).
 //! - [`layer`]: an opened eStargz layer ([`layer::EstargzLayer`]), the [`layer::ChunkReader`]
 //!   that verifies every chunk before it is served, and [`layer::mount`].
+//! - [`vdisk`]: an overlaybd layer stack's merged virtual disk ([`vdisk::VirtualDisk`]), read
+//!   through the chunk cache with every ZFile block CRC-checked, served as one FUSE file.
 //! - [`FsError`]: the crate's error; [`FsError::errno`] is the one conversion to FUSE errors.
 //!
 //! Architecture Invariant: the FUSE thread never waits on the network; a read that misses the
@@ -15,5 +17,6 @@ mod error;
 pub mod estargz;
 pub mod layer;
 pub mod overlaybd;
+pub mod vdisk;
 
 pub use error::FsError;

@@ -7,7 +7,8 @@
 //! - `filter`: containerd's filter syntax for List.
 //! - [`remote`]: the remote-snapshot handshake's labels, fallback reasons, and the
 //!   [`remote::LayerMounter`] seam through which lazy layers are mounted (a recording double in
-//!   tests, FUSE in the daemon).
+//!   tests, FUSE in the daemon): [`FuseMounter`] (eStargz), [`OverlaybdMounter`] (a chain's
+//!   virtual disk over FUSE, loop-mounted read-only), [`FormatMounter`] choosing between them.
 //! - [`SnapshotError`]: the crate's one error type; `From<SnapshotError> for tonic::Status` is the
 //!   only conversion to gRPC codes.
 //!
@@ -16,15 +17,19 @@
 
 mod error;
 mod filter;
+mod format_mounter;
 mod fuse_mounter;
 mod layout;
 mod metadata;
+mod overlaybd_mounter;
 pub mod remote;
 mod service;
 mod usage;
 
 pub use containerd_snapshots::{api, server, tonic};
 pub use error::SnapshotError;
+pub use format_mounter::FormatMounter;
 pub use fuse_mounter::FuseMounter;
 pub use layout::Layout;
+pub use overlaybd_mounter::{BlockMount, LoopMount, OverlaybdMounter};
 pub use service::{LazyStats, ShoalSnapshotter, SnapshotCounts};

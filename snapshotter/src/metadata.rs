@@ -132,6 +132,7 @@ impl Store {
     }
 
     /// Ids of `key`'s ancestors, nearest first.
+    #[cfg(test)]
     pub fn parent_ids(&self, record: &Record) -> Result<Vec<u64>, SnapshotError> {
         let mut ids = Vec::new();
         let mut parent = record.parent.clone();

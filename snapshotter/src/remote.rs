@@ -20,6 +20,8 @@ pub const LABEL_CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest
 pub const LABEL_STARGZ_REFERENCE: &str = "containerd.io/snapshot/remote/stargz.reference";
 pub const LABEL_STARGZ_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
 pub const LABEL_TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// Present on overlaybd layers: the blob's digest (the layer is a block-device layer).
+pub const LABEL_OVERLAYBD_BLOB_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
 /// Set by Shoal on the snapshots it provides remotely; `ctr snapshots info` shows it.
 pub const LABEL_REMOTE: &str = "containerd.io/snapshot/remote";
 
@@ -32,6 +34,8 @@ pub struct LayerLabels {
     pub layer_digest: String,
     pub manifest_digest: Option<String>,
     pub toc_digest: Option<String>,
+    /// The layer carries overlaybd's annotations: it is a block layer, not a tar.
+    pub overlaybd: bool,
 }
 
 impl LayerLabels {
@@ -55,6 +59,7 @@ impl LayerLabels {
             layer_digest,
             manifest_digest: pick(&[LABEL_CRI_MANIFEST_DIGEST]),
             toc_digest: pick(&[LABEL_TOC_DIGEST]),
+            overlaybd: pick(&[LABEL_OVERLAYBD_BLOB_DIGEST]).is_some(),
         }))
     }
 }
@@ -66,7 +71,8 @@ pub struct RemoteLayer {
     pub image_ref: String,
     pub digest: String,
     pub size: u64,
-    /// eStargz: sha256 of the TOC JSON, checked on every (re)mount.
+    /// eStargz: sha256 of the TOC JSON; overlaybd: sha256 of the persisted virtual disk
+    /// metadata. Checked on every (re)mount.
     pub index_digest: String,
 }
 
@@ -74,6 +80,8 @@ pub struct RemoteLayer {
 #[serde(rename_all = "lowercase")]
 pub enum LayerFormat {
     Estargz,
+    /// A block layer; its snapshot directory holds the merged filesystem of its whole chain.
+    Overlaybd,
 }
 
 /// A layer ready to mount: where it lives and its verified index bytes (the eStargz TOC).
@@ -197,6 +205,20 @@ mod tests {
         assert_eq!(parsed.image_ref, "r/img:1");
         assert_eq!(parsed.manifest_digest.as_deref(), Some("sha256:man"));
         assert_eq!(parsed.toc_digest.as_deref(), Some("sha256:toc"));
+        assert!(!parsed.overlaybd);
+    }
+
+    #[test]
+    fn overlaybd_annotation_marks_a_block_layer() {
+        let parsed = LayerLabels::parse(&labels(&[
+            (LABEL_TARGET, "sha256:chain"),
+            (LABEL_CRI_IMAGE_REF, "r/img:1"),
+            (LABEL_CRI_LAYER_DIGEST, "sha256:layer"),
+            (LABEL_OVERLAYBD_BLOB_DIGEST, "sha256:layer"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert!(parsed.overlaybd);
     }
 
     #[test]

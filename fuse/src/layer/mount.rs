@@ -22,6 +22,15 @@ pub struct MountedLayer {
 }
 
 impl MountedLayer {
+    /// Wraps a FUSE session serving `mountpoint` (a virtual disk's, say).
+    pub(crate) fn from_session(mountpoint: &Path, session: BackgroundSession) -> MountedLayer {
+        MountedLayer {
+            mountpoint: mountpoint.to_owned(),
+            session: Some(session),
+            detached: false,
+        }
+    }
+
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
     }

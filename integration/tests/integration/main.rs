@@ -27,5 +27,6 @@ mod cri;
 mod ctr;
 mod harness;
 mod lazy;
+mod overlaybd;
 mod rpull;
 mod stargz_compat;

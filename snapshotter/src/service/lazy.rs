@@ -11,8 +11,8 @@ use tracing::{error, info, warn};
 
 use super::{Inner, ShoalSnapshotter};
 use crate::error::SnapshotError;
-use crate::metadata::Kind;
-use crate::remote::{Fallback, LayerLabels, ResolvedLayer, LABEL_REMOTE};
+use crate::metadata::{Kind, Record};
+use crate::remote::{Fallback, LayerFormat, LayerLabels, ResolvedLayer, LABEL_REMOTE};
 
 /// File under a remote snapshot's directory holding its verified index (the eStargz TOC), so
 /// that a restart mounts it again without the registry.
@@ -146,6 +146,27 @@ impl Inner {
             source,
         })?;
         self.mounter.mount(resolved, &fs)
+    }
+
+    /// The parents an overlay of `record` stacks, nearest first. An overlaybd layer's directory
+    /// already holds the merged filesystem of its whole chain (deletions applied), so the list
+    /// stops there: the layers below would only bring deleted files back.
+    pub(super) fn overlay_parents(&self, record: &Record) -> Result<Vec<u64>, SnapshotError> {
+        let mut ids = Vec::new();
+        let mut parent = record.parent.clone();
+        while !parent.is_empty() {
+            let rec = self.store.get(&parent)?;
+            ids.push(rec.id);
+            let merged = rec
+                .remote
+                .as_ref()
+                .is_some_and(|r| r.format == LayerFormat::Overlaybd);
+            if merged {
+                break;
+            }
+            parent = rec.parent;
+        }
+        Ok(ids)
     }
 
     /// Mounts every remote layer again after a restart, from its persisted index.

@@ -215,7 +215,7 @@ impl Inner {
     }
 
     fn mounts_of(&self, record: &Record) -> Result<Vec<Mount>, SnapshotError> {
-        let parents = self.store.parent_ids(record)?;
+        let parents = self.overlay_parents(record)?;
         Ok(self.layout.mounts(record.kind, record.id, &parents))
     }
 

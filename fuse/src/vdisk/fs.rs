@@ -1,0 +1,166 @@
+//! The FUSE filesystem of a virtual disk: a root directory holding one read-only file. Reads
+//! answer on the FUSE thread when the cache holds every block; otherwise the reply moves into a
+//! task on the daemon's runtime, so the FUSE thread never waits on the network.
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, Request,
+};
+use shoal_fetcher::Fetcher;
+use tokio::runtime::Handle;
+use tracing::warn;
+
+use super::{VirtualDisk, DISK_FILE};
+
+/// The disk never changes, so the kernel may keep entries and attributes as long as it likes.
+const TTL: Duration = Duration::from_secs(24 * 3600);
+const ROOT: INodeNo = INodeNo(1);
+const DISK: INodeNo = INodeNo(2);
+
+pub struct DiskFs {
+    disk: Arc<VirtualDisk>,
+    fetcher: Fetcher,
+    runtime: Handle,
+}
+
+impl DiskFs {
+    pub fn new(disk: Arc<VirtualDisk>, fetcher: Fetcher, runtime: Handle) -> DiskFs {
+        DiskFs {
+            disk,
+            fetcher,
+            runtime,
+        }
+    }
+
+    fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
+        let (kind, perm, size, nlink) = match ino {
+            ROOT => (FileType::Directory, 0o555, 0, 2),
+            DISK => (FileType::RegularFile, 0o444, self.disk.size(), 1),
+            _ => return None,
+        };
+        Some(FileAttr {
+            ino,
+            size,
+            // The disk is sparse: report what the layers hold, not the virtual size.
+            blocks: 0,
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind,
+            perm,
+            nlink,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+}
+
+impl Filesystem for DiskFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent != ROOT || name != DISK_FILE {
+            return reply.error(Errno::ENOENT);
+        }
+        match self.attr(DISK) {
+            Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino) {
+            Some(attr) => reply.attr(&TTL, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        match ino {
+            // The page cache may keep what it read: the content never changes.
+            DISK => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            ROOT => reply.error(Errno::EISDIR),
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
+    /// Nothing is ever written, so a close has nothing to flush.
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        if ino != DISK {
+            return reply.error(Errno::EISDIR);
+        }
+        if let Some(bytes) = self.disk.read_cached(&self.fetcher, offset, size.into()) {
+            return reply.data(&bytes);
+        }
+        let disk = self.disk.clone();
+        let fetcher = self.fetcher.clone();
+        self.runtime.spawn(async move {
+            match disk.read(&fetcher, offset, size.into()).await {
+                Ok(bytes) => reply.data(&bytes),
+                Err(err) => {
+                    warn!(offset, len = size, error = %err, "virtual disk read failed");
+                    reply.error(err.errno());
+                }
+            }
+        });
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if ino != ROOT {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let entries = [
+            (ROOT, FileType::Directory, "."),
+            (ROOT, FileType::Directory, ".."),
+            (DISK, FileType::RegularFile, DISK_FILE),
+        ];
+        for (i, (child, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(child, (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply.statfs(self.disk.size().div_ceil(4096), 0, 0, 2, 0, 4096, 255, 4096);
+    }
+}

@@ -1,0 +1,50 @@
+//! The merged virtual disk of an overlaybd layer stack, served lazily as one read-only FUSE file.
+//!
+//! - [`DiskLayer`]: one overlaybd layer blob opened through the chunk cache: its tar wrapper,
+//!   ZFile header, trailer and jump table, and the LSMT index inside (all verified).
+//! - [`VirtualDisk`]: layers stacked top first; reads resolve to ZFile blocks, which are fetched
+//!   through the [`shoal_fetcher::Fetcher`], CRC-checked, refetched once on a bad CRC, and
+//!   decompressed. Its metadata persists as bytes, so a restart reopens it without the registry.
+//! - [`mount`]: a FUSE filesystem holding the one file [`DISK_FILE`], whose content is the disk.
+//!
+//! The snapshotter loop-mounts that file read-only (ext4 or erofs, see [`FsType`]).
+
+mod disk;
+mod fs;
+mod layer;
+mod mount;
+mod persisted;
+
+pub use disk::VirtualDisk;
+pub use layer::{DiskLayer, LayerMeta};
+pub use mount::mount;
+
+/// Name of the file, at the root of a disk's FUSE mount, whose content is the virtual disk.
+pub const DISK_FILE: &str = "disk";
+
+/// The filesystem inside a virtual disk (annotation `containerd.io/snapshot/overlaybd/blob-fs-type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsType {
+    Ext4,
+    Erofs,
+}
+
+impl FsType {
+    /// The filesystem an annotation names; no annotation means ext4, as in the reference.
+    pub fn from_annotation(value: Option<&str>) -> Option<FsType> {
+        match value.unwrap_or("ext4") {
+            "ext4" => Some(FsType::Ext4),
+            "erofs" => Some(FsType::Erofs),
+            _ => None,
+        }
+    }
+
+    /// The name `mount -t` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Erofs => "erofs",
+        }
+    }
+}

@@ -1,0 +1,384 @@
+//! The daemon's [`LayerMounter`] for overlaybd layers.
+//!
+//! A layer's snapshot directory holds the merged filesystem of its whole chain (the layer and
+//! every layer below it in the image): the chain's [`VirtualDisk`] is served as one FUSE file,
+//! attached to a read-only loop device and mounted (ext4 with `noload`, or erofs) on the
+//! snapshot's `fs`. A container's overlay therefore needs only the nearest overlaybd layer as
+//! its lowerdir. No TCMU, configfs or C++ daemon is involved.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use shoal_fetcher::{BlobRef, Digest, Fetcher, ImageRef};
+use shoal_fuse::layer::MountedLayer;
+use shoal_fuse::overlaybd::{ANNOTATION_BLOB_DIGEST, ANNOTATION_FS_TYPE};
+use shoal_fuse::vdisk::{self, DiskLayer, FsType, VirtualDisk, DISK_FILE};
+use shoal_fuse::FsError;
+use tokio::runtime::Handle;
+use tracing::warn;
+
+use crate::error::SnapshotError;
+use crate::remote::{Fallback, LayerFormat, LayerLabels, LayerMounter, RemoteLayer, ResolvedLayer};
+
+/// Directory beside a snapshot's `fs` where its virtual disk's FUSE file is served.
+const DISK_DIR: &str = "vdisk";
+/// Most manifests of an index looked through for a layer.
+const MAX_INDEX_MANIFESTS: usize = 16;
+
+/// Mounts a block device image file as a read-only filesystem; the seam that keeps the
+/// mounter's logic testable without root.
+pub trait BlockMount: Send + Sync + 'static {
+    /// Attaches `image` to a read-only loop device and mounts it on `target`.
+    fn mount(&self, image: &Path, fs_type: FsType, target: &Path) -> Result<(), String>;
+
+    /// Lazily unmounts `target` (its loop device goes with the last user); a no-op when
+    /// nothing is mounted there.
+    fn unmount(&self, target: &Path) -> Result<(), String>;
+}
+
+/// [`BlockMount`] through util-linux `mount -o loop`, which sets the loop device up read-only
+/// with autoclear, so it is released when the filesystem is.
+pub struct LoopMount;
+
+impl BlockMount for LoopMount {
+    fn mount(&self, image: &Path, fs_type: FsType, target: &Path) -> Result<(), String> {
+        // ext4: `noload` skips journal replay, which a read-only device could not take.
+        let options = match fs_type {
+            FsType::Ext4 => "ro,loop,noload",
+            FsType::Erofs => "ro,loop",
+        };
+        let output = Command::new("mount")
+            .args(["-t", fs_type.as_str(), "-o", options])
+            .arg(image)
+            .arg(target)
+            .output()
+            .map_err(|e| format!("run mount: {e}"))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "mount {} on {}: {}",
+                image.display(),
+                target.display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        }
+    }
+
+    fn unmount(&self, target: &Path) -> Result<(), String> {
+        detach(target)
+    }
+}
+
+/// `umount2(MNT_DETACH)`, treating "not mounted" and "gone" as done.
+fn detach(target: &Path) -> Result<(), String> {
+    match nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+        Err(errno) => Err(format!("unmount {}: {errno}", target.display())),
+    }
+}
+
+/// A mounted chain: the FUSE session serving its disk, and the blobs pinned in the cache.
+struct Mounted {
+    disk: MountedLayer,
+    blobs: Vec<Digest>,
+}
+
+/// Mounts overlaybd layers as loop-mounted FUSE virtual disks.
+pub struct OverlaybdMounter {
+    fetcher: Fetcher,
+    runtime: Handle,
+    block: Arc<dyn BlockMount>,
+    /// How long opening a chain may take before the pull downloads the layer instead.
+    resolve_timeout: Duration,
+    /// Disks opened by `resolve`, keyed by their metadata digest, waiting for `mount`.
+    opened: Mutex<HashMap<String, Arc<VirtualDisk>>>,
+    mounted: Mutex<HashMap<PathBuf, Mounted>>,
+}
+
+impl OverlaybdMounter {
+    pub fn new(
+        fetcher: Fetcher,
+        runtime: Handle,
+        block: Arc<dyn BlockMount>,
+        resolve_timeout: Duration,
+    ) -> OverlaybdMounter {
+        OverlaybdMounter {
+            fetcher,
+            runtime,
+            block,
+            resolve_timeout,
+            opened: Mutex::new(HashMap::new()),
+            mounted: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether `mountpoint` is (or was, before a restart) one of this mounter's.
+    pub fn owns(&self, mountpoint: &Path) -> bool {
+        self.mounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(mountpoint)
+            || disk_dir(mountpoint).is_some_and(|dir| dir.exists())
+    }
+
+    /// Opens every layer of the chain ending at the labelled layer and stacks them.
+    async fn open(&self, labels: &LayerLabels) -> Result<ResolvedLayer, Fallback> {
+        let image =
+            ImageRef::parse(&labels.image_ref).map_err(|e| Fallback::Registry(e.to_string()))?;
+        let chain = chain_of(&self.fetcher, &image, labels).await?;
+        let top = chain.last().ok_or(Fallback::MissingLabels)?;
+        let fs_type =
+            FsType::from_annotation(top.annotations.get(ANNOTATION_FS_TYPE).map(String::as_str))
+                .ok_or_else(|| {
+                    Fallback::NotLazyFormat("unknown overlaybd filesystem type".into())
+                })?;
+        let mut layers = Vec::with_capacity(chain.len());
+        for descriptor in chain.iter().rev() {
+            if !descriptor.annotations.contains_key(ANNOTATION_BLOB_DIGEST) {
+                return Err(Fallback::NotLazyFormat(format!(
+                    "layer {} below an overlaybd layer is not overlaybd",
+                    descriptor.digest
+                )));
+            }
+            let digest =
+                Digest::parse(&descriptor.digest).map_err(|e| Fallback::Registry(e.to_string()))?;
+            let blob = BlobRef::new(image.clone(), digest, descriptor.size);
+            layers.push(
+                DiskLayer::open(&self.fetcher, blob)
+                    .await
+                    .map_err(fallback_of)?,
+            );
+        }
+        let disk = VirtualDisk::new(layers, fs_type).map_err(fallback_of)?;
+        let index = disk.persist();
+        let index_digest = Digest::of(&index).to_string();
+        self.opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(index_digest.clone(), Arc::new(disk));
+        Ok(ResolvedLayer {
+            layer: RemoteLayer {
+                format: LayerFormat::Overlaybd,
+                image_ref: labels.image_ref.clone(),
+                digest: labels.layer_digest.clone(),
+                size: top.size,
+                index_digest,
+            },
+            index,
+        })
+    }
+
+    /// The disk `resolved` describes: the one `resolve` opened, or (after a restart) the
+    /// persisted metadata, checked against its digest and verified again.
+    fn disk_of(&self, resolved: &ResolvedLayer) -> Result<Arc<VirtualDisk>, String> {
+        let expected = &resolved.layer.index_digest;
+        let opened = self
+            .opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(expected);
+        if let Some(disk) = opened {
+            return Ok(disk);
+        }
+        let actual = Digest::of(&resolved.index).to_string();
+        if &actual != expected {
+            return Err(format!(
+                "persisted disk metadata has digest {actual}, expected {expected}"
+            ));
+        }
+        VirtualDisk::from_persisted(&resolved.index)
+            .map(Arc::new)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A stopping daemon detaches its disks rather than unmounting them (a running container keeps
+/// them busy); the next daemon mounts them afresh from their persisted metadata.
+impl Drop for OverlaybdMounter {
+    fn drop(&mut self) {
+        let mounted = std::mem::take(self.mounted.get_mut().unwrap_or_else(|p| p.into_inner()));
+        for (mountpoint, Mounted { mut disk, .. }) in mounted {
+            if let Err(err) = disk.detach() {
+                warn!(mountpoint = %mountpoint.display(), error = %err, "could not detach virtual disk");
+            }
+            std::thread::spawn(move || drop(disk));
+        }
+    }
+}
+
+#[containerd_snapshots::tonic::async_trait]
+impl LayerMounter for OverlaybdMounter {
+    async fn resolve(&self, labels: &LayerLabels) -> Result<ResolvedLayer, Fallback> {
+        if !labels.overlaybd {
+            return Err(Fallback::NotLazyFormat(format!(
+                "the layer has no {ANNOTATION_BLOB_DIGEST} annotation"
+            )));
+        }
+        let limit = self.resolve_timeout;
+        tokio::time::timeout(limit, self.open(labels))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Fallback::Registry(format!(
+                    "opening the overlaybd layers took longer than {}s",
+                    limit.as_secs()
+                )))
+            })
+    }
+
+    fn mount(&self, resolved: &ResolvedLayer, mountpoint: &Path) -> Result<(), SnapshotError> {
+        let fail = |reason: String| SnapshotError::MountLayer {
+            mountpoint: mountpoint.to_owned(),
+            reason,
+        };
+        let disk = self.disk_of(resolved).map_err(fail)?;
+        let dir = disk_dir(mountpoint).ok_or_else(|| fail("mountpoint has no parent".into()))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| fail(format!("create {}: {e}", dir.display())))?;
+        let blobs: Vec<Digest> = disk
+            .layers()
+            .iter()
+            .map(|l| l.blob().digest.clone())
+            .collect();
+        let fs_type = disk.fs_type();
+        let served = vdisk::mount(disk, self.fetcher.clone(), self.runtime.clone(), &dir)
+            .map_err(|e| fail(e.to_string()))?;
+        for blob in &blobs {
+            self.fetcher.cache().pin(blob);
+        }
+        if let Err(reason) = self.block.mount(&dir.join(DISK_FILE), fs_type, mountpoint) {
+            for blob in &blobs {
+                self.fetcher.cache().unpin(blob);
+            }
+            // Nothing uses the disk yet, so its session ends at once.
+            drop(served);
+            return Err(fail(reason));
+        }
+        self.mounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                mountpoint.to_owned(),
+                Mounted {
+                    disk: served,
+                    blobs,
+                },
+            );
+        Ok(())
+    }
+
+    fn unmount(&self, mountpoint: &Path) -> Result<(), SnapshotError> {
+        let fail = |reason: String| SnapshotError::UnmountLayer {
+            mountpoint: mountpoint.to_owned(),
+            reason,
+        };
+        self.block.unmount(mountpoint).map_err(fail)?;
+        let mounted = self
+            .mounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(mountpoint);
+        let Some(Mounted { mut disk, blobs }) = mounted else {
+            // A previous daemon's disk: its FUSE connection is dead; detach what is left.
+            if let Some(dir) = disk_dir(mountpoint) {
+                detach(&dir).map_err(fail)?;
+            }
+            return Ok(());
+        };
+        // The loop device may still read the disk until the filesystem on it is released.
+        let detached = disk.detach().map_err(|e| fail(e.to_string()));
+        for blob in &blobs {
+            self.fetcher.cache().unpin(blob);
+        }
+        std::thread::spawn(move || drop(disk));
+        detached
+    }
+}
+
+fn disk_dir(mountpoint: &Path) -> Option<PathBuf> {
+    mountpoint.parent().map(|dir| dir.join(DISK_DIR))
+}
+
+fn fallback_of(err: FsError) -> Fallback {
+    match err {
+        FsError::FetchLayerMetadata { .. } => Fallback::Registry(err.to_string()),
+        other => Fallback::NotLazyFormat(other.to_string()),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Document {
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Descriptor {
+    digest: String,
+    size: u64,
+    #[serde(default)]
+    annotations: HashMap<String, String>,
+}
+
+/// The layers of the labelled layer's image from the bottom up to and including that layer.
+async fn chain_of(
+    fetcher: &Fetcher,
+    image: &ImageRef,
+    labels: &LayerLabels,
+) -> Result<Vec<Descriptor>, Fallback> {
+    let registry = |e: shoal_fetcher::FetchError| Fallback::Registry(e.to_string());
+    let top = match &labels.manifest_digest {
+        Some(digest) => at_digest(image, digest).map_err(registry)?,
+        None => image.clone(),
+    };
+    let doc = manifest(fetcher, &top).await?;
+    let docs = if doc.manifests.is_empty() {
+        vec![doc]
+    } else {
+        let mut docs = Vec::new();
+        for child in doc.manifests.iter().take(MAX_INDEX_MANIFESTS) {
+            let child = at_digest(image, &child.digest).map_err(registry)?;
+            docs.push(manifest(fetcher, &child).await?);
+        }
+        docs
+    };
+    for doc in docs {
+        if let Some(at) = doc
+            .layers
+            .iter()
+            .position(|l| l.digest == labels.layer_digest)
+        {
+            let mut layers = doc.layers;
+            layers.truncate(at + 1);
+            return Ok(layers);
+        }
+    }
+    Err(Fallback::Registry(format!(
+        "layer {} is not in the manifest of {}",
+        labels.layer_digest, labels.image_ref
+    )))
+}
+
+async fn manifest(fetcher: &Fetcher, image: &ImageRef) -> Result<Document, Fallback> {
+    let manifest = fetcher
+        .registry()
+        .get_manifest(image)
+        .await
+        .map_err(|e| Fallback::Registry(e.to_string()))?;
+    serde_json::from_slice(&manifest.bytes)
+        .map_err(|e| Fallback::Registry(format!("manifest is not JSON: {e}")))
+}
+
+fn at_digest(image: &ImageRef, digest: &str) -> Result<ImageRef, shoal_fetcher::FetchError> {
+    ImageRef::parse(&format!(
+        "{}/{}@{digest}",
+        image.host(),
+        image.repository_name()
+    ))
+}
