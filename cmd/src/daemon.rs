@@ -33,6 +33,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let fetcher =
         shoal_fetcher::Fetcher::new(&config).context("open chunk cache and registry client")?;
+    fetcher
+        .start_peers()
+        .await
+        .context("start the peer listener")?;
     let reader = ChunkReader::new(
         fetcher.clone(),
         ReaderConfig {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use serde::Serialize;
+use shoal_fetcher::peer::PeerStats;
 use shoal_fetcher::Fetcher;
 use shoal_fuse::layer::ChunkReader;
 use shoal_snapshotter::ShoalSnapshotter;
@@ -44,6 +45,9 @@ pub struct DaemonStatus {
     pub fetches_in_flight: u64,
     pub verify_failures: u64,
     pub read_failures: u64,
+    /// The peer network's counters, when `[peers]` is configured.
+    #[serde(default)]
+    pub peers: Option<PeerStats>,
 }
 
 impl Observed {
@@ -77,6 +81,7 @@ impl Observed {
             fetches_in_flight: fetch.in_flight,
             verify_failures: reader.verify_failures,
             read_failures: reader.read_failures,
+            peers: self.fetcher.peers().map(|peers| peers.stats()),
         }
     }
 }
@@ -183,7 +188,114 @@ pub fn render(status: &DaemonStatus) -> String {
         "FUSE reads answered with EIO.",
         &[("", status.read_failures)],
     );
+    if let Some(peers) = &status.peers {
+        render_peers(&mut out, peers);
+    }
     out
+}
+
+/// The peer network's counters, with per-peer series labelled `peer="addr"`.
+fn render_peers(out: &mut String, peers: &PeerStats) {
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP shoal_peer_{name} {help}");
+        let _ = writeln!(out, "# TYPE shoal_peer_{name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "shoal_peer_{name}{labels} {value}");
+        }
+    };
+    let one = |value: u64| [(String::new(), value)];
+    metric(
+        "members",
+        "gauge",
+        "Peers named by the configuration, by state.",
+        &[
+            ("{state=\"known\"}".into(), peers.members_known),
+            ("{state=\"live\"}".into(), peers.members_live),
+        ],
+    );
+    metric(
+        "lookups_total",
+        "counter",
+        "Index lookups made, failed, and answered for others.",
+        &[
+            ("{outcome=\"made\"}".into(), peers.lookups),
+            ("{outcome=\"failed\"}".into(), peers.lookup_failures),
+            ("{outcome=\"answered\"}".into(), peers.lookups_answered),
+        ],
+    );
+    metric(
+        "fallbacks_total",
+        "counter",
+        "Blocks that waited on peers, then came from the registry.",
+        &one(peers.fallbacks),
+    );
+    metric(
+        "busy_answers_total",
+        "counter",
+        "Busy answers received from peers.",
+        &one(peers.busy_answers),
+    );
+    metric(
+        "verify_failures_total",
+        "counter",
+        "Blocks from peers that failed verification.",
+        &one(peers.verify_failures),
+    );
+    metric(
+        "uploaded_bytes_total",
+        "counter",
+        "Block bytes served to peers.",
+        &one(peers.bytes_uploaded),
+    );
+    metric(
+        "uploads_refused_total",
+        "counter",
+        "Block requests from peers answered busy.",
+        &one(peers.uploads_refused),
+    );
+    let per_peer = |value: fn(&shoal_fetcher::peer::PerPeer) -> u64| {
+        peers
+            .per_peer
+            .iter()
+            .map(|(peer, stats)| (format!("{{peer=\"{peer}\"}}"), value(stats)))
+            .collect::<Vec<_>>()
+    };
+    metric(
+        "received_bytes_total",
+        "counter",
+        "Block bytes received, by peer.",
+        &per_peer(|p| p.bytes),
+    );
+    metric(
+        "requests_total",
+        "counter",
+        "Block requests answered with bytes, by peer.",
+        &per_peer(|p| p.requests),
+    );
+    metric(
+        "request_micros_total",
+        "counter",
+        "Time spent on block requests answered with bytes, by peer, in microseconds.",
+        &per_peer(|p| p.latency_micros),
+    );
+    metric(
+        "errors_total",
+        "counter",
+        "Block requests that failed, by peer.",
+        &per_peer(|p| p.errors),
+    );
+    metric(
+        "peer_busy_total",
+        "counter",
+        "Busy answers, by peer.",
+        &per_peer(|p| p.busy),
+    );
+    metric(
+        "bad_blocks_total",
+        "counter",
+        "Blocks that failed verification, by the peer that sent them.",
+        &per_peer(|p| p.verify_failures),
+    );
 }
 
 /// Serves the endpoint until the runtime shuts down.

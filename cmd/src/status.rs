@@ -162,10 +162,51 @@ impl std::fmt::Display for Status {
                 "integrity:  {} chunk verification failures, {} failed reads",
                 d.verify_failures, d.read_failures
             )?;
+            if let Some(peers) = &d.peers {
+                write_peers(f, peers)?;
+            }
         }
         if let Some(err) = &self.error {
             writeln!(f, "warning:    {err}")?;
         }
         Ok(())
     }
+}
+
+/// The peer lines of `shoal status`: membership, traffic both ways, and each peer's record.
+fn write_peers(
+    f: &mut std::fmt::Formatter<'_>,
+    peers: &shoal_fetcher::peer::PeerStats,
+) -> std::fmt::Result {
+    writeln!(
+        f,
+        "peers:      {} of {} live, {} uploaded ({} refused busy), {} lookups answered",
+        peers.members_live,
+        peers.members_known,
+        shoal_config::ByteSize(peers.bytes_uploaded),
+        peers.uploads_refused,
+        peers.lookups_answered
+    )?;
+    writeln!(
+        f,
+        "            {} lookups ({} failed), {} fallbacks to the registry, {} busy answers, {} bad blocks",
+        peers.lookups, peers.lookup_failures, peers.fallbacks, peers.busy_answers, peers.verify_failures
+    )?;
+    for (peer, stats) in &peers.per_peer {
+        let mean_ms = if stats.requests == 0 {
+            0.0
+        } else {
+            stats.latency_micros as f64 / stats.requests as f64 / 1000.0
+        };
+        writeln!(
+            f,
+            "            {peer}: {} in {} requests ({mean_ms:.1} ms mean), {} errors, {} busy, {} bad",
+            shoal_config::ByteSize(stats.bytes),
+            stats.requests,
+            stats.errors,
+            stats.busy,
+            stats.verify_failures
+        )?;
+    }
+    Ok(())
 }

@@ -16,6 +16,6 @@ mod resolve;
 pub use bytesize::ByteSize;
 pub use error::ConfigError;
 pub use resolve::{
-    CacheConfig, Config, FetchConfig, HostConfig, LogConfig, LogFormat, MetricsConfig,
-    RegistryConfig,
+    CacheConfig, Config, FetchConfig, HostConfig, LogConfig, LogFormat, MetricsConfig, PeerTls,
+    PeersConfig, RegistryConfig,
 };

@@ -23,6 +23,7 @@ pub struct RawConfig {
     pub fetch: Option<RawFetch>,
     pub registry: Option<RawRegistry>,
     pub metrics: Option<RawMetrics>,
+    pub peers: Option<RawPeers>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -73,4 +74,29 @@ pub struct RawHost {
     pub ca: Option<PathBuf>,
     #[serde(default)]
     pub mirrors: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPeers {
+    pub listen: Option<String>,
+    #[serde(rename = "static", default)]
+    pub static_peers: Vec<String>,
+    pub dns: Option<String>,
+    pub refresh_secs: Option<i64>,
+    pub probe_interval_ms: Option<i64>,
+    pub owners: Option<i64>,
+    pub upload_rate: Option<RawByteSize>,
+    pub max_uploads: Option<i64>,
+    pub latency_budget_ms: Option<i64>,
+    pub lease_secs: Option<i64>,
+    pub tls: Option<RawPeerTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPeerTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }

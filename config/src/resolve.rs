@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::bytesize::ByteSize;
 use crate::defaults;
 use crate::error::ConfigError;
-use crate::raw::{RawByteSize, RawConfig, RawHost};
+use crate::raw::{RawByteSize, RawConfig, RawHost, RawPeers};
 
 /// Shoal's validated configuration. Build it with [`Config::load`] or [`Config::parse`].
 #[derive(Debug, Clone)]
@@ -21,6 +21,42 @@ pub struct Config {
     pub fetch: FetchConfig,
     pub registry: RegistryConfig,
     pub metrics: MetricsConfig,
+    /// Peer-to-peer chunk sharing; `None` (no `[peers]` section) keeps every read local or
+    /// from the registry.
+    pub peers: Option<PeersConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PeersConfig {
+    /// The peer listener (HTTP/2: health, index and block requests).
+    pub listen: std::net::SocketAddr,
+    /// `host:port` of every node, this one included (it finds itself by probing).
+    pub static_peers: Vec<String>,
+    /// `name:port` resolving to every node (a Kubernetes headless Service).
+    pub dns: Option<String>,
+    /// How often `static` names and `dns` are resolved again.
+    pub refresh: Duration,
+    /// How often every member's `/health` is probed; one missed probe marks it dead.
+    pub probe_interval: Duration,
+    /// Index owners per blob (rendezvous hashing over live members).
+    pub owners: usize,
+    /// Bytes per second this node uploads to its peers, in all.
+    pub upload_rate: ByteSize,
+    /// Uploads served at once; beyond that requesters are told "busy".
+    pub max_uploads: usize,
+    /// How long a block may wait on peers before it is fetched from the registry.
+    pub latency_budget: Duration,
+    /// How long an owner believes an announcement without hearing it again.
+    pub lease: Duration,
+    pub tls: Option<PeerTls>,
+}
+
+/// Mutual TLS between peers: both sides present a certificate signed by `ca`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -235,6 +271,7 @@ impl Config {
                 hosts,
             },
             metrics,
+            peers: raw.peers.map(resolve_peers).transpose()?,
         })
     }
 
@@ -274,6 +311,119 @@ fn resolve_host(name: &str, raw: RawHost) -> Result<HostConfig, ConfigError> {
         ca: raw.ca,
         mirrors: raw.mirrors,
     })
+}
+
+fn resolve_peers(raw: RawPeers) -> Result<PeersConfig, ConfigError> {
+    let listen_text = raw
+        .listen
+        .unwrap_or_else(|| defaults::PEERS_LISTEN.to_owned());
+    let listen = listen_text.parse().map_err(|_| {
+        ConfigError::invalid(
+            "peers.listen",
+            format!("`{listen_text}` is not an address such as 0.0.0.0:7420"),
+        )
+    })?;
+    for entry in &raw.static_peers {
+        check_host_port("peers.static", entry)?;
+    }
+    if let Some(dns) = &raw.dns {
+        check_host_port("peers.dns", dns)?;
+    }
+    if raw.static_peers.is_empty() && raw.dns.is_none() {
+        return Err(ConfigError::invalid(
+            "peers.static",
+            "name at least one peer in `peers.static` or a `peers.dns` name",
+        ));
+    }
+    let millis = |field: &str, value: Option<i64>, default: u64, max: i64| {
+        positive(field, value, default as i64, max).map(|ms| Duration::from_millis(ms as u64))
+    };
+    let upload_rate = byte_size(
+        "peers.upload_rate",
+        raw.upload_rate,
+        defaults::PEERS_UPLOAD_RATE,
+    )?;
+    if upload_rate.0 < 4096 {
+        return Err(ConfigError::invalid(
+            "peers.upload_rate",
+            "must be at least 4KiB per second",
+        ));
+    }
+    let tls = match raw.tls {
+        None => None,
+        Some(tls) => {
+            let path = |key: &str, value: Option<PathBuf>| {
+                let field = format!("peers.tls.{key}");
+                let value = value.ok_or_else(|| {
+                    ConfigError::invalid(&field, "mutual TLS needs `ca`, `cert` and `key`")
+                })?;
+                absolute(&field, value)
+            };
+            Some(PeerTls {
+                ca: path("ca", tls.ca)?,
+                cert: path("cert", tls.cert)?,
+                key: path("key", tls.key)?,
+            })
+        }
+    };
+    Ok(PeersConfig {
+        listen,
+        static_peers: raw.static_peers,
+        dns: raw.dns,
+        refresh: Duration::from_secs(positive(
+            "peers.refresh_secs",
+            raw.refresh_secs,
+            defaults::PEERS_REFRESH_SECS as i64,
+            3600,
+        )? as u64),
+        probe_interval: millis(
+            "peers.probe_interval_ms",
+            raw.probe_interval_ms,
+            defaults::PEERS_PROBE_INTERVAL_MS,
+            60_000,
+        )?,
+        owners: positive(
+            "peers.owners",
+            raw.owners,
+            defaults::PEERS_OWNERS as i64,
+            16,
+        )? as usize,
+        upload_rate,
+        max_uploads: positive(
+            "peers.max_uploads",
+            raw.max_uploads,
+            defaults::PEERS_MAX_UPLOADS as i64,
+            4096,
+        )? as usize,
+        latency_budget: millis(
+            "peers.latency_budget_ms",
+            raw.latency_budget_ms,
+            defaults::PEERS_LATENCY_BUDGET_MS,
+            60_000,
+        )?,
+        lease: Duration::from_secs(positive(
+            "peers.lease_secs",
+            raw.lease_secs,
+            defaults::PEERS_LEASE_SECS as i64,
+            86_400,
+        )? as u64),
+        tls,
+    })
+}
+
+/// `host:port` with a numeric port, as peers are written.
+fn check_host_port(field: &str, entry: &str) -> Result<(), ConfigError> {
+    let valid = entry.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
+    });
+    if valid {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            field,
+            format!("`{entry}` must be `host:port`"),
+        ))
+    }
 }
 
 fn absolute(field: &str, path: PathBuf) -> Result<PathBuf, ConfigError> {
@@ -336,6 +486,21 @@ mod tests {
         assert_eq!(config.root, Path::new("/var/lib/shoal"));
         assert!(config.registry.hosts.contains_key("127.0.0.1:5000"));
         assert!(config.host("127.0.0.1:5000").plain_http);
+        // `[peers]` ships commented out (installing the example must not open a port); its
+        // keys are checked by parsing the section uncommented.
+        assert!(config.peers.is_none());
+        let at = text
+            .find("# [peers]")
+            .expect("the example documents [peers]");
+        let peers: String = text[at..]
+            .lines()
+            .map(|line| line.strip_prefix("# ").unwrap_or(line))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let peers = Config::parse(&peers).unwrap().peers.unwrap();
+        assert_eq!(peers.latency_budget.as_millis(), 2000);
+        assert_eq!(peers.static_peers.len(), 2);
+        assert!(peers.tls.is_some());
     }
 
     #[test]
@@ -368,6 +533,35 @@ mod tests {
         assert_eq!(
             field_of("[registry.hosts.\"r:5000\"]\nmirrors = [\"http://m\"]"),
             "registry.hosts.\"r:5000\".mirrors"
+        );
+    }
+
+    #[test]
+    fn peers_are_off_unless_configured() {
+        assert!(Config::parse("").unwrap().peers.is_none());
+        let config = Config::parse("[peers]\nstatic = [\"10.0.0.2:7420\"]").unwrap();
+        let peers = config.peers.unwrap();
+        assert_eq!(peers.owners, defaults::PEERS_OWNERS);
+        assert_eq!(peers.static_peers, ["10.0.0.2:7420"]);
+        assert!(peers.tls.is_none());
+    }
+
+    #[test]
+    fn invalid_peers_name_their_field() {
+        assert_eq!(field_of("[peers]\nlisten = \"0.0.0.0:1\""), "peers.static");
+        assert_eq!(field_of("[peers]\nstatic = [\"10.0.0.2\"]"), "peers.static");
+        assert_eq!(field_of("[peers]\ndns = \"svc\""), "peers.dns");
+        assert_eq!(
+            field_of("[peers]\ndns = \"svc:1\"\nlisten = \"x\""),
+            "peers.listen"
+        );
+        assert_eq!(
+            field_of("[peers]\ndns = \"svc:1\"\nowners = 0"),
+            "peers.owners"
+        );
+        assert_eq!(
+            field_of("[peers]\ndns = \"svc:1\"\ntls = { ca = \"/ca.pem\" }"),
+            "peers.tls.cert"
         );
     }
 

@@ -38,6 +38,23 @@ pub enum FetchError {
         source: reqwest::Error,
     },
 
+    #[error("read peer tls file {}", path.display())]
+    ReadPeerTls {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("parse peer tls file {}: {reason}", path.display())]
+    ParsePeerTls { path: PathBuf, reason: String },
+
+    #[error("bind peer listener {address}")]
+    BindPeerListener {
+        address: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+
     #[error("read docker config {}", path.display())]
     ReadDockerConfig {
         path: PathBuf,

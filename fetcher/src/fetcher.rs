@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 use crate::cache::{BlockKey, ChunkCache};
 use crate::error::FetchError;
 use crate::flight::{Flights, Joined, Lead, Waiter};
+use crate::peer::{self, Peers};
 use crate::reference::BlobRef;
 use crate::registry::RegistryClient;
 use crate::stats::{Counters, FetchStats, Source};
@@ -34,10 +35,14 @@ struct Inner {
     remote: Semaphore,
     counters: Counters,
     max_run_blocks: u64,
+    /// The peer network, when `[peers]` is configured.
+    peers: Option<Arc<Peers>>,
 }
 
 impl Fetcher {
-    /// Opens the cache under `<root>/cache/` and builds the registry client.
+    /// Opens the cache under `<root>/cache/` and builds the registry client, and the peer
+    /// client when `[peers]` is configured (its listener and upkeep start with
+    /// [`start_peers`](Self::start_peers)).
     pub fn new(config: &Config) -> Result<Fetcher, FetchError> {
         let cache = ChunkCache::open(
             &config.root.join("cache"),
@@ -45,13 +50,26 @@ impl Fetcher {
             config.cache.capacity.0,
         )?;
         let registry = RegistryClient::new(&config.registry)?;
-        Ok(Fetcher::from_parts(registry, cache, &config.fetch))
+        let peers = match &config.peers {
+            Some(peers) => Some(Arc::new(Peers::new(peers, cache.block_size())?)),
+            None => None,
+        };
+        Ok(Fetcher::build(registry, cache, &config.fetch, peers))
     }
 
     pub fn from_parts(
         registry: RegistryClient,
         cache: ChunkCache,
         config: &FetchConfig,
+    ) -> Fetcher {
+        Fetcher::build(registry, cache, config, None)
+    }
+
+    fn build(
+        registry: RegistryClient,
+        cache: ChunkCache,
+        config: &FetchConfig,
+        peers: Option<Arc<Peers>>,
     ) -> Fetcher {
         let max_run_blocks = (MAX_RUN_BYTES / cache.block_size()).max(1);
         Fetcher {
@@ -62,6 +80,7 @@ impl Fetcher {
                 remote: Semaphore::new(config.max_concurrent.max(1)),
                 counters: Counters::default(),
                 max_run_blocks,
+                peers,
             }),
         }
     }
@@ -78,6 +97,21 @@ impl Fetcher {
         self.inner.counters.snapshot()
     }
 
+    /// The peer network, when configured.
+    pub fn peers(&self) -> Option<&Peers> {
+        self.inner.peers.as_deref()
+    }
+
+    pub(crate) fn peers_arc(&self) -> Option<Arc<Peers>> {
+        self.inner.peers.clone()
+    }
+
+    /// Binds the peer listener and starts membership probing and announcements on the
+    /// current runtime; the bound address, or `None` when peers are not configured.
+    pub async fn start_peers(&self) -> Result<Option<std::net::SocketAddr>, FetchError> {
+        peer::start(self).await
+    }
+
     /// Bytes `range` of `blob`, from the cache or fetched. The bytes are those the registry
     /// served: verifying them is the caller's job (see [`refetch`](Self::refetch)).
     pub async fn read(&self, blob: &BlobRef, range: Range<u64>) -> Result<Bytes, FetchError> {
@@ -89,7 +123,7 @@ impl Fetcher {
             return Ok(bytes);
         }
         let blocks = self.block_range(&range);
-        let parts = self.blocks(blob, blocks.clone(), false).await?;
+        let parts = self.blocks(blob, blocks.clone(), Refresh::No).await?;
         Ok(self.assemble(blocks.start, parts, range))
     }
 
@@ -105,12 +139,16 @@ impl Fetcher {
         Some(bytes)
     }
 
-    /// Drops the cached blocks under `range` and fetches them again: for when the caller's
-    /// verification of what [`read`](Self::read) returned failed.
+    /// Drops the cached blocks under `range` and fetches them again from the registry: for
+    /// when the caller's verification of what [`read`](Self::read) returned failed. A peer
+    /// that had sent any of those blocks is blamed and avoided.
     pub async fn refetch(&self, blob: &BlobRef, range: Range<u64>) -> Result<Bytes, FetchError> {
         check_bounds(blob, &range)?;
         if range.is_empty() {
             return Ok(Bytes::new());
+        }
+        if let Some(peers) = &self.inner.peers {
+            peers.rejected(&blob.digest, self.block_range(&range));
         }
         let fetcher = self.clone();
         let digest = blob.digest.clone();
@@ -122,7 +160,9 @@ impl Fetcher {
                 reason: e.to_string(),
             })??;
         let blocks = self.block_range(&range);
-        let parts = self.blocks(blob, blocks.clone(), true).await?;
+        let parts = self
+            .blocks(blob, blocks.clone(), Refresh::FromRegistry)
+            .await?;
         Ok(self.assemble(blocks.start, parts, range))
     }
 
@@ -134,7 +174,7 @@ impl Fetcher {
         let mut start = blocks.start;
         while start < blocks.end {
             let end = blocks.end.min(start + window);
-            self.blocks(blob, start..end, false).await?;
+            self.blocks(blob, start..end, Refresh::No).await?;
             start = end;
         }
         Ok(())
@@ -151,13 +191,13 @@ impl Fetcher {
         range.start / self.block_size()..(range.end - 1) / self.block_size() + 1
     }
 
-    /// Blocks `blocks` of `blob`: present ones from the cache (unless `refresh`), missing ones
-    /// joined to a fetch already under way or fetched now, adjacent ones together.
+    /// Blocks `blocks` of `blob`: present ones from the cache (unless refreshing), missing
+    /// ones joined to a fetch already under way or fetched now, adjacent ones together.
     async fn blocks(
         &self,
         blob: &BlobRef,
         blocks: Range<u64>,
-        refresh: bool,
+        refresh: Refresh,
     ) -> Result<Vec<Bytes>, FetchError> {
         enum Part {
             Ready(Bytes),
@@ -168,7 +208,7 @@ impl Fetcher {
         let mut leads: Vec<Lead> = Vec::new();
         for index in blocks {
             let key = BlockKey::new(blob.digest.clone(), index);
-            let cached = (!refresh)
+            let cached = (refresh == Refresh::No)
                 .then(|| {
                     inner
                         .cache
@@ -194,7 +234,7 @@ impl Fetcher {
         // this reader gives up (a FUSE request interrupted, a caller's timeout).
         let tasks: Vec<_> = runs(leads, inner.max_run_blocks)
             .into_iter()
-            .map(|run| tokio::spawn(self.clone().fetch_run(blob.clone(), run)))
+            .map(|run| tokio::spawn(self.clone().fetch_run(blob.clone(), run, refresh)))
             .collect();
         let mut blocks = Vec::with_capacity(parts.len());
         for part in parts {
@@ -213,51 +253,49 @@ impl Fetcher {
         Ok(blocks)
     }
 
-    /// Fetches one run of adjacent blocks with a single range request, answers its waiters,
-    /// then caches the blocks.
-    async fn fetch_run(self, blob: BlobRef, run: Vec<Lead>) {
+    /// Fetches one run of adjacent blocks: from peers when they have them (unless this is a
+    /// refetch), the rest from the registry with one range request per gap; answers the
+    /// waiters, then caches the blocks and announces those that came from the registry.
+    async fn fetch_run(self, blob: BlobRef, run: Vec<Lead>, refresh: Refresh) {
         let (Some(first), Some(last)) = (run.first(), run.last()) else {
             return;
         };
-        let range = self.block_bytes(&blob, first.key().index).start
-            ..self.block_bytes(&blob, last.key().index).end;
+        let blocks = first.key().index..last.key().index + 1;
         let inner = &self.inner;
-        let fetched = {
+        let mut fetched: Vec<(u64, Bytes)> = Vec::with_capacity(run.len());
+        let mut from_registry: Vec<u64> = Vec::with_capacity(run.len());
+        {
             let Ok(_permit) = inner.remote.acquire().await else {
                 return;
             };
             let _in_flight = inner.counters.in_flight();
-            // Peers go here: ask the blob's index owners for holders of these blocks within
-            // a latency budget, count what they send as `Source::Peer`, and fall through to
-            // the registry for whatever they cannot serve.
-            inner.registry.get_blob_range(&blob, range.clone()).await
-        };
-        let bytes = match fetched {
-            Ok(bytes) => bytes,
-            Err(error) => {
-                inner.counters.error();
-                tracing::debug!(blob = %blob.digest, ?range, %error, "block fetch failed");
-                let error = Arc::new(error);
-                for lead in &run {
-                    lead.publish(Err(error.clone()));
+            let from_peers = match (&inner.peers, refresh) {
+                (Some(peers), Refresh::No) => peers.fetch(&blob, blocks).await,
+                _ => vec![None; run.len()],
+            };
+            let mut gap: Vec<&Lead> = Vec::new();
+            for (lead, bytes) in run.iter().zip(from_peers) {
+                match bytes {
+                    Some(bytes) => {
+                        inner.counters.served(Source::Peer, bytes.len() as u64);
+                        lead.publish(Ok(bytes.clone()));
+                        fetched.push((lead.key().index, bytes));
+                    }
+                    None => gap.push(lead),
                 }
-                return;
             }
-        };
-        inner.counters.served(Source::Registry, bytes.len() as u64);
-        let mut blocks = Vec::with_capacity(run.len());
-        for lead in &run {
-            let block = self.block_bytes(&blob, lead.key().index);
-            let part = bytes
-                .slice((block.start - range.start) as usize..(block.end - range.start) as usize);
-            lead.publish(Ok(part.clone()));
-            blocks.push((lead.key().index, part));
+            for gap in adjacent(&gap) {
+                let got = self.fetch_registry(&blob, gap).await;
+                from_registry.extend(got.iter().map(|(index, _)| *index));
+                fetched.extend(got);
+            }
         }
         // The leads stay registered until the blocks are cached, so a reader arriving
         // meanwhile joins the finished flight instead of fetching again.
         let fetcher = self.clone();
+        let digest = blob.digest.clone();
         let cached = tokio::task::spawn_blocking(move || {
-            for (index, part) in blocks {
+            for (index, part) in fetched {
                 if let Err(error) =
                     fetcher
                         .inner
@@ -272,7 +310,45 @@ impl Fetcher {
         if let Err(error) = cached {
             tracing::warn!(%error, "caching task failed");
         }
+        if let Some(peers) = &inner.peers {
+            peers.landed(&digest, &from_registry);
+        }
         drop(run);
+    }
+
+    /// Adjacent blocks `gap` from the registry with one range request; answers their
+    /// waiters and returns them (none on failure).
+    async fn fetch_registry(&self, blob: &BlobRef, gap: &[&Lead]) -> Vec<(u64, Bytes)> {
+        let (Some(first), Some(last)) = (gap.first(), gap.last()) else {
+            return Vec::new();
+        };
+        let range = self.block_bytes(blob, first.key().index).start
+            ..self.block_bytes(blob, last.key().index).end;
+        let inner = &self.inner;
+        let fetched = inner.registry.get_blob_range(blob, range.clone()).await;
+        let bytes = match fetched {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                inner.counters.error();
+                tracing::debug!(blob = %blob.digest, ?range, %error, "block fetch failed");
+                let error = Arc::new(error);
+                for lead in gap {
+                    lead.publish(Err(error.clone()));
+                }
+                return Vec::new();
+            }
+        };
+        inner.counters.served(Source::Registry, bytes.len() as u64);
+        gap.iter()
+            .map(|lead| {
+                let block = self.block_bytes(blob, lead.key().index);
+                let part = bytes.slice(
+                    (block.start - range.start) as usize..(block.end - range.start) as usize,
+                );
+                lead.publish(Ok(part.clone()));
+                (lead.key().index, part)
+            })
+            .collect()
     }
 
     /// Byte range of block `index` within `blob`; the last block may be short.
@@ -305,6 +381,27 @@ fn check_bounds(blob: &BlobRef, range: &Range<u64>) -> Result<(), FetchError> {
         });
     }
     Ok(())
+}
+
+/// Whether cached blocks are read (`No`) or fetched again, from the registry only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refresh {
+    No,
+    FromRegistry,
+}
+
+/// Leads (in block order) cut where a block is missing.
+fn adjacent<'a>(leads: &'a [&'a Lead]) -> Vec<&'a [&'a Lead]> {
+    let mut cuts = Vec::new();
+    let mut start = 0;
+    for at in 1..=leads.len() {
+        let broken = at == leads.len() || leads[at - 1].key().index + 1 != leads[at].key().index;
+        if broken {
+            cuts.push(&leads[start..at]);
+            start = at;
+        }
+    }
+    cuts
 }
 
 /// Splits leads (in block order) into runs of adjacent blocks, each at most `max` long.

@@ -1,5 +1,5 @@
-//! Data-plane layer of Shoal: blob bytes by range, from the node-local chunk cache or the
-//! registry.
+//! Data-plane layer of Shoal: blob bytes by range, from the node-local chunk cache, peer
+//! nodes or the registry.
 //!
 //! - [`Fetcher`] is the front door: [`Fetcher::read`] serves `(blob, range)` from the
 //!   [`ChunkCache`] or fetches the missing blocks, coalesced, single-flight, bounded.
@@ -8,6 +8,8 @@
 //!   blobs ([`BlobContent`]) and manifests.
 //! - [`ChunkCache`] keeps aligned blocks ([`BlockKey`]) on disk, durable before visible,
 //!   bounded by LRU eviction with pinning.
+//! - [`peer::Peers`] asks other nodes for blocks before the registry (rendezvous-placed
+//!   index owners, announcements, HTTP/2 block requests), and serves them this node's.
 //! - [`Digest`], [`ImageRef`] and [`BlobRef`] name what is fetched; [`FetchError`] says what
 //!   failed.
 //!
@@ -19,6 +21,7 @@ mod digest;
 mod error;
 mod fetcher;
 mod flight;
+pub mod peer;
 mod reference;
 mod registry;
 mod stats;

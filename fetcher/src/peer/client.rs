@@ -1,0 +1,199 @@
+//! [`PeerClient`]: this node's requests to other nodes, over HTTP/2 connections that are kept
+//! open between requests (plain, or mutual TLS when `peers.tls` is set).
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use reqwest::StatusCode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use shoal_config::PeersConfig;
+
+use super::member::PeerAddr;
+use super::tls;
+use super::wire::{Announce, Health, Lookup, LookupReply, MAX_BODY_BYTES};
+use crate::digest::Digest;
+use crate::error::FetchError;
+
+/// Why a request to a peer gave nothing.
+#[derive(Debug)]
+pub enum PeerFailure {
+    /// It answered "busy" (429 or 503).
+    Busy,
+    /// It does not hold what was asked (404).
+    Missing,
+    /// Anything else: refused, reset, timed out, a bad answer.
+    Failed(String),
+}
+
+impl std::fmt::Display for PeerFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerFailure::Busy => f.write_str("busy"),
+            PeerFailure::Missing => f.write_str("does not hold it"),
+            PeerFailure::Failed(reason) => f.write_str(reason),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct PeerClient {
+    http: reqwest::Client,
+    scheme: &'static str,
+}
+
+impl PeerClient {
+    pub fn new(config: &PeersConfig) -> Result<PeerClient, FetchError> {
+        let builder = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .connect_timeout(Duration::from_millis(500))
+            .pool_idle_timeout(Duration::from_secs(300))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .http2_keep_alive_while_idle(true)
+            .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy();
+        let (builder, scheme) = match &config.tls {
+            None => (builder, "http"),
+            Some(tls) => (tls::client(builder, tls)?, "https"),
+        };
+        let http = builder.build().map_err(|source| FetchError::BuildClient {
+            host: "peers".into(),
+            source,
+        })?;
+        Ok(PeerClient { http, scheme })
+    }
+
+    fn url(&self, peer: PeerAddr, path: &str) -> String {
+        format!("{}://{}{}", self.scheme, peer, path)
+    }
+
+    pub async fn health(&self, peer: PeerAddr, timeout: Duration) -> Result<Health, PeerFailure> {
+        let request = self.http.get(self.url(peer, "/health")).timeout(timeout);
+        json_of(request.send().await).await
+    }
+
+    pub async fn lookup(
+        &self,
+        peer: PeerAddr,
+        lookup: &Lookup,
+        timeout: Duration,
+    ) -> Result<LookupReply, PeerFailure> {
+        self.post(peer, "/v1/lookup", lookup, timeout).await
+    }
+
+    pub async fn announce(
+        &self,
+        peer: PeerAddr,
+        announce: &Announce,
+        timeout: Duration,
+    ) -> Result<(), PeerFailure> {
+        let response = self
+            .http
+            .post(self.url(peer, "/v1/announce"))
+            .json(announce)
+            .timeout(timeout)
+            .send()
+            .await;
+        checked(response).map(drop)
+    }
+
+    async fn post<T: Serialize, R: DeserializeOwned>(
+        &self,
+        peer: PeerAddr,
+        path: &str,
+        body: &T,
+        timeout: Duration,
+    ) -> Result<R, PeerFailure> {
+        let request = self
+            .http
+            .post(self.url(peer, path))
+            .json(body)
+            .timeout(timeout);
+        json_of(request.send().await).await
+    }
+
+    /// Bytes `range` of `blob` from `peer`'s cache, which must send exactly that many by
+    /// `deadline`.
+    pub async fn blocks(
+        &self,
+        peer: PeerAddr,
+        blob: &Digest,
+        range: Range<u64>,
+        deadline: Instant,
+    ) -> Result<Bytes, PeerFailure> {
+        let timeout = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        let response = self
+            .http
+            .get(self.url(peer, &format!("/v1/blobs/{blob}")))
+            .header(
+                reqwest::header::RANGE,
+                format!("bytes={}-{}", range.start, range.end - 1),
+            )
+            .timeout(timeout)
+            .send()
+            .await;
+        let response = checked(response)?;
+        if response.status() != StatusCode::PARTIAL_CONTENT {
+            return Err(PeerFailure::Failed(format!(
+                "answered {} to a range request",
+                response.status()
+            )));
+        }
+        let expected = range.end - range.start;
+        if response.content_length().is_some_and(|len| len != expected) {
+            return Err(PeerFailure::Failed("wrong content length".into()));
+        }
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| PeerFailure::Failed(e.to_string()))?;
+        if bytes.len() as u64 != expected {
+            return Err(PeerFailure::Failed(format!(
+                "sent {} bytes, {expected} asked",
+                bytes.len()
+            )));
+        }
+        Ok(bytes)
+    }
+}
+
+fn checked(
+    response: Result<reqwest::Response, reqwest::Error>,
+) -> Result<reqwest::Response, PeerFailure> {
+    let response = response.map_err(|e| PeerFailure::Failed(e.to_string()))?;
+    match response.status() {
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => Err(PeerFailure::Busy),
+        StatusCode::NOT_FOUND => Err(PeerFailure::Missing),
+        status if status.is_success() => Ok(response),
+        status => Err(PeerFailure::Failed(format!("answered {status}"))),
+    }
+}
+
+async fn json_of<R: DeserializeOwned>(
+    response: Result<reqwest::Response, reqwest::Error>,
+) -> Result<R, PeerFailure> {
+    let response = checked(response)?;
+    if response
+        .content_length()
+        .is_some_and(|len| len > MAX_BODY_BYTES as u64)
+    {
+        return Err(PeerFailure::Failed("answer too large".into()));
+    }
+    let mut response = response;
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| PeerFailure::Failed(e.to_string()))?
+    {
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(PeerFailure::Failed("answer too large".into()));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).map_err(|e| PeerFailure::Failed(format!("bad answer: {e}")))
+}

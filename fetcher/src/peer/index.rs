@@ -1,0 +1,287 @@
+//! [`OwnerIndex`]: what an index owner knows about the blobs it owns: which node holds which
+//! blocks (under a lease), and which node was told to fetch a block nobody holds yet.
+//!
+//! The second part keeps a herd of nodes missing the same block from all going to the
+//! registry: the first asker gets [`Advice::Fetch`], the others [`Advice::Wait`] for it, and
+//! once its announcement lands they are sent to it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::blockset::BlockSet;
+use super::member::PeerAddr;
+use super::wire::Advice;
+use crate::digest::Digest;
+
+/// Blobs one owner keeps track of; the least recently announced are forgotten first.
+const MAX_BLOBS: usize = 16_384;
+/// Holders kept per blob; the stalest are forgotten first.
+const MAX_HOLDERS: usize = 256;
+/// How soon an asker told to wait asks again.
+const RETRY: Duration = Duration::from_millis(20);
+/// Hand-outs of a holder are counted over windows this long to find the least loaded.
+const LOAD_WINDOW: Duration = Duration::from_secs(2);
+
+pub struct OwnerIndex {
+    lease: Duration,
+    /// How long a node told to fetch a block keeps the exclusive right to.
+    grant: Duration,
+    blobs: Mutex<HashMap<Digest, BlobEntry>>,
+}
+
+#[derive(Default)]
+struct BlobEntry {
+    holders: HashMap<PeerAddr, Holding>,
+    grants: HashMap<u64, (PeerAddr, Instant)>,
+    touched: Option<Instant>,
+}
+
+struct Holding {
+    blocks: BlockSet,
+    expires: Instant,
+    handed_out: u32,
+    window: Instant,
+}
+
+impl OwnerIndex {
+    pub fn new(lease: Duration, grant: Duration) -> OwnerIndex {
+        OwnerIndex {
+            lease,
+            grant,
+            blobs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records that `from` holds `blocks` of `blob`: added to what it announced before, or
+    /// instead of it when `replace`; either way its lease starts again.
+    pub fn announce(
+        &self,
+        now: Instant,
+        from: PeerAddr,
+        blob: &Digest,
+        blocks: &BlockSet,
+        replace: bool,
+    ) {
+        let mut blobs = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
+        if !blobs.contains_key(blob) && blobs.len() >= MAX_BLOBS {
+            let stalest = blobs
+                .iter()
+                .min_by_key(|(_, entry)| entry.touched)
+                .map(|(digest, _)| digest.clone());
+            if let Some(stalest) = stalest {
+                blobs.remove(&stalest);
+            }
+        }
+        let entry = blobs.entry(blob.clone()).or_default();
+        entry.touched = Some(now);
+        if !entry.holders.contains_key(&from) && entry.holders.len() >= MAX_HOLDERS {
+            let stalest = entry
+                .holders
+                .iter()
+                .min_by_key(|(_, holding)| holding.expires)
+                .map(|(addr, _)| *addr);
+            if let Some(stalest) = stalest {
+                entry.holders.remove(&stalest);
+            }
+        }
+        let holding = entry.holders.entry(from).or_insert_with(|| Holding {
+            blocks: BlockSet::new(),
+            expires: now,
+            handed_out: 0,
+            window: now,
+        });
+        if replace {
+            holding.blocks = blocks.clone();
+        } else {
+            holding.blocks.merge(blocks);
+        }
+        holding.expires = now + self.lease;
+        // A grant is done with once its holder announces the block.
+        entry
+            .grants
+            .retain(|index, (grantee, _)| *grantee != from || !blocks.contains(*index));
+    }
+
+    /// Advice for blocks `first..first+count` of `blob`, asked by `from` (if it knows its own
+    /// address), never naming `from` or an `excluded` node as a holder.
+    pub fn lookup(
+        &self,
+        now: Instant,
+        from: Option<PeerAddr>,
+        blob: &Digest,
+        first: u64,
+        count: u64,
+        excluded: &dyn Fn(&PeerAddr) -> bool,
+    ) -> Vec<Advice> {
+        let mut blobs = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = blobs.entry(blob.clone()).or_default();
+        entry.touched = Some(now);
+        entry.holders.retain(|_, holding| holding.expires > now);
+        let grant = self.grant;
+        entry
+            .grants
+            .retain(|_, (_, granted)| now.duration_since(*granted) < grant);
+        let mut advice = Vec::with_capacity(count as usize);
+        for index in first..first.saturating_add(count) {
+            let mut holders: Vec<(u32, PeerAddr)> = entry
+                .holders
+                .iter_mut()
+                .filter(|(addr, holding)| {
+                    Some(**addr) != from && !excluded(addr) && holding.blocks.contains(index)
+                })
+                .map(|(addr, holding)| {
+                    if now.duration_since(holding.window) >= LOAD_WINDOW {
+                        holding.handed_out = 0;
+                        holding.window = now;
+                    }
+                    (holding.handed_out, *addr)
+                })
+                .collect();
+            if !holders.is_empty() {
+                holders.sort();
+                if let Some(holding) = entry.holders.get_mut(&holders[0].1) {
+                    holding.handed_out += 1;
+                }
+                advice.push(Advice::Holders {
+                    holders: holders.iter().map(|(_, a)| a.to_string()).collect(),
+                });
+                continue;
+            }
+            match (entry.grants.get(&index), from) {
+                (Some((grantee, _)), _) if Some(*grantee) != from && !excluded(grantee) => advice
+                    .push(Advice::Wait {
+                        holder: grantee.to_string(),
+                        retry_ms: RETRY.as_millis() as u64,
+                    }),
+                (_, Some(asker)) => {
+                    entry.grants.insert(index, (asker, now));
+                    advice.push(Advice::Fetch);
+                }
+                (_, None) => advice.push(Advice::Fetch),
+            }
+        }
+        advice
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(i: u8) -> PeerAddr {
+        PeerAddr(format!("10.0.0.{i}:7420").parse().unwrap())
+    }
+
+    fn blocks(indices: &[u64]) -> BlockSet {
+        let mut set = BlockSet::new();
+        for &i in indices {
+            set.insert(i);
+        }
+        set
+    }
+
+    const NONE: &dyn Fn(&PeerAddr) -> bool = &|_| false;
+
+    #[test]
+    fn first_asker_fetches_and_the_herd_waits_then_follows() {
+        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2));
+        let blob = Digest::of(b"blob");
+        let t0 = Instant::now();
+        assert_eq!(
+            index.lookup(t0, Some(addr(1)), &blob, 0, 1, NONE),
+            [Advice::Fetch]
+        );
+        for asker in 2..5 {
+            assert_eq!(
+                index.lookup(t0, Some(addr(asker)), &blob, 0, 1, NONE),
+                [Advice::Wait {
+                    holder: addr(1).to_string(),
+                    retry_ms: 20
+                }]
+            );
+        }
+        index.announce(t0, addr(1), &blob, &blocks(&[0]), false);
+        assert_eq!(
+            index.lookup(t0, Some(addr(2)), &blob, 0, 1, NONE),
+            [Advice::Holders {
+                holders: vec![addr(1).to_string()]
+            }]
+        );
+    }
+
+    #[test]
+    fn an_expired_grant_passes_to_the_next_asker() {
+        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2));
+        let blob = Digest::of(b"blob");
+        let t0 = Instant::now();
+        index.lookup(t0, Some(addr(1)), &blob, 0, 1, NONE);
+        let later = t0 + Duration::from_secs(3);
+        assert_eq!(
+            index.lookup(later, Some(addr(2)), &blob, 0, 1, NONE),
+            [Advice::Fetch]
+        );
+        // A grantee that is known dead does not hold the others back either.
+        let dead = |a: &PeerAddr| *a == addr(2);
+        assert_eq!(
+            index.lookup(later, Some(addr(3)), &blob, 0, 1, &dead),
+            [Advice::Fetch]
+        );
+    }
+
+    #[test]
+    fn leases_expire_unless_renewed() {
+        let index = OwnerIndex::new(Duration::from_secs(10), Duration::from_secs(2));
+        let blob = Digest::of(b"blob");
+        let t0 = Instant::now();
+        index.announce(t0, addr(1), &blob, &blocks(&[0, 1]), false);
+        index.announce(t0, addr(2), &blob, &blocks(&[1]), false);
+        let t1 = t0 + Duration::from_secs(8);
+        index.announce(t1, addr(2), &blob, &blocks(&[1]), true);
+        let t2 = t0 + Duration::from_secs(11);
+        let advice = index.lookup(t2, Some(addr(3)), &blob, 0, 2, NONE);
+        assert_eq!(advice[0], Advice::Fetch, "addr 1's lease expired");
+        assert_eq!(
+            advice[1],
+            Advice::Holders {
+                holders: vec![addr(2).to_string()]
+            }
+        );
+    }
+
+    #[test]
+    fn announcements_merge_or_replace() {
+        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2));
+        let blob = Digest::of(b"blob");
+        let t0 = Instant::now();
+        index.announce(t0, addr(1), &blob, &blocks(&[0]), false);
+        index.announce(t0, addr(1), &blob, &blocks(&[2]), false);
+        let held = |index: &OwnerIndex| {
+            index
+                .lookup(t0, Some(addr(9)), &blob, 0, 3, NONE)
+                .iter()
+                .map(|a| matches!(a, Advice::Holders { .. }))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(held(&index), [true, false, true]);
+        index.announce(t0, addr(1), &blob, &blocks(&[1]), true);
+        assert_eq!(held(&index), [false, true, false]);
+    }
+
+    #[test]
+    fn least_loaded_holder_comes_first_and_the_asker_is_never_named() {
+        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2));
+        let blob = Digest::of(b"blob");
+        let t0 = Instant::now();
+        index.announce(t0, addr(1), &blob, &blocks(&[0]), false);
+        index.announce(t0, addr(2), &blob, &blocks(&[0]), false);
+        let first = |asker| match &index.lookup(t0, Some(addr(asker)), &blob, 0, 1, NONE)[0] {
+            Advice::Holders { holders } => holders.clone(),
+            other => panic!("{other:?}"),
+        };
+        let a = first(5);
+        let b = first(6);
+        assert_ne!(a[0], b[0], "hand-outs alternate between equal holders");
+        assert_eq!(first(1), [addr(2).to_string()]);
+    }
+}

@@ -1,0 +1,83 @@
+//! [`UploadLimiter`]: what this node gives its peers: a byte rate shared by every upload and
+//! a cap on uploads at once, beyond which a requester hears "busy" and goes elsewhere.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+pub struct UploadLimiter {
+    slots: Arc<Semaphore>,
+    bucket: Mutex<Bucket>,
+}
+
+/// A token bucket holding at most one second of tokens; it may go into debt so that a block
+/// larger than the burst still goes out, after the sender has waited for it.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl UploadLimiter {
+    pub fn new(rate: u64, max_uploads: usize) -> UploadLimiter {
+        UploadLimiter {
+            slots: Arc::new(Semaphore::new(max_uploads.max(1))),
+            bucket: Mutex::new(Bucket {
+                rate: rate.max(1) as f64,
+                tokens: rate.max(1) as f64,
+                at: Instant::now(),
+            }),
+        }
+    }
+
+    /// An upload slot, or `None` when every slot is taken (the requester is told "busy").
+    pub fn try_start(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// How long the sender of `bytes` must wait to stay within the rate; the bytes are
+    /// charged now.
+    pub fn charge(&self, bytes: u64) -> Duration {
+        let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let refill = now.duration_since(bucket.at).as_secs_f64() * bucket.rate;
+        bucket.tokens = (bucket.tokens + refill).min(bucket.rate);
+        bucket.at = now;
+        bucket.tokens -= bytes as f64;
+        if bucket.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-bucket.tokens / bucket.rate)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_is_enforced_after_the_burst() {
+        let limiter = UploadLimiter::new(1000, 4);
+        assert_eq!(limiter.charge(1000), Duration::ZERO);
+        let wait = limiter.charge(500);
+        assert!(
+            wait >= Duration::from_millis(450) && wait <= Duration::from_millis(550),
+            "{wait:?}"
+        );
+        // Debt accumulates: the next sender waits for both.
+        let wait = limiter.charge(500);
+        assert!(wait >= Duration::from_millis(950), "{wait:?}");
+    }
+
+    #[test]
+    fn uploads_beyond_the_cap_are_refused() {
+        let limiter = UploadLimiter::new(1 << 20, 2);
+        let first = limiter.try_start().unwrap();
+        let _second = limiter.try_start().unwrap();
+        assert!(limiter.try_start().is_none());
+        drop(first);
+        assert!(limiter.try_start().is_some());
+    }
+}

@@ -1,0 +1,186 @@
+//! Membership: the nodes named by `peers.static` and `peers.dns`, which of them answer their
+//! `/health` probe, which one is this node, and which ones it avoids for a while (busy, gone,
+//! or caught sending bad bytes).
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A node's peer listener address, which is also its name among the members.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerAddr(pub SocketAddr);
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl fmt::Debug for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::str::FromStr for PeerAddr {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(text: &str) -> Result<PeerAddr, Self::Err> {
+        text.parse().map(PeerAddr)
+    }
+}
+
+/// A random id this process answers `/health` with, so that it recognises its own address in
+/// the member list.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NodeId(pub String);
+
+impl NodeId {
+    pub fn random() -> NodeId {
+        use std::hash::{BuildHasher, Hasher};
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default(),
+        );
+        NodeId(format!("{:016x}", hasher.finish()))
+    }
+}
+
+/// Why a peer is avoided, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Penalty {
+    /// It answered "busy".
+    Busy,
+    /// A request to it failed (refused, reset, timed out).
+    Unreachable,
+    /// Bytes it sent failed verification.
+    BadData,
+}
+
+impl Penalty {
+    fn duration(self) -> Duration {
+        match self {
+            Penalty::Busy => Duration::from_millis(500),
+            Penalty::Unreachable => Duration::from_secs(5),
+            Penalty::BadData => Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Membership {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Every address the configuration resolves to.
+    known: BTreeSet<PeerAddr>,
+    /// Those that answered their last probe.
+    live: BTreeSet<PeerAddr>,
+    me: Option<PeerAddr>,
+    avoid: HashMap<PeerAddr, Instant>,
+}
+
+impl Membership {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_known(&self, known: BTreeSet<PeerAddr>) {
+        let mut state = self.lock();
+        state.live.retain(|addr| known.contains(addr));
+        state.known = known;
+    }
+
+    pub fn known(&self) -> Vec<PeerAddr> {
+        self.lock().known.iter().copied().collect()
+    }
+
+    /// Records a probe's outcome; `is_me` when the member answered with this node's id.
+    pub fn probed(&self, addr: PeerAddr, alive: bool, is_me: bool) {
+        let mut state = self.lock();
+        if is_me {
+            state.me = Some(addr);
+        }
+        if alive && state.known.contains(&addr) {
+            state.live.insert(addr);
+        } else {
+            state.live.remove(&addr);
+        }
+    }
+
+    pub fn me(&self) -> Option<PeerAddr> {
+        self.lock().me
+    }
+
+    /// Live members, this node included once it has found itself, avoided ones left out:
+    /// the set rendezvous placement runs over.
+    pub fn live(&self, now: Instant) -> Vec<PeerAddr> {
+        let state = self.lock();
+        state
+            .live
+            .iter()
+            .filter(|addr| Some(**addr) == state.me || !avoided(&state, addr, now))
+            .copied()
+            .collect()
+    }
+
+    pub fn is_avoided(&self, addr: &PeerAddr, now: Instant) -> bool {
+        let state = self.lock();
+        !state.live.contains(addr) || avoided(&state, addr, now)
+    }
+
+    pub fn penalise(&self, addr: PeerAddr, penalty: Penalty, now: Instant) {
+        let mut state = self.lock();
+        let until = now + penalty.duration();
+        let entry = state.avoid.entry(addr).or_insert(until);
+        *entry = (*entry).max(until);
+        if penalty == Penalty::Unreachable {
+            state.live.remove(&addr);
+        }
+    }
+}
+
+fn avoided(state: &State, addr: &PeerAddr, now: Instant) -> bool {
+    state.avoid.get(addr).is_some_and(|until| *until > now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(i: u8) -> PeerAddr {
+        PeerAddr(format!("10.0.0.{i}:7420").parse().unwrap())
+    }
+
+    #[test]
+    fn dead_and_penalised_members_drop_out_until_they_recover() {
+        let members = Membership::default();
+        members.set_known((1..=3).map(addr).collect());
+        for i in 1..=3 {
+            members.probed(addr(i), true, i == 1);
+        }
+        let now = Instant::now();
+        assert_eq!(members.live(now), [addr(1), addr(2), addr(3)]);
+        assert_eq!(members.me(), Some(addr(1)));
+        members.probed(addr(2), false, false);
+        assert_eq!(members.live(now), [addr(1), addr(3)]);
+        members.penalise(addr(3), Penalty::BadData, now);
+        assert_eq!(members.live(now), [addr(1)]);
+        assert!(members.is_avoided(&addr(3), now));
+        assert!(!members.is_avoided(&addr(3), now + Duration::from_secs(601)));
+        members.probed(addr(2), true, false);
+        assert_eq!(members.live(now), [addr(1), addr(2)]);
+        // A member the configuration no longer names is gone, probe or not.
+        members.set_known([addr(1)].into_iter().collect());
+        members.probed(addr(2), true, false);
+        assert_eq!(members.live(now), [addr(1)]);
+    }
+}

@@ -1,0 +1,80 @@
+//! Membership upkeep: resolving `peers.static` and `peers.dns` every `refresh`, probing every
+//! member's `/health` every `probe_interval`.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use tracing::{debug, info, warn};
+
+use super::member::PeerAddr;
+use super::Peers;
+
+/// Runs until the runtime shuts down.
+pub async fn run(peers: Arc<Peers>) {
+    let mut resolved_at: Option<Instant> = None;
+    let mut ticker = tokio::time::interval(peers.config.probe_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_live = Vec::new();
+    loop {
+        ticker.tick().await;
+        if resolved_at.is_none_or(|at| at.elapsed() >= peers.config.refresh) {
+            let known = resolve(&peers).await;
+            if known.is_empty() {
+                warn!("no peer address resolved; fetching from the registry only");
+            }
+            peers.members.set_known(known);
+            resolved_at = Some(Instant::now());
+        }
+        probe_all(&peers).await;
+        let live = peers.members.live(Instant::now());
+        if live != last_live {
+            info!(live = ?live, me = ?peers.members.me(), "peer membership changed");
+            // New owners must learn what this node holds now, not at the next renewal.
+            peers.announcer.renew_all();
+            last_live = live;
+        }
+    }
+}
+
+async fn resolve(peers: &Peers) -> BTreeSet<PeerAddr> {
+    let names = peers
+        .config
+        .static_peers
+        .iter()
+        .chain(peers.config.dns.iter());
+    let lookups = names.map(|name| async move {
+        match tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(name)).await {
+            Ok(Ok(addrs)) => addrs.map(PeerAddr).collect::<Vec<_>>(),
+            Ok(Err(error)) => {
+                warn!(name, %error, "cannot resolve peer name");
+                Vec::new()
+            }
+            Err(_) => {
+                warn!(name, "resolving peer name timed out");
+                Vec::new()
+            }
+        }
+    });
+    join_all(lookups).await.into_iter().flatten().collect()
+}
+
+async fn probe_all(peers: &Peers) {
+    let timeout = peers.config.probe_interval.max(Duration::from_millis(200));
+    let probes = peers.members.known().into_iter().map(|addr| async move {
+        let answer = peers.client.health(addr, timeout).await;
+        (addr, answer)
+    });
+    for (addr, answer) in join_all(probes).await {
+        match answer {
+            Ok(health) => peers
+                .members
+                .probed(addr, true, health.node == peers.node.0),
+            Err(failure) => {
+                debug!(peer = %addr, %failure, "peer probe failed");
+                peers.members.probed(addr, false, false);
+            }
+        }
+    }
+}

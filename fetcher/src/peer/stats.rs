@@ -1,0 +1,116 @@
+//! Counters of the peer network: what this node got from its peers and how, and what it
+//! gave them.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::member::PeerAddr;
+
+/// A snapshot of the peer counters since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PeerStats {
+    /// Members named by the configuration, and those answering their probe.
+    pub members_known: u64,
+    pub members_live: u64,
+    /// Index lookups answered (by a remote owner or this node as owner), and failed.
+    pub lookups: u64,
+    pub lookup_failures: u64,
+    /// Lookups this node answered as an index owner for its peers.
+    pub lookups_answered: u64,
+    /// Blocks that waited on peers and then went to the registry (budget spent or no holder
+    /// could serve them).
+    pub fallbacks: u64,
+    /// "busy" answers received from peers.
+    pub busy_answers: u64,
+    /// Blocks received from a peer that then failed verification.
+    pub verify_failures: u64,
+    /// Block bytes this node served to peers, and requests it turned away as busy.
+    pub bytes_uploaded: u64,
+    pub uploads_refused: u64,
+    pub per_peer: BTreeMap<String, PerPeer>,
+}
+
+/// What one peer did for this node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PerPeer {
+    pub bytes: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub busy: u64,
+    pub verify_failures: u64,
+    /// Sum of request latencies (to the whole body), for a mean.
+    pub latency_micros: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct PeerCounters {
+    pub lookups: AtomicU64,
+    pub lookup_failures: AtomicU64,
+    pub lookups_answered: AtomicU64,
+    pub fallbacks: AtomicU64,
+    pub busy_answers: AtomicU64,
+    pub verify_failures: AtomicU64,
+    pub bytes_uploaded: AtomicU64,
+    pub uploads_refused: AtomicU64,
+    per_peer: Mutex<BTreeMap<PeerAddr, PerPeer>>,
+}
+
+/// How one block request to a peer ended.
+pub(crate) enum Outcome {
+    Served { bytes: u64, took: Duration },
+    Busy,
+    Failed,
+    BadData,
+}
+
+impl PeerCounters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn record(&self, peer: PeerAddr, outcome: Outcome) {
+        let mut per_peer = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = per_peer.entry(peer).or_default();
+        match outcome {
+            Outcome::Served { bytes, took } => {
+                entry.bytes += bytes;
+                entry.requests += 1;
+                entry.latency_micros += took.as_micros() as u64;
+            }
+            Outcome::Busy => {
+                entry.busy += 1;
+                Self::add(&self.busy_answers, 1);
+            }
+            Outcome::Failed => entry.errors += 1,
+            Outcome::BadData => {
+                entry.verify_failures += 1;
+                Self::add(&self.verify_failures, 1);
+            }
+        }
+    }
+
+    pub fn snapshot(&self, members_known: u64, members_live: u64) -> PeerStats {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        PeerStats {
+            members_known,
+            members_live,
+            lookups: load(&self.lookups),
+            lookup_failures: load(&self.lookup_failures),
+            lookups_answered: load(&self.lookups_answered),
+            fallbacks: load(&self.fallbacks),
+            busy_answers: load(&self.busy_answers),
+            verify_failures: load(&self.verify_failures),
+            bytes_uploaded: load(&self.bytes_uploaded),
+            uploads_refused: load(&self.uploads_refused),
+            per_peer: self
+                .per_peer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(addr, stats)| (addr.to_string(), stats.clone()))
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! The peer protocol's messages, JSON over HTTP/2:
+//!
+//! - `GET /health` → [`Health`]: liveness, and the node's id (how a node finds itself among
+//!   the members).
+//! - `POST /v1/announce` [`Announce`]: "I hold these blocks of this blob" to the blob's owners.
+//! - `POST /v1/lookup` [`Lookup`] → [`LookupReply`]: per block, who holds it, or whether the
+//!   asker should fetch it from the registry itself or wait for another node that is.
+//! - `GET /v1/blobs/<digest>` with `Range: bytes=a-b`: block bytes from a holder's cache;
+//!   404 when it does not hold them, 429 when it is busy.
+
+use serde::{Deserialize, Serialize};
+
+/// Bodies larger than this are refused.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// Blocks one lookup may ask about.
+pub const MAX_LOOKUP_BLOCKS: u64 = 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Health {
+    pub node: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Announce {
+    /// The announcer's peer address, as members know it.
+    pub from: String,
+    pub blob: String,
+    pub block_size: u64,
+    /// [`BlockSet`](super::blockset::BlockSet) hex.
+    pub blocks: String,
+    /// The full set the announcer holds (a lease renewal), not an addition.
+    pub replace: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Lookup {
+    /// The asker's peer address; absent until it has found itself among the members.
+    pub from: Option<String>,
+    pub blob: String,
+    pub block_size: u64,
+    pub first: u64,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LookupReply {
+    /// One per block asked about, in order.
+    pub blocks: Vec<Advice>,
+}
+
+/// What an owner tells an asker about one block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Advice {
+    /// Fetch it from these nodes, in this order (least loaded first).
+    Holders { holders: Vec<String> },
+    /// Nobody holds it: fetch it from the registry, then announce it.
+    Fetch,
+    /// `holder` is fetching it from the registry right now: ask again after `retry_ms`.
+    Wait { holder: String, retry_ms: u64 },
+}

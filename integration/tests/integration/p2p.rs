@@ -1,0 +1,432 @@
+//! Peer-to-peer chunk fetch between real daemons: each node is a shoal-snapshotter in a
+//! network namespace of its own (with its own containerd), the registry sits in another one
+//! behind a `tc`-shaped link, and the registry's access log says how many blob bytes it
+//! served. Nodes started at the same moment must fetch the image from the registry about
+//! once between them, and containers must only ever see the right bytes.
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::binary;
+use crate::containerd::{self, Containerd};
+use crate::convert::convert;
+use crate::fixture::{privileged, wait_until, Fixture};
+use crate::image;
+use crate::netns::Network;
+use crate::process::{self, Process};
+use crate::registry::Registry;
+use crate::tree;
+
+const REGISTRY_PORT: u16 = 5000;
+const PEER_PORT: u16 = 7420;
+const METRICS_PORT: u16 = 9464;
+/// The registry's link, as the issue describes a modest uplink.
+const REGISTRY_MBIT: u32 = 100;
+const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
+const DATA_BYTES: usize = 6 << 20;
+
+/// A network with the registry in namespace `reg`, serving the storage of a loopback registry
+/// the image was pushed to, and nodes added to it.
+struct Cluster {
+    nodes: Vec<Node>,
+    /// The nodes' directories, dropped after their processes so that no mount is in use.
+    fixtures: Vec<Fixture>,
+    _registry: Process,
+    registry_log: PathBuf,
+    network: Network,
+    _host_registry: Registry,
+}
+
+struct Node {
+    label: String,
+    config: PathBuf,
+    ctd: Containerd,
+    _daemon: Process,
+}
+
+/// The image under test: busybox, then `/data/blob` of random bytes, converted to eStargz.
+struct Published {
+    /// `repository:tag` on the registry, without host.
+    path: String,
+    blob_sha256: String,
+}
+
+impl Cluster {
+    /// Builds and converts the image on a loopback registry, then serves its storage from
+    /// the `reg` namespace.
+    fn start(fixture: &Fixture) -> Result<(Cluster, Published)> {
+        let host_registry = Registry::start(fixture)?;
+        let data = random_bytes(DATA_BYTES)?;
+        let blob_sha256 = hex::encode(Sha256::digest(&data));
+        let layers = vec![
+            image::busybox_layer()?,
+            vec![
+                tree::dir("/data", 0o755),
+                tree::file("/data/blob", data, 0o644),
+            ],
+        ];
+        image::build(fixture, "p2p", &layers)?;
+        let layout = fixture.path("images/p2p");
+        let path = "test/p2p:esgz".to_owned();
+        convert(
+            fixture,
+            &[],
+            &format!("oci:{}", layout.display()),
+            &format!("{}/{path}", host_registry.host()),
+        )?;
+
+        let mut network = Network::create()?;
+        let address = network.attach("reg")?;
+        network.shape("reg", REGISTRY_MBIT)?;
+        let config = fixture.path("registry/netns.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\n\
+                 storage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: {address}:{REGISTRY_PORT}\n",
+                fixture.path("registry/data").display()
+            ),
+        )?;
+        let registry_log = fixture.path("registry/netns.log");
+        fixture.register_log("docker-registry (netns)", &registry_log);
+        let mut command = network.command("reg", "/usr/bin/docker-registry")?;
+        command.arg("serve").arg(&config);
+        let registry = Process::spawn("docker-registry", &mut command, &registry_log)?;
+        let cluster = Cluster {
+            nodes: Vec::new(),
+            fixtures: Vec::new(),
+            _registry: registry,
+            registry_log,
+            network,
+            _host_registry: host_registry,
+        };
+        let probe = format!("{address}:{REGISTRY_PORT}");
+        wait_until(
+            "the registry in its namespace",
+            Duration::from_secs(20),
+            || {
+                let mut curl = cluster.network.command("reg", "busybox")?;
+                curl.args([
+                    "wget",
+                    "-q",
+                    "-O",
+                    "/dev/null",
+                    &format!("http://{probe}/v2/"),
+                ]);
+                Ok(process::run(&mut curl, Duration::from_secs(5)).is_ok())
+            },
+        )?;
+        Ok((cluster, Published { path, blob_sha256 }))
+    }
+
+    fn registry_host(&self) -> Result<String> {
+        Ok(format!("{}:{REGISTRY_PORT}", self.network.address("reg")?))
+    }
+
+    /// Attaches `count` nodes named `{prefix}{i}`; with `peers`, each lists all of them
+    /// (itself included) and adds `peer_settings` to its `[peers]` table.
+    fn add_nodes(
+        &mut self,
+        prefix: &str,
+        count: usize,
+        peers: bool,
+        peer_settings: &str,
+    ) -> Result<Vec<usize>> {
+        let mut added = Vec::new();
+        let mut addresses = Vec::new();
+        for i in 0..count {
+            let label = format!("{prefix}{i}");
+            addresses.push((label.clone(), self.network.attach(&label)?));
+        }
+        let listed: Vec<String> = addresses
+            .iter()
+            .map(|(_, address)| format!("\"{address}:{PEER_PORT}\""))
+            .collect();
+        for (label, address) in addresses {
+            let peers_section = if peers {
+                format!(
+                    "\n[peers]\nlisten = \"{address}:{PEER_PORT}\"\nstatic = [{}]\n\
+                     probe_interval_ms = 200\n{peer_settings}\n",
+                    listed.join(", ")
+                )
+            } else {
+                String::new()
+            };
+            let fixture = Fixture::new()?;
+            let started = self.start_node(&fixture, &label, address, &peers_section);
+            self.fixtures.push(fixture);
+            self.nodes.push(started?);
+            added.push(self.nodes.len() - 1);
+        }
+        Ok(added)
+    }
+
+    fn start_node(
+        &self,
+        fixture: &Fixture,
+        label: &str,
+        address: Ipv4Addr,
+        extra: &str,
+    ) -> Result<Node> {
+        let config = fixture.path("shoal.toml");
+        let socket = fixture.path("run/shoal.sock");
+        fs::write(
+            &config,
+            format!(
+                "root = \"{root}\"\nsocket = \"{socket}\"\n[log]\nlevel = \"info,shoal_fetcher=debug\"\n\
+                 [registry.hosts.\"{registry}\"]\nplain_http = true\n\
+                 [metrics]\naddress = \"{address}:{METRICS_PORT}\"\n{extra}",
+                root = fixture.path("shoal").display(),
+                socket = socket.display(),
+                registry = self.registry_host()?,
+            ),
+        )?;
+        let log = fixture.path("shoal-snapshotter.log");
+        fixture.register_log(&format!("shoal-snapshotter {label}"), &log);
+        let mut command = self.network.command(label, binary::daemon()?)?;
+        command.arg("--config").arg(&config);
+        let mut daemon = Process::spawn("shoal-snapshotter", &mut command, &log)?;
+        wait_until("the daemon's socket", Duration::from_secs(20), || {
+            if let Some(status) = daemon.try_status()? {
+                anyhow::bail!(
+                    "shoal-snapshotter {label} exited ({status}):\n{}",
+                    daemon.log()
+                );
+            }
+            Ok(std::os::unix::net::UnixStream::connect(&socket).is_ok())
+        })?;
+        let ctd = Containerd::start(
+            fixture,
+            &containerd::Options {
+                shoal_socket: Some(socket),
+                ..containerd::Options::default()
+            },
+        )?;
+        Ok(Node {
+            label: label.to_owned(),
+            config,
+            ctd,
+            _daemon: daemon,
+        })
+    }
+
+    /// Blob bytes the registry has sent so far (its access log, body sizes of blob GETs).
+    fn registry_blob_bytes(&self) -> u64 {
+        let log = fs::read_to_string(&self.registry_log).unwrap_or_default();
+        log.lines()
+            .filter(|line| line.contains("\"GET /v2/") && line.contains("/blobs/"))
+            .filter_map(|line| {
+                let after = line.split("HTTP/1.1\" ").nth(1)?;
+                let mut fields = after.split_whitespace();
+                let status: u16 = fields.next()?.parse().ok()?;
+                let size: u64 = fields.next()?.parse().ok()?;
+                (200..300).contains(&status).then_some(size)
+            })
+            .sum()
+    }
+
+    /// Dumps every node's logs (the main fixture dumps the registry's).
+    fn dump_node_logs(&self) {
+        for fixture in &self.fixtures {
+            fixture.dump_logs();
+        }
+    }
+}
+
+impl Node {
+    fn shoal(&self, network: &Network) -> Result<Command> {
+        let mut command = network.command(&self.label, binary::cli()?)?;
+        command.arg("--config").arg(&self.config);
+        Ok(command)
+    }
+
+    fn rpull(&self, network: &Network, reference: &str) -> Result<String> {
+        let mut command = self.shoal(network)?;
+        command
+            .arg("rpull")
+            .arg("--address")
+            .arg(self.ctd.address())
+            .args(["-n", self.ctd.namespace(), "--plain-http", reference]);
+        process::run(&mut command, TOOL_TIMEOUT)
+    }
+
+    /// `sha256sum /data/blob` in a new container: the hash it printed.
+    fn run_sum(&self, reference: &str, id: &str) -> Result<String> {
+        let out = self.ctd.ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "shoal",
+            reference,
+            id,
+            "busybox",
+            "sha256sum",
+            "/data/blob",
+        ])?;
+        out.split_whitespace()
+            .next()
+            .map(str::to_owned)
+            .with_context(|| format!("sha256sum printed {out:?}"))
+    }
+
+    /// The daemon's counters (`shoal status --json`, its `daemon` part).
+    fn status(&self, network: &Network) -> Result<serde_json::Value> {
+        let mut command = self.shoal(network)?;
+        command.args(["status", "--json"]);
+        let out = process::run(&mut command, Duration::from_secs(20))?;
+        let parsed: serde_json::Value = serde_json::from_str(&out).context("parse status")?;
+        Ok(parsed["daemon"].clone())
+    }
+
+    fn peers_live(&self, network: &Network) -> Result<u64> {
+        Ok(self.status(network)?["peers"]["members_live"]
+            .as_u64()
+            .unwrap_or(0))
+    }
+}
+
+/// What one node's start took and printed.
+struct Started {
+    label: String,
+    took: Duration,
+    sum: Result<String>,
+}
+
+/// Pulls and runs the image on `nodes` at the same moment, one thread each.
+fn start_together(cluster: &Cluster, nodes: &[usize], reference: &str, tag: &str) -> Vec<Started> {
+    let barrier = Arc::new(Barrier::new(nodes.len()));
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = nodes
+            .iter()
+            .map(|&i| {
+                let node = &cluster.nodes[i];
+                let network = &cluster.network;
+                let barrier = barrier.clone();
+                scope.spawn(move || {
+                    barrier.wait();
+                    let started = Instant::now();
+                    let sum = node
+                        .rpull(network, reference)
+                        .and_then(|_| node.run_sum(reference, &format!("{tag}-{}", node.label)));
+                    Started {
+                        label: node.label.clone(),
+                        took: started.elapsed(),
+                        sum,
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().expect("node thread panicked"))
+            .collect()
+    })
+}
+
+fn random_bytes(len: usize) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::with_capacity(len);
+    fs::File::open("/dev/urandom")?
+        .take(len as u64)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Runs `body`, dumping every node's logs if it fails.
+fn with_cluster(
+    fixture: &Fixture,
+    body: impl FnOnce(&mut Cluster, &Published) -> Result<()>,
+) -> Result<()> {
+    let (mut cluster, published) = Cluster::start(fixture)?;
+    let outcome = body(&mut cluster, &published);
+    if outcome.is_err() {
+        cluster.dump_node_logs();
+    }
+    outcome
+}
+
+fn ensure_all_right(started: &[Started], expected: &str) -> Result<()> {
+    for start in started {
+        match &start.sum {
+            Ok(sum) => anyhow::ensure!(
+                sum == expected,
+                "{} saw /data/blob as {sum}, not {expected}",
+                start.label
+            ),
+            Err(err) => anyhow::bail!("{} failed: {err:#}", start.label),
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn four_nodes_fetch_the_image_from_the_registry_about_once() {
+    privileged!();
+    Fixture::run(|fixture| {
+        with_cluster(fixture, |cluster, published| {
+            let reference = format!("{}/{}", cluster.registry_host()?, published.path);
+
+            // The baseline: one node on its own, no peers configured.
+            let solo = cluster.add_nodes("solo", 1, false, "")?;
+            let before = cluster.registry_blob_bytes();
+            let alone = start_together(cluster, &solo, &reference, "solo");
+            ensure_all_right(&alone, &published.blob_sha256)?;
+            let one_node = cluster.registry_blob_bytes() - before;
+            anyhow::ensure!(
+                one_node as usize > DATA_BYTES,
+                "one node fetched only {one_node} bytes"
+            );
+
+            let nodes = cluster.add_nodes("n", 4, true, "latency_budget_ms = 5000")?;
+            wait_until(
+                "every node to see all four live",
+                Duration::from_secs(20),
+                || {
+                    for &i in &nodes {
+                        if cluster.nodes[i].peers_live(&cluster.network)? < 4 {
+                            return Ok(false);
+                        }
+                    }
+                    Ok(true)
+                },
+            )?;
+            let before = cluster.registry_blob_bytes();
+            let started = start_together(cluster, &nodes, &reference, "p2p");
+            ensure_all_right(&started, &published.blob_sha256)?;
+            let four_nodes = cluster.registry_blob_bytes() - before;
+
+            let mut from_peers = 0;
+            let mut uploaded = 0;
+            for &i in &nodes {
+                let status = cluster.nodes[i].status(&cluster.network)?;
+                from_peers += status["bytes_from_peers"].as_u64().unwrap_or(0);
+                uploaded += status["peers"]["bytes_uploaded"].as_u64().unwrap_or(0);
+            }
+            let times: Vec<String> = started
+                .iter()
+                .map(|s| format!("{}={:?}", s.label, s.took))
+                .collect();
+            eprintln!(
+                "p2p: registry bytes one node {one_node}, four nodes {four_nodes} ({:.2}x); \
+                 peer bytes {from_peers} (uploaded {uploaded}); alone {:?}; together {}",
+                four_nodes as f64 / one_node as f64,
+                alone[0].took,
+                times.join(" ")
+            );
+            anyhow::ensure!(
+                four_nodes * 10 <= one_node * 12,
+                "four nodes made the registry send {four_nodes} bytes, one alone {one_node}"
+            );
+            anyhow::ensure!(from_peers > 0 && from_peers == uploaded);
+            Ok(())
+        })
+    });
+}
