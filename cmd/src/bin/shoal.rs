@@ -30,7 +30,7 @@ enum Command {
     },
     /// Pull an image through containerd, letting the snapshotter mount layers lazily.
     Rpull(RpullArgs),
-    /// Rebuild an image as eStargz and push it, so its layers can be mounted lazily.
+    /// Rebuild an image as eStargz or overlaybd and push it, so its layers can be mounted lazily.
     Convert(ConvertArgs),
 }
 
@@ -57,6 +57,9 @@ struct RpullArgs {
 
 #[derive(clap::Args)]
 struct ConvertArgs {
+    /// Format to convert to (overlaybd needs root: it loop-mounts an ext4 work disk).
+    #[arg(long, value_enum, default_value_t = shoal_cmd::convert::Format::Estargz)]
+    format: shoal_cmd::convert::Format,
     /// Use plain HTTP for the source's and the destination's registries.
     #[arg(long)]
     plain_http: bool,
@@ -74,7 +77,7 @@ struct ConvertArgs {
     platform: String,
     /// `oci:<layout dir>[:tag]` or a registry reference.
     source: String,
-    /// Registry reference to push the eStargz image to.
+    /// Registry reference to push the converted image to.
     destination: String,
 }
 
@@ -140,8 +143,22 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             };
             let runtime = shoal_cmd::runtime::build()?;
             let progress = shoal_cmd::pull::Progress::new();
-            let summary =
-                runtime.block_on(shoal_cmd::convert::convert(config, &options, &progress))?;
+            use shoal_cmd::convert::{overlaybd, Format};
+            use shoal_fuse::overlaybd::zfile::Algorithm;
+            let summary = match convert.format {
+                Format::Estargz => runtime
+                    .block_on(shoal_cmd::convert::convert(config, &options, &progress))?
+                    .to_string(),
+                Format::Overlaybd | Format::OverlaybdZstd => {
+                    let algorithm = match convert.format {
+                        Format::OverlaybdZstd => Algorithm::Zstd,
+                        _ => Algorithm::Lz4,
+                    };
+                    runtime
+                        .block_on(overlaybd::convert(config, &options, algorithm, &progress))?
+                        .to_string()
+                }
+            };
             println!("{summary}");
             Ok(ExitCode::SUCCESS)
         }

@@ -12,9 +12,13 @@
 //! - [`layer`]: one layer's checks and conversion.
 //! - [`manifest`]: the new layer descriptors, config and manifest (pure).
 //! - [`report`]: per-layer lines and the [`Summary`].
+//! - [`overlaybd`] and [`overlaybd_disk`]: `--format overlaybd`, the layers applied to an ext4
+//!   work disk and the blocks each changes written as overlaybd layers.
 
 pub mod layer;
 pub mod manifest;
+pub mod overlaybd;
+pub mod overlaybd_disk;
 pub mod report;
 pub mod source;
 
@@ -39,6 +43,17 @@ use crate::pull::Progress;
 pub const DEFAULT_PLATFORM: &str = "linux/amd64";
 /// A prioritize list longer than this is not a list of files someone means to prefetch.
 const MAX_PRIORITIZE_LIST_BYTES: u64 = 16 << 20;
+
+/// The lazily mountable format an image is converted to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Seekable gzip layers with a TOC (file-level lazy reads).
+    Estargz,
+    /// ext4 block layers: LSMT in LZ4-compressed ZFile (block-level lazy reads).
+    Overlaybd,
+    /// As `overlaybd`, with zstd-compressed blocks.
+    OverlaybdZstd,
+}
 
 /// What to convert, where to push it, and how to lay the layers out.
 #[derive(Debug, Clone)]

@@ -75,7 +75,7 @@ impl fmt::Display for Summary {
 }
 
 /// `512 B`, `3.1 KiB`, `12.0 MiB`, `1.2 GiB`.
-struct Size(u64);
+pub(crate) struct Size(pub(crate) u64);
 
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

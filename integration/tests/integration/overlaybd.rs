@@ -15,8 +15,11 @@ use crate::binary;
 use crate::containerd::{self, Containerd};
 use crate::daemon::Daemon;
 use crate::fixture::{privileged, wait_until, Fixture};
+use crate::image;
+use crate::mount;
 use crate::process;
 use crate::registry::Registry;
+use crate::tree;
 
 const TOOL_TIMEOUT: Duration = Duration::from_secs(300);
 const FIXTURE_LAYOUT: &str = "/work/shared/fixtures/overlaybd/hello-world";
@@ -161,4 +164,178 @@ fn reference_converted_hello_world_runs_lazily_and_survives_a_restart() {
         })?;
         Ok(())
     })
+}
+
+/// The key of the one image's top committed snapshot in `snapshotter`: the committed
+/// snapshot no other snapshot names as its parent.
+fn top_snapshot(ctd: &Containerd, snapshotter: &str) -> Result<String> {
+    let out = ctd.ctr(&["snapshots", "--snapshotter", snapshotter, "ls"])?;
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect())
+        .collect();
+    let parents: Vec<&str> = rows.iter().filter_map(|r| r.get(1).copied()).collect();
+    let tops: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.last() == Some(&"Committed") && !parents.contains(&r[0]))
+        .map(|r| r[0])
+        .collect();
+    match tops.as_slice() {
+        [only] => Ok((*only).to_owned()),
+        _ => anyhow::bail!("expected one top snapshot in {snapshotter}: {out}"),
+    }
+}
+
+/// Mounts a read-only view of `parent` from `snapshotter` on `views/<name>`.
+fn mount_view(
+    fixture: &Fixture,
+    ctd: &Containerd,
+    snapshotter: &str,
+    parent: &str,
+    name: &str,
+) -> Result<std::path::PathBuf> {
+    let out = ctd.ctr(&[
+        "snapshots",
+        "--snapshotter",
+        snapshotter,
+        "view",
+        "--mounts",
+        &format!("view-{name}"),
+        parent,
+    ])?;
+    let parsed: serde_json::Value =
+        serde_json::from_str(&out).with_context(|| format!("parse mounts {out}"))?;
+    let text = |entry: &serde_json::Value, key: &str| {
+        entry
+            .get(key)
+            .or_else(|| entry.get(key.to_ascii_lowercase()))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mounts = parsed
+        .as_array()
+        .with_context(|| format!("mounts are not a list: {out}"))?
+        .iter()
+        .map(|entry| {
+            Ok(containerd_snapshots::api::types::Mount {
+                r#type: text(entry, "Type").as_str().context("no type")?.to_owned(),
+                source: text(entry, "Source")
+                    .as_str()
+                    .context("no source")?
+                    .to_owned(),
+                options: text(entry, "Options")
+                    .as_array()
+                    .map(|o| {
+                        o.iter()
+                            .filter_map(|v| v.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                ..Default::default()
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let target = fixture.mkdir(&format!("views/{name}"))?;
+    mount::mount_all(&mounts, &target)?;
+    Ok(target)
+}
+
+/// `shoal convert --format <format> --plain-http SRC DST`: its stdout.
+fn convert(format: &str, source: &str, destination: &str) -> Result<String> {
+    let mut command = Command::new(binary::cli()?);
+    command
+        .args(["convert", "--format", format, "--plain-http"])
+        .args([source, destination]);
+    process::run(&mut command, TOOL_TIMEOUT)
+}
+
+#[test]
+fn converted_images_run_with_the_same_tree_as_the_original() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let stack = Stack::start(fixture)?;
+        let mut layers = image::layered()?;
+        layers[0].extend([
+            tree::symlink("busybox", "/bin/sha256sum"),
+            tree::dir("/opt", 0o755),
+            tree::file("/opt/config", "version 1\n", 0o644),
+            tree::file("/opt/doomed", "doomed\n", 0o644),
+        ]);
+        // A fourth layer overwriting and deleting files of the first.
+        layers.push(vec![
+            tree::file("/opt/config", "version 4\n", 0o640),
+            tree::remove_all("/opt/doomed"),
+            tree::dir("/srv", 0o750),
+            tree::chown("/srv", 1000, 1000),
+            tree::file("/srv/big", vec![0x5a; 3 << 20], 0o644),
+        ]);
+        let built = image::build(fixture, "roundtrip", &layers)?;
+        let plain = built.push(&stack.registry.host(), "test/roundtrip")?;
+        let converted = format!("{}/test/roundtrip:obd", stack.registry.host());
+        let out = convert("overlaybd", &plain, &converted)?;
+        anyhow::ensure!(out.contains("4 overlaybd layers"), "convert said: {out}");
+        let zstd = format!("{}/test/roundtrip:obd-zstd", stack.registry.host());
+        convert("overlaybd-zstd", &plain, &zstd)?;
+
+        // The reference: the original image pulled the ordinary way, onto overlayfs.
+        stack.ctd.ctr(&["images", "pull", "--plain-http", &plain])?;
+        let plain_top = top_snapshot(&stack.ctd, "overlayfs")?;
+        let expected = mount_view(fixture, &stack.ctd, "overlayfs", &plain_top, "overlayfs")?;
+
+        let out = stack.rpull(&converted)?;
+        anyhow::ensure!(out.contains("4 layers, 4 lazy"), "not all lazy: {out}");
+        let top = top_snapshot(&stack.ctd, "shoal")?;
+        let lazy = mount_view(fixture, &stack.ctd, "shoal", &top, "shoal")?;
+        let same = tree::assert_same(&expected, &lazy);
+        mount::unmount(&lazy)?;
+        same?;
+
+        let out = stack.ctd.ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "shoal",
+            &converted,
+            "roundtrip",
+            "sh",
+            "-c",
+            &format!("test ! -e /opt/doomed; {}", image::LAYERED_CHECK),
+        ])?;
+        anyhow::ensure!(out.trim() == "layered-ok", "layered check printed {out:?}");
+        let out = stack.ctd.ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "shoal",
+            &converted,
+            "roundtrip-sums",
+            "sha256sum",
+            "/opt/config",
+            "/srv/big",
+            "/data/overwrite",
+        ])?;
+        let greeting = sha256_hex(b"version 4\n");
+        let big = sha256_hex(&vec![0x5a; 3 << 20]);
+        anyhow::ensure!(
+            out.contains(&greeting) && out.contains(&big),
+            "sums in the container: {out}"
+        );
+
+        // The zstd variant holds the same disk.
+        stack.ctd.ctr(&["images", "rm", "--sync", &converted])?;
+        let out = stack.rpull(&zstd)?;
+        anyhow::ensure!(out.contains("4 layers, 4 lazy"), "zstd not all lazy: {out}");
+        let top = top_snapshot(&stack.ctd, "shoal")?;
+        let lazy = mount_view(fixture, &stack.ctd, "shoal", &top, "shoal-zstd")?;
+        let same = tree::assert_same(&expected, &lazy);
+        mount::unmount(&lazy)?;
+        mount::unmount(&expected)?;
+        same
+    })
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bytes))
 }
