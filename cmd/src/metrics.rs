@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use serde::Serialize;
 use shoal_fetcher::peer::PeerStats;
-use shoal_fetcher::Fetcher;
+use shoal_fetcher::{Fetcher, HistogramSnapshot, Source};
 use shoal_fuse::layer::ChunkReader;
 use shoal_snapshotter::ShoalSnapshotter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -45,9 +45,27 @@ pub struct DaemonStatus {
     pub fetches_in_flight: u64,
     pub verify_failures: u64,
     pub read_failures: u64,
+    /// Block read latency by source (`cache`, `registry`, `peer`).
+    #[serde(default)]
+    pub fetch_latency: std::collections::BTreeMap<String, HistogramSnapshot>,
+    /// FUSE read requests of lazily mounted layers, from arrival to reply.
+    #[serde(default)]
+    pub fuse_read_latency: HistogramSnapshot,
+    /// Blobs served by mounted lazy layers.
+    #[serde(default)]
+    pub layers: Vec<LayerStatus>,
     /// The peer network's counters, when `[peers]` is configured.
     #[serde(default)]
     pub peers: Option<PeerStats>,
+}
+
+/// One lazily mounted blob and how much of it the cache holds.
+#[derive(Debug, Serialize, serde::Deserialize, Default, Clone)]
+pub struct LayerStatus {
+    pub digest: String,
+    pub size: u64,
+    pub cached_bytes: u64,
+    pub mounts: u32,
 }
 
 impl Observed {
@@ -81,6 +99,29 @@ impl Observed {
             fetches_in_flight: fetch.in_flight,
             verify_failures: reader.verify_failures,
             read_failures: reader.read_failures,
+            fetch_latency: [
+                ("cache", Source::Cache),
+                ("registry", Source::Registry),
+                ("peer", Source::Peer),
+            ]
+            .into_iter()
+            .map(|(name, source)| {
+                let latency = self.fetcher.latency().of(source).snapshot();
+                (name.to_string(), latency)
+            })
+            .collect(),
+            fuse_read_latency: self.reader.read_latency(),
+            layers: self
+                .reader
+                .mounted()
+                .into_iter()
+                .map(|blob| LayerStatus {
+                    cached_bytes: self.fetcher.cache().cached_bytes(&blob.digest),
+                    digest: blob.digest.to_string(),
+                    size: blob.size,
+                    mounts: blob.mounts,
+                })
+                .collect(),
             peers: self.fetcher.peers().map(|peers| peers.stats()),
         }
     }
@@ -188,10 +229,133 @@ pub fn render(status: &DaemonStatus) -> String {
         "FUSE reads answered with EIO.",
         &[("", status.read_failures)],
     );
+    let layer_samples = |value: fn(&LayerStatus) -> u64| -> Vec<(String, u64)> {
+        status
+            .layers
+            .iter()
+            .map(|l| (format!("{{digest=\"{}\"}}", l.digest), value(l)))
+            .collect()
+    };
+    let sizes = layer_samples(|l| l.size);
+    let cached = layer_samples(|l| l.cached_bytes);
+    metric(
+        "layer_size_bytes",
+        "gauge",
+        "Compressed size of each lazily mounted blob.",
+        &sizes
+            .iter()
+            .map(|(l, n)| (l.as_str(), *n))
+            .collect::<Vec<_>>(),
+    );
+    metric(
+        "layer_cached_bytes",
+        "gauge",
+        "Bytes of each lazily mounted blob held by the chunk cache.",
+        &cached
+            .iter()
+            .map(|(l, n)| (l.as_str(), *n))
+            .collect::<Vec<_>>(),
+    );
+    let by_source: Vec<(String, &HistogramSnapshot)> = status
+        .fetch_latency
+        .iter()
+        .map(|(source, h)| (format!("source=\"{source}\""), h))
+        .collect();
+    histogram(
+        &mut out,
+        "fetch_duration_seconds",
+        "Block reads by source: cache reads, and remote range requests.",
+        &by_source,
+    );
+    histogram(
+        &mut out,
+        "fuse_read_duration_seconds",
+        "FUSE read requests of lazy layers, from request to reply.",
+        &[(String::new(), &status.fuse_read_latency)],
+    );
     if let Some(peers) = &status.peers {
         render_peers(&mut out, peers);
     }
     out
+}
+
+/// Writes one Prometheus histogram with a series per label set (`label="value"`, or empty).
+fn histogram(out: &mut String, name: &str, help: &str, series: &[(String, &HistogramSnapshot)]) {
+    let _ = writeln!(out, "# HELP shoal_{name} {help}");
+    let _ = writeln!(out, "# TYPE shoal_{name} histogram");
+    for (labels, snapshot) in series {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (bound, count) in snapshot.cumulative() {
+            let le = if bound.is_infinite() {
+                "+Inf".to_string()
+            } else {
+                bound.to_string()
+            };
+            let _ = writeln!(
+                out,
+                "shoal_{name}_bucket{{{labels}{sep}le=\"{le}\"}} {count}"
+            );
+        }
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let sum = snapshot.sum_nanos as f64 / 1e9;
+        let _ = writeln!(out, "shoal_{name}_sum{braces} {sum}");
+        let _ = writeln!(out, "shoal_{name}_count{braces} {}", snapshot.count());
+    }
+}
+
+/// Serves the endpoint until the runtime shuts down.
+pub async fn serve(address: SocketAddr, observed: Observed) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("bind metrics address {address}"))?;
+    info!(%address, "serving /metrics and /status");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, peer)) = listener.accept().await else {
+                continue;
+            };
+            let observed = observed.clone();
+            tokio::spawn(async move {
+                let mut request = [0u8; 1024];
+                let n = match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    stream.read(&mut request),
+                )
+                .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+                let line = String::from_utf8_lossy(&request[..n]);
+                let path = line.split_whitespace().nth(1).unwrap_or("/");
+                debug!(%peer, path, "metrics request");
+                let (code, kind, body) = match path {
+                    "/metrics" => (
+                        "200 OK",
+                        "text/plain; version=0.0.4",
+                        render(&observed.status()),
+                    ),
+                    "/status" => (
+                        "200 OK",
+                        "application/json",
+                        serde_json::to_string(&observed.status()).unwrap_or_default(),
+                    ),
+                    _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
+                };
+                let head = format!(
+                    "HTTP/1.1 {code}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(body.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
 }
 
 /// The peer network's counters, with per-peer series labelled `peer="addr"`.
@@ -298,57 +462,6 @@ fn render_peers(out: &mut String, peers: &PeerStats) {
     );
 }
 
-/// Serves the endpoint until the runtime shuts down.
-pub async fn serve(address: SocketAddr, observed: Observed) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(address)
-        .await
-        .with_context(|| format!("bind metrics address {address}"))?;
-    info!(%address, "serving /metrics and /status");
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, peer)) = listener.accept().await else {
-                continue;
-            };
-            let observed = observed.clone();
-            tokio::spawn(async move {
-                let mut request = [0u8; 1024];
-                let n = match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    stream.read(&mut request),
-                )
-                .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
-                let line = String::from_utf8_lossy(&request[..n]);
-                let path = line.split_whitespace().nth(1).unwrap_or("/");
-                debug!(%peer, path, "metrics request");
-                let (code, kind, body) = match path {
-                    "/metrics" => (
-                        "200 OK",
-                        "text/plain; version=0.0.4",
-                        render(&observed.status()),
-                    ),
-                    "/status" => (
-                        "200 OK",
-                        "application/json",
-                        serde_json::to_string(&observed.status()).unwrap_or_default(),
-                    ),
-                    _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
-                };
-                let head = format!(
-                    "HTTP/1.1 {code}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = stream.write_all(head.as_bytes()).await;
-                let _ = stream.write_all(body.as_bytes()).await;
-            });
-        }
-    });
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,5 +477,34 @@ mod tests {
         assert!(text.contains("shoal_read_bytes_total{source=\"registry\"} 42"));
         assert!(text.contains("shoal_lazy_fallbacks_total{reason=\"not_lazy_format\"} 2"));
         assert!(text.contains("# TYPE shoal_cache_bytes gauge"));
+    }
+
+    #[test]
+    fn renders_histograms_and_layers() {
+        let mut status = DaemonStatus::default();
+        let mut registry = HistogramSnapshot {
+            counts: vec![0; shoal_fetcher::BUCKET_BOUNDS.len() + 1],
+            sum_nanos: 1_500_000_000,
+        };
+        registry.counts[3] = 2;
+        registry.counts[shoal_fetcher::BUCKET_BOUNDS.len()] = 1;
+        status.fetch_latency.insert("registry".into(), registry);
+        status.layers.push(LayerStatus {
+            digest: "sha256:ab".into(),
+            size: 100,
+            cached_bytes: 40,
+            mounts: 1,
+        });
+        let text = render(&status);
+        assert!(text.contains("# TYPE shoal_fetch_duration_seconds histogram"));
+        assert!(text
+            .contains("shoal_fetch_duration_seconds_bucket{source=\"registry\",le=\"0.001\"} 2"));
+        assert!(
+            text.contains("shoal_fetch_duration_seconds_bucket{source=\"registry\",le=\"+Inf\"} 3")
+        );
+        assert!(text.contains("shoal_fetch_duration_seconds_sum{source=\"registry\"} 1.5"));
+        assert!(text.contains("shoal_fetch_duration_seconds_count{source=\"registry\"} 3"));
+        assert!(text.contains("shoal_fuse_read_duration_seconds_count 0"));
+        assert!(text.contains("shoal_layer_cached_bytes{digest=\"sha256:ab\"} 40"));
     }
 }

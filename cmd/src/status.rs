@@ -165,6 +165,38 @@ impl std::fmt::Display for Status {
             if let Some(peers) = &d.peers {
                 write_peers(f, peers)?;
             }
+            if let Some(reads) = d.fetch_latency.get("registry").filter(|h| h.count() > 0) {
+                writeln!(
+                    f,
+                    "fetches:    {} from registry, {:.1} ms mean, {} in flight",
+                    reads.count(),
+                    reads.sum_nanos as f64 / reads.count() as f64 / 1e6,
+                    d.fetches_in_flight
+                )?;
+            }
+            if d.layers.is_empty() {
+                writeln!(f, "layers:     none mounted lazily")?;
+            }
+            for (i, layer) in d.layers.iter().enumerate() {
+                let percent = if layer.size == 0 {
+                    100.0
+                } else {
+                    layer.cached_bytes as f64 * 100.0 / layer.size as f64
+                };
+                writeln!(
+                    f,
+                    "{}{}  {} of {} cached ({percent:.0}%), {} mount(s)",
+                    if i == 0 {
+                        "layers:     "
+                    } else {
+                        "            "
+                    },
+                    layer.digest,
+                    shoal_config::ByteSize(layer.cached_bytes),
+                    shoal_config::ByteSize(layer.size),
+                    layer.mounts
+                )?;
+            }
         }
         if let Some(err) = &self.error {
             writeln!(f, "warning:    {err}")?;

@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 use crate::cache::{BlockKey, ChunkCache};
 use crate::error::FetchError;
 use crate::flight::{Flights, Joined, Lead, Waiter};
+use crate::latency::FetchLatency;
 use crate::peer::{self, Peers};
 use crate::reference::BlobRef;
 use crate::registry::RegistryClient;
@@ -34,6 +35,7 @@ struct Inner {
     /// Bounds remote fetches in flight over all blobs (`fetch.max_concurrent`).
     remote: Semaphore,
     counters: Counters,
+    latency: FetchLatency,
     max_run_blocks: u64,
     /// The peer network, when `[peers]` is configured.
     peers: Option<Arc<Peers>>,
@@ -79,6 +81,7 @@ impl Fetcher {
                 flights: Arc::default(),
                 remote: Semaphore::new(config.max_concurrent.max(1)),
                 counters: Counters::default(),
+                latency: FetchLatency::default(),
                 max_run_blocks,
                 peers,
             }),
@@ -95,6 +98,11 @@ impl Fetcher {
 
     pub fn stats(&self) -> FetchStats {
         self.inner.counters.snapshot()
+    }
+
+    /// How long cache reads and remote fetches took, by source.
+    pub fn latency(&self) -> &FetchLatency {
+        &self.inner.latency
     }
 
     /// The peer network, when configured.
@@ -132,7 +140,9 @@ impl Fetcher {
         if check_bounds(blob, &range).is_err() {
             return None;
         }
+        let started = std::time::Instant::now();
         let bytes = self.inner.cache.read(&blob.digest, range.clone())?;
+        self.inner.latency.observe(Source::Cache, started.elapsed());
         let counters = &self.inner.counters;
         counters.hits(self.block_range(&range).count() as u64);
         counters.served(Source::Cache, bytes.len() as u64);
@@ -325,7 +335,9 @@ impl Fetcher {
         let range = self.block_bytes(blob, first.key().index).start
             ..self.block_bytes(blob, last.key().index).end;
         let inner = &self.inner;
+        let started = std::time::Instant::now();
         let fetched = inner.registry.get_blob_range(blob, range.clone()).await;
+        inner.latency.observe(Source::Registry, started.elapsed());
         let bytes = match fetched {
             Ok(bytes) => bytes,
             Err(error) => {

@@ -21,6 +21,7 @@ mod digest;
 mod error;
 mod fetcher;
 mod flight;
+mod latency;
 pub mod peer;
 mod reference;
 mod registry;
@@ -30,6 +31,7 @@ pub use cache::{BlockKey, CacheUsage, ChunkCache, MAX_CACHED_BLOB_BYTES};
 pub use digest::Digest;
 pub use error::{FetchError, HttpFailure};
 pub use fetcher::Fetcher;
+pub use latency::{FetchLatency, Histogram, HistogramSnapshot, BUCKET_BOUNDS};
 pub use reference::{BlobRef, ImageRef};
 pub use registry::{
     BlobContent, Credential, Credentials, Manifest, Pushed, PushedManifest, RegistryClient,

@@ -120,6 +120,8 @@ fn reopening_reloads_blocks_and_drops_foreign_files() {
     let cache = open(dir.path(), 8);
     assert_eq!(cache.usage().blocks, 2);
     assert_eq!(cache.usage().bytes, BLOCK + 10);
+    assert_eq!(cache.cached_bytes(&blob), BLOCK + 10);
+    assert_eq!(cache.cached_bytes(&torn), 0);
     assert_eq!(cache.read(&blob, BLOCK..2 * BLOCK).unwrap(), block(9));
     assert_eq!(
         &cache.read(&blob, 2 * BLOCK..2 * BLOCK + 10).unwrap()[..],

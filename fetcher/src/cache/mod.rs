@@ -293,6 +293,15 @@ impl ChunkCache {
         }
     }
 
+    /// Bytes of `digest` the cache holds (0 for a blob it has never seen).
+    pub fn cached_bytes(&self, digest: &Digest) -> u64 {
+        let Some(blob) = self.lock().blobs.get(digest).cloned() else {
+            return 0;
+        };
+        let bitmap = blob.bitmap();
+        bitmap.present().map(|index| blob.block_len(index)).sum()
+    }
+
     pub fn usage(&self) -> CacheUsage {
         let state = self.lock();
         CacheUsage {

@@ -4,7 +4,7 @@
 
 use std::ffi::OsStr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
@@ -156,14 +156,17 @@ impl Filesystem for LayerFs {
     ) {
         let ino = ino(n);
         let blob = &self.layer.blob;
+        let started = Instant::now();
         if let Some(result) = self
             .reader
             .read_cached(blob, self.index(), ino, offset, size.into())
         {
-            return match result {
+            match result {
                 Ok(bytes) => reply.data(&bytes),
                 Err(err) => reply.error(err.errno()),
-            };
+            }
+            self.reader.observe_read(started.elapsed());
+            return;
         }
         let layer = self.layer.clone();
         let reader = self.reader.clone();
@@ -178,6 +181,7 @@ impl Filesystem for LayerFs {
                     reply.error(err.errno());
                 }
             }
+            reader.observe_read(started.elapsed());
         });
     }
 

@@ -3,6 +3,7 @@
 
 mod fs;
 mod mount;
+mod mounted;
 mod reader;
 
 use std::ops::Range;
@@ -16,6 +17,7 @@ use crate::estargz::{
 };
 
 pub use mount::{mount, MountedLayer, Prefetch};
+pub use mounted::MountedBlob;
 pub use reader::{ChunkReader, ReaderConfig, ReaderStats};
 
 /// An opened eStargz layer: its blob, file index, and the bytes to persist so that it can be

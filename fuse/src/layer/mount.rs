@@ -19,6 +19,8 @@ pub struct MountedLayer {
     mountpoint: PathBuf,
     session: Option<BackgroundSession>,
     detached: bool,
+    /// The reader whose mount table lists this layer, and the blob it lists it under.
+    listed: Option<(Arc<ChunkReader>, shoal_fetcher::Digest)>,
 }
 
 impl MountedLayer {
@@ -28,6 +30,7 @@ impl MountedLayer {
             mountpoint: mountpoint.to_owned(),
             session: Some(session),
             detached: false,
+            listed: None,
         }
     }
 
@@ -67,6 +70,9 @@ impl MountedLayer {
 
 impl Drop for MountedLayer {
     fn drop(&mut self) {
+        if let Some((reader, digest)) = self.listed.take() {
+            reader.mount_removed(&digest);
+        }
         let Some(session) = self.session.take() else {
             return;
         };
@@ -122,6 +128,8 @@ pub fn mount(
         source,
     })?;
     info!(blob = %blob.digest, mountpoint = %mountpoint.display(), at = now_secs(), "layer mounted");
+    reader.mount_added(&blob.digest, blob.size);
+    let listed = Some((reader.clone(), blob.digest.clone()));
     runtime.spawn(async move {
         if let Some(end) = prefetch_end {
             match reader.fetcher().prefetch(&blob, 0..end).await {
@@ -137,6 +145,7 @@ pub fn mount(
         detached: false,
         mountpoint: mountpoint.to_owned(),
         session: Some(session),
+        listed,
     })
 }
 

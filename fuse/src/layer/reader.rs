@@ -7,8 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use lru::LruCache;
-use shoal_fetcher::{BlobRef, Fetcher};
+use shoal_fetcher::{BlobRef, Digest, Fetcher, Histogram, HistogramSnapshot};
 use tracing::warn;
+
+use super::mounted::{MountTable, MountedBlob};
 
 use crate::error::FsError;
 use crate::estargz::{decompress_chunk, verify, Chunk, Index, Ino};
@@ -29,6 +31,9 @@ pub struct ChunkReader {
     memory: Mutex<Memory>,
     verify_failures: AtomicU64,
     read_failures: AtomicU64,
+    /// FUSE read requests, from arrival to reply.
+    read_latency: Histogram,
+    mounted: MountTable,
 }
 
 /// What readers of lazily mounted layers have met since start.
@@ -59,6 +64,8 @@ impl ChunkReader {
             }),
             verify_failures: AtomicU64::new(0),
             read_failures: AtomicU64::new(0),
+            read_latency: Histogram::default(),
+            mounted: MountTable::default(),
         })
     }
 
@@ -72,6 +79,28 @@ impl ChunkReader {
             read_failures: self.read_failures.load(Ordering::Relaxed),
             memory_bytes: self.memory.lock().unwrap_or_else(|p| p.into_inner()).bytes,
         }
+    }
+
+    /// Counts one FUSE read that took `elapsed` from request to reply.
+    pub fn observe_read(&self, elapsed: std::time::Duration) {
+        self.read_latency.observe(elapsed);
+    }
+
+    pub fn read_latency(&self) -> HistogramSnapshot {
+        self.read_latency.snapshot()
+    }
+
+    /// The blobs served by mounted layers right now.
+    pub fn mounted(&self) -> Vec<MountedBlob> {
+        self.mounted.list()
+    }
+
+    pub(crate) fn mount_added(&self, digest: &Digest, size: u64) {
+        self.mounted.add(digest, size);
+    }
+
+    pub(crate) fn mount_removed(&self, digest: &Digest) {
+        self.mounted.remove(digest);
     }
 
     /// Reads `offset..offset+len` of `ino` if every chunk it needs is in memory or in the disk

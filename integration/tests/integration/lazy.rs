@@ -36,28 +36,28 @@ const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
 const EXTRA_APPLETS: &[&str] = &["sha256sum", "dd"];
 
 /// A registry (behind the counting proxy), the daemon, and containerd using it as `shoal`.
-struct Stack {
-    registry: Registry,
-    daemon: Daemon,
-    ctd: Containerd,
+pub(crate) struct Stack {
+    pub(crate) registry: Registry,
+    pub(crate) daemon: Daemon,
+    pub(crate) ctd: Containerd,
 }
 
 /// An image pushed twice: as umoci built it and as `ctr-remote` converted it to eStargz.
-struct Published {
-    plain: String,
-    estargz: String,
+pub(crate) struct Published {
+    pub(crate) plain: String,
+    pub(crate) estargz: String,
     /// The eStargz manifest's layers, bottom first.
-    layers: Vec<Layer>,
+    pub(crate) layers: Vec<Layer>,
 }
 
-struct Layer {
-    digest: String,
-    size: u64,
+pub(crate) struct Layer {
+    pub(crate) digest: String,
+    pub(crate) size: u64,
 }
 
 impl Stack {
     /// `registry_settings` are extra keys of the daemon's `[registry]` table.
-    fn start(fixture: &Fixture, registry_settings: &str) -> Result<Stack> {
+    pub(crate) fn start(fixture: &Fixture, registry_settings: &str) -> Result<Stack> {
         let registry = Registry::start(fixture)?;
         let extra = format!(
             "\n[registry]\n{registry_settings}\n[registry.hosts.\"{}\"]\nplain_http = true\n",
@@ -79,7 +79,12 @@ impl Stack {
 
     /// Builds `layers`, pushes the image as `test/<name>:latest`, converts it with
     /// `ctr-remote image convert --estargz --oci` and pushes that as `test/<name>:esgz`.
-    fn publish(&self, fixture: &Fixture, name: &str, layers: &[Vec<Op>]) -> Result<Published> {
+    pub(crate) fn publish(
+        &self,
+        fixture: &Fixture,
+        name: &str,
+        layers: &[Vec<Op>],
+    ) -> Result<Published> {
         let built = image::build(fixture, name, layers)?;
         let plain = built.push(&self.registry.host(), &format!("test/{name}"))?;
         let estargz = format!("{}/test/{name}:esgz", self.registry.host());
@@ -171,7 +176,7 @@ impl Stack {
     }
 
     /// `shoal rpull` of `reference` into the namespace under test, with the daemon's config.
-    fn rpull(&self, reference: &str) -> Result<String> {
+    pub(crate) fn rpull(&self, reference: &str) -> Result<String> {
         let mut command = Command::new(binary::cli()?);
         command
             .arg("--config")
@@ -184,7 +189,7 @@ impl Stack {
     }
 
     /// `ctr run --rm` on Shoal of `reference` running `script`: the container's stdout.
-    fn run(&self, reference: &str, id: &str, script: &str) -> Result<String> {
+    pub(crate) fn run(&self, reference: &str, id: &str, script: &str) -> Result<String> {
         self.ctd.ctr(&[
             "run",
             "--rm",
@@ -278,7 +283,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// `sha256sum` output as path → hash.
-fn sums(out: &str) -> BTreeMap<String, String> {
+pub(crate) fn sums(out: &str) -> BTreeMap<String, String> {
     out.lines()
         .filter_map(|line| line.split_once("  "))
         .map(|(hash, path)| (path.trim().to_owned(), hash.to_owned()))
@@ -296,10 +301,10 @@ fn base_layer() -> Result<Vec<Op>> {
 }
 
 /// An image's layers and every data file's path with its sha256.
-type DataImage = (Vec<Vec<Op>>, BTreeMap<String, String>);
+pub(crate) type DataImage = (Vec<Vec<Op>>, BTreeMap<String, String>);
 
 /// A two-layer image: the base, then `/data/<name>` of `size` random bytes for each file.
-fn data_image(files: &[(&str, usize)]) -> Result<DataImage> {
+pub(crate) fn data_image(files: &[(&str, usize)]) -> Result<DataImage> {
     let mut data = vec![tree::dir("/data", 0o755)];
     let mut expected = BTreeMap::new();
     for (name, size) in files {

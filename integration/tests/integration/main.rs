@@ -28,6 +28,7 @@ mod cri;
 mod ctr;
 mod harness;
 mod lazy;
+mod metrics;
 mod overlaybd;
 mod p2p;
 mod rpull;

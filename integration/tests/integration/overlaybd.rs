@@ -339,3 +339,166 @@ fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(bytes))
 }
+
+fn random_bytes(len: usize) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::with_capacity(len);
+    std::fs::File::open("/dev/urandom")
+        .context("open /dev/urandom")?
+        .take(len as u64)
+        .read_to_end(&mut bytes)
+        .context("read /dev/urandom")?;
+    Ok(bytes)
+}
+
+/// The layers of `reference`'s manifest in the registry: (digest, size), bottom first.
+fn registry_layers(reference: &str) -> Result<Vec<(String, u64)>> {
+    let mut inspect = Command::new("skopeo");
+    inspect
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{reference}"));
+    let raw = process::run(&mut inspect, TOOL_TIMEOUT)?;
+    let manifest: serde_json::Value =
+        serde_json::from_str(&raw).with_context(|| format!("parse manifest {raw}"))?;
+    manifest["layers"]
+        .as_array()
+        .context("manifest without layers")?
+        .iter()
+        .map(|layer| {
+            Ok((
+                layer["digest"].as_str().context("no digest")?.to_owned(),
+                layer["size"].as_u64().context("no size")?,
+            ))
+        })
+        .collect()
+}
+
+/// A converted image: a busybox base, then `data` (path, bytes) files in a second layer.
+fn publish_converted(
+    fixture: &Fixture,
+    stack: &Stack,
+    name: &str,
+    data: &[(&str, &[u8])],
+) -> Result<String> {
+    let mut base = image::busybox_layer()?;
+    base.push(tree::symlink("busybox", "/bin/sha256sum"));
+    base.push(tree::file("/etc/greeting", "hello from shoal\n", 0o644));
+    let mut files = vec![tree::dir("/data", 0o755)];
+    for (path, bytes) in data {
+        files.push(tree::file(*path, bytes.to_vec(), 0o644));
+    }
+    let built = image::build(fixture, name, &[base, files])?;
+    let plain = built.push(&stack.registry.host(), &format!("test/{name}"))?;
+    let converted = format!("{}/test/{name}:obd", stack.registry.host());
+    convert("overlaybd", &plain, &converted)?;
+    Ok(converted)
+}
+
+#[test]
+fn a_container_reading_a_few_megabytes_of_a_large_image_fetches_little() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let stack = Stack::start(fixture)?;
+        let unread: Vec<Vec<u8>> = (0..8)
+            .map(|_| random_bytes(24 << 20))
+            .collect::<Result<_>>()?;
+        let small = random_bytes(3 << 20)?;
+        let mut data: Vec<(String, &[u8])> = unread
+            .iter()
+            .enumerate()
+            .map(|(i, bytes)| (format!("/data/unread-{i}"), bytes.as_slice()))
+            .collect();
+        data.push(("/data/small".to_owned(), &small));
+        let data: Vec<(&str, &[u8])> = data.iter().map(|(p, b)| (p.as_str(), *b)).collect();
+        let reference = publish_converted(fixture, &stack, "large", &data)?;
+        let total: u64 = registry_layers(&reference)?.iter().map(|l| l.1).sum();
+        anyhow::ensure!(total > 190 << 20, "the image is only {total} bytes");
+
+        stack.registry.proxy().reset();
+        let out = stack.rpull(&reference)?;
+        anyhow::ensure!(out.contains("2 layers, 2 lazy"), "not all lazy: {out}");
+        let out = stack.ctd.ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "shoal",
+            &reference,
+            "large",
+            "sha256sum",
+            "/data/small",
+        ])?;
+        anyhow::ensure!(out.contains(&sha256_hex(&small)), "wrong sum: {out}");
+        let fetched = stack.blob_bytes();
+        eprintln!(
+            "fetched {fetched} of {total} layer bytes ({:.1}%)",
+            fetched as f64 * 100.0 / total as f64
+        );
+        anyhow::ensure!(
+            fetched * 10 < total,
+            "fetched {fetched} of {total} layer bytes, not under 10%"
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn a_block_tampered_in_the_registry_never_reaches_a_container() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let stack = Stack::start(fixture)?;
+        let victim = random_bytes(6 << 20)?;
+        let reference = publish_converted(fixture, &stack, "tamper", &[("/data/victim", &victim)])?;
+        let out = stack.rpull(&reference)?;
+        anyhow::ensure!(out.contains("2 layers, 2 lazy"), "not all lazy: {out}");
+
+        // The layer is mounted; now the registry's copy of a block in its middle (file data,
+        // far from the metadata read so far) goes bad.
+        let layers = registry_layers(&reference)?;
+        let (digest, size) = layers.last().context("no layers")?;
+        let blob = stack.registry.blob_path(digest)?;
+        let mut bytes = std::fs::read(&blob)?;
+        let middle = usize::try_from(size / 2)?;
+        for byte in &mut bytes[middle..middle + 64] {
+            *byte ^= 0xff;
+        }
+        std::fs::write(&blob, bytes)?;
+
+        let out = stack.ctd.ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "shoal",
+            &reference,
+            "victim",
+            "sh",
+            "-c",
+            "sha256sum /data/victim; echo victim-rc=$?; sha256sum /etc/greeting; echo fine-rc=$?",
+        ])?;
+        anyhow::ensure!(
+            !out.contains(&sha256_hex(&victim)) && !out.contains("victim-rc=0"),
+            "the tampered file was read: {out}"
+        );
+        anyhow::ensure!(
+            out.contains(&sha256_hex(b"hello from shoal\n")) && out.contains("fine-rc=0"),
+            "the untouched layer failed: {out}"
+        );
+        let log = stack.daemon.log();
+        anyhow::ensure!(
+            log.contains("failed verification"),
+            "the daemon log does not report the bad block"
+        );
+        // The daemon is still serving: a new container starts.
+        let out = stack.ctd.ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "shoal",
+            &reference,
+            "after",
+            "cat",
+            "/etc/greeting",
+        ])?;
+        anyhow::ensure!(out.contains("hello from shoal"), "after: {out}");
+        Ok(())
+    })
+}

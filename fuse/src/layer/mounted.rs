@@ -1,0 +1,71 @@
+//! The table of lazily mounted layers, for status: which blobs are mounted and how often.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use shoal_fetcher::Digest;
+
+/// A blob served by at least one mounted layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountedBlob {
+    pub digest: Digest,
+    /// Compressed size of the blob.
+    pub size: u64,
+    /// Mounts serving it (one per snapshot that stacks it).
+    pub mounts: u32,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct MountTable {
+    blobs: Mutex<BTreeMap<Digest, MountedBlob>>,
+}
+
+impl MountTable {
+    pub fn add(&self, digest: &Digest, size: u64) {
+        let mut blobs = self.blobs.lock().unwrap_or_else(|p| p.into_inner());
+        blobs
+            .entry(digest.clone())
+            .or_insert_with(|| MountedBlob {
+                digest: digest.clone(),
+                size,
+                mounts: 0,
+            })
+            .mounts += 1;
+    }
+
+    pub fn remove(&self, digest: &Digest) {
+        let mut blobs = self.blobs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = blobs.get_mut(digest) {
+            entry.mounts = entry.mounts.saturating_sub(1);
+            if entry.mounts == 0 {
+                blobs.remove(digest);
+            }
+        }
+    }
+
+    pub fn list(&self) -> Vec<MountedBlob> {
+        let blobs = self.blobs.lock().unwrap_or_else(|p| p.into_inner());
+        blobs.values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_mounts_per_blob_and_forgets_unmounted_ones() {
+        let table = MountTable::default();
+        let digest = Digest::of(b"layer");
+        table.add(&digest, 10);
+        table.add(&digest, 10);
+        assert_eq!(table.list()[0].mounts, 2);
+        table.remove(&digest);
+        assert_eq!(table.list()[0].mounts, 1);
+        table.remove(&digest);
+        assert!(table.list().is_empty());
+        // Removing what is not there is a no-op, not an underflow.
+        table.remove(&digest);
+        assert!(table.list().is_empty());
+    }
+}

@@ -1,0 +1,193 @@
+//! The metrics endpoint watched during a lazy run: `/metrics` is scraped between steps and its
+//! counters must move exactly as the steps imply. Registry bytes appear with the first
+//! container's reads, a second container reading the same file is served from the chunk cache
+//! without a registry byte, every eStargz layer counts as a lazy mount, a plain image counts
+//! its fallback, and `/status` lists the mounted layers with what the cache holds of each.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::fixture::{privileged, Fixture};
+use crate::lazy::{self, Stack};
+
+/// A data file large enough to span several 1 MiB cache blocks.
+const DATA_BYTES: usize = 3 << 20;
+
+/// One scrape of `/metrics`: series (name with labels) → value.
+struct Scrape(BTreeMap<String, f64>);
+
+impl Scrape {
+    fn take(address: SocketAddr) -> Result<Scrape> {
+        let body = get(address, "/metrics")?;
+        let mut series = BTreeMap::new();
+        for line in body
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (name, value) = line
+                .rsplit_once(' ')
+                .with_context(|| format!("malformed sample {line:?}"))?;
+            let value: f64 = value
+                .parse()
+                .with_context(|| format!("malformed value in {line:?}"))?;
+            series.insert(name.to_owned(), value);
+        }
+        Ok(Scrape(series))
+    }
+
+    /// The sample `name` (labels included), 0 when absent, as Prometheus treats a counter
+    /// that has not been exported yet.
+    fn value(&self, name: &str) -> f64 {
+        self.0.get(name).copied().unwrap_or(0.0)
+    }
+
+    fn registry_bytes(&self) -> f64 {
+        self.value("shoal_read_bytes_total{source=\"registry\"}")
+    }
+}
+
+/// One plain HTTP/1.1 GET, the body as text.
+fn get(address: SocketAddr, path: &str) -> Result<String> {
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))
+        .with_context(|| format!("connect to metrics at {address}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // One write: the endpoint answers after its first read and closes.
+    let request = format!("GET {path} HTTP/1.1\r\nHost: shoal\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("malformed response to {path}: {response:?}"))?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+    Ok(body.to_owned())
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("bind a probe port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Evicts the kernel's page cache, so that the second container's reads reach the FUSE layer
+/// instead of pages the first one left behind.
+fn drop_page_cache() -> Result<()> {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").context("drop the page cache")
+}
+
+#[test]
+fn counters_follow_a_lazy_run() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let address: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        // The settings land after an empty `[registry]` header; `[metrics]` and `[cache]`
+        // are tables of their own there. No decoded-chunk memory: every read after the
+        // first must come through the chunk cache, where it is counted.
+        let settings = format!("[metrics]\naddress = \"{address}\"\n[cache]\nmemory = \"0B\"\n");
+        let stack = Stack::start(fixture, &settings)?;
+        let (layers, expected) = lazy::data_image(&[("blob", DATA_BYTES)])?;
+        let published = stack.publish(fixture, "metrics", &layers)?;
+
+        let idle = Scrape::take(address)?;
+        assert_eq!(idle.registry_bytes(), 0.0, "registry bytes before any pull");
+        assert_eq!(idle.value("shoal_lazy_layers_mounted_total"), 0.0);
+
+        stack.rpull(&published.estargz)?;
+        let pulled = Scrape::take(address)?;
+        assert_eq!(
+            pulled.value("shoal_lazy_layers_mounted_total"),
+            published.layers.len() as f64,
+            "every eStargz layer mounts lazily"
+        );
+
+        let first =
+            lazy::sums(&stack.run(&published.estargz, "metrics-first", "sha256sum /data/blob")?);
+        assert_eq!(first, expected, "the first container reads the right bytes");
+        let after_first = Scrape::take(address)?;
+        let registry_bytes = after_first.registry_bytes();
+        assert!(
+            registry_bytes >= DATA_BYTES as f64 / 2.0,
+            "reading a {DATA_BYTES}-byte random file fetched only {registry_bytes} bytes"
+        );
+        let fetches = after_first.value("shoal_fetch_duration_seconds_count{source=\"registry\"}");
+        assert!(fetches > 0.0, "registry fetches are timed");
+        assert!(
+            after_first.value("shoal_fuse_read_duration_seconds_count") > 0.0,
+            "FUSE reads are timed"
+        );
+        assert_eq!(after_first.value("shoal_fetches_in_flight"), 0.0);
+
+        let status: serde_json::Value = serde_json::from_str(&get(address, "/status")?)?;
+        let listed = status["layers"]
+            .as_array()
+            .context("/status without layers")?;
+        for layer in &published.layers {
+            let entry = listed
+                .iter()
+                .find(|l| l["digest"] == layer.digest.as_str())
+                .with_context(|| format!("{} not listed in {listed:?}", layer.digest))?;
+            assert_eq!(entry["size"], layer.size);
+            assert!(entry["mounts"].as_u64() >= Some(1));
+        }
+        let cached: u64 = listed
+            .iter()
+            .filter_map(|l| l["cached_bytes"].as_u64())
+            .sum();
+        assert!(
+            cached as f64 >= registry_bytes * 0.9,
+            "layers show {cached} cached bytes after {registry_bytes} fetched"
+        );
+        assert!(status["cache_capacity"].as_u64() > Some(0));
+
+        drop_page_cache()?;
+        let second =
+            lazy::sums(&stack.run(&published.estargz, "metrics-second", "sha256sum /data/blob")?);
+        assert_eq!(second, expected);
+        let after_second = Scrape::take(address)?;
+        assert_eq!(
+            after_second.registry_bytes(),
+            registry_bytes,
+            "the second container fetched nothing"
+        );
+        assert!(
+            after_second.value("shoal_cache_hits_total")
+                > after_first.value("shoal_cache_hits_total"),
+            "the second container's reads hit the cache"
+        );
+        assert!(
+            after_second.value("shoal_read_bytes_total{source=\"cache\"}")
+                >= after_first.value("shoal_read_bytes_total{source=\"cache\"}")
+                    + DATA_BYTES as f64 / 2.0
+        );
+        assert!(
+            after_second.value("shoal_fetch_duration_seconds_count{source=\"cache\"}")
+                > after_first.value("shoal_fetch_duration_seconds_count{source=\"cache\"}")
+        );
+
+        // The image as umoci built it: gzip layers without a TOC, downloaded, not mounted.
+        stack.rpull(&published.plain)?;
+        let fell_back = Scrape::take(address)?;
+        let fallbacks: f64 = fell_back
+            .0
+            .iter()
+            .filter(|(name, _)| name.starts_with("shoal_lazy_fallbacks_total{"))
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!(
+            fallbacks,
+            published.layers.len() as f64,
+            "each plain layer counts a fallback: {:?}",
+            fell_back.0
+        );
+        assert_eq!(
+            fell_back.value("shoal_lazy_layers_mounted_total"),
+            published.layers.len() as f64,
+            "a plain layer is not counted as mounted"
+        );
+        Ok(())
+    });
+}
