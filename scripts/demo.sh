@@ -17,7 +17,7 @@ fi
 scripts/install-deps.sh
 echo "demo: building Shoal (release)"
 cargo build --release --bins -q
-bin=$repo/target/release
+bin=${CARGO_TARGET_DIR:-$repo/target}/release
 
 run=/run/shoal-demo
 data=/var/lib/shoal-demo
@@ -41,13 +41,14 @@ trap cleanup EXIT
 cleanup
 mkdir -p "$run" "$data"
 
-wait_for() { # wait_for DESCRIPTION COMMAND...
-  local what=$1; shift
-  for _ in $(seq 1 100); do
+wait_for() { # wait_for DESCRIPTION LOG COMMAND...: bounded (30s); shows LOG's tail on failure
+  local what=$1 log=$2; shift 2
+  for _ in $(seq 1 300); do
     if "$@" >/dev/null 2>&1; then return 0; fi
     sleep 0.1
   done
-  echo "demo: $what did not come up" >&2
+  echo "demo: $what did not come up; the end of $log:" >&2
+  tail -n 20 "$log" >&2 || true
   exit 1
 }
 
@@ -60,7 +61,7 @@ http: {addr: $registry}
 YML
 docker-registry serve "$data/registry.yml" >"$data/registry.log" 2>&1 &
 pids+=($!)
-wait_for registry curl -sf "http://$registry/v2/"
+wait_for registry "$data/registry.log" curl -sf "http://$registry/v2/"
 
 echo "demo: building a demo image (busybox + ${payload_mib} MiB of data the command never reads)"
 work=$data/build
@@ -93,7 +94,7 @@ address = "$metrics"
 TOML
 "$bin/shoal-snapshotter" --config "$data/shoal.toml" >"$data/shoal.log" 2>&1 &
 pids+=($!)
-wait_for shoal-snapshotter "$bin/shoal" --config "$data/shoal.toml" status
+wait_for shoal-snapshotter "$data/shoal.log" "$bin/shoal" --config "$data/shoal.toml" status
 
 echo "demo: starting a private containerd with Shoal as proxy snapshotter"
 cat > "$data/containerd.toml" <<TOML
@@ -112,7 +113,7 @@ TOML
 containerd --config "$data/containerd.toml" >"$data/containerd.log" 2>&1 &
 pids+=($!)
 ctr() { command ctr --address "$run/containerd.sock" "$@"; }
-wait_for containerd ctr version
+wait_for containerd "$data/containerd.log" ctr version
 
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
@@ -128,7 +129,7 @@ t1=$(now)
 ovl_out=$(ctr -n demo-overlayfs run --rm "$image" demo-overlayfs)
 t2=$(now)
 ovl_pull=$(elapsed "$t0" "$t1"); ovl_run=$(elapsed "$t1" "$t2")
-ovl_bytes=$(skopeo inspect --tls-verify=false "docker://$image" | jq '[.LayersData[].Size] | add')
+ovl_bytes=$(skopeo inspect --raw --tls-verify=false "docker://$image" | jq '[.layers[].size] | add')
 
 before=$(registry_bytes)
 t0=$(now)
