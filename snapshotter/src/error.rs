@@ -66,6 +66,10 @@ pub enum SnapshotError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "block layer {layer} cannot be mounted, and a block layer has no files to unpack: {reason}"
+    )]
+    BlockLayerUnavailable { layer: String, reason: String },
     #[error("blocking task for {operation} failed: {reason}")]
     Task {
         operation: &'static str,
@@ -103,6 +107,7 @@ impl SnapshotError {
             | UnmountLayer { .. }
             | PersistIndex { .. }
             | Task { .. } => Code::Internal,
+            BlockLayerUnavailable { .. } => Code::Unavailable,
         }
     }
 }

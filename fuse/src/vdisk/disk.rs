@@ -37,6 +37,11 @@ impl VirtualDisk {
         self.fs_type
     }
 
+    /// The merged index.
+    pub fn stack(&self) -> &Stack {
+        &self.stack
+    }
+
     /// The layers, top first.
     pub fn layers(&self) -> &[DiskLayer] {
         &self.layers

@@ -48,3 +48,6 @@ impl FsType {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

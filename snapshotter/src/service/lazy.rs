@@ -82,6 +82,9 @@ impl ShoalSnapshotter {
         }
         let resolved = match self.inner.mounter.resolve(&layer).await {
             Ok(resolved) => resolved,
+            Err(fallback) if layer.overlaybd => {
+                return Some(block_layer_unavailable(&layer, &fallback))
+            }
             Err(fallback) => {
                 self.inner.lazy.fell_back(key, &fallback);
                 return None;
@@ -110,6 +113,10 @@ impl ShoalSnapshotter {
             Err(SnapshotError::AlreadyExists { .. }) => {
                 Some(SnapshotError::AlreadyExists { key: target })
             }
+            Err(err) if layer.overlaybd => Some(block_layer_unavailable(
+                &layer,
+                &Fallback::Mount(err.to_string()),
+            )),
             Err(err) => {
                 self.inner
                     .lazy
@@ -117,6 +124,16 @@ impl ShoalSnapshotter {
                 None
             }
         }
+    }
+}
+
+/// An overlaybd blob is a disk layer wrapped in a one-file tar: letting containerd unpack it
+/// would give containers a root holding only `overlaybd.commit`, so the pull fails instead.
+fn block_layer_unavailable(layer: &LayerLabels, reason: &Fallback) -> SnapshotError {
+    error!(layer = %layer.layer_digest, reason = %reason, "overlaybd layer cannot be mounted");
+    SnapshotError::BlockLayerUnavailable {
+        layer: layer.layer_digest.clone(),
+        reason: reason.to_string(),
     }
 }
 
@@ -225,6 +242,8 @@ mod tests {
     #[derive(Default)]
     struct RecordingMounter {
         fail_resolve: Option<Fallback>,
+        /// Resolve layers as overlaybd (each holds its whole chain) rather than eStargz.
+        overlaybd: bool,
         calls: Mutex<Vec<String>>,
     }
 
@@ -246,7 +265,11 @@ mod tests {
             }
             Ok(ResolvedLayer {
                 layer: RemoteLayer {
-                    format: LayerFormat::Estargz,
+                    format: if self.overlaybd {
+                        LayerFormat::Overlaybd
+                    } else {
+                        LayerFormat::Estargz
+                    },
                     image_ref: labels.image_ref.clone(),
                     digest: labels.layer_digest.clone(),
                     size: 1234,
@@ -417,6 +440,78 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(sn.lazy_stats().fallbacks().get("missing_labels"), Some(&1));
+    }
+
+    #[tokio::test]
+    async fn containers_on_overlaybd_layers_stack_only_the_nearest_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounter = Arc::new(RecordingMounter {
+            overlaybd: true,
+            ..Default::default()
+        });
+        let sn = open(dir.path(), &mounter);
+        for (key, parent, target, layer) in [
+            ("extract-1", "", "chain1", "sha256:l1"),
+            ("extract-2", "chain1", "chain2", "sha256:l2"),
+        ] {
+            let err = sn
+                .prepare(key.into(), parent.into(), remote_labels(target, layer))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, SnapshotError::AlreadyExists { .. }), "{err}");
+        }
+        let calls = mounter.calls();
+        let top = calls
+            .iter()
+            .filter_map(|c| c.strip_prefix("mount sha256:l2 "))
+            .map(|c| c.split(' ').next().unwrap().to_owned())
+            .next()
+            .unwrap();
+        let mounts = sn
+            .prepare("container".into(), "chain2".into(), HashMap::new())
+            .await
+            .unwrap();
+        assert_eq!(mounts[0].r#type, "overlay");
+        assert!(
+            mounts[0].options.contains(&format!("lowerdir={top}")),
+            "{:?}",
+            mounts[0].options
+        );
+        let view = sn
+            .view("view".into(), "chain2".into(), HashMap::new())
+            .await
+            .unwrap();
+        assert_eq!(view[0].r#type, "bind");
+        assert_eq!(view[0].source, top);
+    }
+
+    #[tokio::test]
+    async fn unmountable_overlaybd_layers_fail_the_pull_instead_of_unpacking() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounter = Arc::new(RecordingMounter {
+            fail_resolve: Some(Fallback::Registry("connection refused".into())),
+            ..Default::default()
+        });
+        let sn = open(dir.path(), &mounter);
+        let mut labels = remote_labels("chain1", "sha256:l1");
+        labels.insert(
+            crate::remote::LABEL_OVERLAYBD_BLOB_DIGEST.to_string(),
+            "sha256:l1".to_string(),
+        );
+        let err = sn
+            .prepare("extract-1".into(), String::new(), labels)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, SnapshotError::BlockLayerUnavailable { layer, .. } if layer == "sha256:l1"),
+            "{err}"
+        );
+        assert_eq!(err.code(), containerd_snapshots::tonic::Code::Unavailable);
+        assert!(
+            sn.stat("extract-1".into()).await.is_err(),
+            "nothing to unpack into"
+        );
+        assert!(sn.lazy_stats().fallbacks().is_empty());
     }
 
     #[tokio::test]

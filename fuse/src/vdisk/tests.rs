@@ -1,0 +1,200 @@
+//! The virtual disk over the reference-converted hello-world layer, read through a real chunk
+//! cache (prefilled; the registry is unreachable, so nothing can come from the network).
+
+use std::path::Path;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use shoal_fetcher::{BlobRef, Digest, Fetcher, ImageRef};
+
+use super::*;
+use crate::overlaybd::lsmt::{Mapping, RECORD_SIZE};
+use crate::overlaybd::{tar_wrapper, BlockSource, Disk, Window, ZFileReader};
+use crate::FsError;
+
+const LAYER: &str = "022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d";
+const EXT4_MAGIC: [u8; 2] = [0x53, 0xef];
+
+fn fixture_blob() -> Vec<u8> {
+    std::fs::read(Path::new("/work/shared/fixtures/overlaybd/hello-world/blobs/sha256").join(LAYER))
+        .expect("fixture blob")
+}
+
+/// A fetcher whose cache holds `blob` and whose registry refuses every connection.
+fn cached(dir: &Path, blob: &[u8]) -> (Fetcher, BlobRef) {
+    let config = shoal_config::Config::parse(&format!(
+        "root = \"{}\"\n[registry]\ndocker_config = \"{}\"\nretries = 0\n",
+        dir.join("root").display(),
+        dir.join("none.json").display()
+    ))
+    .unwrap();
+    let fetcher = Fetcher::new(&config).unwrap();
+    let digest = Digest::parse(&format!("sha256:{LAYER}")).unwrap();
+    fill(&fetcher, &digest, blob);
+    let image = ImageRef::parse("127.0.0.1:1/test/hello:1").unwrap();
+    let size = blob.len() as u64;
+    (fetcher, BlobRef::new(image, digest, size))
+}
+
+fn fill(fetcher: &Fetcher, digest: &Digest, blob: &[u8]) {
+    let cache = fetcher.cache();
+    cache.invalidate(digest, 0..blob.len() as u64).unwrap();
+    let block = cache.block_size() as usize;
+    for (index, chunk) in blob.chunks(block).enumerate() {
+        cache
+            .insert(digest, blob.len() as u64, index as u64, chunk)
+            .unwrap();
+    }
+}
+
+/// The same disk through the pure, synchronous readers.
+fn reference_disk(blob: Vec<u8>) -> Disk<ZFileReader<Window<Vec<u8>>>> {
+    let size = blob.len() as u64;
+    let payload = tar_wrapper::locate(&blob[..tar_wrapper::PROBE_LEN], size).unwrap();
+    let window = Window::new(blob, payload.offset, payload.len).unwrap();
+    Disk::open(vec![ZFileReader::open(window).unwrap()]).unwrap()
+}
+
+#[tokio::test]
+async fn the_fixture_disk_reads_the_same_through_the_cache_and_after_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = fixture_blob();
+    let (fetcher, blob_ref) = cached(dir.path(), &blob);
+    let layer = DiskLayer::open(&fetcher, blob_ref).await.unwrap();
+    assert_eq!(layer.meta().payload_offset, 1536);
+    assert_eq!(layer.lsmt().index_records(), 768);
+    let disk = VirtualDisk::new(vec![layer], FsType::Ext4).unwrap();
+    assert_eq!(disk.size(), 64 << 30);
+
+    let superblock = disk.read_cached(&fetcher, 1024, 1024).unwrap();
+    assert_eq!(superblock[0x38..0x3a], EXT4_MAGIC);
+
+    let reference = reference_disk(blob);
+    let reopened = VirtualDisk::from_persisted(&disk.persist()).unwrap();
+    for (offset, len) in [
+        (0, 4096),
+        (1024, 131_072),
+        (4 << 20, 65_536),
+        (40 << 30, 4096),
+    ] {
+        let mut want = vec![0u8; len];
+        reference.read_exact_at(offset, &mut want).unwrap();
+        assert_eq!(
+            disk.read_cached(&fetcher, offset, len as u64).unwrap(),
+            want
+        );
+        assert_eq!(disk.read(&fetcher, offset, len as u64).await.unwrap(), want);
+        assert_eq!(
+            reopened.read(&fetcher, offset, len as u64).await.unwrap(),
+            want
+        );
+    }
+    // Reads are clipped at the end of the disk.
+    let tail = disk.read(&fetcher, disk.size() - 10, 4096).await.unwrap();
+    assert_eq!(tail, vec![0; 10]);
+}
+
+#[tokio::test]
+async fn corrupt_cached_blocks_are_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = fixture_blob();
+    let (fetcher, blob_ref) = cached(dir.path(), &blob);
+    let layer = DiskLayer::open(&fetcher, blob_ref.clone()).await.unwrap();
+    let disk = VirtualDisk::new(vec![layer], FsType::Ext4).unwrap();
+
+    // Every compressed data block goes bad after the metadata was read.
+    let mut bad = blob.clone();
+    let end = bad.len() - 4096;
+    for byte in &mut bad[2048..end] {
+        *byte ^= 0x5a;
+    }
+    fill(&fetcher, &blob_ref.digest, &bad);
+    assert!(
+        disk.read_cached(&fetcher, 1024, 1024).is_none(),
+        "a block failing its crc is left to the refetching path"
+    );
+    // The refetch has nowhere to go (the registry is unreachable): an error, not data.
+    let err = disk.read(&fetcher, 1024, 1024).await.unwrap_err();
+    assert!(
+        matches!(err, FsError::ReadBlock { .. } | FsError::DecodeBlock { .. }),
+        "{err}"
+    );
+    // Unmapped ranges need no block at all: the first gap between data runs.
+    let runs: Vec<(u64, u64)> = disk
+        .stack()
+        .data_pieces()
+        .map(|(at, piece)| (at, at + piece.len()))
+        .collect();
+    let gap = runs
+        .windows(2)
+        .find(|w| w[1].0 - w[0].1 >= 512)
+        .map(|w| w[0].1)
+        .unwrap();
+    assert_eq!(disk.read_cached(&fetcher, gap, 512).unwrap(), vec![0; 512]);
+}
+
+/// The persisted record of the fixture disk as JSON, to tamper with.
+async fn persisted_json() -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let (fetcher, blob_ref) = cached(dir.path(), &fixture_blob());
+    let layer = DiskLayer::open(&fetcher, blob_ref).await.unwrap();
+    let disk = VirtualDisk::new(vec![layer], FsType::Ext4).unwrap();
+    serde_json::from_slice(&disk.persist()).unwrap()
+}
+
+fn edit_bytes(json: &mut serde_json::Value, field: &str, edit: impl FnOnce(&mut Vec<u8>)) {
+    let slot = &mut json["layers"][0][field];
+    let mut bytes = STANDARD.decode(slot.as_str().unwrap()).unwrap();
+    edit(&mut bytes);
+    *slot = STANDARD.encode(bytes).into();
+}
+
+fn reopen(json: &serde_json::Value) -> Result<VirtualDisk, FsError> {
+    VirtualDisk::from_persisted(&serde_json::to_vec(json).unwrap())
+}
+
+#[tokio::test]
+async fn damaged_persisted_records_are_refused() {
+    assert!(matches!(
+        VirtualDisk::from_persisted(b"not json"),
+        Err(FsError::PersistedDisk { .. })
+    ));
+    let good = persisted_json().await;
+    assert!(reopen(&good).is_ok());
+
+    let mut version = good.clone();
+    version["version"] = 99.into();
+    assert!(matches!(
+        reopen(&version),
+        Err(FsError::PersistedIndex { .. })
+    ));
+
+    let mut table = good.clone();
+    edit_bytes(&mut table, "jump_table", |b| b[10] ^= 1);
+    let err = reopen(&table).unwrap_err();
+    assert!(
+        err.to_string().contains("jump table crc"),
+        "wrong jump-table crc: {err}"
+    );
+
+    let mut header = good.clone();
+    edit_bytes(&mut header, "zfile_trailer", |b| b[100] ^= 1);
+    assert!(matches!(reopen(&header), Err(FsError::LayerZFile { .. })));
+
+    let mut index = good.clone();
+    edit_bytes(&mut index, "lsmt_index", |b| {
+        let record: &mut [u8; RECORD_SIZE] = (&mut b[..RECORD_SIZE]).try_into().unwrap();
+        let mut mapping = Mapping::decode(record);
+        mapping.moffset = 1 << 40;
+        *record = mapping.encode();
+    });
+    let err = reopen(&index).unwrap_err();
+    assert!(matches!(err, FsError::LayerLsmt { .. }), "{err}");
+
+    let mut truncated = good.clone();
+    truncated["layers"][0]["size"] = 1000.into();
+    assert!(matches!(
+        reopen(&truncated),
+        Err(FsError::LayerWrapper { .. })
+    ));
+}
