@@ -16,7 +16,7 @@ packages=(
   # test images and registry
   docker-registry skopeo umoci busybox-static jq curl
   # overlaybd filesystems, multi-node networking
-  e2fsprogs erofs-utils iproute2 kmod
+  e2fsprogs erofs-utils iproute2 kmod openssl
   # second eStargz producer, and stargz-snapshotter's Go library with the Go toolchain that
   # builds it offline (compatibility tests read Shoal's eStargz with it)
   stargz-snapshotter golang-go golang-github-containerd-stargz-snapshotter-dev

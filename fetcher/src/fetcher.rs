@@ -100,14 +100,18 @@ impl Fetcher {
         self.inner.counters.snapshot()
     }
 
-    /// How long cache reads and remote fetches took, by source.
-    pub fn latency(&self) -> &FetchLatency {
-        &self.inner.latency
-    }
-
     /// The peer network, when configured.
     pub fn peers(&self) -> Option<&Peers> {
         self.inner.peers.as_deref()
+    }
+
+    /// Lets peers supply blocks of `blob`: for a blob whose every chunk the caller verifies
+    /// against hashes that did not come from the sender (an eStargz layer once its TOC has
+    /// been checked). Other blobs are only ever read from the cache and the registry.
+    pub fn allow_peers(&self, blob: &crate::Digest) {
+        if let Some(peers) = &self.inner.peers {
+            peers.allow(blob);
+        }
     }
 
     pub(crate) fn peers_arc(&self) -> Option<Arc<Peers>> {
@@ -118,6 +122,11 @@ impl Fetcher {
     /// current runtime; the bound address, or `None` when peers are not configured.
     pub async fn start_peers(&self) -> Result<Option<std::net::SocketAddr>, FetchError> {
         peer::start(self).await
+    }
+
+    /// How long cache reads and remote fetches took, by source.
+    pub fn latency(&self) -> &FetchLatency {
+        &self.inner.latency
     }
 
     /// Bytes `range` of `blob`, from the cache or fetched. The bytes are those the registry
@@ -131,7 +140,24 @@ impl Fetcher {
             return Ok(bytes);
         }
         let blocks = self.block_range(&range);
-        let parts = self.blocks(blob, blocks.clone(), Refresh::No).await?;
+        let parts = self.blocks(blob, blocks.clone(), Mode::Read).await?;
+        Ok(self.assemble(blocks.start, parts, range))
+    }
+
+    /// Like [`read`](Self::read), and peers may supply the bytes even if the blob is not
+    /// [allowed](Self::allow_peers) yet: for bytes the caller checks against a digest from
+    /// elsewhere (an eStargz TOC against its layer annotation), falling back to
+    /// [`refetch`](Self::refetch) when they do not match.
+    pub async fn read_index(&self, blob: &BlobRef, range: Range<u64>) -> Result<Bytes, FetchError> {
+        check_bounds(blob, &range)?;
+        if range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        if let Some(bytes) = self.read_cached(blob, range.clone()) {
+            return Ok(bytes);
+        }
+        let blocks = self.block_range(&range);
+        let parts = self.blocks(blob, blocks.clone(), Mode::ReadIndex).await?;
         Ok(self.assemble(blocks.start, parts, range))
     }
 
@@ -170,9 +196,7 @@ impl Fetcher {
                 reason: e.to_string(),
             })??;
         let blocks = self.block_range(&range);
-        let parts = self
-            .blocks(blob, blocks.clone(), Refresh::FromRegistry)
-            .await?;
+        let parts = self.blocks(blob, blocks.clone(), Mode::Refetch).await?;
         Ok(self.assemble(blocks.start, parts, range))
     }
 
@@ -184,7 +208,7 @@ impl Fetcher {
         let mut start = blocks.start;
         while start < blocks.end {
             let end = blocks.end.min(start + window);
-            self.blocks(blob, start..end, Refresh::No).await?;
+            self.blocks(blob, start..end, Mode::Read).await?;
             start = end;
         }
         Ok(())
@@ -207,7 +231,7 @@ impl Fetcher {
         &self,
         blob: &BlobRef,
         blocks: Range<u64>,
-        refresh: Refresh,
+        mode: Mode,
     ) -> Result<Vec<Bytes>, FetchError> {
         enum Part {
             Ready(Bytes),
@@ -218,7 +242,7 @@ impl Fetcher {
         let mut leads: Vec<Lead> = Vec::new();
         for index in blocks {
             let key = BlockKey::new(blob.digest.clone(), index);
-            let cached = (refresh == Refresh::No)
+            let cached = (mode != Mode::Refetch)
                 .then(|| {
                     inner
                         .cache
@@ -244,7 +268,7 @@ impl Fetcher {
         // this reader gives up (a FUSE request interrupted, a caller's timeout).
         let tasks: Vec<_> = runs(leads, inner.max_run_blocks)
             .into_iter()
-            .map(|run| tokio::spawn(self.clone().fetch_run(blob.clone(), run, refresh)))
+            .map(|run| tokio::spawn(self.clone().fetch_run(blob.clone(), run, mode)))
             .collect();
         let mut blocks = Vec::with_capacity(parts.len());
         for part in parts {
@@ -266,7 +290,7 @@ impl Fetcher {
     /// Fetches one run of adjacent blocks: from peers when they have them (unless this is a
     /// refetch), the rest from the registry with one range request per gap; answers the
     /// waiters, then caches the blocks and announces those that came from the registry.
-    async fn fetch_run(self, blob: BlobRef, run: Vec<Lead>, refresh: Refresh) {
+    async fn fetch_run(self, blob: BlobRef, run: Vec<Lead>, mode: Mode) {
         let (Some(first), Some(last)) = (run.first(), run.last()) else {
             return;
         };
@@ -279,8 +303,17 @@ impl Fetcher {
                 return;
             };
             let _in_flight = inner.counters.in_flight();
-            let from_peers = match (&inner.peers, refresh) {
-                (Some(peers), Refresh::No) => peers.fetch(&blob, blocks).await,
+            let from_peers = match (&inner.peers, mode) {
+                (Some(peers), Mode::Read | Mode::ReadIndex)
+                    if mode == Mode::ReadIndex || peers.allows(&blob.digest) =>
+                {
+                    let started = std::time::Instant::now();
+                    let got = peers.fetch(&blob, blocks).await;
+                    if got.iter().any(Option::is_some) {
+                        inner.latency.observe(Source::Peer, started.elapsed());
+                    }
+                    got
+                }
                 _ => vec![None; run.len()],
             };
             let mut gap: Vec<&Lead> = Vec::new();
@@ -395,11 +428,15 @@ fn check_bounds(blob: &BlobRef, range: &Range<u64>) -> Result<(), FetchError> {
     Ok(())
 }
 
-/// Whether cached blocks are read (`No`) or fetched again, from the registry only.
+/// Where the blocks of a read may come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refresh {
-    No,
-    FromRegistry,
+enum Mode {
+    /// The cache, then peers if the blob is allowed them, then the registry.
+    Read,
+    /// The cache, then peers, then the registry: the caller verifies against a digest.
+    ReadIndex,
+    /// The registry alone, whatever the cache holds: the caller's verification failed.
+    Refetch,
 }
 
 /// Leads (in block order) cut where a block is missing.

@@ -4,7 +4,11 @@
 //!   rendezvous placement of each blob's index owners ([`rendezvous`]), the index this node
 //!   keeps for the blobs it owns ([`index`]), announcements of what it holds ([`announce`]),
 //!   and the client and listener of the HTTP/2 protocol ([`client`], [`server`], [`wire`]).
-//! - Integrity: a node shares only blocks it fetched from the registry itself ("shareable");
+//! - Integrity: peers are asked only for blobs whose every chunk the reader verifies against
+//!   hashes from a verified index (eStargz: the TOC, itself checked against the layer's
+//!   annotation and always read from the registry); overlaybd blobs, whose CRCs travel with
+//!   the data, are never taken from peers. A node shares only blocks it fetched from the
+//!   registry itself ("shareable");
 //!   blocks it got from a peer serve its own containers once their chunks verify, but are
 //!   never passed on, so bad bytes cannot spread, and a peer whose bytes fail verification is
 //!   avoided. The expected hashes come from the verified TOC, never from the sender.
@@ -66,6 +70,9 @@ pub struct Peers {
     shareable: Mutex<HashMap<Digest, BlockSet>>,
     /// Which peer sent each block that came from a peer.
     peer_sourced: Mutex<LruCache<BlockKey, PeerAddr>>,
+    /// Blobs whose every chunk is checked against hashes the peers did not supply (an
+    /// eStargz layer with a verified TOC): the only ones asked of peers.
+    verifiable: Mutex<HashSet<Digest>>,
     counters: PeerCounters,
 }
 
@@ -86,6 +93,7 @@ impl Peers {
                 NonZeroUsize::new(PEER_SOURCED_CAP).unwrap_or(NonZeroUsize::MIN),
             )),
             counters: PeerCounters::default(),
+            verifiable: Mutex::default(),
             config: config.clone(),
         })
     }
@@ -101,6 +109,22 @@ impl Peers {
     /// This node's own peer address, once a probe has found it among the members.
     pub fn me(&self) -> Option<PeerAddr> {
         self.members.me()
+    }
+
+    /// Lets peers supply `blob`'s blocks from now on: its reader checks every chunk against
+    /// hashes from its verified index, so bad bytes are caught and their sender blamed.
+    pub(crate) fn allow(&self, blob: &Digest) {
+        self.verifiable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(blob.clone());
+    }
+
+    pub(crate) fn allows(&self, blob: &Digest) -> bool {
+        self.verifiable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(blob)
     }
 
     /// Blocks `blocks` of `blob` from peers, within the latency budget: one entry per block,

@@ -39,10 +39,36 @@ impl EstargzLayer {
         blob: BlobRef,
         expected: TocDigest,
     ) -> Result<EstargzLayer, FsError> {
+        match EstargzLayer::fetch(fetcher, blob.clone(), expected, false).await {
+            // Peers may have sent the footer and TOC: read them once more from the registry
+            // alone (the fetcher blames the peer) before giving up.
+            Err(first) if fetcher.peers().is_some() => {
+                tracing::warn!(blob = %blob.digest, error = %first, "layer index did not check out; reading it from the registry");
+                EstargzLayer::fetch(fetcher, blob, expected, true).await
+            }
+            outcome => outcome,
+        }
+    }
+
+    async fn fetch(
+        fetcher: &Fetcher,
+        blob: BlobRef,
+        expected: TocDigest,
+        from_registry: bool,
+    ) -> Result<EstargzLayer, FsError> {
+        let read = |range: Range<u64>| {
+            let blob = &blob;
+            async move {
+                if from_registry {
+                    fetcher.refetch(blob, range).await
+                } else {
+                    fetcher.read_index(blob, range).await
+                }
+            }
+        };
         let name = blob.digest.to_string();
         let tail_len = (FOOTER_SIZE as u64).min(blob.size);
-        let tail = fetcher
-            .read(&blob, blob.size - tail_len..blob.size)
+        let tail = read(blob.size - tail_len..blob.size)
             .await
             .map_err(|source| FsError::FetchFooter {
                 blob: name.clone(),
@@ -53,13 +79,10 @@ impl EstargzLayer {
             source,
         })?;
         let region: Range<u64> = footer.toc_offset..blob.size - footer.size as u64;
-        let compressed = fetcher
-            .read(&blob, region)
-            .await
-            .map_err(|source| FsError::FetchToc {
-                blob: name.clone(),
-                source,
-            })?;
+        let compressed = read(region).await.map_err(|source| FsError::FetchToc {
+            blob: name.clone(),
+            source,
+        })?;
         let json = read_toc_json(&compressed).map_err(|source| FsError::ParseToc {
             blob: name.clone(),
             source,

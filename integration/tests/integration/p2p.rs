@@ -24,6 +24,9 @@ use crate::process::{self, Process};
 use crate::registry::Registry;
 use crate::tree;
 
+mod faults;
+mod tls;
+
 const REGISTRY_PORT: u16 = 5000;
 const PEER_PORT: u16 = 7420;
 const METRICS_PORT: u16 = 9464;
@@ -47,8 +50,11 @@ struct Cluster {
 struct Node {
     label: String,
     config: PathBuf,
+    /// The daemon's chunk cache directory.
+    cache: PathBuf,
     ctd: Containerd,
-    _daemon: Process,
+    address: Ipv4Addr,
+    daemon: Process,
 }
 
 /// The image under test: busybox, then `/data/blob` of random bytes, converted to eStargz.
@@ -131,18 +137,18 @@ impl Cluster {
         Ok(format!("{}:{REGISTRY_PORT}", self.network.address("reg")?))
     }
 
-    /// Attaches `count` nodes named `{prefix}{i}`; with `peers`, each lists all of them
-    /// (itself included) and adds `peer_settings` to its `[peers]` table.
-    fn add_nodes(
-        &mut self,
-        prefix: &str,
-        count: usize,
-        peers: bool,
-        peer_settings: &str,
-    ) -> Result<Vec<usize>> {
-        let mut added = Vec::new();
+    /// Attaches a node without `[peers]`: Shoal as it was before peers.
+    fn add_solo(&mut self, label: &str) -> Result<usize> {
+        let address = self.network.attach(label)?;
+        self.push_node(label, address, "")
+    }
+
+    /// Attaches one peer node per entry of `settings` (extra keys of its `[peers]` table),
+    /// named `{prefix}{i}`; each lists all of them, itself included. Returns once every one
+    /// sees all of them live.
+    fn add_peers(&mut self, prefix: &str, settings: &[&str]) -> Result<Vec<usize>> {
         let mut addresses = Vec::new();
-        for i in 0..count {
+        for i in 0..settings.len() {
             let label = format!("{prefix}{i}");
             addresses.push((label.clone(), self.network.attach(&label)?));
         }
@@ -150,23 +156,37 @@ impl Cluster {
             .iter()
             .map(|(_, address)| format!("\"{address}:{PEER_PORT}\""))
             .collect();
-        for (label, address) in addresses {
-            let peers_section = if peers {
-                format!(
-                    "\n[peers]\nlisten = \"{address}:{PEER_PORT}\"\nstatic = [{}]\n\
-                     probe_interval_ms = 200\n{peer_settings}\n",
-                    listed.join(", ")
-                )
-            } else {
-                String::new()
-            };
-            let fixture = Fixture::new()?;
-            let started = self.start_node(&fixture, &label, address, &peers_section);
-            self.fixtures.push(fixture);
-            self.nodes.push(started?);
-            added.push(self.nodes.len() - 1);
+        let mut added = Vec::new();
+        for ((label, address), extra) in addresses.into_iter().zip(settings) {
+            let section = format!(
+                "\n[peers]\nlisten = \"{address}:{PEER_PORT}\"\nstatic = [{}]\n\
+                 probe_interval_ms = 200\n{extra}\n",
+                listed.join(", ")
+            );
+            added.push(self.push_node(&label, address, &section)?);
         }
+        self.wait_live(&added, added.len() as u64)?;
         Ok(added)
+    }
+
+    /// Waits until each of `nodes` sees `count` live peers (itself included).
+    fn wait_live(&self, nodes: &[usize], count: u64) -> Result<()> {
+        wait_until("peers to see each other", Duration::from_secs(20), || {
+            for &i in nodes {
+                if self.nodes[i].peers_live(&self.network)? != count {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })
+    }
+
+    fn push_node(&mut self, label: &str, address: Ipv4Addr, extra: &str) -> Result<usize> {
+        let fixture = Fixture::new()?;
+        let started = self.start_node(&fixture, label, address, extra);
+        self.fixtures.push(fixture);
+        self.nodes.push(started?);
+        Ok(self.nodes.len() - 1)
     }
 
     fn start_node(
@@ -213,8 +233,10 @@ impl Cluster {
         Ok(Node {
             label: label.to_owned(),
             config,
+            cache: fixture.path("shoal/cache"),
             ctd,
-            _daemon: daemon,
+            address,
+            daemon,
         })
     }
 
@@ -242,6 +264,10 @@ impl Cluster {
 }
 
 impl Node {
+    fn peer_name(&self) -> String {
+        format!("{}:{PEER_PORT}", self.address)
+    }
+
     fn shoal(&self, network: &Network) -> Result<Command> {
         let mut command = network.command(&self.label, binary::cli()?)?;
         command.arg("--config").arg(&self.config);
@@ -375,7 +401,7 @@ fn four_nodes_fetch_the_image_from_the_registry_about_once() {
             let reference = format!("{}/{}", cluster.registry_host()?, published.path);
 
             // The baseline: one node on its own, no peers configured.
-            let solo = cluster.add_nodes("solo", 1, false, "")?;
+            let solo = vec![cluster.add_solo("solo")?];
             let before = cluster.registry_blob_bytes();
             let alone = start_together(cluster, &solo, &reference, "solo");
             ensure_all_right(&alone, &published.blob_sha256)?;
@@ -385,19 +411,7 @@ fn four_nodes_fetch_the_image_from_the_registry_about_once() {
                 "one node fetched only {one_node} bytes"
             );
 
-            let nodes = cluster.add_nodes("n", 4, true, "latency_budget_ms = 5000")?;
-            wait_until(
-                "every node to see all four live",
-                Duration::from_secs(20),
-                || {
-                    for &i in &nodes {
-                        if cluster.nodes[i].peers_live(&cluster.network)? < 4 {
-                            return Ok(false);
-                        }
-                    }
-                    Ok(true)
-                },
-            )?;
+            let nodes = cluster.add_peers("n", &["latency_budget_ms = 5000"; 4])?;
             let before = cluster.registry_blob_bytes();
             let started = start_together(cluster, &nodes, &reference, "p2p");
             ensure_all_right(&started, &published.blob_sha256)?;

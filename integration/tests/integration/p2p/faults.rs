@@ -1,0 +1,159 @@
+//! Peers that misbehave: one whose cache went bad, one that is busy, one that is slow, one
+//! that dies mid-transfer. Containers must see only right bytes, and starts must finish.
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use super::{ensure_all_right, start_together, with_cluster, Node};
+use crate::fixture::{privileged, Fixture};
+
+/// Overwrites `len` bytes at each of `offsets` of the largest blob in `node`'s cache (the
+/// data layer), as a failing disk would: the node still believes it holds good blocks.
+fn corrupt_cached_blob(node: &Node, offsets: &[u64], len: usize) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut largest: Option<(u64, PathBuf)> = None;
+    for entry in fs::read_dir(&node.cache)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|ext| ext == "data") {
+            let size = fs::metadata(&path)?.len();
+            if largest.as_ref().is_none_or(|(best, _)| size > *best) {
+                largest = Some((size, path));
+            }
+        }
+    }
+    let (_, path) = largest.context("no cached blob to corrupt")?;
+    let file = fs::OpenOptions::new().write(true).open(&path)?;
+    for &at in offsets {
+        file.write_all_at(&vec![0x5a; len], at)?;
+    }
+    file.sync_all()?;
+    Ok(())
+}
+
+fn peer_stat(status: &serde_json::Value, peer: &str, field: &str) -> u64 {
+    status["peers"]["per_peer"][peer][field]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[test]
+fn bytes_from_a_corrupt_peer_never_reach_a_container_and_it_is_avoided() {
+    privileged!();
+    Fixture::run(|fixture| {
+        with_cluster(fixture, |cluster, published| {
+            let reference = format!("{}/{}", cluster.registry_host()?, published.path);
+            let nodes = cluster.add_peers("c", &["latency_budget_ms = 3000"; 2])?;
+            let (bad, good) = (nodes[0], nodes[1]);
+            ensure_all_right(
+                &start_together(cluster, &[bad], &reference, "prime"),
+                &published.blob_sha256,
+            )?;
+            // One spot in each of /data/blob's two 4 MiB chunks.
+            corrupt_cached_blob(&cluster.nodes[bad], &[(1 << 20) + 4096, 5 << 20], 4096)?;
+
+            let before = cluster.registry_blob_bytes();
+            let started = start_together(cluster, &[good], &reference, "victim");
+            ensure_all_right(&started, &published.blob_sha256)?;
+            let status = cluster.nodes[good].status(&cluster.network)?;
+            let culprit = cluster.nodes[bad].peer_name();
+            let blamed = peer_stat(&status, &culprit, "verify_failures");
+            eprintln!(
+                "p2p corrupt peer: {blamed} bad blocks from {culprit}, reader verify failures {}, \
+                 registry bytes {}, peer bytes {}",
+                status["verify_failures"],
+                cluster.registry_blob_bytes() - before,
+                status["bytes_from_peers"]
+            );
+            anyhow::ensure!(blamed >= 1, "the corrupt peer was not blamed: {status:#}");
+            // Avoided after the first bad chunk: the second one came from the registry.
+            anyhow::ensure!(
+                status["verify_failures"].as_u64() == Some(1),
+                "the corrupt peer was asked again after sending bad bytes: {status:#}"
+            );
+            Ok(())
+        })
+    });
+}
+
+#[test]
+fn busy_slow_and_killed_peers_only_delay_a_start() {
+    privileged!();
+    Fixture::run(|fixture| {
+        with_cluster(fixture, |cluster, published| {
+            let reference = format!("{}/{}", cluster.registry_host()?, published.path);
+            // A holder that uploads one request at a time, slowly; two nodes that wait on
+            // peers briefly, and a late one that would wait long.
+            let slow = "upload_rate = \"256KiB\"\nmax_uploads = 1\nlatency_budget_ms = 1500";
+            let brief = "latency_budget_ms = 1500";
+            let long = "latency_budget_ms = 30000";
+            let nodes = cluster.add_peers("s", &[slow, brief, brief, long])?;
+            let (holder, late) = (nodes[0], nodes[3]);
+            ensure_all_right(
+                &start_together(cluster, &[holder], &reference, "prime"),
+                &published.blob_sha256,
+            )?;
+
+            // Two nodes at once: one hears "busy", the other spends its budget on a slow
+            // transfer; both fall back to the registry block by block.
+            let started = start_together(cluster, &nodes[1..3], &reference, "busy");
+            ensure_all_right(&started, &published.blob_sha256)?;
+            let mut busy = 0;
+            let mut fallbacks = 0;
+            for &i in &nodes[1..3] {
+                let status = cluster.nodes[i].status(&cluster.network)?;
+                busy += status["peers"]["busy_answers"].as_u64().unwrap_or(0);
+                fallbacks += status["peers"]["fallbacks"].as_u64().unwrap_or(0);
+            }
+            let slowest = started.iter().map(|s| s.took).max().unwrap_or_default();
+            eprintln!(
+                "p2p busy/slow: {busy} busy answers, {fallbacks} fallbacks, slowest {slowest:?}"
+            );
+            anyhow::ensure!(busy >= 1, "nobody was told busy");
+            anyhow::ensure!(fallbacks >= 1, "nobody fell back to the registry");
+            anyhow::ensure!(slowest < Duration::from_secs(60), "took {slowest:?}");
+
+            // The two leave, so the late node's only holder is the slow one, which is killed
+            // while it sends.
+            for &i in &nodes[1..3] {
+                cluster.nodes[i].daemon.kill()?;
+            }
+            cluster.wait_live(&[late], 2)?;
+            let pid = cluster.nodes[holder].daemon.pid();
+            let killer = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(1500));
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+            });
+            let started = start_together(cluster, &[late], &reference, "late");
+            killer
+                .join()
+                .map_err(|_| anyhow::anyhow!("killer thread panicked"))?
+                .context("kill the holder")?;
+            ensure_all_right(&started, &published.blob_sha256)?;
+            let status = cluster.nodes[late].status(&cluster.network)?;
+            let holder_name = cluster.nodes[holder].peer_name();
+            eprintln!(
+                "p2p killed holder: took {:?}, from peers {}, from registry {}, errors {}",
+                started[0].took,
+                status["bytes_from_peers"],
+                status["bytes_from_registry"],
+                peer_stat(&status, &holder_name, "errors")
+            );
+            anyhow::ensure!(
+                peer_stat(&status, &holder_name, "errors") >= 1,
+                "no request to the holder was cut short by its death: {status:#}"
+            );
+            anyhow::ensure!(
+                started[0].took < Duration::from_secs(60),
+                "took {:?}",
+                started[0].took
+            );
+            Ok(())
+        })
+    });
+}
