@@ -1,9 +1,12 @@
-//! overlaybd images end to end: the real overlaybd-converted hello-world image (made by the
-//! reference converter, kept in the shared fixtures) is pushed to the loopback registry, pulled
-//! with `shoal rpull` (every layer a remote snapshot, nothing downloaded up front) and run on
-//! Shoal: its merged virtual disk is served over FUSE, loop-mounted read-only, and the container
-//! prints its greeting. Removing the image releases the loop device; a restarted daemon mounts
-//! the disk again without the registry.
+//! overlaybd images end to end, through real containerd, the loopback registry and FUSE:
+//! - the real overlaybd-converted hello-world (made by the reference converter, in the shared
+//!   fixtures) rpulls with every layer remote, runs and prints its greeting; a restarted daemon
+//!   mounts its disk again without the registry; removing the image releases the loop device;
+//! - `shoal convert --format overlaybd` (LZ4 and zstd) of a four-layer image with overwrites,
+//!   deletions and an opaque directory shows the same tree as the original on overlayfs;
+//! - a container reading 3 MB of a 200 MB image fetches a few percent of it;
+//! - a block tampered in the registry never reaches a container, and a damaged layer fails the
+//!   pull with an error naming what is wrong.
 
 use std::path::Path;
 use std::process::Command;
@@ -499,6 +502,55 @@ fn a_block_tampered_in_the_registry_never_reaches_a_container() {
             "/etc/greeting",
         ])?;
         anyhow::ensure!(out.contains("hello from shoal"), "after: {out}");
+        Ok(())
+    })
+}
+
+#[test]
+fn a_damaged_overlaybd_layer_fails_the_pull_with_a_clear_error() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let stack = Stack::start(fixture)?;
+        let reference =
+            publish_converted(fixture, &stack, "damaged", &[("/data/file", b"content\n")])?;
+        let layers = registry_layers(&reference)?;
+        let (digest, _) = layers.last().context("no layers")?;
+        // The ZFile trailer is the payload's last 512 bytes; the payload (after the PAX header,
+        // its `size=` record, and the entry header) starts at byte 1536. Flip a byte of the
+        // trailer's jump-table offset, so the trailer's digest no longer matches.
+        let blob = stack.registry.blob_path(digest)?;
+        let mut bytes = std::fs::read(&blob)?;
+        let pax = String::from_utf8_lossy(&bytes[512..1024]).into_owned();
+        let payload_len: usize = pax
+            .split("size=")
+            .nth(1)
+            .and_then(|rest| rest.split('\n').next())
+            .context("no size record in the pax header")?
+            .parse()?;
+        let trailer = 1536 + payload_len - 512;
+        anyhow::ensure!(
+            &bytes[trailer..trailer + 5] == b"ZFile",
+            "no trailer at {trailer}"
+        );
+        bytes[trailer + 40] ^= 0x01;
+        std::fs::write(&blob, bytes)?;
+
+        let err = stack
+            .rpull(&reference)
+            .err()
+            .context("the pull of a damaged layer succeeded")?;
+        let text = format!("{err:#}");
+        eprintln!("rpull of the damaged image: {text}");
+        anyhow::ensure!(
+            text.contains("cannot be mounted") && text.contains("zfile trailer digest"),
+            "unclear error: {text}"
+        );
+        // The daemon keeps serving: the fixture's own image still runs.
+        let layout = fixture_layout(fixture)?;
+        let hello = stack.push_layout(&layout, FIXTURE_TAG, "obd-hello")?;
+        stack.rpull(&hello)?;
+        let out = stack.run_default(&hello, "still-serving")?;
+        anyhow::ensure!(out.contains(GREETING), "no greeting: {out}");
         Ok(())
     })
 }
