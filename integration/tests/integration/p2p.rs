@@ -24,6 +24,7 @@ use crate::process::{self, Process};
 use crate::registry::Registry;
 use crate::tree;
 
+mod bench;
 mod faults;
 mod tls;
 
