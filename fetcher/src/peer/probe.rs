@@ -78,3 +78,48 @@ async fn probe_all(peers: &Peers) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn static_names_and_the_dns_name_resolve_to_members() {
+        let config = shoal_config::Config::parse(
+            "[peers]\nstatic = [\"127.0.0.2:7420\"]\ndns = \"localhost:7421\"",
+        )
+        .unwrap()
+        .peers
+        .unwrap();
+        let peers = Peers::new(&config, 1 << 20).unwrap();
+        let known = resolve(&peers).await;
+        assert!(known.contains(&"127.0.0.2:7420".parse().unwrap()), "{known:?}");
+        assert!(
+            known.contains(&"127.0.0.1:7421".parse().unwrap())
+                || known.contains(&"[::1]:7421".parse().unwrap()),
+            "{known:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_member_that_stops_answering_drops_out_at_the_next_probe() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = shoal_config::Config::parse(&format!(
+            "[peers]\nstatic = [\"{addr}\"]\nprobe_interval_ms = 200"
+        ))
+        .unwrap()
+        .peers
+        .unwrap();
+        let peers = Peers::new(&config, 1 << 20).unwrap();
+        peers.members.set_known(resolve(&peers).await);
+        // A listener that accepts and never answers: the probe times out.
+        peers.members.probed(PeerAddr(addr), true, false);
+        assert_eq!(peers.members.live(Instant::now()).len(), 1);
+        let started = Instant::now();
+        probe_all(&peers).await;
+        assert!(peers.members.live(Instant::now()).is_empty());
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(listener);
+    }
+}
