@@ -93,7 +93,10 @@ mod tests {
         .unwrap();
         let peers = Peers::new(&config, 1 << 20).unwrap();
         let known = resolve(&peers).await;
-        assert!(known.contains(&"127.0.0.2:7420".parse().unwrap()), "{known:?}");
+        assert!(
+            known.contains(&"127.0.0.2:7420".parse().unwrap()),
+            "{known:?}"
+        );
         assert!(
             known.contains(&"127.0.0.1:7421".parse().unwrap())
                 || known.contains(&"[::1]:7421".parse().unwrap()),
