@@ -20,6 +20,8 @@ packages=(
   # second eStargz producer, and stargz-snapshotter's Go library with the Go toolchain that
   # builds it offline (compatibility tests read Shoal's eStargz with it)
   stargz-snapshotter golang-go golang-github-containerd-stargz-snapshotter-dev
+  # the benchmark's chart (scripts/bench/report.py)
+  python3-matplotlib
 )
 
 missing=()

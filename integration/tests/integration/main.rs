@@ -21,6 +21,7 @@ mod registry;
 mod tree;
 
 mod bad_input;
+mod bench;
 mod cli;
 mod conformance;
 mod convert;
