@@ -12,7 +12,7 @@ use crate::cache::{BlockKey, ChunkCache};
 use crate::error::FetchError;
 use crate::flight::{Flights, Joined, Lead, Waiter};
 use crate::latency::FetchLatency;
-use crate::peer::{self, Peers};
+use crate::peer::{self, PeerRound, Peers};
 use crate::reference::BlobRef;
 use crate::registry::RegistryClient;
 use crate::stats::{Counters, FetchStats, Source};
@@ -289,56 +289,76 @@ impl Fetcher {
 
     /// Fetches one run of adjacent blocks: from peers when they have them (unless this is a
     /// refetch), the rest from the registry with one range request per gap; answers the
-    /// waiters, then caches the blocks and announces those that came from the registry.
+    /// waiters, caches the blocks, and announces those that came from the registry as soon
+    /// as they are cached, so that peers waiting for them get them while this node still
+    /// waits on others for the rest of the run.
     async fn fetch_run(self, blob: BlobRef, run: Vec<Lead>, mode: Mode) {
-        let (Some(first), Some(last)) = (run.first(), run.last()) else {
+        let Some(first) = run.first().map(|lead| lead.key().index) else {
             return;
         };
-        let blocks = first.key().index..last.key().index + 1;
         let inner = &self.inner;
-        let mut fetched: Vec<(u64, Bytes)> = Vec::with_capacity(run.len());
-        let mut from_registry: Vec<u64> = Vec::with_capacity(run.len());
+        let peers = match (&inner.peers, mode) {
+            (Some(peers), Mode::ReadIndex) => Some(peers),
+            (Some(peers), Mode::Read) if peers.allows(&blob.digest) => Some(peers),
+            _ => None,
+        };
+        let mut from_peers: Vec<(u64, Bytes)> = Vec::new();
         {
             let Ok(_permit) = inner.remote.acquire().await else {
                 return;
             };
             let _in_flight = inner.counters.in_flight();
-            let from_peers = match (&inner.peers, mode) {
-                (Some(peers), Mode::Read | Mode::ReadIndex)
-                    if mode == Mode::ReadIndex || peers.allows(&blob.digest) =>
-                {
-                    let started = std::time::Instant::now();
-                    let got = peers.fetch(&blob, blocks).await;
-                    if got.iter().any(Option::is_some) {
-                        inner.latency.observe(Source::Peer, started.elapsed());
+            let deadline = peers.map(|peers| peers.deadline());
+            let mut remaining: Vec<u64> = run.iter().map(|lead| lead.key().index).collect();
+            while !remaining.is_empty() {
+                let round = match (peers, deadline) {
+                    (Some(peers), Some(deadline)) => {
+                        let started = std::time::Instant::now();
+                        let round = peers.fetch(&blob, &remaining, deadline).await;
+                        if !round.got.is_empty() {
+                            inner.latency.observe(Source::Peer, started.elapsed());
+                        }
+                        round
                     }
-                    got
+                    _ => PeerRound::registry(remaining),
+                };
+                for (index, bytes) in round.got {
+                    let lead = &run[(index - first) as usize];
+                    inner.counters.served(Source::Peer, bytes.len() as u64);
+                    lead.publish(Ok(bytes.clone()));
+                    from_peers.push((index, bytes));
                 }
-                _ => vec![None; run.len()],
-            };
-            let mut gap: Vec<&Lead> = Vec::new();
-            for (lead, bytes) in run.iter().zip(from_peers) {
-                match bytes {
-                    Some(bytes) => {
-                        inner.counters.served(Source::Peer, bytes.len() as u64);
-                        lead.publish(Ok(bytes.clone()));
-                        fetched.push((lead.key().index, bytes));
+                let gap: Vec<&Lead> = round
+                    .fetch
+                    .iter()
+                    .map(|index| &run[(index - first) as usize])
+                    .collect();
+                for gap in adjacent(&gap) {
+                    let got = self.fetch_registry(&blob, gap).await;
+                    let landed: Vec<u64> = got.iter().map(|(index, _)| *index).collect();
+                    self.store(&blob, got).await;
+                    if let Some(peers) = &inner.peers {
+                        peers.landed(&blob.digest, &landed);
                     }
-                    None => gap.push(lead),
                 }
-            }
-            for gap in adjacent(&gap) {
-                let got = self.fetch_registry(&blob, gap).await;
-                from_registry.extend(got.iter().map(|(index, _)| *index));
-                fetched.extend(got);
+                remaining = round.waiting;
             }
         }
         // The leads stay registered until the blocks are cached, so a reader arriving
         // meanwhile joins the finished flight instead of fetching again.
+        self.store(&blob, from_peers).await;
+        drop(run);
+    }
+
+    /// Writes fetched blocks to the cache, off the runtime's threads.
+    async fn store(&self, blob: &BlobRef, blocks: Vec<(u64, Bytes)>) {
+        if blocks.is_empty() {
+            return;
+        }
         let fetcher = self.clone();
-        let digest = blob.digest.clone();
+        let blob = blob.clone();
         let cached = tokio::task::spawn_blocking(move || {
-            for (index, part) in fetched {
+            for (index, part) in blocks {
                 if let Err(error) =
                     fetcher
                         .inner
@@ -353,10 +373,6 @@ impl Fetcher {
         if let Err(error) = cached {
             tracing::warn!(%error, "caching task failed");
         }
-        if let Some(peers) = &inner.peers {
-            peers.landed(&digest, &from_registry);
-        }
-        drop(run);
     }
 
     /// Adjacent blocks `gap` from the registry with one range request; answers their

@@ -127,16 +127,29 @@ impl Peers {
             .contains(blob)
     }
 
-    /// Blocks `blocks` of `blob` from peers, within the latency budget: one entry per block,
-    /// `None` for those the caller must fetch from the registry.
-    pub(crate) async fn fetch(&self, blob: &BlobRef, blocks: Range<u64>) -> Vec<Option<Bytes>> {
-        let count = blocks.end.saturating_sub(blocks.start);
-        let mut got: Vec<Option<Bytes>> = vec![None; count as usize];
-        if count == 0 || count > MAX_LOOKUP_BLOCKS || blocks.end > MAX_SHARED_BLOCKS {
-            return got;
+    /// When blocks asked of peers now must be fetched from the registry at the latest.
+    pub(crate) fn deadline(&self) -> Instant {
+        Instant::now() + self.config.latency_budget
+    }
+
+    /// One round of asking peers for `blocks` (ascending) of `blob`, until `deadline`: it
+    /// ends as soon as some blocks must come from the registry (this node was told to fetch
+    /// them, or no holder could send them), so that the caller fetches and announces those
+    /// while others may be waiting for them, then asks again about the rest.
+    pub(crate) async fn fetch(
+        &self,
+        blob: &BlobRef,
+        blocks: &[u64],
+        deadline: Instant,
+    ) -> PeerRound {
+        let mut round = PeerRound::default();
+        let (Some(&first), Some(&last)) = (blocks.first(), blocks.last()) else {
+            return round;
+        };
+        if last - first >= MAX_LOOKUP_BLOCKS || last >= MAX_SHARED_BLOCKS {
+            return PeerRound::registry(blocks.to_vec());
         }
-        let deadline = Instant::now() + self.config.latency_budget;
-        let mut pending: BTreeSet<u64> = blocks.clone().collect();
+        let mut pending: BTreeSet<u64> = blocks.iter().copied().collect();
         let mut tried: HashMap<u64, HashSet<PeerAddr>> = HashMap::new();
         let mut waited = false;
         while let (Some(&first), Some(&last)) = (pending.first(), pending.last()) {
@@ -157,6 +170,7 @@ impl Peers {
                 match advice {
                     Advice::Fetch => {
                         pending.remove(&index);
+                        round.fetch.push(index);
                     }
                     Advice::Wait { retry_ms, .. } => {
                         wait = Some(Duration::from_millis(retry_ms.clamp(5, 500)));
@@ -176,6 +190,7 @@ impl Peers {
                             None => {
                                 // Every holder was tried or is avoided: the registry.
                                 pending.remove(&index);
+                                round.fetch.push(index);
                                 PeerCounters::add(&self.counters.fallbacks, 1);
                             }
                         }
@@ -183,20 +198,19 @@ impl Peers {
                 }
             }
             for (holder, run) in runs_by_holder(&plan) {
-                let bytes = self.get(holder, blob, run.clone(), deadline).await;
-                match bytes {
+                match self.get(holder, blob, run.clone(), deadline).await {
                     Some(bytes) => {
-                        for index in run.clone() {
+                        let from = self.block_bytes(blob, run.start).start;
+                        for index in run {
                             let at = self.block_bytes(blob, index);
-                            let from = self.block_bytes(blob, run.start).start;
                             let part =
                                 bytes.slice((at.start - from) as usize..(at.end - from) as usize);
-                            got[(index - blocks.start) as usize] = Some(part);
                             pending.remove(&index);
                             self.peer_sourced
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
                                 .put(BlockKey::new(blob.digest.clone(), index), holder);
+                            round.got.push((index, part));
                         }
                     }
                     None => {
@@ -205,6 +219,12 @@ impl Peers {
                         }
                     }
                 }
+            }
+            if !round.fetch.is_empty() {
+                // Others may be waiting for these: fetch them first, ask again after.
+                round.fetch.sort_unstable();
+                round.waiting = pending.into_iter().collect();
+                return round;
             }
             if plan.is_empty() {
                 match wait {
@@ -220,7 +240,9 @@ impl Peers {
         if waited || !tried.is_empty() {
             PeerCounters::add(&self.counters.fallbacks, pending.len() as u64);
         }
-        got
+        round.fetch.extend(pending);
+        round.fetch.sort_unstable();
+        round
     }
 
     /// Asks the blob's owners (this node's own index when it is one), in rendezvous order,
@@ -415,6 +437,25 @@ pub async fn start(fetcher: &Fetcher) -> Result<Option<std::net::SocketAddr>, Fe
     tokio::spawn(probe::run(peers.clone()));
     tokio::spawn(announce::run(peers));
     Ok(Some(bound))
+}
+
+/// What one round of asking peers came to: blocks they sent, blocks to fetch from the
+/// registry now, and blocks still worth waiting for.
+#[derive(Debug, Default)]
+pub(crate) struct PeerRound {
+    pub got: Vec<(u64, Bytes)>,
+    pub fetch: Vec<u64>,
+    pub waiting: Vec<u64>,
+}
+
+impl PeerRound {
+    /// Every block from the registry.
+    pub fn registry(blocks: Vec<u64>) -> PeerRound {
+        PeerRound {
+            fetch: blocks,
+            ..PeerRound::default()
+        }
+    }
 }
 
 /// Groups `(block, holder)` pairs (in block order) into runs of adjacent blocks with the
