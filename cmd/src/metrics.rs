@@ -507,4 +507,34 @@ mod tests {
         assert!(text.contains("shoal_fuse_read_duration_seconds_count 0"));
         assert!(text.contains("shoal_layer_cached_bytes{digest=\"sha256:ab\"} 40"));
     }
+
+    #[test]
+    fn renders_peer_metrics_only_with_peers() {
+        let mut status = DaemonStatus::default();
+        assert!(!render(&status).contains("shoal_peer_"));
+        let mut peers = PeerStats {
+            members_known: 4,
+            members_live: 3,
+            fallbacks: 2,
+            ..Default::default()
+        };
+        peers.per_peer.insert(
+            "10.0.0.2:7420".into(),
+            shoal_fetcher::peer::PerPeer {
+                bytes: 1024,
+                verify_failures: 1,
+                ..Default::default()
+            },
+        );
+        status.peers = Some(peers);
+        let text = render(&status);
+        assert!(text.contains("shoal_peer_members{state=\"live\"} 3"));
+        assert!(text.contains("shoal_peer_fallbacks_total 2"));
+        assert!(text.contains("shoal_peer_received_bytes_total{peer=\"10.0.0.2:7420\"} 1024"));
+        assert!(text.contains("shoal_peer_bad_blocks_total{peer=\"10.0.0.2:7420\"} 1"));
+        // What `shoal status` reads back is what the daemon wrote.
+        let json = serde_json::to_string(&status).unwrap();
+        let back: DaemonStatus = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.peers, status.peers);
+    }
 }
