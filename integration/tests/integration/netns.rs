@@ -121,6 +121,11 @@ impl Network {
         Ok(command)
     }
 
+    /// The file naming `label`'s namespace, for `setns`.
+    pub fn namespace_path(&self, label: &str) -> Result<std::path::PathBuf> {
+        Ok(std::path::Path::new("/run/netns").join(&self.member(label)?.namespace))
+    }
+
     fn member(&self, label: &str) -> Result<&Member> {
         self.members
             .iter()

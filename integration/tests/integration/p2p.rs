@@ -26,6 +26,7 @@ use crate::tree;
 
 mod bench;
 mod faults;
+mod liar;
 mod tls;
 
 const REGISTRY_PORT: u16 = 5000;
@@ -45,7 +46,7 @@ struct Cluster {
     _registry: Process,
     registry_log: PathBuf,
     network: Network,
-    _host_registry: Registry,
+    host_registry: Registry,
 }
 
 struct Node {
@@ -113,7 +114,7 @@ impl Cluster {
             _registry: registry,
             registry_log,
             network,
-            _host_registry: host_registry,
+            host_registry,
         };
         let probe = format!("{address}:{REGISTRY_PORT}");
         wait_until(
@@ -134,6 +135,11 @@ impl Cluster {
         Ok((cluster, Published { path, blob_sha256 }))
     }
 
+    /// The loopback registry the image was pushed to (same storage).
+    fn host_registry(&self) -> String {
+        self.host_registry.host()
+    }
+
     fn registry_host(&self) -> Result<String> {
         Ok(format!("{}:{REGISTRY_PORT}", self.network.address("reg")?))
     }
@@ -148,6 +154,17 @@ impl Cluster {
     /// named `{prefix}{i}`; each lists all of them, itself included. Returns once every one
     /// sees all of them live.
     fn add_peers(&mut self, prefix: &str, settings: &[&str]) -> Result<Vec<usize>> {
+        self.add_peers_with(prefix, settings, &[])
+    }
+
+    /// [`add_peers`](Self::add_peers) with `extra` peer addresses in every static list, which
+    /// must answer their probes too.
+    fn add_peers_with(
+        &mut self,
+        prefix: &str,
+        settings: &[&str],
+        extra: &[String],
+    ) -> Result<Vec<usize>> {
         let mut addresses = Vec::new();
         for i in 0..settings.len() {
             let label = format!("{prefix}{i}");
@@ -155,18 +172,20 @@ impl Cluster {
         }
         let listed: Vec<String> = addresses
             .iter()
-            .map(|(_, address)| format!("\"{address}:{PEER_PORT}\""))
+            .map(|(_, address)| format!("{address}:{PEER_PORT}"))
+            .chain(extra.iter().cloned())
+            .map(|peer| format!("\"{peer}\""))
             .collect();
         let mut added = Vec::new();
-        for ((label, address), extra) in addresses.into_iter().zip(settings) {
+        for ((label, address), settings) in addresses.into_iter().zip(settings) {
             let section = format!(
                 "\n[peers]\nlisten = \"{address}:{PEER_PORT}\"\nstatic = [{}]\n\
-                 probe_interval_ms = 200\n{extra}\n",
+                 probe_interval_ms = 200\n{settings}\n",
                 listed.join(", ")
             );
             added.push(self.push_node(&label, address, &section)?);
         }
-        self.wait_live(&added, added.len() as u64)?;
+        self.wait_live(&added, (added.len() + extra.len()) as u64)?;
         Ok(added)
     }
 
@@ -444,4 +463,11 @@ fn four_nodes_fetch_the_image_from_the_registry_about_once() {
             Ok(())
         })
     });
+}
+
+/// A counter of `status.peers.per_peer[peer]`, 0 when absent.
+fn peer_stat(status: &serde_json::Value, peer: &str, field: &str) -> u64 {
+    status["peers"]["per_peer"][peer][field]
+        .as_u64()
+        .unwrap_or(0)
 }

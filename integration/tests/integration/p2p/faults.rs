@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use super::{ensure_all_right, start_together, with_cluster, Node};
+use super::{ensure_all_right, peer_stat, start_together, with_cluster, Node};
 use crate::fixture::{privileged, Fixture};
 
 /// Overwrites `len` bytes at each of `offsets` of the largest blob in `node`'s cache (the
@@ -31,12 +31,6 @@ fn corrupt_cached_blob(node: &Node, offsets: &[u64], len: usize) -> Result<()> {
     }
     file.sync_all()?;
     Ok(())
-}
-
-fn peer_stat(status: &serde_json::Value, peer: &str, field: &str) -> u64 {
-    status["peers"]["per_peer"][peer][field]
-        .as_u64()
-        .unwrap_or(0)
 }
 
 #[test]
