@@ -62,6 +62,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::runtime::Handle::current(),
         Arc::new(LoopMount),
         config.registry.timeout,
+        config
+            .fetch
+            .background
+            .then_some(config.fetch.background_rate.0),
     ));
     let mounter = Arc::new(FormatMounter::new(estargz, overlaybd));
     let snapshotter = ShoalSnapshotter::open(&config.root, mounter)

@@ -71,6 +71,10 @@ pub enum FsError {
         block: u64,
         source: FetchError,
     },
+    #[error("fetch overlaybd layer {blob} in the background: {source}")]
+    FetchBlob { blob: String, source: FetchError },
+    #[error("overlaybd layer {blob} hashes to {actual}: its cached blocks are dropped")]
+    BlobDigestMismatch { blob: String, actual: String },
     #[error("decode block {block} of overlaybd layer {blob}: {source}")]
     DecodeBlock {
         blob: String,

@@ -6,7 +6,7 @@
 //! snapshot's `fs`. A container's overlay therefore needs only the nearest overlaybd layer as
 //! its lowerdir. No TCMU, configfs or C++ daemon is involved.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -19,7 +19,7 @@ use shoal_fuse::overlaybd::{ANNOTATION_BLOB_DIGEST, ANNOTATION_FS_TYPE};
 use shoal_fuse::vdisk::{self, DiskLayer, FsType, VirtualDisk, DISK_FILE};
 use shoal_fuse::FsError;
 use tokio::runtime::Handle;
-use tracing::warn;
+use tracing::{error, info, warn};
 
 use crate::error::SnapshotError;
 use crate::remote::{Fallback, LayerFormat, LayerLabels, LayerMounter, RemoteLayer, ResolvedLayer};
@@ -93,8 +93,13 @@ pub struct OverlaybdMounter {
     fetcher: Fetcher,
     runtime: Handle,
     block: Arc<dyn BlockMount>,
-    /// How long opening a chain may take before the pull downloads the layer instead.
+    /// How long opening a chain may take before the pull fails.
     resolve_timeout: Duration,
+    /// Fetch mounted blobs whole in the background at this many bytes per second, then check
+    /// each one's sha256; `None`: blocks are fetched as read (and CRC-checked) only.
+    background_rate: Option<u64>,
+    /// Blobs whose background fetch has started, so each runs once per daemon.
+    fetching: Arc<Mutex<HashSet<Digest>>>,
     /// Disks opened by `resolve`, keyed by their metadata digest, waiting for `mount`.
     opened: Mutex<HashMap<String, Arc<VirtualDisk>>>,
     mounted: Mutex<HashMap<PathBuf, Mounted>>,
@@ -106,12 +111,15 @@ impl OverlaybdMounter {
         runtime: Handle,
         block: Arc<dyn BlockMount>,
         resolve_timeout: Duration,
+        background_rate: Option<u64>,
     ) -> OverlaybdMounter {
         OverlaybdMounter {
             fetcher,
             runtime,
             block,
             resolve_timeout,
+            background_rate,
+            fetching: Arc::new(Mutex::new(HashSet::new())),
             opened: Mutex::new(HashMap::new()),
             mounted: Mutex::new(HashMap::new()),
         }
@@ -171,6 +179,35 @@ impl OverlaybdMounter {
             },
             index,
         })
+    }
+
+    /// Starts the background fetch and digest check of each of `disk`'s blobs not yet started.
+    fn fetch_in_background(&self, disk: &VirtualDisk) {
+        let Some(rate) = self.background_rate else {
+            return;
+        };
+        for layer in disk.layers() {
+            let blob = layer.blob().clone();
+            let fresh = self
+                .fetching
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(blob.digest.clone());
+            if !fresh {
+                continue;
+            }
+            let (fetcher, fetching) = (self.fetcher.clone(), self.fetching.clone());
+            self.runtime.spawn(async move {
+                match vdisk::fetch_and_verify(&fetcher, &blob, Some(rate)).await {
+                    Ok(()) => info!(blob = %blob.digest, bytes = blob.size, "overlaybd layer fetched and its digest verified"),
+                    Err(err) => {
+                        error!(blob = %blob.digest, error = %err, "overlaybd layer background fetch failed");
+                        // A later mount tries again.
+                        fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(&blob.digest);
+                    }
+                }
+            });
+        }
     }
 
     /// The disk `resolved` describes: the one `resolve` opened, or (after a restart) the
@@ -245,6 +282,7 @@ impl LayerMounter for OverlaybdMounter {
             .map(|l| l.blob().digest.clone())
             .collect();
         let fs_type = disk.fs_type();
+        self.fetch_in_background(&disk);
         let served = vdisk::mount(disk, self.fetcher.clone(), self.runtime.clone(), &dir)
             .map_err(|e| fail(e.to_string()))?;
         for blob in &blobs {

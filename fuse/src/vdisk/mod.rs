@@ -5,6 +5,7 @@
 //! - [`VirtualDisk`]: layers stacked top first; reads resolve to ZFile blocks, which are fetched
 //!   through the [`shoal_fetcher::Fetcher`], CRC-checked, refetched once on a bad CRC, and
 //!   decompressed. Its metadata persists as bytes, so a restart reopens it without the registry.
+//! - [`fetch_and_verify`]: the background fetch of a whole blob, ending with its sha256 check.
 //! - [`mount`]: a FUSE filesystem holding the one file [`DISK_FILE`], whose content is the disk.
 //!
 //! The snapshotter loop-mounts that file read-only (ext4 or erofs, see [`FsType`]).
@@ -14,10 +15,12 @@ mod fs;
 mod layer;
 mod mount;
 mod persisted;
+mod verify;
 
 pub use disk::VirtualDisk;
 pub use layer::{DiskLayer, LayerMeta};
 pub use mount::mount;
+pub use verify::fetch_and_verify;
 
 /// Name of the file, at the root of a disk's FUSE mount, whose content is the virtual disk.
 pub const DISK_FILE: &str = "disk";

@@ -198,3 +198,25 @@ async fn damaged_persisted_records_are_refused() {
         Err(FsError::LayerWrapper { .. })
     ));
 }
+
+#[tokio::test]
+async fn a_whole_blob_is_checked_against_its_digest_and_dropped_when_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = fixture_blob();
+    let (fetcher, blob_ref) = cached(dir.path(), &blob);
+    fetch_and_verify(&fetcher, &blob_ref, None).await.unwrap();
+
+    // One byte differs in the tar padding: no CRC covers it, the digest does.
+    let mut bad = blob.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    fill(&fetcher, &blob_ref.digest, &bad);
+    let err = fetch_and_verify(&fetcher, &blob_ref, Some(1 << 30))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FsError::BlobDigestMismatch { .. }), "{err}");
+    assert!(
+        fetcher.read_cached(&blob_ref, 0..512).is_none(),
+        "the blob's cached blocks are dropped"
+    );
+}
