@@ -15,6 +15,7 @@ use super::rendezvous;
 use super::wire::Announce;
 use super::Peers;
 use crate::digest::Digest;
+use crate::fetcher::Fetcher;
 
 #[derive(Default)]
 pub struct Announcer {
@@ -43,7 +44,7 @@ impl Announcer {
 }
 
 /// Runs until the runtime shuts down.
-pub async fn run(peers: Arc<Peers>) {
+pub async fn run(peers: Arc<Peers>, fetcher: Fetcher) {
     // Renewing at a third of the lease survives one lost renewal.
     let renew_every = (peers.config.lease / 3).max(Duration::from_secs(1));
     let mut renewed = Instant::now();
@@ -67,7 +68,7 @@ pub async fn run(peers: Arc<Peers>) {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clear();
-            (peers.shareable_sets(), true)
+            (peers.shareable_sets(fetcher.cache()), true)
         } else {
             let fresh = std::mem::take(
                 &mut *peers

@@ -39,6 +39,20 @@ impl BlockSet {
             .is_some_and(|word| word & (1 << (index % 64)) != 0)
     }
 
+    /// Keeps only the blocks `keep` says yes to.
+    pub fn retain(&mut self, mut keep: impl FnMut(u64) -> bool) {
+        for (at, word) in self.words.iter_mut().enumerate() {
+            let mut bits = *word;
+            while bits != 0 {
+                let bit = bits.trailing_zeros() as u64;
+                bits &= bits - 1;
+                if !keep(at as u64 * 64 + bit) {
+                    *word &= !(1 << bit);
+                }
+            }
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.words.iter().all(|word| *word == 0)
     }
@@ -127,6 +141,15 @@ mod tests {
         a.remove(1000);
         assert!(!a.contains(5) && a.contains(6));
         a.remove(6);
+        assert!(a.is_empty());
+    }
+
+    #[test]
+    fn retain_keeps_only_the_chosen_blocks() {
+        let mut a = set(&[1, 2, 64, 130]);
+        a.retain(|i| i % 2 == 0);
+        assert!(!a.contains(1) && a.contains(2) && a.contains(64) && a.contains(130));
+        a.retain(|_| false);
         assert!(a.is_empty());
     }
 }

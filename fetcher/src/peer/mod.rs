@@ -37,7 +37,7 @@ use lru::LruCache;
 use shoal_config::PeersConfig;
 use tracing::{debug, info, warn};
 
-use crate::cache::BlockKey;
+use crate::cache::{BlockKey, ChunkCache};
 use crate::digest::Digest;
 use crate::error::FetchError;
 use crate::fetcher::Fetcher;
@@ -397,11 +397,16 @@ impl Peers {
             .is_some_and(|set| blocks.clone().all(|index| set.contains(index)))
     }
 
-    fn shareable_sets(&self) -> Vec<(Digest, BlockSet)> {
-        let shareable = self.shareable.lock().unwrap_or_else(|e| e.into_inner());
+    /// Every blob's shareable blocks, less those the cache no longer holds (evicted, or
+    /// dropped by a refetch), which stop being shareable too.
+    fn shareable_sets(&self, cache: &ChunkCache) -> Vec<(Digest, BlockSet)> {
+        let mut shareable = self.shareable.lock().unwrap_or_else(|e| e.into_inner());
+        for (blob, set) in shareable.iter_mut() {
+            set.retain(|index| cache.contains(&BlockKey::new(blob.clone(), index)));
+        }
+        shareable.retain(|_, set| !set.is_empty());
         shareable
             .iter()
-            .filter(|(_, set)| !set.is_empty())
             .map(|(blob, set)| (blob.clone(), set.clone()))
             .collect()
     }
@@ -435,7 +440,7 @@ pub async fn start(fetcher: &Fetcher) -> Result<Option<std::net::SocketAddr>, Fe
     info!(address = %bound, tls = tls.is_some(), node = %peers.node.0, "serving peers");
     tokio::spawn(server::serve(listener, tls, fetcher.clone()));
     tokio::spawn(probe::run(peers.clone()));
-    tokio::spawn(announce::run(peers));
+    tokio::spawn(announce::run(peers, fetcher.clone()));
     Ok(Some(bound))
 }
 
