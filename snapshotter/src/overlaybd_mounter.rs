@@ -35,8 +35,8 @@ pub trait BlockMount: Send + Sync + 'static {
     /// Attaches `image` to a read-only loop device and mounts it on `target`.
     fn mount(&self, image: &Path, fs_type: FsType, target: &Path) -> Result<(), String>;
 
-    /// Lazily unmounts `target` (its loop device goes with the last user); a no-op when
-    /// nothing is mounted there.
+    /// Lazily unmounts `target` (a loop device goes with its last user); a no-op when
+    /// nothing is mounted there. Also detaches a previous daemon's dead disk FUSE mount.
     fn unmount(&self, target: &Path) -> Result<(), String>;
 }
 
@@ -323,7 +323,7 @@ impl LayerMounter for OverlaybdMounter {
         let Some(Mounted { mut disk, blobs }) = mounted else {
             // A previous daemon's disk: its FUSE connection is dead; detach what is left.
             if let Some(dir) = disk_dir(mountpoint) {
-                detach(&dir).map_err(fail)?;
+                self.block.unmount(&dir).map_err(fail)?;
             }
             return Ok(());
         };
@@ -419,4 +419,116 @@ fn at_digest(image: &ImageRef, digest: &str) -> Result<ImageRef, shoal_fetcher::
         image.host(),
         image.repository_name()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records block mounts; never touches the kernel.
+    #[derive(Default)]
+    struct RecordingBlockMount {
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl BlockMount for RecordingBlockMount {
+        fn mount(&self, image: &Path, fs_type: FsType, target: &Path) -> Result<(), String> {
+            self.calls.lock().unwrap().push(format!(
+                "mount {} {} {}",
+                fs_type.as_str(),
+                image.display(),
+                target.display()
+            ));
+            Ok(())
+        }
+
+        fn unmount(&self, target: &Path) -> Result<(), String> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("unmount {}", target.display()));
+            Ok(())
+        }
+    }
+
+    fn mounter(dir: &Path, block: Arc<RecordingBlockMount>) -> OverlaybdMounter {
+        let config = shoal_config::Config::parse(&format!(
+            "root = \"{}\"\n[registry]\ndocker_config = \"{}\"\nretries = 0\n",
+            dir.join("root").display(),
+            dir.join("none.json").display()
+        ))
+        .unwrap();
+        let fetcher = Fetcher::new(&config).unwrap();
+        OverlaybdMounter::new(
+            fetcher,
+            Handle::current(),
+            block,
+            Duration::from_secs(5),
+            None,
+        )
+    }
+
+    fn labels(overlaybd: bool) -> LayerLabels {
+        LayerLabels {
+            target: "sha256:chain".into(),
+            image_ref: "127.0.0.1:1/test/img:1".into(),
+            layer_digest: format!("sha256:{}", "a".repeat(64)),
+            manifest_digest: None,
+            toc_digest: None,
+            overlaybd,
+        }
+    }
+
+    #[tokio::test]
+    async fn only_overlaybd_layers_are_resolved_and_registry_failures_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounter = mounter(dir.path(), Arc::default());
+        let err = mounter.resolve(&labels(false)).await.unwrap_err();
+        assert!(matches!(err, Fallback::NotLazyFormat(_)), "{err}");
+        // Nothing listens on 127.0.0.1:1.
+        let err = mounter.resolve(&labels(true)).await.unwrap_err();
+        assert!(matches!(err, Fallback::Registry(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn persisted_metadata_must_match_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let block = Arc::new(RecordingBlockMount::default());
+        let mounter = mounter(dir.path(), block.clone());
+        let resolved = ResolvedLayer {
+            layer: RemoteLayer {
+                format: LayerFormat::Overlaybd,
+                image_ref: "127.0.0.1:1/test/img:1".into(),
+                digest: format!("sha256:{}", "a".repeat(64)),
+                size: 1,
+                index_digest: Digest::of(b"another record").to_string(),
+            },
+            index: b"{}".to_vec(),
+        };
+        let fs = dir.path().join("snapshots/1/fs");
+        let err = mounter.mount(&resolved, &fs).unwrap_err().to_string();
+        assert!(err.contains("digest"), "{err}");
+        assert!(block.calls.lock().unwrap().is_empty(), "nothing mounted");
+    }
+
+    #[tokio::test]
+    async fn a_previous_daemons_disk_is_recognised_and_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let block = Arc::new(RecordingBlockMount::default());
+        let mounter = mounter(dir.path(), block.clone());
+        let fs = dir.path().join("snapshots/1/fs");
+        std::fs::create_dir_all(&fs).unwrap();
+        assert!(!mounter.owns(&fs), "an eStargz or plain snapshot");
+        std::fs::create_dir_all(dir.path().join("snapshots/1").join(DISK_DIR)).unwrap();
+        assert!(mounter.owns(&fs));
+        mounter.unmount(&fs).unwrap();
+        let disk = dir.path().join("snapshots/1").join(DISK_DIR);
+        assert_eq!(
+            *block.calls.lock().unwrap(),
+            [
+                format!("unmount {}", fs.display()),
+                format!("unmount {}", disk.display())
+            ]
+        );
+    }
 }
