@@ -337,7 +337,8 @@ impl Fetcher {
                     let got = self.fetch_registry(&blob, gap).await;
                     let landed: Vec<u64> = got.iter().map(|(index, _)| *index).collect();
                     self.store(&blob, got).await;
-                    if let Some(peers) = &inner.peers {
+                    // Shared only where peers may ask for it: blobs they can verify.
+                    if let Some(peers) = peers {
                         peers.landed(&blob.digest, &landed);
                     }
                 }
