@@ -311,12 +311,9 @@ impl Peers {
         let range =
             self.block_bytes(blob, run.start).start..self.block_bytes(blob, run.end - 1).end;
         let started = Instant::now();
-        // A holder slower than a floor rate is given up on early, leaving the rest of the
-        // budget to another holder or the registry, rather than spending it all on one peer.
-        let cutoff = started + slow_cutoff(range.end - range.start);
         match self
             .client
-            .blocks(holder, &blob.digest, range, deadline.min(cutoff))
+            .blocks(holder, &blob.digest, range, deadline)
             .await
         {
             Ok(bytes) => {
@@ -466,14 +463,6 @@ impl PeerRound {
     }
 }
 
-/// How long a request for `bytes` may take before its holder counts as slow.
-fn slow_cutoff(bytes: u64) -> Duration {
-    /// Peers are on the same network: anything slower than this is not worth waiting for.
-    const FLOOR_BYTES_PER_SEC: u64 = 8 << 20;
-    const MIN: Duration = Duration::from_millis(300);
-    MIN + Duration::from_millis(bytes.saturating_mul(1000) / FLOOR_BYTES_PER_SEC)
-}
-
 /// Groups `(block, holder)` pairs (in block order) into runs of adjacent blocks with the
 /// same holder, each fetched with one range request.
 fn runs_by_holder(plan: &[(u64, PeerAddr)]) -> Vec<(PeerAddr, Range<u64>)> {
@@ -490,12 +479,6 @@ fn runs_by_holder(plan: &[(u64, PeerAddr)]) -> Vec<(PeerAddr, Range<u64>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn slow_cutoff_grows_with_the_request() {
-        assert_eq!(slow_cutoff(0), Duration::from_millis(300));
-        assert_eq!(slow_cutoff(8 << 20), Duration::from_millis(1300));
-    }
 
     #[test]
     fn adjacent_blocks_of_one_holder_go_together() {
