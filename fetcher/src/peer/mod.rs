@@ -276,9 +276,10 @@ impl Peers {
                 first: blocks.start,
                 count,
             };
-            let timeout = deadline
-                .saturating_duration_since(now)
-                .clamp(Duration::from_millis(50), Duration::from_secs(1));
+            // Half the budget left: a loaded owner is waited for, and a dead one (which the
+            // probes drop soon anyway) still leaves time for the second owner.
+            let timeout =
+                (deadline.saturating_duration_since(now) / 2).max(Duration::from_millis(50));
             match self.client.lookup(owner, &lookup, timeout).await {
                 Ok(reply) if reply.blocks.len() as u64 == count => return Some(reply.blocks),
                 Ok(_) => {
