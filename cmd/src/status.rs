@@ -242,3 +242,39 @@ fn write_peers(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{DaemonStatus, LayerStatus};
+
+    #[test]
+    fn shows_each_mounted_layer_with_its_cached_share() {
+        let status = Status {
+            reachable: true,
+            daemon: Some(DaemonStatus {
+                cache_bytes: 3 << 20,
+                cache_capacity: 10 << 30,
+                layers: vec![LayerStatus {
+                    digest: "sha256:aa".into(),
+                    size: 4 << 20,
+                    cached_bytes: 1 << 20,
+                    mounts: 2,
+                }],
+                ..DaemonStatus::default()
+            }),
+            ..Status::default()
+        };
+        let text = status.to_string();
+        assert!(text.contains("sha256:aa"), "{text}");
+        assert!(text.contains("(25%), 2 mount(s)"), "{text}");
+        assert!(text.contains("cache:      3.0 MiB of 10.0 GiB"), "{text}");
+
+        let idle = Status {
+            reachable: true,
+            daemon: Some(DaemonStatus::default()),
+            ..Status::default()
+        };
+        assert!(idle.to_string().contains("none mounted lazily"));
+    }
+}

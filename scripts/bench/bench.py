@@ -533,4 +533,6 @@ def parse_args():
 if __name__ == "__main__":
     if os.geteuid() != 0:
         sys.exit("bench: run as root (network namespace, mounts, drop_caches)")
+    # SIGTERM unwinds like Ctrl-C, so that processes, mounts and the namespace are cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     Bench(parse_args()).main()

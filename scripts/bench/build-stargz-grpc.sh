@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds stargz-grpc (the benchmark's stargz-snapshotter daemon) offline from Debian's Go
-# sources: golang 1.19 in GOPATH mode over /usr/share/gocode. The packaged `service` package
-# imports cri-api through service/resolver/cri.go and service/cri.go's keychain wiring; cri-api
-# is not packaged, so a shadow copy of `service/` without resolver/cri.go comes first on GOPATH.
+# sources: golang 1.19 in GOPATH mode over /usr/share/gocode. The packaged `service/resolver`
+# package imports cri-api in its cri.go, and cri-api is not packaged, so a shadow copy of
+# `service/` without resolver/cri.go comes first on GOPATH (nothing the daemon uses needs it).
 #
 # Usage: build-stargz-grpc.sh OUT_BINARY
 set -euo pipefail
@@ -29,8 +29,8 @@ cp /usr/share/gocode/src/$pkg/service/*.go "$shadow/"
 cp /usr/share/gocode/src/$pkg/service/resolver/registry.go "$shadow/resolver/"
 cp "$here/stargz-grpc/main.go" "$work/src/stargz-grpc/"
 
-export GO111MODULE=off GOFLAGS=-mod=mod GOPATH="$work:/usr/share/gocode" GOCACHE="${GOCACHE:-$HOME/.cache/stargz-grpc-build}"
-unset GOFLAGS
+export GO111MODULE=off GOPATH="$work:/usr/share/gocode"
+export GOCACHE="${GOCACHE:-$HOME/.cache/stargz-grpc-build}"
 cd "$work/src/stargz-grpc"
 go build -o "$out" .
 echo "built $out"

@@ -92,7 +92,7 @@ def write_chart(rows: list, settings: dict, path: Path):
     ax.set_ylabel("seconds (median; bars: min–max total)")
     ax.set_title(f"Cold start: {settings['link']}")
     ax.margins(y=0.25)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
