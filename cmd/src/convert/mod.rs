@@ -8,6 +8,8 @@
 //! manifest whose layers carry the TOC digest and uncompressed size annotations is pushed last,
 //! so a failed conversion never leaves a tag pointing at missing blobs.
 //!
+//! - [`job`]: what every format shares: the source read and checked, the final config and
+//!   manifest push.
 //! - [`source`]: the image to convert: [`source::Location`] and [`source::Source`].
 //! - [`layer`]: one layer's checks and conversion.
 //! - [`manifest`]: the new layer descriptors, config and manifest (pure).
@@ -15,6 +17,7 @@
 //! - [`overlaybd`] and [`overlaybd_disk`]: `--format overlaybd`, the layers applied to an ext4
 //!   work disk and the blocks each changes written as overlaybd layers.
 
+pub mod job;
 pub mod layer;
 pub mod manifest;
 pub mod overlaybd;
@@ -27,7 +30,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use bytes::Bytes;
 use shoal_config::Config;
 use shoal_fetcher::{BlobContent, Digest, ImageRef, RegistryClient};
 use shoal_fuse::estargz::build::DEFAULT_CHUNK_SIZE;
@@ -35,8 +37,9 @@ use shoal_fuse::estargz::BuildOptions;
 
 pub use self::report::{LayerReport, Summary};
 
-use self::source::{Location, Source};
-use crate::pull::image::{self, Descriptor, Platform, OCI_MANIFEST};
+use self::job::Job;
+use self::source::Source;
+use crate::pull::image::Descriptor;
 use crate::pull::Progress;
 
 /// The platform picked from a multi-platform source unless told otherwise.
@@ -90,66 +93,21 @@ impl Default for Options {
 /// Converts `options.source` and pushes it as `options.destination`, reporting each layer to
 /// `progress`.
 pub async fn convert(
-    mut config: Config,
+    config: Config,
     options: &Options,
     progress: &Progress,
 ) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let prioritized = prioritized_paths(options)?;
-    let destination = ImageRef::parse(&options.destination)?;
-    if destination.digest().is_some() {
-        bail!(
-            "destination {destination} names a digest; push to a tag (the digest is only known \
-             after converting)"
-        );
-    }
-    let location = Location::parse(&options.source)?;
-    let platform = Platform::parse(options.platform.as_deref().unwrap_or(DEFAULT_PLATFORM))?;
-    if options.plain_http {
-        let mut hosts = vec![destination.host().to_owned()];
-        if let Location::Registry(image) = &location {
-            hosts.push(image.host().to_owned());
-        }
-        for host in hosts {
-            config.registry.hosts.entry(host).or_default().plain_http = true;
-        }
-    }
-    let client = RegistryClient::new(&config.registry).context("build the registry client")?;
-    let source = Source {
-        location,
-        client: client.clone(),
-    };
-    let name = &options.source;
-
-    let manifest = source
-        .manifest(&platform)
-        .await
-        .with_context(|| format!("read the manifest of {name}"))?;
-    for layer in &manifest.layers {
-        layer::check_media_type(layer).with_context(|| format!("convert {name}"))?;
-    }
-    let config_bytes = source
-        .config(&manifest.config)
-        .await
-        .with_context(|| format!("read the config of {name}"))?;
-    let old_diff_ids =
-        image::diff_ids(&config_bytes).with_context(|| format!("read the config of {name}"))?;
-    if old_diff_ids.len() != manifest.layers.len() {
-        bail!(
-            "{name}: the manifest lists {} layers but the config {} diff_ids",
-            manifest.layers.len(),
-            old_diff_ids.len()
-        );
-    }
-
+    let job = Job::open(config, options).await?;
     let work_dir = tempfile::Builder::new()
         .prefix("shoal-convert-")
         .tempdir()
         .context("create a work directory")?;
     let push = Push {
-        source: &source,
-        client: &client,
-        repository: ImageRef::repository(destination.host(), destination.repository_name())?,
+        source: &job.source,
+        client: &job.client,
+        repository: job.repository.clone(),
         work_dir: work_dir.path(),
         build: BuildOptions {
             chunk_size: options.chunk_size,
@@ -158,34 +116,13 @@ pub async fn convert(
         },
         progress,
     };
-    let result = push.layers(&manifest.layers).await;
+    let result = push.layers(&job.manifest.layers).await;
     progress.finish();
     let converted = result?;
 
     let diff_ids: Vec<Digest> = converted.iter().map(|c| c.diff_id.clone()).collect();
-    let new_config = manifest::rewrite_config(&config_bytes, &diff_ids)
-        .with_context(|| format!("rewrite the config of {name}"))?;
-    let config_descriptor = Descriptor {
-        media_type: manifest::config_media_type(&manifest.config.media_type).to_owned(),
-        digest: Digest::of(&new_config),
-        size: new_config.len() as u64,
-        annotations: manifest.config.annotations.clone(),
-    };
-    client
-        .push_blob(
-            &push.repository,
-            &config_descriptor.digest,
-            config_descriptor.size,
-            &BlobContent::Bytes(Bytes::from(new_config)),
-        )
-        .await
-        .context("push the config")?;
     let layers: Vec<Descriptor> = converted.iter().map(|c| c.descriptor.clone()).collect();
-    let manifest_bytes = manifest::oci_manifest(&config_descriptor, &layers)?;
-    let pushed = client
-        .put_manifest(&destination, OCI_MANIFEST, Bytes::from(manifest_bytes))
-        .await
-        .context("push the manifest")?;
+    let manifest = job.push_image(&diff_ids, &layers).await?;
 
     let unmatched_prioritized = prioritized
         .iter()
@@ -193,13 +130,8 @@ pub async fn convert(
         .cloned()
         .collect();
     Ok(Summary {
-        destination: format!(
-            "{}/{}:{}",
-            destination.host(),
-            destination.repository_name(),
-            destination.manifest_reference()
-        ),
-        manifest: pushed.digest,
+        destination: job.destination_name(),
+        manifest,
         layers: converted.into_iter().map(|c| c.report).collect(),
         unmatched_prioritized,
         elapsed: started.elapsed(),

@@ -17,19 +17,18 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use shoal_config::Config;
-use shoal_fetcher::{BlobContent, Digest, ImageRef, Pushed, RegistryClient};
+use shoal_fetcher::{BlobContent, Digest, Pushed};
 use shoal_fuse::overlaybd::lsmt::{Extent, Writer};
 use shoal_fuse::overlaybd::zfile::{self, Algorithm};
 use shoal_fuse::overlaybd::{
     tar_wrapper, ANNOTATION_BLOB_DIGEST, ANNOTATION_BLOB_SIZE, ANNOTATION_VERSION,
 };
 
-use super::manifest;
+use super::job::Job;
 use super::overlaybd_disk::{Change, WorkDisk, VIRTUAL_SIZE};
 use super::report::Size;
-use super::source::{Location, Source};
-use super::{layer, Options, DEFAULT_PLATFORM};
-use crate::pull::image::{self, Descriptor, Platform, OCI_MANIFEST};
+use super::Options;
+use crate::pull::image::Descriptor;
 use crate::pull::Progress;
 
 /// The overlaybd format version the annotations declare (the reference converter's).
@@ -99,7 +98,7 @@ impl fmt::Display for Summary {
 /// Converts `options.source` to overlaybd (blocks compressed with `algorithm`) and pushes it
 /// as `options.destination`.
 pub async fn convert(
-    mut config: Config,
+    config: Config,
     options: &Options,
     algorithm: Algorithm,
     progress: &Progress,
@@ -111,53 +110,18 @@ pub async fn convert(
     if !nix::unistd::geteuid().is_root() {
         bail!("converting to overlaybd loop-mounts an ext4 work disk, which needs root");
     }
-    let destination = ImageRef::parse(&options.destination)?;
-    if destination.digest().is_some() {
-        bail!("destination {destination} names a digest; push to a tag");
-    }
-    let location = Location::parse(&options.source)?;
-    let platform = Platform::parse(options.platform.as_deref().unwrap_or(DEFAULT_PLATFORM))?;
-    if options.plain_http {
-        let mut hosts = vec![destination.host().to_owned()];
-        if let Location::Registry(image) = &location {
-            hosts.push(image.host().to_owned());
-        }
-        for host in hosts {
-            config.registry.hosts.entry(host).or_default().plain_http = true;
-        }
-    }
-    let client = RegistryClient::new(&config.registry).context("build the registry client")?;
-    let source = Source {
-        location,
-        client: client.clone(),
-    };
-    let name = &options.source;
-    let manifest = source
-        .manifest(&platform)
-        .await
-        .with_context(|| format!("read the manifest of {name}"))?;
-    for layer in &manifest.layers {
-        layer::check_media_type(layer).with_context(|| format!("convert {name}"))?;
-    }
-    let config_bytes = source
-        .config(&manifest.config)
-        .await
-        .with_context(|| format!("read the config of {name}"))?;
-    let old_diff_ids =
-        image::diff_ids(&config_bytes).with_context(|| format!("read the config of {name}"))?;
-    if old_diff_ids.len() != manifest.layers.len() {
-        bail!(
-            "{name}: the manifest lists {} layers but the config {} diff_ids",
-            manifest.layers.len(),
-            old_diff_ids.len()
-        );
-    }
-
+    let job = Job::open(config, options).await?;
+    let Job {
+        source,
+        client,
+        manifest,
+        repository,
+        ..
+    } = &job;
     let work_dir = tempfile::Builder::new()
         .prefix("shoal-convert-overlaybd-")
         .tempdir()
         .context("create a work directory")?;
-    let repository = ImageRef::repository(destination.host(), destination.repository_name())?;
     let disk_dir = work_dir.path().to_owned();
     let mut disk = tokio::task::spawn_blocking(move || WorkDisk::create(&disk_dir))
         .await
@@ -190,7 +154,7 @@ pub async fn convert(
         let size = built.blob.len() as u64;
         let pushed = client
             .push_blob(
-                &repository,
+                repository,
                 &digest,
                 size,
                 &BlobContent::Bytes(Bytes::from(built.blob)),
@@ -212,36 +176,10 @@ pub async fn convert(
     progress.finish();
 
     let diff_ids: Vec<Digest> = layers.iter().map(|l| l.digest.clone()).collect();
-    let new_config = manifest::rewrite_config(&config_bytes, &diff_ids)
-        .with_context(|| format!("rewrite the config of {name}"))?;
-    let config_descriptor = Descriptor {
-        media_type: manifest::config_media_type(&manifest.config.media_type).to_owned(),
-        digest: Digest::of(&new_config),
-        size: new_config.len() as u64,
-        annotations: manifest.config.annotations.clone(),
-    };
-    client
-        .push_blob(
-            &repository,
-            &config_descriptor.digest,
-            config_descriptor.size,
-            &BlobContent::Bytes(Bytes::from(new_config)),
-        )
-        .await
-        .context("push the config")?;
-    let manifest_bytes = manifest::oci_manifest(&config_descriptor, &layers)?;
-    let pushed = client
-        .put_manifest(&destination, OCI_MANIFEST, Bytes::from(manifest_bytes))
-        .await
-        .context("push the manifest")?;
+    let manifest = job.push_image(&diff_ids, &layers).await?;
     Ok(Summary {
-        destination: format!(
-            "{}/{}:{}",
-            destination.host(),
-            destination.repository_name(),
-            destination.manifest_reference()
-        ),
-        manifest: pushed.digest,
+        destination: job.destination_name(),
+        manifest,
         layers: reports,
         elapsed: started.elapsed(),
     })
