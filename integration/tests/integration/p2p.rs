@@ -391,6 +391,14 @@ fn with_cluster(
     fixture: &Fixture,
     body: impl FnOnce(&mut Cluster, &Published) -> Result<()>,
 ) -> Result<()> {
+    // One cluster at a time: these tests measure how nodes starting together share blocks
+    // within a latency budget, and several clusters of containerd + daemons at once on a
+    // small CI machine starve each other's peers of CPU, which those numbers do not describe.
+    // A test that failed while holding the lock must not wedge the others.
+    static CLUSTERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = CLUSTERS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let (mut cluster, published) = Cluster::start(fixture)?;
     let outcome = body(&mut cluster, &published);
     if outcome.is_err() {
