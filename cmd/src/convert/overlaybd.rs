@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
-use shoal_config::Config;
+use shoal_config::{ByteSize, Config};
 use shoal_fetcher::{BlobContent, Digest, Pushed};
 use shoal_fuse::overlaybd::lsmt::{Extent, Writer};
 use shoal_fuse::overlaybd::zfile::{self, Algorithm};
@@ -26,7 +26,6 @@ use shoal_fuse::overlaybd::{
 
 use super::job::Job;
 use super::overlaybd_disk::{Change, WorkDisk, VIRTUAL_SIZE};
-use super::report::Size;
 use super::Options;
 use crate::pull::image::Descriptor;
 use crate::pull::Progress;
@@ -67,9 +66,9 @@ impl fmt::Display for LayerReport {
             "layer {}/{}: {} -> {} overlaybd ({} of the disk changed)",
             self.position,
             self.count,
-            Size(self.original_size),
-            Size(self.blob_size),
-            Size(self.changed)
+            ByteSize(self.original_size),
+            ByteSize(self.blob_size),
+            ByteSize(self.changed)
         )?;
         if self.pushed == Pushed::Present {
             write!(f, " (already in the registry)")?;
@@ -88,8 +87,8 @@ impl fmt::Display for Summary {
             self.destination,
             self.manifest,
             self.layers.len(),
-            Size(original),
-            Size(converted),
+            ByteSize(original),
+            ByteSize(converted),
             self.elapsed.as_secs_f64()
         )
     }

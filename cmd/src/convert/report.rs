@@ -3,6 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use shoal_config::ByteSize;
 use shoal_fetcher::{Digest, Pushed};
 use shoal_fuse::estargz::TocDigest;
 
@@ -38,8 +39,8 @@ impl fmt::Display for LayerReport {
             "layer {}/{}: {} -> {} eStargz, toc {}",
             self.position,
             self.count,
-            Size(self.original_size),
-            Size(self.estargz_size),
+            ByteSize(self.original_size),
+            ByteSize(self.estargz_size),
             self.toc_digest
         )?;
         if self.pushed == Pushed::Present {
@@ -59,8 +60,8 @@ impl fmt::Display for Summary {
             self.destination,
             self.manifest,
             self.layers.len(),
-            Size(original),
-            Size(estargz),
+            ByteSize(original),
+            ByteSize(estargz),
             self.elapsed.as_secs_f64()
         )?;
         if !self.unmatched_prioritized.is_empty() {
@@ -71,26 +72,6 @@ impl fmt::Display for Summary {
             )?;
         }
         Ok(())
-    }
-}
-
-/// `512 B`, `3.1 KiB`, `12.0 MiB`, `1.2 GiB`.
-pub(crate) struct Size(pub(crate) u64);
-
-impl fmt::Display for Size {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-        let mut value = self.0 as f64;
-        let mut unit = 0;
-        while value >= 1024.0 && unit + 1 < UNITS.len() {
-            value /= 1024.0;
-            unit += 1;
-        }
-        if unit == 0 {
-            write!(f, "{} B", self.0)
-        } else {
-            write!(f, "{value:.1} {}", UNITS[unit])
-        }
     }
 }
 

@@ -6,6 +6,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
+use shoal_config::ByteSize;
 use shoal_fetcher::Digest;
 
 use super::unpack::Outcome;
@@ -60,7 +61,7 @@ impl fmt::Display for LayerReport {
             Outcome::Present => write!(f, "already unpacked"),
             Outcome::Lazy => write!(f, "lazy in {elapsed}"),
             Outcome::Applied { fetched } => {
-                write!(f, "fetched {}, applied in {elapsed}", Bytes(fetched))
+                write!(f, "fetched {}, applied in {elapsed}", ByteSize(fetched))
             }
         }
     }
@@ -78,7 +79,7 @@ impl fmt::Display for Summary {
             self.count(|o| *o == Outcome::Lazy),
             self.count(|o| matches!(o, Outcome::Applied { .. })),
             self.count(|o| *o == Outcome::Present),
-            Bytes(self.fetched_bytes()),
+            ByteSize(self.fetched_bytes()),
             Seconds(self.elapsed),
         )
     }
@@ -137,26 +138,6 @@ impl Progress {
 impl Default for Progress {
     fn default() -> Progress {
         Progress::new()
-    }
-}
-
-/// `512 B`, `3.1 KiB`, `3.1 MiB`, `1.2 GiB`.
-struct Bytes(u64);
-
-impl fmt::Display for Bytes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-        let mut value = self.0 as f64;
-        let mut unit = 0;
-        while value >= 1024.0 && unit + 1 < UNITS.len() {
-            value /= 1024.0;
-            unit += 1;
-        }
-        if unit == 0 {
-            write!(f, "{} B", self.0)
-        } else {
-            write!(f, "{value:.1} {}", UNITS[unit])
-        }
     }
 }
 
