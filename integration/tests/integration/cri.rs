@@ -23,6 +23,7 @@ use k8s_cri::v1::{
 use sha2::{Digest, Sha256};
 
 use crate::containerd::{self, Containerd};
+use crate::convert;
 use crate::daemon::Daemon;
 use crate::fixture::{privileged, wait_until, Fixture};
 use crate::image;
@@ -518,6 +519,63 @@ fn cri_pull_of_a_plain_image_downloads_its_layers() {
             image.layers.len()
         );
         stack.run_check(&reference, "cri-plain")?;
+        Ok(())
+    });
+}
+
+#[test]
+fn cri_pull_of_an_overlaybd_image_mounts_its_layers_lazily() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let mut stack = Stack::start(fixture)?;
+        let reference = stack.plain.replace("/test/plain:", "/test/overlaybd:");
+        convert::convert(
+            fixture,
+            &["--format", "overlaybd"],
+            &stack.plain,
+            &reference,
+        )?;
+        stack.registry.proxy().reset();
+
+        let id = stack.pull_and_find(&reference)?;
+        let image = stack.layers_of(&reference, &id)?;
+        anyhow::ensure!(image.layers.len() == 4, "expected 4 layers");
+        // The CRI labels and the layers' overlaybd annotations reach Shoal's Prepare, which
+        // answers with its own remote snapshots.
+        for (position, chain) in image.chains.iter().enumerate() {
+            let labels = stack.snapshot_labels(chain)?;
+            anyhow::ensure!(
+                labels
+                    .get("containerd.io/snapshot/remote")
+                    .map(String::as_str)
+                    == Some("shoal"),
+                "layer {position} ({chain}) is not a remote snapshot: {labels:#?}"
+            );
+            anyhow::ensure!(
+                labels.contains_key("containerd.io/snapshot/overlaybd/blob-digest"),
+                "no overlaybd annotation on layer {position}: {labels:#?}"
+            );
+        }
+        let content = stack.ctd.ctr_in(CRI_NAMESPACE, &["content", "ls", "-q"])?;
+        for layer in &image.layers {
+            anyhow::ensure!(
+                !content.contains(&layer.digest),
+                "containerd stored layer {}: {content}",
+                layer.digest
+            );
+        }
+        let big = image
+            .layers
+            .iter()
+            .max_by_key(|layer| layer.size)
+            .context("no layers")?;
+        stack.run_check(&reference, "cri-overlaybd")?;
+        let fetched = stack.fetched(&image, big);
+        anyhow::ensure!(
+            fetched < big.size,
+            "running the image fetched all {fetched} bytes of its biggest layer"
+        );
+        anyhow::ensure!(stack.daemon.is_running()?, "the daemon exited");
         Ok(())
     });
 }
