@@ -24,6 +24,8 @@ use crate::process::{self, Process};
 use crate::registry::Registry;
 use crate::tree;
 
+// The benchmark `scripts/bench-p2p.sh` runs: not a test, so built only with `--features bench`.
+#[cfg(feature = "bench")]
 mod bench;
 mod faults;
 mod liar;

@@ -66,7 +66,6 @@ fn first_output(
 }
 
 #[test]
-#[ignore = "a benchmark: run by scripts/bench-p2p.sh"]
 fn bench_nodes_starting_together() {
     privileged!();
     let counts: Vec<usize> = std::env::var("SHOAL_P2P_BENCH_NODES")
