@@ -54,20 +54,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .background
                 .then_some(config.fetch.background_rate.0),
         },
-        // One request's deadline for the whole handshake: after that a download is faster.
-        config.registry.timeout,
     ));
     let overlaybd = Arc::new(OverlaybdMounter::new(
         fetcher.clone(),
         tokio::runtime::Handle::current(),
         Arc::new(LoopMount),
-        config.registry.timeout,
         config
             .fetch
             .background
             .then_some(config.fetch.background_rate.0),
     ));
-    let mounter = Arc::new(FormatMounter::new(estargz, overlaybd));
+    // One request's deadline for the whole handshake: after that a download is faster.
+    let mounter = Arc::new(FormatMounter::new(
+        estargz,
+        overlaybd,
+        config.registry.timeout,
+    ));
     let snapshotter = ShoalSnapshotter::open(&config.root, mounter)
         .with_context(|| format!("open snapshotter at {}", config.root.display()))?;
     let counts = snapshotter.counts()?;

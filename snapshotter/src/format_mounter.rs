@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::error::SnapshotError;
 use crate::overlaybd_mounter::OverlaybdMounter;
@@ -12,22 +13,44 @@ use crate::remote::{Fallback, LayerFormat, LayerLabels, LayerMounter, ResolvedLa
 pub struct FormatMounter {
     estargz: Arc<dyn LayerMounter>,
     overlaybd: Arc<OverlaybdMounter>,
+    /// How long finding and opening a layer may take, whatever its format: a registry that
+    /// hangs must not hang containerd's Prepare.
+    resolve_timeout: Duration,
 }
 
 impl FormatMounter {
-    pub fn new(estargz: Arc<dyn LayerMounter>, overlaybd: Arc<OverlaybdMounter>) -> FormatMounter {
-        FormatMounter { estargz, overlaybd }
+    pub fn new(
+        estargz: Arc<dyn LayerMounter>,
+        overlaybd: Arc<OverlaybdMounter>,
+        resolve_timeout: Duration,
+    ) -> FormatMounter {
+        FormatMounter {
+            estargz,
+            overlaybd,
+            resolve_timeout,
+        }
     }
 }
 
 #[containerd_snapshots::tonic::async_trait]
 impl LayerMounter for FormatMounter {
     async fn resolve(&self, labels: &LayerLabels) -> Result<ResolvedLayer, Fallback> {
-        if labels.overlaybd {
-            self.overlaybd.resolve(labels).await
-        } else {
-            self.estargz.resolve(labels).await
-        }
+        let resolved = async {
+            if labels.overlaybd {
+                self.overlaybd.resolve(labels).await
+            } else {
+                self.estargz.resolve(labels).await
+            }
+        };
+        let limit = self.resolve_timeout;
+        tokio::time::timeout(limit, resolved)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Fallback::Registry(format!(
+                    "opening the layer took longer than {}s",
+                    limit.as_secs()
+                )))
+            })
     }
 
     fn mount(&self, layer: &ResolvedLayer, mountpoint: &Path) -> Result<(), SnapshotError> {

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use serde::Deserialize;
 use shoal_fetcher::{BlobRef, Digest, Fetcher, ImageRef};
@@ -23,9 +22,6 @@ pub struct FuseMounter {
     reader: Arc<ChunkReader>,
     runtime: Handle,
     prefetch: Prefetch,
-    /// How long finding and opening a layer may take before the pull downloads it instead: a
-    /// registry that hangs must not hang containerd's Prepare.
-    resolve_timeout: Duration,
     /// Layers opened by `resolve`, waiting for `mount`, so the TOC is parsed once.
     opened: Mutex<HashMap<String, EstargzLayer>>,
     mounted: Mutex<HashMap<PathBuf, (MountedLayer, Digest)>>,
@@ -37,14 +33,12 @@ impl FuseMounter {
         reader: Arc<ChunkReader>,
         runtime: Handle,
         prefetch: Prefetch,
-        resolve_timeout: Duration,
     ) -> FuseMounter {
         FuseMounter {
             fetcher,
             reader,
             runtime,
             prefetch,
-            resolve_timeout,
             opened: Mutex::new(HashMap::new()),
             mounted: Mutex::new(HashMap::new()),
         }
@@ -189,15 +183,7 @@ impl LayerMounter for FuseMounter {
             )));
         };
         let expected: TocDigest = toc.parse().map_err(|_| Fallback::UnverifiableIndex)?;
-        let limit = self.resolve_timeout;
-        tokio::time::timeout(limit, self.open(labels, toc, expected))
-            .await
-            .unwrap_or_else(|_| {
-                Err(Fallback::Registry(format!(
-                    "opening the layer took longer than {}s",
-                    limit.as_secs()
-                )))
-            })
+        self.open(labels, toc, expected).await
     }
 
     fn mount(&self, resolved: &ResolvedLayer, mountpoint: &Path) -> Result<(), SnapshotError> {

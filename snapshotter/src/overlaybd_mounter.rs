@@ -10,7 +10,6 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use serde::Deserialize;
 use shoal_fetcher::{BlobRef, Digest, Fetcher, ImageRef};
@@ -93,8 +92,6 @@ pub struct OverlaybdMounter {
     fetcher: Fetcher,
     runtime: Handle,
     block: Arc<dyn BlockMount>,
-    /// How long opening a chain may take before the pull fails.
-    resolve_timeout: Duration,
     /// Fetch mounted blobs whole in the background at this many bytes per second, then check
     /// each one's sha256; `None`: blocks are fetched as read (and CRC-checked) only.
     background_rate: Option<u64>,
@@ -110,14 +107,12 @@ impl OverlaybdMounter {
         fetcher: Fetcher,
         runtime: Handle,
         block: Arc<dyn BlockMount>,
-        resolve_timeout: Duration,
         background_rate: Option<u64>,
     ) -> OverlaybdMounter {
         OverlaybdMounter {
             fetcher,
             runtime,
             block,
-            resolve_timeout,
             background_rate,
             fetching: Arc::new(Mutex::new(HashSet::new())),
             opened: Mutex::new(HashMap::new()),
@@ -256,15 +251,7 @@ impl LayerMounter for OverlaybdMounter {
                 "the layer has no {ANNOTATION_BLOB_DIGEST} annotation"
             )));
         }
-        let limit = self.resolve_timeout;
-        tokio::time::timeout(limit, self.open(labels))
-            .await
-            .unwrap_or_else(|_| {
-                Err(Fallback::Registry(format!(
-                    "opening the overlaybd layers took longer than {}s",
-                    limit.as_secs()
-                )))
-            })
+        self.open(labels).await
     }
 
     fn mount(&self, resolved: &ResolvedLayer, mountpoint: &Path) -> Result<(), SnapshotError> {
@@ -459,13 +446,7 @@ mod tests {
         ))
         .unwrap();
         let fetcher = Fetcher::new(&config).unwrap();
-        OverlaybdMounter::new(
-            fetcher,
-            Handle::current(),
-            block,
-            Duration::from_secs(5),
-            None,
-        )
+        OverlaybdMounter::new(fetcher, Handle::current(), block, None)
     }
 
     fn labels(overlaybd: bool) -> LayerLabels {
