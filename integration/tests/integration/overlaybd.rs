@@ -15,10 +15,11 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::binary;
-use crate::containerd::{self, Containerd};
+use crate::containerd::Containerd;
 use crate::daemon::Daemon;
 use crate::fixture::{privileged, wait_until, Fixture};
 use crate::image;
+use crate::lazy;
 use crate::mount;
 use crate::process;
 use crate::registry::Registry;
@@ -37,19 +38,13 @@ struct Stack {
 }
 
 impl Stack {
+    /// The eStargz tests' stack: the same registry, daemon and containerd.
     fn start(fixture: &Fixture) -> Result<Stack> {
-        let registry = Registry::start(fixture)?;
-        let extra = format!(
-            "\n[registry.hosts.\"{}\"]\nplain_http = true\n",
-            registry.host()
-        );
-        let mut daemon = Daemon::configure_with(fixture, &extra)?;
-        daemon.launch()?;
-        let options = containerd::Options {
-            shoal_socket: Some(daemon.socket().to_owned()),
-            ..containerd::Options::default()
-        };
-        let ctd = Containerd::start(fixture, &options)?;
+        let lazy::Stack {
+            registry,
+            daemon,
+            ctd,
+        } = lazy::Stack::start(fixture, "")?;
         Ok(Stack {
             registry,
             daemon,
