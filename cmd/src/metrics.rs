@@ -54,6 +54,10 @@ pub struct DaemonStatus {
     /// Blobs served by mounted lazy layers.
     #[serde(default)]
     pub layers: Vec<LayerStatus>,
+    /// Bytes read per blob by source, mounted now or not (the fetcher keeps the
+    /// [most recent few thousand](shoal_fetcher::MAX_COUNTED_BLOBS)), by digest.
+    #[serde(default)]
+    pub layer_reads: Vec<LayerReads>,
     /// The peer network's counters, when `[peers]` is configured.
     #[serde(default)]
     pub peers: Option<PeerStats>,
@@ -66,6 +70,15 @@ pub struct LayerStatus {
     pub size: u64,
     pub cached_bytes: u64,
     pub mounts: u32,
+}
+
+/// The bytes of one blob served, by source, since the daemon started.
+#[derive(Debug, Serialize, serde::Deserialize, Default, Clone, PartialEq, Eq)]
+pub struct LayerReads {
+    pub digest: String,
+    pub bytes_from_registry: u64,
+    pub bytes_from_peers: u64,
+    pub bytes_from_cache: u64,
 }
 
 impl Observed {
@@ -122,6 +135,21 @@ impl Observed {
                     mounts: blob.mounts,
                 })
                 .collect(),
+            layer_reads: {
+                let mut reads: Vec<LayerReads> = self
+                    .fetcher
+                    .blob_stats()
+                    .into_iter()
+                    .map(|(digest, bytes)| LayerReads {
+                        digest: digest.to_string(),
+                        bytes_from_registry: bytes.from_registry,
+                        bytes_from_peers: bytes.from_peers,
+                        bytes_from_cache: bytes.from_cache,
+                    })
+                    .collect();
+                reads.sort_by(|a, b| a.digest.cmp(&b.digest));
+                reads
+            },
             peers: self.fetcher.peers().map(|peers| peers.stats()),
         }
     }
@@ -252,6 +280,32 @@ pub fn render(status: &DaemonStatus) -> String {
         "gauge",
         "Bytes of each lazily mounted blob held by the chunk cache.",
         &cached
+            .iter()
+            .map(|(l, n)| (l.as_str(), *n))
+            .collect::<Vec<_>>(),
+    );
+    let reads: Vec<(String, u64)> = status
+        .layer_reads
+        .iter()
+        .flat_map(|l| {
+            [
+                ("registry", l.bytes_from_registry),
+                ("peer", l.bytes_from_peers),
+                ("cache", l.bytes_from_cache),
+            ]
+            .map(|(source, n)| {
+                (
+                    format!("{{digest=\"{}\",source=\"{source}\"}}", l.digest),
+                    n,
+                )
+            })
+        })
+        .collect();
+    metric(
+        "layer_read_bytes_total",
+        "counter",
+        "Compressed bytes read of each blob, by source (the most recently read few thousand blobs).",
+        &reads
             .iter()
             .map(|(l, n)| (l.as_str(), *n))
             .collect::<Vec<_>>(),
@@ -495,7 +549,19 @@ mod tests {
             cached_bytes: 40,
             mounts: 1,
         });
+        status.layer_reads.push(LayerReads {
+            digest: "sha256:ab".into(),
+            bytes_from_registry: 60,
+            bytes_from_peers: 0,
+            bytes_from_cache: 25,
+        });
         let text = render(&status);
+        assert!(text.contains("# TYPE shoal_layer_read_bytes_total counter"));
+        assert!(text
+            .contains("shoal_layer_read_bytes_total{digest=\"sha256:ab\",source=\"registry\"} 60"));
+        assert!(
+            text.contains("shoal_layer_read_bytes_total{digest=\"sha256:ab\",source=\"cache\"} 25")
+        );
         assert!(text.contains("# TYPE shoal_fetch_duration_seconds histogram"));
         assert!(text
             .contains("shoal_fetch_duration_seconds_bucket{source=\"registry\",le=\"0.001\"} 2"));

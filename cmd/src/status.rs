@@ -196,6 +196,15 @@ impl std::fmt::Display for Status {
                     shoal_config::ByteSize(layer.size),
                     layer.mounts
                 )?;
+                if let Some(reads) = d.layer_reads.iter().find(|r| r.digest == layer.digest) {
+                    writeln!(
+                        f,
+                        "              read {} from registry, {} from peers, {} from cache",
+                        shoal_config::ByteSize(reads.bytes_from_registry),
+                        shoal_config::ByteSize(reads.bytes_from_peers),
+                        shoal_config::ByteSize(reads.bytes_from_cache)
+                    )?;
+                }
             }
         }
         if let Some(err) = &self.error {
@@ -246,7 +255,7 @@ fn write_peers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{DaemonStatus, LayerStatus};
+    use crate::metrics::{DaemonStatus, LayerReads, LayerStatus};
 
     #[test]
     fn shows_each_mounted_layer_with_its_cached_share() {
@@ -261,6 +270,12 @@ mod tests {
                     cached_bytes: 1 << 20,
                     mounts: 2,
                 }],
+                layer_reads: vec![LayerReads {
+                    digest: "sha256:aa".into(),
+                    bytes_from_registry: 1 << 20,
+                    bytes_from_peers: 0,
+                    bytes_from_cache: 2 << 20,
+                }],
                 ..DaemonStatus::default()
             }),
             ..Status::default()
@@ -268,6 +283,10 @@ mod tests {
         let text = status.to_string();
         assert!(text.contains("sha256:aa"), "{text}");
         assert!(text.contains("(25%), 2 mount(s)"), "{text}");
+        assert!(
+            text.contains("read 1.0 MiB from registry, 0 B from peers, 2.0 MiB from cache"),
+            "{text}"
+        );
         assert!(text.contains("cache:      3.0 MiB of 10.0 GiB"), "{text}");
 
         let idle = Status {

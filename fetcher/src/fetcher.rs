@@ -15,7 +15,7 @@ use crate::latency::FetchLatency;
 use crate::peer::{self, PeerRound, Peers};
 use crate::reference::BlobRef;
 use crate::registry::RegistryClient;
-use crate::stats::{Counters, FetchStats, Source};
+use crate::stats::{BlobBytes, Counters, FetchStats, Source};
 
 /// Adjacent missing blocks are fetched with one range request of at most this many bytes.
 const MAX_RUN_BYTES: u64 = 16 << 20;
@@ -100,6 +100,11 @@ impl Fetcher {
         self.inner.counters.snapshot()
     }
 
+    /// Bytes served per blob, by source, for the blobs read most recently (a bounded set).
+    pub fn blob_stats(&self) -> Vec<(crate::Digest, BlobBytes)> {
+        self.inner.counters.blobs()
+    }
+
     /// The peer network, when configured.
     pub fn peers(&self) -> Option<&Peers> {
         self.inner.peers.as_deref()
@@ -171,7 +176,7 @@ impl Fetcher {
         self.inner.latency.observe(Source::Cache, started.elapsed());
         let counters = &self.inner.counters;
         counters.hits(self.block_range(&range).count() as u64);
-        counters.served(Source::Cache, bytes.len() as u64);
+        counters.served(&blob.digest, Source::Cache, bytes.len() as u64);
         Some(bytes)
     }
 
@@ -240,6 +245,7 @@ impl Fetcher {
         let inner = &self.inner;
         let mut parts = Vec::with_capacity((blocks.end - blocks.start) as usize);
         let mut leads: Vec<Lead> = Vec::new();
+        let mut from_cache = 0;
         for index in blocks {
             let key = BlockKey::new(blob.digest.clone(), index);
             let cached = (mode != Mode::Refetch)
@@ -251,7 +257,7 @@ impl Fetcher {
                 .flatten();
             if let Some(bytes) = cached {
                 inner.counters.hits(1);
-                inner.counters.served(Source::Cache, bytes.len() as u64);
+                from_cache += bytes.len() as u64;
                 parts.push(Part::Ready(bytes));
                 continue;
             }
@@ -264,6 +270,9 @@ impl Fetcher {
                 }
             }
         }
+        inner
+            .counters
+            .served(&blob.digest, Source::Cache, from_cache);
         // Each run is a task of its own: the fetch must finish for the other waiters even if
         // this reader gives up (a FUSE request interrupted, a caller's timeout).
         let tasks: Vec<_> = runs(leads, inner.max_run_blocks)
@@ -324,7 +333,9 @@ impl Fetcher {
                 };
                 for (index, bytes) in round.got {
                     let lead = &run[(index - first) as usize];
-                    inner.counters.served(Source::Peer, bytes.len() as u64);
+                    inner
+                        .counters
+                        .served(&blob.digest, Source::Peer, bytes.len() as u64);
                     lead.publish(Ok(bytes.clone()));
                     from_peers.push((index, bytes));
                 }
@@ -400,7 +411,9 @@ impl Fetcher {
                 return Vec::new();
             }
         };
-        inner.counters.served(Source::Registry, bytes.len() as u64);
+        inner
+            .counters
+            .served(&blob.digest, Source::Registry, bytes.len() as u64);
         gap.iter()
             .map(|lead| {
                 let block = self.block_bytes(blob, lead.key().index);

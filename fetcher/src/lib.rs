@@ -37,4 +37,4 @@ pub use registry::{
     BlobContent, Credential, Credentials, Manifest, Pushed, PushedManifest, RegistryClient,
     RetryPolicy, MANIFEST_MEDIA_TYPES, MAX_WHOLE_BLOB_BYTES,
 };
-pub use stats::{FetchStats, Source};
+pub use stats::{BlobBytes, FetchStats, Source, MAX_COUNTED_BLOBS};
