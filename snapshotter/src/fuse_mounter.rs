@@ -255,6 +255,9 @@ impl LayerMounter for FuseMounter {
             reason: err.to_string(),
         });
         self.fetcher.cache().unpin(&digest);
+        if detached.is_ok() {
+            tracing::info!(blob = %digest, mountpoint = %mountpoint.display(), "layer unmounted");
+        }
         // The session thread ends once the kernel lets go; never wait for it here.
         std::thread::spawn(move || drop(layer));
         detached

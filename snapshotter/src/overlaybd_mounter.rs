@@ -283,6 +283,12 @@ impl LayerMounter for OverlaybdMounter {
             drop(served);
             return Err(fail(reason));
         }
+        info!(
+            blob = %resolved.layer.digest,
+            layers = blobs.len(),
+            mountpoint = %mountpoint.display(),
+            "overlaybd layer mounted"
+        );
         self.mounted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -318,6 +324,11 @@ impl LayerMounter for OverlaybdMounter {
         let detached = disk.detach().map_err(|e| fail(e.to_string()));
         for blob in &blobs {
             self.fetcher.cache().unpin(blob);
+        }
+        if detached.is_ok() {
+            // The disk's first blob is the chain's top: the layer this snapshot is.
+            let blob = blobs.first().map(ToString::to_string).unwrap_or_default();
+            info!(blob, mountpoint = %mountpoint.display(), "overlaybd layer unmounted");
         }
         std::thread::spawn(move || drop(disk));
         detached

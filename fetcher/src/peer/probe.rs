@@ -30,12 +30,41 @@ pub async fn run(peers: Arc<Peers>) {
         probe_all(&peers).await;
         let live = peers.members.live(Instant::now());
         if live != last_live {
-            info!(live = ?live, me = ?peers.members.me(), "peer membership changed");
+            let me = peers.members.me();
+            let (joined, left) = changes(&last_live, &live, me);
+            for peer in joined {
+                info!(peer = %peer, "peer joined");
+            }
+            for peer in left {
+                info!(peer = %peer, "peer left");
+            }
+            info!(live = ?live, me = ?me, "peer membership changed");
             // New owners must learn what this node holds now, not at the next renewal.
             peers.announcer.renew_all();
             last_live = live;
         }
     }
+}
+
+/// The peers live now but not before, and those live before but not now (it stopped
+/// answering probes, or is avoided for a while after failures); this node itself, once it
+/// has found its own address, is neither.
+fn changes(
+    before: &[PeerAddr],
+    now: &[PeerAddr],
+    me: Option<PeerAddr>,
+) -> (Vec<PeerAddr>, Vec<PeerAddr>) {
+    let others = |of: &[PeerAddr]| -> BTreeSet<PeerAddr> {
+        of.iter()
+            .copied()
+            .filter(|addr| Some(*addr) != me)
+            .collect()
+    };
+    let (before, now) = (others(before), others(now));
+    (
+        now.difference(&before).copied().collect(),
+        before.difference(&now).copied().collect(),
+    )
 }
 
 async fn resolve(peers: &Peers) -> BTreeSet<PeerAddr> {
@@ -82,6 +111,19 @@ async fn probe_all(peers: &Peers) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn joins_and_leaves_are_the_differences_of_the_live_sets() {
+        let addr = |port: u16| PeerAddr(([10, 0, 0, 1], port).into());
+        let (joined, left) = changes(
+            &[addr(1), addr(2), addr(9)],
+            &[addr(2), addr(3), addr(9)],
+            Some(addr(9)),
+        );
+        assert!(joined == [addr(3)] && left == [addr(1)]);
+        // This node finding itself is no peer joining.
+        assert_eq!(changes(&[], &[addr(9)], Some(addr(9))), (vec![], vec![]));
+    }
 
     #[tokio::test]
     async fn static_names_and_the_dns_name_resolve_to_members() {

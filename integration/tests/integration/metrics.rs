@@ -3,6 +3,8 @@
 //! container's reads, a second container reading the same file is served from the chunk cache
 //! without a registry byte, every eStargz layer counts as a lazy mount, a plain image counts
 //! its fallback, and `/status` lists the mounted layers with what the cache holds of each.
+//! Per-layer read bytes add up to the totals, and the daemon's JSON log holds one line per
+//! layer mounted and unmounted.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -11,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::fixture::{privileged, Fixture};
+use crate::fixture::{privileged, wait_until, Fixture};
 use crate::lazy::{self, Stack};
 
 /// A data file large enough to span several 1 MiB cache blocks.
@@ -48,6 +50,53 @@ impl Scrape {
     fn registry_bytes(&self) -> f64 {
         self.value("shoal_read_bytes_total{source=\"registry\"}")
     }
+
+    /// Bytes of blob `digest` read from `source`.
+    fn layer_bytes(&self, digest: &str, source: &str) -> f64 {
+        self.value(&format!(
+            "shoal_layer_read_bytes_total{{digest=\"{digest}\",source=\"{source}\"}}"
+        ))
+    }
+
+    /// Bytes read from `source`, summed over the per-layer series.
+    fn layers_total(&self, source: &str) -> f64 {
+        let suffix = format!(",source=\"{source}\"}}");
+        self.0
+            .iter()
+            .filter(|(name, _)| {
+                name.starts_with("shoal_layer_read_bytes_total{") && name.ends_with(&suffix)
+            })
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// Restarts the daemon with JSON logs. `[log]` comes before the settings `Stack::start`
+/// takes, so it is set in the written configuration instead.
+fn log_json(stack: &mut Stack) -> Result<()> {
+    stack.daemon.stop()?;
+    let config = stack.daemon.config().to_owned();
+    let text = std::fs::read_to_string(&config)?;
+    let table = "[log]\nlevel = \"debug\"\n";
+    anyhow::ensure!(text.contains(table), "no {table:?} in {text}");
+    let text = text.replacen(table, &format!("{table}format = \"json\"\n"), 1);
+    std::fs::write(&config, text)?;
+    stack.daemon.launch()?;
+    stack.ctd.wait_for_snapshotter("shoal")
+}
+
+/// The daemon's JSON log events whose message is `message`; a log line naming the message
+/// that is not JSON fails.
+fn events(log: &str, message: &str) -> Result<Vec<serde_json::Value>> {
+    let mut found = Vec::new();
+    for line in log.lines().filter(|l| l.contains(message)) {
+        let event: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("log line is not JSON: {line}"))?;
+        if event["message"] == message {
+            found.push(event);
+        }
+    }
+    Ok(found)
 }
 
 /// One plain HTTP/1.1 GET, the body as text.
@@ -88,7 +137,8 @@ fn counters_follow_a_lazy_run() {
         // are tables of their own there. No decoded-chunk memory: every read after the
         // first must come through the chunk cache, where it is counted.
         let settings = format!("[metrics]\naddress = \"{address}\"\n[cache]\nmemory = \"0B\"\n");
-        let stack = Stack::start(fixture, &settings)?;
+        let mut stack = Stack::start(fixture, &settings)?;
+        log_json(&mut stack)?;
         let (layers, expected) = lazy::data_image(&[("blob", DATA_BYTES)])?;
         let published = stack.publish(fixture, "metrics", &layers)?;
 
@@ -120,6 +170,21 @@ fn counters_follow_a_lazy_run() {
             "FUSE reads are timed"
         );
         assert_eq!(after_first.value("shoal_fetches_in_flight"), 0.0);
+        let big = published
+            .layers
+            .iter()
+            .max_by_key(|l| l.size)
+            .context("an image without layers")?;
+        assert!(
+            after_first.layer_bytes(&big.digest, "registry") > 0.0,
+            "no registry bytes counted for the data layer {}",
+            big.digest
+        );
+        assert_eq!(
+            after_first.layers_total("registry"),
+            registry_bytes,
+            "per-layer registry bytes add up to the total"
+        );
 
         let status: serde_json::Value = serde_json::from_str(&get(address, "/status")?)?;
         let listed = status["layers"]
@@ -142,6 +207,14 @@ fn counters_follow_a_lazy_run() {
             "layers show {cached} cached bytes after {registry_bytes} fetched"
         );
         assert!(status["cache_capacity"].as_u64() > Some(0));
+        let reads = status["layer_reads"]
+            .as_array()
+            .context("/status without layer_reads")?;
+        let big_reads = reads
+            .iter()
+            .find(|l| l["digest"] == big.digest.as_str())
+            .with_context(|| format!("{} not in layer_reads {reads:?}", big.digest))?;
+        assert!(big_reads["bytes_from_registry"].as_u64() > Some(0));
 
         drop_page_cache()?;
         let second =
@@ -167,6 +240,15 @@ fn counters_follow_a_lazy_run() {
             after_second.value("shoal_fetch_duration_seconds_count{source=\"cache\"}")
                 > after_first.value("shoal_fetch_duration_seconds_count{source=\"cache\"}")
         );
+        assert!(
+            after_second.layer_bytes(&big.digest, "cache")
+                >= after_first.layer_bytes(&big.digest, "cache") + DATA_BYTES as f64 / 2.0,
+            "the second container's reads count as cache bytes of the data layer"
+        );
+        assert_eq!(
+            after_second.layer_bytes(&big.digest, "registry"),
+            after_first.layer_bytes(&big.digest, "registry")
+        );
 
         // The image as umoci built it: gzip layers without a TOC, downloaded, not mounted.
         stack.rpull(&published.plain)?;
@@ -187,6 +269,36 @@ fn counters_follow_a_lazy_run() {
             fell_back.value("shoal_lazy_layers_mounted_total"),
             published.layers.len() as f64,
             "a plain layer is not counted as mounted"
+        );
+
+        // Removing the image unmounts its lazy layers; each mount and unmount is one JSON
+        // line naming the blob and the mountpoint.
+        stack
+            .ctd
+            .ctr(&["images", "rm", "--sync", &published.estargz])?;
+        let unmounted = |log: &str| -> Result<usize> { Ok(events(log, "layer unmounted")?.len()) };
+        wait_until("the layers' unmount lines", Duration::from_secs(30), || {
+            Ok(unmounted(&stack.daemon.log())? >= published.layers.len())
+        })?;
+        let log = stack.daemon.log();
+        let mounted = events(&log, "layer mounted")?;
+        let unmounted = events(&log, "layer unmounted")?;
+        for layer in &published.layers {
+            let of = |events: &[serde_json::Value]| -> Vec<String> {
+                events
+                    .iter()
+                    .filter(|e| e["blob"] == layer.digest.as_str())
+                    .map(|e| e["mountpoint"].as_str().unwrap_or_default().to_owned())
+                    .collect()
+            };
+            let (mounts, unmounts) = (of(&mounted), of(&unmounted));
+            assert_eq!(mounts.len(), 1, "{}: mounted {mounts:?}", layer.digest);
+            assert!(!mounts[0].is_empty(), "{}: no mountpoint", layer.digest);
+            assert_eq!(unmounts, mounts, "{} unmounted where mounted", layer.digest);
+        }
+        assert!(
+            mounted.iter().all(|e| e["level"] == "INFO"),
+            "lifecycle events log at info: {mounted:?}"
         );
         Ok(())
     });
