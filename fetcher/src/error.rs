@@ -181,6 +181,13 @@ pub enum FetchError {
         source: io::Error,
     },
 
+    #[error("save the shareable blocks to {}", path.display())]
+    PersistShareable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
     #[error("evict cache block {block} from {}", path.display())]
     EvictBlock {
         block: BlockKey,

@@ -53,7 +53,11 @@ impl Fetcher {
         )?;
         let registry = RegistryClient::new(&config.registry)?;
         let peers = match &config.peers {
-            Some(peers) => Some(Arc::new(Peers::new(peers, cache.block_size())?)),
+            Some(peers) => Some(Arc::new(Peers::new(
+                peers,
+                cache.block_size(),
+                Some(config.root.join("cache").join("shareable")),
+            )?)),
             None => None,
         };
         Ok(Fetcher::build(registry, cache, &config.fetch, peers))
@@ -205,6 +209,15 @@ impl Fetcher {
         Ok(self.assemble(blocks.start, parts, range))
     }
 
+    /// Bytes `range` of `blob` passed the caller's check against hashes from a verified index
+    /// (an eStargz chunk digest, the TOC digest): blocks that came from peers and have now
+    /// been checked byte for byte are shared with peers in turn.
+    pub fn verified(&self, blob: &BlobRef, range: Range<u64>) {
+        if let Some(peers) = &self.inner.peers {
+            peers.verified(blob, range);
+        }
+    }
+
     /// Brings `range` of `blob` into the cache without returning it.
     pub async fn prefetch(&self, blob: &BlobRef, range: Range<u64>) -> Result<(), FetchError> {
         check_bounds(blob, &range)?;
@@ -344,14 +357,24 @@ impl Fetcher {
                     .iter()
                     .map(|index| &run[(index - first) as usize])
                     .collect();
-                for gap in adjacent(&gap) {
-                    let got = self.fetch_registry(&blob, gap).await;
-                    let landed: Vec<u64> = got.iter().map(|(index, _)| *index).collect();
-                    self.store(&blob, got).await;
-                    // Shared only where peers may ask for it: blobs they can verify.
-                    if let Some(peers) = peers {
-                        peers.landed(&blob.digest, &landed);
+                let fetch_gaps = async {
+                    for gap in adjacent(&gap) {
+                        let got = self.fetch_registry(&blob, gap).await;
+                        let landed: Vec<u64> = got.iter().map(|(index, _)| *index).collect();
+                        self.store(&blob, got).await;
+                        // Shared only where peers may ask for it: blobs they can verify.
+                        if let Some(peers) = peers {
+                            peers.landed(&blob.digest, &landed);
+                        }
                     }
+                };
+                match (peers, round.fetch.first(), round.fetch.last()) {
+                    // Others may be waiting for these: keep them waiting while this node
+                    // fetches, however long that takes.
+                    (Some(peers), Some(&a), Some(&b)) => {
+                        peers.renewing(&blob, a..b + 1, fetch_gaps).await
+                    }
+                    _ => fetch_gaps.await,
                 }
                 remaining = round.waiting;
             }

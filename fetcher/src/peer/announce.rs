@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use tokio::sync::Notify;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::blockset::BlockSet;
 use super::rendezvous;
@@ -16,6 +16,9 @@ use super::wire::Announce;
 use super::Peers;
 use crate::digest::Digest;
 use crate::fetcher::Fetcher;
+
+/// The shareable set is saved at most this often (and at every renewal), when it changed.
+const SAVE_EVERY: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
 pub struct Announcer {
@@ -48,8 +51,15 @@ pub async fn run(peers: Arc<Peers>, fetcher: Fetcher) {
     // Renewing at a third of the lease survives one lost renewal.
     let renew_every = (peers.config.lease / 3).max(Duration::from_secs(1));
     let mut renewed = Instant::now();
+    let mut saved = Instant::now();
     loop {
-        let _ = tokio::time::timeout(renew_every, peers.announcer.wake.notified()).await;
+        // Woken sooner when there is a changed set to save.
+        let sleep = if peers.shareable.is_dirty() {
+            SAVE_EVERY.min(renew_every)
+        } else {
+            renew_every
+        };
+        let _ = tokio::time::timeout(sleep, peers.announcer.wake.notified()).await;
         let me = match peers.members.me() {
             Some(me) => me,
             // Nobody can be told where to find us yet; keep what landed for later.
@@ -68,7 +78,7 @@ pub async fn run(peers: Arc<Peers>, fetcher: Fetcher) {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clear();
-            (peers.shareable_sets(fetcher.cache()), true)
+            (peers.shareable.retain_cached(fetcher.cache()), true)
         } else {
             let fresh = std::mem::take(
                 &mut *peers
@@ -110,5 +120,11 @@ pub async fn run(peers: Arc<Peers>, fetcher: Fetcher) {
             })
         });
         join_all(sends).await;
+        if renew || saved.elapsed() >= SAVE_EVERY {
+            saved = Instant::now();
+            if let Err(error) = peers.shareable.save() {
+                warn!(%error, "what this node shares will be forgotten on restart");
+            }
+        }
     }
 }

@@ -12,7 +12,7 @@ use shoal_config::PeersConfig;
 
 use super::member::PeerAddr;
 use super::tls;
-use super::wire::{Announce, Health, Lookup, LookupReply, MAX_BODY_BYTES};
+use super::wire::{Announce, Health, Lookup, LookupReply, Renew, MAX_BODY_BYTES};
 use crate::digest::Digest;
 use crate::error::FetchError;
 
@@ -89,10 +89,31 @@ impl PeerClient {
         announce: &Announce,
         timeout: Duration,
     ) -> Result<(), PeerFailure> {
+        self.post_only(peer, "/v1/announce", announce, timeout)
+            .await
+    }
+
+    pub async fn renew(
+        &self,
+        peer: PeerAddr,
+        renew: &Renew,
+        timeout: Duration,
+    ) -> Result<(), PeerFailure> {
+        self.post_only(peer, "/v1/renew", renew, timeout).await
+    }
+
+    /// A POST whose answer carries nothing but its status.
+    async fn post_only<T: Serialize>(
+        &self,
+        peer: PeerAddr,
+        path: &str,
+        body: &T,
+        timeout: Duration,
+    ) -> Result<(), PeerFailure> {
         let response = self
             .http
-            .post(self.url(peer, "/v1/announce"))
-            .json(announce)
+            .post(self.url(peer, path))
+            .json(body)
             .timeout(timeout)
             .send()
             .await;

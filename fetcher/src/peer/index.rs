@@ -103,6 +103,22 @@ impl OwnerIndex {
             .retain(|index, (grantee, _)| *grantee != from || !blocks.contains(*index));
     }
 
+    /// `from` is still fetching blocks `first..first+count` of `blob`: those it was told to
+    /// fetch stay its own for another `grant`. Grants held by other nodes are left alone.
+    pub fn renew(&self, now: Instant, from: PeerAddr, blob: &Digest, first: u64, count: u64) {
+        let mut blobs = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = blobs.get_mut(blob) else {
+            return;
+        };
+        for index in first..first.saturating_add(count) {
+            if let Some((grantee, granted)) = entry.grants.get_mut(&index) {
+                if *grantee == from {
+                    *granted = now;
+                }
+            }
+        }
+    }
+
     /// Advice for blocks `first..first+count` of `blob`, asked by `from` (if it knows its own
     /// address), never naming `from` or an `excluded` node as a holder.
     pub fn lookup(
@@ -227,6 +243,29 @@ mod tests {
             index.lookup(later, Some(addr(3)), &blob, 0, 1, &dead),
             [Advice::Fetch]
         );
+    }
+
+    #[test]
+    fn a_grantee_still_fetching_keeps_its_grant_and_nobody_else_can_extend_it() {
+        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2));
+        let blob = Digest::of(b"blob");
+        let t0 = Instant::now();
+        index.lookup(t0, Some(addr(1)), &blob, 0, 2, NONE);
+        // The grantee renews block 0 only; a waiter's renewal of block 1 counts for nothing.
+        let t1 = t0 + Duration::from_millis(1500);
+        index.renew(t1, addr(1), &blob, 0, 1);
+        index.renew(t1, addr(2), &blob, 1, 1);
+        let t2 = t0 + Duration::from_millis(2500);
+        let wait = Advice::Wait {
+            holder: addr(1).to_string(),
+            retry_ms: 20,
+        };
+        assert_eq!(
+            index.lookup(t2, Some(addr(3)), &blob, 0, 2, NONE),
+            [wait, Advice::Fetch]
+        );
+        // Renewing a blob the owner never heard of is harmless.
+        index.renew(t2, addr(1), &Digest::of(b"other"), 0, 4);
     }
 
     #[test]

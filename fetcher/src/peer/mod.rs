@@ -8,36 +8,43 @@
 //!   hashes from a verified index (eStargz: the TOC, itself checked against the layer's
 //!   annotation and always read from the registry); overlaybd blobs, whose CRCs travel with
 //!   the data, are never taken from peers. A node shares only blocks it fetched from the
-//!   registry itself ("shareable");
-//!   blocks it got from a peer serve its own containers once their chunks verify, but are
-//!   never passed on, so bad bytes cannot spread, and a peer whose bytes fail verification is
-//!   avoided. The expected hashes come from the verified TOC, never from the sender.
+//!   registry itself, or got from a peer and has since checked every byte of ([`shareable`]);
+//!   so bad bytes cannot spread, and a peer whose bytes fail verification is avoided. The
+//!   expected hashes come from the verified TOC, never from the sender.
+//! - A herd of nodes missing the same block does not all go to the registry: the index owner
+//!   lets one fetch it and the rest wait ([`index`]), for as long as that node renews its
+//!   right; a holder slower than peers' usual [`pace`] has a second holder asked too
+//!   ([`hedge`]).
 
 mod announce;
 mod blockset;
 mod client;
+mod hedge;
 mod index;
 mod limiter;
 mod member;
+mod pace;
 mod probe;
 mod rendezvous;
 mod server;
+mod shareable;
 mod stats;
 mod tls;
 mod wire;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::num::NonZeroUsize;
+use std::future::Future;
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use lru::LruCache;
+use futures::future::join_all;
 use shoal_config::PeersConfig;
 use tracing::{debug, info, warn};
 
-use crate::cache::{BlockKey, ChunkCache};
+use crate::cache::BlockKey;
 use crate::digest::Digest;
 use crate::error::FetchError;
 use crate::fetcher::Fetcher;
@@ -45,17 +52,22 @@ use crate::reference::BlobRef;
 use announce::Announcer;
 use blockset::{BlockSet, MAX_SHARED_BLOCKS};
 use client::{PeerClient, PeerFailure};
+use hedge::runs_by_holder;
 use index::OwnerIndex;
 use limiter::UploadLimiter;
 use member::{Membership, NodeId, Penalty};
+use pace::Pace;
+use shareable::Shareable;
 use stats::{Outcome, PeerCounters};
-use wire::{Advice, Lookup, MAX_LOOKUP_BLOCKS};
+use wire::{Advice, Lookup, Renew, MAX_LOOKUP_BLOCKS};
 
 pub use member::PeerAddr;
 pub use stats::{PeerStats, PerPeer};
 
-/// Peer-sourced blocks remembered (to blame their sender if they fail verification).
-const PEER_SOURCED_CAP: usize = 1 << 18;
+/// Latency budgets a block may be waited for while another node fetches it (see
+/// [`Peers::deadline`]). The owner ends a wait much sooner when that node dies or stops
+/// renewing; this bounds a wait on a node that renews but never finishes.
+const WAIT_BUDGETS: u32 = 10;
 
 pub struct Peers {
     config: PeersConfig,
@@ -66,18 +78,24 @@ pub struct Peers {
     client: PeerClient,
     limiter: UploadLimiter,
     announcer: Announcer,
-    /// Blocks fetched from the registry by this node: the only ones it shares.
-    shareable: Mutex<HashMap<Digest, BlockSet>>,
-    /// Which peer sent each block that came from a peer.
-    peer_sourced: Mutex<LruCache<BlockKey, PeerAddr>>,
+    /// Blocks this node fetched from the registry or verified: the only ones it shares.
+    shareable: Shareable,
     /// Blobs whose every chunk is checked against hashes the peers did not supply (an
     /// eStargz layer with a verified TOC): the only ones asked of peers.
     verifiable: Mutex<HashSet<Digest>>,
     counters: PeerCounters,
+    /// The pace peers have sent at, for when to hedge a request.
+    pace: Pace,
 }
 
 impl Peers {
-    pub fn new(config: &PeersConfig, block_size: u64) -> Result<Peers, FetchError> {
+    /// The peer side of a node whose cache has blocks of `block_size`; what it may share is
+    /// kept in `state` across restarts.
+    pub fn new(
+        config: &PeersConfig,
+        block_size: u64,
+        state: Option<PathBuf>,
+    ) -> Result<Peers, FetchError> {
         Ok(Peers {
             block_size,
             node: NodeId::random(),
@@ -88,11 +106,9 @@ impl Peers {
             client: PeerClient::new(config)?,
             limiter: UploadLimiter::new(config.upload_rate.0, config.max_uploads),
             announcer: Announcer::default(),
-            shareable: Mutex::default(),
-            peer_sourced: Mutex::new(LruCache::new(
-                NonZeroUsize::new(PEER_SOURCED_CAP).unwrap_or(NonZeroUsize::MIN),
-            )),
+            shareable: Shareable::open(state),
             counters: PeerCounters::default(),
+            pace: Pace::default(),
             verifiable: Mutex::default(),
             config: config.clone(),
         })
@@ -127,15 +143,22 @@ impl Peers {
             .contains(blob)
     }
 
-    /// When blocks asked of peers now must be fetched from the registry at the latest.
+    /// When blocks asked of peers now must be fetched from the registry at the latest: a few
+    /// latency budgets, for a block another node is fetching may be waited for that long
+    /// while its owner says the fetch is still under way (see [`renewing`](Self::renewing)).
     pub(crate) fn deadline(&self) -> Instant {
-        Instant::now() + self.config.latency_budget
+        Instant::now() + self.config.latency_budget * WAIT_BUDGETS
     }
 
     /// One round of asking peers for `blocks` (ascending) of `blob`, until `deadline`: it
     /// ends as soon as some blocks must come from the registry (this node was told to fetch
     /// them, or no holder could send them), so that the caller fetches and announces those
     /// while others may be waiting for them, then asks again about the rest.
+    ///
+    /// A block another node is fetching is waited for as long as the index owner says so:
+    /// the owner keeps that node's exclusive right only while it renews it, so a node that
+    /// died or gave up frees its blocks within one budget, and a node that is merely slow
+    /// (a starved CPU, a congested link) keeps the herd off the registry.
     pub(crate) async fn fetch(
         &self,
         blob: &BlobRef,
@@ -161,7 +184,7 @@ impl Peers {
             };
             let me = self.members.me();
             let now = Instant::now();
-            let mut plan: Vec<(u64, PeerAddr)> = Vec::new();
+            let mut plan: Vec<(u64, Vec<PeerAddr>)> = Vec::new();
             let mut wait = None;
             for (index, advice) in (first..).zip(advice) {
                 if !pending.contains(&index) {
@@ -177,47 +200,47 @@ impl Peers {
                     }
                     Advice::Holders { holders } => {
                         let tried = tried.entry(index).or_default();
-                        let holder = holders
+                        let usable: Vec<PeerAddr> = holders
                             .iter()
                             .filter_map(|h| h.parse::<PeerAddr>().ok())
-                            .find(|h| {
+                            .filter(|h| {
                                 Some(*h) != me
                                     && !tried.contains(h)
                                     && !self.members.is_avoided(h, now)
-                            });
-                        match holder {
-                            Some(holder) => plan.push((index, holder)),
-                            None => {
-                                // Every holder was tried or is avoided: the registry.
-                                pending.remove(&index);
-                                round.fetch.push(index);
-                                PeerCounters::add(&self.counters.fallbacks, 1);
-                            }
+                            })
+                            .collect();
+                        if usable.is_empty() {
+                            // Every holder was tried or is avoided: the registry.
+                            pending.remove(&index);
+                            round.fetch.push(index);
+                            PeerCounters::add(&self.counters.fallbacks, 1);
+                        } else {
+                            plan.push((index, usable));
                         }
                     }
                 }
             }
-            for (holder, run) in runs_by_holder(&plan) {
-                match self.get(holder, blob, run.clone(), deadline).await {
-                    Some(bytes) => {
-                        let from = self.block_bytes(blob, run.start).start;
-                        for index in run {
-                            let at = self.block_bytes(blob, index);
-                            let part =
-                                bytes.slice((at.start - from) as usize..(at.end - from) as usize);
-                            pending.remove(&index);
-                            self.peer_sourced
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .put(BlockKey::new(blob.digest.clone(), index), holder);
-                            round.got.push((index, part));
-                        }
+            let requests = runs_by_holder(&plan).into_iter().map(|run| async move {
+                let outcome = self.get_hedged(blob, &run, deadline).await;
+                (run, outcome)
+            });
+            for (run, outcome) in join_all(requests).await {
+                for holder in &outcome.failed {
+                    for index in run.blocks.clone() {
+                        tried.entry(index).or_default().insert(*holder);
                     }
-                    None => {
-                        for index in run {
-                            tried.entry(index).or_default().insert(holder);
-                        }
-                    }
+                }
+                let Some((holder, bytes)) = outcome.got else {
+                    continue;
+                };
+                let from = self.block_bytes(blob, run.blocks.start).start;
+                for index in run.blocks {
+                    let at = self.block_bytes(blob, index);
+                    let part = bytes.slice((at.start - from) as usize..(at.end - from) as usize);
+                    pending.remove(&index);
+                    self.shareable
+                        .got_from_peer(BlockKey::new(blob.digest.clone(), index), holder);
+                    round.got.push((index, part));
                 }
             }
             if !round.fetch.is_empty() {
@@ -243,6 +266,67 @@ impl Peers {
         round.fetch.extend(pending);
         round.fetch.sort_unstable();
         round
+    }
+
+    /// Runs `work` (this node fetching `blocks` of `blob` from the registry after the owner
+    /// told it to) while renewing its right to them at the owner, so that nodes waiting for
+    /// them keep waiting however long the fetch takes; renewals stop with `work`, or when no
+    /// owner takes them.
+    pub(crate) async fn renewing<F: Future>(
+        &self,
+        blob: &BlobRef,
+        blocks: Range<u64>,
+        work: F,
+    ) -> F::Output {
+        // A third of the grant: one renewal may be lost or late without the grant lapsing.
+        let every = (self.config.latency_budget / 3).max(Duration::from_millis(20));
+        let renewals = async {
+            let mut ticks = tokio::time::interval_at((Instant::now() + every).into(), every);
+            loop {
+                ticks.tick().await;
+                if !self.renew(blob, blocks.clone(), every).await {
+                    return;
+                }
+            }
+        };
+        tokio::pin!(work);
+        tokio::pin!(renewals);
+        tokio::select! {
+            biased;
+            output = &mut work => return output,
+            () = &mut renewals => {}
+        }
+        work.await
+    }
+
+    /// Renews this node's grants on `blocks` at the first owner that takes the renewal.
+    async fn renew(&self, blob: &BlobRef, blocks: Range<u64>, timeout: Duration) -> bool {
+        let Some(me) = self.members.me() else {
+            return false;
+        };
+        let now = Instant::now();
+        let count = blocks.end - blocks.start;
+        for owner in rendezvous::owners(&blob.digest, &self.members.live(now), self.config.owners) {
+            if owner == me {
+                self.index.renew(now, me, &blob.digest, blocks.start, count);
+                return true;
+            }
+            let renew = Renew {
+                from: me.to_string(),
+                blob: blob.digest.to_string(),
+                block_size: self.block_size,
+                first: blocks.start,
+                count,
+            };
+            match self.client.renew(owner, &renew, timeout).await {
+                Ok(()) => {
+                    PeerCounters::add(&self.counters.renewals, 1);
+                    return true;
+                }
+                Err(failure) => debug!(%owner, %failure, "grant renewal failed"),
+            }
+        }
+        false
     }
 
     /// Asks the blob's owners (this node's own index when it is one), in rendezvous order,
@@ -276,10 +360,11 @@ impl Peers {
                 first: blocks.start,
                 count,
             };
-            // Half the budget left: a loaded owner is waited for, and a dead one (which the
-            // probes drop soon anyway) still leaves time for the second owner.
-            let timeout =
-                (deadline.saturating_duration_since(now) / 2).max(Duration::from_millis(50));
+            // Half a budget: a loaded owner is waited for, and a dead one (which the probes
+            // drop soon anyway) still leaves time for the second owner.
+            let timeout = (self.config.latency_budget / 2)
+                .min(deadline.saturating_duration_since(now) / 2)
+                .max(Duration::from_millis(50));
             match self.client.lookup(owner, &lookup, timeout).await {
                 Ok(reply) if reply.blocks.len() as u64 == count => return Some(reply.blocks),
                 Ok(_) => {
@@ -301,48 +386,6 @@ impl Peers {
         None
     }
 
-    /// Blocks `run` of `blob` from `holder`, counted and penalised as they go.
-    async fn get(
-        &self,
-        holder: PeerAddr,
-        blob: &BlobRef,
-        run: Range<u64>,
-        deadline: Instant,
-    ) -> Option<Bytes> {
-        let range =
-            self.block_bytes(blob, run.start).start..self.block_bytes(blob, run.end - 1).end;
-        let started = Instant::now();
-        match self
-            .client
-            .blocks(holder, &blob.digest, range, deadline)
-            .await
-        {
-            Ok(bytes) => {
-                self.counters.record(
-                    holder,
-                    Outcome::Served {
-                        bytes: bytes.len() as u64,
-                        took: started.elapsed(),
-                    },
-                );
-                Some(bytes)
-            }
-            Err(failure) => {
-                debug!(%holder, %failure, "block request to peer failed");
-                let (outcome, penalty) = match failure {
-                    PeerFailure::Busy => (Outcome::Busy, Some(Penalty::Busy)),
-                    PeerFailure::Missing => (Outcome::Failed, None),
-                    PeerFailure::Failed(_) => (Outcome::Failed, Some(Penalty::Unreachable)),
-                };
-                self.counters.record(holder, outcome);
-                if let Some(penalty) = penalty {
-                    self.members.penalise(holder, penalty, Instant::now());
-                }
-                None
-            }
-        }
-    }
-
     /// Blocks of `blob` that just landed from the registry: shareable, and announced.
     pub(crate) fn landed(&self, blob: &Digest, blocks: &[u64]) {
         let mut fresh = BlockSet::new();
@@ -352,64 +395,42 @@ impl Peers {
         if fresh.is_empty() {
             return;
         }
-        self.shareable
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(blob.clone())
-            .or_default()
-            .merge(&fresh);
+        self.shareable.add(blob, &fresh);
         self.announcer.landed(blob, &fresh);
+    }
+
+    /// Bytes `range` of `blob` passed the reader's check against hashes from a verified
+    /// index: blocks from peers that every byte of has now checked become shareable.
+    pub(crate) fn verified(&self, blob: &BlobRef, range: Range<u64>) {
+        if range.is_empty() {
+            return;
+        }
+        let mut fresh = BlockSet::new();
+        for index in range.start / self.block_size..(range.end - 1) / self.block_size + 1 {
+            let key = BlockKey::new(blob.digest.clone(), index);
+            if self
+                .shareable
+                .checked(&key, self.block_bytes(blob, index), range.clone())
+            {
+                fresh.insert(index);
+                PeerCounters::add(&self.counters.blocks_reshared, 1);
+            }
+        }
+        if !fresh.is_empty() {
+            self.shareable.add(&blob.digest, &fresh);
+            self.announcer.landed(&blob.digest, &fresh);
+        }
     }
 
     /// Blocks `blocks` of `blob` failed verification and are fetched again: they stop being
     /// shared, and a peer that sent any of them is blamed and avoided.
     pub(crate) fn rejected(&self, blob: &Digest, blocks: Range<u64>) {
-        if let Some(set) = self
-            .shareable
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(blob)
-        {
-            for index in blocks.clone() {
-                set.remove(index);
-            }
-        }
-        let mut blamed = HashSet::new();
-        {
-            let mut sourced = self.peer_sourced.lock().unwrap_or_else(|e| e.into_inner());
-            for index in blocks {
-                if let Some(peer) = sourced.pop(&BlockKey::new(blob.clone(), index)) {
-                    blamed.insert(peer);
-                }
-            }
-        }
-        for peer in blamed {
+        for peer in self.shareable.reject(blob, blocks) {
             warn!(%peer, %blob, "bytes from a peer failed verification; avoiding it");
             self.counters.record(peer, Outcome::BadData);
             self.members
                 .penalise(peer, Penalty::BadData, Instant::now());
         }
-    }
-
-    fn shareable(&self, blob: &Digest, blocks: Range<u64>) -> bool {
-        let shareable = self.shareable.lock().unwrap_or_else(|e| e.into_inner());
-        shareable
-            .get(blob)
-            .is_some_and(|set| blocks.clone().all(|index| set.contains(index)))
-    }
-
-    /// Every blob's shareable blocks, less those the cache no longer holds (evicted, or
-    /// dropped by a refetch), which stop being shareable too.
-    fn shareable_sets(&self, cache: &ChunkCache) -> Vec<(Digest, BlockSet)> {
-        let mut shareable = self.shareable.lock().unwrap_or_else(|e| e.into_inner());
-        for (blob, set) in shareable.iter_mut() {
-            set.retain(|index| cache.contains(&BlockKey::new(blob.clone(), index)));
-        }
-        shareable.retain(|_, set| !set.is_empty());
-        shareable
-            .iter()
-            .map(|(blob, set)| (blob.clone(), set.clone()))
-            .collect()
     }
 
     fn block_bytes(&self, blob: &BlobRef, index: u64) -> Range<u64> {
@@ -461,31 +482,5 @@ impl PeerRound {
             fetch: blocks,
             ..PeerRound::default()
         }
-    }
-}
-
-/// Groups `(block, holder)` pairs (in block order) into runs of adjacent blocks with the
-/// same holder, each fetched with one range request.
-fn runs_by_holder(plan: &[(u64, PeerAddr)]) -> Vec<(PeerAddr, Range<u64>)> {
-    let mut runs: Vec<(PeerAddr, Range<u64>)> = Vec::new();
-    for &(index, holder) in plan {
-        match runs.last_mut() {
-            Some((last, run)) if *last == holder && run.end == index => run.end += 1,
-            _ => runs.push((holder, index..index + 1)),
-        }
-    }
-    runs
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn adjacent_blocks_of_one_holder_go_together() {
-        let a: PeerAddr = "10.0.0.1:7420".parse().unwrap();
-        let b: PeerAddr = "10.0.0.2:7420".parse().unwrap();
-        let runs = runs_by_holder(&[(0, a), (1, a), (2, b), (4, b), (5, a)]);
-        assert_eq!(runs, [(a, 0..2), (b, 2..3), (b, 4..5), (a, 5..6)]);
     }
 }

@@ -133,7 +133,7 @@ mod tests {
         .unwrap()
         .peers
         .unwrap();
-        let peers = Peers::new(&config, 1 << 20).unwrap();
+        let peers = Peers::new(&config, 1 << 20, None).unwrap();
         let known = resolve(&peers).await;
         assert!(
             known.contains(&"127.0.0.2:7420".parse().unwrap()),
@@ -156,7 +156,7 @@ mod tests {
         .unwrap()
         .peers
         .unwrap();
-        let peers = Peers::new(&config, 1 << 20).unwrap();
+        let peers = Peers::new(&config, 1 << 20, None).unwrap();
         peers.members.set_known(resolve(&peers).await);
         // A listener that accepts and never answers: the probe times out.
         peers.members.probed(PeerAddr(addr), true, false);

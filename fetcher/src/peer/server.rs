@@ -20,7 +20,9 @@ use tracing::debug;
 use super::blockset::BlockSet;
 use super::member::PeerAddr;
 use super::stats::PeerCounters;
-use super::wire::{Announce, Health, Lookup, LookupReply, MAX_BODY_BYTES, MAX_LOOKUP_BLOCKS};
+use super::wire::{
+    Announce, Health, Lookup, LookupReply, Renew, MAX_BODY_BYTES, MAX_LOOKUP_BLOCKS,
+};
 use super::Peers;
 use crate::digest::Digest;
 use crate::fetcher::Fetcher;
@@ -89,6 +91,10 @@ async fn route(fetcher: &Fetcher, request: Request<Incoming>) -> Reply {
             Ok(lookup) => looked_up(peers, lookup),
             Err(reply) => reply,
         },
+        (Method::POST, "/v1/renew") => match body::<Renew>(request).await {
+            Ok(renew) => renewed(peers, renew),
+            Err(reply) => reply,
+        },
         (Method::GET, blob) if blob.starts_with("/v1/blobs/") => {
             upload(fetcher, peers, &blob["/v1/blobs/".len()..], &request).await
         }
@@ -146,6 +152,25 @@ fn looked_up(peers: &Peers, lookup: Lookup) -> Reply {
     json(&LookupReply { blocks })
 }
 
+fn renewed(peers: &Peers, renew: Renew) -> Reply {
+    let (Ok(from), Ok(blob)) = (renew.from.parse::<PeerAddr>(), Digest::parse(&renew.blob)) else {
+        return plain(StatusCode::BAD_REQUEST, "bad asker or blob");
+    };
+    if renew.block_size != peers.block_size {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "block size differs from this node's",
+        );
+    }
+    if renew.count > MAX_LOOKUP_BLOCKS {
+        return plain(StatusCode::BAD_REQUEST, "too many blocks in one renewal");
+    }
+    peers
+        .index
+        .renew(Instant::now(), from, &blob, renew.first, renew.count);
+    plain(StatusCode::OK, "")
+}
+
 /// Serves bytes of blocks this node may share (fetched from the registry) and still holds.
 async fn upload(
     fetcher: &Fetcher,
@@ -169,7 +194,7 @@ async fn upload(
     };
     let block_size = peers.block_size;
     let blocks = range.start / block_size..(range.end - 1) / block_size + 1;
-    if !peers.shareable(&blob, blocks) {
+    if !peers.shareable.contains_all(&blob, blocks) {
         return plain(StatusCode::NOT_FOUND, "not held");
     }
     let Some(_slot) = peers.limiter.try_start() else {

@@ -24,6 +24,12 @@ pub struct PeerStats {
     pub fallbacks: u64,
     /// "busy" answers received from peers.
     pub busy_answers: u64,
+    /// Requests sent to a second holder because the first was slow.
+    pub hedges: u64,
+    /// Renewals of this node's right to fetch blocks others wait for, taken by an owner.
+    pub renewals: u64,
+    /// Blocks received from peers that every byte of checked out, so this node shares them.
+    pub blocks_reshared: u64,
     /// Blocks received from a peer that then failed verification.
     pub verify_failures: u64,
     /// Block bytes this node served to peers, and requests it turned away as busy.
@@ -51,6 +57,9 @@ pub(crate) struct PeerCounters {
     pub lookups_answered: AtomicU64,
     pub fallbacks: AtomicU64,
     pub busy_answers: AtomicU64,
+    pub hedges: AtomicU64,
+    pub renewals: AtomicU64,
+    pub blocks_reshared: AtomicU64,
     pub verify_failures: AtomicU64,
     pub bytes_uploaded: AtomicU64,
     pub uploads_refused: AtomicU64,
@@ -101,6 +110,9 @@ impl PeerCounters {
             lookups_answered: load(&self.lookups_answered),
             fallbacks: load(&self.fallbacks),
             busy_answers: load(&self.busy_answers),
+            hedges: load(&self.hedges),
+            renewals: load(&self.renewals),
+            blocks_reshared: load(&self.blocks_reshared),
             verify_failures: load(&self.verify_failures),
             bytes_uploaded: load(&self.bytes_uploaded),
             uploads_refused: load(&self.uploads_refused),

@@ -5,6 +5,9 @@
 //! - `POST /v1/announce` [`Announce`]: "I hold these blocks of this blob" to the blob's owners.
 //! - `POST /v1/lookup` [`Lookup`] → [`LookupReply`]: per block, who holds it, or whether the
 //!   asker should fetch it from the registry itself or wait for another node that is.
+//! - `POST /v1/renew` [`Renew`]: "I am still fetching these blocks from the registry": the
+//!   owner keeps the asker's exclusive right to fetch them, so nodes waiting for them keep
+//!   waiting instead of fetching them too.
 //! - `GET /v1/blobs/<digest>` with `Range: bytes=a-b`: block bytes from a holder's cache;
 //!   404 when it does not hold them, 429 when it is busy.
 
@@ -36,6 +39,16 @@ pub struct Announce {
 pub struct Lookup {
     /// The asker's peer address; absent until it has found itself among the members.
     pub from: Option<String>,
+    pub blob: String,
+    pub block_size: u64,
+    pub first: u64,
+    pub count: u64,
+}
+
+/// Blocks `first..first+count` of `blob` that `from` was told to fetch and still is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Renew {
+    pub from: String,
     pub blob: String,
     pub block_size: u64,
     pub first: u64,

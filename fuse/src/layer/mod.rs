@@ -79,17 +79,24 @@ impl EstargzLayer {
             source,
         })?;
         let region: Range<u64> = footer.toc_offset..blob.size - footer.size as u64;
-        let compressed = read(region).await.map_err(|source| FsError::FetchToc {
-            blob: name.clone(),
-            source,
-        })?;
+        let compressed = read(region.clone())
+            .await
+            .map_err(|source| FsError::FetchToc {
+                blob: name.clone(),
+                source,
+            })?;
         let json = read_toc_json(&compressed).map_err(|source| FsError::ParseToc {
             blob: name.clone(),
             source,
         })?;
         let mut persisted = footer.toc_offset.to_le_bytes().to_vec();
         persisted.extend_from_slice(&json);
-        EstargzLayer::from_persisted(blob, &persisted, expected)
+        let layer = EstargzLayer::from_persisted(blob.clone(), &persisted, expected)?;
+        // The TOC's bytes decoded to the expected digest, and the one datum of the footer,
+        // the TOC offset, is where that TOC was found: peers may have both.
+        fetcher.verified(&blob, region);
+        fetcher.verified(&blob, blob.size - tail_len..blob.size);
+        Ok(layer)
     }
 
     /// Opens the layer from bytes [`EstargzLayer::persisted`] held, verifying them again.

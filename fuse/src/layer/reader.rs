@@ -213,6 +213,9 @@ impl ChunkReader {
         let data = decompress_chunk(compressed, chunk).map_err(decode_err)?;
         if let Some(expected) = &chunk.digest {
             verify(&data, expected, &path_of(index, ino), chunk.file_offset).map_err(decode_err)?;
+            // The compressed bytes that decoded to it are good: peers may have them.
+            self.fetcher
+                .verified(blob, chunk.blob_offset..chunk.blob_end);
         }
         let bytes = Bytes::from(data);
         self.remember(blob, chunk, bytes.clone());

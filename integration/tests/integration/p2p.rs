@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -28,7 +28,9 @@ use crate::tree;
 #[cfg(feature = "bench")]
 mod bench;
 mod faults;
+mod herd;
 mod liar;
+mod reshare;
 mod tls;
 
 const REGISTRY_PORT: u16 = 5000;
@@ -54,6 +56,8 @@ struct Cluster {
 struct Node {
     label: String,
     config: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
     /// The daemon's chunk cache directory.
     cache: PathBuf,
     ctd: Containerd,
@@ -70,8 +74,8 @@ struct Published {
 
 impl Cluster {
     /// Builds and converts the image on a loopback registry, then serves its storage from
-    /// the `reg` namespace.
-    fn start(fixture: &Fixture) -> Result<(Cluster, Published)> {
+    /// the `reg` namespace behind a link of `mbit` megabits per second.
+    fn start_shaped(fixture: &Fixture, mbit: u32) -> Result<(Cluster, Published)> {
         let host_registry = Registry::start(fixture)?;
         let data = random_bytes(DATA_BYTES)?;
         let blob_sha256 = hex::encode(Sha256::digest(&data));
@@ -94,7 +98,7 @@ impl Cluster {
 
         let mut network = Network::create()?;
         let address = network.attach("reg")?;
-        network.shape("reg", REGISTRY_MBIT)?;
+        network.shape("reg", mbit)?;
         let config = fixture.path("registry/netns.yml");
         fs::write(
             &config,
@@ -233,9 +237,37 @@ impl Cluster {
         )?;
         let log = fixture.path("shoal-snapshotter.log");
         fixture.register_log(&format!("shoal-snapshotter {label}"), &log);
+        let daemon = self.spawn_daemon(label, &config, &socket, &log)?;
+        let ctd = Containerd::start(
+            fixture,
+            &containerd::Options {
+                shoal_socket: Some(socket.clone()),
+                ..containerd::Options::default()
+            },
+        )?;
+        Ok(Node {
+            label: label.to_owned(),
+            config,
+            socket,
+            log,
+            cache: fixture.path("shoal/cache"),
+            ctd,
+            address,
+            daemon,
+        })
+    }
+
+    /// Starts `label`'s daemon and waits for its socket.
+    fn spawn_daemon(
+        &self,
+        label: &str,
+        config: &Path,
+        socket: &Path,
+        log: &Path,
+    ) -> Result<Process> {
         let mut command = self.network.command(label, binary::daemon()?)?;
-        command.arg("--config").arg(&config);
-        let mut daemon = Process::spawn("shoal-snapshotter", &mut command, &log)?;
+        command.arg("--config").arg(config);
+        let mut daemon = Process::spawn("shoal-snapshotter", &mut command, log)?;
         wait_until("the daemon's socket", Duration::from_secs(20), || {
             if let Some(status) = daemon.try_status()? {
                 anyhow::bail!(
@@ -243,23 +275,19 @@ impl Cluster {
                     daemon.log()
                 );
             }
-            Ok(std::os::unix::net::UnixStream::connect(&socket).is_ok())
+            Ok(std::os::unix::net::UnixStream::connect(socket).is_ok())
         })?;
-        let ctd = Containerd::start(
-            fixture,
-            &containerd::Options {
-                shoal_socket: Some(socket),
-                ..containerd::Options::default()
-            },
-        )?;
-        Ok(Node {
-            label: label.to_owned(),
-            config,
-            cache: fixture.path("shoal/cache"),
-            ctd,
-            address,
-            daemon,
-        })
+        Ok(daemon)
+    }
+
+    /// Kills node `i`'s daemon (SIGKILL: nothing is saved on the way out) and starts it again
+    /// on the same root; its containerd stays up.
+    fn restart_daemon(&mut self, i: usize) -> Result<()> {
+        self.nodes[i].daemon.kill()?;
+        let node = &self.nodes[i];
+        let daemon = self.spawn_daemon(&node.label, &node.config, &node.socket, &node.log)?;
+        self.nodes[i].daemon = daemon;
+        self.nodes[i].ctd.wait_for_snapshotter("shoal")
     }
 
     /// Blob bytes the registry has sent so far (its access log, body sizes of blob GETs).
@@ -393,6 +421,15 @@ fn with_cluster(
     fixture: &Fixture,
     body: impl FnOnce(&mut Cluster, &Published) -> Result<()>,
 ) -> Result<()> {
+    with_shaped_cluster(fixture, REGISTRY_MBIT, body)
+}
+
+/// [`with_cluster`] with the registry's link at `mbit` megabits per second.
+fn with_shaped_cluster(
+    fixture: &Fixture,
+    mbit: u32,
+    body: impl FnOnce(&mut Cluster, &Published) -> Result<()>,
+) -> Result<()> {
     // One cluster at a time: these tests measure how nodes starting together share blocks
     // within a latency budget, and several clusters of containerd + daemons at once on a
     // small CI machine starve each other's peers of CPU, which those numbers do not describe.
@@ -401,7 +438,7 @@ fn with_cluster(
     let _one_at_a_time = CLUSTERS
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let (mut cluster, published) = Cluster::start(fixture)?;
+    let (mut cluster, published) = Cluster::start_shaped(fixture, mbit)?;
     let outcome = body(&mut cluster, &published);
     if outcome.is_err() {
         cluster.dump_node_logs();

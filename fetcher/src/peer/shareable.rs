@@ -1,0 +1,313 @@
+//! [`Shareable`]: the blocks this node may serve to its peers, and the blocks it got from
+//! them that have yet to earn that.
+//!
+//! A block is shareable when this node fetched it from the registry, or got it from a peer
+//! and every one of its bytes has since passed a check against hashes from a verified index
+//! (an eStargz chunk digest, the TOC digest). Until then it serves this node's containers
+//! once its chunks verify, but is never passed on, so bad bytes cannot spread; and its sender
+//! is remembered, to be blamed if a check fails.
+//!
+//! The shareable set survives restarts in one small file beside the cache: a node that
+//! restarts with a warm cache goes on sharing it.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::num::NonZeroUsize;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use lru::LruCache;
+use tracing::warn;
+
+use super::blockset::BlockSet;
+use super::member::PeerAddr;
+use crate::cache::{BlockKey, ChunkCache};
+use crate::digest::Digest;
+use crate::error::FetchError;
+
+/// Peer-sourced blocks remembered until verified (or blamed); the oldest are forgotten first
+/// and then simply never shared.
+const SOURCED_CAP: usize = 1 << 18;
+
+pub struct Shareable {
+    sets: Mutex<HashMap<Digest, BlockSet>>,
+    sourced: Mutex<LruCache<BlockKey, Sourced>>,
+    /// Where the sets are kept across restarts; `None` keeps them in memory only.
+    file: Option<PathBuf>,
+    /// Whether the sets changed since they were last saved.
+    dirty: AtomicBool,
+}
+
+/// A block that came from a peer: who sent it, and which of its bytes (sorted, disjoint
+/// ranges within the blob) checked out so far.
+struct Sourced {
+    from: PeerAddr,
+    verified: Vec<Range<u64>>,
+}
+
+impl Shareable {
+    /// The sets saved in `file` (none if it is absent or unreadable, which is logged: a node
+    /// that cannot recall what it shared only shares less).
+    pub fn open(file: Option<PathBuf>) -> Shareable {
+        let sets = match &file {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => parse(&text).unwrap_or_else(|| {
+                    warn!(path = %path.display(), "ignoring a damaged shareable-blocks file");
+                    HashMap::new()
+                }),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
+                Err(error) => {
+                    warn!(path = %path.display(), %error, "cannot read the shareable-blocks file");
+                    HashMap::new()
+                }
+            },
+            None => HashMap::new(),
+        };
+        Shareable {
+            sets: Mutex::new(sets),
+            sourced: Mutex::new(LruCache::new(
+                NonZeroUsize::new(SOURCED_CAP).unwrap_or(NonZeroUsize::MIN),
+            )),
+            file,
+            dirty: AtomicBool::new(false),
+        }
+    }
+
+    /// Makes `blocks` of `blob` shareable.
+    pub fn add(&self, blob: &Digest, blocks: &BlockSet) {
+        self.sets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(blob.clone())
+            .or_default()
+            .merge(blocks);
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether every block of `blocks` of `blob` is shareable.
+    pub fn contains_all(&self, blob: &Digest, blocks: Range<u64>) -> bool {
+        let sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
+        sets.get(blob)
+            .is_some_and(|set| blocks.clone().all(|index| set.contains(index)))
+    }
+
+    /// Block `key` came from `from`, unverified.
+    pub fn got_from_peer(&self, key: BlockKey, from: PeerAddr) {
+        self.sourced.lock().unwrap_or_else(|e| e.into_inner()).put(
+            key,
+            Sourced {
+                from,
+                verified: Vec::new(),
+            },
+        );
+    }
+
+    /// Bytes `checked` of block `key`, which spans `block` of its blob, passed a check.
+    /// True when that completes the block: it is then no longer tracked, and the caller
+    /// makes it shareable.
+    pub fn checked(&self, key: &BlockKey, block: Range<u64>, checked: Range<u64>) -> bool {
+        let mut sourced = self.sourced.lock().unwrap_or_else(|e| e.into_inner());
+        if sourced.is_empty() {
+            return false;
+        }
+        let Some(entry) = sourced.peek_mut(key) else {
+            return false;
+        };
+        let part = checked.start.max(block.start)..checked.end.min(block.end);
+        if part.is_empty() {
+            return false;
+        }
+        cover(&mut entry.verified, part);
+        if entry.verified.as_slice() == [block] {
+            sourced.pop(key);
+            return true;
+        }
+        false
+    }
+
+    /// Blocks `blocks` of `blob` failed a check: none of them is shared any longer, and the
+    /// peers that sent any of them are returned to be blamed.
+    pub fn reject(&self, blob: &Digest, blocks: Range<u64>) -> HashSet<PeerAddr> {
+        if let Some(set) = self
+            .sets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(blob)
+        {
+            for index in blocks.clone() {
+                set.remove(index);
+            }
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+        let mut sourced = self.sourced.lock().unwrap_or_else(|e| e.into_inner());
+        blocks
+            .filter_map(|index| sourced.pop(&BlockKey::new(blob.clone(), index)))
+            .map(|entry| entry.from)
+            .collect()
+    }
+
+    /// Every blob's shareable blocks, less those the cache no longer holds (evicted, or
+    /// dropped by a refetch), which stop being shareable too.
+    pub fn retain_cached(&self, cache: &ChunkCache) -> Vec<(Digest, BlockSet)> {
+        let mut sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
+        let before = sets.len();
+        for (blob, set) in sets.iter_mut() {
+            let mut dropped = false;
+            set.retain(|index| {
+                let held = cache.contains(&BlockKey::new(blob.clone(), index));
+                dropped |= !held;
+                held
+            });
+            if dropped {
+                self.dirty.store(true, Ordering::Relaxed);
+            }
+        }
+        sets.retain(|_, set| !set.is_empty());
+        if sets.len() != before {
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+        sets.iter()
+            .map(|(blob, set)| (blob.clone(), set.clone()))
+            .collect()
+    }
+
+    /// Whether the sets changed since they were last saved (always false without a file).
+    pub fn is_dirty(&self) -> bool {
+        self.file.is_some() && self.dirty.load(Ordering::Relaxed)
+    }
+
+    /// Writes the sets to their file if they changed since the last save (a new file, then
+    /// renamed over the old one, so a crash leaves one or the other whole).
+    pub fn save(&self) -> Result<(), FetchError> {
+        let Some(path) = &self.file else {
+            return Ok(());
+        };
+        if !self.dirty.swap(false, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let text = {
+            let sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
+            let mut text = String::new();
+            for (blob, set) in sets.iter() {
+                let _ = writeln!(text, "{blob} {}", set.to_hex());
+            }
+            text
+        };
+        let fresh = path.with_extension("new");
+        let written = std::fs::write(&fresh, text).and_then(|()| std::fs::rename(&fresh, path));
+        written.map_err(|source| {
+            self.dirty.store(true, Ordering::Relaxed);
+            FetchError::PersistShareable {
+                path: path.clone(),
+                source,
+            }
+        })
+    }
+}
+
+/// Lines of `<digest> <block set hex>`; `None` if any line is malformed.
+fn parse(text: &str) -> Option<HashMap<Digest, BlockSet>> {
+    text.lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let (blob, blocks) = line.split_once(' ')?;
+            Some((
+                Digest::parse(blob).ok()?,
+                BlockSet::from_hex(blocks.trim())?,
+            ))
+        })
+        .collect()
+}
+
+/// Adds `part` to the sorted, disjoint `ranges`, merging what touches it.
+fn cover(ranges: &mut Vec<Range<u64>>, part: Range<u64>) {
+    let mut merged = part;
+    ranges.retain(|range| {
+        let touches = range.start <= merged.end && merged.start <= range.end;
+        if touches {
+            merged = merged.start.min(range.start)..merged.end.max(range.end);
+        }
+        !touches
+    });
+    let at = ranges.partition_point(|range| range.start < merged.start);
+    ranges.insert(at, merged);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(i: u8) -> PeerAddr {
+        format!("10.0.0.{i}:7420").parse().unwrap()
+    }
+
+    fn set(indices: &[u64]) -> BlockSet {
+        let mut set = BlockSet::new();
+        for &i in indices {
+            set.insert(i);
+        }
+        set
+    }
+
+    #[test]
+    fn ranges_merge_as_they_are_covered() {
+        let mut ranges = Vec::new();
+        cover(&mut ranges, 10..20);
+        cover(&mut ranges, 30..40);
+        assert_eq!(ranges, [10..20, 30..40]);
+        cover(&mut ranges, 0..5);
+        assert_eq!(ranges, [0..5, 10..20, 30..40]);
+        cover(&mut ranges, 20..30);
+        assert_eq!(ranges, [0..5, 10..40]);
+        cover(&mut ranges, 3..12);
+        assert_eq!((ranges.len(), ranges[0].clone()), (1, 0..40));
+    }
+
+    #[test]
+    fn a_peer_block_is_shareable_only_once_all_its_bytes_checked_out() {
+        let shareable = Shareable::open(None);
+        let blob = Digest::of(b"blob");
+        let key = BlockKey::new(blob.clone(), 1);
+        shareable.got_from_peer(key.clone(), peer(1));
+        // Block 1 spans 100..200; checks arrive in pieces, some reaching past it.
+        assert!(!shareable.checked(&key, 100..200, 50..120));
+        assert!(!shareable.checked(&key, 100..200, 150..250));
+        assert!(!shareable.checked(&BlockKey::new(blob.clone(), 2), 200..300, 200..300));
+        assert!(shareable.checked(&key, 100..200, 120..150));
+        // Done with: a later check changes nothing, and nobody is blamed for it.
+        assert!(!shareable.checked(&key, 100..200, 100..200));
+        assert!(shareable.reject(&blob, 1..2).is_empty());
+    }
+
+    #[test]
+    fn a_rejected_block_stops_being_shared_and_names_its_sender() {
+        let shareable = Shareable::open(None);
+        let blob = Digest::of(b"blob");
+        shareable.add(&blob, &set(&[0, 1, 2]));
+        shareable.got_from_peer(BlockKey::new(blob.clone(), 3), peer(7));
+        assert!(shareable.contains_all(&blob, 0..3));
+        let blamed = shareable.reject(&blob, 1..4);
+        assert_eq!(blamed, HashSet::from([peer(7)]));
+        assert!(shareable.contains_all(&blob, 0..1));
+        assert!(!shareable.contains_all(&blob, 0..2));
+    }
+
+    #[test]
+    fn the_sets_survive_a_restart_and_a_damaged_file_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shareable");
+        let blob = Digest::of(b"blob");
+        let shareable = Shareable::open(Some(path.clone()));
+        shareable.add(&blob, &set(&[0, 5, 700]));
+        shareable.save().unwrap();
+        let again = Shareable::open(Some(path.clone()));
+        assert!(again.contains_all(&blob, 5..6) && again.contains_all(&blob, 700..701));
+        assert!(!again.contains_all(&blob, 1..2));
+
+        std::fs::write(&path, "sha256:nothex zz\n").unwrap();
+        let damaged = Shareable::open(Some(path));
+        assert!(!damaged.contains_all(&blob, 0..1));
+    }
+}

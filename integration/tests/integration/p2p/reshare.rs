@@ -1,0 +1,69 @@
+//! Blocks travel on: a node that got blocks from a peer and checked them shares them in
+//! turn, also after a restart, so the first holder is not the only source for long.
+
+use std::time::Duration;
+
+use super::{ensure_all_right, peer_stat, start_together, with_cluster, DATA_BYTES};
+use crate::fixture::{privileged, Fixture};
+
+#[test]
+fn verified_peer_blocks_are_shared_on_and_still_after_a_restart() {
+    privileged!();
+    Fixture::run(|fixture| {
+        with_cluster(fixture, |cluster, published| {
+            let reference = format!("{}/{}", cluster.registry_host()?, published.path);
+            let nodes = cluster.add_peers("r", &["latency_budget_ms = 3000"; 3])?;
+            let (first, second, third) = (nodes[0], nodes[1], nodes[2]);
+
+            // The first node fetches the image from the registry.
+            let before = cluster.registry_blob_bytes();
+            let primed = start_together(cluster, &[first], &reference, "first");
+            ensure_all_right(&primed, &published.blob_sha256)?;
+            let one_node = cluster.registry_blob_bytes() - before;
+
+            // The second gets it from the first; its container reads all of /data/blob, so
+            // every chunk of it is checked on the way, and those blocks become its own to share.
+            let second_run = start_together(cluster, &[second], &reference, "second");
+            ensure_all_right(&second_run, &published.blob_sha256)?;
+            let status = cluster.nodes[second].status(&cluster.network)?;
+            let reshared = status["peers"]["blocks_reshared"].as_u64().unwrap_or(0);
+            // All but the data layer's first block (a directory's header before any chunk)
+            // and the last (which ends in the TOC and footer) are whole chunks.
+            let data_blocks = (DATA_BYTES >> 20) as u64;
+            anyhow::ensure!(
+                reshared >= data_blocks - 1,
+                "the second node shares only {reshared} of the blocks it checked: {status:#}"
+            );
+
+            // What it shares outlives a SIGKILL (saved within seconds), and the first node,
+            // the only one that fetched from the registry, goes away.
+            std::thread::sleep(Duration::from_secs(3));
+            cluster.restart_daemon(second)?;
+            cluster.nodes[first].daemon.kill()?;
+            cluster.wait_live(&[second, third], 2)?;
+
+            let before = cluster.registry_blob_bytes();
+            let third_run = start_together(cluster, &[third], &reference, "third");
+            ensure_all_right(&third_run, &published.blob_sha256)?;
+            let from_registry = cluster.registry_blob_bytes() - before;
+            let status = cluster.nodes[third].status(&cluster.network)?;
+            let from_second = peer_stat(&status, &cluster.nodes[second].peer_name(), "bytes");
+            eprintln!(
+                "p2p reshare: second node shares {reshared} checked blocks; third node got \
+                 {from_second} bytes from it and {from_registry} from the registry (one node \
+                 alone: {one_node})"
+            );
+            anyhow::ensure!(
+                from_second >= (DATA_BYTES / 2) as u64,
+                "the third node got only {from_second} bytes from the restarted second: {status:#}"
+            );
+            // What still comes from the registry: blocks holding bytes no hash covers (tar
+            // headers before a layer's first chunk) or chunks the second node never read.
+            anyhow::ensure!(
+                from_registry * 2 <= one_node,
+                "the third node still fetched {from_registry} of {one_node} bytes from the registry"
+            );
+            Ok(())
+        })
+    });
+}
