@@ -454,6 +454,24 @@ fn render_peers(out: &mut String, peers: &PeerStats) {
         &one(peers.busy_answers),
     );
     metric(
+        "hedges_total",
+        "counter",
+        "Block requests also sent to a second holder because the first was slow.",
+        &one(peers.hedges),
+    );
+    metric(
+        "grant_renewals_total",
+        "counter",
+        "Renewals of this node's right to fetch blocks that other nodes wait for.",
+        &one(peers.renewals),
+    );
+    metric(
+        "reshared_blocks_total",
+        "counter",
+        "Blocks received from peers, checked byte for byte, and shared on.",
+        &one(peers.blocks_reshared),
+    );
+    metric(
         "verify_failures_total",
         "counter",
         "Blocks from peers that failed verification.",

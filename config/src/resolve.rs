@@ -44,7 +44,8 @@ pub struct PeersConfig {
     pub upload_rate: ByteSize,
     /// Uploads served at once; beyond that requesters are told "busy".
     pub max_uploads: usize,
-    /// How long a block may wait on peers before it is fetched from the registry.
+    /// How long one peer request may take before its blocks are asked elsewhere; also how
+    /// long a fetch grant lasts unless its holder renews it.
     pub latency_budget: Duration,
     /// How long an owner believes an announcement without hearing it again.
     pub lease: Duration,
