@@ -36,6 +36,8 @@ pub struct DaemonStatus {
     pub cache_bytes: u64,
     pub cache_capacity: u64,
     pub cache_blocks: u64,
+    /// Blocks evicted to stay under the cache's cap since start.
+    pub cache_evictions: u64,
     pub bytes_from_registry: u64,
     pub bytes_from_peers: u64,
     pub bytes_from_cache: u64,
@@ -103,6 +105,7 @@ impl Observed {
             cache_bytes: cache.bytes,
             cache_capacity: cache.capacity,
             cache_blocks: cache.blocks,
+            cache_evictions: cache.evictions,
             bytes_from_registry: fetch.bytes_from_registry,
             bytes_from_peers: fetch.bytes_from_peers,
             bytes_from_cache: fetch.bytes_from_cache,
@@ -232,6 +235,12 @@ pub fn render(status: &DaemonStatus) -> String {
         "gauge",
         "The chunk cache's cap.",
         &[("", status.cache_capacity)],
+    );
+    metric(
+        "cache_evictions_total",
+        "counter",
+        "Cache blocks evicted to stay under the cap.",
+        &[("", status.cache_evictions)],
     );
     metric(
         "fetch_errors_total",

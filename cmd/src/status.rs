@@ -145,10 +145,11 @@ impl std::fmt::Display for Status {
             )?;
             writeln!(
                 f,
-                "cache:      {} of {} ({} blocks)",
+                "cache:      {} of {} ({} blocks, {} evicted)",
                 shoal_config::ByteSize(d.cache_bytes),
                 shoal_config::ByteSize(d.cache_capacity),
-                d.cache_blocks
+                d.cache_blocks,
+                d.cache_evictions
             )?;
             writeln!(
                 f,

@@ -37,8 +37,8 @@ fn evicts_least_recently_used_blocks_under_the_cap() {
     assert!(cache.read(&blob, BLOCK..2 * BLOCK).is_none());
     let usage = cache.usage();
     assert_eq!(
-        (usage.bytes, usage.blocks, usage.capacity),
-        (3 * BLOCK, 3, 3 * BLOCK)
+        (usage.bytes, usage.blocks, usage.capacity, usage.evictions),
+        (3 * BLOCK, 3, 3 * BLOCK, 1)
     );
 
     // The evicted block's space is given back to the file system.
@@ -157,7 +157,7 @@ fn reopening_with_a_smaller_capacity_evicts() {
         }
     }
     let cache = open(dir.path(), 2);
-    assert_eq!(cache.usage().blocks, 2);
+    assert_eq!((cache.usage().blocks, cache.usage().evictions), (2, 4));
 }
 
 #[test]

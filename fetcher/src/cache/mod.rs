@@ -59,6 +59,9 @@ pub struct CacheUsage {
     pub bytes: u64,
     pub blocks: u64,
     pub capacity: u64,
+    /// Blocks evicted to stay under the capacity since start (not those dropped because
+    /// their bytes failed verification).
+    pub evictions: u64,
 }
 
 pub struct ChunkCache {
@@ -77,6 +80,8 @@ struct State {
     reserved: u64,
     writing: HashSet<BlockKey>,
     pins: HashMap<Digest, u32>,
+    /// Blocks evicted for room since start.
+    evictions: u64,
 }
 
 impl ChunkCache {
@@ -125,6 +130,7 @@ impl ChunkCache {
             reserved: 0,
             writing: HashSet::new(),
             pins: HashMap::new(),
+            evictions: 0,
         };
         for blob in loaded {
             for index in blob.bitmap().present() {
@@ -149,6 +155,7 @@ impl ChunkCache {
                 break;
             };
             cache.evict(&mut state, &key, len)?;
+            state.evictions += 1;
         }
         drop(state);
         Ok(cache)
@@ -308,6 +315,7 @@ impl ChunkCache {
             bytes: state.used,
             blocks: state.recency.len() as u64,
             capacity: self.capacity,
+            evictions: state.evictions,
         }
     }
 
@@ -363,6 +371,7 @@ impl ChunkCache {
                 return Err(FetchError::CacheFull { block: key.clone() });
             };
             self.evict(state, &victim, victim_len)?;
+            state.evictions += 1;
         }
         Ok(())
     }
