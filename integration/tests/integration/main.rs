@@ -11,6 +11,7 @@ mod binary;
 mod client;
 mod containerd;
 mod daemon;
+mod dns;
 mod fixture;
 mod image;
 mod mount;

@@ -3,7 +3,9 @@
 //! shaped with `tc tbf`. Names are unique per process and test, so tests run side by side;
 //! every namespace is removed on drop, also when the test fails.
 
-use std::net::Ipv4Addr;
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -124,6 +126,45 @@ impl Network {
     /// The file naming `label`'s namespace, for `setns`.
     pub fn namespace_path(&self, label: &str) -> Result<std::path::PathBuf> {
         Ok(std::path::Path::new("/run/netns").join(&self.member(label)?.namespace))
+    }
+
+    /// A UDP socket bound to `address` inside `label`'s namespace: a socket stays in the
+    /// namespace it was made in, whichever thread uses it afterwards.
+    pub fn bind_udp(&self, label: &str, address: SocketAddr) -> Result<UdpSocket> {
+        let path = self.namespace_path(label)?;
+        std::thread::spawn(move || -> Result<UdpSocket> {
+            let namespace =
+                File::open(&path).with_context(|| format!("open {}", path.display()))?;
+            // SAFETY: `namespace` is an open namespace file for the whole call; setns changes
+            // only this short-lived thread's network namespace.
+            let rc = unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("enter {}", path.display()));
+            }
+            UdpSocket::bind(address).with_context(|| format!("bind {address} in a namespace"))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the socket-binding thread panicked"))?
+    }
+
+    /// Gives `label`'s loopback device `address` too (for a server at an address its
+    /// programs expect, such as the host's name server).
+    pub fn add_loopback_address(&self, label: &str, address: Ipv4Addr) -> Result<()> {
+        let member = self.member(label)?;
+        if address.is_loopback() {
+            return Ok(());
+        }
+        ip(&[
+            "-n",
+            &member.namespace,
+            "addr",
+            "add",
+            &format!("{address}/32"),
+            "dev",
+            "lo",
+        ])?;
+        Ok(())
     }
 
     fn member(&self, label: &str) -> Result<&Member> {

@@ -27,6 +27,7 @@ use crate::tree;
 // The benchmark `scripts/bench-p2p.sh` runs: not a test, so built only with `--features bench`.
 #[cfg(feature = "bench")]
 mod bench;
+mod dns;
 mod faults;
 mod herd;
 mod liar;
