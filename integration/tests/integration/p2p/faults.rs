@@ -151,3 +151,53 @@ fn busy_slow_and_killed_peers_only_delay_a_start() {
         })
     });
 }
+
+#[test]
+fn a_slow_holder_is_hedged_with_another_holder() {
+    privileged!();
+    Fixture::run(|fixture| {
+        with_cluster(fixture, |cluster, published| {
+            let reference = format!("{}/{}", cluster.registry_host()?, published.path);
+            // The slow holder has the lowest address, so the owner names it first for every
+            // other block (ties in load go by address); each 1 MiB it sends takes about 3 s.
+            let slow = "upload_rate = \"256KiB\"\nlatency_budget_ms = 4000";
+            let fast = "latency_budget_ms = 4000";
+            let nodes = cluster.add_peers("h", &[slow, fast, fast])?;
+            let (slow, fast, asker) = (nodes[0], nodes[1], nodes[2]);
+            // The fast node fetches from the registry; the slow one gets the image from it
+            // and, having checked it, holds it too.
+            for (node, tag) in [(fast, "fast"), (slow, "slow")] {
+                ensure_all_right(
+                    &start_together(cluster, &[node], &reference, tag),
+                    &published.blob_sha256,
+                )?;
+            }
+            let slow_status = cluster.nodes[slow].status(&cluster.network)?;
+            anyhow::ensure!(
+                slow_status["peers"]["blocks_reshared"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    > 0,
+                "the slow node holds nothing to share: {slow_status:#}"
+            );
+
+            let started = start_together(cluster, &[asker], &reference, "asker");
+            ensure_all_right(&started, &published.blob_sha256)?;
+            let status = cluster.nodes[asker].status(&cluster.network)?;
+            let hedges = status["peers"]["hedges"].as_u64().unwrap_or(0);
+            let from_fast = peer_stat(&status, &cluster.nodes[fast].peer_name(), "bytes");
+            let from_slow = peer_stat(&status, &cluster.nodes[slow].peer_name(), "bytes");
+            eprintln!(
+                "p2p hedge: {hedges} hedged requests; {from_fast} bytes from the fast holder, \
+                 {from_slow} from the slow one; took {:?}",
+                started[0].took
+            );
+            anyhow::ensure!(hedges >= 1, "no request was hedged: {status:#}");
+            anyhow::ensure!(
+                from_fast > from_slow,
+                "the slow holder sent more than the fast one: {status:#}"
+            );
+            Ok(())
+        })
+    });
+}
