@@ -11,6 +11,7 @@ mod binary;
 mod client;
 mod containerd;
 mod daemon;
+mod delay;
 mod dns;
 mod fixture;
 mod image;

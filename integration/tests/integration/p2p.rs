@@ -1,11 +1,12 @@
 //! Peer-to-peer chunk fetch between real daemons: each node is a shoal-snapshotter in a
 //! network namespace of its own (with its own containerd), the registry sits in another one
-//! behind a `tc`-shaped link, and the registry's access log says how many blob bytes it
-//! served. Nodes started at the same moment must fetch the image from the registry about
-//! once between them, and containers must only ever see the right bytes.
+//! behind a `tc`-shaped link and a delaying proxy for the round trip, and the registry's
+//! access log says how many blob bytes it served. Nodes started at the same moment must
+//! fetch the image from the registry about once between them, and containers must only ever
+//! see the right bytes.
 
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Barrier};
@@ -17,6 +18,7 @@ use sha2::{Digest, Sha256};
 use crate::binary;
 use crate::containerd::{self, Containerd};
 use crate::convert::convert;
+use crate::delay::DelayProxy;
 use crate::fixture::{privileged, wait_until, Fixture};
 use crate::image;
 use crate::netns::Network;
@@ -37,8 +39,12 @@ mod tls;
 const REGISTRY_PORT: u16 = 5000;
 const PEER_PORT: u16 = 7420;
 const METRICS_PORT: u16 = 9464;
-/// The registry's link, as the issue describes a modest uplink.
+/// The registry's link, as the issue describes a modest uplink: its bandwidth, and the round
+/// trip added by a delaying proxy in front of it, which listens where the registry is reached.
 const REGISTRY_MBIT: u32 = 100;
+const REGISTRY_RTT: Duration = Duration::from_millis(20);
+/// Where the registry itself listens, inside its namespace.
+const REGISTRY_BEHIND_DELAY: u16 = 5001;
 const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
 const DATA_BYTES: usize = 6 << 20;
 
@@ -49,6 +55,7 @@ struct Cluster {
     /// The nodes' directories, dropped after their processes so that no mount is in use.
     fixtures: Vec<Fixture>,
     _registry: Process,
+    _delay: DelayProxy,
     registry_log: PathBuf,
     network: Network,
     host_registry: Registry,
@@ -106,7 +113,7 @@ impl Cluster {
             format!(
                 "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: {address}:{REGISTRY_PORT}\n",
+                 http:\n  addr: 127.0.0.1:{REGISTRY_BEHIND_DELAY}\n",
                 fixture.path("registry/data").display()
             ),
         )?;
@@ -115,10 +122,18 @@ impl Cluster {
         let mut command = network.command("reg", "/usr/bin/docker-registry")?;
         command.arg("serve").arg(&config);
         let registry = Process::spawn("docker-registry", &mut command, &registry_log)?;
+        // netem is missing, so a proxy in the registry's namespace adds the round trip.
+        let delay = DelayProxy::start(
+            &network.namespace_path("reg")?,
+            SocketAddr::from((address, REGISTRY_PORT)),
+            SocketAddr::from((Ipv4Addr::LOCALHOST, REGISTRY_BEHIND_DELAY)),
+            REGISTRY_RTT / 2,
+        )?;
         let cluster = Cluster {
             nodes: Vec::new(),
             fixtures: Vec::new(),
             _registry: registry,
+            _delay: delay,
             registry_log,
             network,
             host_registry,
