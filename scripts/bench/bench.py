@@ -1,8 +1,9 @@
 #!/usr/bin/python3
 """Shoal's cold-start benchmark (HelloBench style): workload images pulled and started through
-containerd with overlayfs, stargz-snapshotter and Shoal, the registry in a network namespace
-behind a shaped link, every cell the median of cold runs. Writes bench.md, bench.csv,
-bench.png and fuse-read.md to the results folder.
+containerd with overlayfs, stargz-snapshotter and Shoal (alone, and beside a second Shoal node
+with a warm cache as its peer), the registry in a network namespace behind a shaped link, every
+cell the median of cold runs. Writes bench.md, bench.csv, bench.png and fuse-read.md to the
+results folder.
 
     sudo scripts/bench/bench.py --bin-dir target/release --out bench-results
     sudo scripts/bench/bench.py --tiny --bin-dir target/debug --out /tmp/tiny   # smoke test
@@ -19,34 +20,27 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import images  # noqa: E402
 import link  # noqa: E402
+import node  # noqa: E402
 import report  # noqa: E402
 
-NAMESPACE = "bench"
-CONTAINER = "bench-c"
-STEP_TIMEOUT = 900
 # Round trips before the first byte a container reads can arrive: TCP connect, manifest,
 # config, then the first range (or blob) request.
 LIMIT_ROUND_TRIPS = 4
+# Loopback addresses of the warm-peer scenario's two nodes (the whole 127/8 is local).
+MEASURED_PEER_HOST, WARM_PEER_HOST = "127.0.0.2", "127.0.0.3"
+# After both nodes see each other: time for the warm node's full re-announcement (sent when
+# its membership changes) to reach the measured node's index.
+ANNOUNCE_GRACE_S = 1.0
 
 
 def log(message):
     print(f"bench: {message}", flush=True)
-
-
-def run(*args, timeout=STEP_TIMEOUT, check=True, **kw):
-    result = subprocess.run([str(a) for a in args], capture_output=True, text=True,
-                            timeout=timeout, **kw)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, args))} failed ({result.returncode}):\n"
-                           f"{result.stdout}{result.stderr}")
-    return result.stdout
 
 
 def drop_caches():
@@ -54,68 +48,18 @@ def drop_caches():
     Path("/proc/sys/vm/drop_caches").write_text("3")
 
 
-class Process:
-    """A background process with its output in a log file, stopped with SIGTERM then SIGKILL."""
-
-    def __init__(self, name, argv, log_path):
-        self.name = name
-        self.log_path = log_path
-        self.log_file = open(log_path, "w")
-        self.proc = subprocess.Popen([str(a) for a in argv], stdout=self.log_file,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def stop(self):
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log_file.close()
-
-
-def wait_until(what, probe, process=None, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and not process.alive():
-            raise RuntimeError(f"{process.name} exited while waiting for {what}; log "
-                               f"{process.log_path}:\n{Path(process.log_path).read_text()[-3000:]}")
-        if probe():
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"timed out waiting for {what}")
-
-
-def http_ok(url):
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status < 500
-    except OSError:
-        return False
-
-
-def unmount_under(prefix: Path):
-    """Lazily unmounts whatever is still mounted below `prefix`, deepest first."""
-    mounts = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = line.split()[4].replace("\\040", " ")
-            if point == str(prefix) or point.startswith(f"{prefix}/"):
-                mounts.append(point)
-    for point in sorted(mounts, key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True)
-
-
 class Scenario:
-    """How one snapshotter pulls and starts an image. `image` is "plain" or "esgz"."""
+    """How one snapshotter pulls and starts an image. `image` is "plain", "esgz" or
+    "overlaybd"; `daemon` is None, "stargz", "shoal" or "shoal-peer" (Shoal with a second,
+    warm Shoal node as its peer)."""
 
     def __init__(self, name, snapshotter, image, daemon, note):
         self.name, self.snapshotter, self.image, self.daemon, self.note = \
             name, snapshotter, image, daemon, note
+
+    def node_daemon(self):
+        """The daemon the measured node runs."""
+        return "shoal" if self.daemon == "shoal-peer" else self.daemon
 
 
 SCENARIOS = [
@@ -126,7 +70,8 @@ SCENARIOS = [
     # Hooks for scenarios others are building: each is run when `available` finds what it
     # needs, and listed under "Not run" with the reason otherwise.
     Scenario("shoal-overlaybd", "shoal", "overlaybd", "shoal", "Shoal, lazy overlaybd"),
-    Scenario("shoal-warm-peer", "shoal", "esgz", "shoal-peer", "Shoal, a warm peer"),
+    Scenario("shoal-warm-peer", "shoal", "esgz", "shoal-peer",
+             "Shoal, lazy eStargz, a warm peer on the same machine (unshaped loopback)"),
 ]
 
 
@@ -134,15 +79,24 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.work = Path(args.work).resolve()
+        if args.tiny:
+            # Staged trees and layouts are reused by name: the tiny ones must not be the full
+            # ones (or the other way round).
+            self.work = self.work / "tiny"
         self.out = Path(args.out).resolve()
         self.bins = Path(args.bin_dir).resolve()
-        self.run_dir = self.work / "run"
         self.netns = None
         self.registry = None
         self.proxy = None
-        self.stack = []
-        self.metrics_port = None
-        self.shoal_config = None
+        # The warm peer's own way to the registry, so that its bytes are not counted as the
+        # measured node's (same shaped link, same delay).
+        self.warm_proxy = None
+        self.node = None
+        self.warm = None
+        # (host, port) of the warm-peer scenario's peer listeners: the measured node's, then
+        # the warm node's.
+        self.peer_ports = []
+        self.stargz_bin = None
         # Whether images are also converted to overlaybd (for a scenario that uses them).
         self.overlaybd = False
 
@@ -154,7 +108,7 @@ class Bench:
             shutil.rmtree(storage)
         storage.mkdir(parents=True)
         if self.args.tiny:
-            host, port, prefix = "127.0.0.1", free_port(), []
+            host, port, prefix = "127.0.0.1", node.free_port(), []
         else:
             self.netns = link.Netns()
             self.netns.create()
@@ -162,18 +116,22 @@ class Bench:
         config = storage / "config.yml"
         config.write_text(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
                           f"    rootdirectory: {storage}/data\nhttp:\n  addr: {host}:{port}\n")
-        self.registry = Process("docker-registry", prefix +
-                                ["docker-registry", "serve", config],
-                                self.work / "registry.log")
+        self.registry = node.Process("docker-registry", prefix +
+                                     ["docker-registry", "serve", config],
+                                     self.work / "registry.log")
         self.proxy = link.DelayProxy((host, port), 0).start()
-        wait_until("the registry", lambda: http_ok(f"http://{self.proxy.address()}/v2/"),
-                   self.registry)
+        self.warm_proxy = link.DelayProxy((host, port), 0).start()
+        node.wait_until("the registry", lambda: node.http_ok(f"http://{self.proxy.address()}/v2/"),
+                        self.registry)
+        self.node = node.Node("measured", self.work / "run", self.bins, self.proxy.address())
+        self.warm = node.Node("warm peer", self.work / "run-warm", self.bins,
+                              self.warm_proxy.address())
 
     def shape(self):
         if self.args.tiny:
             return
         self.netns.shape(self.args.bandwidth_mbit)
-        self.proxy.one_way = self.args.rtt_ms / 2000.0
+        self.proxy.one_way = self.warm_proxy.one_way = self.args.rtt_ms / 2000.0
 
     def link_text(self):
         if self.args.tiny:
@@ -192,156 +150,87 @@ class Bench:
         """Pushes `workload` as built and as converted to eStargz by `shoal convert`."""
         layout = images.oci_layout(workload, self.work / "layouts" / workload.name)
         base = f"{self.proxy.address()}/bench/{workload.name}"
-        run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:latest",
-            f"docker://{base}:plain")
-        run(self.bins / "shoal", "convert", "--plain-http", f"oci:{layout}:latest",
-            f"{base}:esgz")
+        node.run("skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+                 f"oci:{layout}:latest", f"docker://{base}:plain")
+        node.run(self.bins / "shoal", "convert", "--plain-http", f"oci:{layout}:latest",
+                 f"{base}:esgz")
         references = {"plain": f"{base}:plain", "esgz": f"{base}:esgz"}
         if self.overlaybd:
-            run(self.bins / "shoal", "convert", "--plain-http", "--format", "overlaybd",
-                f"oci:{layout}:latest", f"{base}:obd")
+            node.run(self.bins / "shoal", "convert", "--plain-http", "--format", "overlaybd",
+                     f"oci:{layout}:latest", f"{base}:obd")
             references["overlaybd"] = f"{base}:obd"
         return references, images.image_bytes(layout)
 
     # -- one cold run ------------------------------------------------------------------
 
-    def start_stack(self, scenario):
-        unmount_under(self.run_dir)
-        if self.run_dir.exists():
-            shutil.rmtree(self.run_dir)
-        self.run_dir.mkdir(parents=True)
-        proxies = ""
-        if scenario.daemon == "shoal":
-            self.metrics_port = free_port()
-            self.shoal_config = self.run_dir / "shoal.toml"
-            self.shoal_config.write_text(
-                f'root = "{self.run_dir}/shoal"\nsocket = "{self.run_dir}/shoal.sock"\n'
-                f'[cache]\ncapacity = "50GiB"\n'
-                f'[registry.hosts."{self.proxy.address()}"]\nplain_http = true\n'
-                f'[metrics]\naddress = "127.0.0.1:{self.metrics_port}"\n')
-            daemon = Process("shoal-snapshotter", [self.bins / "shoal-snapshotter", "--config",
-                                                   self.shoal_config],
-                             self.run_dir / "shoal.log")
-            self.stack.append(daemon)
-            socket = self.run_dir / "shoal.sock"
-            wait_until("shoal-snapshotter", socket.exists, daemon)
-            proxies = f'[proxy_plugins.shoal]\n  type = "snapshot"\n  address = "{socket}"\n'
-        elif scenario.daemon == "stargz":
-            socket = self.run_dir / "stargz.sock"
-            daemon = Process("stargz-grpc", [self.stargz_bin, "--address", socket, "--root",
-                                             self.run_dir / "stargz"],
-                             self.run_dir / "stargz.log")
-            self.stack.append(daemon)
-            wait_until("stargz-grpc", socket.exists, daemon)
-            proxies = f'[proxy_plugins.stargz]\n  type = "snapshot"\n  address = "{socket}"\n'
-        ctd = self.run_dir / "containerd"
-        config = self.run_dir / "containerd.toml"
-        config.write_text(
-            f'version = 2\nroot = "{ctd}/root"\nstate = "{ctd}/state"\n'
-            f'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
-            f'[grpc]\n  address = "{ctd}/c.sock"\n[ttrpc]\n  address = "{ctd}/t.sock"\n'
-            + proxies)
-        self.address = ctd / "c.sock"
-        containerd = Process("containerd", ["containerd", "--config", config],
-                             self.run_dir / "containerd.log")
-        self.stack.append(containerd)
-        wait_until("containerd", lambda: subprocess.run(
-            ["ctr", "--address", self.address, "version"], capture_output=True).returncode == 0,
-            containerd)
+    def stop_nodes(self):
+        for n in (self.node, self.warm):
+            if n is not None:
+                n.stop()
 
-    def stop_stack(self):
-        if self.stack and self.stack[-1].alive():
-            for args in (["tasks", "kill", "-s", "SIGKILL", CONTAINER],
-                         ["tasks", "delete", CONTAINER], ["containers", "delete", CONTAINER]):
-                subprocess.run(["ctr", "--address", self.address, "-n", NAMESPACE, *args],
-                               capture_output=True, timeout=60)
-        for process in reversed(self.stack):
-            process.stop()
-        self.stack = []
-        unmount_under(self.run_dir)
+    def warm_up(self, workload, scenario, reference):
+        """Starts the warm peer fresh, pulls `reference` through its own proxy and runs the
+        workload to ready, so that its chunk cache holds (and its index announces) the blocks
+        the workload reads; then waits for its registry traffic to settle."""
+        members = [f"{host}:{port}" for host, port in self.peer_ports]
+        self.warm.start("shoal", peers=(members[1], members))
+        warm_reference = reference.replace(self.proxy.address(), self.warm_proxy.address(), 1)
+        before = self.warm_proxy.downstream_bytes
+        self.warm.pull(warm_reference)
+        self.warm.create(scenario.snapshotter, warm_reference)
+        self.warm.start_and_wait(workload)
+        self.warm.remove_container()
+        # Prefetch may still be landing blocks: they would share the shaped link with the
+        # measured run. Settled when a second passes without a byte.
+        last, settled = self.warm_proxy.downstream_bytes, time.monotonic()
+        deadline = settled + 60
+        while time.monotonic() - settled < 1.0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            if self.warm_proxy.downstream_bytes != last:
+                last, settled = self.warm_proxy.downstream_bytes, time.monotonic()
+        log(f"{workload.name} warm peer ready: "
+            f"{(self.warm_proxy.downstream_bytes - before) / 1e6:.1f} MB from the registry")
 
-    def ctr(self, *args, **kw):
-        return run("ctr", "--address", self.address, "-n", NAMESPACE, *args, **kw)
-
-    def pull(self, scenario, reference):
-        if scenario.daemon == "shoal":
-            run(self.bins / "shoal", "--config", self.shoal_config, "rpull", "--address",
-                self.address, "-n", NAMESPACE, "--plain-http", reference)
-        elif scenario.daemon == "stargz":
-            run("ctr-remote", "--address", self.address, "-n", NAMESPACE, "images", "rpull",
-                "--plain-http", "--snapshotter", "stargz", reference)
-        else:
-            self.ctr("images", "pull", "--plain-http", reference)
-
-    def start_and_wait(self, workload):
-        """`ctr tasks start` until ready: the entrypoint's exit or its ready line."""
-        task = subprocess.Popen(["ctr", "--address", str(self.address), "-n", NAMESPACE,
-                                 "tasks", "start", CONTAINER], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        output = []
-        try:
-            if workload.ready_line is None:
-                out, _ = task.communicate(timeout=STEP_TIMEOUT)
-                output.append(out)
-                ready = time.monotonic()
-            else:
-                deadline = time.monotonic() + STEP_TIMEOUT
-                ready = None
-                for line in task.stdout:
-                    output.append(line)
-                    if line.strip() == workload.ready_line:
-                        ready = time.monotonic()
-                        break
-                    if time.monotonic() > deadline:
-                        break
-                self.ctr("tasks", "kill", "-s", "SIGKILL", CONTAINER, check=False)
-                task.wait(60)
-                if ready is None:
-                    raise RuntimeError(f"{workload.name} never printed its ready line")
-        finally:
-            if task.poll() is None:
-                task.kill()
-                task.wait()
-        text = "".join(output)
-        if workload.expect not in text:
-            raise RuntimeError(f"{workload.name} printed {text!r}, not {workload.expect!r}")
-        return ready
-
-    def peer_bytes(self, scenario):
-        if scenario.daemon != "shoal":
-            return 0
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
-                                    timeout=5) as response:
-            for line in response.read().decode().splitlines():
-                if line.startswith('shoal_read_bytes_total{source="peer"}'):
-                    return int(float(line.split()[-1]))
-        return 0
+    def start_measured(self, scenario):
+        if scenario.daemon != "shoal-peer":
+            self.node.start(scenario.node_daemon(), stargz_bin=self.stargz_bin)
+            return
+        members = [f"{host}:{port}" for host, port in self.peer_ports]
+        self.node.start("shoal", peers=(members[0], members))
+        both = lambda: self.node.peers_live() == 2 and self.warm.peers_live() == 2  # noqa: E731
+        node.wait_until("the two Shoal nodes to see each other live", both,
+                        self.node.stack[0], timeout=30)
+        time.sleep(ANNOUNCE_GRACE_S)
 
     def cold_run(self, workload, scenario, reference, number, needed):
-        self.start_stack(scenario)
         try:
+            if scenario.daemon == "shoal-peer":
+                self.peer_ports = [(MEASURED_PEER_HOST, node.free_port(MEASURED_PEER_HOST)),
+                                   (WARM_PEER_HOST, node.free_port(WARM_PEER_HOST))]
+                self.warm_up(workload, scenario, reference)
+            self.start_measured(scenario)
             drop_caches()
             before = self.proxy.downstream_bytes
             t0 = time.monotonic()
-            self.pull(scenario, reference)
+            self.node.pull(reference)
             t1 = time.monotonic()
-            self.ctr("containers", "create", "--snapshotter", scenario.snapshotter, reference,
-                     CONTAINER)
+            self.node.create(scenario.snapshotter, reference)
             t2 = time.monotonic()
-            ready = self.start_and_wait(workload)
+            ready = self.node.start_and_wait(workload)
             row = {
                 "workload": workload.name, "scenario": scenario.name, "run": number,
                 "pull_s": round(t1 - t0, 3), "create_s": round(t2 - t1, 3),
                 "ready_s": round(ready - t2, 3), "total_s": round(ready - t0, 3),
                 "registry_bytes": self.proxy.downstream_bytes - before,
-                "peer_bytes": self.peer_bytes(scenario),
+                "peer_bytes": self.node.peer_bytes(),
                 "needed_bytes": needed, "limit_s": round(self.limit_seconds(needed), 3),
             }
         finally:
-            self.stop_stack()
+            self.stop_nodes()
         log(f"{workload.name} {scenario.name} #{number}: pull {row['pull_s']}s create "
             f"{row['create_s']}s ready {row['ready_s']}s total {row['total_s']}s, "
-            f"{row['registry_bytes'] / 1e6:.1f} MB from the registry")
+            f"{row['registry_bytes'] / 1e6:.1f} MB from the registry, "
+            f"{row['peer_bytes'] / 1e6:.1f} MB from peers")
         return row
 
     # -- scenarios available here ----------------------------------------------------------
@@ -349,13 +238,14 @@ class Bench:
     def available(self, scenario):
         """None when `scenario` can run here, else why not."""
         if scenario.image == "overlaybd":
-            help_text = run(self.bins / "shoal", "convert", "--help", check=False)
+            help_text = node.run(self.bins / "shoal", "convert", "--help", check=False)
             if "overlaybd" not in help_text:
                 return "shoal-overlaybd: `shoal convert` has no overlaybd output yet"
             self.overlaybd = True
-        if scenario.daemon == "shoal-peer":
-            return ("shoal-warm-peer: needs a second Shoal node with a warm cache as a peer, "
-                    "which this single-node bench does not start yet")
+        if scenario.daemon == "shoal-peer" and self.args.tiny and \
+                scenario.name not in (self.args.scenarios or []):
+            return ("shoal-warm-peer: skipped in tiny mode (name it in --scenarios to "
+                    "include it)")
         if scenario.daemon == "stargz":
             if self.args.tiny and not self.args.stargz_bin:
                 return "stargz: skipped in tiny mode (pass --stargz-bin to include it)"
@@ -386,16 +276,15 @@ class Bench:
         w.layers = [str(stage / "layer0"), str(stage / "layer1")]
         local = stage / "layer1/data/000"
         references, _ = self.publish(w)
-        shoal = next(s for s in SCENARIOS if s.name == "shoal")
-        self.start_stack(shoal)
+        self.node.start("shoal")
         try:
-            self.pull(shoal, references["esgz"])
+            self.node.pull(references["esgz"])
             mounted = None
             with open("/proc/self/mountinfo") as f:
                 for line in f:
                     fields = line.split()
                     point, source = fields[4], fields[fields.index("-") + 2]
-                    if (source.startswith("shoal:") and point.startswith(f"{self.run_dir}/")
+                    if (source.startswith("shoal:") and point.startswith(f"{self.node.run_dir}/")
                             and Path(point, "data/000").exists()):
                         mounted = Path(point, "data/000")
             if mounted is None:
@@ -411,7 +300,7 @@ class Bench:
                 results[pattern] = (fuse, disk)
                 log(f"fuse read {pattern}: {fuse:.1f} MB/s through Shoal, {disk:.1f} MB/s local")
         finally:
-            self.stop_stack()
+            self.node.stop()
         return results
 
     # -- the whole run -----------------------------------------------------------------------
@@ -447,9 +336,10 @@ class Bench:
                                                   number, needed))
             fuse = self.fuse_read(self.args.fuse_mb)
         finally:
-            self.stop_stack()
-            if self.proxy:
-                self.proxy.stop()
+            self.stop_nodes()
+            for proxy in (self.proxy, self.warm_proxy):
+                if proxy:
+                    proxy.stop()
             if self.registry:
                 self.registry.stop()
             if self.netns:
@@ -489,13 +379,6 @@ def read_random(path, reads=2000):
         return total / 1e6 / (time.monotonic() - started)
     finally:
         os.close(fd)
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def machine():
