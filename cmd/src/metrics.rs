@@ -475,6 +475,12 @@ fn render_peers(out: &mut String, peers: &PeerStats) {
         &one(peers.renewals),
     );
     metric(
+        "owners_avoided_total",
+        "counter",
+        "Index owners avoided for naming holders that did not hold the blocks.",
+        &one(peers.owners_avoided),
+    );
+    metric(
         "reshared_blocks_total",
         "counter",
         "Blocks received from peers, checked byte for byte, and shared on.",

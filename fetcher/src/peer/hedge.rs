@@ -33,20 +33,13 @@ impl Peers {
         let first = self.get(primary, blob, run.blocks.clone(), until);
         tokio::pin!(first);
         let Some(&second) = run.alternates.first() else {
-            match first.await {
-                Some(got) => hedged.got = Some((primary, got)),
-                None => hedged.failed.push(primary),
-            }
+            hedged.note(primary, first.await);
             return hedged;
         };
         let hedge_at = Instant::now() + self.pace.hedge_after(bytes, budget);
         tokio::select! {
             got = &mut first => {
-                match got {
-                    Some(got) => hedged.got = Some((primary, got)),
-                    None => hedged.failed.push(primary),
-                }
-                if hedged.got.is_some() {
+                if hedged.note(primary, got) {
                     return hedged;
                 }
             }
@@ -58,33 +51,20 @@ impl Peers {
         tokio::pin!(other);
         if !hedged.failed.is_empty() {
             // The first holder failed before the hedge was due: the second is a retry.
-            match other.await {
-                Some(got) => hedged.got = Some((second, got)),
-                None => hedged.failed.push(second),
-            }
+            hedged.note(second, other.await);
             return hedged;
         }
         tokio::select! {
-            got = &mut first => match got {
-                Some(got) => hedged.got = Some((primary, got)),
-                None => {
-                    hedged.failed.push(primary);
-                    match other.await {
-                        Some(got) => hedged.got = Some((second, got)),
-                        None => hedged.failed.push(second),
-                    }
+            got = &mut first => {
+                if !hedged.note(primary, got) {
+                    hedged.note(second, other.await);
                 }
-            },
-            got = &mut other => match got {
-                Some(got) => hedged.got = Some((second, got)),
-                None => {
-                    hedged.failed.push(second);
-                    match first.await {
-                        Some(got) => hedged.got = Some((primary, got)),
-                        None => hedged.failed.push(primary),
-                    }
+            }
+            got = &mut other => {
+                if !hedged.note(second, got) {
+                    hedged.note(primary, first.await);
                 }
-            },
+            }
         }
         hedged
     }
@@ -96,7 +76,7 @@ impl Peers {
         blob: &BlobRef,
         run: Range<u64>,
         deadline: Instant,
-    ) -> Option<Bytes> {
+    ) -> Result<Bytes, PeerFailure> {
         let range =
             self.block_bytes(blob, run.start).start..self.block_bytes(blob, run.end - 1).end;
         let started = Instant::now();
@@ -115,11 +95,11 @@ impl Peers {
                         took,
                     },
                 );
-                Some(bytes)
+                Ok(bytes)
             }
             Err(failure) => {
                 debug!(%holder, %failure, "block request to peer failed");
-                let (outcome, penalty) = match failure {
+                let (outcome, penalty) = match &failure {
                     PeerFailure::Busy => (Outcome::Busy, Some(Penalty::Busy)),
                     PeerFailure::Missing => (Outcome::Failed, None),
                     PeerFailure::Failed(_) => (Outcome::Failed, Some(Penalty::Unreachable)),
@@ -128,7 +108,7 @@ impl Peers {
                 if let Some(penalty) = penalty {
                     self.members.penalise(holder, penalty, Instant::now());
                 }
-                None
+                Err(failure)
             }
         }
     }
@@ -143,11 +123,30 @@ pub(super) struct HolderRun {
     pub alternates: Vec<PeerAddr>,
 }
 
-/// How a hedged request went: the bytes and who sent them, and holders that failed.
+/// How a hedged request went: the bytes and who sent them, holders that failed, and how
+/// many of those said they do not hold the blocks at all.
 #[derive(Default)]
 pub(super) struct Hedged {
     pub got: Option<(PeerAddr, Bytes)>,
     pub failed: Vec<PeerAddr>,
+    pub missing: usize,
+}
+
+impl Hedged {
+    /// Records `holder`'s answer; true when it sent the bytes.
+    fn note(&mut self, holder: PeerAddr, answer: Result<Bytes, PeerFailure>) -> bool {
+        match answer {
+            Ok(bytes) => {
+                self.got = Some((holder, bytes));
+                true
+            }
+            Err(failure) => {
+                self.missing += usize::from(matches!(failure, PeerFailure::Missing));
+                self.failed.push(holder);
+                false
+            }
+        }
+    }
 }
 
 /// Groups blocks (in block order) with their usable holders (best first) into runs of

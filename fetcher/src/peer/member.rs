@@ -61,6 +61,8 @@ pub enum Penalty {
     Unreachable,
     /// Bytes it sent failed verification.
     BadData,
+    /// As an index owner it kept naming holders that do not hold the blocks.
+    Misleading,
 }
 
 impl Penalty {
@@ -69,6 +71,7 @@ impl Penalty {
             Penalty::Busy => Duration::from_millis(500),
             Penalty::Unreachable => Duration::from_secs(5),
             Penalty::BadData => Duration::from_secs(600),
+            Penalty::Misleading => Duration::from_secs(60),
         }
     }
 }
@@ -86,7 +89,15 @@ struct State {
     live: BTreeSet<PeerAddr>,
     me: Option<PeerAddr>,
     avoid: HashMap<PeerAddr, Instant>,
+    /// Owners' advice that led nowhere: how often, since when.
+    strikes: HashMap<PeerAddr, (u32, Instant)>,
 }
+
+/// An owner whose advice names holders that do not hold the blocks this often within
+/// [`STRIKE_WINDOW`] is avoided as [`Penalty::Misleading`]. An honest owner is wrong now and
+/// then (a holder evicted blocks since it last announced), rarely this often.
+const MAX_STRIKES: u32 = 4;
+const STRIKE_WINDOW: Duration = Duration::from_secs(30);
 
 impl Membership {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -146,6 +157,24 @@ impl Membership {
             state.live.remove(&addr);
         }
     }
+
+    /// Counts advice from owner `addr` that named holders without the blocks; true when that
+    /// made it [`Penalty::Misleading`].
+    pub fn strike(&self, addr: PeerAddr, now: Instant) -> bool {
+        let mut state = self.lock();
+        let (count, since) = state.strikes.entry(addr).or_insert((0, now));
+        if now.duration_since(*since) > STRIKE_WINDOW {
+            (*count, *since) = (0, now);
+        }
+        *count += 1;
+        if *count < MAX_STRIKES {
+            return false;
+        }
+        state.strikes.remove(&addr);
+        drop(state);
+        self.penalise(addr, Penalty::Misleading, now);
+        true
+    }
 }
 
 fn avoided(state: &State, addr: &PeerAddr, now: Instant) -> bool {
@@ -182,5 +211,27 @@ mod tests {
         members.set_known([addr(1)].into_iter().collect());
         members.probed(addr(2), true, false);
         assert_eq!(members.live(now), [addr(1)]);
+    }
+
+    #[test]
+    fn an_owner_whose_advice_keeps_leading_nowhere_is_avoided_for_a_while() {
+        let members = Membership::default();
+        members.set_known((1..=2).map(addr).collect());
+        members.probed(addr(1), true, true);
+        members.probed(addr(2), true, false);
+        let t0 = Instant::now();
+        // Strikes far apart are forgiven.
+        for n in 0..6 {
+            assert!(!members.strike(addr(2), t0 + STRIKE_WINDOW * 2 * n));
+        }
+        let t1 = t0 + STRIKE_WINDOW * 20;
+        let struck: Vec<bool> = (0..MAX_STRIKES)
+            .map(|_| members.strike(addr(2), t1))
+            .collect();
+        assert_eq!(struck.last(), Some(&true));
+        assert!(struck[..struck.len() - 1].iter().all(|s| !s));
+        assert!(members.is_avoided(&addr(2), t1));
+        assert_eq!(members.live(t1), [addr(1)]);
+        assert!(!members.is_avoided(&addr(2), t1 + Duration::from_secs(61)));
     }
 }

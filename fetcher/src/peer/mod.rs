@@ -179,7 +179,7 @@ impl Peers {
             if Instant::now() >= deadline {
                 break;
             }
-            let Some(advice) = self.lookup(blob, first..last + 1, deadline).await else {
+            let Some((owner, advice)) = self.lookup(blob, first..last + 1, deadline).await else {
                 break;
             };
             let me = self.members.me();
@@ -224,7 +224,9 @@ impl Peers {
                 let outcome = self.get_hedged(blob, &run, deadline).await;
                 (run, outcome)
             });
+            let mut misled = false;
             for (run, outcome) in join_all(requests).await {
+                misled |= outcome.missing > 0;
                 for holder in &outcome.failed {
                     for index in run.blocks.clone() {
                         tried.entry(index).or_default().insert(*holder);
@@ -241,6 +243,12 @@ impl Peers {
                     self.shareable
                         .got_from_peer(BlockKey::new(blob.digest.clone(), index), holder);
                     round.got.push((index, part));
+                }
+            }
+            if let (true, Some(owner)) = (misled, owner) {
+                if self.members.strike(owner, Instant::now()) {
+                    warn!(%owner, %blob.digest, "index owner keeps naming holders without the blocks; avoiding it");
+                    PeerCounters::add(&self.counters.owners_avoided, 1);
                 }
             }
             if !round.fetch.is_empty() {
@@ -330,13 +338,14 @@ impl Peers {
     }
 
     /// Asks the blob's owners (this node's own index when it is one), in rendezvous order,
-    /// until one answers; `None` when none does.
+    /// until one answers; the advice and the remote owner that gave it (`None` for this
+    /// node's own index), or `None` when no owner answers.
     async fn lookup(
         &self,
         blob: &BlobRef,
         blocks: Range<u64>,
         deadline: Instant,
-    ) -> Option<Vec<Advice>> {
+    ) -> Option<(Option<PeerAddr>, Vec<Advice>)> {
         let now = Instant::now();
         let live = self.members.live(now);
         let me = self.members.me();
@@ -344,14 +353,12 @@ impl Peers {
         for owner in rendezvous::owners(&blob.digest, &live, self.config.owners) {
             PeerCounters::add(&self.counters.lookups, 1);
             if Some(owner) == me {
-                return Some(self.index.lookup(
-                    now,
-                    me,
-                    &blob.digest,
-                    blocks.start,
-                    count,
-                    &|holder| self.members.is_avoided(holder, now),
-                ));
+                let advice =
+                    self.index
+                        .lookup(now, me, &blob.digest, blocks.start, count, &|holder| {
+                            self.members.is_avoided(holder, now)
+                        });
+                return Some((None, advice));
             }
             let lookup = Lookup {
                 from: me.map(|me| me.to_string()),
@@ -366,7 +373,9 @@ impl Peers {
                 .min(deadline.saturating_duration_since(now) / 2)
                 .max(Duration::from_millis(50));
             match self.client.lookup(owner, &lookup, timeout).await {
-                Ok(reply) if reply.blocks.len() as u64 == count => return Some(reply.blocks),
+                Ok(reply) if reply.blocks.len() as u64 == count => {
+                    return Some((Some(owner), reply.blocks))
+                }
                 Ok(_) => {
                     PeerCounters::add(&self.counters.lookup_failures, 1);
                     self.members

@@ -30,6 +30,8 @@ pub struct PeerStats {
     pub renewals: u64,
     /// Blocks received from peers that every byte of checked out, so this node shares them.
     pub blocks_reshared: u64,
+    /// Index owners avoided for naming holders that did not hold the blocks.
+    pub owners_avoided: u64,
     /// Blocks received from a peer that then failed verification.
     pub verify_failures: u64,
     /// Block bytes this node served to peers, and requests it turned away as busy.
@@ -60,6 +62,7 @@ pub(crate) struct PeerCounters {
     pub hedges: AtomicU64,
     pub renewals: AtomicU64,
     pub blocks_reshared: AtomicU64,
+    pub owners_avoided: AtomicU64,
     pub verify_failures: AtomicU64,
     pub bytes_uploaded: AtomicU64,
     pub uploads_refused: AtomicU64,
@@ -113,6 +116,7 @@ impl PeerCounters {
             hedges: load(&self.hedges),
             renewals: load(&self.renewals),
             blocks_reshared: load(&self.blocks_reshared),
+            owners_avoided: load(&self.owners_avoided),
             verify_failures: load(&self.verify_failures),
             bytes_uploaded: load(&self.bytes_uploaded),
             uploads_refused: load(&self.uploads_refused),

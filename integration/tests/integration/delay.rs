@@ -58,11 +58,9 @@ impl DelayProxy {
             };
             while !stop_flag.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((client, _)) => {
-                        if let Err(error) = relay(client, upstream, one_way, &sockets) {
-                            eprintln!("delay proxy: {error:#}");
-                        }
-                    }
+                    // An upstream that is not listening yet (or any more) closes the client's
+                    // connection, as a refused one would.
+                    Ok((client, _)) => drop(relay(client, upstream, one_way, &sockets)),
                     Err(error) if error.kind() == ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(10));
                     }
