@@ -430,7 +430,6 @@ fn render_peers(out: &mut String, peers: &PeerStats) {
             let _ = writeln!(out, "shoal_peer_{name}{labels} {value}");
         }
     };
-    let one = |value: u64| [(String::new(), value)];
     metric(
         "members",
         "gauge",
@@ -450,60 +449,57 @@ fn render_peers(out: &mut String, peers: &PeerStats) {
             ("{outcome=\"answered\"}".into(), peers.lookups_answered),
         ],
     );
-    metric(
-        "fallbacks_total",
-        "counter",
-        "Blocks that waited on peers, then came from the registry.",
-        &one(peers.fallbacks),
-    );
-    metric(
-        "busy_answers_total",
-        "counter",
-        "Busy answers received from peers.",
-        &one(peers.busy_answers),
-    );
-    metric(
-        "hedges_total",
-        "counter",
-        "Block requests also sent to a second holder because the first was slow.",
-        &one(peers.hedges),
-    );
-    metric(
-        "grant_renewals_total",
-        "counter",
-        "Renewals of this node's right to fetch blocks that other nodes wait for.",
-        &one(peers.renewals),
-    );
-    metric(
-        "owners_avoided_total",
-        "counter",
-        "Index owners avoided for naming holders that did not hold the blocks.",
-        &one(peers.owners_avoided),
-    );
-    metric(
-        "reshared_blocks_total",
-        "counter",
-        "Blocks received from peers, checked byte for byte, and shared on.",
-        &one(peers.blocks_reshared),
-    );
-    metric(
-        "verify_failures_total",
-        "counter",
-        "Blocks from peers that failed verification.",
-        &one(peers.verify_failures),
-    );
-    metric(
-        "uploaded_bytes_total",
-        "counter",
-        "Block bytes served to peers.",
-        &one(peers.bytes_uploaded),
-    );
-    metric(
-        "uploads_refused_total",
-        "counter",
-        "Block requests from peers answered busy.",
-        &one(peers.uploads_refused),
-    );
+    // Counters without labels: one line of name, help and value each.
+    let counters: [(&str, &str, u64); 9] = [
+        (
+            "fallbacks_total",
+            "Blocks that waited on peers, then came from the registry.",
+            peers.fallbacks,
+        ),
+        (
+            "busy_answers_total",
+            "Busy answers received from peers.",
+            peers.busy_answers,
+        ),
+        (
+            "hedges_total",
+            "Block requests also sent to a second holder because the first was slow.",
+            peers.hedges,
+        ),
+        (
+            "grant_renewals_total",
+            "Renewals of this node's right to fetch blocks that other nodes wait for.",
+            peers.renewals,
+        ),
+        (
+            "owners_avoided_total",
+            "Index owners avoided for naming holders that did not hold the blocks.",
+            peers.owners_avoided,
+        ),
+        (
+            "reshared_blocks_total",
+            "Blocks received from peers, checked byte for byte, and shared on.",
+            peers.blocks_reshared,
+        ),
+        (
+            "verify_failures_total",
+            "Blocks from peers that failed verification.",
+            peers.verify_failures,
+        ),
+        (
+            "uploaded_bytes_total",
+            "Block bytes served to peers.",
+            peers.bytes_uploaded,
+        ),
+        (
+            "uploads_refused_total",
+            "Block requests from peers answered busy.",
+            peers.uploads_refused,
+        ),
+    ];
+    for (name, help, value) in counters {
+        metric(name, "counter", help, &[(String::new(), value)]);
+    }
     let per_peer = |value: fn(&shoal_fetcher::peer::PerPeer) -> u64| {
         peers
             .per_peer

@@ -321,6 +321,21 @@ impl Cluster {
             .sum()
     }
 
+    /// Starts `reference` on `nodes` together and checks what each container printed;
+    /// returns how each start went and the blob bytes the registry sent meanwhile.
+    fn run_counted(
+        &self,
+        nodes: &[usize],
+        reference: &str,
+        tag: &str,
+        published: &Published,
+    ) -> Result<(Vec<Started>, u64)> {
+        let before = self.registry_blob_bytes();
+        let started = start_together(self, nodes, reference, tag);
+        ensure_all_right(&started, &published.blob_sha256)?;
+        Ok((started, self.registry_blob_bytes() - before))
+    }
+
     /// Dumps every node's logs (the main fixture dumps the registry's).
     fn dump_node_logs(&self) {
         for fixture in &self.fixtures {
@@ -485,20 +500,15 @@ fn four_nodes_fetch_the_image_from_the_registry_about_once() {
 
             // The baseline: one node on its own, no peers configured.
             let solo = vec![cluster.add_solo("solo")?];
-            let before = cluster.registry_blob_bytes();
-            let alone = start_together(cluster, &solo, &reference, "solo");
-            ensure_all_right(&alone, &published.blob_sha256)?;
-            let one_node = cluster.registry_blob_bytes() - before;
+            let (alone, one_node) = cluster.run_counted(&solo, &reference, "solo", published)?;
             anyhow::ensure!(
                 one_node as usize > DATA_BYTES,
                 "one node fetched only {one_node} bytes"
             );
 
             let nodes = cluster.add_peers("n", &["latency_budget_ms = 5000"; 4])?;
-            let before = cluster.registry_blob_bytes();
-            let started = start_together(cluster, &nodes, &reference, "p2p");
-            ensure_all_right(&started, &published.blob_sha256)?;
-            let four_nodes = cluster.registry_blob_bytes() - before;
+            let (started, four_nodes) =
+                cluster.run_counted(&nodes, &reference, "p2p", published)?;
 
             let mut from_peers = 0;
             let mut uploaded = 0;

@@ -41,25 +41,19 @@ fn bytes_from_a_corrupt_peer_never_reach_a_container_and_it_is_avoided() {
             let reference = format!("{}/{}", cluster.registry_host()?, published.path);
             let nodes = cluster.add_peers("c", &["latency_budget_ms = 3000"; 2])?;
             let (bad, good) = (nodes[0], nodes[1]);
-            ensure_all_right(
-                &start_together(cluster, &[bad], &reference, "prime"),
-                &published.blob_sha256,
-            )?;
+            cluster.run_counted(&[bad], &reference, "prime", published)?;
             // One spot in each of /data/blob's two 4 MiB chunks.
             corrupt_cached_blob(&cluster.nodes[bad], &[(1 << 20) + 4096, 5 << 20], 4096)?;
 
-            let before = cluster.registry_blob_bytes();
-            let started = start_together(cluster, &[good], &reference, "victim");
-            ensure_all_right(&started, &published.blob_sha256)?;
+            let (_, from_registry) =
+                cluster.run_counted(&[good], &reference, "victim", published)?;
             let status = cluster.nodes[good].status(&cluster.network)?;
             let culprit = cluster.nodes[bad].peer_name();
             let blamed = peer_stat(&status, &culprit, "verify_failures");
             eprintln!(
                 "p2p corrupt peer: {blamed} bad blocks from {culprit}, reader verify failures {}, \
                  registry bytes {}, peer bytes {}",
-                status["verify_failures"],
-                cluster.registry_blob_bytes() - before,
-                status["bytes_from_peers"]
+                status["verify_failures"], from_registry, status["bytes_from_peers"]
             );
             anyhow::ensure!(blamed >= 1, "the corrupt peer was not blamed: {status:#}");
             // Avoided after the first bad chunk: the second one came from the registry.
@@ -85,15 +79,11 @@ fn busy_slow_and_killed_peers_only_delay_a_start() {
             let long = "latency_budget_ms = 30000";
             let nodes = cluster.add_peers("s", &[slow, brief, brief, long])?;
             let (holder, late) = (nodes[0], nodes[3]);
-            ensure_all_right(
-                &start_together(cluster, &[holder], &reference, "prime"),
-                &published.blob_sha256,
-            )?;
+            cluster.run_counted(&[holder], &reference, "prime", published)?;
 
             // Two nodes at once: one hears "busy", the other spends its budget on a slow
             // transfer; both fall back to the registry block by block.
-            let started = start_together(cluster, &nodes[1..3], &reference, "busy");
-            ensure_all_right(&started, &published.blob_sha256)?;
+            let (started, _) = cluster.run_counted(&nodes[1..3], &reference, "busy", published)?;
             let mut busy = 0;
             let mut fallbacks = 0;
             for &i in &nodes[1..3] {
@@ -167,10 +157,7 @@ fn a_slow_holder_is_hedged_with_another_holder() {
             // The fast node fetches from the registry; the slow one gets the image from it
             // and, having checked it, holds it too.
             for (node, tag) in [(fast, "fast"), (slow, "slow")] {
-                ensure_all_right(
-                    &start_together(cluster, &[node], &reference, tag),
-                    &published.blob_sha256,
-                )?;
+                cluster.run_counted(&[node], &reference, tag, published)?;
             }
             let slow_status = cluster.nodes[slow].status(&cluster.network)?;
             anyhow::ensure!(
@@ -181,8 +168,7 @@ fn a_slow_holder_is_hedged_with_another_holder() {
                 "the slow node holds nothing to share: {slow_status:#}"
             );
 
-            let started = start_together(cluster, &[asker], &reference, "asker");
-            ensure_all_right(&started, &published.blob_sha256)?;
+            let (started, _) = cluster.run_counted(&[asker], &reference, "asker", published)?;
             let status = cluster.nodes[asker].status(&cluster.network)?;
             let hedges = status["peers"]["hedges"].as_u64().unwrap_or(0);
             let from_fast = peer_stat(&status, &cluster.nodes[fast].peer_name(), "bytes");

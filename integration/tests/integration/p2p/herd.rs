@@ -2,7 +2,7 @@
 //! node fetching them for as long as that fetch runs, even far past one latency budget,
 //! instead of all going to the registry when the budget runs out.
 
-use super::{ensure_all_right, start_together, with_shaped_cluster};
+use super::with_shaped_cluster;
 use crate::fixture::{privileged, Fixture};
 
 /// Slow enough that fetching the image takes several latency budgets.
@@ -15,17 +15,11 @@ fn nodes_wait_out_a_slow_registry_fetch_instead_of_joining_it() {
         with_shaped_cluster(fixture, SLOW_MBIT, |cluster, published| {
             let reference = format!("{}/{}", cluster.registry_host()?, published.path);
             let solo = vec![cluster.add_solo("solo")?];
-            let before = cluster.registry_blob_bytes();
-            let alone = start_together(cluster, &solo, &reference, "solo");
-            ensure_all_right(&alone, &published.blob_sha256)?;
-            let one_node = cluster.registry_blob_bytes() - before;
+            let (alone, one_node) = cluster.run_counted(&solo, &reference, "solo", published)?;
 
             // A budget of 1 s against a fetch of about 7 s: only renewals keep the waiting.
             let nodes = cluster.add_peers("h", &["latency_budget_ms = 1000"; 3])?;
-            let before = cluster.registry_blob_bytes();
-            let started = start_together(cluster, &nodes, &reference, "herd");
-            ensure_all_right(&started, &published.blob_sha256)?;
-            let three_nodes = cluster.registry_blob_bytes() - before;
+            let (_, three_nodes) = cluster.run_counted(&nodes, &reference, "herd", published)?;
             let mut renewals = 0;
             for &i in &nodes {
                 let status = cluster.nodes[i].status(&cluster.network)?;

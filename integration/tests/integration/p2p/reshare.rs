@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{ensure_all_right, peer_stat, start_together, with_cluster, DATA_BYTES};
+use super::{peer_stat, with_cluster, DATA_BYTES};
 use crate::fixture::{privileged, Fixture};
 
 #[test]
@@ -16,15 +16,11 @@ fn verified_peer_blocks_are_shared_on_and_still_after_a_restart() {
             let (first, second, third) = (nodes[0], nodes[1], nodes[2]);
 
             // The first node fetches the image from the registry.
-            let before = cluster.registry_blob_bytes();
-            let primed = start_together(cluster, &[first], &reference, "first");
-            ensure_all_right(&primed, &published.blob_sha256)?;
-            let one_node = cluster.registry_blob_bytes() - before;
+            let (_, one_node) = cluster.run_counted(&[first], &reference, "first", published)?;
 
             // The second gets it from the first; its container reads all of /data/blob, so
             // every chunk of it is checked on the way, and those blocks become its own to share.
-            let second_run = start_together(cluster, &[second], &reference, "second");
-            ensure_all_right(&second_run, &published.blob_sha256)?;
+            cluster.run_counted(&[second], &reference, "second", published)?;
             let status = cluster.nodes[second].status(&cluster.network)?;
             let reshared = status["peers"]["blocks_reshared"].as_u64().unwrap_or(0);
             // All but the data layer's first block (a directory's header before any chunk)
@@ -42,10 +38,8 @@ fn verified_peer_blocks_are_shared_on_and_still_after_a_restart() {
             cluster.nodes[first].daemon.kill()?;
             cluster.wait_live(&[second, third], 2)?;
 
-            let before = cluster.registry_blob_bytes();
-            let third_run = start_together(cluster, &[third], &reference, "third");
-            ensure_all_right(&third_run, &published.blob_sha256)?;
-            let from_registry = cluster.registry_blob_bytes() - before;
+            let (_, from_registry) =
+                cluster.run_counted(&[third], &reference, "third", published)?;
             let status = cluster.nodes[third].status(&cluster.network)?;
             let from_second = peer_stat(&status, &cluster.nodes[second].peer_name(), "bytes");
             eprintln!(
