@@ -181,6 +181,13 @@ pub enum FetchError {
         source: io::Error,
     },
 
+    #[error("get credentials for {host} from credential helper `{helper}`: {reason}")]
+    CredentialHelper {
+        helper: String,
+        host: String,
+        reason: String,
+    },
+
     #[error("save the shareable blocks to {}", path.display())]
     PersistShareable {
         path: PathBuf,

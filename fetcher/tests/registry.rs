@@ -233,6 +233,57 @@ async fn basic_auth_comes_from_docker_config() {
 }
 
 #[tokio::test]
+async fn credentials_can_come_from_a_docker_credential_helper() {
+    use std::os::unix::fs::PermissionsExt;
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("robot:from-helper")
+    );
+    let server = TestServer::start(move |request| {
+        if request.header("authorization") == Some(expected.as_str()) {
+            Reply::ok(br#"{"schemaVersion":2}"#.to_vec())
+                .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        } else {
+            Reply::status(401).header("WWW-Authenticate", r#"Basic realm="registry""#)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let helper = dir.path().join("docker-credential-fake");
+    std::fs::write(
+        &helper,
+        "#!/bin/sh\nread server\nprintf '{\"Username\":\"robot\",\"Secret\":\"from-helper\"}'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let docker_config = dir.path().join("docker-config.json");
+    let image = ImageRef::parse(&format!("{}/team/app:v1", server.host())).unwrap();
+    let client_with = |helper: &str| {
+        std::fs::write(
+            &docker_config,
+            format!(r#"{{"credHelpers": {{"{}": "{helper}"}}}}"#, server.host()),
+        )
+        .unwrap();
+        let config = config(dir.path(), 0, &[(&server.host(), "")]).registry;
+        let credentials = shoal_fetcher::Credentials::load(&config.docker_config)
+            .unwrap()
+            .searching(vec![dir.path().to_owned()]);
+        RegistryClient::with_credentials(&config, credentials).unwrap()
+    };
+
+    client_with("fake").get_manifest(&image).await.unwrap();
+    // A helper that is not installed is named in the error, not taken for "no credentials".
+    let error = client_with("absent")
+        .get_manifest(&image)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, FetchError::CredentialHelper { helper, .. } if helper == "absent"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
 async fn redirects_never_carry_the_registry_authorization_elsewhere() {
     let data = Arc::new(content(3_000));
     let stored = data.clone();

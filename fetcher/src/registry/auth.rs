@@ -1,8 +1,8 @@
-//! Registry authentication: docker `config.json` credentials, `WWW-Authenticate` challenges and
-//! the token cache.
+//! Registry authentication: docker `config.json` credentials (inline, or from the credential
+//! helpers it names), `WWW-Authenticate` challenges and the token cache.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -11,6 +11,7 @@ use base64::Engine as _;
 use reqwest::header::HeaderValue;
 use serde::Deserialize;
 
+use super::helper;
 use crate::error::FetchError;
 
 /// Docker config files are small; a larger one is not a config file.
@@ -45,16 +46,25 @@ impl std::fmt::Debug for Credential {
     }
 }
 
-/// Credentials by registry host, as a docker `config.json` lists them under `auths`.
+/// Credentials by registry host, as a docker `config.json` gives them: a helper for the host
+/// (`credHelpers`), else the secret under `auths`, else the default helper (`credsStore`).
 #[derive(Debug, Clone, Default)]
 pub struct Credentials {
     by_host: HashMap<String, Credential>,
+    helpers: HashMap<String, String>,
+    store: Option<String>,
+    /// Where `docker-credential-<name>` programs are looked for.
+    search: Vec<PathBuf>,
 }
 
 #[derive(Deserialize)]
 struct DockerConfig {
     #[serde(default)]
     auths: HashMap<String, DockerAuth>,
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: HashMap<String, String>,
+    #[serde(rename = "credsStore")]
+    creds_store: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -104,11 +114,39 @@ impl Credentials {
             };
             by_host.insert(canonical_host(&key), credential);
         }
-        Ok(Credentials { by_host })
+        let helpers = config
+            .cred_helpers
+            .into_iter()
+            .map(|(host, helper)| (canonical_host(&host), helper))
+            .collect();
+        Ok(Credentials {
+            by_host,
+            helpers,
+            store: config.creds_store.filter(|store| !store.is_empty()),
+            search: helper::search_path(),
+        })
     }
 
-    pub fn get(&self, host: &str) -> Option<&Credential> {
-        self.by_host.get(&canonical_host(host))
+    /// Looks for credential helpers in `dirs` instead of `PATH`.
+    pub fn searching(mut self, dirs: Vec<PathBuf>) -> Credentials {
+        self.search = dirs;
+        self
+    }
+
+    /// The credential for `host`, asking its helper if the configuration names one; `None`
+    /// when nothing knows the host.
+    pub async fn get(&self, host: &str) -> Result<Option<Credential>, FetchError> {
+        let host = canonical_host(host);
+        if let Some(name) = self.helpers.get(&host) {
+            return helper::get(name, &host, &self.search).await;
+        }
+        if let Some(credential) = self.by_host.get(&host) {
+            return Ok(Some(credential.clone()));
+        }
+        match &self.store {
+            Some(name) => helper::get(name, &host, &self.search).await,
+            None => Ok(None),
+        }
     }
 }
 
@@ -318,21 +356,54 @@ mod tests {
             "helper.example": {}
         }}"#;
         let credentials = Credentials::parse(text).unwrap();
-        let hub = credentials.get("registry-1.docker.io").unwrap();
+        let get = |host: &str| futures::executor::block_on(credentials.get(host)).unwrap();
+        let hub = get("registry-1.docker.io").unwrap();
         assert_eq!(
             (hub.username.as_str(), hub.password.as_str()),
             ("user", "pa:ss")
         );
-        assert_eq!(credentials.get("reg.example:5000").unwrap().username, "u");
-        assert!(credentials.get("helper.example").is_none());
+        assert_eq!(get("reg.example:5000").unwrap().username, "u");
+        assert!(get("helper.example").is_none());
         assert!(Credentials::parse(br#"{"auths": {"h": {"auth": "!!"}}}"#).is_err());
         assert!(format!("{hub:?}").contains("redacted"));
+    }
+
+    #[tokio::test]
+    async fn helpers_come_before_inline_secrets_and_the_store_after_them() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, user) in [("special", "from-special"), ("store", "from-store")] {
+            let path = dir.path().join(format!("docker-credential-{name}"));
+            std::fs::write(
+                &path,
+                format!("#!/bin/sh\nprintf '{{\"Username\":\"{user}\",\"Secret\":\"x\"}}'\n"),
+            )
+            .unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let text = br#"{
+            "auths": {"inline.example": {"username": "inline", "password": "p"},
+                      "both.example": {"username": "inline", "password": "p"}},
+            "credHelpers": {"both.example": "special"},
+            "credsStore": "store"
+        }"#;
+        let credentials = Credentials::parse(text)
+            .unwrap()
+            .searching(vec![dir.path().to_owned()]);
+        let user = |host: &'static str| {
+            let credentials = credentials.clone();
+            async move { credentials.get(host).await.unwrap().unwrap().username }
+        };
+        assert_eq!(user("both.example").await, "from-special");
+        assert_eq!(user("inline.example").await, "inline");
+        assert_eq!(user("elsewhere.example").await, "from-store");
     }
 
     #[test]
     fn missing_docker_config_is_empty() {
         let credentials = Credentials::load(Path::new("/nonexistent/config.json")).unwrap();
-        assert!(credentials.get("docker.io").is_none());
+        let got = futures::executor::block_on(credentials.get("docker.io")).unwrap();
+        assert!(got.is_none());
     }
 
     #[test]

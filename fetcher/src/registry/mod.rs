@@ -5,6 +5,7 @@
 //! transient failures with backoff, and follows redirects to blob storage.
 
 mod auth;
+mod helper;
 mod push;
 mod retry;
 mod transport;
@@ -332,6 +333,19 @@ impl RegistryClient {
         }
     }
 
+    /// The credential configured for `endpoint`'s host (a helper's is asked for afresh, for
+    /// those may rotate), if any.
+    async fn credential(
+        &self,
+        endpoint: &Endpoint<'_>,
+    ) -> Result<Option<Credential>, RequestError> {
+        self.inner
+            .credentials
+            .get(endpoint.host)
+            .await
+            .map_err(RequestError::Fetch)
+    }
+
     /// Answers a 401's challenge with the `Authorization` value to retry with.
     async fn authorize(
         &self,
@@ -349,7 +363,8 @@ impl RegistryClient {
         let bearer = challenges
             .iter()
             .find(|c| matches!(c, Challenge::Bearer { .. }));
-        let credential = self.inner.credentials.get(endpoint.host);
+        let credential = self.credential(endpoint).await?;
+        let credential = credential.as_ref();
         match (bearer, challenges.first(), credential) {
             (
                 Some(Challenge::Bearer {

@@ -324,7 +324,8 @@ impl RegistryClient {
             .collect();
         let challenges: Vec<Challenge> =
             values.iter().filter_map(|v| Challenge::parse(v)).collect();
-        let credential = self.inner.credentials.get(endpoint.host);
+        let credential = self.credential(endpoint).await?;
+        let credential = credential.as_ref();
         let bearer = challenges.iter().find_map(|challenge| match challenge {
             Challenge::Bearer { realm, service, .. } => Some((realm, service)),
             Challenge::Basic => None,
