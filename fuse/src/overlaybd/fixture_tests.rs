@@ -1,5 +1,5 @@
 //! Compatibility tests against blobs produced by the reference overlaybd tools
-//! (`/work/shared/fixtures/overlaybd`, see its README).
+//! (`shared/fixtures/overlaybd` beside the project, see its README).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -9,11 +9,23 @@ use serde_json::Value;
 
 use super::*;
 
-const FIXTURES: &str = "/work/shared/fixtures/overlaybd";
 const EXT4_MAGIC: u16 = 0xef53;
 
+/// The overlaybd fixtures: `$SHOAL_FIXTURES/overlaybd`, else `../shared/fixtures/overlaybd`
+/// from the project root, else where the workplace keeps them.
+pub(crate) fn fixtures() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SHOAL_FIXTURES") {
+        return Path::new(&dir).join("overlaybd");
+    }
+    let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/overlaybd");
+    if beside.is_dir() {
+        return beside;
+    }
+    PathBuf::from("/work/shared/fixtures/overlaybd")
+}
+
 fn layout() -> PathBuf {
-    Path::new(FIXTURES).join("hello-world")
+    fixtures().join("hello-world")
 }
 
 fn blob(digest: &str) -> Vec<u8> {
@@ -222,7 +234,7 @@ fn hello_world_truncated_blob_is_an_error() {
 /// fields and unused flag bits, no digests) and no tar wrapper.
 #[test]
 fn legacy_ext4_base_layer_reads_through_its_trailer() {
-    let gz = std::fs::File::open(Path::new(FIXTURES).join("ext4_64.tar.gz")).unwrap();
+    let gz = std::fs::File::open(fixtures().join("ext4_64.tar.gz")).unwrap();
     let mut archive = Vec::new();
     flate2::read::GzDecoder::new(gz)
         .read_to_end(&mut archive)

@@ -33,4 +33,4 @@ pub const ANNOTATION_VERSION: &str = "containerd.io/snapshot/overlaybd/version";
 pub const ANNOTATION_FS_TYPE: &str = "containerd.io/snapshot/overlaybd/blob-fs-type";
 
 #[cfg(test)]
-mod fixture_tests;
+pub(crate) mod fixture_tests;

@@ -16,8 +16,8 @@ const LAYER: &str = "022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d3
 const EXT4_MAGIC: [u8; 2] = [0x53, 0xef];
 
 fn fixture_blob() -> Vec<u8> {
-    std::fs::read(Path::new("/work/shared/fixtures/overlaybd/hello-world/blobs/sha256").join(LAYER))
-        .expect("fixture blob")
+    let blobs = crate::overlaybd::fixture_tests::fixtures().join("hello-world/blobs/sha256");
+    std::fs::read(blobs.join(LAYER)).expect("fixture blob")
 }
 
 /// A fetcher whose cache holds `blob` and whose registry refuses every connection.

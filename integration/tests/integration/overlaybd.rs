@@ -8,7 +8,7 @@
 //! - a block tampered in the registry never reaches a container, and a damaged layer fails the
 //!   pull with an error naming what is wrong.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -26,9 +26,25 @@ use crate::registry::Registry;
 use crate::tree;
 
 const TOOL_TIMEOUT: Duration = Duration::from_secs(300);
-const FIXTURE_LAYOUT: &str = "/work/shared/fixtures/overlaybd/hello-world";
 const FIXTURE_TAG: &str = "amd64-converted";
 const GREETING: &str = "Hello from Docker!";
+
+/// The reference-converted image: under `$SHOAL_FIXTURES`, else `../shared/fixtures` from the
+/// project root, else where the workplace keeps them.
+fn shared_layout() -> PathBuf {
+    let fixtures = match std::env::var_os("SHOAL_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures");
+            if beside.is_dir() {
+                beside
+            } else {
+                PathBuf::from("/work/shared/fixtures")
+            }
+        }
+    };
+    fixtures.join("overlaybd/hello-world")
+}
 
 /// A registry (behind the counting proxy), the daemon, and containerd using it as `shoal`.
 struct Stack {
@@ -105,13 +121,14 @@ fn loops_under(root: &Path) -> Result<Vec<String>> {
 /// A copy of the read-only shared fixture, so tools never write next to it.
 fn fixture_layout(fixture: &Fixture) -> Result<std::path::PathBuf> {
     let copy = fixture.path("hello-world-layout");
+    let shared = shared_layout();
     let status = Command::new("cp")
         .arg("-r")
-        .arg(FIXTURE_LAYOUT)
+        .arg(&shared)
         .arg(&copy)
         .status()
         .context("copy the fixture layout")?;
-    anyhow::ensure!(status.success(), "cp -r {FIXTURE_LAYOUT} failed");
+    anyhow::ensure!(status.success(), "cp -r {} failed", shared.display());
     Ok(copy)
 }
 
