@@ -1,7 +1,7 @@
 //! The peer benchmark behind `scripts/bench-p2p.sh`: for each node count, that many fresh
 //! nodes start the image at the same moment; it prints registry bytes, peer bytes, and the
 //! median and slowest time to the container's first output (from the start of the pull).
-//! Ignored by the suite: it takes minutes.
+//! Built only with the integration crate's `bench` feature: it takes minutes.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -44,13 +44,16 @@ fn first_output(
         .stderr(Stdio::null());
     let mut child = ctr.spawn().context("spawn ctr run")?;
     let pid = child.id();
+    let (done, finished) = std::sync::mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(RUN_TIMEOUT);
         // The run is bounded: a hung container is killed, and its missing output fails it.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        // A run that ended in time says so first, so that no reused pid is ever killed.
+        if finished.recv_timeout(RUN_TIMEOUT).is_err() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     });
     let stdout = child.stdout.take().context("ctr without stdout")?;
     let mut lines = BufReader::new(stdout).lines();
@@ -58,8 +61,10 @@ fn first_output(
     let to_first = started.elapsed();
     anyhow::ensure!(first.trim() == "ready", "first line {first:?}");
     let sum = lines.next().context("no sha256 line")??;
-    let status = child.wait()?;
-    drop(watchdog);
+    let status = child.wait();
+    let _ = done.send(());
+    let _ = watchdog.join();
+    let status = status?;
     anyhow::ensure!(status.success(), "ctr run: {status}");
     let sum = sum.split_whitespace().next().unwrap_or_default().to_owned();
     Ok((to_first, sum))
