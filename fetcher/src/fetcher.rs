@@ -419,6 +419,7 @@ impl Fetcher {
         let range = self.block_bytes(blob, first.key().index).start
             ..self.block_bytes(blob, last.key().index).end;
         let inner = &self.inner;
+        tracing::debug!(blob = %blob.digest, ?range, "fetching blocks from the registry");
         let started = std::time::Instant::now();
         let fetched = inner.registry.get_blob_range(blob, range.clone()).await;
         inner.latency.observe(Source::Registry, started.elapsed());

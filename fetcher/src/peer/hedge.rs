@@ -37,23 +37,25 @@ impl Peers {
             return hedged;
         };
         let hedge_at = Instant::now() + self.pace.hedge_after(bytes, budget);
-        tokio::select! {
+        let first_answered = tokio::select! {
             got = &mut first => {
                 if hedged.note(primary, got) {
                     return hedged;
                 }
+                true
             }
             () = tokio::time::sleep_until(hedge_at.min(until).into()) => {
                 PeerCounters::add(&self.counters.hedges, 1);
+                false
             }
-        }
+        };
         let other = self.get(second, blob, run.blocks.clone(), until);
-        tokio::pin!(other);
-        if !hedged.failed.is_empty() {
-            // The first holder failed before the hedge was due: the second is a retry.
+        if first_answered {
+            // The first holder refused before the hedge was due: the second is a retry.
             hedged.note(second, other.await);
             return hedged;
         }
+        tokio::pin!(other);
         tokio::select! {
             got = &mut first => {
                 if !hedged.note(primary, got) {
@@ -123,13 +125,14 @@ pub(super) struct HolderRun {
     pub alternates: Vec<PeerAddr>,
 }
 
-/// How a hedged request went: the bytes and who sent them, holders that failed, and how
-/// many of those said they do not hold the blocks at all.
+/// How a hedged request went: the bytes and who sent them, holders that failed (how many
+/// of those said they do not hold the blocks at all), and holders that were busy.
 #[derive(Default)]
 pub(super) struct Hedged {
     pub got: Option<(PeerAddr, Bytes)>,
     pub failed: Vec<PeerAddr>,
     pub missing: usize,
+    pub busy: Vec<PeerAddr>,
 }
 
 impl Hedged {
@@ -139,6 +142,11 @@ impl Hedged {
             Ok(bytes) => {
                 self.got = Some((holder, bytes));
                 true
+            }
+            // Busy is for now, not for good: the holder may be asked again shortly.
+            Err(PeerFailure::Busy) => {
+                self.busy.push(holder);
+                false
             }
             Err(failure) => {
                 self.missing += usize::from(matches!(failure, PeerFailure::Missing));

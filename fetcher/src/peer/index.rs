@@ -23,6 +23,16 @@ const RETRY: Duration = Duration::from_millis(20);
 /// Hand-outs of a holder are counted over windows this long to find the least loaded.
 const LOAD_WINDOW: Duration = Duration::from_secs(2);
 
+/// Which nodes an owner leaves out of its advice.
+pub struct Exclusions<'a> {
+    /// Not to be named as holders: dead, penalised, or busy right now.
+    pub holder: &'a dyn Fn(&PeerAddr) -> bool,
+    /// Whose grant no longer holds the others back: dead or penalised. A busy node is still
+    /// fetching what it was granted, and handing its blocks to another node would fetch
+    /// them twice.
+    pub grantee: &'a dyn Fn(&PeerAddr) -> bool,
+}
+
 pub struct OwnerIndex {
     lease: Duration,
     /// How long a node told to fetch a block keeps the exclusive right to.
@@ -120,7 +130,8 @@ impl OwnerIndex {
     }
 
     /// Advice for blocks `first..first+count` of `blob`, asked by `from` (if it knows its own
-    /// address), never naming `from` or an `excluded` node as a holder.
+    /// address), never naming `from` or a node `excluded.holder` as a holder, and passing
+    /// over the grants of nodes `excluded.grantee`.
     pub fn lookup(
         &self,
         now: Instant,
@@ -128,7 +139,7 @@ impl OwnerIndex {
         blob: &Digest,
         first: u64,
         count: u64,
-        excluded: &dyn Fn(&PeerAddr) -> bool,
+        excluded: &Exclusions<'_>,
     ) -> Vec<Advice> {
         let mut blobs = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
         let entry = blobs.entry(blob.clone()).or_default();
@@ -144,7 +155,9 @@ impl OwnerIndex {
                 .holders
                 .iter_mut()
                 .filter(|(addr, holding)| {
-                    Some(**addr) != from && !excluded(addr) && holding.blocks.contains(index)
+                    Some(**addr) != from
+                        && !(excluded.holder)(addr)
+                        && holding.blocks.contains(index)
                 })
                 .map(|(addr, holding)| {
                     if now.duration_since(holding.window) >= LOAD_WINDOW {
@@ -165,11 +178,14 @@ impl OwnerIndex {
                 continue;
             }
             match (entry.grants.get(&index), from) {
-                (Some((grantee, _)), _) if Some(*grantee) != from && !excluded(grantee) => advice
-                    .push(Advice::Wait {
+                (Some((grantee, _)), _)
+                    if Some(*grantee) != from && !(excluded.grantee)(grantee) =>
+                {
+                    advice.push(Advice::Wait {
                         holder: grantee.to_string(),
                         retry_ms: RETRY.as_millis() as u64,
-                    }),
+                    })
+                }
                 (_, Some(asker)) => {
                     entry.grants.insert(index, (asker, now));
                     advice.push(Advice::Fetch);
@@ -197,7 +213,10 @@ mod tests {
         set
     }
 
-    const NONE: &dyn Fn(&PeerAddr) -> bool = &|_| false;
+    const NONE: Exclusions<'static> = Exclusions {
+        holder: &|_| false,
+        grantee: &|_| false,
+    };
 
     #[test]
     fn first_asker_fetches_and_the_herd_waits_then_follows() {
@@ -205,12 +224,12 @@ mod tests {
         let blob = Digest::of(b"blob");
         let t0 = Instant::now();
         assert_eq!(
-            index.lookup(t0, Some(addr(1)), &blob, 0, 1, NONE),
+            index.lookup(t0, Some(addr(1)), &blob, 0, 1, &NONE),
             [Advice::Fetch]
         );
         for asker in 2..5 {
             assert_eq!(
-                index.lookup(t0, Some(addr(asker)), &blob, 0, 1, NONE),
+                index.lookup(t0, Some(addr(asker)), &blob, 0, 1, &NONE),
                 [Advice::Wait {
                     holder: addr(1).to_string(),
                     retry_ms: 20
@@ -219,7 +238,7 @@ mod tests {
         }
         index.announce(t0, addr(1), &blob, &blocks(&[0]), false);
         assert_eq!(
-            index.lookup(t0, Some(addr(2)), &blob, 0, 1, NONE),
+            index.lookup(t0, Some(addr(2)), &blob, 0, 1, &NONE),
             [Advice::Holders {
                 holders: vec![addr(1).to_string()]
             }]
@@ -231,16 +250,20 @@ mod tests {
         let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2));
         let blob = Digest::of(b"blob");
         let t0 = Instant::now();
-        index.lookup(t0, Some(addr(1)), &blob, 0, 1, NONE);
+        index.lookup(t0, Some(addr(1)), &blob, 0, 1, &NONE);
         let later = t0 + Duration::from_secs(3);
         assert_eq!(
-            index.lookup(later, Some(addr(2)), &blob, 0, 1, NONE),
+            index.lookup(later, Some(addr(2)), &blob, 0, 1, &NONE),
             [Advice::Fetch]
         );
         // A grantee that is known dead does not hold the others back either.
         let dead = |a: &PeerAddr| *a == addr(2);
+        let without_dead = Exclusions {
+            holder: &dead,
+            grantee: &dead,
+        };
         assert_eq!(
-            index.lookup(later, Some(addr(3)), &blob, 0, 1, &dead),
+            index.lookup(later, Some(addr(3)), &blob, 0, 1, &without_dead),
             [Advice::Fetch]
         );
     }
@@ -250,7 +273,7 @@ mod tests {
         let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2));
         let blob = Digest::of(b"blob");
         let t0 = Instant::now();
-        index.lookup(t0, Some(addr(1)), &blob, 0, 2, NONE);
+        index.lookup(t0, Some(addr(1)), &blob, 0, 2, &NONE);
         // The grantee renews block 0 only; a waiter's renewal of block 1 counts for nothing.
         let t1 = t0 + Duration::from_millis(1500);
         index.renew(t1, addr(1), &blob, 0, 1);
@@ -261,7 +284,7 @@ mod tests {
             retry_ms: 20,
         };
         assert_eq!(
-            index.lookup(t2, Some(addr(3)), &blob, 0, 2, NONE),
+            index.lookup(t2, Some(addr(3)), &blob, 0, 2, &NONE),
             [wait, Advice::Fetch]
         );
         // Renewing a blob the owner never heard of is harmless.
@@ -278,7 +301,7 @@ mod tests {
         let t1 = t0 + Duration::from_secs(8);
         index.announce(t1, addr(2), &blob, &blocks(&[1]), true);
         let t2 = t0 + Duration::from_secs(11);
-        let advice = index.lookup(t2, Some(addr(3)), &blob, 0, 2, NONE);
+        let advice = index.lookup(t2, Some(addr(3)), &blob, 0, 2, &NONE);
         assert_eq!(advice[0], Advice::Fetch, "addr 1's lease expired");
         assert_eq!(
             advice[1],
@@ -297,7 +320,7 @@ mod tests {
         index.announce(t0, addr(1), &blob, &blocks(&[2]), false);
         let held = |index: &OwnerIndex| {
             index
-                .lookup(t0, Some(addr(9)), &blob, 0, 3, NONE)
+                .lookup(t0, Some(addr(9)), &blob, 0, 3, &NONE)
                 .iter()
                 .map(|a| matches!(a, Advice::Holders { .. }))
                 .collect::<Vec<_>>()
@@ -314,7 +337,7 @@ mod tests {
         let t0 = Instant::now();
         index.announce(t0, addr(1), &blob, &blocks(&[0]), false);
         index.announce(t0, addr(2), &blob, &blocks(&[0]), false);
-        let first = |asker| match &index.lookup(t0, Some(addr(asker)), &blob, 0, 1, NONE)[0] {
+        let first = |asker| match &index.lookup(t0, Some(addr(asker)), &blob, 0, 1, &NONE)[0] {
             Advice::Holders { holders } => holders.clone(),
             other => panic!("{other:?}"),
         };

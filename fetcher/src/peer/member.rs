@@ -88,10 +88,20 @@ struct State {
     /// Those that answered their last probe.
     live: BTreeSet<PeerAddr>,
     me: Option<PeerAddr>,
+    /// Members avoided for a failure or bad data, until then: out of index placement too.
     avoid: HashMap<PeerAddr, Instant>,
+    /// Members that answered "busy", until then: not asked for blocks, but still members.
+    busy: HashMap<PeerAddr, Instant>,
+    /// Probes missed in a row by live members.
+    misses: HashMap<PeerAddr, u32>,
     /// Owners' advice that led nowhere: how often, since when.
     strikes: HashMap<PeerAddr, (u32, Instant)>,
 }
+
+/// A live member leaves after this many probes in a row go unanswered: one missed probe is
+/// more often a starved CPU than a dead node, and a member that leaves takes its index
+/// ownership and its fetch grants with it, which sends waiting nodes to the registry.
+pub const MISSES_TO_LEAVE: u32 = 3;
 
 /// An owner whose advice names holders that do not hold the blocks this often within
 /// [`STRIKE_WINDOW`] is avoided as [`Penalty::Misleading`]. An honest owner is wrong now and
@@ -120,10 +130,18 @@ impl Membership {
         if is_me {
             state.me = Some(addr);
         }
-        if alive && state.known.contains(&addr) {
-            state.live.insert(addr);
-        } else {
+        if !state.known.contains(&addr) {
             state.live.remove(&addr);
+            state.misses.remove(&addr);
+        } else if alive {
+            state.live.insert(addr);
+            state.misses.remove(&addr);
+        } else {
+            let misses = state.misses.entry(addr).or_insert(0);
+            *misses += 1;
+            if *misses >= MISSES_TO_LEAVE {
+                state.live.remove(&addr);
+            }
         }
     }
 
@@ -143,15 +161,37 @@ impl Membership {
             .collect()
     }
 
+    /// Whether `addr` is not to be asked for blocks now: not live, penalised, or busy.
     pub fn is_avoided(&self, addr: &PeerAddr, now: Instant) -> bool {
         let state = self.lock();
+        !state.live.contains(addr)
+            || avoided(&state, addr, now)
+            || state.busy.get(addr).is_some_and(|until| *until > now)
+    }
+
+    /// Whether `addr` is out of the cluster for now: not live, or penalised for more than
+    /// being busy. Busy members keep their place as index owners and their fetch grants.
+    pub fn is_out(&self, addr: &PeerAddr, now: Instant) -> bool {
+        let state = self.lock();
         !state.live.contains(addr) || avoided(&state, addr, now)
+    }
+
+    /// Whether `addr` answered "busy" lately (and is otherwise fine).
+    pub fn is_busy(&self, addr: &PeerAddr, now: Instant) -> bool {
+        let state = self.lock();
+        state.live.contains(addr)
+            && !avoided(&state, addr, now)
+            && state.busy.get(addr).is_some_and(|until| *until > now)
     }
 
     pub fn penalise(&self, addr: PeerAddr, penalty: Penalty, now: Instant) {
         let mut state = self.lock();
         let until = now + penalty.duration();
-        let entry = state.avoid.entry(addr).or_insert(until);
+        let map = match penalty {
+            Penalty::Busy => &mut state.busy,
+            _ => &mut state.avoid,
+        };
+        let entry = map.entry(addr).or_insert(until);
         *entry = (*entry).max(until);
         if penalty == Penalty::Unreachable {
             state.live.remove(&addr);
@@ -199,11 +239,16 @@ mod tests {
         let now = Instant::now();
         assert_eq!(members.live(now), [addr(1), addr(2), addr(3)]);
         assert_eq!(members.me(), Some(addr(1)));
+        // A missed probe or two is a busy node; the third in a row, a dead one.
+        for _ in 1..MISSES_TO_LEAVE {
+            members.probed(addr(2), false, false);
+        }
+        assert_eq!(members.live(now), [addr(1), addr(2), addr(3)]);
         members.probed(addr(2), false, false);
         assert_eq!(members.live(now), [addr(1), addr(3)]);
         members.penalise(addr(3), Penalty::BadData, now);
         assert_eq!(members.live(now), [addr(1)]);
-        assert!(members.is_avoided(&addr(3), now));
+        assert!(members.is_avoided(&addr(3), now) && members.is_out(&addr(3), now));
         assert!(!members.is_avoided(&addr(3), now + Duration::from_secs(601)));
         members.probed(addr(2), true, false);
         assert_eq!(members.live(now), [addr(1), addr(2)]);
@@ -211,6 +256,20 @@ mod tests {
         members.set_known([addr(1)].into_iter().collect());
         members.probed(addr(2), true, false);
         assert_eq!(members.live(now), [addr(1)]);
+    }
+
+    #[test]
+    fn a_busy_member_is_not_asked_for_blocks_but_stays_a_member() {
+        let members = Membership::default();
+        members.set_known((1..=2).map(addr).collect());
+        members.probed(addr(1), true, true);
+        members.probed(addr(2), true, false);
+        let now = Instant::now();
+        members.penalise(addr(2), Penalty::Busy, now);
+        assert!(members.is_avoided(&addr(2), now));
+        assert!(!members.is_out(&addr(2), now) && members.is_busy(&addr(2), now));
+        assert_eq!(members.live(now), [addr(1), addr(2)]);
+        assert!(!members.is_avoided(&addr(2), now + Duration::from_secs(1)));
     }
 
     #[test]

@@ -53,7 +53,7 @@ use announce::Announcer;
 use blockset::{BlockSet, MAX_SHARED_BLOCKS};
 use client::{PeerClient, PeerFailure};
 use hedge::runs_by_holder;
-use index::OwnerIndex;
+use index::{Exclusions, OwnerIndex};
 use limiter::UploadLimiter;
 use member::{Membership, NodeId, Penalty};
 use pace::Pace;
@@ -68,6 +68,8 @@ pub use stats::{PeerStats, PerPeer};
 /// [`Peers::deadline`]). The owner ends a wait much sooner when that node dies or stops
 /// renewing; this bounds a wait on a node that renews but never finishes.
 const WAIT_BUDGETS: u32 = 10;
+/// How soon blocks whose holders are all busy are asked about again.
+const BUSY_RETRY: Duration = Duration::from_millis(50);
 
 pub struct Peers {
     config: PeersConfig,
@@ -174,6 +176,8 @@ impl Peers {
         }
         let mut pending: BTreeSet<u64> = blocks.iter().copied().collect();
         let mut tried: HashMap<u64, HashSet<PeerAddr>> = HashMap::new();
+        // Blocks whose every holder was busy, and since when: they wait a budget at most.
+        let mut busy_since: HashMap<u64, Instant> = HashMap::new();
         let mut waited = false;
         while let (Some(&first), Some(&last)) = (pending.first(), pending.last()) {
             if Instant::now() >= deadline {
@@ -209,13 +213,26 @@ impl Peers {
                                     && !self.members.is_avoided(h, now)
                             })
                             .collect();
-                        if usable.is_empty() {
+                        let all_busy = || {
+                            holders
+                                .iter()
+                                .filter_map(|h| h.parse::<PeerAddr>().ok())
+                                .any(|h| !tried.contains(&h) && self.members.is_busy(&h, now))
+                        };
+                        let budget = self.config.latency_budget;
+                        if !usable.is_empty() {
+                            plan.push((index, usable));
+                        } else if all_busy()
+                            && now < *busy_since.entry(index).or_insert(now) + budget
+                        {
+                            // Busy holders will answer shortly; the registry would be a
+                            // second fetch of the block for the cluster.
+                            wait = Some(BUSY_RETRY);
+                        } else {
                             // Every holder was tried or is avoided: the registry.
                             pending.remove(&index);
                             round.fetch.push(index);
                             PeerCounters::add(&self.counters.fallbacks, 1);
-                        } else {
-                            plan.push((index, usable));
                         }
                     }
                 }
@@ -353,11 +370,13 @@ impl Peers {
         for owner in rendezvous::owners(&blob.digest, &live, self.config.owners) {
             PeerCounters::add(&self.counters.lookups, 1);
             if Some(owner) == me {
+                let excluded = Exclusions {
+                    holder: &|holder| self.members.is_avoided(holder, now),
+                    grantee: &|grantee| self.members.is_out(grantee, now),
+                };
                 let advice =
                     self.index
-                        .lookup(now, me, &blob.digest, blocks.start, count, &|holder| {
-                            self.members.is_avoided(holder, now)
-                        });
+                        .lookup(now, me, &blob.digest, blocks.start, count, &excluded);
                 return Some((None, advice));
             }
             let lookup = Lookup {

@@ -18,6 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
 use super::blockset::BlockSet;
+use super::index::Exclusions;
 use super::member::PeerAddr;
 use super::stats::PeerCounters;
 use super::wire::{
@@ -144,11 +145,17 @@ fn looked_up(peers: &Peers, lookup: Lookup) -> Reply {
     }
     PeerCounters::add(&peers.counters.lookups_answered, 1);
     let now = Instant::now();
-    let blocks = peers
-        .index
-        .lookup(now, from, &blob, lookup.first, lookup.count, &|holder| {
-            peers.members.is_avoided(holder, now)
-        });
+    let blocks = peers.index.lookup(
+        now,
+        from,
+        &blob,
+        lookup.first,
+        lookup.count,
+        &Exclusions {
+            holder: &|holder| peers.members.is_avoided(holder, now),
+            grantee: &|grantee| peers.members.is_out(grantee, now),
+        },
+    );
     json(&LookupReply { blocks })
 }
 
