@@ -69,6 +69,8 @@ pub struct DaemonStatus {
 #[derive(Debug, Serialize, serde::Deserialize, Default, Clone)]
 pub struct LayerStatus {
     pub digest: String,
+    /// The registry repository the layer was mounted from.
+    pub repository: String,
     pub size: u64,
     pub cached_bytes: u64,
     pub mounts: u32,
@@ -134,6 +136,7 @@ impl Observed {
                 .map(|blob| LayerStatus {
                     cached_bytes: self.fetcher.cache().cached_bytes(&blob.digest),
                     digest: blob.digest.to_string(),
+                    repository: blob.repository.clone(),
                     size: blob.size,
                     mounts: blob.mounts,
                 })
@@ -574,6 +577,7 @@ mod tests {
         status.fetch_latency.insert("registry".into(), registry);
         status.layers.push(LayerStatus {
             digest: "sha256:ab".into(),
+            repository: "reg.example/team/app".into(),
             size: 100,
             cached_bytes: 40,
             mounts: 1,

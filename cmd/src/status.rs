@@ -186,13 +186,14 @@ impl std::fmt::Display for Status {
                 };
                 writeln!(
                     f,
-                    "{}{}  {} of {} cached ({percent:.0}%), {} mount(s)",
+                    "{}{} ({})  {} of {} cached ({percent:.0}%), {} mount(s)",
                     if i == 0 {
                         "layers:     "
                     } else {
                         "            "
                     },
                     layer.digest,
+                    layer.repository,
                     shoal_config::ByteSize(layer.cached_bytes),
                     shoal_config::ByteSize(layer.size),
                     layer.mounts
@@ -267,6 +268,7 @@ mod tests {
                 cache_capacity: 10 << 30,
                 layers: vec![LayerStatus {
                     digest: "sha256:aa".into(),
+                    repository: "reg.example/team/app".into(),
                     size: 4 << 20,
                     cached_bytes: 1 << 20,
                     mounts: 2,
@@ -282,7 +284,7 @@ mod tests {
             ..Status::default()
         };
         let text = status.to_string();
-        assert!(text.contains("sha256:aa"), "{text}");
+        assert!(text.contains("sha256:aa (reg.example/team/app)"), "{text}");
         assert!(text.contains("(25%), 2 mount(s)"), "{text}");
         assert!(
             text.contains("read 1.0 MiB from registry, 0 B from peers, 2.0 MiB from cache"),

@@ -134,7 +134,7 @@ pub fn mount(
         // Every chunk is checked against the verified TOC, so peers may supply them.
         reader.fetcher().allow_peers(&blob.digest);
     }
-    reader.mount_added(&blob.digest, blob.size);
+    reader.mount_added(&blob);
     let listed = Some((reader.clone(), blob.digest.clone()));
     runtime.spawn(async move {
         if let Some(end) = prefetch_end {

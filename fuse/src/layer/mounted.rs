@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use shoal_fetcher::Digest;
+use shoal_fetcher::{BlobRef, Digest};
 
 /// A blob served by at least one mounted layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -11,6 +11,8 @@ pub struct MountedBlob {
     pub digest: Digest,
     /// Compressed size of the blob.
     pub size: u64,
+    /// The registry repository it was first mounted from (`host/name`).
+    pub repository: String,
     /// Mounts serving it (one per snapshot that stacks it).
     pub mounts: u32,
 }
@@ -21,13 +23,14 @@ pub(crate) struct MountTable {
 }
 
 impl MountTable {
-    pub fn add(&self, digest: &Digest, size: u64) {
+    pub fn add(&self, blob: &BlobRef) {
         let mut blobs = self.blobs.lock().unwrap_or_else(|p| p.into_inner());
         blobs
-            .entry(digest.clone())
+            .entry(blob.digest.clone())
             .or_insert_with(|| MountedBlob {
-                digest: digest.clone(),
-                size,
+                digest: blob.digest.clone(),
+                size: blob.size,
+                repository: format!("{}/{}", blob.image.host(), blob.image.repository_name()),
                 mounts: 0,
             })
             .mounts += 1;
@@ -57,9 +60,12 @@ mod tests {
     fn counts_mounts_per_blob_and_forgets_unmounted_ones() {
         let table = MountTable::default();
         let digest = Digest::of(b"layer");
-        table.add(&digest, 10);
-        table.add(&digest, 10);
+        let image = shoal_fetcher::ImageRef::repository("reg.example:5000", "team/app").unwrap();
+        let blob = BlobRef::new(image, digest.clone(), 10);
+        table.add(&blob);
+        table.add(&blob);
         assert_eq!(table.list()[0].mounts, 2);
+        assert_eq!(table.list()[0].repository, "reg.example:5000/team/app");
         table.remove(&digest);
         assert_eq!(table.list()[0].mounts, 1);
         table.remove(&digest);

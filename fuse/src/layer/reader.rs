@@ -95,8 +95,8 @@ impl ChunkReader {
         self.mounted.list()
     }
 
-    pub(crate) fn mount_added(&self, digest: &Digest, size: u64) {
-        self.mounted.add(digest, size);
+    pub(crate) fn mount_added(&self, blob: &BlobRef) {
+        self.mounted.add(blob);
     }
 
     pub(crate) fn mount_removed(&self, digest: &Digest) {
