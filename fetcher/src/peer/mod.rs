@@ -213,7 +213,7 @@ impl Peers {
                                     && !self.members.is_avoided(h, now)
                             })
                             .collect();
-                        let all_busy = || {
+                        let some_busy = || {
                             holders
                                 .iter()
                                 .filter_map(|h| h.parse::<PeerAddr>().ok())
@@ -222,7 +222,7 @@ impl Peers {
                         let budget = self.config.latency_budget;
                         if !usable.is_empty() {
                             plan.push((index, usable));
-                        } else if all_busy()
+                        } else if some_busy()
                             && now < *busy_since.entry(index).or_insert(now) + budget
                         {
                             // Busy holders will answer shortly; the registry would be a
