@@ -146,6 +146,42 @@ async fn bearer_tokens_are_fetched_cached_and_renewed_on_expiry() {
 }
 
 #[tokio::test]
+async fn readers_meeting_an_expired_token_together_fetch_one_new_token() {
+    let issued = Arc::new(AtomicUsize::new(0));
+    let issued_by_auth = issued.clone();
+    let auth = TestServer::start(move |_| {
+        let n = issued_by_auth.fetch_add(1, Ordering::SeqCst) + 1;
+        // Slow enough that every reader's 401 arrives while the first refresh runs.
+        std::thread::sleep(Duration::from_millis(200));
+        Reply::ok(format!(r#"{{"token": "tok-{n}", "expires_in": 300}}"#))
+    })
+    .await;
+    let realm = format!("http://{}/token", auth.host());
+    let data = content(1000);
+    let registry = TestServer::start(move |request| {
+        if request.header("authorization").is_some() {
+            return Reply::blob(request, &data);
+        }
+        Reply::status(401).header(
+            "WWW-Authenticate",
+            format!(r#"Bearer realm="{realm}",service="s",scope="repository:team/app:pull""#),
+        )
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = client(dir.path(), 0, &[(&registry.host(), "")]);
+    let blob = blob_on(&registry.host(), &content(1000));
+    let reads = (0..8u64).map(|i| {
+        let (client, blob) = (client.clone(), blob.clone());
+        tokio::spawn(async move { client.get_blob_range(&blob, i * 100..i * 100 + 100).await })
+    });
+    for read in futures::future::join_all(reads).await {
+        read.unwrap().unwrap();
+    }
+    assert_eq!(auth.count(), 1, "eight readers, one token");
+}
+
+#[tokio::test]
 async fn refused_credentials_fail_after_one_reauth() {
     let auth = TestServer::start(|_| Reply::ok(r#"{"access_token": "never-good"}"#)).await;
     let realm = format!("http://{}/token", auth.host());

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -267,10 +267,15 @@ impl TokenResponse {
     }
 }
 
+/// (registry host, repository): what tokens are scoped to.
+type Scope = (String, String);
+
 /// `Authorization` values by (registry host, repository), each until it expires.
 #[derive(Debug, Default)]
 pub struct TokenCache {
-    entries: Mutex<HashMap<(String, String), CachedAuth>>,
+    entries: Mutex<HashMap<Scope, CachedAuth>>,
+    /// One refresh at a time per scope; one entry per scope ever used.
+    refreshes: Mutex<HashMap<Scope, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -280,6 +285,17 @@ struct CachedAuth {
 }
 
 impl TokenCache {
+    /// The lock that refreshes of (`host`, `repository`) take, so that readers meeting the
+    /// same expiry together fetch one token between them.
+    pub fn refresh_lock(&self, host: &str, repository: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.refreshes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((host.to_owned(), repository.to_owned()))
+            .or_default()
+            .clone()
+    }
+
     pub fn get(&self, host: &str, repository: &str) -> Option<HeaderValue> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let key = (host.to_owned(), repository.to_owned());

@@ -325,6 +325,13 @@ impl RegistryClient {
                 return Err(RequestError::Http(HttpFailure::Unauthorized));
             }
             challenged = true;
+            let refresh = inner.tokens.refresh_lock(endpoint.host, repository);
+            let _one_refresh = refresh.lock().await;
+            let current = inner.tokens.get(endpoint.host, repository);
+            if current.is_some() && current != auth {
+                // Another reader refreshed it while this one waited: retry with that.
+                continue;
+            }
             inner.tokens.remove(endpoint.host, repository);
             let header = self.authorize(endpoint, repository, &reply.headers).await?;
             inner
