@@ -67,4 +67,9 @@ impl LayerMounter for FormatMounter {
             self.estargz.unmount(mountpoint)
         }
     }
+
+    fn cached_bytes(&self, digest: &str) -> u64 {
+        // One chunk cache holds the blocks of both formats.
+        self.estargz.cached_bytes(digest)
+    }
 }

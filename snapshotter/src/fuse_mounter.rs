@@ -231,6 +231,12 @@ impl LayerMounter for FuseMounter {
         Ok(())
     }
 
+    fn cached_bytes(&self, digest: &str) -> u64 {
+        Digest::parse(digest)
+            .map(|digest| self.fetcher.cache().cached_bytes(&digest))
+            .unwrap_or(0)
+    }
+
     fn unmount(&self, mountpoint: &Path) -> Result<(), SnapshotError> {
         let session = self
             .mounted

@@ -152,6 +152,12 @@ pub trait LayerMounter: Send + Sync + 'static {
 
     /// Unmounts whatever is mounted at `mountpoint` (lazily if busy); a no-op when nothing is.
     fn unmount(&self, mountpoint: &Path) -> Result<(), SnapshotError>;
+
+    /// Bytes of layer blob `digest` this node holds on disk (its chunk cache): what a remote
+    /// snapshot really costs, reported as its usage.
+    fn cached_bytes(&self, _digest: &str) -> u64 {
+        0
+    }
 }
 
 /// The mounter of a snapshotter without lazy pulling: every layer is downloaded.

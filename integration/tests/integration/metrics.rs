@@ -207,6 +207,24 @@ fn counters_follow_a_lazy_run() {
             "layers show {cached} cached bytes after {registry_bytes} fetched"
         );
         assert!(status["cache_capacity"].as_u64() > Some(0));
+
+        // The snapshots of lazy layers report what their blocks take on this node.
+        let usage = stack
+            .ctd
+            .ctr(&["snapshots", "--snapshotter", "shoal", "usage"])?;
+        let nonzero_layers = usage
+            .lines()
+            .filter(|line| line.starts_with("sha256:"))
+            .filter(|line| {
+                line.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|size| size != "0.0")
+            })
+            .count();
+        assert!(
+            nonzero_layers >= 1,
+            "no lazy layer snapshot reports a usage:\n{usage}"
+        );
         let reads = status["layer_reads"]
             .as_array()
             .context("/status without layer_reads")?;

@@ -296,6 +296,15 @@ mod tests {
                 .push(format!("unmount {}", mountpoint.display()));
             Ok(())
         }
+
+        fn cached_bytes(&self, digest: &str) -> u64 {
+            // As if a tenth of each 1234-byte layer were cached.
+            if digest.starts_with("sha256:") {
+                123
+            } else {
+                0
+            }
+        }
     }
 
     fn remote_labels(target: &str, layer: &str) -> HashMap<String, String> {
@@ -346,6 +355,8 @@ mod tests {
 
         let info = sn.stat("chain2".into()).await.unwrap();
         assert_eq!(info.parent, "chain1");
+        // Its usage is what the node caches of the layer, not its empty directory.
+        assert_eq!(sn.usage("chain2".into()).await.unwrap().size, 123);
         assert_eq!(info.kind, containerd_snapshots::Kind::Committed);
         assert_eq!(
             info.labels.get(LABEL_TARGET).map(String::as_str),

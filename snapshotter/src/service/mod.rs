@@ -369,10 +369,18 @@ impl Snapshotter for ShoalSnapshotter {
     async fn usage(&self, key: String) -> Result<Usage, SnapshotError> {
         self.blocking("usage", move |inner| {
             let record = inner.store.get(&key)?;
-            let measured = match record.kind {
+            let mut measured = match record.kind {
                 Kind::Active => usage::measure(&inner.layout.upper(record.id))?,
                 Kind::View | Kind::Committed => record.usage,
             };
+            // A lazily mounted layer takes no space in its directory, but its cached blocks
+            // do: kubelet's image disk accounting should see them.
+            if let Some(remote) = &record.remote {
+                let cached = inner.mounter.cached_bytes(&remote.digest);
+                measured.size = measured
+                    .size
+                    .saturating_add(i64::try_from(cached).unwrap_or(i64::MAX));
+            }
             Ok(Usage {
                 size: measured.size,
                 inodes: measured.inodes,
