@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use serde::Deserialize;
 use shoal_fetcher::{BlobRef, Digest, Fetcher, ImageRef};
 use shoal_fuse::estargz::{TocDigest, TOC_DIGEST_ANNOTATION};
 use shoal_fuse::layer::{self, ChunkReader, EstargzLayer, MountedLayer, Prefetch};
@@ -14,6 +13,7 @@ use shoal_fuse::FsError;
 use tokio::runtime::Handle;
 
 use crate::error::SnapshotError;
+use crate::manifest::chain_of;
 use crate::remote::{Fallback, LayerFormat, LayerLabels, LayerMounter, RemoteLayer, ResolvedLayer};
 
 /// Mounts eStargz layers over FUSE.
@@ -44,47 +44,6 @@ impl FuseMounter {
         }
     }
 
-    /// The descriptor of `layer` in its image's manifest (by digest when the labels name
-    /// one, else by the reference), looking through an index's manifests if need be.
-    async fn describe(&self, labels: &LayerLabels) -> Result<Descriptor, Fallback> {
-        let registry = |e: shoal_fetcher::FetchError| Fallback::Registry(e.to_string());
-        let image = ImageRef::parse(&labels.image_ref).map_err(registry)?;
-        let top = match &labels.manifest_digest {
-            Some(digest) => at_digest(&image, digest).map_err(registry)?,
-            None => image.clone(),
-        };
-        let manifest = self
-            .fetcher
-            .registry()
-            .get_manifest(&top)
-            .await
-            .map_err(registry)?;
-        let doc: Document = serde_json::from_slice(&manifest.bytes)
-            .map_err(|e| Fallback::Registry(format!("manifest is not JSON: {e}")))?;
-        if let Some(found) = doc.layers.iter().find(|l| l.digest == labels.layer_digest) {
-            return Ok(found.clone());
-        }
-        // An index: the layer is in one of its manifests (at most a few, so ask each).
-        for child in doc.manifests.iter().take(16) {
-            let child_ref = at_digest(&image, &child.digest).map_err(registry)?;
-            let bytes = self
-                .fetcher
-                .registry()
-                .get_manifest(&child_ref)
-                .await
-                .map_err(registry)?;
-            let doc: Document = serde_json::from_slice(&bytes.bytes)
-                .map_err(|e| Fallback::Registry(format!("manifest is not JSON: {e}")))?;
-            if let Some(found) = doc.layers.iter().find(|l| l.digest == labels.layer_digest) {
-                return Ok(found.clone());
-            }
-        }
-        Err(Fallback::Registry(format!(
-            "layer {} is not in the manifest of {}",
-            labels.layer_digest, labels.image_ref
-        )))
-    }
-
     /// Finds the layer's size in its manifest, then reads and verifies its footer and TOC.
     async fn open(
         &self,
@@ -92,7 +51,10 @@ impl FuseMounter {
         toc: String,
         expected: TocDigest,
     ) -> Result<ResolvedLayer, Fallback> {
-        let descriptor = self.describe(labels).await?;
+        let image =
+            ImageRef::parse(&labels.image_ref).map_err(|e| Fallback::Registry(e.to_string()))?;
+        let chain = chain_of(&self.fetcher, &image, labels).await?;
+        let descriptor = chain.last().ok_or(Fallback::MissingLabels)?;
         let remote = RemoteLayer {
             format: LayerFormat::Estargz,
             image_ref: labels.image_ref.clone(),
@@ -130,28 +92,6 @@ impl Drop for FuseMounter {
             std::thread::spawn(move || drop(layer));
         }
     }
-}
-
-fn at_digest(image: &ImageRef, digest: &str) -> Result<ImageRef, shoal_fetcher::FetchError> {
-    ImageRef::parse(&format!(
-        "{}/{}@{digest}",
-        image.host(),
-        image.repository_name()
-    ))
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct Document {
-    #[serde(default)]
-    layers: Vec<Descriptor>,
-    #[serde(default)]
-    manifests: Vec<Descriptor>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct Descriptor {
-    digest: String,
-    size: u64,
 }
 
 fn fallback_of(err: FsError) -> Fallback {

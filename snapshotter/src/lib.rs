@@ -20,6 +20,7 @@ mod filter;
 mod format_mounter;
 mod fuse_mounter;
 mod layout;
+mod manifest;
 mod metadata;
 mod overlaybd_mounter;
 pub mod remote;

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use serde::Deserialize;
 use shoal_fetcher::{BlobRef, Digest, Fetcher, ImageRef};
 use shoal_fuse::layer::MountedLayer;
 use shoal_fuse::overlaybd::{ANNOTATION_BLOB_DIGEST, ANNOTATION_FS_TYPE};
@@ -21,12 +20,11 @@ use tokio::runtime::Handle;
 use tracing::{error, info, warn};
 
 use crate::error::SnapshotError;
+use crate::manifest::chain_of;
 use crate::remote::{Fallback, LayerFormat, LayerLabels, LayerMounter, RemoteLayer, ResolvedLayer};
 
 /// Directory beside a snapshot's `fs` where its virtual disk's FUSE file is served.
 const DISK_DIR: &str = "vdisk";
-/// Most manifests of an index looked through for a layer.
-const MAX_INDEX_MANIFESTS: usize = 16;
 
 /// Mounts a block device image file as a read-only filesystem; the seam that keeps the
 /// mounter's logic testable without root.
@@ -344,79 +342,6 @@ fn fallback_of(err: FsError) -> Fallback {
         FsError::FetchLayerMetadata { .. } => Fallback::Registry(err.to_string()),
         other => Fallback::NotLazyFormat(other.to_string()),
     }
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct Document {
-    #[serde(default)]
-    layers: Vec<Descriptor>,
-    #[serde(default)]
-    manifests: Vec<Descriptor>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct Descriptor {
-    digest: String,
-    size: u64,
-    #[serde(default)]
-    annotations: HashMap<String, String>,
-}
-
-/// The layers of the labelled layer's image from the bottom up to and including that layer.
-async fn chain_of(
-    fetcher: &Fetcher,
-    image: &ImageRef,
-    labels: &LayerLabels,
-) -> Result<Vec<Descriptor>, Fallback> {
-    let registry = |e: shoal_fetcher::FetchError| Fallback::Registry(e.to_string());
-    let top = match &labels.manifest_digest {
-        Some(digest) => at_digest(image, digest).map_err(registry)?,
-        None => image.clone(),
-    };
-    let doc = manifest(fetcher, &top).await?;
-    let docs = if doc.manifests.is_empty() {
-        vec![doc]
-    } else {
-        let mut docs = Vec::new();
-        for child in doc.manifests.iter().take(MAX_INDEX_MANIFESTS) {
-            let child = at_digest(image, &child.digest).map_err(registry)?;
-            docs.push(manifest(fetcher, &child).await?);
-        }
-        docs
-    };
-    for doc in docs {
-        if let Some(at) = doc
-            .layers
-            .iter()
-            .position(|l| l.digest == labels.layer_digest)
-        {
-            let mut layers = doc.layers;
-            layers.truncate(at + 1);
-            return Ok(layers);
-        }
-    }
-    Err(Fallback::Registry(format!(
-        "layer {} is not in the manifest of {}",
-        labels.layer_digest, labels.image_ref
-    )))
-}
-
-async fn manifest(fetcher: &Fetcher, image: &ImageRef) -> Result<Document, Fallback> {
-    let manifest = fetcher
-        .registry()
-        .get_manifest(image)
-        .await
-        .map_err(|e| Fallback::Registry(e.to_string()))?;
-    serde_json::from_slice(&manifest.bytes)
-        .map_err(|e| Fallback::Registry(format!("manifest is not JSON: {e}")))
-}
-
-fn at_digest(image: &ImageRef, digest: &str) -> Result<ImageRef, shoal_fetcher::FetchError> {
-    ImageRef::parse(&format!(
-        "{}/{}@{digest}",
-        image.host(),
-        image.repository_name()
-    ))
 }
 
 #[cfg(test)]
