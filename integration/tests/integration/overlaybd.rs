@@ -16,13 +16,11 @@ use anyhow::{Context, Result};
 
 use crate::binary;
 use crate::containerd::Containerd;
-use crate::daemon::Daemon;
 use crate::fixture::{privileged, wait_until, Fixture};
 use crate::image;
 use crate::lazy;
 use crate::mount;
 use crate::process;
-use crate::registry::Registry;
 use crate::tree;
 
 const TOOL_TIMEOUT: Duration = Duration::from_secs(300);
@@ -46,26 +44,27 @@ fn shared_layout() -> PathBuf {
     fixtures.join("overlaybd/hello-world")
 }
 
-/// A registry (behind the counting proxy), the daemon, and containerd using it as `shoal`.
-struct Stack {
-    registry: Registry,
-    daemon: Daemon,
-    ctd: Containerd,
+/// The eStargz tests' stack (registry behind the counting proxy, daemon, containerd using
+/// it as `shoal`), with what the overlaybd tests add to it.
+struct Stack(lazy::Stack);
+
+impl std::ops::Deref for Stack {
+    type Target = lazy::Stack;
+
+    fn deref(&self) -> &lazy::Stack {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Stack {
+    fn deref_mut(&mut self) -> &mut lazy::Stack {
+        &mut self.0
+    }
 }
 
 impl Stack {
-    /// The eStargz tests' stack: the same registry, daemon and containerd.
     fn start(fixture: &Fixture) -> Result<Stack> {
-        let lazy::Stack {
-            registry,
-            daemon,
-            ctd,
-        } = lazy::Stack::start(fixture, "")?;
-        Ok(Stack {
-            registry,
-            daemon,
-            ctd,
-        })
+        Ok(Stack(lazy::Stack::start(fixture, "")?))
     }
 
     /// Copies the OCI layout `layout` tagged `tag` to `test/<name>:latest`, digests preserved.
@@ -78,18 +77,6 @@ impl Stack {
             .arg(format!("docker://{reference}"));
         process::run(&mut command, TOOL_TIMEOUT).context("push the image with skopeo")?;
         Ok(reference)
-    }
-
-    fn rpull(&self, reference: &str) -> Result<String> {
-        let mut command = Command::new(binary::cli()?);
-        command
-            .arg("--config")
-            .arg(self.daemon.config())
-            .arg("rpull")
-            .arg("--address")
-            .arg(self.ctd.address())
-            .args(["-n", self.ctd.namespace(), "--plain-http", reference]);
-        process::run(&mut command, TOOL_TIMEOUT)
     }
 
     /// `ctr run --rm` on Shoal of `reference` with its own command line: the container's stdout.
