@@ -60,6 +60,21 @@ pub(crate) fn skopeo(args: &[&str]) -> Result<String> {
     process::run(Command::new("skopeo").args(args), TOOL_TIMEOUT)
 }
 
+/// The layers of `reference`'s manifest in its registry: (digest, size), bottom first.
+pub(crate) fn manifest_layers(reference: &str) -> Result<Vec<(String, u64)>> {
+    inspect_raw(reference, false)?["layers"]
+        .as_array()
+        .context("manifest without layers")?
+        .iter()
+        .map(|layer| {
+            Ok((
+                layer["digest"].as_str().context("no digest")?.to_owned(),
+                layer["size"].as_u64().context("no size")?,
+            ))
+        })
+        .collect()
+}
+
 fn inspect_raw(reference: &str, config: bool) -> Result<Value> {
     let docker = format!("docker://{reference}");
     let mut args = vec!["inspect", "--tls-verify=false", "--raw"];

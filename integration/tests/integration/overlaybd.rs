@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 
 use crate::binary;
 use crate::containerd::Containerd;
+use crate::convert::manifest_layers;
 use crate::fixture::{privileged, wait_until, Fixture};
 use crate::image;
 use crate::lazy;
@@ -353,28 +354,6 @@ fn random_bytes(len: usize) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// The layers of `reference`'s manifest in the registry: (digest, size), bottom first.
-fn registry_layers(reference: &str) -> Result<Vec<(String, u64)>> {
-    let mut inspect = Command::new("skopeo");
-    inspect
-        .args(["inspect", "--raw", "--tls-verify=false"])
-        .arg(format!("docker://{reference}"));
-    let raw = process::run(&mut inspect, TOOL_TIMEOUT)?;
-    let manifest: serde_json::Value =
-        serde_json::from_str(&raw).with_context(|| format!("parse manifest {raw}"))?;
-    manifest["layers"]
-        .as_array()
-        .context("manifest without layers")?
-        .iter()
-        .map(|layer| {
-            Ok((
-                layer["digest"].as_str().context("no digest")?.to_owned(),
-                layer["size"].as_u64().context("no size")?,
-            ))
-        })
-        .collect()
-}
-
 /// A converted image: a busybox base, then `data` (path, bytes) files in a second layer.
 fn publish_converted(
     fixture: &Fixture,
@@ -413,7 +392,7 @@ fn a_container_reading_a_few_megabytes_of_a_large_image_fetches_little() {
         data.push(("/data/small".to_owned(), &small));
         let data: Vec<(&str, &[u8])> = data.iter().map(|(p, b)| (p.as_str(), *b)).collect();
         let reference = publish_converted(fixture, &stack, "large", &data)?;
-        let total: u64 = registry_layers(&reference)?.iter().map(|l| l.1).sum();
+        let total: u64 = manifest_layers(&reference)?.iter().map(|l| l.1).sum();
         anyhow::ensure!(total > 190 << 20, "the image is only {total} bytes");
 
         stack.registry.proxy().reset();
@@ -455,7 +434,7 @@ fn a_block_tampered_in_the_registry_never_reaches_a_container() {
 
         // The layer is mounted; now the registry's copy of a block in its middle (file data,
         // far from the metadata read so far) goes bad.
-        let layers = registry_layers(&reference)?;
+        let layers = manifest_layers(&reference)?;
         let (digest, size) = layers.last().context("no layers")?;
         let blob = stack.registry.blob_path(digest)?;
         let mut bytes = std::fs::read(&blob)?;
@@ -512,7 +491,7 @@ fn a_damaged_overlaybd_layer_fails_the_pull_with_a_clear_error() {
         let stack = Stack::start(fixture)?;
         let reference =
             publish_converted(fixture, &stack, "damaged", &[("/data/file", b"content\n")])?;
-        let layers = registry_layers(&reference)?;
+        let layers = manifest_layers(&reference)?;
         let (digest, _) = layers.last().context("no layers")?;
         // The ZFile trailer is the payload's last 512 bytes; the payload (after the PAX header,
         // its `size=` record, and the entry header) starts at byte 1536. Flip a byte of the

@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
 
 use super::{ensure_all_right, peer_stat, start_together, with_cluster, PEER_PORT};
-use crate::convert::skopeo;
+use crate::convert::manifest_layers;
 use crate::fixture::{privileged, Fixture};
 use crate::netns::Network;
 use crate::process;
@@ -167,35 +167,14 @@ async fn lie(
     }
 }
 
-/// Layer digests and sizes of `reference`'s manifest (from the loopback registry).
-fn layers(reference: &str) -> Result<Vec<(String, u64)>> {
-    let raw = skopeo(&[
-        "inspect",
-        "--raw",
-        "--tls-verify=false",
-        &format!("docker://{reference}"),
-    ])?;
-    let manifest: Value = serde_json::from_str(&raw).context("parse the manifest")?;
-    manifest["layers"]
-        .as_array()
-        .context("manifest without layers")?
-        .iter()
-        .map(|layer| {
-            Ok((
-                layer["digest"].as_str().context("no digest")?.to_owned(),
-                layer["size"].as_u64().context("no size")?,
-            ))
-        })
-        .collect()
-}
-
 #[test]
 fn a_lying_peer_never_reaches_a_container_and_is_avoided() {
     privileged!();
     Fixture::run(|fixture| {
         with_cluster(fixture, |cluster, published| {
             let reference = format!("{}/{}", cluster.registry_host()?, published.path);
-            let layers = layers(&format!("{}/{}", cluster.host_registry(), published.path))?;
+            let layers =
+                manifest_layers(&format!("{}/{}", cluster.host_registry(), published.path))?;
             let liar_ip = cluster.network.attach("liar")?;
             let liar_name = format!("{liar_ip}:{PEER_PORT}");
             let liar = Liar::start(&cluster.network, "liar", liar_ip)?;
