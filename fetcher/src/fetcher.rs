@@ -141,16 +141,7 @@ impl Fetcher {
     /// Bytes `range` of `blob`, from the cache or fetched. The bytes are those the registry
     /// served: verifying them is the caller's job (see [`refetch`](Self::refetch)).
     pub async fn read(&self, blob: &BlobRef, range: Range<u64>) -> Result<Bytes, FetchError> {
-        check_bounds(blob, &range)?;
-        if range.is_empty() {
-            return Ok(Bytes::new());
-        }
-        if let Some(bytes) = self.read_cached(blob, range.clone()) {
-            return Ok(bytes);
-        }
-        let blocks = self.block_range(&range);
-        let parts = self.blocks(blob, blocks.clone(), Mode::Read).await?;
-        Ok(self.assemble(blocks.start, parts, range))
+        self.read_as(blob, range, Mode::Read).await
     }
 
     /// Like [`read`](Self::read), and peers may supply the bytes even if the blob is not
@@ -158,6 +149,16 @@ impl Fetcher {
     /// elsewhere (an eStargz TOC against its layer annotation), falling back to
     /// [`refetch`](Self::refetch) when they do not match.
     pub async fn read_index(&self, blob: &BlobRef, range: Range<u64>) -> Result<Bytes, FetchError> {
+        self.read_as(blob, range, Mode::ReadIndex).await
+    }
+
+    /// `range` of `blob` from the cache, else fetched as `mode` allows.
+    async fn read_as(
+        &self,
+        blob: &BlobRef,
+        range: Range<u64>,
+        mode: Mode,
+    ) -> Result<Bytes, FetchError> {
         check_bounds(blob, &range)?;
         if range.is_empty() {
             return Ok(Bytes::new());
@@ -166,7 +167,7 @@ impl Fetcher {
             return Ok(bytes);
         }
         let blocks = self.block_range(&range);
-        let parts = self.blocks(blob, blocks.clone(), Mode::ReadIndex).await?;
+        let parts = self.blocks(blob, blocks.clone(), mode).await?;
         Ok(self.assemble(blocks.start, parts, range))
     }
 
