@@ -25,6 +25,11 @@ const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs the daemon to completion.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Handled from the start: a stop asked for during start-up waits for it to finish (the
+    // socket is bound before the metadata store is opened, and the store must not be cut
+    // off half made), then stops the daemon as usual.
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     std::fs::create_dir_all(&config.root)
         .with_context(|| format!("create root {}", config.root.display()))?;
     refuse_live_socket(&config.socket).await?;
@@ -92,8 +97,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics::serve(address, observed).await?;
     }
 
-    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let shutdown = async move {
         let name = tokio::select! {

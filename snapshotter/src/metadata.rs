@@ -79,20 +79,35 @@ pub struct Store {
     db: Database,
 }
 
+/// Creates the tables up front so that readers never meet a missing one.
+fn create_tables(db: &Database) -> Result<(), Box<redb::Error>> {
+    let txn = db.begin_write().map_err(|e| Box::new(e.into()))?;
+    txn.open_table(SNAPSHOTS).map_err(|e| Box::new(e.into()))?;
+    txn.open_multimap_table(CHILDREN)
+        .map_err(|e| Box::new(e.into()))?;
+    txn.open_table(COUNTERS).map_err(|e| Box::new(e.into()))?;
+    txn.commit().map_err(|e| Box::new(e.into()))?;
+    Ok(())
+}
+
 impl Store {
     pub fn open(path: &Path) -> Result<Store, SnapshotError> {
         let open_err = |source: redb::Error| SnapshotError::OpenStore {
             path: path.to_owned(),
             source: Box::new(source),
         };
+        if !path.exists() {
+            // Made whole beside it, then renamed into place: a daemon killed while creating
+            // its store leaves no half-made file that every later start would refuse.
+            let fresh = path.with_extension("db.new");
+            let _ = std::fs::remove_file(&fresh);
+            let db = Database::create(&fresh).map_err(|e| open_err(e.into()))?;
+            create_tables(&db).map_err(|e| open_err(*e))?;
+            drop(db);
+            std::fs::rename(&fresh, path).map_err(|e| open_err(redb::Error::Io(e)))?;
+        }
         let db = Database::create(path).map_err(|e| open_err(e.into()))?;
-        // Create the tables up front so that readers never meet a missing one.
-        let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
-        txn.open_table(SNAPSHOTS).map_err(|e| open_err(e.into()))?;
-        txn.open_multimap_table(CHILDREN)
-            .map_err(|e| open_err(e.into()))?;
-        txn.open_table(COUNTERS).map_err(|e| open_err(e.into()))?;
-        txn.commit().map_err(|e| open_err(e.into()))?;
+        create_tables(&db).map_err(|e| open_err(*e))?;
         let store = Store { db };
         // Decode everything once so a damaged store fails at start-up, not mid-request.
         store.list()?;
@@ -493,6 +508,17 @@ mod tests {
             store.get("a"),
             Err(SnapshotError::NotFound { .. })
         ));
+    }
+
+    #[test]
+    fn a_store_left_half_made_by_a_killed_daemon_does_not_block_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metadata.db");
+        // What a daemon killed inside the first creation leaves: a file that is no store.
+        std::fs::write(path.with_extension("db.new"), [0u8; 4096]).unwrap();
+        let store = Store::open(&path).unwrap();
+        assert!(store.list().unwrap().is_empty());
+        assert!(!path.with_extension("db.new").exists());
     }
 
     #[test]

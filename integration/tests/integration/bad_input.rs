@@ -301,3 +301,28 @@ fn sigterm_exits_despite_hung_clients() {
         Ok(())
     });
 }
+
+/// A stop that arrives while the daemon is still starting (its socket is up before its
+/// store is open) waits for the start-up: the daemon exits cleanly, and a store it was
+/// creating is whole at the next start.
+#[test]
+fn sigterm_during_start_up_leaves_a_daemon_that_starts_again() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let mut daemon = Daemon::start(fixture)?;
+        let store = daemon.root().join("metadata.db");
+        for round in 0..5 {
+            daemon.stop()?;
+            // The next start creates the store afresh, and is stopped at once.
+            std::fs::remove_file(&store)?;
+            daemon.launch()?;
+            let status = daemon.stop()?;
+            anyhow::ensure!(
+                status.success(),
+                "round {round}: SIGTERM exit status {status}"
+            );
+            daemon.launch()?;
+        }
+        Ok(())
+    });
+}
