@@ -503,6 +503,12 @@ fn render_peers(out: &mut String, peers: &PeerStats) {
     for (name, help, value) in counters {
         metric(name, "counter", help, &[(String::new(), value)]);
     }
+    metric(
+        "uploads_in_flight",
+        "gauge",
+        "Block uploads to peers under way.",
+        &[(String::new(), peers.uploads_in_flight)],
+    );
     let per_peer = |value: fn(&shoal_fetcher::peer::PerPeer) -> u64| {
         peers
             .per_peer

@@ -223,11 +223,12 @@ fn write_peers(
 ) -> std::fmt::Result {
     writeln!(
         f,
-        "peers:      {} of {} live, {} uploaded ({} refused busy), {} lookups answered",
+        "peers:      {} of {} live, {} uploaded ({} refused busy, {} under way), {} lookups answered",
         peers.members_live,
         peers.members_known,
         shoal_config::ByteSize(peers.bytes_uploaded),
         peers.uploads_refused,
+        peers.uploads_in_flight,
         peers.lookups_answered
     )?;
     writeln!(

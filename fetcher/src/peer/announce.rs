@@ -25,6 +25,8 @@ pub struct Announcer {
     /// Blocks landed since the last batch, by blob.
     fresh: Mutex<HashMap<Digest, BlockSet>>,
     renew: std::sync::atomic::AtomicBool,
+    /// A batch taken from `fresh` (or a renewal) is being sent.
+    sending: std::sync::atomic::AtomicBool,
     wake: Notify,
 }
 
@@ -39,9 +41,23 @@ impl Announcer {
         self.wake.notify_one();
     }
 
+    /// Whether something is still to be announced or being announced. `sending` is set
+    /// before a batch is taken and read after what it takes, so this never reads idle while
+    /// a batch is in between.
+    pub fn is_busy(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.renew.load(SeqCst)
+            || !self
+                .fresh
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+            || self.sending.load(SeqCst)
+    }
+
     /// Asks for every held block to be announced again, in full.
     pub fn renew_all(&self) {
-        self.renew.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.renew.store(true, std::sync::atomic::Ordering::SeqCst);
         self.wake.notify_one();
     }
 }
@@ -65,10 +81,14 @@ pub async fn run(peers: Arc<Peers>, fetcher: Fetcher) {
             // Nobody can be told where to find us yet; keep what landed for later.
             None => continue,
         };
+        peers
+            .announcer
+            .sending
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let renew = peers
             .announcer
             .renew
-            .swap(false, std::sync::atomic::Ordering::Relaxed)
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
             || renewed.elapsed() >= renew_every;
         let (batch, replace) = if renew {
             renewed = Instant::now();
@@ -120,6 +140,10 @@ pub async fn run(peers: Arc<Peers>, fetcher: Fetcher) {
             })
         });
         join_all(sends).await;
+        peers
+            .announcer
+            .sending
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         if renew || saved.elapsed() >= SAVE_EVERY {
             saved = Instant::now();
             if let Err(error) = peers.shareable.save() {

@@ -8,6 +8,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub struct UploadLimiter {
     slots: Arc<Semaphore>,
+    max_uploads: usize,
     bucket: Mutex<Bucket>,
 }
 
@@ -23,6 +24,7 @@ impl UploadLimiter {
     pub fn new(rate: u64, max_uploads: usize) -> UploadLimiter {
         UploadLimiter {
             slots: Arc::new(Semaphore::new(max_uploads.max(1))),
+            max_uploads: max_uploads.max(1),
             bucket: Mutex::new(Bucket {
                 rate: rate.max(1) as f64,
                 tokens: rate.max(1) as f64,
@@ -34,6 +36,11 @@ impl UploadLimiter {
     /// An upload slot, or `None` when every slot is taken (the requester is told "busy").
     pub fn try_start(&self) -> Option<OwnedSemaphorePermit> {
         self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Uploads under way now: slots taken.
+    pub fn in_flight(&self) -> usize {
+        self.max_uploads - self.slots.available_permits()
     }
 
     /// How long the sender of `bytes` must wait to stay within the rate; the bytes are
@@ -77,7 +84,9 @@ mod tests {
         let first = limiter.try_start().unwrap();
         let _second = limiter.try_start().unwrap();
         assert!(limiter.try_start().is_none());
+        assert_eq!(limiter.in_flight(), 2);
         drop(first);
+        assert_eq!(limiter.in_flight(), 1);
         assert!(limiter.try_start().is_some());
     }
 }

@@ -58,7 +58,7 @@ use limiter::UploadLimiter;
 use member::{Membership, NodeId, Penalty};
 use pace::Pace;
 use shareable::Shareable;
-use stats::{Outcome, PeerCounters};
+use stats::{Outcome, PeerCounters, PeerGauges};
 use wire::{Advice, Lookup, Renew, MAX_LOOKUP_BLOCKS};
 
 pub use member::PeerAddr;
@@ -76,6 +76,9 @@ pub struct Peers {
     block_size: u64,
     node: NodeId,
     members: Membership,
+    /// How many members were live when the probes last changed the live set and the
+    /// announcer was told to renew: what this node acts on, as status reports it.
+    members_live: std::sync::atomic::AtomicU64,
     index: OwnerIndex,
     client: PeerClient,
     limiter: UploadLimiter,
@@ -102,6 +105,7 @@ impl Peers {
             block_size,
             node: NodeId::random(),
             members: Membership::default(),
+            members_live: std::sync::atomic::AtomicU64::new(0),
             // A node told to fetch a block has the budget to bring it before others stop
             // waiting for it.
             index: OwnerIndex::new(config.lease, config.latency_budget),
@@ -117,11 +121,12 @@ impl Peers {
     }
 
     pub fn stats(&self) -> PeerStats {
-        let now = Instant::now();
-        self.counters.snapshot(
-            self.members.known().len() as u64,
-            self.members.live(now).len() as u64,
-        )
+        self.counters.snapshot(PeerGauges {
+            members_known: self.members.known().len() as u64,
+            members_live: self.members_live.load(std::sync::atomic::Ordering::Relaxed),
+            announcing: self.announcer.is_busy(),
+            uploads_in_flight: self.limiter.in_flight() as u64,
+        })
     }
 
     /// This node's own peer address, once a probe has found it among the members.
@@ -198,6 +203,11 @@ impl Peers {
                     Advice::Fetch => {
                         pending.remove(&index);
                         round.fetch.push(index);
+                        // The owner may send a node to the registry because the holders it
+                        // knew turned out busy or failing: that block waited on peers too.
+                        if tried.contains_key(&index) || busy_since.contains_key(&index) {
+                            PeerCounters::add(&self.counters.fallbacks, 1);
+                        }
                     }
                     Advice::Wait { retry_ms, .. } => {
                         wait = Some(Duration::from_millis(retry_ms.clamp(5, 500)));
@@ -244,6 +254,11 @@ impl Peers {
             let mut misled = false;
             for (run, outcome) in join_all(requests).await {
                 misled |= outcome.missing > 0;
+                if !outcome.busy.is_empty() {
+                    for index in run.blocks.clone() {
+                        busy_since.entry(index).or_insert(now);
+                    }
+                }
                 for holder in &outcome.failed {
                     for index in run.blocks.clone() {
                         tried.entry(index).or_default().insert(*holder);
@@ -285,7 +300,7 @@ impl Peers {
                 }
             }
         }
-        if waited || !tried.is_empty() {
+        if waited || !tried.is_empty() || !busy_since.is_empty() {
             PeerCounters::add(&self.counters.fallbacks, pending.len() as u64);
         }
         round.fetch.extend(pending);

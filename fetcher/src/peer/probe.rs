@@ -41,6 +41,11 @@ pub async fn run(peers: Arc<Peers>) {
             info!(live = ?live, me = ?me, "peer membership changed");
             // New owners must learn what this node holds now, not at the next renewal.
             peers.announcer.renew_all();
+            // Reported only now, so that whoever sees the new membership in the status also
+            // sees the renewal it causes as pending.
+            peers
+                .members_live
+                .store(live.len() as u64, std::sync::atomic::Ordering::Relaxed);
             last_live = live;
         }
     }

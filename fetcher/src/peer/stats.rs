@@ -14,6 +14,9 @@ pub struct PeerStats {
     /// Members named by the configuration, and those answering their probe.
     pub members_known: u64,
     pub members_live: u64,
+    /// Whether blocks that landed, or a full renewal after the owners changed, are still to
+    /// be announced (or being announced): while true, owners may not yet name this node.
+    pub announcing: bool,
     /// Index lookups answered (by a remote owner or this node as owner), and failed.
     pub lookups: u64,
     pub lookup_failures: u64,
@@ -37,7 +40,18 @@ pub struct PeerStats {
     /// Block bytes this node served to peers, and requests it turned away as busy.
     pub bytes_uploaded: u64,
     pub uploads_refused: u64,
+    /// Block uploads to peers under way now.
+    pub uploads_in_flight: u64,
     pub per_peer: BTreeMap<String, PerPeer>,
+}
+
+/// What the peer network is doing at the moment of a [`PeerStats`] snapshot, beside the
+/// counters since start.
+pub(crate) struct PeerGauges {
+    pub members_known: u64,
+    pub members_live: u64,
+    pub announcing: bool,
+    pub uploads_in_flight: u64,
 }
 
 /// What one peer did for this node.
@@ -103,11 +117,13 @@ impl PeerCounters {
         }
     }
 
-    pub fn snapshot(&self, members_known: u64, members_live: u64) -> PeerStats {
+    pub fn snapshot(&self, gauges: PeerGauges) -> PeerStats {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         PeerStats {
-            members_known,
-            members_live,
+            members_known: gauges.members_known,
+            members_live: gauges.members_live,
+            announcing: gauges.announcing,
+            uploads_in_flight: gauges.uploads_in_flight,
             lookups: load(&self.lookups),
             lookup_failures: load(&self.lookup_failures),
             lookups_answered: load(&self.lookups_answered),

@@ -211,15 +211,30 @@ impl Cluster {
         Ok(added)
     }
 
-    /// Waits until each of `nodes` sees `count` live peers (itself included).
+    /// Waits until each of `nodes` sees `count` live peers (itself included) and has told
+    /// the owners that membership gives it what it holds, so that every owner's advice
+    /// names it from then on.
     fn wait_live(&self, nodes: &[usize], count: u64) -> Result<()> {
         wait_until("peers to see each other", Duration::from_secs(20), || {
             for &i in nodes {
-                if self.nodes[i].peers_live(&self.network)? != count {
+                let peers = &self.nodes[i].status(&self.network)?["peers"];
+                if peers["members_live"].as_u64() != Some(count)
+                    || peers["announcing"].as_bool() != Some(false)
+                {
                     return Ok(false);
                 }
             }
             Ok(true)
+        })
+    }
+
+    /// Waits until `node` has announced every block that landed on it so far.
+    fn wait_announced(&self, node: usize) -> Result<()> {
+        wait_until("announcements to go out", Duration::from_secs(20), || {
+            Ok(
+                self.nodes[node].status(&self.network)?["peers"]["announcing"].as_bool()
+                    == Some(false),
+            )
         })
     }
 
@@ -345,6 +360,13 @@ impl Cluster {
 }
 
 impl Node {
+    /// Waits until this node is uploading blocks to exactly `count` requesters.
+    fn wait_uploads(&self, network: &Network, count: u64, within: Duration) -> Result<()> {
+        wait_until(&format!("{count} uploads under way"), within, || {
+            Ok(self.status(network)?["peers"]["uploads_in_flight"].as_u64() == Some(count))
+        })
+    }
+
     fn peer_name(&self) -> String {
         format!("{}:{PEER_PORT}", self.address)
     }
@@ -391,12 +413,6 @@ impl Node {
         let out = process::run(&mut command, Duration::from_secs(20))?;
         let parsed: serde_json::Value = serde_json::from_str(&out).context("parse status")?;
         Ok(parsed["daemon"].clone())
-    }
-
-    fn peers_live(&self, network: &Network) -> Result<u64> {
-        Ok(self.status(network)?["peers"]["members_live"]
-            .as_u64()
-            .unwrap_or(0))
     }
 }
 

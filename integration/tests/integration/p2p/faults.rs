@@ -7,13 +7,15 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use super::{ensure_all_right, peer_stat, start_together, with_cluster, Node};
-use crate::fixture::{privileged, Fixture};
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
 
-/// Overwrites `len` bytes at each of `offsets` of the largest blob in `node`'s cache (the
-/// data layer), as a failing disk would: the node still believes it holds good blocks.
-fn corrupt_cached_blob(node: &Node, offsets: &[u64], len: usize) -> Result<()> {
-    use std::os::unix::fs::FileExt;
+use super::{ensure_all_right, peer_stat, start_together, with_cluster, Node, DATA_BYTES};
+use crate::fixture::{privileged, Fixture};
+use crate::process::Process;
+
+/// The largest blob in `node`'s cache (the data layer): its data file and digest.
+fn largest_cached_blob(node: &Node) -> Result<(PathBuf, String)> {
     let mut largest: Option<(u64, PathBuf)> = None;
     for entry in fs::read_dir(&node.cache)? {
         let path = entry?.path();
@@ -24,7 +26,20 @@ fn corrupt_cached_blob(node: &Node, offsets: &[u64], len: usize) -> Result<()> {
             }
         }
     }
-    let (_, path) = largest.context("no cached blob to corrupt")?;
+    let (_, path) = largest.context("no cached blob")?;
+    let hex = path
+        .file_stem()
+        .and_then(|stem| stem.to_str())
+        .context("cache file name")?
+        .to_owned();
+    Ok((path, format!("sha256:{hex}")))
+}
+
+/// Overwrites `len` bytes at each of `offsets` of the largest blob in `node`'s cache (the
+/// data layer), as a failing disk would: the node still believes it holds good blocks.
+fn corrupt_cached_blob(node: &Node, offsets: &[u64], len: usize) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let (path, _) = largest_cached_blob(node)?;
     let file = fs::OpenOptions::new().write(true).open(&path)?;
     for &at in offsets {
         file.write_all_at(&vec![0x5a; len], at)?;
@@ -67,23 +82,46 @@ fn bytes_from_a_corrupt_peer_never_reach_a_container_and_it_is_avoided() {
 }
 
 #[test]
-fn busy_slow_and_killed_peers_only_delay_a_start() {
+fn busy_and_killed_peers_only_delay_a_start() {
     privileged!();
     Fixture::run(|fixture| {
         with_cluster(fixture, |cluster, published| {
             let reference = format!("{}/{}", cluster.registry_host()?, published.path);
-            // A holder that uploads one request at a time, slowly; two nodes that wait on
-            // peers briefly, and a late one that would wait long.
-            let slow = "upload_rate = \"256KiB\"\nmax_uploads = 1\nlatency_budget_ms = 1500";
+            // A holder that uploads one request at a time, at 128 KiB/s; two nodes that wait
+            // on peers briefly, and a late one that would wait long.
+            let holder_settings =
+                "upload_rate = \"128KiB\"\nmax_uploads = 1\nlatency_budget_ms = 1500";
             let brief = "latency_budget_ms = 1500";
             let long = "latency_budget_ms = 30000";
-            let nodes = cluster.add_peers("s", &[slow, brief, brief, long])?;
+            let nodes = cluster.add_peers("s", &[holder_settings, brief, brief, long])?;
             let (holder, late) = (nodes[0], nodes[3]);
             cluster.run_counted(&[holder], &reference, "prime", published)?;
+            cluster.wait_announced(holder)?;
 
-            // Two nodes at once: one hears "busy", the other spends its budget on a slow
-            // transfer; both fall back to the registry block by block.
-            let (started, _) = cluster.run_counted(&nodes[1..3], &reference, "busy", published)?;
+            // The holder's one upload slot is taken by a request for 6 MiB of the data layer
+            // (48 s at its rate), sent from the late node's address: so the first of the two
+            // askers to want a block certainly hears "busy" for a whole budget, there being
+            // no other holder yet, and fetches it from the registry.
+            let (_, blob) = largest_cached_blob(&cluster.nodes[holder])?;
+            let mut hog = cluster
+                .network
+                .command(&cluster.nodes[late].label, "busybox")?;
+            hog.args([
+                "wget",
+                "-q",
+                "-O",
+                "/dev/null",
+                "--header",
+                &format!("Range: bytes=0-{}", (6 << 20) - 1),
+                &format!(
+                    "http://{}/v1/blobs/{blob}",
+                    cluster.nodes[holder].peer_name()
+                ),
+            ]);
+            let mut hog = Process::spawn("hog", &mut hog, &fixture.path("hog.log"))?;
+            cluster.nodes[holder].wait_uploads(&cluster.network, 1, Duration::from_secs(20))?;
+            let (started, from_registry) =
+                cluster.run_counted(&nodes[1..3], &reference, "busy", published)?;
             let mut busy = 0;
             let mut fallbacks = 0;
             for &i in &nodes[1..3] {
@@ -93,31 +131,43 @@ fn busy_slow_and_killed_peers_only_delay_a_start() {
             }
             let slowest = started.iter().map(|s| s.took).max().unwrap_or_default();
             eprintln!(
-                "p2p busy/slow: {busy} busy answers, {fallbacks} fallbacks, slowest {slowest:?}"
+                "p2p busy: {busy} busy answers, {fallbacks} fallbacks, {from_registry} bytes \
+                 from the registry, slowest {slowest:?}"
             );
             anyhow::ensure!(busy >= 1, "nobody was told busy");
+            anyhow::ensure!(
+                from_registry as usize >= DATA_BYTES,
+                "the registry sent only {from_registry} bytes while the only holder was busy"
+            );
             anyhow::ensure!(fallbacks >= 1, "nobody fell back to the registry");
             anyhow::ensure!(slowest < Duration::from_secs(60), "took {slowest:?}");
+            // Hanging up ends the upload, which frees the slot at once (or, at the latest,
+            // when the holder has slept off the hog's charge).
+            hog.kill()?;
+            cluster.nodes[holder].wait_uploads(&cluster.network, 0, Duration::from_secs(90))?;
 
-            // The two leave, so the late node's only holder is the slow one, which is killed
-            // while it sends.
+            // The two leave, so the late node's only holder is the holder, which is killed
+            // while it sends: its uploads are still paying off the hog's charge, so a request
+            // it has taken stays under way for seconds.
             for &i in &nodes[1..3] {
                 cluster.nodes[i].daemon.kill()?;
             }
-            cluster.wait_live(&[late], 2)?;
-            let pid = cluster.nodes[holder].daemon.pid();
-            let killer = std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(1500));
-                nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                )
+            cluster.wait_live(&[holder, late], 2)?;
+            let holder_pid = Pid::from_raw(i32::try_from(cluster.nodes[holder].daemon.pid())?);
+            let (holder_node, network) = (&cluster.nodes[holder], &cluster.network);
+            let (started, taken) = std::thread::scope(|scope| {
+                let killer = scope.spawn(move || -> Result<()> {
+                    let taken = holder_node.wait_uploads(network, 1, Duration::from_secs(60));
+                    signal::kill(holder_pid, Signal::SIGKILL).context("kill the holder")?;
+                    taken.context("the late node never asked the holder")
+                });
+                let started = start_together(cluster, &[late], &reference, "late");
+                let taken = killer
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("killer thread panicked")));
+                (started, taken)
             });
-            let started = start_together(cluster, &[late], &reference, "late");
-            killer
-                .join()
-                .map_err(|_| anyhow::anyhow!("killer thread panicked"))?
-                .context("kill the holder")?;
+            taken?;
             ensure_all_right(&started, &published.blob_sha256)?;
             let status = cluster.nodes[late].status(&cluster.network)?;
             let holder_name = cluster.nodes[holder].peer_name();
