@@ -5,8 +5,8 @@ with a warm cache as its peer), the registry in a network namespace behind a sha
 cell the median of cold runs. Writes bench.md, bench.csv, bench.png and fuse-read.md to the
 results folder.
 
-    sudo scripts/bench/bench.py --bin-dir target/release --out bench-results
-    sudo scripts/bench/bench.py --tiny --bin-dir target/debug --out /tmp/tiny   # smoke test
+    scripts/bench/bench.py --bin-dir target/release --out bench-results
+    scripts/bench/bench.py --tiny --bin-dir target/debug --out /tmp/tiny   # smoke test
 
 Runs as root: it creates a network namespace, mounts, and drops the page cache.
 """

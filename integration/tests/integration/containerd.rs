@@ -4,6 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -32,6 +33,9 @@ pub struct Containerd {
     /// `/run/containerd/runc/<namespace>` whatever containerd's root, so tests running side by
     /// side must not share one.
     namespace: String,
+    /// Where the output of `ctr run` goes (see [`Containerd::ctr_in`]), one file a run.
+    run_logs: PathBuf,
+    runs: AtomicUsize,
     _process: Process,
 }
 
@@ -98,6 +102,8 @@ impl Containerd {
         Ok(Containerd {
             address,
             namespace: format!("shoal-test-{suffix}"),
+            run_logs: fixture.mkdir("containerd/runs")?,
+            runs: AtomicUsize::new(0),
             _process: process,
         })
     }
@@ -132,15 +138,40 @@ impl Containerd {
     }
 
     /// [`Containerd::ctr`] in another namespace (the CRI plugin works in `k8s.io`).
+    ///
+    /// A `ctr run` that waits for its container gets the container's output from a file the
+    /// shim writes (`--log-uri file://`), stdout and stderr together: ctr's own copy from the
+    /// shim's FIFOs can lose what a container printed just before it exited (seen on a loaded
+    /// machine as a run that exits 0 having printed nothing), and the shim finishes writing
+    /// the file before the task's deletion returns.
     pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Result<String> {
         let mut command = Command::new("ctr");
         command
             .arg("--address")
             .arg(&self.address)
             .arg("-n")
-            .arg(namespace)
-            .args(args);
-        process::run(&mut command, CTR_TIMEOUT)
+            .arg(namespace);
+        let waits_for_output = args.first() == Some(&"run")
+            && !args
+                .iter()
+                .any(|arg| matches!(*arg, "-d" | "--detach" | "--log-uri"));
+        if !waits_for_output {
+            command.args(args);
+            return process::run(&mut command, CTR_TIMEOUT);
+        }
+        let run = self.runs.fetch_add(1, Ordering::Relaxed);
+        let log = self.run_logs.join(format!("run-{run}.log"));
+        command
+            .arg("run")
+            .arg("--log-uri")
+            .arg(format!("file://{}", log.display()))
+            .args(&args[1..]);
+        let ran = process::run(&mut command, CTR_TIMEOUT);
+        let output = fs::read_to_string(&log).unwrap_or_default();
+        match ran {
+            Ok(_) => Ok(output),
+            Err(err) => Err(err.context(format!("the container printed:\n{output}"))),
+        }
     }
 }
 
