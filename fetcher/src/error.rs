@@ -232,6 +232,16 @@ pub enum HttpFailure {
     #[error("timed out after {after:?}")]
     TimedOut { after: Duration },
 
+    /// The whole request's deadline ran out with retries left; `last` is the last attempt's.
+    #[error(
+        "gave up after {attempts} attempts, at the {deadline:?} deadline of the request: {last}"
+    )]
+    Deadline {
+        deadline: Duration,
+        attempts: u32,
+        last: Box<HttpFailure>,
+    },
+
     // The chain goes in the message, not `source`: `cause` is printed inline by its parent.
     #[error("{}", chain(error))]
     Transport { error: reqwest::Error },

@@ -21,6 +21,9 @@ use crate::stats::{BlobBytes, Counters, FetchStats, Source};
 const MAX_RUN_BYTES: u64 = 16 << 20;
 /// Prefetch walks a blob in windows of this many runs, so its memory stays bounded.
 const PREFETCH_WINDOW_RUNS: u64 = 4;
+/// A block whose fetch failed fails at once for this long: the kernel follows a failed
+/// readahead with a read of its own, which must not wait out a second registry deadline.
+const FAILED_FETCH_HOLD: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The crate's front door: `read(blob, range)`. Cheap to clone; clones share everything.
 #[derive(Clone)]
@@ -82,7 +85,7 @@ impl Fetcher {
             inner: Arc::new(Inner {
                 registry,
                 cache,
-                flights: Arc::default(),
+                flights: Arc::new(Flights::with_failure_hold(FAILED_FETCH_HOLD)),
                 remote: Semaphore::new(config.max_concurrent.max(1)),
                 counters: Counters::default(),
                 latency: FetchLatency::default(),
