@@ -279,7 +279,9 @@ impl Fetcher {
                 continue;
             }
             inner.counters.misses(1);
-            match inner.flights.join(&key) {
+            // Only plain reads take a fresh failure as their answer: opening a layer (its
+            // footer and TOC) or a refetch after a bad chunk asks the registry again.
+            match inner.flights.join(&key, mode == Mode::Read) {
                 Joined::Follow(waiter) => parts.push(Part::Waiting(waiter)),
                 Joined::Lead(lead) => {
                     parts.push(Part::Waiting(lead.waiter()));

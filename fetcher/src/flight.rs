@@ -46,8 +46,10 @@ impl Flights {
         }
     }
 
-    pub fn join(self: &Arc<Self>, key: &BlockKey) -> Joined {
-        if let Some(cause) = self.recent_failure(key) {
+    /// Joins the fetch of `key`, or leads a new one. With `reuse_failure`, a fetch of it that
+    /// failed within the hold answers again instead.
+    pub fn join(self: &Arc<Self>, key: &BlockKey, reuse_failure: bool) -> Joined {
+        if let Some(cause) = reuse_failure.then(|| self.recent_failure(key)).flatten() {
             let (_sender, slot) = watch::channel(Some(Err(cause)));
             return Joined::Follow(Waiter {
                 key: key.clone(),
@@ -84,6 +86,13 @@ impl Flights {
                 None
             }
             None => None,
+        }
+    }
+
+    fn forget_failure(&self, key: &BlockKey) {
+        if !self.hold.is_zero() {
+            let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+            failed.remove(key);
         }
     }
 
@@ -132,8 +141,9 @@ impl Lead {
     /// Hands `result` to every waiter. The flight stays joinable, answering at once, until
     /// the lead drops, which lets the leader finish caching first.
     pub fn publish(&self, result: BlockResult) {
-        if let Err(cause) = &result {
-            self.flights.remember_failure(&self.key, cause.clone());
+        match &result {
+            Err(cause) => self.flights.remember_failure(&self.key, cause.clone()),
+            Ok(_) => self.flights.forget_failure(&self.key),
         }
         self.sender.send_replace(Some(result));
     }
@@ -182,10 +192,10 @@ mod tests {
     async fn followers_share_the_leaders_result() {
         let flights = Arc::new(Flights::default());
         let key = BlockKey::new(Digest::of(b"blob"), 3);
-        let Joined::Lead(lead) = flights.join(&key) else {
+        let Joined::Lead(lead) = flights.join(&key, true) else {
             panic!("first reader leads");
         };
-        let Joined::Follow(follower) = flights.join(&key) else {
+        let Joined::Follow(follower) = flights.join(&key, true) else {
             panic!("second reader follows");
         };
         let own = lead.waiter();
@@ -193,21 +203,25 @@ mod tests {
         assert_eq!(follower.wait().await.unwrap(), Bytes::from_static(b"data"));
         assert_eq!(own.wait().await.unwrap(), Bytes::from_static(b"data"));
         drop(lead);
-        assert!(matches!(flights.join(&key), Joined::Lead(_)));
+        assert!(matches!(flights.join(&key, true), Joined::Lead(_)));
     }
 
     #[tokio::test]
     async fn a_failure_is_the_answer_for_its_hold_only() {
         let flights = Arc::new(Flights::with_failure_hold(Duration::from_secs(2)));
         let key = BlockKey::new(Digest::of(b"blob"), 1);
-        let Joined::Lead(lead) = flights.join(&key) else {
+        let Joined::Lead(lead) = flights.join(&key, true) else {
             panic!("first reader leads");
         };
         lead.publish(Err(Arc::new(FetchError::AbandonedFetch {
             block: key.clone(),
         })));
         drop(lead);
-        let Joined::Follow(late) = flights.join(&key) else {
+        assert!(
+            matches!(flights.join(&key, false), Joined::Lead(_)),
+            "a reader that wants a fresh fetch gets one"
+        );
+        let Joined::Follow(late) = flights.join(&key, true) else {
             panic!("a reader right after the failure gets it, without fetching again");
         };
         assert!(matches!(
@@ -216,18 +230,18 @@ mod tests {
         ));
         tokio::time::sleep(Duration::from_millis(2100)).await;
         assert!(
-            matches!(flights.join(&key), Joined::Lead(_)),
+            matches!(flights.join(&key, true), Joined::Lead(_)),
             "after the hold the block is fetched again"
         );
         let other = BlockKey::new(Digest::of(b"blob"), 2);
-        assert!(matches!(flights.join(&other), Joined::Lead(_)));
+        assert!(matches!(flights.join(&other, true), Joined::Lead(_)));
     }
 
     #[tokio::test]
     async fn dropped_lead_abandons_waiters() {
         let flights = Arc::new(Flights::default());
         let key = BlockKey::new(Digest::of(b"blob"), 0);
-        let Joined::Lead(lead) = flights.join(&key) else {
+        let Joined::Lead(lead) = flights.join(&key, true) else {
             panic!("first reader leads");
         };
         let waiter = lead.waiter();
