@@ -33,6 +33,9 @@ pub struct DaemonStatus {
     pub lazy_layers_mounted: u64,
     pub lazy_fallbacks: std::collections::BTreeMap<String, u64>,
     pub remount_failures: u64,
+    /// Remote layers not mounted now (their start-up remount failed), with why.
+    #[serde(default)]
+    pub unmounted_layers: Vec<UnmountedLayerStatus>,
     pub cache_bytes: u64,
     pub cache_capacity: u64,
     pub cache_blocks: u64,
@@ -63,6 +66,15 @@ pub struct DaemonStatus {
     /// The peer network's counters, when `[peers]` is configured.
     #[serde(default)]
     pub peers: Option<PeerStats>,
+}
+
+/// A remote layer that is not mounted: containers cannot stack it until it is mounted again.
+#[derive(Debug, Serialize, serde::Deserialize, Default, Clone, PartialEq, Eq)]
+pub struct UnmountedLayerStatus {
+    /// The snapshot's key (the layer's chainID).
+    pub key: String,
+    pub digest: String,
+    pub reason: String,
 }
 
 /// One lazily mounted blob and how much of it the cache holds.
@@ -104,6 +116,16 @@ impl Observed {
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
             remount_failures: lazy.remount_failures(),
+            unmounted_layers: self
+                .snapshotter
+                .unmounted_layers()
+                .into_iter()
+                .map(|layer| UnmountedLayerStatus {
+                    key: layer.key,
+                    digest: layer.layer,
+                    reason: layer.reason,
+                })
+                .collect(),
             cache_bytes: cache.bytes,
             cache_capacity: cache.capacity,
             cache_blocks: cache.blocks,
@@ -204,6 +226,12 @@ pub fn render(status: &DaemonStatus) -> String {
         "counter",
         "Remote layers that could not be mounted again at start.",
         &[("", status.remount_failures)],
+    );
+    metric(
+        "remote_layers_unmounted",
+        "gauge",
+        "Remote layers not mounted now; each is mounted from the registry before use.",
+        &[("", status.unmounted_layers.len() as u64)],
     );
     metric(
         "read_bytes_total",
