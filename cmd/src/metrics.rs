@@ -41,6 +41,9 @@ pub struct DaemonStatus {
     pub cache_blocks: u64,
     /// Blocks evicted to stay under the cache's cap since start.
     pub cache_evictions: u64,
+    /// Blocks served but not cached since start because the cache's disk was full.
+    #[serde(default)]
+    pub cache_no_space: u64,
     pub bytes_from_registry: u64,
     pub bytes_from_peers: u64,
     pub bytes_from_cache: u64,
@@ -130,6 +133,7 @@ impl Observed {
             cache_capacity: cache.capacity,
             cache_blocks: cache.blocks,
             cache_evictions: cache.evictions,
+            cache_no_space: cache.no_space_failures,
             bytes_from_registry: fetch.bytes_from_registry,
             bytes_from_peers: fetch.bytes_from_peers,
             bytes_from_cache: fetch.bytes_from_cache,
@@ -272,6 +276,12 @@ pub fn render(status: &DaemonStatus) -> String {
         "counter",
         "Cache blocks evicted to stay under the cap.",
         &[("", status.cache_evictions)],
+    );
+    metric(
+        "cache_no_space_total",
+        "counter",
+        "Blocks served but not cached because the cache's disk was full.",
+        &[("", status.cache_no_space)],
     );
     metric(
         "fetch_errors_total",
@@ -584,10 +594,16 @@ mod tests {
     fn renders_prometheus_text() {
         let mut status = DaemonStatus {
             bytes_from_registry: 42,
+            cache_no_space: 7,
             ..Default::default()
         };
         status.lazy_fallbacks.insert("not_lazy_format".into(), 2);
+        status
+            .unmounted_layers
+            .push(UnmountedLayerStatus::default());
         let text = render(&status);
+        assert!(text.contains("shoal_cache_no_space_total 7"), "{text}");
+        assert!(text.contains("shoal_remote_layers_unmounted 1"), "{text}");
         assert!(text.contains("shoal_read_bytes_total{source=\"registry\"} 42"));
         assert!(text.contains("shoal_lazy_fallbacks_total{reason=\"not_lazy_format\"} 2"));
         assert!(text.contains("# TYPE shoal_cache_bytes gauge"));

@@ -145,11 +145,16 @@ impl std::fmt::Display for Status {
             )?;
             writeln!(
                 f,
-                "cache:      {} of {} ({} blocks, {} evicted)",
+                "cache:      {} of {} ({} blocks, {} evicted){}",
                 shoal_config::ByteSize(d.cache_bytes),
                 shoal_config::ByteSize(d.cache_capacity),
                 d.cache_blocks,
-                d.cache_evictions
+                d.cache_evictions,
+                if d.cache_no_space > 0 {
+                    format!(", {} not stored: disk full", d.cache_no_space)
+                } else {
+                    String::new()
+                }
             )?;
             writeln!(
                 f,

@@ -217,6 +217,20 @@ pub enum FetchError {
     AbandonedFetch { block: BlockKey },
 }
 
+impl FetchError {
+    /// Whether the cache's disk is full (as opposed to broken): storing a block failed with
+    /// ENOSPC.
+    pub fn is_no_space(&self) -> bool {
+        let enospc = |source: &io::Error| source.raw_os_error() == Some(nix::libc::ENOSPC);
+        match self {
+            FetchError::CacheNoSpace { .. } => true,
+            FetchError::CreateCacheFiles { source, .. }
+            | FetchError::PersistBitmap { source, .. } => enospc(source),
+            _ => false,
+        }
+    }
+}
+
 /// Why one HTTP operation failed, carried by the `Fetch*` variants of [`FetchError`].
 #[derive(Debug, thiserror::Error)]
 pub enum HttpFailure {

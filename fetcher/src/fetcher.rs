@@ -400,13 +400,15 @@ impl Fetcher {
         let blob = blob.clone();
         let cached = tokio::task::spawn_blocking(move || {
             for (index, part) in blocks {
-                if let Err(error) =
-                    fetcher
-                        .inner
-                        .cache
-                        .insert(&blob.digest, blob.size, index, &part)
+                match fetcher
+                    .inner
+                    .cache
+                    .insert(&blob.digest, blob.size, index, &part)
                 {
-                    tracing::warn!(%error, "block fetched but not cached");
+                    // A full disk is logged by the cache, once per spell.
+                    Err(error) if error.is_no_space() => {}
+                    Err(error) => tracing::warn!(%error, "block fetched but not cached"),
+                    Ok(()) => {}
                 }
             }
         })
