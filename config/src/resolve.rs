@@ -49,6 +49,12 @@ pub struct PeersConfig {
     pub latency_budget: Duration,
     /// How long an owner believes an announcement without hearing it again.
     pub lease: Duration,
+    /// Bytes the owner index may take in memory; the least recently announced blobs are
+    /// forgotten first.
+    pub index_memory: ByteSize,
+    /// A listener without TLS on a non-loopback address, serving members by their address
+    /// alone: asked for in so many words (`insecure = true`), never a default.
+    pub insecure: bool,
     pub tls: Option<PeerTls>,
 }
 
@@ -367,7 +373,19 @@ fn resolve_peers(raw: RawPeers) -> Result<PeersConfig, ConfigError> {
             })
         }
     };
-    Ok(PeersConfig {
+    let index_memory = byte_size(
+        "peers.index_memory",
+        raw.index_memory,
+        defaults::PEERS_INDEX_MEMORY,
+    )?;
+    if index_memory.0 < 1 << 20 {
+        return Err(ConfigError::invalid(
+            "peers.index_memory",
+            "must be at least 1MiB",
+        ));
+    }
+    let insecure = raw.insecure.unwrap_or(false);
+    let peers = PeersConfig {
         listen,
         static_peers: raw.static_peers,
         dns: raw.dns,
@@ -408,8 +426,33 @@ fn resolve_peers(raw: RawPeers) -> Result<PeersConfig, ConfigError> {
             defaults::PEERS_LEASE_SECS as i64,
             86_400,
         )? as u64),
+        index_memory,
+        insecure,
         tls,
-    })
+    };
+    check_exposure(&peers)?;
+    Ok(peers)
+}
+
+/// Without TLS a listener serves whoever reaches it from a member's address, so one that
+/// anything but this host can reach must be asked for (`insecure`).
+fn check_exposure(peers: &PeersConfig) -> Result<(), ConfigError> {
+    let listen = peers.listen;
+    match (&peers.tls, peers.insecure) {
+        (Some(_), true) => Err(ConfigError::invalid(
+            "peers.insecure",
+            "a listener with `tls` is not insecure: drop one of them",
+        )),
+        (None, false) if !listen.ip().is_loopback() => Err(ConfigError::invalid(
+            "peers.listen",
+            format!(
+                "{listen} without `tls` would serve cached blocks to anyone who can reach it: \
+                 set `tls` (mutual TLS), listen on loopback, or set `insecure = true` to serve \
+                 members by their address alone"
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// `host:port` with a numeric port, as peers are written.
@@ -540,16 +583,52 @@ mod tests {
     #[test]
     fn peers_are_off_unless_configured() {
         assert!(Config::parse("").unwrap().peers.is_none());
-        let config = Config::parse("[peers]\nstatic = [\"10.0.0.2:7420\"]").unwrap();
+        let config =
+            Config::parse("[peers]\nlisten = \"127.0.0.2:7420\"\nstatic = [\"127.0.0.2:7420\"]")
+                .unwrap();
         let peers = config.peers.unwrap();
         assert_eq!(peers.owners, defaults::PEERS_OWNERS);
-        assert_eq!(peers.static_peers, ["10.0.0.2:7420"]);
-        assert!(peers.tls.is_none());
+        assert_eq!(peers.static_peers, ["127.0.0.2:7420"]);
+        assert_eq!(peers.index_memory.0, defaults::PEERS_INDEX_MEMORY);
+        assert!(peers.tls.is_none() && !peers.insecure);
+    }
+
+    #[test]
+    fn an_open_listener_without_tls_must_be_asked_for() {
+        let tls = "tls = { ca = \"/ca.pem\", cert = \"/n.pem\", key = \"/n.key\" }";
+        let section = |extra: &str| format!("[peers]\nstatic = [\"10.0.0.2:7420\"]\n{extra}");
+        // The default listener (every address) without TLS is refused, naming the field...
+        let err = Config::parse(&section("")).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::InvalidValue { field, .. } if field == "peers.listen"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("insecure = true"), "{err}");
+        assert_eq!(
+            field_of(&section("listen = \"10.0.0.2:7420\"")),
+            "peers.listen"
+        );
+        // ...and accepted with TLS, on loopback, or when asked for in so many words.
+        assert!(Config::parse(&section(tls)).is_ok());
+        assert!(Config::parse(&section("listen = \"127.0.0.3:7420\"")).is_ok());
+        let insecure = Config::parse(&section("insecure = true")).unwrap();
+        assert!(insecure.peers.unwrap().insecure);
+        assert_eq!(
+            field_of(&section(&format!("insecure = true\n{tls}"))),
+            "peers.insecure"
+        );
+        assert_eq!(
+            field_of(&section("insecure = true\nindex_memory = \"64KiB\"")),
+            "peers.index_memory"
+        );
     }
 
     #[test]
     fn invalid_peers_name_their_field() {
-        assert_eq!(field_of("[peers]\nlisten = \"0.0.0.0:1\""), "peers.static");
+        assert_eq!(
+            field_of("[peers]\nlisten = \"127.0.0.1:1\""),
+            "peers.static"
+        );
         assert_eq!(field_of("[peers]\nstatic = [\"10.0.0.2\"]"), "peers.static");
         assert_eq!(field_of("[peers]\ndns = \"svc\""), "peers.dns");
         assert_eq!(
