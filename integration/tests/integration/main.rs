@@ -34,5 +34,6 @@ mod lazy;
 mod metrics;
 mod overlaybd;
 mod p2p;
+mod permissions;
 mod rpull;
 mod stargz_compat;

@@ -33,6 +33,7 @@ mod dns;
 mod faults;
 mod herd;
 mod liar;
+mod outsiders;
 mod reshare;
 mod tls;
 
