@@ -594,36 +594,6 @@ mod tests {
     }
 
     #[test]
-    fn an_open_listener_without_tls_must_be_asked_for() {
-        let tls = "tls = { ca = \"/ca.pem\", cert = \"/n.pem\", key = \"/n.key\" }";
-        let section = |extra: &str| format!("[peers]\nstatic = [\"10.0.0.2:7420\"]\n{extra}");
-        // The default listener (every address) without TLS is refused, naming the field...
-        let err = Config::parse(&section("")).unwrap_err();
-        assert!(
-            matches!(&err, ConfigError::InvalidValue { field, .. } if field == "peers.listen"),
-            "{err}"
-        );
-        assert!(err.to_string().contains("insecure = true"), "{err}");
-        assert_eq!(
-            field_of(&section("listen = \"10.0.0.2:7420\"")),
-            "peers.listen"
-        );
-        // ...and accepted with TLS, on loopback, or when asked for in so many words.
-        assert!(Config::parse(&section(tls)).is_ok());
-        assert!(Config::parse(&section("listen = \"127.0.0.3:7420\"")).is_ok());
-        let insecure = Config::parse(&section("insecure = true")).unwrap();
-        assert!(insecure.peers.unwrap().insecure);
-        assert_eq!(
-            field_of(&section(&format!("insecure = true\n{tls}"))),
-            "peers.insecure"
-        );
-        assert_eq!(
-            field_of(&section("insecure = true\nindex_memory = \"64KiB\"")),
-            "peers.index_memory"
-        );
-    }
-
-    #[test]
     fn invalid_peers_name_their_field() {
         assert_eq!(
             field_of("[peers]\nlisten = \"127.0.0.1:1\""),
