@@ -30,8 +30,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // off half made), then stops the daemon as usual.
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    std::fs::create_dir_all(&config.root)
+    // Cached layers and every image's metadata live here: root's alone (0700), narrowed if
+    // an earlier version left it open to everyone.
+    let narrowed = shoal_fetcher::private::dir(&config.root)
         .with_context(|| format!("create root {}", config.root.display()))?;
+    if let Some(had) = narrowed {
+        info!(root = %config.root.display(), was = format!("{had:o}"), "root narrowed to 0700");
+    }
     refuse_live_socket(&config.socket).await?;
     let _lock = lock_root(&config.root)?;
     let listener = bind(&config.socket).await?;
@@ -89,6 +94,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     if let Some(address) = config.metrics.address {
+        if !address.ip().is_loopback() {
+            warn!(
+                %address,
+                "metrics.address is not on loopback: /status and /metrics tell anyone who \
+                 reaches it the image names, registry hosts and layer digests of this node"
+            );
+        }
         let observed = Observed {
             snapshotter: snapshotter.clone(),
             fetcher,

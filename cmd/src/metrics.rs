@@ -490,8 +490,33 @@ fn render_peers(out: &mut String, peers: &PeerStats) {
             ("{outcome=\"answered\"}".into(), peers.lookups_answered),
         ],
     );
+    metric(
+        "index",
+        "gauge",
+        "The owner index (capped by peers.index_memory): blobs, and bytes they cost.",
+        &[
+            ("{unit=\"blobs\"}".into(), peers.index_blobs),
+            ("{unit=\"bytes\"}".into(), peers.index_bytes),
+        ],
+    );
+    metric(
+        "insecure",
+        "gauge",
+        "1 when the listener is plain HTTP on a non-loopback address (peers.insecure).",
+        &[(String::new(), u64::from(peers.insecure))],
+    );
     // Counters without labels: one line of name, help and value each.
-    let counters: [(&str, &str, u64); 9] = [
+    let counters: [(&str, &str, u64); 11] = [
+        (
+            "index_evictions_total",
+            "Blobs the owner index forgot to stay under peers.index_memory.",
+            peers.index_evictions,
+        ),
+        (
+            "requests_refused_total",
+            "Peer requests refused (403) as not from a member.",
+            peers.requests_refused,
+        ),
         (
             "fallbacks_total",
             "Blocks that waited on peers, then came from the registry.",
@@ -665,6 +690,9 @@ mod tests {
             members_known: 4,
             members_live: 3,
             fallbacks: 2,
+            index_evictions: 7,
+            index_bytes: 4096,
+            insecure: true,
             ..Default::default()
         };
         peers.per_peer.insert(
@@ -679,6 +707,9 @@ mod tests {
         let text = render(&status);
         assert!(text.contains("shoal_peer_members{state=\"live\"} 3"));
         assert!(text.contains("shoal_peer_fallbacks_total 2"));
+        assert!(text.contains("shoal_peer_index_evictions_total 7"));
+        assert!(text.contains("shoal_peer_index{unit=\"bytes\"} 4096"));
+        assert!(text.contains("shoal_peer_insecure 1"));
         assert!(text.contains("shoal_peer_received_bytes_total{peer=\"10.0.0.2:7420\"} 1024"));
         assert!(text.contains("shoal_peer_bad_blocks_total{peer=\"10.0.0.2:7420\"} 1"));
         // What `shoal status` reads back is what the daemon wrote.

@@ -255,6 +255,20 @@ fn write_peers(
         "            {} lookups ({} failed), {} fallbacks to the registry, {} busy answers, {} bad blocks",
         peers.lookups, peers.lookup_failures, peers.fallbacks, peers.busy_answers, peers.verify_failures
     )?;
+    writeln!(
+        f,
+        "            index {} blobs in {} ({} forgotten), {} requests refused as not from members",
+        peers.index_blobs,
+        shoal_config::ByteSize(peers.index_bytes),
+        peers.index_evictions,
+        peers.requests_refused
+    )?;
+    if peers.insecure {
+        writeln!(
+            f,
+            "            INSECURE: plain HTTP on a non-loopback address (peers.insecure)"
+        )?;
+    }
     for (peer, stats) in &peers.per_peer {
         let mean_ms = if stats.requests == 0 {
             0.0

@@ -22,3 +22,6 @@ pub const PEERS_UPLOAD_RATE: u64 = 100 << 20;
 pub const PEERS_MAX_UPLOADS: usize = 16;
 pub const PEERS_LATENCY_BUDGET_MS: u64 = 2000;
 pub const PEERS_LEASE_SECS: u64 = 60;
+/// Memory the index of the blobs a node owns may take; the least recently announced are
+/// forgotten first.
+pub const PEERS_INDEX_MEMORY: u64 = 64 << 20;

@@ -10,6 +10,7 @@
 mod bytesize;
 pub mod defaults;
 mod error;
+mod exposure;
 pub mod raw;
 mod resolve;
 

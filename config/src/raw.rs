@@ -91,6 +91,8 @@ pub struct RawPeers {
     pub max_uploads: Option<i64>,
     pub latency_budget_ms: Option<i64>,
     pub lease_secs: Option<i64>,
+    pub index_memory: Option<RawByteSize>,
+    pub insecure: Option<bool>,
     pub tls: Option<RawPeerTls>,
 }
 

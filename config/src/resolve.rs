@@ -49,6 +49,12 @@ pub struct PeersConfig {
     pub latency_budget: Duration,
     /// How long an owner believes an announcement without hearing it again.
     pub lease: Duration,
+    /// Bytes the owner index may take in memory; the least recently announced blobs are
+    /// forgotten first.
+    pub index_memory: ByteSize,
+    /// A listener without TLS on a non-loopback address, serving members by their address
+    /// alone: asked for in so many words (`insecure = true`), never a default.
+    pub insecure: bool,
     pub tls: Option<PeerTls>,
 }
 
@@ -377,7 +383,19 @@ fn resolve_peers(raw: RawPeers) -> Result<PeersConfig, ConfigError> {
             })
         }
     };
-    Ok(PeersConfig {
+    let index_memory = byte_size(
+        "peers.index_memory",
+        raw.index_memory,
+        defaults::PEERS_INDEX_MEMORY,
+    )?;
+    if index_memory.0 < 1 << 20 {
+        return Err(ConfigError::invalid(
+            "peers.index_memory",
+            "must be at least 1MiB",
+        ));
+    }
+    let insecure = raw.insecure.unwrap_or(false);
+    let peers = PeersConfig {
         listen,
         static_peers: raw.static_peers,
         dns: raw.dns,
@@ -418,8 +436,12 @@ fn resolve_peers(raw: RawPeers) -> Result<PeersConfig, ConfigError> {
             defaults::PEERS_LEASE_SECS as i64,
             86_400,
         )? as u64),
+        index_memory,
+        insecure,
         tls,
-    })
+    };
+    crate::exposure::check(&peers)?;
+    Ok(peers)
 }
 
 /// `host:port` with a numeric port, as peers are written.
@@ -555,16 +577,22 @@ mod tests {
     #[test]
     fn peers_are_off_unless_configured() {
         assert!(Config::parse("").unwrap().peers.is_none());
-        let config = Config::parse("[peers]\nstatic = [\"10.0.0.2:7420\"]").unwrap();
+        let config =
+            Config::parse("[peers]\nlisten = \"127.0.0.2:7420\"\nstatic = [\"127.0.0.2:7420\"]")
+                .unwrap();
         let peers = config.peers.unwrap();
         assert_eq!(peers.owners, defaults::PEERS_OWNERS);
-        assert_eq!(peers.static_peers, ["10.0.0.2:7420"]);
-        assert!(peers.tls.is_none());
+        assert_eq!(peers.static_peers, ["127.0.0.2:7420"]);
+        assert_eq!(peers.index_memory.0, defaults::PEERS_INDEX_MEMORY);
+        assert!(peers.tls.is_none() && !peers.insecure);
     }
 
     #[test]
     fn invalid_peers_name_their_field() {
-        assert_eq!(field_of("[peers]\nlisten = \"0.0.0.0:1\""), "peers.static");
+        assert_eq!(
+            field_of("[peers]\nlisten = \"127.0.0.1:1\""),
+            "peers.static"
+        );
         assert_eq!(field_of("[peers]\nstatic = [\"10.0.0.2\"]"), "peers.static");
         assert_eq!(field_of("[peers]\ndns = \"svc\""), "peers.dns");
         assert_eq!(

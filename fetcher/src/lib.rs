@@ -23,6 +23,7 @@ mod fetcher;
 mod flight;
 mod latency;
 pub mod peer;
+pub mod private;
 mod reference;
 mod registry;
 mod stats;

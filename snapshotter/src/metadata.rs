@@ -106,6 +106,9 @@ impl Store {
             drop(db);
             std::fs::rename(&fresh, path).map_err(|e| open_err(redb::Error::Io(e)))?;
         }
+        // Every image's name and layer digests are in it: root's alone.
+        shoal_fetcher::private::narrow(path, shoal_fetcher::private::FILE_MODE)
+            .map_err(|e| open_err(redb::Error::Io(e)))?;
         let db = Database::create(path).map_err(|e| open_err(e.into()))?;
         create_tables(&db).map_err(|e| open_err(*e))?;
         let store = Store { db };

@@ -72,7 +72,7 @@ impl Bitmap {
     pub fn create(path: &Path, digest: &Digest, header: BitmapHeader) -> io::Result<Bitmap> {
         let bits = vec![0u8; bits_len(header.blocks())?];
         let tmp = path.with_extension("bitmap.tmp");
-        let mut file = OpenOptions::new()
+        let mut file = crate::private::options()
             .read(true)
             .write(true)
             .create(true)

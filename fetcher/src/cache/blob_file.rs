@@ -38,7 +38,7 @@ impl BlobFile {
     /// Creates the files of a blob with no blocks present yet.
     pub fn create(dir: &Path, digest: &Digest, header: BitmapHeader) -> io::Result<BlobFile> {
         let data_path = BlobFile::data_path(dir, digest);
-        let data = OpenOptions::new()
+        let data = crate::private::options()
             .read(true)
             .write(true)
             .create(true)

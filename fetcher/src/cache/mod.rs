@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use bytes::Bytes;
+use tracing::info;
 
 use crate::digest::Digest;
 use crate::error::FetchError;
@@ -97,11 +98,25 @@ impl ChunkCache {
             path: dir.to_owned(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(open_error)?;
+        if let Some(had) = crate::private::dir(dir).map_err(open_error)? {
+            info!(dir = %dir.display(), was = format!("{had:o}"), "cache directory narrowed to 0700");
+        }
         let mut loaded = Vec::new();
         let mut data_files = Vec::new();
+        let mut narrowed = 0u64;
         for dirent in std::fs::read_dir(dir).map_err(open_error)? {
-            let path = dirent.map_err(open_error)?.path();
+            let dirent = dirent.map_err(open_error)?;
+            let path = dirent.path();
+            // Files an earlier version left readable by everyone (or already removed below,
+            // with the torn blob they belonged to).
+            if dirent.file_type().is_ok_and(|kind| kind.is_file()) {
+                match crate::private::narrow(&path, crate::private::FILE_MODE) {
+                    Ok(Some(_)) => narrowed += 1,
+                    Ok(None) => {}
+                    Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+                    Err(error) => return Err(open_error(error)),
+                }
+            }
             let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
                 continue;
             };
@@ -121,6 +136,9 @@ impl ChunkCache {
             if !loaded.iter().any(|blob| blob.digest == digest) {
                 remove_stale(&path);
             }
+        }
+        if narrowed > 0 {
+            info!(dir = %dir.display(), files = narrowed, "cache files narrowed to 0600");
         }
         // Recency is not persisted; the data files' modification times approximate it.
         loaded.sort_by_key(|blob| {

@@ -53,6 +53,11 @@ impl BlockSet {
         }
     }
 
+    /// Bytes the set keeps on the heap, as the owner index counts them against its cap.
+    pub fn heap_bytes(&self) -> usize {
+        self.words.capacity() * std::mem::size_of::<u64>()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.words.iter().all(|word| *word == 0)
     }

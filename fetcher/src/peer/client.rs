@@ -54,6 +54,14 @@ impl PeerClient {
             .tcp_nodelay(true)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy();
+        // From the address peers know this node by: a listener without TLS serves members
+        // by their address, and the kernel would otherwise pick another one on loopback.
+        let listen = config.listen.ip();
+        let builder = if listen.is_unspecified() {
+            builder
+        } else {
+            builder.local_address(listen)
+        };
         let (builder, scheme) = match &config.tls {
             None => (builder, "http"),
             Some(tls) => (tls::client(builder, tls)?, "https"),

@@ -4,8 +4,12 @@
 //! The second part keeps a herd of nodes missing the same block from all going to the
 //! registry: the first asker gets [`Advice::Fetch`], the others [`Advice::Wait`] for it, and
 //! once its announcement lands they are sent to it.
+//!
+//! Its memory is bounded (`peers.index_memory`): each blob's entry is costed (block sets,
+//! holders, grants), and past the cap the blobs least recently announced or asked about are
+//! forgotten first; a forgotten blob costs at most a fetch its holders could have served.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -14,8 +18,11 @@ use super::member::PeerAddr;
 use super::wire::Advice;
 use crate::digest::Digest;
 
-/// Blobs one owner keeps track of; the least recently announced are forgotten first.
-const MAX_BLOBS: usize = 16_384;
+/// What an entry costs beyond its block sets, as counted against the cap: the blob's digest,
+/// map slots and its place in the eviction order; each holder's record; each grant.
+const BLOB_COST: usize = 192;
+const HOLDER_COST: usize = 96;
+const GRANT_COST: usize = 48;
 /// Holders kept per blob; the stalest are forgotten first.
 const MAX_HOLDERS: usize = 256;
 /// How soon an asker told to wait asks again.
@@ -37,14 +44,96 @@ pub struct OwnerIndex {
     lease: Duration,
     /// How long a node told to fetch a block keeps the exclusive right to.
     grant: Duration,
-    blobs: Mutex<HashMap<Digest, BlobEntry>>,
+    /// Bytes the entries may cost in all.
+    cap: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    blobs: HashMap<Digest, BlobEntry>,
+    /// Every blob by its last announcement or lookup (a counter, not a clock), oldest first.
+    order: BTreeMap<u64, Digest>,
+    ticks: u64,
+    /// The sum of the entries' costs.
+    bytes: usize,
+    evictions: u64,
 }
 
 #[derive(Default)]
 struct BlobEntry {
     holders: HashMap<PeerAddr, Holding>,
     grants: HashMap<u64, (PeerAddr, Instant)>,
-    touched: Option<Instant>,
+    /// Its key in [`State::order`].
+    touched: u64,
+    /// What it counted for in [`State::bytes`] when last costed.
+    cost: usize,
+}
+
+impl BlobEntry {
+    fn cost(&self) -> usize {
+        let holders: usize = self
+            .holders
+            .values()
+            .map(|holding| HOLDER_COST + holding.blocks.heap_bytes())
+            .sum();
+        BLOB_COST + holders + self.grants.len() * GRANT_COST
+    }
+}
+
+/// The owner index's size, for status and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IndexUse {
+    pub blobs: u64,
+    pub bytes: u64,
+    /// Blobs forgotten to stay under the cap, since start.
+    pub evictions: u64,
+}
+
+impl State {
+    /// `blob`'s entry, created if new, moved to the newest end of the eviction order.
+    fn touch(&mut self, blob: &Digest) -> &mut BlobEntry {
+        self.ticks += 1;
+        let tick = self.ticks;
+        let entry = self.blobs.entry(blob.clone()).or_default();
+        self.order.remove(&entry.touched);
+        entry.touched = tick;
+        self.order.insert(tick, blob.clone());
+        entry
+    }
+
+    /// Costs `blob`'s entry again after a change, then forgets the least recently touched
+    /// other blobs until the index fits in `cap`; a blob too large on its own keeps only its
+    /// freshest holders.
+    fn settle(&mut self, blob: &Digest, cap: usize) {
+        if let Some(entry) = self.blobs.get_mut(blob) {
+            while entry.holders.len() > 1 && entry.cost() > cap {
+                let stalest = entry
+                    .holders
+                    .iter()
+                    .min_by_key(|(_, holding)| holding.expires)
+                    .map(|(addr, _)| *addr);
+                if let Some(stalest) = stalest {
+                    entry.holders.remove(&stalest);
+                }
+            }
+            let cost = entry.cost();
+            self.bytes = self.bytes - entry.cost + cost;
+            entry.cost = cost;
+        }
+        while self.bytes > cap {
+            let Some((&tick, oldest)) = self.order.iter().find(|(_, digest)| *digest != blob)
+            else {
+                break;
+            };
+            let oldest = oldest.clone();
+            self.order.remove(&tick);
+            if let Some(gone) = self.blobs.remove(&oldest) {
+                self.bytes -= gone.cost;
+                self.evictions += 1;
+            }
+        }
+    }
 }
 
 struct Holding {
@@ -55,11 +144,26 @@ struct Holding {
 }
 
 impl OwnerIndex {
-    pub fn new(lease: Duration, grant: Duration) -> OwnerIndex {
+    /// An index whose entries cost at most `cap` bytes in all.
+    pub fn new(lease: Duration, grant: Duration, cap: usize) -> OwnerIndex {
         OwnerIndex {
             lease,
             grant,
-            blobs: Mutex::new(HashMap::new()),
+            cap,
+            state: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn usage(&self) -> IndexUse {
+        let state = self.lock();
+        IndexUse {
+            blobs: state.blobs.len() as u64,
+            bytes: state.bytes as u64,
+            evictions: state.evictions,
         }
     }
 
@@ -73,18 +177,8 @@ impl OwnerIndex {
         blocks: &BlockSet,
         replace: bool,
     ) {
-        let mut blobs = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
-        if !blobs.contains_key(blob) && blobs.len() >= MAX_BLOBS {
-            let stalest = blobs
-                .iter()
-                .min_by_key(|(_, entry)| entry.touched)
-                .map(|(digest, _)| digest.clone());
-            if let Some(stalest) = stalest {
-                blobs.remove(&stalest);
-            }
-        }
-        let entry = blobs.entry(blob.clone()).or_default();
-        entry.touched = Some(now);
+        let mut state = self.lock();
+        let entry = state.touch(blob);
         if !entry.holders.contains_key(&from) && entry.holders.len() >= MAX_HOLDERS {
             let stalest = entry
                 .holders
@@ -111,13 +205,14 @@ impl OwnerIndex {
         entry
             .grants
             .retain(|index, (grantee, _)| *grantee != from || !blocks.contains(*index));
+        state.settle(blob, self.cap);
     }
 
     /// `from` is still fetching blocks `first..first+count` of `blob`: those it was told to
     /// fetch stay its own for another `grant`. Grants held by other nodes are left alone.
     pub fn renew(&self, now: Instant, from: PeerAddr, blob: &Digest, first: u64, count: u64) {
-        let mut blobs = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(entry) = blobs.get_mut(blob) else {
+        let mut state = self.lock();
+        let Some(entry) = state.blobs.get_mut(blob) else {
             return;
         };
         for index in first..first.saturating_add(count) {
@@ -141,9 +236,8 @@ impl OwnerIndex {
         count: u64,
         excluded: &Exclusions<'_>,
     ) -> Vec<Advice> {
-        let mut blobs = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = blobs.entry(blob.clone()).or_default();
-        entry.touched = Some(now);
+        let mut state = self.lock();
+        let entry = state.touch(blob);
         entry.holders.retain(|_, holding| holding.expires > now);
         let grant = self.grant;
         entry
@@ -193,6 +287,7 @@ impl OwnerIndex {
                 (_, None) => advice.push(Advice::Fetch),
             }
         }
+        state.settle(blob, self.cap);
         advice
     }
 }
@@ -220,7 +315,7 @@ mod tests {
 
     #[test]
     fn first_asker_fetches_and_the_herd_waits_then_follows() {
-        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2));
+        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2), 1 << 20);
         let blob = Digest::of(b"blob");
         let t0 = Instant::now();
         assert_eq!(
@@ -247,7 +342,7 @@ mod tests {
 
     #[test]
     fn an_expired_grant_passes_to_the_next_asker() {
-        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2));
+        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2), 1 << 20);
         let blob = Digest::of(b"blob");
         let t0 = Instant::now();
         index.lookup(t0, Some(addr(1)), &blob, 0, 1, &NONE);
@@ -270,7 +365,7 @@ mod tests {
 
     #[test]
     fn a_grantee_still_fetching_keeps_its_grant_and_nobody_else_can_extend_it() {
-        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2));
+        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2), 1 << 20);
         let blob = Digest::of(b"blob");
         let t0 = Instant::now();
         index.lookup(t0, Some(addr(1)), &blob, 0, 2, &NONE);
@@ -293,7 +388,7 @@ mod tests {
 
     #[test]
     fn leases_expire_unless_renewed() {
-        let index = OwnerIndex::new(Duration::from_secs(10), Duration::from_secs(2));
+        let index = OwnerIndex::new(Duration::from_secs(10), Duration::from_secs(2), 1 << 20);
         let blob = Digest::of(b"blob");
         let t0 = Instant::now();
         index.announce(t0, addr(1), &blob, &blocks(&[0, 1]), false);
@@ -313,7 +408,7 @@ mod tests {
 
     #[test]
     fn announcements_merge_or_replace() {
-        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2));
+        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2), 1 << 20);
         let blob = Digest::of(b"blob");
         let t0 = Instant::now();
         index.announce(t0, addr(1), &blob, &blocks(&[0]), false);
@@ -332,7 +427,7 @@ mod tests {
 
     #[test]
     fn least_loaded_holder_comes_first_and_the_asker_is_never_named() {
-        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2));
+        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2), 1 << 20);
         let blob = Digest::of(b"blob");
         let t0 = Instant::now();
         index.announce(t0, addr(1), &blob, &blocks(&[0]), false);
@@ -345,5 +440,85 @@ mod tests {
         let b = first(6);
         assert_ne!(a[0], b[0], "hand-outs alternate between equal holders");
         assert_eq!(first(1), [addr(2).to_string()]);
+    }
+
+    /// A block set of `blocks` blocks, all held, as a flood of announcements would send.
+    fn full(blocks: u64) -> BlockSet {
+        BlockSet::from_hex(&"f".repeat((blocks / 4) as usize)).unwrap()
+    }
+
+    #[test]
+    fn the_index_stays_under_its_cap_by_forgetting_the_least_recently_touched_blobs() {
+        let cap = 1 << 20;
+        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2), cap);
+        let t0 = Instant::now();
+        // 100 blobs with 128 KiB block sets each: 12.5 MiB announced into a 1 MiB index.
+        let big = full(1 << 20);
+        let kept = Digest::of(b"kept");
+        index.announce(t0, addr(1), &kept, &blocks(&[0]), false);
+        for n in 0..100u32 {
+            index.announce(t0, addr(2), &Digest::of(&n.to_le_bytes()), &big, false);
+            // A blob asked about all along stays in.
+            index.lookup(t0, Some(addr(3)), &kept, 0, 1, &NONE);
+            let usage = index.usage();
+            assert!(usage.bytes <= cap as u64, "{usage:?} after {n}");
+        }
+        let usage = index.usage();
+        assert!(usage.blobs < 10 && usage.evictions > 90, "{usage:?}");
+        assert_eq!(usage.blobs + usage.evictions, 101);
+        let newest = Digest::of(&99u32.to_le_bytes());
+        let held = |blob: &Digest| {
+            matches!(
+                index.lookup(t0, Some(addr(4)), blob, 0, 1, &NONE)[0],
+                Advice::Holders { .. }
+            )
+        };
+        assert!(held(&newest) && held(&kept));
+        assert!(
+            !held(&Digest::of(&0u32.to_le_bytes())),
+            "the oldest was forgotten"
+        );
+    }
+
+    #[test]
+    fn one_blob_larger_than_the_cap_keeps_only_its_freshest_holders() {
+        let cap = 1 << 20;
+        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2), cap);
+        let blob = Digest::of(b"blob");
+        let t0 = Instant::now();
+        for i in 1..=20u8 {
+            let at = t0 + Duration::from_millis(u64::from(i));
+            index.announce(at, addr(i), &blob, &full(1 << 20), false);
+        }
+        let usage = index.usage();
+        assert!(usage.bytes <= cap as u64 && usage.blobs == 1, "{usage:?}");
+        match &index.lookup(t0, Some(addr(99)), &blob, 0, 1, &NONE)[0] {
+            Advice::Holders { holders } => {
+                assert!(holders.contains(&addr(20).to_string()) && holders.len() < 10)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn lookups_of_blobs_nobody_holds_are_costed_too() {
+        let cap = 1 << 20;
+        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2), cap);
+        let t0 = Instant::now();
+        for n in 0..1000u32 {
+            index.lookup(
+                t0,
+                Some(addr(1)),
+                &Digest::of(&n.to_le_bytes()),
+                0,
+                1024,
+                &NONE,
+            );
+        }
+        let usage = index.usage();
+        assert!(
+            usage.bytes <= cap as u64 && usage.evictions > 0,
+            "{usage:?}"
+        );
     }
 }

@@ -120,6 +120,21 @@ impl Membership {
         state.known = known;
     }
 
+    /// Whether the configuration names `addr` (by `static` or `dns`, as last resolved).
+    pub fn is_known(&self, addr: &PeerAddr) -> bool {
+        self.lock().known.contains(addr)
+    }
+
+    /// Whether some member named by the configuration has address `ip`: how a listener
+    /// without TLS tells a member's request from anyone else's.
+    pub fn has_ip(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.lock()
+            .known
+            .iter()
+            .any(|member| member.0.ip().to_canonical() == ip)
+    }
+
     pub fn known(&self) -> Vec<PeerAddr> {
         self.lock().known.iter().copied().collect()
     }
@@ -256,6 +271,20 @@ mod tests {
         members.set_known([addr(1)].into_iter().collect());
         members.probed(addr(2), true, false);
         assert_eq!(members.live(now), [addr(1)]);
+    }
+
+    #[test]
+    fn members_are_recognised_by_address_whatever_their_port() {
+        let members = Membership::default();
+        assert!(
+            !members.has_ip("10.0.0.1".parse().unwrap()),
+            "nobody before resolving"
+        );
+        members.set_known((1..=2).map(addr).collect());
+        assert!(members.has_ip("10.0.0.2".parse().unwrap()));
+        assert!(members.has_ip("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(!members.has_ip("10.0.0.3".parse().unwrap()));
+        assert!(members.is_known(&addr(1)) && !members.is_known(&addr(7)));
     }
 
     #[test]

@@ -108,7 +108,11 @@ impl Peers {
             members_live: std::sync::atomic::AtomicU64::new(0),
             // A node told to fetch a block has the budget to bring it before others stop
             // waiting for it.
-            index: OwnerIndex::new(config.lease, config.latency_budget),
+            index: OwnerIndex::new(
+                config.lease,
+                config.latency_budget,
+                usize::try_from(config.index_memory.0).unwrap_or(usize::MAX),
+            ),
             client: PeerClient::new(config)?,
             limiter: UploadLimiter::new(config.upload_rate.0, config.max_uploads),
             announcer: Announcer::default(),
@@ -121,12 +125,19 @@ impl Peers {
     }
 
     pub fn stats(&self) -> PeerStats {
-        self.counters.snapshot(PeerGauges {
-            members_known: self.members.known().len() as u64,
-            members_live: self.members_live.load(std::sync::atomic::Ordering::Relaxed),
-            announcing: self.announcer.is_busy(),
-            uploads_in_flight: self.limiter.in_flight() as u64,
-        })
+        let index = self.index.usage();
+        PeerStats {
+            insecure: self.config.insecure,
+            index_blobs: index.blobs,
+            index_bytes: index.bytes,
+            index_evictions: index.evictions,
+            ..self.counters.snapshot(PeerGauges {
+                members_known: self.members.known().len() as u64,
+                members_live: self.members_live.load(std::sync::atomic::Ordering::Relaxed),
+                announcing: self.announcer.is_busy(),
+                uploads_in_flight: self.limiter.in_flight() as u64,
+            })
+        }
     }
 
     /// This node's own peer address, once a probe has found it among the members.
@@ -503,6 +514,14 @@ pub async fn start(fetcher: &Fetcher) -> Result<Option<std::net::SocketAddr>, Fe
             source,
         })?;
     info!(address = %bound, tls = tls.is_some(), node = %peers.node.0, "serving peers");
+    if peers.config.insecure {
+        warn!(
+            address = %bound,
+            "INSECURE: the peer listener speaks plain HTTP on a non-loopback address \
+             (peers.insecure = true): it serves cached layer bytes to any request from a \
+             member's address, including any local user of a member node; set peers.tls"
+        );
+    }
     tokio::spawn(server::serve(listener, tls, fetcher.clone()));
     tokio::spawn(probe::run(peers.clone()));
     tokio::spawn(announce::run(peers, fetcher.clone()));

@@ -133,7 +133,7 @@ mod tests {
     #[tokio::test]
     async fn static_names_and_the_dns_name_resolve_to_members() {
         let config = shoal_config::Config::parse(
-            "[peers]\nstatic = [\"127.0.0.2:7420\"]\ndns = \"localhost:7421\"",
+            "[peers]\nlisten = \"127.0.0.1:7420\"\nstatic = [\"127.0.0.2:7420\"]\ndns = \"localhost:7421\"",
         )
         .unwrap()
         .peers
@@ -156,7 +156,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let config = shoal_config::Config::parse(&format!(
-            "[peers]\nstatic = [\"{addr}\"]\nprobe_interval_ms = 200"
+            "[peers]\nlisten = \"127.0.0.1:7420\"\nstatic = [\"{addr}\"]\nprobe_interval_ms = 200"
         ))
         .unwrap()
         .peers

@@ -1,8 +1,14 @@
 //! The peer listener: `/health`, the index of the blobs this node owns (`/v1/announce`,
 //! `/v1/lookup`) and block bytes from this node's cache (`/v1/blobs/<digest>`), over HTTP/2
 //! (HTTP/1.1 too, for probes by hand), plain or mutual TLS.
+//!
+//! Who is served: with TLS, clients whose certificate the configured CA signed (anyone else
+//! fails the handshake); without it, only requests from a member's address. Anyone else gets
+//! 403 from every route but `/health`, before a body is read. Announcements and renewals must
+//! also come from a member's peer address, and every body has a size limit (413 past it).
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::time::Instant;
 
@@ -22,7 +28,8 @@ use super::index::Exclusions;
 use super::member::PeerAddr;
 use super::stats::PeerCounters;
 use super::wire::{
-    Announce, Health, Lookup, LookupReply, Renew, MAX_BODY_BYTES, MAX_LOOKUP_BLOCKS,
+    Announce, Health, Lookup, LookupReply, Renew, MAX_ANNOUNCE_BYTES, MAX_LOOKUP_BLOCKS,
+    MAX_QUERY_BYTES,
 };
 use super::Peers;
 use crate::digest::Digest;
@@ -44,10 +51,15 @@ pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, fetcher: Fet
         let _ = stream.set_nodelay(true);
         let fetcher = fetcher.clone();
         let tls = tls.clone();
+        // Past the TLS handshake, the client's certificate is the CA's: it is a peer.
+        let client = Client {
+            remote,
+            certified: tls.is_some(),
+        };
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let fetcher = fetcher.clone();
-                async move { Ok::<_, Infallible>(route(&fetcher, request).await) }
+                async move { Ok::<_, Infallible>(route(&fetcher, client, request).await) }
             });
             let builder = auto::Builder::new(TokioExecutor::new());
             let served = match tls {
@@ -75,24 +87,41 @@ pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, fetcher: Fet
     }
 }
 
-async fn route(fetcher: &Fetcher, request: Request<Incoming>) -> Reply {
+/// Where a connection comes from, and whether its client proved it is a peer.
+#[derive(Clone, Copy)]
+struct Client {
+    remote: SocketAddr,
+    certified: bool,
+}
+
+async fn route(fetcher: &Fetcher, client: Client, request: Request<Incoming>) -> Reply {
     let Some(peers) = fetcher.peers() else {
         return plain(StatusCode::NOT_FOUND, "peers are off");
     };
     let path = request.uri().path().to_owned();
-    match (request.method().clone(), path.as_str()) {
-        (Method::GET, "/health") => json(&Health {
+    if path == "/health" && request.method() == Method::GET {
+        // Liveness and a random node id: nothing a stranger can use.
+        return json(&Health {
             node: peers.node.0.clone(),
-        }),
-        (Method::POST, "/v1/announce") => match body::<Announce>(request).await {
-            Ok(announce) => announced(peers, announce),
-            Err(reply) => reply,
-        },
-        (Method::POST, "/v1/lookup") => match body::<Lookup>(request).await {
+        });
+    }
+    if !client.certified && !peers.members.has_ip(client.remote.ip()) {
+        PeerCounters::add(&peers.counters.requests_refused, 1);
+        debug!(remote = %client.remote, path, "peer request from a non-member refused");
+        return plain(StatusCode::FORBIDDEN, "not a member of this cluster");
+    }
+    match (request.method().clone(), path.as_str()) {
+        (Method::POST, "/v1/announce") => {
+            match body::<Announce, _>(request, MAX_ANNOUNCE_BYTES).await {
+                Ok(announce) => announced(peers, announce),
+                Err(reply) => reply,
+            }
+        }
+        (Method::POST, "/v1/lookup") => match body::<Lookup, _>(request, MAX_QUERY_BYTES).await {
             Ok(lookup) => looked_up(peers, lookup),
             Err(reply) => reply,
         },
-        (Method::POST, "/v1/renew") => match body::<Renew>(request).await {
+        (Method::POST, "/v1/renew") => match body::<Renew, _>(request, MAX_QUERY_BYTES).await {
             Ok(renew) => renewed(peers, renew),
             Err(reply) => reply,
         },
@@ -110,6 +139,10 @@ fn announced(peers: &Peers, announce: Announce) -> Reply {
     ) else {
         return plain(StatusCode::BAD_REQUEST, "bad announcer or blob");
     };
+    if !peers.members.is_known(&from) {
+        PeerCounters::add(&peers.counters.requests_refused, 1);
+        return plain(StatusCode::FORBIDDEN, "the announcer is not a member");
+    }
     if announce.block_size != peers.block_size {
         return plain(
             StatusCode::BAD_REQUEST,
@@ -134,6 +167,10 @@ fn looked_up(peers: &Peers, lookup: Lookup) -> Reply {
         Some(Ok(from)) => Some(from),
         Some(Err(_)) => return plain(StatusCode::BAD_REQUEST, "bad asker address"),
     };
+    if from.is_some_and(|from| !peers.members.is_known(&from)) {
+        PeerCounters::add(&peers.counters.requests_refused, 1);
+        return plain(StatusCode::FORBIDDEN, "the asker is not a member");
+    }
     if lookup.block_size != peers.block_size {
         return plain(
             StatusCode::BAD_REQUEST,
@@ -163,6 +200,10 @@ fn renewed(peers: &Peers, renew: Renew) -> Reply {
     let (Ok(from), Ok(blob)) = (renew.from.parse::<PeerAddr>(), Digest::parse(&renew.blob)) else {
         return plain(StatusCode::BAD_REQUEST, "bad asker or blob");
     };
+    if !peers.members.is_known(&from) {
+        PeerCounters::add(&peers.counters.requests_refused, 1);
+        return plain(StatusCode::FORBIDDEN, "the asker is not a member");
+    }
     if renew.block_size != peers.block_size {
         return plain(
             StatusCode::BAD_REQUEST,
@@ -229,11 +270,38 @@ fn parse_range(header: &str) -> Option<Range<u64>> {
     (start <= end && end < u64::MAX).then(|| start..end + 1)
 }
 
-async fn body<T: serde::de::DeserializeOwned>(request: Request<Incoming>) -> Result<T, Reply> {
-    let collected = Limited::new(request.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-        .map_err(|_| plain(StatusCode::PAYLOAD_TOO_LARGE, "body too large or cut short"))?;
+/// The JSON body of `request`, refused with 413 once it is known to exceed `limit` bytes: by
+/// its Content-Length before anything is read, or as soon as that many bytes have arrived.
+async fn body<T, B>(request: Request<B>, limit: usize) -> Result<T, Reply>
+where
+    T: serde::de::DeserializeOwned,
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let too_large = || {
+        plain(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("body over {limit} bytes"),
+        )
+    };
+    let declared = request
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(too_large());
+    }
+    let collected = match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => collected,
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Err(error) => {
+            return Err(plain(
+                StatusCode::BAD_REQUEST,
+                &format!("body cut short: {error}"),
+            ))
+        }
+    };
     serde_json::from_slice(&collected.to_bytes())
         .map_err(|e| plain(StatusCode::BAD_REQUEST, &format!("bad body: {e}")))
 }
@@ -266,5 +334,77 @@ mod tests {
         assert_eq!(parse_range("bytes=0-"), None);
         assert_eq!(parse_range("bytes=0-1,3-4"), None);
         assert_eq!(parse_range("items=0-1"), None);
+    }
+
+    fn post(body: Vec<u8>, declared: Option<usize>) -> Request<Full<Bytes>> {
+        let mut request = Request::post("/v1/lookup");
+        if let Some(len) = declared {
+            request = request.header(hyper::header::CONTENT_LENGTH, len);
+        }
+        request.body(Full::new(Bytes::from(body))).unwrap()
+    }
+
+    async fn status_of(request: Request<Full<Bytes>>, limit: usize) -> StatusCode {
+        match body::<serde_json::Value, _>(request, limit).await {
+            Ok(_) => StatusCode::OK,
+            Err(reply) => reply.status(),
+        }
+    }
+
+    #[tokio::test]
+    async fn bodies_over_their_limit_get_413_whether_declared_or_not() {
+        let lookup = br#"{"blob":"x"}"#.to_vec();
+        let len = lookup.len();
+        assert_eq!(
+            status_of(post(lookup.clone(), None), len).await,
+            StatusCode::OK
+        );
+        let big = [b"[".as_slice(), &b"1,".repeat(5000), b"1]"].concat();
+        assert_eq!(
+            status_of(post(big.clone(), None), MAX_QUERY_BYTES).await,
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        // A declared length over the limit is refused before a byte is read.
+        assert_eq!(
+            status_of(
+                post(lookup.clone(), Some(MAX_QUERY_BYTES + 1)),
+                MAX_QUERY_BYTES
+            )
+            .await,
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        let reply = body::<serde_json::Value, _>(post(big, None), MAX_QUERY_BYTES)
+            .await
+            .unwrap_err();
+        let text = reply.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(text, format!("body over {MAX_QUERY_BYTES} bytes"));
+        assert_eq!(
+            status_of(post(b"{".to_vec(), None), len).await,
+            StatusCode::BAD_REQUEST
+        );
+    }
+
+    #[test]
+    fn the_largest_honest_announcement_fits_its_limit() {
+        let blocks = BlockSet::from_hex(
+            &"f".repeat((super::super::blockset::MAX_SHARED_BLOCKS / 4) as usize),
+        )
+        .unwrap();
+        let announce = Announce {
+            from: "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".into(),
+            blob: Digest::of(b"blob").to_string(),
+            block_size: u64::MAX,
+            blocks: blocks.to_hex(),
+            replace: false,
+        };
+        assert!(serde_json::to_vec(&announce).unwrap().len() <= MAX_ANNOUNCE_BYTES);
+        let lookup = Lookup {
+            from: Some(announce.from.clone()),
+            blob: announce.blob.clone(),
+            block_size: u64::MAX,
+            first: u64::MAX,
+            count: u64::MAX,
+        };
+        assert!(serde_json::to_vec(&lookup).unwrap().len() <= MAX_QUERY_BYTES / 8);
     }
 }

@@ -196,7 +196,13 @@ impl Shareable {
             text
         };
         let fresh = path.with_extension("new");
-        let written = std::fs::write(&fresh, text).and_then(|()| std::fs::rename(&fresh, path));
+        let written = crate::private::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&fresh)
+            .and_then(|mut file| std::io::Write::write_all(&mut file, text.as_bytes()))
+            .and_then(|()| std::fs::rename(&fresh, path));
         written.map_err(|source| {
             self.dirty.store(true, Ordering::Relaxed);
             FetchError::PersistShareable {

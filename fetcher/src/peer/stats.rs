@@ -42,6 +42,20 @@ pub struct PeerStats {
     pub uploads_refused: u64,
     /// Block uploads to peers under way now.
     pub uploads_in_flight: u64,
+    /// Requests refused with 403: from a non-member's address (without TLS), or naming a
+    /// non-member as announcer or asker.
+    #[serde(default)]
+    pub requests_refused: u64,
+    /// The listener is plain HTTP on a non-loopback address (`peers.insecure`).
+    #[serde(default)]
+    pub insecure: bool,
+    /// The owner index: blobs and bytes it holds now, blobs forgotten to stay under its cap.
+    #[serde(default)]
+    pub index_blobs: u64,
+    #[serde(default)]
+    pub index_bytes: u64,
+    #[serde(default)]
+    pub index_evictions: u64,
     pub per_peer: BTreeMap<String, PerPeer>,
 }
 
@@ -80,6 +94,7 @@ pub(crate) struct PeerCounters {
     pub verify_failures: AtomicU64,
     pub bytes_uploaded: AtomicU64,
     pub uploads_refused: AtomicU64,
+    pub requests_refused: AtomicU64,
     per_peer: Mutex<BTreeMap<PeerAddr, PerPeer>>,
 }
 
@@ -136,6 +151,11 @@ impl PeerCounters {
             verify_failures: load(&self.verify_failures),
             bytes_uploaded: load(&self.bytes_uploaded),
             uploads_refused: load(&self.uploads_refused),
+            requests_refused: load(&self.requests_refused),
+            insecure: false,
+            index_blobs: 0,
+            index_bytes: 0,
+            index_evictions: 0,
             per_peer: self
                 .per_peer
                 .lock()

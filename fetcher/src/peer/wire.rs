@@ -13,8 +13,15 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Bodies larger than this are refused.
+use super::blockset::MAX_SHARED_BLOCKS;
+
+/// Answers larger than this are refused.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// An announcement's body: the largest block set's hex and room for the rest; larger ones
+/// are refused with 413.
+pub const MAX_ANNOUNCE_BYTES: usize = (MAX_SHARED_BLOCKS / 4) as usize + 1024;
+/// A lookup's or renewal's body, a few hundred bytes when honest; larger ones get 413.
+pub const MAX_QUERY_BYTES: usize = 4096;
 /// Blocks one lookup may ask about.
 pub const MAX_LOOKUP_BLOCKS: u64 = 1024;
 

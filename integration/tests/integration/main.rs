@@ -34,6 +34,7 @@ mod lazy;
 mod metrics;
 mod overlaybd;
 mod p2p;
+mod permissions;
 mod resilience;
 mod rpull;
 mod stargz_compat;

@@ -33,6 +33,7 @@ mod dns;
 mod faults;
 mod herd;
 mod liar;
+mod outsiders;
 mod reshare;
 mod tls;
 
@@ -200,9 +201,15 @@ impl Cluster {
             .collect();
         let mut added = Vec::new();
         for ((label, address), settings) in addresses.into_iter().zip(settings) {
+            // Plain HTTP between the test's namespaces must be asked for; TLS needs no asking.
+            let insecure = if settings.contains("tls =") {
+                ""
+            } else {
+                "insecure = true\n"
+            };
             let section = format!(
                 "\n[peers]\nlisten = \"{address}:{PEER_PORT}\"\nstatic = [{}]\n\
-                 probe_interval_ms = 200\n{settings}\n",
+                 probe_interval_ms = 200\n{insecure}{settings}\n",
                 listed.join(", ")
             );
             added.push(self.push_node(&label, address, &section)?);

@@ -60,11 +60,17 @@ impl ShoalSnapshotter {
         mounter: Arc<dyn LayerMounter>,
     ) -> Result<ShoalSnapshotter, SnapshotError> {
         let layout = Layout::detect(root);
+        // Only root may enter: the snapshots are the images' trees, as containerd's overlayfs
+        // snapshotter keeps them (0700); mounts made from them are unaffected.
         for dir in [root, layout.snapshots_dir()] {
-            std::fs::create_dir_all(dir).map_err(|source| SnapshotError::CreateDir {
-                path: dir.to_owned(),
-                source,
-            })?;
+            let narrowed =
+                shoal_fetcher::private::dir(dir).map_err(|source| SnapshotError::CreateDir {
+                    path: dir.to_owned(),
+                    source,
+                })?;
+            if let Some(had) = narrowed {
+                info!(dir = %dir.display(), was = format!("{had:o}"), "narrowed to 0700");
+            }
         }
         let store = Store::open(&root.join("metadata.db"))?;
         let snapshotter = ShoalSnapshotter {

@@ -32,7 +32,7 @@ fn attach_with_dns(
 fn start_dns_node(cluster: &mut Cluster, label: &str, address: Ipv4Addr) -> Result<usize> {
     let section = format!(
         "\n[peers]\nlisten = \"{address}:{PEER_PORT}\"\ndns = \"{NAME}:{PEER_PORT}\"\n\
-         refresh_secs = 1\nprobe_interval_ms = 200\nlatency_budget_ms = 3000\n"
+         refresh_secs = 1\nprobe_interval_ms = 200\nlatency_budget_ms = 3000\ninsecure = true\n"
     );
     cluster.push_node(label, address, &section)
 }
