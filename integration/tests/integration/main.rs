@@ -30,7 +30,6 @@ mod convert;
 mod cri;
 mod ctr;
 mod harness;
-mod hostile;
 mod lazy;
 mod metrics;
 mod overlaybd;
