@@ -70,12 +70,6 @@ pub enum SnapshotError {
         "block layer {layer} cannot be mounted, and a block layer has no files to unpack: {reason}"
     )]
     BlockLayerUnavailable { layer: String, reason: String },
-    #[error("layer {key} ({layer}) is not mounted and cannot be mounted again: {reason}")]
-    LayerUnavailable {
-        key: String,
-        layer: String,
-        reason: String,
-    },
     #[error("blocking task for {operation} failed: {reason}")]
     Task {
         operation: &'static str,
@@ -113,7 +107,7 @@ impl SnapshotError {
             | UnmountLayer { .. }
             | PersistIndex { .. }
             | Task { .. } => Code::Internal,
-            BlockLayerUnavailable { .. } | LayerUnavailable { .. } => Code::Unavailable,
+            BlockLayerUnavailable { .. } => Code::Unavailable,
         }
     }
 }

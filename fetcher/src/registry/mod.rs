@@ -19,7 +19,6 @@ use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, RANGE, WWW_AUTHENTICATE};
 use reqwest::{Client, StatusCode, Url};
 use shoal_config::{HostConfig, RegistryConfig};
-use tokio::time::Instant;
 
 pub use auth::{Credential, Credentials};
 pub use push::{BlobContent, Pushed, PushedManifest};
@@ -93,7 +92,6 @@ impl RegistryClient {
         let policy = RetryPolicy {
             retries: config.retries,
             timeout: config.timeout,
-            deadline: config.deadline,
         };
         let default_client = build_client("default", &HostConfig::default(), &policy)?;
         let mut clients = HashMap::new();
@@ -242,9 +240,6 @@ impl RegistryClient {
         fail: &(dyn Fn(String, HttpFailure) -> FetchError + Sync),
     ) -> Result<(String, Reply), FetchError> {
         let endpoints = self.endpoints(image);
-        // One deadline for the whole request, mirrors and retries included, so that a caller
-        // (a FUSE read) waits at most `registry.deadline_secs` however the registry misbehaves.
-        let until = Instant::now() + self.inner.policy.deadline;
         let mut last_error = None;
         for endpoint in &endpoints {
             let url = format!(
@@ -255,15 +250,8 @@ impl RegistryClient {
             );
             let result = match Url::parse(&url) {
                 Ok(parsed) => {
-                    self.execute_on(
-                        endpoint,
-                        image.repository_name(),
-                        &parsed,
-                        headers,
-                        plan,
-                        until,
-                    )
-                    .await
+                    self.execute_on(endpoint, image.repository_name(), &parsed, headers, plan)
+                        .await
                 }
                 Err(e) => Err(RequestError::Http(HttpFailure::Malformed {
                     reason: format!("url: {e}"),
@@ -315,14 +303,13 @@ impl RegistryClient {
         url: &Url,
         headers: &HeaderMap,
         plan: &BodyPlan,
-        until: Instant,
     ) -> Result<Reply, RequestError> {
         let inner = &self.inner;
         let mut challenged = false;
         loop {
             let auth = inner.tokens.get(endpoint.host, repository);
             let reply = self
-                .send_with_retries(endpoint.client, url, headers, auth.as_ref(), plan, until)
+                .send_with_retries(endpoint.client, url, headers, auth.as_ref(), plan)
                 .await?;
             if reply.status.is_success() {
                 return Ok(reply);
@@ -346,9 +333,7 @@ impl RegistryClient {
                 continue;
             }
             inner.tokens.remove(endpoint.host, repository);
-            let header = self
-                .authorize(endpoint, repository, &reply.headers, until)
-                .await?;
+            let header = self.authorize(endpoint, repository, &reply.headers).await?;
             inner
                 .tokens
                 .insert(endpoint.host, repository, header.0, header.1);
@@ -374,7 +359,6 @@ impl RegistryClient {
         endpoint: &Endpoint<'_>,
         repository: &str,
         headers: &HeaderMap,
-        until: Instant,
     ) -> Result<(HeaderValue, Option<std::time::Duration>), RequestError> {
         let values: Vec<&str> = headers
             .get_all(WWW_AUTHENTICATE)
@@ -402,14 +386,7 @@ impl RegistryClient {
                     .clone()
                     .unwrap_or_else(|| format!("repository:{repository}:pull"));
                 let token = self
-                    .fetch_token(
-                        endpoint,
-                        realm,
-                        service.as_deref(),
-                        &scope,
-                        credential,
-                        until,
-                    )
+                    .fetch_token(endpoint, realm, service.as_deref(), &scope, credential)
                     .await?;
                 Ok((token.0, Some(token.1)))
             }
@@ -428,7 +405,6 @@ impl RegistryClient {
         service: Option<&str>,
         scope: &str,
         credential: Option<&Credential>,
-        until: Instant,
     ) -> Result<(HeaderValue, std::time::Duration), RequestError> {
         let fail = |cause| {
             RequestError::Fetch(FetchError::FetchToken {
@@ -466,7 +442,6 @@ impl RegistryClient {
                 &HeaderMap::new(),
                 basic.as_ref(),
                 &plan,
-                until,
             )
             .await
             .map_err(|error| match error {
@@ -490,10 +465,8 @@ impl RegistryClient {
         })
     }
 
-    /// Attempts until one succeeds, fails for good, the retry budget is spent or `until`
-    /// passes. Each attempt (connect, headers and body) gets `timeout`, cut short by `until`,
-    /// so a body that stalls after its headers costs one attempt. Returns the final reply,
-    /// whatever its status, unless that status was transient.
+    /// Attempts until one succeeds, fails for good, or the retry budget is spent. Returns the
+    /// final reply, whatever its status, unless that status was transient.
     async fn send_with_retries(
         &self,
         client: &Client,
@@ -501,23 +474,18 @@ impl RegistryClient {
         headers: &HeaderMap,
         auth: Option<&HeaderValue>,
         plan: &BodyPlan,
-        until: Instant,
     ) -> Result<Reply, RequestError> {
         let policy = self.inner.policy;
         let mut retry = 0;
         loop {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                // Earlier endpoints (mirrors) used the whole deadline.
-                return Err(RequestError::Http(HttpFailure::TimedOut {
-                    after: policy.deadline,
-                }));
-            }
-            let limit = policy.timeout.min(left);
-            let outcome =
-                tokio::time::timeout(limit, transport::attempt(client, url, headers, auth, plan))
-                    .await
-                    .unwrap_or(Err(HttpFailure::TimedOut { after: limit }));
+            let outcome = tokio::time::timeout(
+                policy.timeout,
+                transport::attempt(client, url, headers, auth, plan),
+            )
+            .await
+            .unwrap_or(Err(HttpFailure::TimedOut {
+                after: policy.timeout,
+            }));
             let (failure, reply_headers) = match outcome {
                 Ok(reply) => {
                     let failure = HttpFailure::Status {
@@ -534,13 +502,6 @@ impl RegistryClient {
                 return Err(RequestError::Http(failure));
             }
             let delay = policy.delay(retry, reply_headers.as_ref());
-            if Instant::now() + delay >= until {
-                return Err(RequestError::Http(HttpFailure::Deadline {
-                    deadline: policy.deadline,
-                    attempts: retry + 1,
-                    last: Box::new(failure),
-                }));
-            }
             tracing::debug!(%url, %failure, ?delay, retry, "retrying registry request");
             tokio::time::sleep(delay).await;
             retry += 1;

@@ -332,17 +332,8 @@ impl RegistryClient {
         });
         if let Some((realm, service)) = bearer {
             let scope = format!("repository:{repository}:pull,push");
-            // Pushes are bounded per request by their callers; the token fetch on its own.
-            let until = tokio::time::Instant::now() + self.inner.policy.deadline;
             let (header, lifetime) = self
-                .fetch_token(
-                    endpoint,
-                    realm,
-                    service.as_deref(),
-                    &scope,
-                    credential,
-                    until,
-                )
+                .fetch_token(endpoint, realm, service.as_deref(), &scope, credential)
                 .await?;
             return Ok((header, Some(lifetime)));
         }

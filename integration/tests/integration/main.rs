@@ -35,6 +35,5 @@ mod metrics;
 mod overlaybd;
 mod p2p;
 mod permissions;
-mod resilience;
 mod rpull;
 mod stargz_compat;
