@@ -71,6 +71,18 @@ struct BlobEntry {
 }
 
 impl BlobEntry {
+    /// Drops the holder whose announcement expires first.
+    fn forget_stalest_holder(&mut self) {
+        let stalest = self
+            .holders
+            .iter()
+            .min_by_key(|(_, holding)| holding.expires)
+            .map(|(addr, _)| *addr);
+        if let Some(stalest) = stalest {
+            self.holders.remove(&stalest);
+        }
+    }
+
     fn cost(&self) -> usize {
         let holders: usize = self
             .holders
@@ -108,14 +120,7 @@ impl State {
     fn settle(&mut self, blob: &Digest, cap: usize) {
         if let Some(entry) = self.blobs.get_mut(blob) {
             while entry.holders.len() > 1 && entry.cost() > cap {
-                let stalest = entry
-                    .holders
-                    .iter()
-                    .min_by_key(|(_, holding)| holding.expires)
-                    .map(|(addr, _)| *addr);
-                if let Some(stalest) = stalest {
-                    entry.holders.remove(&stalest);
-                }
+                entry.forget_stalest_holder();
             }
             let cost = entry.cost();
             self.bytes = self.bytes - entry.cost + cost;
@@ -180,14 +185,7 @@ impl OwnerIndex {
         let mut state = self.lock();
         let entry = state.touch(blob);
         if !entry.holders.contains_key(&from) && entry.holders.len() >= MAX_HOLDERS {
-            let stalest = entry
-                .holders
-                .iter()
-                .min_by_key(|(_, holding)| holding.expires)
-                .map(|(addr, _)| *addr);
-            if let Some(stalest) = stalest {
-                entry.holders.remove(&stalest);
-            }
+            entry.forget_stalest_holder();
         }
         let holding = entry.holders.entry(from).or_insert_with(|| Holding {
             blocks: BlockSet::new(),
