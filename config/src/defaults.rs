@@ -16,6 +16,8 @@ pub const DOCKER_CONFIG: &str = "/root/.docker/config.json";
 pub const PEERS_LISTEN: &str = "0.0.0.0:7420";
 pub const PEERS_REFRESH_SECS: u64 = 10;
 pub const PEERS_PROBE_INTERVAL_MS: u64 = 500;
+/// A member that answers its probe within this long is alive, however loaded it is.
+pub const PEERS_PROBE_TIMEOUT_MS: u64 = 2000;
 pub const PEERS_OWNERS: usize = 2;
 pub const PEERS_UPLOAD_RATE: u64 = 100 << 20;
 pub const PEERS_MAX_UPLOADS: usize = 16;

@@ -85,6 +85,7 @@ pub struct RawPeers {
     pub dns: Option<String>,
     pub refresh_secs: Option<i64>,
     pub probe_interval_ms: Option<i64>,
+    pub probe_timeout_ms: Option<i64>,
     pub owners: Option<i64>,
     pub upload_rate: Option<RawByteSize>,
     pub max_uploads: Option<i64>,

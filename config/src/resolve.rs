@@ -38,6 +38,8 @@ pub struct PeersConfig {
     pub refresh: Duration,
     /// How often every member's `/health` is probed; one missed probe marks it dead.
     pub probe_interval: Duration,
+    /// How long one probe may take; three missed in a row and a member leaves.
+    pub probe_timeout: Duration,
     /// Index owners per blob (rendezvous hashing over live members).
     pub owners: usize,
     /// Bytes per second this node uploads to its peers, in all.
@@ -399,6 +401,12 @@ fn resolve_peers(raw: RawPeers) -> Result<PeersConfig, ConfigError> {
             "peers.probe_interval_ms",
             raw.probe_interval_ms,
             defaults::PEERS_PROBE_INTERVAL_MS,
+            60_000,
+        )?,
+        probe_timeout: millis(
+            "peers.probe_timeout_ms",
+            raw.probe_timeout_ms,
+            defaults::PEERS_PROBE_TIMEOUT_MS,
             60_000,
         )?,
         owners: positive(

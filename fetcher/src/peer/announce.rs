@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use super::blockset::BlockSet;
+use super::member::PeerAddr;
 use super::rendezvous;
 use super::wire::Announce;
 use super::Peers;
@@ -25,7 +26,7 @@ pub struct Announcer {
     /// Blocks landed since the last batch, by blob.
     fresh: Mutex<HashMap<Digest, BlockSet>>,
     renew: std::sync::atomic::AtomicBool,
-    /// A batch taken from `fresh` (or a renewal) is being sent.
+    /// A batch taken from `fresh` (or a renewal) is being sent, or part of it is due again.
     sending: std::sync::atomic::AtomicBool,
     wake: Notify,
 }
@@ -62,15 +63,32 @@ impl Announcer {
     }
 }
 
+/// An announcement that did not reach its owner is sent again this much later...
+const RETRY_AFTER: Duration = Duration::from_millis(500);
+/// ...up to this many times in all; after that the next renewal carries it.
+const ATTEMPTS: u32 = 4;
+
+/// One announcement to one owner, and how often it was sent.
+struct Delivery {
+    owner: PeerAddr,
+    announce: Announce,
+    attempts: u32,
+}
+
 /// Runs until the runtime shuts down.
 pub async fn run(peers: Arc<Peers>, fetcher: Fetcher) {
     // Renewing at a third of the lease survives one lost renewal.
     let renew_every = (peers.config.lease / 3).max(Duration::from_secs(1));
     let mut renewed = Instant::now();
     let mut saved = Instant::now();
+    // Deliveries that failed and are due again: an owner that missed an announcement would
+    // send askers to the registry for blocks this node holds until the next renewal.
+    let mut retries: Vec<Delivery> = Vec::new();
     loop {
-        // Woken sooner when there is a changed set to save.
-        let sleep = if peers.shareable.is_dirty() {
+        // Woken sooner when there is something to send again or a changed set to save.
+        let sleep = if !retries.is_empty() {
+            RETRY_AFTER
+        } else if peers.shareable.is_dirty() {
             SAVE_EVERY.min(renew_every)
         } else {
             renew_every
@@ -98,6 +116,8 @@ pub async fn run(peers: Arc<Peers>, fetcher: Fetcher) {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clear();
+            // A renewal tells the current owners everything, which supersedes any retry.
+            retries.clear();
             (peers.shareable.retain_cached(fetcher.cache()), true)
         } else {
             let fresh = std::mem::take(
@@ -110,40 +130,56 @@ pub async fn run(peers: Arc<Peers>, fetcher: Fetcher) {
             (fresh.into_iter().collect(), false)
         };
         let live = peers.members.live(Instant::now());
-        let sends = batch.iter().flat_map(|(blob, blocks)| {
-            let announce = Announce {
-                from: me.to_string(),
-                blob: blob.to_string(),
-                block_size: peers.block_size,
-                blocks: blocks.to_hex(),
-                replace,
-            };
+        let mut deliveries = std::mem::take(&mut retries);
+        for (blob, blocks) in &batch {
             let owners = rendezvous::owners(blob, &live, peers.config.owners);
+            for owner in owners {
+                if owner == me {
+                    peers
+                        .index
+                        .announce(Instant::now(), me, blob, blocks, replace);
+                    continue;
+                }
+                deliveries.push(Delivery {
+                    owner,
+                    announce: Announce {
+                        from: me.to_string(),
+                        blob: blob.to_string(),
+                        block_size: peers.block_size,
+                        blocks: blocks.to_hex(),
+                        replace,
+                    },
+                    attempts: 0,
+                });
+            }
+        }
+        let sends = deliveries.into_iter().map(|mut delivery| {
             let peers = &peers;
-            owners.into_iter().map(move |owner| {
-                let announce = announce.clone();
-                let blob = blob.clone();
-                let blocks = blocks.clone();
-                async move {
-                    if owner == me {
-                        peers
-                            .index
-                            .announce(Instant::now(), me, &blob, &blocks, replace);
-                    } else if let Err(failure) = peers
-                        .client
-                        .announce(owner, &announce, Duration::from_secs(2))
-                        .await
-                    {
-                        debug!(%owner, %failure, "announcement not delivered");
+            async move {
+                delivery.attempts += 1;
+                let sent = peers
+                    .client
+                    .announce(delivery.owner, &delivery.announce, Duration::from_secs(2))
+                    .await;
+                match sent {
+                    Ok(()) => None,
+                    Err(failure) if delivery.attempts < ATTEMPTS => {
+                        debug!(owner = %delivery.owner, %failure, "announcement not delivered; sending it again");
+                        Some(delivery)
+                    }
+                    Err(failure) => {
+                        warn!(owner = %delivery.owner, %failure, attempts = delivery.attempts, "announcement not delivered; the next renewal carries it");
+                        None
                     }
                 }
-            })
+            }
         });
-        join_all(sends).await;
+        retries = join_all(sends).await.into_iter().flatten().collect();
+        // Still announcing while some delivery is due again.
         peers
             .announcer
             .sending
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+            .store(!retries.is_empty(), std::sync::atomic::Ordering::SeqCst);
         if renew || saved.elapsed() >= SAVE_EVERY {
             saved = Instant::now();
             if let Err(error) = peers.shareable.save() {

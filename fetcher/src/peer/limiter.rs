@@ -46,8 +46,13 @@ impl UploadLimiter {
     /// How long the sender of `bytes` must wait to stay within the rate; the bytes are
     /// charged now.
     pub fn charge(&self, bytes: u64) -> Duration {
+        self.charge_at(bytes, Instant::now())
+    }
+
+    /// [`charge`](Self::charge) at `now`, which is never before the last charge.
+    fn charge_at(&self, bytes: u64, now: Instant) -> Duration {
         let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
+        let now = now.max(bucket.at);
         let refill = now.duration_since(bucket.at).as_secs_f64() * bucket.rate;
         bucket.tokens = (bucket.tokens + refill).min(bucket.rate);
         bucket.at = now;
@@ -67,15 +72,15 @@ mod tests {
     #[test]
     fn rate_is_enforced_after_the_burst() {
         let limiter = UploadLimiter::new(1000, 4);
-        assert_eq!(limiter.charge(1000), Duration::ZERO);
-        let wait = limiter.charge(500);
-        assert!(
-            wait >= Duration::from_millis(450) && wait <= Duration::from_millis(550),
-            "{wait:?}"
-        );
+        // All at one instant, so that no refill depends on how fast the test runs.
+        let now = Instant::now();
+        assert_eq!(limiter.charge_at(1000, now), Duration::ZERO);
+        assert_eq!(limiter.charge_at(500, now), Duration::from_millis(500));
         // Debt accumulates: the next sender waits for both.
-        let wait = limiter.charge(500);
-        assert!(wait >= Duration::from_millis(950), "{wait:?}");
+        assert_eq!(limiter.charge_at(500, now), Duration::from_secs(1));
+        // And is paid off at the rate.
+        let later = now + Duration::from_millis(1500);
+        assert_eq!(limiter.charge_at(0, later), Duration::ZERO);
     }
 
     #[test]

@@ -131,6 +131,7 @@ impl Peers {
             index_blobs: index.blobs,
             index_bytes: index.bytes,
             index_evictions: index.evictions,
+            shareable_unsaved: self.shareable.is_unsaved(),
             ..self.counters.snapshot(PeerGauges {
                 members_known: self.members.known().len() as u64,
                 members_live: self.members_live.load(std::sync::atomic::Ordering::Relaxed),
@@ -330,13 +331,20 @@ impl Peers {
         work: F,
     ) -> F::Output {
         // A third of the grant: one renewal may be lost or late without the grant lapsing.
-        let every = (self.config.latency_budget / 3).max(Duration::from_millis(20));
+        // Each may take as long as the grant has left, so a slow owner still counts; the
+        // renewals stop only once no owner took one for a whole grant, which has lapsed then.
+        let grant = self.config.latency_budget;
+        let every = (grant / 3).max(Duration::from_millis(20));
         let renewals = async {
-            let mut ticks = tokio::time::interval_at((Instant::now() + every).into(), every);
+            let mut taken = Instant::now();
             loop {
-                ticks.tick().await;
-                if !self.renew(blob, blocks.clone(), every).await {
+                tokio::time::sleep(every).await;
+                let left = grant.saturating_sub(taken.elapsed());
+                if left.is_zero() {
                     return;
+                }
+                if self.renew(blob, blocks.clone(), left).await {
+                    taken = Instant::now();
                 }
             }
         };

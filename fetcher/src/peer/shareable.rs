@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::num::NonZeroUsize;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -38,6 +38,8 @@ pub struct Shareable {
     file: Option<PathBuf>,
     /// Whether the sets changed since they were last saved.
     dirty: AtomicBool,
+    /// A save is writing the sets now.
+    saving: AtomicBool,
 }
 
 /// A block that came from a peer: who sent it, and which of its bytes (sorted, disjoint
@@ -72,6 +74,7 @@ impl Shareable {
             )),
             file,
             dirty: AtomicBool::new(false),
+            saving: AtomicBool::new(false),
         }
     }
 
@@ -178,13 +181,28 @@ impl Shareable {
         self.file.is_some() && self.dirty.load(Ordering::Relaxed)
     }
 
+    /// Whether a restart now would forget some of the sets: they changed since the last save,
+    /// or a save is writing them. `saving` is set before `dirty` is cleared and cleared after
+    /// the file is in place, so this never reads saved while the write is in between.
+    pub fn is_unsaved(&self) -> bool {
+        self.file.is_some()
+            && (self.dirty.load(Ordering::SeqCst) || self.saving.load(Ordering::SeqCst))
+    }
+
     /// Writes the sets to their file if they changed since the last save (a new file, then
     /// renamed over the old one, so a crash leaves one or the other whole).
     pub fn save(&self) -> Result<(), FetchError> {
         let Some(path) = &self.file else {
             return Ok(());
         };
-        if !self.dirty.swap(false, Ordering::Relaxed) {
+        self.saving.store(true, Ordering::SeqCst);
+        let saved = self.write(path);
+        self.saving.store(false, Ordering::SeqCst);
+        saved
+    }
+
+    fn write(&self, path: &Path) -> Result<(), FetchError> {
+        if !self.dirty.swap(false, Ordering::SeqCst) {
             return Ok(());
         }
         let text = {
@@ -204,9 +222,9 @@ impl Shareable {
             .and_then(|mut file| std::io::Write::write_all(&mut file, text.as_bytes()))
             .and_then(|()| std::fs::rename(&fresh, path));
         written.map_err(|source| {
-            self.dirty.store(true, Ordering::Relaxed);
+            self.dirty.store(true, Ordering::SeqCst);
             FetchError::PersistShareable {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 source,
             }
         })

@@ -17,6 +17,10 @@ pub struct PeerStats {
     /// Whether blocks that landed, or a full renewal after the owners changed, are still to
     /// be announced (or being announced): while true, owners may not yet name this node.
     pub announcing: bool,
+    /// Whether what this node shares changed since it was last saved (or is being saved): a
+    /// restart now would forget some of it.
+    #[serde(default)]
+    pub shareable_unsaved: bool,
     /// Index lookups answered (by a remote owner or this node as owner), and failed.
     pub lookups: u64,
     pub lookup_failures: u64,
@@ -156,6 +160,7 @@ impl PeerCounters {
             index_blobs: 0,
             index_bytes: 0,
             index_evictions: 0,
+            shareable_unsaved: false,
             per_peer: self
                 .per_peer
                 .lock()

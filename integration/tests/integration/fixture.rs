@@ -191,3 +191,18 @@ fn tail_lines(text: &str, count: usize) -> String {
     let start = lines.len().saturating_sub(count);
     lines[start..].join("\n")
 }
+
+/// `port` on a loopback address no other server of this test process has had: each server
+/// a test starts gets its own address, so no two tests, however they interleave, race for
+/// one (as picking a free port and binding it later would). The second octet comes from
+/// the process id, so a server left behind by an earlier run is unlikely to be in the way;
+/// one that is makes the new server fail to bind, which its start reports.
+pub fn loopback_addr(port: u16) -> std::net::SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    // 127.100.0.0 and up: clear of 127.0.0.0/16, which documentation and demos use.
+    let second = 100 + (std::process::id() % 150) as u8;
+    let [_, _, third, fourth] = (n % (1 << 16)).to_be_bytes();
+    std::net::SocketAddr::from(([127, second, third, fourth.max(1)], port))
+}

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -116,12 +116,6 @@ fn get(address: SocketAddr, path: &str) -> Result<String> {
     Ok(body.to_owned())
 }
 
-/// A loopback port nobody listens on right now.
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("bind a probe port")?;
-    Ok(listener.local_addr()?.port())
-}
-
 /// Evicts the kernel's page cache, so that the second container's reads reach the FUSE layer
 /// instead of pages the first one left behind.
 fn drop_page_cache() -> Result<()> {
@@ -132,7 +126,7 @@ fn drop_page_cache() -> Result<()> {
 fn counters_follow_a_lazy_run() {
     privileged!();
     Fixture::run(|fixture| {
-        let address: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let address = crate::fixture::loopback_addr(9464);
         // The settings land after an empty `[registry]` header; `[metrics]` and `[cache]`
         // are tables of their own there. No decoded-chunk memory: every read after the
         // first must come through the chunk cache, where it is counted.

@@ -235,13 +235,12 @@ impl Cluster {
         })
     }
 
-    /// Waits until `node` has announced every block that landed on it so far.
+    /// Waits until `node` has announced every block that landed on it so far (at once for
+    /// a node without peers).
     fn wait_announced(&self, node: usize) -> Result<()> {
         wait_until("announcements to go out", Duration::from_secs(20), || {
-            Ok(
-                self.nodes[node].status(&self.network)?["peers"]["announcing"].as_bool()
-                    == Some(false),
-            )
+            let peers = &self.nodes[node].status(&self.network)?["peers"];
+            Ok(peers.is_null() || peers["announcing"].as_bool() == Some(false))
         })
     }
 
@@ -430,7 +429,9 @@ struct Started {
     sum: Result<String>,
 }
 
-/// Pulls and runs the image on `nodes` at the same moment, one thread each.
+/// Pulls and runs the image on `nodes` at the same moment, one thread each; a start counts
+/// as done once its node has also announced what it fetched, so that whatever runs next
+/// finds those blocks at their owners, however slowly this machine sends announcements.
 fn start_together(cluster: &Cluster, nodes: &[usize], reference: &str, tag: &str) -> Vec<Started> {
     let barrier = Arc::new(Barrier::new(nodes.len()));
     std::thread::scope(|scope| {
@@ -456,7 +457,14 @@ fn start_together(cluster: &Cluster, nodes: &[usize], reference: &str, tag: &str
             .collect();
         handles
             .into_iter()
-            .map(|handle| handle.join().expect("node thread panicked"))
+            .zip(nodes)
+            .map(|(handle, &i)| {
+                let mut start = handle.join().expect("node thread panicked");
+                start.sum = start
+                    .sum
+                    .and_then(|sum| cluster.wait_announced(i).map(|()| sum));
+                start
+            })
             .collect()
     })
 }

@@ -2,14 +2,14 @@
 //! with a counting proxy in front.
 
 use std::fs;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::fixture::{wait_until, Fixture};
+use crate::fixture::{loopback_addr, wait_until, Fixture};
 use crate::process::Process;
 use crate::proxy::CountingProxy;
 
@@ -24,7 +24,7 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(fixture: &Fixture) -> Result<Registry> {
-        let addr = free_port()?;
+        let addr = loopback_addr(5000);
         let storage = fixture.mkdir("registry/data")?;
         let config = fixture.path("registry/config.yml");
         let text = format!(
@@ -81,10 +81,4 @@ impl Registry {
             .join(hex)
             .join("data"))
     }
-}
-
-/// A port nobody listens on right now (the registry binds it a moment later).
-pub fn free_port() -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("find a free port")?;
-    Ok(listener.local_addr()?)
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::{peer_stat, with_cluster, DATA_BYTES};
-use crate::fixture::{privileged, Fixture};
+use crate::fixture::{privileged, wait_until, Fixture};
 
 #[test]
 fn verified_peer_blocks_are_shared_on_and_still_after_a_restart() {
@@ -31,9 +31,16 @@ fn verified_peer_blocks_are_shared_on_and_still_after_a_restart() {
                 "the second node shares only {reshared} of the blocks it checked: {status:#}"
             );
 
-            // What it shares outlives a SIGKILL (saved within seconds), and the first node,
-            // the only one that fetched from the registry, goes away.
-            std::thread::sleep(Duration::from_secs(3));
+            // What it shares outlives a SIGKILL once saved (within seconds), and the first
+            // node, the only one that fetched from the registry, goes away.
+            wait_until(
+                "the shareable blocks to be saved",
+                Duration::from_secs(30),
+                || {
+                    let status = cluster.nodes[second].status(&cluster.network)?;
+                    Ok(status["peers"]["shareable_unsaved"].as_bool() == Some(false))
+                },
+            )?;
             cluster.restart_daemon(second)?;
             cluster.nodes[first].daemon.kill()?;
             cluster.wait_live(&[second, third], 2)?;
