@@ -226,6 +226,22 @@ pub enum HttpFailure {
     #[error("credentials rejected (status 401)")]
     Unauthorized,
 
+    /// The registry asked for credentials (401) and none were sent, for none were found.
+    #[error(
+        "the registry wants credentials and none were found for {} (looked in {})",
+        searched.host,
+        searched.looked_in
+    )]
+    NoCredentials { searched: Box<CredentialSearch> },
+
+    /// An `https` request was answered in plain HTTP: the host needs `plain_http`.
+    #[error(
+        "{host} answered plain HTTP to an HTTPS request: set `plain_http = true` under \
+         `[registry.hosts.\"{host}\"]` in the daemon's config (`shoal rpull --plain-http` for the \
+         pull alone)"
+    )]
+    PlainHttp { host: String },
+
     #[error("unsupported authentication challenge `{header}`")]
     Challenge { header: String },
 
@@ -250,6 +266,14 @@ pub enum HttpFailure {
 
     #[error("malformed response: {reason}")]
     Malformed { reason: String },
+}
+
+/// Where credentials for a host were looked for, when none were found (boxed in
+/// [`HttpFailure::NoCredentials`], which would otherwise make every error larger).
+#[derive(Debug)]
+pub struct CredentialSearch {
+    pub host: String,
+    pub looked_in: String,
 }
 
 impl HttpFailure {

@@ -190,6 +190,7 @@ async fn refused_credentials_fail_after_one_reauth() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
+    write_docker_config(dir.path(), &registry.host(), "alice:wrong");
     let client = client(dir.path(), 3, &[(&registry.host(), "")]);
     let blob = blob_on(&registry.host(), &content(100));
     let error = client.get_blob(&blob).await.unwrap_err();
@@ -203,7 +204,126 @@ async fn refused_credentials_fail_after_one_reauth() {
         ),
         "{error}"
     );
+    assert!(
+        error.to_string().contains("credentials rejected"),
+        "{error}"
+    );
     assert_eq!(registry.count(), 2);
+}
+
+fn write_docker_config(dir: &std::path::Path, host: &str, user_password: &str) {
+    std::fs::write(
+        dir.join("docker-config.json"),
+        format!(
+            r#"{{"auths": {{"{host}": {{"auth": "{}"}}}}}}"#,
+            base64::engine::general_purpose::STANDARD.encode(user_password)
+        ),
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_registry_wanting_credentials_when_none_are_found_says_so_and_where_shoal_looked() {
+    // Basic: nothing can be sent at all.
+    let basic = TestServer::start(|_| {
+        Reply::status(401).header("WWW-Authenticate", r#"Basic realm="registry""#)
+    })
+    .await;
+    // Bearer: the token server hands out anonymous tokens, which the registry refuses.
+    let auth = TestServer::start(|_| Reply::ok(r#"{"token": "anonymous"}"#)).await;
+    let realm = format!("http://{}/token", auth.host());
+    let bearer = TestServer::start(move |_| {
+        Reply::status(401).header("WWW-Authenticate", format!(r#"Bearer realm="{realm}""#))
+    })
+    .await;
+    // Bearer whose token server itself wants credentials.
+    let strict_auth = TestServer::start(|_| Reply::status(401)).await;
+    let strict_realm = format!("http://{}/token", strict_auth.host());
+    let strict = TestServer::start(move |_| {
+        Reply::status(401).header(
+            "WWW-Authenticate",
+            format!(r#"Bearer realm="{strict_realm}""#),
+        )
+    })
+    .await;
+    for server in [&basic, &bearer, &strict] {
+        let dir = tempfile::tempdir().unwrap();
+        let client = client(dir.path(), 0, &[(&server.host(), "")]);
+        let error = client
+            .get_blob(&blob_on(&server.host(), &content(100)))
+            .await
+            .unwrap_err();
+        let FetchError::FetchBlob {
+            cause: HttpFailure::NoCredentials { searched },
+            ..
+        } = &error
+        else {
+            panic!("{}: {error}", server.host());
+        };
+        let (host, looked_in) = (&searched.host, &searched.looked_in);
+        assert_eq!(host, &server.host());
+        let config = dir.path().join("docker-config.json");
+        assert!(
+            looked_in.contains(&format!("{} (absent)", config.display())),
+            "{error}"
+        );
+        assert!(error.to_string().contains("none were found"), "{error}");
+    }
+
+    // A docker config without an entry for the host says that instead.
+    let dir = tempfile::tempdir().unwrap();
+    write_docker_config(dir.path(), "elsewhere.example", "alice:s3cret");
+    let client = client(dir.path(), 0, &[(&basic.host(), "")]);
+    let error = client
+        .get_blob(&blob_on(&basic.host(), &content(100)))
+        .await
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains(&format!("(no entry for {})", basic.host())),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_plain_http_registry_asked_over_https_names_the_setting() {
+    // What an HTTP server answers to a TLS ClientHello, as Go's (the registry's) does.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let answering = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut hello = [0u8; 512];
+            let _ = stream.read(&mut hello).await;
+            let _ = stream
+                .write_all(b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n")
+                .await;
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    // No `plain_http` for the host: the client speaks TLS to a plain HTTP server.
+    let client = client(dir.path(), 0, &[]);
+    let error = client
+        .get_blob(&blob_on(&host, &content(100)))
+        .await
+        .unwrap_err();
+    answering.abort();
+    let expected = host;
+    let FetchError::FetchBlob {
+        cause: HttpFailure::PlainHttp { host },
+        ..
+    } = &error
+    else {
+        panic!("{error}");
+    };
+    assert_eq!(host, &expected);
+    let message = error.to_string();
+    assert!(
+        message.contains("plain_http = true")
+            && message.contains(&format!("[registry.hosts.\"{expected}\"]")),
+        "{message}"
+    );
 }
 
 #[tokio::test]

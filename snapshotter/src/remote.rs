@@ -24,6 +24,9 @@ pub const LABEL_TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
 pub const LABEL_OVERLAYBD_BLOB_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
 /// Set by Shoal on the snapshots it provides remotely; `ctr snapshots info` shows it.
 pub const LABEL_REMOTE: &str = "containerd.io/snapshot/remote";
+/// Set by Shoal on the ordinary snapshot a Prepare fell back to: `<kind>: <reason>`, so that
+/// the client filling it (`shoal rpull`, `ctr snapshot info`) can say why it downloads.
+pub const LABEL_FALLBACK: &str = "containerd.io/snapshot/shoal.fallback";
 
 /// Where a layer lives, as the labels of a Prepare describe it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -51,6 +51,9 @@ struct RpullArgs {
     /// `os/arch[/variant]` to pick from a multi-platform image (default: this host's).
     #[arg(long)]
     platform: Option<String>,
+    /// Exit non-zero if any eStargz or overlaybd layer was downloaded instead of mounted.
+    #[arg(long)]
+    require_lazy: bool,
     /// Image reference, e.g. `registry.example.com/app:1.0`.
     reference: String,
 }
@@ -128,6 +131,21 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             let progress = shoal_cmd::pull::Progress::new();
             let summary = runtime.block_on(shoal_cmd::pull::rpull(config, &options, &progress))?;
             println!("{summary}");
+            let downloaded: Vec<_> = summary
+                .layers
+                .iter()
+                .filter(|layer| layer.downloaded_lazy_format())
+                .collect();
+            if rpull.require_lazy && !downloaded.is_empty() {
+                for layer in &downloaded {
+                    eprintln!("shoal: --require-lazy: {layer}");
+                }
+                eprintln!(
+                    "shoal: --require-lazy: {} lazily mountable layers were downloaded",
+                    downloaded.len()
+                );
+                return Ok(ExitCode::FAILURE);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Convert(convert) => {

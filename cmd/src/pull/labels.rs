@@ -138,6 +138,19 @@ impl ImageLabels<'_> {
     }
 }
 
+/// `eStargz` or `overlaybd` when a layer's annotations mark it as one (what a snapshotter
+/// needs to mount it lazily), else `None`.
+pub fn lazy_format(layer: &Descriptor) -> Option<&'static str> {
+    let has = |key: &str| layer.annotations.get(key).is_some_and(|v| !v.is_empty());
+    if has("containerd.io/snapshot/overlaybd/blob-digest") {
+        Some("overlaybd")
+    } else if has("containerd.io/snapshot/stargz/toc.digest") {
+        Some("eStargz")
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

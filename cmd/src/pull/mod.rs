@@ -80,6 +80,16 @@ pub async fn rpull(
             .hosts
             .entry(image.host().to_owned())
             .or_default();
+        if !host.plain_http {
+            // The daemon reads the registry itself, with its own config: the flag is not
+            // passed on, and without the setting it cannot mount this image's layers.
+            eprintln!(
+                "warning: --plain-http applies to this pull only; Shoal's config has no \
+                 `plain_http = true` under `[registry.hosts.\"{}\"]`, so unless the daemon's \
+                 config has it, the daemon cannot read the layers lazily and they are downloaded",
+                image.host()
+            );
+        }
         host.plain_http = true;
     }
     let registry = RegistryClient::new(&config.registry).context("build the registry client")?;
@@ -386,6 +396,7 @@ impl Pull<'_> {
                 count: layers.len(),
                 digest: descriptor.digest.clone(),
                 outcome,
+                lazy_format: labels::lazy_format(descriptor),
                 elapsed: started.elapsed(),
             };
             self.progress.line(&report);

@@ -19,7 +19,16 @@ pub struct LayerReport {
     pub count: usize,
     pub digest: Digest,
     pub outcome: Outcome,
+    /// `eStargz` or `overlaybd` when the layer's annotations say it could be mounted lazily.
+    pub lazy_format: Option<&'static str>,
     pub elapsed: Duration,
+}
+
+impl LayerReport {
+    /// A layer that could have been mounted lazily and was downloaded instead.
+    pub fn downloaded_lazy_format(&self) -> bool {
+        self.lazy_format.is_some() && matches!(self.outcome, Outcome::Applied { .. })
+    }
 }
 
 /// How the whole pull went.
@@ -42,7 +51,7 @@ impl Summary {
         self.layers
             .iter()
             .map(|layer| match layer.outcome {
-                Outcome::Applied { fetched } => fetched,
+                Outcome::Applied { fetched, .. } => fetched,
                 Outcome::Lazy | Outcome::Present => 0,
             })
             .sum()
@@ -57,11 +66,20 @@ impl fmt::Display for LayerReport {
             self.position, self.count, self.digest
         )?;
         let elapsed = Seconds(self.elapsed);
-        match self.outcome {
+        match &self.outcome {
             Outcome::Present => write!(f, "already unpacked"),
             Outcome::Lazy => write!(f, "lazy in {elapsed}"),
-            Outcome::Applied { fetched } => {
-                write!(f, "fetched {}, applied in {elapsed}", ByteSize(fetched))
+            Outcome::Applied { fetched, fallback } => {
+                write!(f, "fetched {}, applied in {elapsed}", ByteSize(*fetched))?;
+                match (fallback, self.lazy_format) {
+                    (Some(why), _) => write!(f, " (not lazy: {why})"),
+                    (None, Some(format)) => write!(
+                        f,
+                        " (an {format} layer, but the snapshotter said nothing of why it was \
+                         not mounted lazily)"
+                    ),
+                    (None, None) => Ok(()),
+                }
             }
         }
     }
@@ -85,9 +103,22 @@ impl fmt::Display for Summary {
     }
 }
 
-/// Prints reports as plain lines, above a byte bar on a terminal.
+/// Without a terminal, a layer being fetched is reported this often.
+const PLAIN_EVERY: Duration = Duration::from_secs(5);
+
+/// Prints reports as plain lines, above a byte bar on a terminal; elsewhere (a log, a pipe)
+/// a line every few seconds says how far the layer being fetched is.
 pub struct Progress {
     bar: Option<ProgressBar>,
+    plain: std::sync::Mutex<Option<PlainLayer>>,
+}
+
+/// The layer being fetched, for the plain lines.
+struct PlainLayer {
+    name: String,
+    size: u64,
+    done: u64,
+    reported: std::time::Instant,
 }
 
 impl Progress {
@@ -103,21 +134,49 @@ impl Progress {
             );
             bar
         });
-        Progress { bar }
+        Progress {
+            bar,
+            plain: std::sync::Mutex::new(None),
+        }
     }
 
     /// A layer of `size` bytes is starting.
     pub fn start(&self, position: usize, count: usize, digest: &Digest, size: u64) {
-        if let Some(bar) = &self.bar {
-            bar.reset();
-            bar.set_length(size);
-            bar.set_message(format!("layer {position}/{count} {digest:?}"));
+        let name = format!("layer {position}/{count} {digest:?}");
+        match &self.bar {
+            Some(bar) => {
+                bar.reset();
+                bar.set_length(size);
+                bar.set_message(name);
+            }
+            None => {
+                *self.plain.lock().unwrap_or_else(|e| e.into_inner()) = Some(PlainLayer {
+                    name,
+                    size,
+                    done: 0,
+                    reported: std::time::Instant::now(),
+                });
+            }
         }
     }
 
     pub fn bytes(&self, count: u64) {
         if let Some(bar) = &self.bar {
             bar.inc(count);
+            return;
+        }
+        let mut plain = self.plain.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(layer) = plain.as_mut() {
+            layer.done += count;
+            if layer.reported.elapsed() >= PLAIN_EVERY {
+                layer.reported = std::time::Instant::now();
+                println!(
+                    "{}: fetching, {} of {}",
+                    layer.name,
+                    ByteSize(layer.done),
+                    ByteSize(layer.size)
+                );
+            }
         }
     }
 
@@ -164,7 +223,15 @@ mod tests {
             count: 3,
             digest: Digest::of(b""),
             outcome,
+            lazy_format: None,
             elapsed: Duration::from_millis(millis),
+        }
+    }
+
+    fn applied(fetched: u64) -> Outcome {
+        Outcome::Applied {
+            fetched,
+            fallback: None,
         }
     }
 
@@ -175,17 +242,29 @@ mod tests {
             "layer 2/3 sha256:e3b0c44298fc… lazy in 40ms"
         );
         assert_eq!(
-            report(Outcome::Applied { fetched: 3_250_586 }, 800).to_string(),
+            report(applied(3_250_586), 800).to_string(),
             "layer 2/3 sha256:e3b0c44298fc… fetched 3.1 MiB, applied in 800ms"
         );
         assert_eq!(
-            report(Outcome::Applied { fetched: 512 }, 1_250).to_string(),
+            report(applied(512), 1_250).to_string(),
             "layer 2/3 sha256:e3b0c44298fc… fetched 512 B, applied in 1.2s"
         );
         assert_eq!(
             report(Outcome::Present, 1).to_string(),
             "layer 2/3 sha256:e3b0c44298fc… already unpacked"
         );
+        let fell_back = Outcome::Applied {
+            fetched: 512,
+            fallback: Some("registry: 401".to_owned()),
+        };
+        let mut lazy_format = report(fell_back, 1);
+        lazy_format.lazy_format = Some("eStargz");
+        assert!(lazy_format.downloaded_lazy_format());
+        assert_eq!(
+            lazy_format.to_string(),
+            "layer 2/3 sha256:e3b0c44298fc… fetched 512 B, applied in 1ms (not lazy: registry: 401)"
+        );
+        assert!(!report(applied(1), 1).downloaded_lazy_format());
     }
 
     #[test]
@@ -195,8 +274,8 @@ mod tests {
             target: Digest::of(b""),
             layers: vec![
                 report(Outcome::Lazy, 1),
-                report(Outcome::Applied { fetched: 2048 }, 1),
-                report(Outcome::Applied { fetched: 1024 }, 1),
+                report(applied(2048), 1),
+                report(applied(1024), 1),
             ],
             elapsed: Duration::from_millis(2_500),
         };

@@ -24,15 +24,22 @@ use super::labels::{to_map, ChainId, UNCOMPRESSED};
 /// containerd retries a Prepare that collided with a concurrent unpack this many times.
 const PREPARE_ATTEMPTS: u32 = 3;
 
+/// The label Shoal's snapshotter sets on a snapshot a Prepare fell back to: why.
+const LABEL_FALLBACK: &str = "containerd.io/snapshot/shoal.fallback";
+
 /// How a layer came to be in the snapshotter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Its chain was committed before this pull.
     Present,
     /// The snapshotter mounted it remotely: nothing was downloaded.
     Lazy,
-    /// Downloaded (`fetched` bytes; 0 when containerd had the blob) and applied.
-    Applied { fetched: u64 },
+    /// Downloaded (`fetched` bytes; 0 when containerd had the blob) and applied; `fallback`
+    /// is why the snapshotter did not mount it, as it said.
+    Applied {
+        fetched: u64,
+        fallback: Option<String>,
+    },
 }
 
 /// One layer to unpack.
@@ -111,11 +118,12 @@ impl Unpacker<'_> {
                 layer.chain
             );
         };
+        let fallback = self.fallback_reason(&mut snapshots, &key).await;
         match self
             .apply_and_commit(&mut snapshots, layer, &key, mounts, on_bytes)
             .await
         {
-            Ok(outcome) => Ok(outcome),
+            Ok(fetched) => Ok(Outcome::Applied { fetched, fallback }),
             Err(err) => {
                 self.remove(&mut snapshots, &key).await;
                 Err(err)
@@ -130,7 +138,7 @@ impl Unpacker<'_> {
         key: &str,
         mounts: Vec<Mount>,
         on_bytes: &dyn Fn(u64),
-    ) -> anyhow::Result<Outcome> {
+    ) -> anyhow::Result<u64> {
         let descriptor = layer.descriptor;
         let blob = BlobRef::new(
             self.repository.clone(),
@@ -200,12 +208,25 @@ impl Unpacker<'_> {
         content
             .set_labels(&descriptor.digest, &uncompressed)
             .await?;
-        Ok(Outcome::Applied {
-            fetched: match stored {
-                Stored::Written { bytes } => bytes,
-                Stored::Present => 0,
-            },
+        Ok(match stored {
+            Stored::Written { bytes } => bytes,
+            Stored::Present => 0,
         })
+    }
+
+    /// Why the snapshotter made `key` an ordinary snapshot instead of mounting the layer, as
+    /// it labelled it; `None` when it did not say (another snapshotter, or not asked).
+    async fn fallback_reason(
+        &self,
+        snapshots: &mut SnapshotsClient<Scoped>,
+        key: &str,
+    ) -> Option<String> {
+        let request = StatSnapshotRequest {
+            snapshotter: self.snapshotter.to_owned(),
+            key: key.to_owned(),
+        };
+        let info = snapshots.stat(request).await.ok()?.into_inner().info?;
+        info.labels.get(LABEL_FALLBACK).cloned()
     }
 
     /// Whether `chain` is a snapshot of this snapshotter.

@@ -55,6 +55,8 @@ pub struct Credentials {
     store: Option<String>,
     /// Where `docker-credential-<name>` programs are looked for.
     search: Vec<PathBuf>,
+    /// The docker config these came from, and whether it existed.
+    origin: Option<(PathBuf, bool)>,
 }
 
 #[derive(Deserialize)]
@@ -84,7 +86,10 @@ impl Credentials {
         let metadata = match std::fs::metadata(path) {
             Ok(metadata) => metadata,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Credentials::default())
+                return Ok(Credentials {
+                    origin: Some((path.to_owned(), false)),
+                    ..Credentials::default()
+                })
             }
             Err(error) => return Err(read_error(error)),
         };
@@ -95,10 +100,27 @@ impl Credentials {
             });
         }
         let text = std::fs::read(path).map_err(read_error)?;
-        Credentials::parse(&text).map_err(|reason| FetchError::ParseDockerConfig {
-            path: path.to_owned(),
-            reason,
-        })
+        let mut credentials =
+            Credentials::parse(&text).map_err(|reason| FetchError::ParseDockerConfig {
+                path: path.to_owned(),
+                reason,
+            })?;
+        credentials.origin = Some((path.to_owned(), true));
+        Ok(credentials)
+    }
+
+    /// Where credentials for `host` were looked for, for an error that found none.
+    pub fn looked_in(&self, host: &str) -> String {
+        let host = canonical_host(host);
+        let config = match &self.origin {
+            Some((path, true)) => format!("{} (no entry for {host})", path.display()),
+            Some((path, false)) => format!("{} (absent)", path.display()),
+            None => "no docker config".to_owned(),
+        };
+        match self.helpers.get(&host).or(self.store.as_ref()) {
+            Some(helper) => format!("{config} and docker-credential-{helper}"),
+            None => config,
+        }
     }
 
     /// Parses the JSON text of a docker `config.json`.
@@ -124,6 +146,7 @@ impl Credentials {
             helpers,
             store: config.creds_store.filter(|store| !store.is_empty()),
             search: helper::search_path(),
+            origin: None,
         })
     }
 

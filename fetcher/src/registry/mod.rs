@@ -319,10 +319,16 @@ impl RegistryClient {
                     status: reply.status.as_u16(),
                 }));
             }
-            // A second 401 means fresh credentials were refused; a first one may just mean
-            // that none were sent yet or that a token expired before we expected.
+            // A second 401 means fresh credentials were refused (or that having none does
+            // not do); a first one may just mean that none were sent yet or that a token
+            // expired before we expected.
             if challenged {
-                return Err(RequestError::Http(HttpFailure::Unauthorized));
+                return Err(RequestError::Http(
+                    match self.credential(endpoint).await? {
+                        Some(_) => HttpFailure::Unauthorized,
+                        None => self.no_credentials(endpoint),
+                    },
+                ));
             }
             challenged = true;
             let refresh = inner.tokens.refresh_lock(endpoint.host, repository);
@@ -351,6 +357,15 @@ impl RegistryClient {
             .get(endpoint.host)
             .await
             .map_err(RequestError::Fetch)
+    }
+
+    fn no_credentials(&self, endpoint: &Endpoint<'_>) -> HttpFailure {
+        HttpFailure::NoCredentials {
+            searched: Box::new(crate::error::CredentialSearch {
+                host: endpoint.host.to_owned(),
+                looked_in: self.inner.credentials.looked_in(endpoint.host),
+            }),
+        }
     }
 
     /// Answers a 401's challenge with the `Authorization` value to retry with.
@@ -391,7 +406,9 @@ impl RegistryClient {
                 Ok((token.0, Some(token.1)))
             }
             (_, Some(Challenge::Basic), Some(credential)) => Ok((credential.basic_header(), None)),
-            (_, Some(Challenge::Basic), None) => Err(RequestError::Http(HttpFailure::Unauthorized)),
+            (_, Some(Challenge::Basic), None) => {
+                Err(RequestError::Http(self.no_credentials(endpoint)))
+            }
             _ => Err(RequestError::Http(HttpFailure::Challenge {
                 header: values.join(", ").chars().take(200).collect(),
             })),
@@ -449,6 +466,9 @@ impl RegistryClient {
                 other => other,
             })?;
         if !reply.status.is_success() {
+            if reply.status == StatusCode::UNAUTHORIZED && credential.is_none() {
+                return Err(RequestError::Http(self.no_credentials(endpoint)));
+            }
             return Err(fail(HttpFailure::Status {
                 status: reply.status.as_u16(),
             }));

@@ -298,7 +298,12 @@ impl RegistryClient {
                 return Ok(reply);
             }
             if challenged {
-                return Err(RequestError::Http(HttpFailure::Unauthorized));
+                return Err(RequestError::Http(
+                    match self.credential(endpoint).await? {
+                        Some(_) => HttpFailure::Unauthorized,
+                        None => self.no_credentials(endpoint),
+                    },
+                ));
             }
             challenged = true;
             tokens.remove(endpoint.host, repository);
@@ -339,7 +344,9 @@ impl RegistryClient {
         }
         match (challenges.first(), credential) {
             (Some(Challenge::Basic), Some(credential)) => Ok((credential.basic_header(), None)),
-            (Some(Challenge::Basic), None) => Err(RequestError::Http(HttpFailure::Unauthorized)),
+            (Some(Challenge::Basic), None) => {
+                Err(RequestError::Http(self.no_credentials(endpoint)))
+            }
             _ => Err(RequestError::Http(HttpFailure::Challenge {
                 header: values.join(", ").chars().take(200).collect(),
             })),
@@ -400,7 +407,7 @@ async fn send_once(
     let response = request
         .send()
         .await
-        .map_err(|error| RequestError::Http(HttpFailure::Transport { error }))?;
+        .map_err(|error| RequestError::Http(super::transport::send_failure(url, error)))?;
     Ok(PushReply {
         status: response.status(),
         headers: response.headers().clone(),

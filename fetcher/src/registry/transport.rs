@@ -52,7 +52,7 @@ pub async fn attempt(
         let response = request
             .send()
             .await
-            .map_err(|error| HttpFailure::Transport { error })?;
+            .map_err(|error| send_failure(&current, error))?;
         if !response.status().is_redirection() {
             return read_reply(response, plan).await;
         }
@@ -61,6 +61,47 @@ pub async fn attempt(
     Err(HttpFailure::Redirect {
         reason: format!("more than {MAX_REDIRECTS} redirects"),
     })
+}
+
+/// A request that got no response: [`HttpFailure::PlainHttp`] when TLS met a plain-HTTP
+/// answer (so the message can name the setting), else the transport error.
+pub fn send_failure(url: &Url, error: reqwest::Error) -> HttpFailure {
+    if url.scheme() == "https" && answered_plain_http(&error) {
+        let host = match (url.host_str(), url.port()) {
+            (Some(host), Some(port)) => format!("{host}:{port}"),
+            (Some(host), None) => host.to_owned(),
+            (None, _) => url.as_str().to_owned(),
+        };
+        return HttpFailure::PlainHttp { host };
+    }
+    HttpFailure::Transport { error }
+}
+
+/// Whether TLS failed because the first bytes back were no TLS record at all, as when an
+/// HTTP server answers a ClientHello. rustls's error sits inside `io::Error`s, whose
+/// `source` skips what they wrap, so each one is opened instead.
+fn answered_plain_http(error: &reqwest::Error) -> bool {
+    let is_it = |error: &(dyn std::error::Error + 'static)| {
+        matches!(
+            error.downcast_ref::<rustls::Error>(),
+            Some(rustls::Error::InvalidMessage(
+                rustls::InvalidMessage::InvalidContentType
+            ))
+        )
+    };
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = next {
+        if is_it(error) {
+            return true;
+        }
+        next = match error.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => error.source(),
+        };
+    }
+    false
 }
 
 fn redirect_target(current: &Url, response: &Response) -> Result<Url, HttpFailure> {

@@ -259,3 +259,22 @@ fn expect_listed_again(
     );
     Ok(())
 }
+
+#[test]
+fn an_image_unpacked_without_remote_snapshot_labels_is_logged_once_with_what_to_use() {
+    privileged!();
+    Fixture::run(|fixture| {
+        // `ctr image pull` on containerd 1.6 prepares every layer without the labels a
+        // remote snapshotter needs: the layers are downloaded, and the daemon says so once.
+        let stack = Stack::start(fixture)?;
+        let layers = stack.listed()?.len();
+        anyhow::ensure!(layers >= 2, "a layered image has {layers} snapshots");
+        let log = stack.daemon.log();
+        let said = log.matches("without remote-snapshot labels").count();
+        anyhow::ensure!(
+            said == 1 && log.contains("shoal rpull"),
+            "said {said} times for one image of {layers} layers:\n{log}"
+        );
+        Ok(())
+    });
+}

@@ -24,6 +24,8 @@ pub struct LazyStats {
     mounted: AtomicU64,
     remount_failures: AtomicU64,
     fallbacks: Mutex<BTreeMap<&'static str, u64>>,
+    /// Unpacks whose Prepare carried no remote-snapshot labels at all.
+    pub(super) unlabelled: super::unlabelled::UnlabelledUnpacks,
 }
 
 impl LazyStats {
@@ -35,12 +37,19 @@ impl LazyStats {
         self.remount_failures.load(Ordering::Relaxed)
     }
 
-    /// Fallback counts keyed by [`Fallback::kind`].
+    /// Fallback counts keyed by [`Fallback::kind`], with layers containerd unpacked without
+    /// asking for a remote snapshot as `unlabelled_unpack`.
     pub fn fallbacks(&self) -> BTreeMap<&'static str, u64> {
-        self.fallbacks
+        let mut fallbacks = self
+            .fallbacks
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+            .clone();
+        let unlabelled = self.unlabelled.layers();
+        if unlabelled > 0 {
+            fallbacks.insert(super::unlabelled::KIND, unlabelled);
+        }
+        fallbacks
     }
 
     pub(crate) fn fell_back(&self, key: &str, reason: &Fallback) {
@@ -62,15 +71,15 @@ impl LazyStats {
 }
 
 impl ShoalSnapshotter {
-    /// `Some(error)` is the answer to the Prepare (ALREADY_EXISTS when the layer is provided);
-    /// `None` means "fall back to an ordinary snapshot".
+    /// `Ok(error)` is the answer to the Prepare (ALREADY_EXISTS when the layer is provided);
+    /// `Err(why)` means "fall back to an ordinary snapshot", already logged and counted.
     pub(super) async fn try_remote(
         &self,
         key: &str,
         parent: &str,
         labels: &BTreeMap<String, String>,
         layer: LayerLabels,
-    ) -> Option<SnapshotError> {
+    ) -> Result<SnapshotError, Fallback> {
         let target = layer.target.clone();
         let exists = {
             let target = target.clone();
@@ -78,16 +87,16 @@ impl ShoalSnapshotter {
                 .await
         };
         if exists.is_ok() {
-            return Some(SnapshotError::AlreadyExists { key: target });
+            return Ok(SnapshotError::AlreadyExists { key: target });
         }
         let resolved = match self.inner.mounter.resolve(&layer).await {
             Ok(resolved) => resolved,
             Err(fallback) if layer.overlaybd => {
-                return Some(block_layer_unavailable(&layer, &fallback))
+                return Ok(block_layer_unavailable(&layer, &fallback))
             }
             Err(fallback) => {
                 self.inner.lazy.fell_back(key, &fallback);
-                return None;
+                return Err(fallback);
             }
         };
         let mut labels = labels.clone();
@@ -107,21 +116,20 @@ impl ShoalSnapshotter {
                     layer = record.remote.as_ref().map(|r| r.digest.as_str()).unwrap_or(""),
                     "layer mounted lazily"
                 );
-                Some(SnapshotError::AlreadyExists { key: target })
+                Ok(SnapshotError::AlreadyExists { key: target })
             }
             // Another Prepare for the same layer won the race: the layer is there all the same.
             Err(SnapshotError::AlreadyExists { .. }) => {
-                Some(SnapshotError::AlreadyExists { key: target })
+                Ok(SnapshotError::AlreadyExists { key: target })
             }
-            Err(err) if layer.overlaybd => Some(block_layer_unavailable(
+            Err(err) if layer.overlaybd => Ok(block_layer_unavailable(
                 &layer,
                 &Fallback::Mount(err.to_string()),
             )),
             Err(err) => {
-                self.inner
-                    .lazy
-                    .fell_back(key, &Fallback::Mount(err.to_string()));
-                None
+                let fallback = Fallback::Mount(err.to_string());
+                self.inner.lazy.fell_back(key, &fallback);
+                Err(fallback)
             }
         }
     }

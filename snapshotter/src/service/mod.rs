@@ -1,6 +1,7 @@
 //! The containerd Snapshots API over the metadata store and the on-disk layout.
 
 mod lazy;
+mod unlabelled;
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -16,7 +17,7 @@ use crate::error::SnapshotError;
 use crate::filter::{Fields, Filter};
 use crate::layout::Layout;
 use crate::metadata::{Entry, Kind, Record, Store};
-use crate::remote::{LayerLabels, LayerMounter, ResolvedLayer};
+use crate::remote::{Fallback, LayerLabels, LayerMounter, ResolvedLayer, LABEL_FALLBACK};
 use crate::usage;
 
 pub use lazy::LazyStats;
@@ -130,16 +131,24 @@ impl ShoalSnapshotter {
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, SnapshotError> {
         validate_key(&key)?;
-        let labels = validate_labels(labels)?;
+        let mut labels = validate_labels(labels)?;
         if kind == Kind::Active {
-            match LayerLabels::parse(&labels) {
-                Ok(Some(layer)) => {
-                    if let Some(err) = self.try_remote(&key, &parent, &labels, layer).await {
-                        return Err(err);
-                    }
+            let fallback = match LayerLabels::parse(&labels) {
+                Ok(Some(layer)) => match self.try_remote(&key, &parent, &labels, layer).await {
+                    Ok(answer) => return Err(answer),
+                    Err(fallback) => Some(fallback),
+                },
+                Ok(None) => {
+                    let _logged = self.inner.lazy.unlabelled.prepared(&key, &parent);
+                    None
                 }
-                Ok(None) => {}
-                Err(fallback) => self.inner.lazy.fell_back(&key, &fallback),
+                Err(fallback) => {
+                    self.inner.lazy.fell_back(&key, &fallback);
+                    Some(fallback)
+                }
+            };
+            if let Some(fallback) = fallback {
+                labels.insert(LABEL_FALLBACK.to_owned(), fallback_label(&fallback));
             }
         }
         self.blocking("create", move |inner| {
@@ -310,6 +319,20 @@ fn validate_labels(
         out.insert(key, value);
     }
     Ok(out)
+}
+
+/// [`LABEL_FALLBACK`]'s value: `<kind>: <reason>`, cut to fit containerd's label limit.
+fn fallback_label(fallback: &Fallback) -> String {
+    let mut value = format!("{}: {fallback}", fallback.kind());
+    let room = MAX_LABEL_BYTES - LABEL_FALLBACK.len();
+    if value.len() > room {
+        let mut end = room;
+        while !value.is_char_boundary(end) {
+            end -= 1;
+        }
+        value.truncate(end);
+    }
+    value
 }
 
 /// containerd's `UpdateInfo`: only labels change; no paths means "replace all labels", a
