@@ -37,3 +37,23 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
         None => Ok(Config::default()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_typo_is_reported_once_with_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "[cache]\ncapacty = \"1GiB\"\n").unwrap();
+        let error = format!("{:#}", load_config(Some(&path)).unwrap_err());
+        assert_eq!(
+            error.matches("unknown field `capacty`").count(),
+            1,
+            "{error}"
+        );
+        assert!(error.contains("line 2"), "{error}");
+        assert!(error.starts_with(&format!("load {}: parse config: ", path.display())));
+    }
+}

@@ -3,12 +3,12 @@ use std::path::PathBuf;
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("read config file {path}: {source}")]
+    #[error("read config file {path}")]
     ReadFile {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("parse config: {source}")]
+    #[error("parse config")]
     Parse { source: Box<toml::de::Error> },
     #[error("invalid value for `{field}`: {reason}")]
     InvalidValue { field: String, reason: String },

@@ -124,9 +124,9 @@ impl Containerd {
         LeasesClient::new(self.scoped())
     }
 
-    /// Fails unless containerd has loaded a snapshotter called `name`; the error lists the
-    /// ones it has.
-    pub async fn ensure_snapshotter(&self, name: &str) -> anyhow::Result<()> {
+    /// Fails unless containerd has loaded a snapshotter called `name` (the error lists the
+    /// ones it has); returns the socket containerd dials for it when it is a proxy plugin.
+    pub async fn ensure_snapshotter(&self, name: &str) -> anyhow::Result<Option<PathBuf>> {
         let request = PluginsRequest {
             filters: vec![format!("type=={SNAPSHOTTER_PLUGIN_TYPE}")],
         };
@@ -142,7 +142,8 @@ impl Containerd {
                     "containerd's snapshotter `{name}` failed to load: {}",
                     status.message
                 ),
-                _ => Ok(()),
+                // containerd exports a proxy plugin's socket as `address`.
+                _ => Ok(plugin.exports.get("address").map(PathBuf::from)),
             },
             None => {
                 let known: Vec<&str> = plugins.iter().map(|p| p.id.as_str()).collect();

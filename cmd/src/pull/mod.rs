@@ -95,7 +95,9 @@ pub async fn rpull(
     let registry = RegistryClient::new(&config.registry).context("build the registry client")?;
 
     let containerd = Containerd::connect(&options.address, &options.namespace).await?;
-    containerd.ensure_snapshotter(&options.snapshotter).await?;
+    if let Some(dialed) = containerd.ensure_snapshotter(&options.snapshotter).await? {
+        check_daemon_socket(&options.snapshotter, &dialed, &config.socket).await?;
+    }
     let resolved = resolve(&registry, &image, &name, &platform).await?;
 
     let lease = containerd.create_lease().await?;
@@ -120,6 +122,53 @@ pub async fn rpull(
         layers,
         elapsed: started.elapsed(),
     })
+}
+
+/// Fails when nothing answers at `dialed`, where containerd reaches snapshotter `name`, naming
+/// both that and `configured` (where Shoal's config puts the daemon's socket); warns when
+/// they differ but something answers, which may be another daemon than this config's.
+async fn check_daemon_socket(
+    name: &str,
+    dialed: &std::path::Path,
+    configured: &std::path::Path,
+) -> anyhow::Result<()> {
+    let differ = dialed != configured;
+    let connect = tokio::net::UnixStream::connect(dialed);
+    match tokio::time::timeout(std::time::Duration::from_secs(5), connect).await {
+        Ok(Ok(_)) => {
+            if differ {
+                eprintln!(
+                    "warning: containerd reaches snapshotter `{name}` at {}, but Shoal's config \
+                     puts the daemon's socket at {}; make containerd's `proxy_plugins.{name}.address` \
+                     and Shoal's `socket` agree",
+                    dialed.display(),
+                    configured.display()
+                );
+            }
+            Ok(())
+        }
+        Ok(Err(error)) => {
+            let hint = if differ {
+                format!(
+                    "Shoal's config puts the daemon's socket at {}: make containerd's \
+                     `proxy_plugins.{name}.address` and Shoal's `socket` agree",
+                    configured.display()
+                )
+            } else {
+                "is shoal-snapshotter running?".to_owned()
+            };
+            bail!(
+                "containerd reaches snapshotter `{name}` at {}, where nothing answers ({error}); \
+                 {hint}",
+                dialed.display()
+            )
+        }
+        Err(_) => bail!(
+            "containerd reaches snapshotter `{name}` at {}, which did not accept a connection \
+             within 5 s; is shoal-snapshotter running?",
+            dialed.display()
+        ),
+    }
 }
 
 /// `host/repository:tag[@digest]`, with `:latest` when neither tag nor digest was given: the

@@ -200,9 +200,10 @@ fn tail_lines(text: &str, count: usize) -> String {
 pub fn loopback_addr(port: u16) -> std::net::SocketAddr {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    // From 1: every one of the 65,535 addresses per process is distinct (x.y.0.0 is skipped).
+    let n = NEXT.fetch_add(1, Ordering::Relaxed) % 0xffff + 1;
     // 127.100.0.0 and up: clear of 127.0.0.0/16, which documentation and demos use.
     let second = 100 + (std::process::id() % 150) as u8;
-    let [_, _, third, fourth] = (n % (1 << 16)).to_be_bytes();
-    std::net::SocketAddr::from(([127, second, third, fourth.max(1)], port))
+    let [_, _, third, fourth] = n.to_be_bytes();
+    std::net::SocketAddr::from(([127, second, third, fourth], port))
 }

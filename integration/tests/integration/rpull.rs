@@ -28,7 +28,7 @@ struct Stack {
     reference: String,
     registry: Registry,
     ctd: Containerd,
-    _daemon: Daemon,
+    daemon: Daemon,
 }
 
 impl Stack {
@@ -42,14 +42,15 @@ impl Stack {
             ..containerd::Options::default()
         };
         let ctd = Containerd::start(fixture, &options)?;
-        // An empty configuration: every default, and nothing read from /etc/shoal.
-        fs::write(fixture.path("rpull.toml"), "").context("write rpull.toml")?;
+        // Every default but the daemon's socket, and nothing read from /etc/shoal.
+        let config = format!("socket = \"{}\"\n", daemon.socket().display());
+        fs::write(fixture.path("rpull.toml"), config).context("write rpull.toml")?;
         Ok(Stack {
             fixture_dir: fixture.dir().to_owned(),
             reference,
             registry,
             ctd,
-            _daemon: daemon,
+            daemon,
         })
     }
 
@@ -303,7 +304,7 @@ fn rpull_after_image_removal_reuses_the_committed_snapshots() {
 fn rpull_errors_name_the_problem() {
     privileged!();
     Fixture::run(|fixture| {
-        let stack = Stack::start(fixture)?;
+        let mut stack = Stack::start(fixture)?;
         let address = fixture.path("containerd/c.sock");
         let expect_failure = |extra: &[&str], reference: &str, needle: &str| -> Result<()> {
             match stack.rpull_with(&address, extra, reference) {
@@ -338,6 +339,22 @@ fn rpull_errors_name_the_problem() {
             images.trim().is_empty(),
             "failed pulls left images: {images}"
         );
+
+        // The daemon down: said before anything is pulled, with the socket containerd dials.
+        stack.daemon.stop()?;
+        match stack.rpull_with(&address, &[], &stack.reference) {
+            Ok(out) => anyhow::bail!("rpull without the daemon succeeded: {out}"),
+            Err(err) => {
+                let text = format!("{err:#}");
+                let socket = stack.daemon.socket().display().to_string();
+                anyhow::ensure!(
+                    text.contains(&format!(
+                        "snapshotter `shoal` at {socket}, where nothing answers"
+                    )) && text.contains("is shoal-snapshotter running?"),
+                    "{text}"
+                );
+            }
+        }
         Ok(())
     });
 }
