@@ -30,6 +30,7 @@ mod convert;
 mod cri;
 mod ctr;
 mod harness;
+mod hostile;
 mod lazy;
 mod metrics;
 mod overlaybd;
