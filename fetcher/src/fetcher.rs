@@ -21,6 +21,9 @@ use crate::stats::{BlobBytes, Counters, FetchStats, Source};
 const MAX_RUN_BYTES: u64 = 16 << 20;
 /// Prefetch walks a blob in windows of this many runs, so its memory stays bounded.
 const PREFETCH_WINDOW_RUNS: u64 = 4;
+/// A block whose fetch failed fails at once for this long: the kernel follows a failed
+/// readahead with a read of its own, which must not wait out a second registry deadline.
+const FAILED_FETCH_HOLD: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The crate's front door: `read(blob, range)`. Cheap to clone; clones share everything.
 #[derive(Clone)]
@@ -82,7 +85,7 @@ impl Fetcher {
             inner: Arc::new(Inner {
                 registry,
                 cache,
-                flights: Arc::default(),
+                flights: Arc::new(Flights::with_failure_hold(FAILED_FETCH_HOLD)),
                 remote: Semaphore::new(config.max_concurrent.max(1)),
                 counters: Counters::default(),
                 latency: FetchLatency::default(),
@@ -276,7 +279,9 @@ impl Fetcher {
                 continue;
             }
             inner.counters.misses(1);
-            match inner.flights.join(&key) {
+            // Only plain reads take a fresh failure as their answer: opening a layer (its
+            // footer and TOC) or a refetch after a bad chunk asks the registry again.
+            match inner.flights.join(&key, mode == Mode::Read) {
                 Joined::Follow(waiter) => parts.push(Part::Waiting(waiter)),
                 Joined::Lead(lead) => {
                     parts.push(Part::Waiting(lead.waiter()));
@@ -395,13 +400,15 @@ impl Fetcher {
         let blob = blob.clone();
         let cached = tokio::task::spawn_blocking(move || {
             for (index, part) in blocks {
-                if let Err(error) =
-                    fetcher
-                        .inner
-                        .cache
-                        .insert(&blob.digest, blob.size, index, &part)
+                match fetcher
+                    .inner
+                    .cache
+                    .insert(&blob.digest, blob.size, index, &part)
                 {
-                    tracing::warn!(%error, "block fetched but not cached");
+                    // A full disk is logged by the cache, once per spell.
+                    Err(error) if error.is_no_space() => {}
+                    Err(error) => tracing::warn!(%error, "block fetched but not cached"),
+                    Ok(()) => {}
                 }
             }
         })

@@ -188,6 +188,34 @@ async fn a_body_shorter_than_its_content_length_is_an_error() {
 }
 
 #[tokio::test]
+async fn a_read_right_after_a_failed_one_fails_at_once_without_asking_again() {
+    // A registry that sends a range's headers, then stalls its body: the kernel meets the
+    // failed readahead with a read of its own, which must not wait a second deadline.
+    let data = Arc::new(content(4 * BLOCK as usize));
+    let served = data.clone();
+    let server =
+        TestServer::start(move |request: &Request| Reply::blob(request, &served).stalling_body())
+            .await;
+    let setup = Setup::with_server(server, data);
+    let mut config = config(setup.dir.path(), 1, &[(&setup.server.host(), "")]);
+    config.registry.deadline = Duration::from_secs(30);
+    let fetcher = Fetcher::new(&config).unwrap();
+    let first = fetcher.read(&setup.blob, 0..BLOCK).await.unwrap_err();
+    assert!(first.to_string().contains("timed out"), "{first}");
+    assert_eq!(setup.server.count(), 2, "retries + 1 attempts");
+    let started = std::time::Instant::now();
+    let again = fetcher.read(&setup.blob, 100..200).await.unwrap_err();
+    assert!(again.to_string().contains("timed out"), "{again}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the second read waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(setup.server.count(), 2, "the block was not asked for again");
+    assert_eq!(fetcher.cache().usage().blocks, 0);
+}
+
+#[tokio::test]
 async fn refetch_replaces_cached_blocks() {
     let good = Arc::new(content(4 * BLOCK as usize));
     let mut bad = good.to_vec();

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, RANGE, WWW_AUTHENTICATE};
 use reqwest::{Client, StatusCode, Url};
 use shoal_config::{HostConfig, RegistryConfig};
+use tokio::time::Instant;
 
 pub use auth::{Credential, Credentials};
 pub use push::{BlobContent, Pushed, PushedManifest};
@@ -92,6 +93,7 @@ impl RegistryClient {
         let policy = RetryPolicy {
             retries: config.retries,
             timeout: config.timeout,
+            deadline: config.deadline,
         };
         let default_client = build_client("default", &HostConfig::default(), &policy)?;
         let mut clients = HashMap::new();
@@ -240,6 +242,9 @@ impl RegistryClient {
         fail: &(dyn Fn(String, HttpFailure) -> FetchError + Sync),
     ) -> Result<(String, Reply), FetchError> {
         let endpoints = self.endpoints(image);
+        // One deadline for the whole request, mirrors and retries included, so that a caller
+        // (a FUSE read) waits at most `registry.deadline_secs` however the registry misbehaves.
+        let until = Instant::now() + self.inner.policy.deadline;
         let mut last_error = None;
         for endpoint in &endpoints {
             let url = format!(
@@ -250,8 +255,15 @@ impl RegistryClient {
             );
             let result = match Url::parse(&url) {
                 Ok(parsed) => {
-                    self.execute_on(endpoint, image.repository_name(), &parsed, headers, plan)
-                        .await
+                    self.execute_on(
+                        endpoint,
+                        image.repository_name(),
+                        &parsed,
+                        headers,
+                        plan,
+                        until,
+                    )
+                    .await
                 }
                 Err(e) => Err(RequestError::Http(HttpFailure::Malformed {
                     reason: format!("url: {e}"),
@@ -303,13 +315,14 @@ impl RegistryClient {
         url: &Url,
         headers: &HeaderMap,
         plan: &BodyPlan,
+        until: Instant,
     ) -> Result<Reply, RequestError> {
         let inner = &self.inner;
         let mut challenged = false;
         loop {
             let auth = inner.tokens.get(endpoint.host, repository);
             let reply = self
-                .send_with_retries(endpoint.client, url, headers, auth.as_ref(), plan)
+                .send_with_retries(endpoint.client, url, headers, auth.as_ref(), plan, until)
                 .await?;
             if reply.status.is_success() {
                 return Ok(reply);
@@ -333,7 +346,9 @@ impl RegistryClient {
                 continue;
             }
             inner.tokens.remove(endpoint.host, repository);
-            let header = self.authorize(endpoint, repository, &reply.headers).await?;
+            let header = self
+                .authorize(endpoint, repository, &reply.headers, until)
+                .await?;
             inner
                 .tokens
                 .insert(endpoint.host, repository, header.0, header.1);
@@ -359,6 +374,7 @@ impl RegistryClient {
         endpoint: &Endpoint<'_>,
         repository: &str,
         headers: &HeaderMap,
+        until: Instant,
     ) -> Result<(HeaderValue, Option<std::time::Duration>), RequestError> {
         let values: Vec<&str> = headers
             .get_all(WWW_AUTHENTICATE)
@@ -386,7 +402,14 @@ impl RegistryClient {
                     .clone()
                     .unwrap_or_else(|| format!("repository:{repository}:pull"));
                 let token = self
-                    .fetch_token(endpoint, realm, service.as_deref(), &scope, credential)
+                    .fetch_token(
+                        endpoint,
+                        realm,
+                        service.as_deref(),
+                        &scope,
+                        credential,
+                        until,
+                    )
                     .await?;
                 Ok((token.0, Some(token.1)))
             }
@@ -405,6 +428,7 @@ impl RegistryClient {
         service: Option<&str>,
         scope: &str,
         credential: Option<&Credential>,
+        until: Instant,
     ) -> Result<(HeaderValue, std::time::Duration), RequestError> {
         let fail = |cause| {
             RequestError::Fetch(FetchError::FetchToken {
@@ -442,6 +466,7 @@ impl RegistryClient {
                 &HeaderMap::new(),
                 basic.as_ref(),
                 &plan,
+                until,
             )
             .await
             .map_err(|error| match error {
@@ -465,8 +490,10 @@ impl RegistryClient {
         })
     }
 
-    /// Attempts until one succeeds, fails for good, or the retry budget is spent. Returns the
-    /// final reply, whatever its status, unless that status was transient.
+    /// Attempts until one succeeds, fails for good, the retry budget is spent or `until`
+    /// passes. Each attempt (connect, headers and body) gets `timeout`, cut short by `until`,
+    /// so a body that stalls after its headers costs one attempt. Returns the final reply,
+    /// whatever its status, unless that status was transient.
     async fn send_with_retries(
         &self,
         client: &Client,
@@ -474,18 +501,23 @@ impl RegistryClient {
         headers: &HeaderMap,
         auth: Option<&HeaderValue>,
         plan: &BodyPlan,
+        until: Instant,
     ) -> Result<Reply, RequestError> {
         let policy = self.inner.policy;
         let mut retry = 0;
         loop {
-            let outcome = tokio::time::timeout(
-                policy.timeout,
-                transport::attempt(client, url, headers, auth, plan),
-            )
-            .await
-            .unwrap_or(Err(HttpFailure::TimedOut {
-                after: policy.timeout,
-            }));
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                // Earlier endpoints (mirrors) used the whole deadline.
+                return Err(RequestError::Http(HttpFailure::TimedOut {
+                    after: policy.deadline,
+                }));
+            }
+            let limit = policy.timeout.min(left);
+            let outcome =
+                tokio::time::timeout(limit, transport::attempt(client, url, headers, auth, plan))
+                    .await
+                    .unwrap_or(Err(HttpFailure::TimedOut { after: limit }));
             let (failure, reply_headers) = match outcome {
                 Ok(reply) => {
                     let failure = HttpFailure::Status {
@@ -502,6 +534,13 @@ impl RegistryClient {
                 return Err(RequestError::Http(failure));
             }
             let delay = policy.delay(retry, reply_headers.as_ref());
+            if Instant::now() + delay >= until {
+                return Err(RequestError::Http(HttpFailure::Deadline {
+                    deadline: policy.deadline,
+                    attempts: retry + 1,
+                    last: Box::new(failure),
+                }));
+            }
             tracing::debug!(%url, %failure, ?delay, retry, "retrying registry request");
             tokio::time::sleep(delay).await;
             retry += 1;

@@ -332,8 +332,17 @@ impl RegistryClient {
         });
         if let Some((realm, service)) = bearer {
             let scope = format!("repository:{repository}:pull,push");
+            // Pushes are bounded per request by their callers; the token fetch on its own.
+            let until = tokio::time::Instant::now() + self.inner.policy.deadline;
             let (header, lifetime) = self
-                .fetch_token(endpoint, realm, service.as_deref(), &scope, credential)
+                .fetch_token(
+                    endpoint,
+                    realm,
+                    service.as_deref(),
+                    &scope,
+                    credential,
+                    until,
+                )
                 .await?;
             return Ok((header, Some(lifetime)));
         }

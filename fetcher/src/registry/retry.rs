@@ -11,13 +11,16 @@ const MAX_DELAY: Duration = Duration::from_secs(10);
 /// A server's `Retry-After` is honoured up to this long; beyond it the wait is not worth it.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
-/// Retry budget and per-attempt deadline of registry requests.
+/// Retry budget, per-attempt deadline and whole-request deadline of registry requests.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
     /// Attempts after the first one.
     pub retries: u32,
     /// Deadline of one attempt: connect, headers and body.
     pub timeout: Duration,
+    /// Deadline of one request: every attempt, backoff and mirror together. Attempts stop
+    /// when it runs out, whatever `retries` still allows.
+    pub deadline: Duration,
 }
 
 impl RetryPolicy {
@@ -68,6 +71,7 @@ mod tests {
         let policy = RetryPolicy {
             retries: 3,
             timeout: Duration::from_secs(1),
+            deadline: Duration::from_secs(10),
         };
         let first = policy.delay(0, None);
         assert!(first >= BASE_DELAY && first < BASE_DELAY * 2, "{first:?}");
@@ -84,6 +88,7 @@ mod tests {
         let policy = RetryPolicy {
             retries: 1,
             timeout: Duration::from_secs(1),
+            deadline: Duration::from_secs(10),
         };
         assert_eq!(policy.delay(0, Some(&headers)), Duration::from_secs(3));
         headers.insert(RETRY_AFTER, HeaderValue::from_static("3600"));

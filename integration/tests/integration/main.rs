@@ -36,5 +36,6 @@ mod metrics;
 mod overlaybd;
 mod p2p;
 mod permissions;
+mod resilience;
 mod rpull;
 mod stargz_compat;

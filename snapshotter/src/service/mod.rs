@@ -1,6 +1,7 @@
 //! The containerd Snapshots API over the metadata store and the on-disk layout.
 
 mod lazy;
+mod remount;
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -20,6 +21,7 @@ use crate::remote::{LayerLabels, LayerMounter, ResolvedLayer};
 use crate::usage;
 
 pub use lazy::LazyStats;
+pub use remount::UnmountedLayer;
 
 /// containerd's limit on a label's key plus value (`labels.Validate`).
 const MAX_LABEL_BYTES: usize = 4096;
@@ -36,6 +38,10 @@ struct Inner {
     layout: Layout,
     mounter: Arc<dyn LayerMounter>,
     lazy: LazyStats,
+    /// Remote layers whose mount is missing since start-up.
+    unmounted: remount::Unmounted,
+    /// Held while a layer is mounted again from the registry.
+    repair: tokio::sync::Mutex<()>,
 }
 
 /// A count of snapshots by kind, for `shoal status`.
@@ -74,6 +80,8 @@ impl ShoalSnapshotter {
                 layout,
                 mounter,
                 lazy: LazyStats::default(),
+                unmounted: remount::Unmounted::default(),
+                repair: tokio::sync::Mutex::new(()),
             }),
         };
         let reclaimed = snapshotter.inner.cleanup()?;
@@ -142,6 +150,8 @@ impl ShoalSnapshotter {
                 Err(fallback) => self.inner.lazy.fell_back(&key, &fallback),
             }
         }
+        // Never an overlay with a layer's files missing: an unmounted one is mounted first.
+        self.ensure_stack_mounted(&parent).await?;
         self.blocking("create", move |inner| {
             let record = inner.create(&key, &parent, kind, labels, None)?;
             inner.mounts_of(&record)
@@ -396,6 +406,12 @@ impl Snapshotter for ShoalSnapshotter {
     }
 
     async fn mounts(&self, key: String) -> Result<Vec<Mount>, SnapshotError> {
+        let parent = {
+            let key = key.clone();
+            self.blocking("stat", move |inner| Ok(inner.store.get(&key)?.parent))
+                .await?
+        };
+        self.ensure_stack_mounted(&parent).await?;
         self.blocking("mounts", move |inner| {
             let record = inner.store.get(&key)?;
             if record.kind == Kind::Committed {
@@ -452,6 +468,7 @@ impl Snapshotter for ShoalSnapshotter {
     async fn remove(&self, key: String) -> Result<(), SnapshotError> {
         self.blocking("remove", move |inner| {
             let record = inner.store.remove(&key)?;
+            inner.unmounted.remove(&key);
             if record.remote.is_some() {
                 inner.mounter.unmount(&inner.layout.upper(record.id))?;
             }
