@@ -20,6 +20,7 @@ use crate::convert::sha256_hex;
 use crate::fixture::{privileged, Fixture};
 use crate::lazy::{self, Stack};
 use crate::process;
+use crate::registry::free_port;
 
 const TOOL_TIMEOUT: Duration = Duration::from_secs(300);
 const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
@@ -242,7 +243,9 @@ fn push_with_layers(
 fn hostile_tocs_are_refused_with_their_reason_and_the_layers_downloaded() {
     privileged!();
     Fixture::run(|fixture| {
-        let mut stack = Stack::start(fixture, "")?;
+        // `/status` for `shoal status`, which learns the address from the same configuration.
+        let metrics = free_port()?;
+        let mut stack = Stack::start(fixture, &format!("[metrics]\naddress = \"{metrics}\"\n"))?;
         let (layers, mut expected) = lazy::data_image(&[("seed", 1 << 20)])?;
         let image = stack.publish(fixture, "hostile", &layers)?;
         let cases = cases();
@@ -271,9 +274,11 @@ fn hostile_tocs_are_refused_with_their_reason_and_the_layers_downloaded() {
                 case.reason
             );
         }
-        let socket = stack.daemon.socket().to_string_lossy().into_owned();
         let mut status = Command::new(binary::cli()?);
-        status.args(["--socket", &socket, "status", "--json"]);
+        status
+            .arg("--config")
+            .arg(stack.daemon.config())
+            .args(["status", "--json"]);
         let status: Value =
             serde_json::from_str(&process::run(&mut status, Duration::from_secs(30))?)?;
         anyhow::ensure!(
