@@ -21,9 +21,13 @@ use crate::stats::{BlobBytes, Counters, FetchStats, Source};
 const MAX_RUN_BYTES: u64 = 16 << 20;
 /// Prefetch walks a blob in windows of this many runs, so its memory stays bounded.
 const PREFETCH_WINDOW_RUNS: u64 = 4;
-/// A block whose fetch failed fails at once for this long: the kernel follows a failed
-/// readahead with a read of its own, which must not wait out a second registry deadline.
-const FAILED_FETCH_HOLD: std::time::Duration = std::time::Duration::from_secs(5);
+/// For this long after a block's fetch failed, a new fetch of it is one short attempt: the
+/// kernel follows a failed readahead with a read of its own, which must not wait out a second
+/// registry deadline, but must still succeed if the registry answers again.
+const FAILED_FETCH_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+/// The one attempt a block gets within [`FAILED_FETCH_WINDOW`] (or `registry.timeout_secs`,
+/// when shorter).
+const AFTER_FAILURE_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The crate's front door: `read(blob, range)`. Cheap to clone; clones share everything.
 #[derive(Clone)]
@@ -85,7 +89,7 @@ impl Fetcher {
             inner: Arc::new(Inner {
                 registry,
                 cache,
-                flights: Arc::new(Flights::with_failure_hold(FAILED_FETCH_HOLD)),
+                flights: Arc::new(Flights::with_failure_window(FAILED_FETCH_WINDOW)),
                 remote: Semaphore::new(config.max_concurrent.max(1)),
                 counters: Counters::default(),
                 latency: FetchLatency::default(),
@@ -279,8 +283,8 @@ impl Fetcher {
                 continue;
             }
             inner.counters.misses(1);
-            // Only plain reads take a fresh failure as their answer: opening a layer (its
-            // footer and TOC) or a refetch after a bad chunk asks the registry again.
+            // Only plain reads of a block that just failed get one short attempt: opening a
+            // layer (its footer and TOC) or a refetch after a bad chunk gets a full fetch.
             match inner.flights.join(&key, mode == Mode::Read) {
                 Joined::Follow(waiter) => parts.push(Part::Waiting(waiter)),
                 Joined::Lead(lead) => {
@@ -429,7 +433,14 @@ impl Fetcher {
         let inner = &self.inner;
         tracing::debug!(blob = %blob.digest, ?range, "fetching blocks from the registry");
         let started = std::time::Instant::now();
-        let fetched = inner.registry.get_blob_range(blob, range.clone()).await;
+        let fetched = if gap.iter().all(|lead| lead.after_failure()) {
+            inner
+                .registry
+                .get_blob_range_briefly(blob, range.clone(), AFTER_FAILURE_ATTEMPT)
+                .await
+        } else {
+            inner.registry.get_blob_range(blob, range.clone()).await
+        };
         inner.latency.observe(Source::Registry, started.elapsed());
         let bytes = match fetched {
             Ok(bytes) => bytes,

@@ -1,7 +1,10 @@
 //! Single-flight per block: the first reader of a missing block fetches it, later readers of
-//! the same block wait for that fetch instead of starting their own. A fetch that failed keeps
-//! answering with its error for a short hold, so that a reader arriving right after it (the
-//! kernel retrying a failed readahead with a read of its own) does not wait a second deadline.
+//! the same block wait for that fetch instead of starting their own.
+//!
+//! A block whose fetch failed moments ago is fetched again, not failed from memory, but its
+//! lead is marked [`Lead::after_failure`] so that the fetch is one short attempt: the kernel
+//! follows a failed readahead with a read of its own, which must not wait out a second
+//! registry deadline, while a read after the registry has come back must succeed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,10 +26,10 @@ const MAX_FAILURES: usize = 4096;
 #[derive(Default)]
 pub struct Flights {
     pending: Mutex<HashMap<BlockKey, Slot>>,
-    /// Blocks whose fetch failed, with the error and when it stops being the answer.
-    failed: Mutex<HashMap<BlockKey, (Arc<FetchError>, Instant)>>,
-    /// How long a failure stays the answer (zero: not at all).
-    hold: Duration,
+    /// Blocks whose full fetch failed, with when that stops counting as recent.
+    failed: Mutex<HashMap<BlockKey, Instant>>,
+    /// How long a failure counts as recent (zero: not at all).
+    window: Duration,
 }
 
 /// How a reader takes part in a block's fetch.
@@ -38,24 +41,19 @@ pub enum Joined {
 }
 
 impl Flights {
-    /// Flights whose failures stay the answer for `hold`.
-    pub fn with_failure_hold(hold: Duration) -> Flights {
+    /// Flights that remember a failed fetch for `window`, so that a new fetch of the same
+    /// block within it is led [`after_failure`](Lead::after_failure).
+    pub fn with_failure_window(window: Duration) -> Flights {
         Flights {
-            hold,
+            window,
             ..Flights::default()
         }
     }
 
-    /// Joins the fetch of `key`, or leads a new one. With `reuse_failure`, a fetch of it that
-    /// failed within the hold answers again instead.
-    pub fn join(self: &Arc<Self>, key: &BlockKey, reuse_failure: bool) -> Joined {
-        if let Some(cause) = reuse_failure.then(|| self.recent_failure(key)).flatten() {
-            let (_sender, slot) = watch::channel(Some(Err(cause)));
-            return Joined::Follow(Waiter {
-                key: key.clone(),
-                slot,
-            });
-        }
+    /// Joins the fetch of `key`, or leads a new one. With `after_failure`, a new fetch of a
+    /// block whose fetch failed within the window is led as one after a failure; without it
+    /// (opening a layer, refetching a bad chunk), every fetch is a full one.
+    pub fn join(self: &Arc<Self>, key: &BlockKey, after_failure: bool) -> Joined {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(slot) = pending.get(key) {
             return Joined::Follow(Waiter {
@@ -65,56 +63,58 @@ impl Flights {
         }
         let (sender, slot) = watch::channel(None);
         pending.insert(key.clone(), slot);
+        drop(pending);
         Joined::Lead(Lead {
             key: key.clone(),
             sender,
+            after_failure: after_failure && self.failed_recently(key),
             flights: self.clone(),
         })
     }
 }
 
 impl Flights {
-    fn recent_failure(&self, key: &BlockKey) -> Option<Arc<FetchError>> {
-        if self.hold.is_zero() {
-            return None;
+    fn failed_recently(&self, key: &BlockKey) -> bool {
+        if self.window.is_zero() {
+            return false;
         }
         let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
         match failed.get(key) {
-            Some((cause, until)) if Instant::now() < *until => Some(cause.clone()),
+            Some(until) if Instant::now() < *until => true,
             Some(_) => {
                 failed.remove(key);
-                None
+                false
             }
-            None => None,
+            None => false,
         }
     }
 
     fn forget_failure(&self, key: &BlockKey) {
-        if !self.hold.is_zero() {
+        if !self.window.is_zero() {
             let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
             failed.remove(key);
         }
     }
 
-    fn remember_failure(&self, key: &BlockKey, cause: Arc<FetchError>) {
-        if self.hold.is_zero() {
+    fn remember_failure(&self, key: &BlockKey) {
+        if self.window.is_zero() {
             return;
         }
         let now = Instant::now();
         let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
         if failed.len() >= MAX_FAILURES {
-            failed.retain(|_, (_, until)| now < *until);
+            failed.retain(|_, until| now < *until);
         }
         if failed.len() >= MAX_FAILURES {
             let oldest = failed
                 .iter()
-                .min_by_key(|(_, (_, until))| *until)
+                .min_by_key(|(_, until)| **until)
                 .map(|(key, _)| key.clone());
             if let Some(oldest) = oldest {
                 failed.remove(&oldest);
             }
         }
-        failed.insert(key.clone(), (cause, now + self.hold));
+        failed.insert(key.clone(), now + self.window);
     }
 }
 
@@ -123,12 +123,20 @@ impl Flights {
 pub struct Lead {
     key: BlockKey,
     sender: watch::Sender<Option<BlockResult>>,
+    after_failure: bool,
     flights: Arc<Flights>,
 }
 
 impl Lead {
     pub fn key(&self) -> &BlockKey {
         &self.key
+    }
+
+    /// Whether the block's full fetch failed within the window: this fetch should be one
+    /// short attempt, and its failure does not make the block's failure recent again (so a
+    /// registry slower than that attempt gets a full fetch once the window has passed).
+    pub fn after_failure(&self) -> bool {
+        self.after_failure
     }
 
     pub fn waiter(&self) -> Waiter {
@@ -142,7 +150,8 @@ impl Lead {
     /// the lead drops, which lets the leader finish caching first.
     pub fn publish(&self, result: BlockResult) {
         match &result {
-            Err(cause) => self.flights.remember_failure(&self.key, cause.clone()),
+            Err(_) if !self.after_failure => self.flights.remember_failure(&self.key),
+            Err(_) => {}
             Ok(_) => self.flights.forget_failure(&self.key),
         }
         self.sender.send_replace(Some(result));
@@ -206,35 +215,70 @@ mod tests {
         assert!(matches!(flights.join(&key, true), Joined::Lead(_)));
     }
 
-    #[tokio::test]
-    async fn a_failure_is_the_answer_for_its_hold_only() {
-        let flights = Arc::new(Flights::with_failure_hold(Duration::from_secs(2)));
-        let key = BlockKey::new(Digest::of(b"blob"), 1);
-        let Joined::Lead(lead) = flights.join(&key, true) else {
-            panic!("first reader leads");
-        };
+    fn fail(lead: &Lead) {
         lead.publish(Err(Arc::new(FetchError::AbandonedFetch {
-            block: key.clone(),
+            block: lead.key().clone(),
         })));
-        drop(lead);
-        assert!(
-            matches!(flights.join(&key, false), Joined::Lead(_)),
-            "a reader that wants a fresh fetch gets one"
-        );
-        let Joined::Follow(late) = flights.join(&key, true) else {
-            panic!("a reader right after the failure gets it, without fetching again");
+    }
+
+    fn lead(flights: &Arc<Flights>, key: &BlockKey, after_failure: bool) -> Lead {
+        match flights.join(key, after_failure) {
+            Joined::Lead(lead) => lead,
+            Joined::Follow(_) => panic!("nobody is fetching {key}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fetch_soon_after_a_failure_is_led_again_and_marked() {
+        let flights = Arc::new(Flights::with_failure_window(Duration::from_secs(3600)));
+        let key = BlockKey::new(Digest::of(b"blob"), 1);
+        let first = lead(&flights, &key, true);
+        assert!(!first.after_failure(), "nothing failed yet");
+        fail(&first);
+        drop(first);
+
+        // The next reader fetches again (it is never answered from memory), briefly.
+        let second = lead(&flights, &key, true);
+        assert!(second.after_failure());
+        let Joined::Follow(joined) = flights.join(&key, true) else {
+            panic!("a reader of a block being fetched joins that fetch");
         };
+        fail(&second);
         assert!(matches!(
-            late.wait().await,
+            joined.wait().await,
             Err(FetchError::JoinFetch { .. })
         ));
-        tokio::time::sleep(Duration::from_millis(2100)).await;
+        drop(second);
         assert!(
-            matches!(flights.join(&key, true), Joined::Lead(_)),
-            "after the hold the block is fetched again"
+            !lead(&flights, &key, false).after_failure(),
+            "opening a layer or refetching is always a full fetch"
         );
         let other = BlockKey::new(Digest::of(b"blob"), 2);
-        assert!(matches!(flights.join(&other, true), Joined::Lead(_)));
+        assert!(!lead(&flights, &other, true).after_failure());
+
+        // A success forgets the failure.
+        let third = lead(&flights, &key, true);
+        third.publish(Ok(Bytes::from_static(b"data")));
+        drop(third);
+        assert!(!lead(&flights, &key, true).after_failure());
+    }
+
+    #[tokio::test]
+    async fn a_short_fetch_that_fails_does_not_renew_the_failure() {
+        let flights = Arc::new(Flights::with_failure_window(Duration::from_secs(3600)));
+        let key = BlockKey::new(Digest::of(b"blob"), 1);
+        let until = |flights: &Flights| flights.failed.lock().unwrap().get(&key).copied();
+        let first = lead(&flights, &key, true);
+        fail(&first);
+        drop(first);
+        let recent_until = until(&flights).expect("the full fetch's failure is remembered");
+        let short = lead(&flights, &key, true);
+        assert!(short.after_failure());
+        fail(&short);
+        drop(short);
+        // The window still ends where the full fetch's failure put it: once it has passed,
+        // the next fetch is a full one again, however often short ones failed meanwhile.
+        assert_eq!(until(&flights), Some(recent_until));
     }
 
     #[tokio::test]

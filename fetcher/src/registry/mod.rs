@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 pub use auth::{Credential, Credentials};
 pub use push::{BlobContent, Pushed, PushedManifest};
+use retry::Budget;
 pub use retry::RetryPolicy;
 
 use crate::digest::Digest;
@@ -131,9 +132,14 @@ impl RegistryClient {
             limit: MAX_MANIFEST_BYTES,
         };
         let (url, reply) = self
-            .execute(image, &path, &headers, &plan, &|url, cause| {
-                FetchError::FetchManifest { url, cause }
-            })
+            .execute(
+                image,
+                &path,
+                &headers,
+                &plan,
+                self.inner.policy,
+                &|url, cause| FetchError::FetchManifest { url, cause },
+            )
             .await?;
         let digest = Digest::of(&reply.body);
         if let Some(expected) = image.digest() {
@@ -177,6 +183,7 @@ impl RegistryClient {
                 &path,
                 &HeaderMap::new(),
                 &plan,
+                self.inner.policy,
                 &|url, cause| FetchError::FetchBlob { url, cause },
             )
             .await?;
@@ -197,6 +204,28 @@ impl RegistryClient {
         &self,
         blob: &BlobRef,
         range: Range<u64>,
+    ) -> Result<Bytes, FetchError> {
+        self.blob_range(blob, range, self.inner.policy).await
+    }
+
+    /// [`get_blob_range`](Self::get_blob_range) with one attempt of at most `limit` (or the
+    /// client's own timeout and deadline, when shorter), and no retry: a look at whether the
+    /// registry answers again, for a block whose full fetch failed moments ago.
+    pub async fn get_blob_range_briefly(
+        &self,
+        blob: &BlobRef,
+        range: Range<u64>,
+        limit: std::time::Duration,
+    ) -> Result<Bytes, FetchError> {
+        self.blob_range(blob, range, self.inner.policy.brief(limit))
+            .await
+    }
+
+    async fn blob_range(
+        &self,
+        blob: &BlobRef,
+        range: Range<u64>,
+        policy: RetryPolicy,
     ) -> Result<Bytes, FetchError> {
         if range.start > range.end || range.end > blob.size {
             return Err(FetchError::RangeOutOfBounds {
@@ -220,13 +249,18 @@ impl RegistryClient {
             blob_size: blob.size,
         };
         let (_, reply) = self
-            .execute(&blob.image, &path, &headers, &plan, &|url, cause| {
-                FetchError::FetchRange {
+            .execute(
+                &blob.image,
+                &path,
+                &headers,
+                &plan,
+                policy,
+                &|url, cause| FetchError::FetchRange {
                     url,
                     range: range.clone(),
                     cause,
-                }
-            })
+                },
+            )
             .await?;
         Ok(reply.body)
     }
@@ -239,12 +273,13 @@ impl RegistryClient {
         path: &str,
         headers: &HeaderMap,
         plan: &BodyPlan,
+        policy: RetryPolicy,
         fail: &(dyn Fn(String, HttpFailure) -> FetchError + Sync),
     ) -> Result<(String, Reply), FetchError> {
         let endpoints = self.endpoints(image);
         // One deadline for the whole request, mirrors and retries included, so that a caller
         // (a FUSE read) waits at most `registry.deadline_secs` however the registry misbehaves.
-        let until = Instant::now() + self.inner.policy.deadline;
+        let budget = policy.start();
         let mut last_error = None;
         for endpoint in &endpoints {
             let url = format!(
@@ -261,7 +296,7 @@ impl RegistryClient {
                         &parsed,
                         headers,
                         plan,
-                        until,
+                        budget,
                     )
                     .await
                 }
@@ -315,14 +350,14 @@ impl RegistryClient {
         url: &Url,
         headers: &HeaderMap,
         plan: &BodyPlan,
-        until: Instant,
+        budget: Budget,
     ) -> Result<Reply, RequestError> {
         let inner = &self.inner;
         let mut challenged = false;
         loop {
             let auth = inner.tokens.get(endpoint.host, repository);
             let reply = self
-                .send_with_retries(endpoint.client, url, headers, auth.as_ref(), plan, until)
+                .send_with_retries(endpoint.client, url, headers, auth.as_ref(), plan, budget)
                 .await?;
             if reply.status.is_success() {
                 return Ok(reply);
@@ -347,7 +382,7 @@ impl RegistryClient {
             }
             inner.tokens.remove(endpoint.host, repository);
             let header = self
-                .authorize(endpoint, repository, &reply.headers, until)
+                .authorize(endpoint, repository, &reply.headers, budget)
                 .await?;
             inner
                 .tokens
@@ -374,7 +409,7 @@ impl RegistryClient {
         endpoint: &Endpoint<'_>,
         repository: &str,
         headers: &HeaderMap,
-        until: Instant,
+        budget: Budget,
     ) -> Result<(HeaderValue, Option<std::time::Duration>), RequestError> {
         let values: Vec<&str> = headers
             .get_all(WWW_AUTHENTICATE)
@@ -408,7 +443,7 @@ impl RegistryClient {
                         service.as_deref(),
                         &scope,
                         credential,
-                        until,
+                        budget,
                     )
                     .await?;
                 Ok((token.0, Some(token.1)))
@@ -428,7 +463,7 @@ impl RegistryClient {
         service: Option<&str>,
         scope: &str,
         credential: Option<&Credential>,
-        until: Instant,
+        budget: Budget,
     ) -> Result<(HeaderValue, std::time::Duration), RequestError> {
         let fail = |cause| {
             RequestError::Fetch(FetchError::FetchToken {
@@ -466,7 +501,7 @@ impl RegistryClient {
                 &HeaderMap::new(),
                 basic.as_ref(),
                 &plan,
-                until,
+                budget,
             )
             .await
             .map_err(|error| match error {
@@ -501,9 +536,9 @@ impl RegistryClient {
         headers: &HeaderMap,
         auth: Option<&HeaderValue>,
         plan: &BodyPlan,
-        until: Instant,
+        budget: Budget,
     ) -> Result<Reply, RequestError> {
-        let policy = self.inner.policy;
+        let Budget { policy, until } = budget;
         let mut retry = 0;
         loop {
             let left = until.saturating_duration_since(Instant::now());

@@ -333,7 +333,7 @@ impl RegistryClient {
         if let Some((realm, service)) = bearer {
             let scope = format!("repository:{repository}:pull,push");
             // Pushes are bounded per request by their callers; the token fetch on its own.
-            let until = tokio::time::Instant::now() + self.inner.policy.deadline;
+            let budget = self.inner.policy.start();
             let (header, lifetime) = self
                 .fetch_token(
                     endpoint,
@@ -341,7 +341,7 @@ impl RegistryClient {
                     service.as_deref(),
                     &scope,
                     credential,
-                    until,
+                    budget,
                 )
                 .await?;
             return Ok((header, Some(lifetime)));

@@ -23,7 +23,31 @@ pub struct RetryPolicy {
     pub deadline: Duration,
 }
 
+/// What one request may still spend: its policy, and when its deadline falls.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Budget {
+    pub policy: RetryPolicy,
+    pub until: tokio::time::Instant,
+}
+
 impl RetryPolicy {
+    /// The budget of a request that starts now.
+    pub(super) fn start(self) -> Budget {
+        Budget {
+            policy: self,
+            until: tokio::time::Instant::now() + self.deadline,
+        }
+    }
+
+    /// This policy cut down to one attempt of at most `limit`.
+    pub fn brief(self, limit: Duration) -> RetryPolicy {
+        RetryPolicy {
+            retries: 0,
+            timeout: self.timeout.min(limit),
+            deadline: self.deadline.min(limit),
+        }
+    }
+
     /// Delay before retry number `retry` (0-based): exponential with a little jitter, or the
     /// server's `Retry-After` when it asks for longer.
     pub fn delay(&self, retry: u32, headers: Option<&HeaderMap>) -> Duration {
