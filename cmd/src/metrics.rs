@@ -33,11 +33,17 @@ pub struct DaemonStatus {
     pub lazy_layers_mounted: u64,
     pub lazy_fallbacks: std::collections::BTreeMap<String, u64>,
     pub remount_failures: u64,
+    /// Remote layers not mounted now (their start-up remount failed), with why.
+    #[serde(default)]
+    pub unmounted_layers: Vec<UnmountedLayerStatus>,
     pub cache_bytes: u64,
     pub cache_capacity: u64,
     pub cache_blocks: u64,
     /// Blocks evicted to stay under the cache's cap since start.
     pub cache_evictions: u64,
+    /// Blocks served but not cached since start because the cache's disk was full.
+    #[serde(default)]
+    pub cache_no_space: u64,
     pub bytes_from_registry: u64,
     pub bytes_from_peers: u64,
     pub bytes_from_cache: u64,
@@ -63,6 +69,15 @@ pub struct DaemonStatus {
     /// The peer network's counters, when `[peers]` is configured.
     #[serde(default)]
     pub peers: Option<PeerStats>,
+}
+
+/// A remote layer that is not mounted: containers cannot stack it until it is mounted again.
+#[derive(Debug, Serialize, serde::Deserialize, Default, Clone, PartialEq, Eq)]
+pub struct UnmountedLayerStatus {
+    /// The snapshot's key (the layer's chainID).
+    pub key: String,
+    pub digest: String,
+    pub reason: String,
 }
 
 /// One lazily mounted blob and how much of it the cache holds.
@@ -104,10 +119,21 @@ impl Observed {
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
             remount_failures: lazy.remount_failures(),
+            unmounted_layers: self
+                .snapshotter
+                .unmounted_layers()
+                .into_iter()
+                .map(|layer| UnmountedLayerStatus {
+                    key: layer.key,
+                    digest: layer.layer,
+                    reason: layer.reason,
+                })
+                .collect(),
             cache_bytes: cache.bytes,
             cache_capacity: cache.capacity,
             cache_blocks: cache.blocks,
             cache_evictions: cache.evictions,
+            cache_no_space: cache.no_space_failures,
             bytes_from_registry: fetch.bytes_from_registry,
             bytes_from_peers: fetch.bytes_from_peers,
             bytes_from_cache: fetch.bytes_from_cache,
@@ -206,6 +232,12 @@ pub fn render(status: &DaemonStatus) -> String {
         &[("", status.remount_failures)],
     );
     metric(
+        "remote_layers_unmounted",
+        "gauge",
+        "Remote layers not mounted now; each is mounted from the registry before use.",
+        &[("", status.unmounted_layers.len() as u64)],
+    );
+    metric(
         "read_bytes_total",
         "counter",
         "Compressed blob bytes read, by source.",
@@ -244,6 +276,12 @@ pub fn render(status: &DaemonStatus) -> String {
         "counter",
         "Cache blocks evicted to stay under the cap.",
         &[("", status.cache_evictions)],
+    );
+    metric(
+        "cache_no_space_total",
+        "counter",
+        "Blocks served but not cached because the cache's disk was full.",
+        &[("", status.cache_no_space)],
     );
     metric(
         "fetch_errors_total",
@@ -587,10 +625,16 @@ mod tests {
     fn renders_prometheus_text() {
         let mut status = DaemonStatus {
             bytes_from_registry: 42,
+            cache_no_space: 7,
             ..Default::default()
         };
         status.lazy_fallbacks.insert("not_lazy_format".into(), 2);
+        status
+            .unmounted_layers
+            .push(UnmountedLayerStatus::default());
         let text = render(&status);
+        assert!(text.contains("shoal_cache_no_space_total 7"), "{text}");
+        assert!(text.contains("shoal_remote_layers_unmounted 1"), "{text}");
         assert!(text.contains("shoal_read_bytes_total{source=\"registry\"} 42"));
         assert!(text.contains("shoal_lazy_fallbacks_total{reason=\"not_lazy_format\"} 2"));
         assert!(text.contains("# TYPE shoal_cache_bytes gauge"));

@@ -145,11 +145,16 @@ impl std::fmt::Display for Status {
             )?;
             writeln!(
                 f,
-                "cache:      {} of {} ({} blocks, {} evicted)",
+                "cache:      {} of {} ({} blocks, {} evicted){}",
                 shoal_config::ByteSize(d.cache_bytes),
                 shoal_config::ByteSize(d.cache_capacity),
                 d.cache_blocks,
-                d.cache_evictions
+                d.cache_evictions,
+                if d.cache_no_space > 0 {
+                    format!(", {} not stored: disk full", d.cache_no_space)
+                } else {
+                    String::new()
+                }
             )?;
             writeln!(
                 f,
@@ -173,6 +178,20 @@ impl std::fmt::Display for Status {
                     reads.count(),
                     reads.sum_nanos as f64 / reads.count() as f64 / 1e6,
                     d.fetches_in_flight
+                )?;
+            }
+            for (i, layer) in d.unmounted_layers.iter().enumerate() {
+                writeln!(
+                    f,
+                    "{}{} ({}) NOT MOUNTED: {}",
+                    if i == 0 {
+                        "unmounted:  "
+                    } else {
+                        "            "
+                    },
+                    layer.digest,
+                    layer.key,
+                    layer.reason
                 )?;
             }
             if d.layers.is_empty() {
@@ -272,7 +291,7 @@ fn write_peers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{DaemonStatus, LayerReads, LayerStatus};
+    use crate::metrics::{DaemonStatus, LayerReads, LayerStatus, UnmountedLayerStatus};
 
     #[test]
     fn shows_each_mounted_layer_with_its_cached_share() {
@@ -313,5 +332,27 @@ mod tests {
             ..Status::default()
         };
         assert!(idle.to_string().contains("none mounted lazily"));
+        assert!(!idle.to_string().contains("NOT MOUNTED"));
+    }
+
+    #[test]
+    fn shows_layers_that_are_not_mounted_and_why() {
+        let status = Status {
+            reachable: true,
+            daemon: Some(DaemonStatus {
+                unmounted_layers: vec![UnmountedLayerStatus {
+                    key: "sha256:chain".into(),
+                    digest: "sha256:bb".into(),
+                    reason: "its persisted index was refused: bad TOC".into(),
+                }],
+                ..DaemonStatus::default()
+            }),
+            ..Status::default()
+        };
+        let text = status.to_string();
+        assert!(
+            text.contains("unmounted:  sha256:bb (sha256:chain) NOT MOUNTED: its persisted index"),
+            "{text}"
+        );
     }
 }

@@ -12,6 +12,7 @@ pub const FETCH_BACKGROUND: bool = false;
 pub const FETCH_BACKGROUND_RATE: u64 = 20 << 20;
 pub const REGISTRY_TIMEOUT_SECS: u64 = 30;
 pub const REGISTRY_RETRIES: u32 = 4;
+pub const REGISTRY_DEADLINE_SECS: u64 = 60;
 pub const DOCKER_CONFIG: &str = "/root/.docker/config.json";
 pub const PEERS_LISTEN: &str = "0.0.0.0:7420";
 pub const PEERS_REFRESH_SECS: u64 = 10;

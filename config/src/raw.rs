@@ -61,6 +61,7 @@ pub struct RawFetch {
 pub struct RawRegistry {
     pub timeout_secs: Option<i64>,
     pub retries: Option<i64>,
+    pub deadline_secs: Option<i64>,
     pub docker_config: Option<PathBuf>,
     #[serde(default)]
     pub hosts: BTreeMap<String, RawHost>,

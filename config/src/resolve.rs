@@ -111,8 +111,11 @@ pub struct FetchConfig {
 
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
+    /// Deadline of one attempt: connect, headers and body.
     pub timeout: Duration,
     pub retries: u32,
+    /// Deadline of one whole request: every attempt, backoff and mirror together.
+    pub deadline: Duration,
     /// Docker `config.json` whose `auths` supply credentials.
     pub docker_config: PathBuf,
     /// Per-host settings, keyed by `host[:port]`.
@@ -238,6 +241,12 @@ impl Config {
                 ))
             }
         };
+        let deadline = positive(
+            "registry.deadline_secs",
+            registry.deadline_secs,
+            defaults::REGISTRY_DEADLINE_SECS as i64,
+            3600,
+        )?;
         let mut hosts = BTreeMap::new();
         for (name, host) in registry.hosts {
             let resolved = resolve_host(&name, host)?;
@@ -274,6 +283,7 @@ impl Config {
             registry: RegistryConfig {
                 timeout: Duration::from_secs(timeout as u64),
                 retries,
+                deadline: Duration::from_secs(deadline as u64),
                 docker_config: registry
                     .docker_config
                     .unwrap_or_else(|| defaults::DOCKER_CONFIG.into()),
@@ -508,6 +518,7 @@ mod tests {
         assert_eq!(config.socket, Path::new(defaults::SOCKET));
         assert_eq!(config.cache.block_size.0, 1 << 20);
         assert_eq!(config.log.format, LogFormat::Text);
+        assert_eq!(config.registry.deadline.as_secs(), 60);
     }
 
     #[test]
@@ -557,6 +568,10 @@ mod tests {
             "fetch.max_concurrent"
         );
         assert_eq!(field_of("[registry]\nretries = -1"), "registry.retries");
+        assert_eq!(
+            field_of("[registry]\ndeadline_secs = 0"),
+            "registry.deadline_secs"
+        );
         assert_eq!(
             field_of("[metrics]\naddress = \"localhost\""),
             "metrics.address"

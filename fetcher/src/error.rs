@@ -217,6 +217,20 @@ pub enum FetchError {
     AbandonedFetch { block: BlockKey },
 }
 
+impl FetchError {
+    /// Whether the cache's disk is full (as opposed to broken): storing a block failed with
+    /// ENOSPC.
+    pub fn is_no_space(&self) -> bool {
+        let enospc = |source: &io::Error| source.raw_os_error() == Some(nix::libc::ENOSPC);
+        match self {
+            FetchError::CacheNoSpace { .. } => true,
+            FetchError::CreateCacheFiles { source, .. }
+            | FetchError::PersistBitmap { source, .. } => enospc(source),
+            _ => false,
+        }
+    }
+}
+
 /// Why one HTTP operation failed, carried by the `Fetch*` variants of [`FetchError`].
 #[derive(Debug, thiserror::Error)]
 pub enum HttpFailure {
@@ -247,6 +261,16 @@ pub enum HttpFailure {
 
     #[error("timed out after {after:?}")]
     TimedOut { after: Duration },
+
+    /// The whole request's deadline ran out with retries left; `last` is the last attempt's.
+    #[error(
+        "gave up after {attempts} attempts, at the {deadline:?} deadline of the request: {last}"
+    )]
+    Deadline {
+        deadline: Duration,
+        attempts: u32,
+        last: Box<HttpFailure>,
+    },
 
     // The chain goes in the message, not `source`: `cause` is printed inline by its parent.
     #[error("{}", chain(error))]

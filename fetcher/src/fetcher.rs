@@ -21,6 +21,13 @@ use crate::stats::{BlobBytes, Counters, FetchStats, Source};
 const MAX_RUN_BYTES: u64 = 16 << 20;
 /// Prefetch walks a blob in windows of this many runs, so its memory stays bounded.
 const PREFETCH_WINDOW_RUNS: u64 = 4;
+/// For this long after a block's fetch failed, a new fetch of it is one short attempt: the
+/// kernel follows a failed readahead with a read of its own, which must not wait out a second
+/// registry deadline, but must still succeed if the registry answers again.
+const FAILED_FETCH_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+/// The one attempt a block gets within [`FAILED_FETCH_WINDOW`] (or `registry.timeout_secs`,
+/// when shorter).
+const AFTER_FAILURE_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The crate's front door: `read(blob, range)`. Cheap to clone; clones share everything.
 #[derive(Clone)]
@@ -82,7 +89,7 @@ impl Fetcher {
             inner: Arc::new(Inner {
                 registry,
                 cache,
-                flights: Arc::default(),
+                flights: Arc::new(Flights::with_failure_window(FAILED_FETCH_WINDOW)),
                 remote: Semaphore::new(config.max_concurrent.max(1)),
                 counters: Counters::default(),
                 latency: FetchLatency::default(),
@@ -276,7 +283,9 @@ impl Fetcher {
                 continue;
             }
             inner.counters.misses(1);
-            match inner.flights.join(&key) {
+            // Only plain reads of a block that just failed get one short attempt: opening a
+            // layer (its footer and TOC) or a refetch after a bad chunk gets a full fetch.
+            match inner.flights.join(&key, mode == Mode::Read) {
                 Joined::Follow(waiter) => parts.push(Part::Waiting(waiter)),
                 Joined::Lead(lead) => {
                     parts.push(Part::Waiting(lead.waiter()));
@@ -395,13 +404,15 @@ impl Fetcher {
         let blob = blob.clone();
         let cached = tokio::task::spawn_blocking(move || {
             for (index, part) in blocks {
-                if let Err(error) =
-                    fetcher
-                        .inner
-                        .cache
-                        .insert(&blob.digest, blob.size, index, &part)
+                match fetcher
+                    .inner
+                    .cache
+                    .insert(&blob.digest, blob.size, index, &part)
                 {
-                    tracing::warn!(%error, "block fetched but not cached");
+                    // A full disk is logged by the cache, once per spell.
+                    Err(error) if error.is_no_space() => {}
+                    Err(error) => tracing::warn!(%error, "block fetched but not cached"),
+                    Ok(()) => {}
                 }
             }
         })
@@ -422,7 +433,14 @@ impl Fetcher {
         let inner = &self.inner;
         tracing::debug!(blob = %blob.digest, ?range, "fetching blocks from the registry");
         let started = std::time::Instant::now();
-        let fetched = inner.registry.get_blob_range(blob, range.clone()).await;
+        let fetched = if gap.iter().all(|lead| lead.after_failure()) {
+            inner
+                .registry
+                .get_blob_range_briefly(blob, range.clone(), AFTER_FAILURE_ATTEMPT)
+                .await
+        } else {
+            inner.registry.get_blob_range(blob, range.clone()).await
+        };
         inner.latency.observe(Source::Registry, started.elapsed());
         let bytes = match fetched {
             Ok(bytes) => bytes,

@@ -188,6 +188,57 @@ async fn a_body_shorter_than_its_content_length_is_an_error() {
 }
 
 #[tokio::test]
+async fn a_read_right_after_a_failed_one_is_one_attempt_not_a_second_deadline() {
+    // The kernel meets the failed readahead with a read of its own, which must not wait out
+    // a second deadline: it gets one attempt, not `retries + 1`.
+    let data = Arc::new(content(4 * BLOCK as usize));
+    let served = data.clone();
+    let server =
+        TestServer::start(move |request: &Request| Reply::blob(request, &served).stalling_body())
+            .await;
+    let setup = Setup::with_server(server, data);
+    let mut config = config(setup.dir.path(), 1, &[(&setup.server.host(), "")]);
+    config.registry.deadline = Duration::from_secs(30);
+    let fetcher = Fetcher::new(&config).unwrap();
+    let first = fetcher.read(&setup.blob, 0..BLOCK).await.unwrap_err();
+    assert!(first.to_string().contains("timed out"), "{first}");
+    assert_eq!(setup.server.count(), 2, "retries + 1 attempts");
+    let again = fetcher.read(&setup.blob, 100..200).await.unwrap_err();
+    assert!(again.to_string().contains("timed out"), "{again}");
+    assert_eq!(setup.server.count(), 3, "the second read made one attempt");
+    assert_eq!(fetcher.cache().usage().blocks, 0);
+}
+
+#[tokio::test]
+async fn a_read_right_after_the_registry_recovers_succeeds() {
+    // While the registry stalls, a read fails; the moment it answers again, the next read of
+    // the same block (however soon) gets the bytes, not the remembered failure.
+    let data = Arc::new(content(4 * BLOCK as usize));
+    let served = data.clone();
+    let healed = Arc::new(AtomicBool::new(false));
+    let healed_in_server = healed.clone();
+    let server = TestServer::start(move |request: &Request| {
+        let reply = Reply::blob(request, &served);
+        if healed_in_server.load(Ordering::SeqCst) {
+            reply
+        } else {
+            reply.stalling_body()
+        }
+    })
+    .await;
+    let setup = Setup::with_server(server, data);
+    let fetcher =
+        Fetcher::new(&config(setup.dir.path(), 0, &[(&setup.server.host(), "")])).unwrap();
+    let failed = fetcher.read(&setup.blob, 0..BLOCK).await.unwrap_err();
+    assert!(failed.to_string().contains("timed out"), "{failed}");
+    healed.store(true, Ordering::SeqCst);
+    let bytes = fetcher.read(&setup.blob, 100..200).await.unwrap();
+    assert_eq!(&bytes[..], &setup.data[100..200]);
+    assert_eq!(setup.server.count(), 2);
+    assert_eq!(fetcher.cache().usage().blocks, 1);
+}
+
+#[tokio::test]
 async fn refetch_replaces_cached_blocks() {
     let good = Arc::new(content(4 * BLOCK as usize));
     let mut bad = good.to_vec();

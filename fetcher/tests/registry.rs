@@ -577,6 +577,70 @@ async fn a_stalled_server_times_out() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
+/// A registry that answers a range GET's headers, then never sends the body.
+async fn stalling_body_server(data: Arc<Vec<u8>>) -> TestServer {
+    TestServer::start(move |request| Reply::blob(request, &data).stalling_body()).await
+}
+
+#[tokio::test]
+async fn a_body_stalled_after_its_headers_is_one_failed_attempt() {
+    let data = Arc::new(content(10_000));
+    let server = stalling_body_server(data.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    // 2 s per attempt, 2 retries, the default 60 s deadline: the retries run out first.
+    let client = client(dir.path(), 2, &[(&server.host(), "")]);
+    let blob = blob_on(&server.host(), &data);
+    let started = Instant::now();
+    let error = client.get_blob_range(&blob, 0..4096).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        matches!(
+            &error,
+            FetchError::FetchRange {
+                cause: HttpFailure::TimedOut { after },
+                ..
+            } if *after == Duration::from_secs(2)
+        ),
+        "{error}"
+    );
+    assert_eq!(
+        server.count(),
+        3,
+        "retries + 1 attempts, one per stalled body"
+    );
+    // 3 attempts of 2 s and two short backoffs, with room for a loaded machine.
+    assert!(took < Duration::from_secs(15), "{took:?}");
+}
+
+#[tokio::test]
+async fn a_request_ends_at_its_deadline_whatever_retries_remain() {
+    let data = Arc::new(content(10_000));
+    let server = stalling_body_server(data.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), 4, &[(&server.host(), "")]);
+    config.registry.deadline = Duration::from_secs(3);
+    let client = RegistryClient::new(&config.registry).unwrap();
+    let blob = blob_on(&server.host(), &data);
+    let started = Instant::now();
+    let error = client.get_blob_range(&blob, 0..4096).await.unwrap_err();
+    let took = started.elapsed();
+    // The first attempt takes its 2 s, the second what is left of the 3 s; 5 attempts of
+    // 2 s each (10 s) would be what the retries alone allow.
+    assert!(
+        matches!(
+            &error,
+            FetchError::FetchRange {
+                cause: HttpFailure::Deadline { attempts: 2, .. },
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(error.to_string().contains("deadline"), "{error}");
+    assert_eq!(server.count(), 2);
+    assert!(took < Duration::from_secs(8), "{took:?}");
+}
+
 #[tokio::test]
 async fn mirrors_are_tried_first_and_fall_through_on_error() {
     let data = Arc::new(content(100));

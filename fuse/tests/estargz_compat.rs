@@ -88,13 +88,7 @@ fn ctr_remote_blob_reads_through_our_index() {
                 chunk,
             )
             .unwrap();
-            verify(
-                &bytes,
-                chunk.digest.as_ref().unwrap(),
-                &path,
-                chunk.file_offset,
-            )
-            .unwrap();
+            verify(&bytes, &chunk.digest, &path, chunk.file_offset).unwrap();
             data.extend(bytes);
         }
         assert_eq!(data, content, "{path}");

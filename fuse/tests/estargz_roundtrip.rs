@@ -10,8 +10,8 @@ use shoal_fuse::estargz::index::{
     OPAQUE_XATTR, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG,
 };
 use shoal_fuse::estargz::{
-    build, decompress_chunk, parse_footer, parse_toc, verify, BuildOptions, BuildOutput, Index,
-    Ino, NodeKind, Sha256Digest,
+    build, decompress_chunk, parse_footer, parse_toc, verify, BuildOptions, BuildOutput, EntryType,
+    Index, Ino, NodeKind, Sha256Digest,
 };
 
 const MTIME: u64 = 1_700_000_000;
@@ -132,18 +132,12 @@ fn open_index(blob: &[u8]) -> (Index, Sha256Digest) {
 }
 
 fn read_file(index: &Index, blob: &[u8], ino: Ino) -> Vec<u8> {
-    let node = index.node(ino).unwrap();
+    let path = index.path(ino).unwrap();
     let mut out = Vec::new();
     for chunk in index.chunks_for(ino, 0, u64::MAX).unwrap() {
         let compressed = &blob[chunk.blob_offset as usize..chunk.blob_end as usize];
         let data = decompress_chunk(compressed, chunk).unwrap();
-        verify(
-            &data,
-            chunk.digest.as_ref().unwrap(),
-            &node.path,
-            chunk.file_offset,
-        )
-        .unwrap();
+        verify(&data, &chunk.digest, &path, chunk.file_offset).unwrap();
         assert_eq!(chunk.file_offset, out.len() as u64);
         out.extend(data);
     }
@@ -163,6 +157,10 @@ fn every_file_reads_back_through_the_index() {
     assert_eq!(output.missed_prioritized, ["not/here"]);
     let (index, toc_digest) = open_index(&blob);
     assert_eq!(toc_digest, output.toc_digest);
+    let footer = parse_footer(blob.len() as u64, &blob[blob.len() - FOOTER_SIZE..]).unwrap();
+    let toc = parse_toc(&blob[footer.toc_offset as usize..blob.len() - footer.size])
+        .unwrap()
+        .toc;
 
     for (path, content) in &files {
         if path.contains(".wh.") {
@@ -174,7 +172,16 @@ fn every_file_reads_back_through_the_index() {
         assert_eq!(&read_file(&index, &blob, ino), content, "{path}");
         let node = index.node(ino).unwrap();
         assert_eq!(node.attr.size, content.len() as u64);
-        assert_eq!(node.digest, Some(Sha256Digest::of(content)));
+        let name = path.trim_start_matches('/');
+        let entry = toc
+            .entries
+            .iter()
+            .find(|e| e.name == name && e.kind == EntryType::Reg);
+        assert_eq!(
+            entry.unwrap().digest,
+            Some(Sha256Digest::of(content)),
+            "{path}"
+        );
     }
 
     let busybox = index.lookup_path("bin/busybox").unwrap();
@@ -414,13 +421,7 @@ fn corrupt_chunk_fails_verification() {
     let other = index.chunks_for(ino, 0, 1).unwrap()[0].clone();
     let foreign = blob[other.blob_offset as usize..other.blob_end as usize].to_vec();
     let data = decompress_chunk(&foreign, &chunk).unwrap();
-    let err = verify(
-        &data,
-        chunk.digest.as_ref().unwrap(),
-        "bin/busybox",
-        chunk.file_offset,
-    )
-    .unwrap_err();
+    let err = verify(&data, &chunk.digest, "bin/busybox", chunk.file_offset).unwrap_err();
     assert!(err.to_string().contains("bin/busybox"), "{err}");
     // Flipping compressed bytes is caught by gzip's CRC or by the digest.
     let mid = (chunk.blob_offset + chunk.blob_end) as usize / 2;
@@ -428,7 +429,7 @@ fn corrupt_chunk_fails_verification() {
     let compressed = &blob[chunk.blob_offset as usize..chunk.blob_end as usize];
     let caught = match decompress_chunk(compressed, &chunk) {
         Err(_) => true,
-        Ok(data) => verify(&data, chunk.digest.as_ref().unwrap(), "bin/busybox", 0).is_err(),
+        Ok(data) => verify(&data, &chunk.digest, "bin/busybox", 0).is_err(),
     };
     assert!(caught);
 }

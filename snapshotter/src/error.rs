@@ -70,6 +70,12 @@ pub enum SnapshotError {
         "block layer {layer} cannot be mounted, and a block layer has no files to unpack: {reason}"
     )]
     BlockLayerUnavailable { layer: String, reason: String },
+    #[error("layer {key} ({layer}) is not mounted and cannot be mounted again: {reason}")]
+    LayerUnavailable {
+        key: String,
+        layer: String,
+        reason: String,
+    },
     #[error("blocking task for {operation} failed: {reason}")]
     Task {
         operation: &'static str,
@@ -107,7 +113,7 @@ impl SnapshotError {
             | UnmountLayer { .. }
             | PersistIndex { .. }
             | Task { .. } => Code::Internal,
-            BlockLayerUnavailable { .. } => Code::Unavailable,
+            BlockLayerUnavailable { .. } | LayerUnavailable { .. } => Code::Unavailable,
         }
     }
 }

@@ -100,6 +100,9 @@ fn fallback_of(err: FsError) -> Fallback {
             Fallback::Registry(err.to_string())
         }
         FsError::TocDigestMismatch { .. } => Fallback::IndexDigestMismatch,
+        FsError::ParseToc { .. } | FsError::BuildIndex { .. } => {
+            Fallback::RefusedIndex(err.to_string())
+        }
         other => Fallback::NotLazyFormat(other.to_string()),
     }
 }
@@ -263,5 +266,15 @@ mod tests {
     fn fallback_reasons_follow_the_failure() {
         let mismatch = FsError::PersistedIndex { reason: "x" };
         assert!(matches!(fallback_of(mismatch), Fallback::NotLazyFormat(_)));
+        let cycle = FsError::BuildIndex {
+            blob: "sha256:ab".into(),
+            source: shoal_fuse::estargz::IndexError::HardlinkToItself { path: "a".into() },
+        };
+        let fallback = fallback_of(cycle);
+        assert_eq!(fallback.kind(), "refused_index");
+        assert_eq!(
+            fallback.to_string(),
+            "TOC refused: build file index of sha256:ab: hardlink a points at itself"
+        );
     }
 }

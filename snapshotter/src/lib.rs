@@ -33,4 +33,4 @@ pub use format_mounter::FormatMounter;
 pub use fuse_mounter::FuseMounter;
 pub use layout::Layout;
 pub use overlaybd_mounter::{BlockMount, LoopMount, OverlaybdMounter};
-pub use service::{LazyStats, ShoalSnapshotter, SnapshotCounts};
+pub use service::{LazyStats, ShoalSnapshotter, SnapshotCounts, UnmountedLayer};

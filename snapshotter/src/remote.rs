@@ -107,6 +107,9 @@ pub enum Fallback {
     UnverifiableIndex,
     /// The TOC's sha256 differs from the annotation.
     IndexDigestMismatch,
+    /// The TOC is over a documented limit or describes what cannot be served safely (a
+    /// chunk without a digest, chunks the blob cannot hold, a hardlink cycle).
+    RefusedIndex(String),
     /// The registry could not be reached or refused.
     Registry(String),
     /// Mounting failed locally.
@@ -122,6 +125,7 @@ impl Fallback {
             Fallback::NotLazyFormat(_) => "not_lazy_format",
             Fallback::UnverifiableIndex => "unverifiable_index",
             Fallback::IndexDigestMismatch => "index_digest_mismatch",
+            Fallback::RefusedIndex(_) => "refused_index",
             Fallback::Registry(_) => "registry",
             Fallback::Mount(_) => "mount",
         }
@@ -136,6 +140,7 @@ impl fmt::Display for Fallback {
             Fallback::NotLazyFormat(why) => write!(f, "not a lazily mountable layer: {why}"),
             Fallback::UnverifiableIndex => write!(f, "no toc.digest annotation to verify the TOC"),
             Fallback::IndexDigestMismatch => write!(f, "TOC digest differs from the annotation"),
+            Fallback::RefusedIndex(why) => write!(f, "TOC refused: {why}"),
             Fallback::Registry(why) => write!(f, "registry: {why}"),
             Fallback::Mount(why) => write!(f, "mount: {why}"),
         }

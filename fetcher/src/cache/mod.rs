@@ -8,6 +8,7 @@
 mod bitmap;
 mod blob_file;
 mod recency;
+mod space;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -25,6 +26,7 @@ use crate::error::FetchError;
 use bitmap::BitmapHeader;
 use blob_file::BlobFile;
 use recency::Recency;
+use space::SpaceAlarm;
 
 /// Blobs beyond this are not cached; it bounds each bitmap at 32 MiB for 4 KiB blocks.
 pub const MAX_CACHED_BLOB_BYTES: u64 = 1 << 40;
@@ -63,6 +65,8 @@ pub struct CacheUsage {
     /// Blocks evicted to stay under the capacity since start (not those dropped because
     /// their bytes failed verification).
     pub evictions: u64,
+    /// Blocks not stored since start because the cache's disk was full.
+    pub no_space_failures: u64,
 }
 
 pub struct ChunkCache {
@@ -70,6 +74,7 @@ pub struct ChunkCache {
     block_size: u64,
     capacity: u64,
     state: Mutex<State>,
+    space: SpaceAlarm,
 }
 
 struct State {
@@ -165,6 +170,7 @@ impl ChunkCache {
             block_size,
             capacity,
             state: Mutex::new(state),
+            space: SpaceAlarm::default(),
         };
         // The capacity may have shrunk since the last run.
         let mut state = cache.lock();
@@ -219,7 +225,8 @@ impl ChunkCache {
     }
 
     /// Stores block `index` of blob `digest` (of `blob_size` bytes), evicting others to make
-    /// room. On error the block stays absent and the cache stays consistent.
+    /// room. On error the block stays absent and the cache stays consistent. A full disk is
+    /// logged when it starts and when it ends, not at every block.
     pub fn insert(
         &self,
         digest: &Digest,
@@ -227,6 +234,20 @@ impl ChunkCache {
         index: u64,
         bytes: &[u8],
     ) -> Result<(), FetchError> {
+        let outcome = self.store(digest, blob_size, index, bytes);
+        let (used, wanted) = (self.lock().used, bytes.len() as u64);
+        self.space
+            .observe(&outcome, &self.dir, wanted, used, self.capacity);
+        outcome.map(|_| ())
+    }
+
+    fn store(
+        &self,
+        digest: &Digest,
+        blob_size: u64,
+        index: u64,
+        bytes: &[u8],
+    ) -> Result<Written, FetchError> {
         let key = BlockKey::new(digest.clone(), index);
         let (blob, len) = {
             let mut state = self.lock();
@@ -241,7 +262,7 @@ impl ChunkCache {
             }
             if state.writing.contains(&key) || blob.bitmap().get(index) {
                 state.recency.touch(&key);
-                return Ok(());
+                return Ok(Written::Already);
             }
             self.make_room(&mut state, len, &key)?;
             state.reserved += len;
@@ -275,7 +296,7 @@ impl ChunkCache {
             let pinned = state.pins.contains_key(digest);
             state.recency.insert(key, len, pinned);
         }
-        outcome
+        outcome.map(|()| Written::Now)
     }
 
     /// Drops every present block overlapping `range`, e.g. because its bytes failed
@@ -334,6 +355,7 @@ impl ChunkCache {
             blocks: state.recency.len() as u64,
             capacity: self.capacity,
             evictions: state.evictions,
+            no_space_failures: self.space.failures(),
         }
     }
 
@@ -424,6 +446,13 @@ impl ChunkCache {
             .map(|index| BlockKey::new(digest.clone(), index));
         state.recency.set_pinned(keys, pinned);
     }
+}
+
+/// Whether an insert wrote bytes, which tells that the disk had room for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    Now,
+    Already,
 }
 
 fn write_error(block: BlockKey, path: &Path, source: io::Error) -> FetchError {

@@ -19,9 +19,11 @@ use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, RANGE, WWW_AUTHENTICATE};
 use reqwest::{Client, StatusCode, Url};
 use shoal_config::{HostConfig, RegistryConfig};
+use tokio::time::Instant;
 
 pub use auth::{Credential, Credentials};
 pub use push::{BlobContent, Pushed, PushedManifest};
+use retry::Budget;
 pub use retry::RetryPolicy;
 
 use crate::digest::Digest;
@@ -92,6 +94,7 @@ impl RegistryClient {
         let policy = RetryPolicy {
             retries: config.retries,
             timeout: config.timeout,
+            deadline: config.deadline,
         };
         let default_client = build_client("default", &HostConfig::default(), &policy)?;
         let mut clients = HashMap::new();
@@ -129,9 +132,14 @@ impl RegistryClient {
             limit: MAX_MANIFEST_BYTES,
         };
         let (url, reply) = self
-            .execute(image, &path, &headers, &plan, &|url, cause| {
-                FetchError::FetchManifest { url, cause }
-            })
+            .execute(
+                image,
+                &path,
+                &headers,
+                &plan,
+                self.inner.policy,
+                &|url, cause| FetchError::FetchManifest { url, cause },
+            )
             .await?;
         let digest = Digest::of(&reply.body);
         if let Some(expected) = image.digest() {
@@ -175,6 +183,7 @@ impl RegistryClient {
                 &path,
                 &HeaderMap::new(),
                 &plan,
+                self.inner.policy,
                 &|url, cause| FetchError::FetchBlob { url, cause },
             )
             .await?;
@@ -195,6 +204,28 @@ impl RegistryClient {
         &self,
         blob: &BlobRef,
         range: Range<u64>,
+    ) -> Result<Bytes, FetchError> {
+        self.blob_range(blob, range, self.inner.policy).await
+    }
+
+    /// [`get_blob_range`](Self::get_blob_range) with one attempt of at most `limit` (or the
+    /// client's own timeout and deadline, when shorter), and no retry: a look at whether the
+    /// registry answers again, for a block whose full fetch failed moments ago.
+    pub async fn get_blob_range_briefly(
+        &self,
+        blob: &BlobRef,
+        range: Range<u64>,
+        limit: std::time::Duration,
+    ) -> Result<Bytes, FetchError> {
+        self.blob_range(blob, range, self.inner.policy.brief(limit))
+            .await
+    }
+
+    async fn blob_range(
+        &self,
+        blob: &BlobRef,
+        range: Range<u64>,
+        policy: RetryPolicy,
     ) -> Result<Bytes, FetchError> {
         if range.start > range.end || range.end > blob.size {
             return Err(FetchError::RangeOutOfBounds {
@@ -218,13 +249,18 @@ impl RegistryClient {
             blob_size: blob.size,
         };
         let (_, reply) = self
-            .execute(&blob.image, &path, &headers, &plan, &|url, cause| {
-                FetchError::FetchRange {
+            .execute(
+                &blob.image,
+                &path,
+                &headers,
+                &plan,
+                policy,
+                &|url, cause| FetchError::FetchRange {
                     url,
                     range: range.clone(),
                     cause,
-                }
-            })
+                },
+            )
             .await?;
         Ok(reply.body)
     }
@@ -237,9 +273,13 @@ impl RegistryClient {
         path: &str,
         headers: &HeaderMap,
         plan: &BodyPlan,
+        policy: RetryPolicy,
         fail: &(dyn Fn(String, HttpFailure) -> FetchError + Sync),
     ) -> Result<(String, Reply), FetchError> {
         let endpoints = self.endpoints(image);
+        // One deadline for the whole request, mirrors and retries included, so that a caller
+        // (a FUSE read) waits at most `registry.deadline_secs` however the registry misbehaves.
+        let budget = policy.start();
         let mut last_error = None;
         for endpoint in &endpoints {
             let url = format!(
@@ -250,8 +290,15 @@ impl RegistryClient {
             );
             let result = match Url::parse(&url) {
                 Ok(parsed) => {
-                    self.execute_on(endpoint, image.repository_name(), &parsed, headers, plan)
-                        .await
+                    self.execute_on(
+                        endpoint,
+                        image.repository_name(),
+                        &parsed,
+                        headers,
+                        plan,
+                        budget,
+                    )
+                    .await
                 }
                 Err(e) => Err(RequestError::Http(HttpFailure::Malformed {
                     reason: format!("url: {e}"),
@@ -303,13 +350,14 @@ impl RegistryClient {
         url: &Url,
         headers: &HeaderMap,
         plan: &BodyPlan,
+        budget: Budget,
     ) -> Result<Reply, RequestError> {
         let inner = &self.inner;
         let mut challenged = false;
         loop {
             let auth = inner.tokens.get(endpoint.host, repository);
             let reply = self
-                .send_with_retries(endpoint.client, url, headers, auth.as_ref(), plan)
+                .send_with_retries(endpoint.client, url, headers, auth.as_ref(), plan, budget)
                 .await?;
             if reply.status.is_success() {
                 return Ok(reply);
@@ -339,7 +387,9 @@ impl RegistryClient {
                 continue;
             }
             inner.tokens.remove(endpoint.host, repository);
-            let header = self.authorize(endpoint, repository, &reply.headers).await?;
+            let header = self
+                .authorize(endpoint, repository, &reply.headers, budget)
+                .await?;
             inner
                 .tokens
                 .insert(endpoint.host, repository, header.0, header.1);
@@ -374,6 +424,7 @@ impl RegistryClient {
         endpoint: &Endpoint<'_>,
         repository: &str,
         headers: &HeaderMap,
+        budget: Budget,
     ) -> Result<(HeaderValue, Option<std::time::Duration>), RequestError> {
         let values: Vec<&str> = headers
             .get_all(WWW_AUTHENTICATE)
@@ -401,7 +452,14 @@ impl RegistryClient {
                     .clone()
                     .unwrap_or_else(|| format!("repository:{repository}:pull"));
                 let token = self
-                    .fetch_token(endpoint, realm, service.as_deref(), &scope, credential)
+                    .fetch_token(
+                        endpoint,
+                        realm,
+                        service.as_deref(),
+                        &scope,
+                        credential,
+                        budget,
+                    )
                     .await?;
                 Ok((token.0, Some(token.1)))
             }
@@ -422,6 +480,7 @@ impl RegistryClient {
         service: Option<&str>,
         scope: &str,
         credential: Option<&Credential>,
+        budget: Budget,
     ) -> Result<(HeaderValue, std::time::Duration), RequestError> {
         let fail = |cause| {
             RequestError::Fetch(FetchError::FetchToken {
@@ -459,6 +518,7 @@ impl RegistryClient {
                 &HeaderMap::new(),
                 basic.as_ref(),
                 &plan,
+                budget,
             )
             .await
             .map_err(|error| match error {
@@ -485,8 +545,10 @@ impl RegistryClient {
         })
     }
 
-    /// Attempts until one succeeds, fails for good, or the retry budget is spent. Returns the
-    /// final reply, whatever its status, unless that status was transient.
+    /// Attempts until one succeeds, fails for good, the retry budget is spent or `until`
+    /// passes. Each attempt (connect, headers and body) gets `timeout`, cut short by `until`,
+    /// so a body that stalls after its headers costs one attempt. Returns the final reply,
+    /// whatever its status, unless that status was transient.
     async fn send_with_retries(
         &self,
         client: &Client,
@@ -494,18 +556,23 @@ impl RegistryClient {
         headers: &HeaderMap,
         auth: Option<&HeaderValue>,
         plan: &BodyPlan,
+        budget: Budget,
     ) -> Result<Reply, RequestError> {
-        let policy = self.inner.policy;
+        let Budget { policy, until } = budget;
         let mut retry = 0;
         loop {
-            let outcome = tokio::time::timeout(
-                policy.timeout,
-                transport::attempt(client, url, headers, auth, plan),
-            )
-            .await
-            .unwrap_or(Err(HttpFailure::TimedOut {
-                after: policy.timeout,
-            }));
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                // Earlier endpoints (mirrors) used the whole deadline.
+                return Err(RequestError::Http(HttpFailure::TimedOut {
+                    after: policy.deadline,
+                }));
+            }
+            let limit = policy.timeout.min(left);
+            let outcome =
+                tokio::time::timeout(limit, transport::attempt(client, url, headers, auth, plan))
+                    .await
+                    .unwrap_or(Err(HttpFailure::TimedOut { after: limit }));
             let (failure, reply_headers) = match outcome {
                 Ok(reply) => {
                     let failure = HttpFailure::Status {
@@ -522,6 +589,13 @@ impl RegistryClient {
                 return Err(RequestError::Http(failure));
             }
             let delay = policy.delay(retry, reply_headers.as_ref());
+            if Instant::now() + delay >= until {
+                return Err(RequestError::Http(HttpFailure::Deadline {
+                    deadline: policy.deadline,
+                    attempts: retry + 1,
+                    last: Box::new(failure),
+                }));
+            }
             tracing::debug!(%url, %failure, ?delay, retry, "retrying registry request");
             tokio::time::sleep(delay).await;
             retry += 1;

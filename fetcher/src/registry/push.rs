@@ -337,8 +337,17 @@ impl RegistryClient {
         });
         if let Some((realm, service)) = bearer {
             let scope = format!("repository:{repository}:pull,push");
+            // Pushes are bounded per request by their callers; the token fetch on its own.
+            let budget = self.inner.policy.start();
             let (header, lifetime) = self
-                .fetch_token(endpoint, realm, service.as_deref(), &scope, credential)
+                .fetch_token(
+                    endpoint,
+                    realm,
+                    service.as_deref(),
+                    &scope,
+                    credential,
+                    budget,
+                )
                 .await?;
             return Ok((header, Some(lifetime)));
         }

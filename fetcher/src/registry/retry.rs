@@ -11,16 +11,43 @@ const MAX_DELAY: Duration = Duration::from_secs(10);
 /// A server's `Retry-After` is honoured up to this long; beyond it the wait is not worth it.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
-/// Retry budget and per-attempt deadline of registry requests.
+/// Retry budget, per-attempt deadline and whole-request deadline of registry requests.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
     /// Attempts after the first one.
     pub retries: u32,
     /// Deadline of one attempt: connect, headers and body.
     pub timeout: Duration,
+    /// Deadline of one request: every attempt, backoff and mirror together. Attempts stop
+    /// when it runs out, whatever `retries` still allows.
+    pub deadline: Duration,
+}
+
+/// What one request may still spend: its policy, and when its deadline falls.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Budget {
+    pub policy: RetryPolicy,
+    pub until: tokio::time::Instant,
 }
 
 impl RetryPolicy {
+    /// The budget of a request that starts now.
+    pub(super) fn start(self) -> Budget {
+        Budget {
+            policy: self,
+            until: tokio::time::Instant::now() + self.deadline,
+        }
+    }
+
+    /// This policy cut down to one attempt of at most `limit`.
+    pub fn brief(self, limit: Duration) -> RetryPolicy {
+        RetryPolicy {
+            retries: 0,
+            timeout: self.timeout.min(limit),
+            deadline: self.deadline.min(limit),
+        }
+    }
+
     /// Delay before retry number `retry` (0-based): exponential with a little jitter, or the
     /// server's `Retry-After` when it asks for longer.
     pub fn delay(&self, retry: u32, headers: Option<&HeaderMap>) -> Duration {
@@ -68,6 +95,7 @@ mod tests {
         let policy = RetryPolicy {
             retries: 3,
             timeout: Duration::from_secs(1),
+            deadline: Duration::from_secs(10),
         };
         let first = policy.delay(0, None);
         assert!(first >= BASE_DELAY && first < BASE_DELAY * 2, "{first:?}");
@@ -84,6 +112,7 @@ mod tests {
         let policy = RetryPolicy {
             retries: 1,
             timeout: Duration::from_secs(1),
+            deadline: Duration::from_secs(10),
         };
         assert_eq!(policy.delay(0, Some(&headers)), Duration::from_secs(3));
         headers.insert(RETRY_AFTER, HeaderValue::from_static("3600"));

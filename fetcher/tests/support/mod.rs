@@ -46,6 +46,8 @@ pub struct Reply {
     pub delay: Duration,
     /// Never answer.
     pub stall: bool,
+    /// Send the status line and headers, then never the body.
+    pub stall_body: bool,
 }
 
 impl Reply {
@@ -57,6 +59,7 @@ impl Reply {
             declared_length: None,
             delay: Duration::ZERO,
             stall: false,
+            stall_body: false,
         }
     }
 
@@ -72,6 +75,12 @@ impl Reply {
             stall: true,
             ..Reply::status(200)
         }
+    }
+
+    /// This reply's headers, then silence where its body should be.
+    pub fn stalling_body(mut self) -> Reply {
+        self.stall_body = true;
+        self
     }
 
     pub fn header(mut self, name: &str, value: impl Into<String>) -> Reply {
@@ -205,6 +214,11 @@ async fn serve(mut stream: TcpStream, handler: Arc<Handler>, log: Arc<Mutex<Vec<
     }
     response.push_str("\r\n");
     let _ = stream.write_all(response.as_bytes()).await;
+    if reply.stall_body {
+        let _ = stream.flush().await;
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        return;
+    }
     let body_len = reply
         .declared_length
         .unwrap_or(reply.body.len())

@@ -11,10 +11,14 @@ use super::digest::{Sha256Digest, TocDigest};
 
 /// Name of the TOC's tar entry.
 pub const TOC_TAR_NAME: &str = "stargz.index.json";
-/// Largest TOC JSON accepted; bounds the allocation a hostile blob can cause.
+/// Largest TOC JSON accepted; bounds the allocation a hostile blob can cause. The reference
+/// writer spends about 350 bytes per file, so this admits layers of some 180,000 files.
 pub const MAX_TOC_JSON_SIZE: u64 = 64 << 20;
-/// Largest number of TOC entries accepted.
-pub const MAX_TOC_ENTRIES: usize = 2_000_000;
+/// Largest compressed TOC (the blob bytes from the TOC offset to the footer) fetched; JSON
+/// compresses well, so no TOC within [`MAX_TOC_JSON_SIZE`] comes near it.
+pub const MAX_TOC_COMPRESSED_SIZE: u64 = 64 << 20;
+/// Largest number of TOC entries (files, directories, links and chunks) accepted.
+pub const MAX_TOC_ENTRIES: usize = 1_000_000;
 
 const BLOCK: usize = 512;
 
@@ -177,12 +181,14 @@ pub enum TocError {
     TarSize,
     #[error("toc json is {size} bytes, more than the {max}-byte limit")]
     TooLarge { size: u64, max: u64 },
+    #[error("compressed toc is {size} bytes, more than the {max}-byte limit")]
+    CompressedTooLarge { size: u64, max: u64 },
     #[error("read toc json: {source}")]
     ReadJson { source: std::io::Error },
     #[error("decode toc json: {source}")]
     DecodeJson { source: serde_json::Error },
-    #[error("toc has {count} entries, more than the {max} limit")]
-    TooManyEntries { count: usize, max: usize },
+    #[error("toc has more than the {max}-entry limit")]
+    TooManyEntries { max: usize },
     #[error("encode toc json: {source}")]
     EncodeJson { source: serde_json::Error },
 }
@@ -201,20 +207,122 @@ pub fn parse_toc(region: &[u8]) -> Result<ParsedToc, TocError> {
     decode_toc_json(&json)
 }
 
-/// Decodes TOC JSON bytes and digests them.
+/// Decodes TOC JSON bytes and digests them. A TOC of more than [`MAX_TOC_ENTRIES`] entries is
+/// refused as soon as the entry past the limit is read, before the rest is held in memory.
 pub fn decode_toc_json(json: &[u8]) -> Result<ParsedToc, TocError> {
-    let toc: Toc =
-        serde_json::from_slice(json).map_err(|source| TocError::DecodeJson { source })?;
-    if toc.entries.len() > MAX_TOC_ENTRIES {
-        return Err(TocError::TooManyEntries {
-            count: toc.entries.len(),
-            max: MAX_TOC_ENTRIES,
-        });
-    }
+    decode_within(json, MAX_TOC_ENTRIES)
+}
+
+fn decode_within(json: &[u8], max: usize) -> Result<ParsedToc, TocError> {
+    let over = std::cell::Cell::new(false);
+    let mut deserializer = serde_json::Deserializer::from_slice(json);
+    let toc = serde::de::DeserializeSeed::deserialize(
+        bounded::TocSeed { max, over: &over },
+        &mut deserializer,
+    )
+    .and_then(|toc| deserializer.end().map(|()| toc));
+    let toc = match toc {
+        Ok(toc) => toc,
+        Err(_) if over.get() => return Err(TocError::TooManyEntries { max }),
+        Err(source) => return Err(TocError::DecodeJson { source }),
+    };
     Ok(ParsedToc {
         toc,
         digest: Sha256Digest::of(json),
     })
+}
+
+/// Deserializing a [`Toc`] with at most `max` entries: the entries are counted as they are
+/// read, and the first one past the limit ends the decoding (with `over` set).
+mod bounded {
+    use std::cell::Cell;
+    use std::fmt;
+
+    use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    use super::{Toc, TocEntry};
+
+    pub(super) struct TocSeed<'a> {
+        pub max: usize,
+        pub over: &'a Cell<bool>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for TocSeed<'_> {
+        type Value = Toc;
+
+        fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Toc, D::Error> {
+            deserializer.deserialize_map(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for TocSeed<'_> {
+        type Value = Toc;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a toc object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Toc, A::Error> {
+            let mut version = None;
+            let mut entries = None;
+            while let Some(key) = map.next_key::<String>()? {
+                match key.as_str() {
+                    "version" if version.is_none() => version = Some(map.next_value()?),
+                    "entries" if entries.is_none() => {
+                        entries = Some(map.next_value_seed(EntriesSeed {
+                            max: self.max,
+                            over: self.over,
+                        })?)
+                    }
+                    "version" => return Err(de::Error::duplicate_field("version")),
+                    "entries" => return Err(de::Error::duplicate_field("entries")),
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(Toc {
+                version: version.ok_or_else(|| de::Error::missing_field("version"))?,
+                entries: entries.ok_or_else(|| de::Error::missing_field("entries"))?,
+            })
+        }
+    }
+
+    struct EntriesSeed<'a> {
+        max: usize,
+        over: &'a Cell<bool>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for EntriesSeed<'_> {
+        type Value = Vec<TocEntry>;
+
+        fn deserialize<D: de::Deserializer<'de>>(
+            self,
+            deserializer: D,
+        ) -> Result<Vec<TocEntry>, D::Error> {
+            deserializer.deserialize_seq(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for EntriesSeed<'_> {
+        type Value = Vec<TocEntry>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a list of toc entries")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<TocEntry>, A::Error> {
+            let mut entries = Vec::new();
+            while let Some(entry) = seq.next_element::<TocEntry>()? {
+                if entries.len() == self.max {
+                    self.over.set(true);
+                    return Err(de::Error::custom(format!("more than {} entries", self.max)));
+                }
+                entries.push(entry);
+            }
+            Ok(entries)
+        }
+    }
 }
 
 /// Serializes a TOC the way the reference writer does (tab-indented), so digests agree for
@@ -230,6 +338,7 @@ pub fn encode_toc_json(toc: &Toc) -> Result<Vec<u8>, TocError> {
 
 /// Extracts the raw `stargz.index.json` bytes from the TOC region.
 pub fn read_toc_json(region: &[u8]) -> Result<Vec<u8>, TocError> {
+    check_compressed_size(region.len() as u64)?;
     // One member only, as the reference reader does: the footer after it is not TOC data.
     let mut gz = GzDecoder::new(region);
     let mut header = [0u8; BLOCK];
@@ -265,6 +374,17 @@ pub fn read_toc_json(region: &[u8]) -> Result<Vec<u8>, TocError> {
         });
     }
     Ok(json)
+}
+
+/// Refuses a compressed TOC of `size` bytes before it is fetched or decompressed.
+pub fn check_compressed_size(size: u64) -> Result<(), TocError> {
+    if size > MAX_TOC_COMPRESSED_SIZE {
+        return Err(TocError::CompressedTooLarge {
+            size,
+            max: MAX_TOC_COMPRESSED_SIZE,
+        });
+    }
+    Ok(())
 }
 
 /// The ustar header checksum: the byte sum with the checksum field read as spaces.
@@ -378,6 +498,55 @@ mod tests {
         assert!(matches!(
             parse_toc(&toc_region(TOC_TAR_NAME, bad_type.as_bytes(), None)),
             Err(TocError::DecodeJson { .. })
+        ));
+    }
+
+    /// `count` tiny entries, then `tail` (which need not be valid JSON).
+    fn many_entries(count: usize, tail: &str) -> Vec<u8> {
+        let mut json = String::from(r#"{"version":1,"entries":["#);
+        for i in 0..count {
+            json.push_str(if i == 0 { "" } else { "," });
+            json.push_str(r#"{"name":"d","type":"dir"}"#);
+        }
+        json.push_str(tail);
+        json.into_bytes()
+    }
+
+    #[test]
+    fn entries_past_the_limit_are_refused_as_they_are_read() {
+        let at_limit = decode_within(&many_entries(3, "]}"), 3).unwrap();
+        assert_eq!(at_limit.toc.entries.len(), 3);
+        assert_eq!(at_limit.toc.version, 1);
+        // The entry past the limit ends the decoding: what follows it is never read (here,
+        // text that is not JSON at all), nor held.
+        assert!(matches!(
+            decode_within(&many_entries(4, ",!garbage"), 3),
+            Err(TocError::TooManyEntries { max: 3 })
+        ));
+        assert!(matches!(
+            decode_within(&many_entries(2, ",!garbage"), 3),
+            Err(TocError::DecodeJson { .. })
+        ));
+        let duplicate = br#"{"version":1,"entries":[],"entries":[]}"#;
+        assert!(matches!(
+            decode_within(duplicate, 3),
+            Err(TocError::DecodeJson { .. })
+        ));
+        let unknown_key = br#"{"version":1,"x":{"y":[1]},"entries":[]}"#;
+        assert!(decode_within(unknown_key, 3).is_ok());
+        assert!(decode_within(br#"{"version":1}"#, 3).is_err());
+    }
+
+    #[test]
+    fn a_toc_of_more_than_a_million_entries_is_refused_before_its_end() {
+        // At the real limit: the old decoder read every entry (up to the 64 MiB JSON limit,
+        // some 2.5 million of them) before counting, and reached the garbage first.
+        let json = many_entries(MAX_TOC_ENTRIES + 1, ",!garbage");
+        assert!(matches!(
+            decode_toc_json(&json),
+            Err(TocError::TooManyEntries {
+                max: MAX_TOC_ENTRIES
+            })
         ));
     }
 }

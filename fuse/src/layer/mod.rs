@@ -13,7 +13,9 @@ use shoal_fetcher::{BlobRef, Fetcher};
 
 use crate::error::FsError;
 use crate::estargz::{
-    parse_footer, toc::decode_toc_json, toc::read_toc_json, Index, TocDigest, FOOTER_SIZE,
+    parse_footer,
+    toc::{check_compressed_size, decode_toc_json, read_toc_json},
+    Index, TocDigest, FOOTER_SIZE,
 };
 
 pub use mount::{mount, MountedLayer, Prefetch};
@@ -79,6 +81,11 @@ impl EstargzLayer {
             source,
         })?;
         let region: Range<u64> = footer.toc_offset..blob.size - footer.size as u64;
+        // The footer is the publisher's word: refuse a huge region before asking for it.
+        check_compressed_size(region.end - region.start).map_err(|source| FsError::ParseToc {
+            blob: name.clone(),
+            source,
+        })?;
         let compressed = read(region.clone())
             .await
             .map_err(|source| FsError::FetchToc {

@@ -10,7 +10,6 @@ use tracing::{info, warn};
 use super::fs::{now_secs, LayerFs};
 use super::{ChunkReader, EstargzLayer};
 use crate::error::FsError;
-use crate::estargz::{Index, NodeKind};
 
 /// FUSE worker threads per layer: metadata is answered from memory, slow reads leave the thread.
 const THREADS: usize = 2;
@@ -123,17 +122,20 @@ pub fn mount(
     config.n_threads = Some(THREADS);
     let prefetch_end = layer.index.prefetch_end().filter(|_| prefetch.landmark);
     let blob = layer.blob.clone();
-    let verifiable = every_chunk_has_a_digest(&layer.index);
+    // The TOC's JSON was needed to open the layer, not to serve it.
+    let layer = EstargzLayer {
+        persisted: Vec::new(),
+        ..layer
+    };
     let fs = LayerFs::new(layer, reader.clone(), runtime.clone());
     let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(|source| FsError::Mount {
         mountpoint: mountpoint.to_owned(),
         source,
     })?;
     info!(blob = %blob.digest, mountpoint = %mountpoint.display(), at = now_secs(), "layer mounted");
-    if verifiable {
-        // Every chunk is checked against the verified TOC, so peers may supply them.
-        reader.fetcher().allow_peers(&blob.digest);
-    }
+    // Every chunk has a digest from the verified TOC and is checked against it (an index
+    // is not built otherwise), so peers may supply them.
+    reader.fetcher().allow_peers(&blob.digest);
     reader.mount_added(&blob);
     let listed = Some((reader.clone(), blob.digest.clone()));
     runtime.spawn(async move {
@@ -173,13 +175,4 @@ async fn background_fetch(reader: &ChunkReader, blob: &shoal_fetcher::BlobRef, r
         }
     }
     info!(blob = %blob.digest, bytes = blob.size, "layer fully fetched in the background");
-}
-
-/// Whether the TOC gives a digest for every chunk, so that no byte of the layer is served
-/// unchecked whichever node sent it.
-fn every_chunk_has_a_digest(index: &Index) -> bool {
-    index.nodes().all(|node| match &node.kind {
-        NodeKind::Regular { chunks } => chunks.iter().all(|chunk| chunk.digest.is_some()),
-        _ => true,
-    })
 }

@@ -211,12 +211,16 @@ impl ChunkReader {
             source,
         };
         let data = decompress_chunk(compressed, chunk).map_err(decode_err)?;
-        if let Some(expected) = &chunk.digest {
-            verify(&data, expected, &path_of(index, ino), chunk.file_offset).map_err(decode_err)?;
-            // The compressed bytes that decoded to it are good: peers may have them.
-            self.fetcher
-                .verified(blob, chunk.blob_offset..chunk.blob_end);
-        }
+        verify(
+            &data,
+            &chunk.digest,
+            &path_of(index, ino),
+            chunk.file_offset,
+        )
+        .map_err(decode_err)?;
+        // The compressed bytes that decoded to it are good: peers may have them.
+        self.fetcher
+            .verified(blob, chunk.blob_offset..chunk.blob_end);
         let bytes = Bytes::from(data);
         self.remember(blob, chunk, bytes.clone());
         Ok(bytes)
@@ -275,7 +279,6 @@ fn assemble(
 
 fn path_of(index: &Index, ino: Ino) -> String {
     index
-        .node(ino)
-        .map(|n| n.path.clone())
+        .path(ino)
         .unwrap_or_else(|| format!("inode {}", ino.get()))
 }

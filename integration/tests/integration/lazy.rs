@@ -285,7 +285,7 @@ fn random_bytes(len: usize) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
@@ -323,7 +323,7 @@ pub(crate) fn data_image(files: &[(&str, usize)]) -> Result<DataImage> {
 }
 
 /// Fails unless rpull's output shows all `count` layers mounted lazily.
-fn ensure_all_lazy(out: &str, count: usize) -> Result<()> {
+pub(crate) fn ensure_all_lazy(out: &str, count: usize) -> Result<()> {
     let lazy = out
         .lines()
         .filter(|line| line.starts_with("layer ") && line.contains(" lazy"))
@@ -336,7 +336,7 @@ fn ensure_all_lazy(out: &str, count: usize) -> Result<()> {
 }
 
 /// Runs `sha256sum` of `paths` in a new container and fails unless every hash is `expected`.
-fn ensure_sums(
+pub(crate) fn ensure_sums(
     stack: &Stack,
     reference: &str,
     id: &str,

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use tracing::{error, info, warn};
 
+use super::remount::UnmountedLayer;
 use super::{Inner, ShoalSnapshotter};
 use crate::error::SnapshotError;
 use crate::metadata::{Kind, Record};
@@ -16,7 +17,7 @@ use crate::remote::{Fallback, LayerFormat, LayerLabels, ResolvedLayer, LABEL_REM
 
 /// File under a remote snapshot's directory holding its verified index (the eStargz TOC), so
 /// that a restart mounts it again without the registry.
-const INDEX_FILE: &str = "index";
+pub(super) const INDEX_FILE: &str = "index";
 
 /// How lazy pulling has gone since start: layers mounted, fallbacks by reason.
 #[derive(Debug, Default)]
@@ -217,7 +218,17 @@ impl Inner {
                 }
                 Err(err) => {
                     self.lazy.remount_failures.fetch_add(1, Ordering::Relaxed);
-                    error!(key = %entry.key, error = %err, "could not mount remote layer again");
+                    error!(
+                        key = %entry.key,
+                        error = %err,
+                        "could not mount remote layer again from its persisted index; \
+                         it is mounted from the registry before anything stacks it"
+                    );
+                    self.unmounted.insert(UnmountedLayer {
+                        key: entry.key,
+                        layer: entry.record.remote.map(|r| r.digest).unwrap_or_default(),
+                        reason: format!("its persisted index was refused: {err}"),
+                    });
                 }
             }
         }
@@ -228,7 +239,7 @@ impl Inner {
     }
 }
 
-fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(super) fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut file = std::fs::File::create(path)?;
     file.write_all(bytes)?;

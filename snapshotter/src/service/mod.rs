@@ -1,6 +1,7 @@
 //! The containerd Snapshots API over the metadata store and the on-disk layout.
 
 mod lazy;
+mod remount;
 mod unlabelled;
 
 use std::collections::{BTreeMap, HashMap};
@@ -21,6 +22,7 @@ use crate::remote::{Fallback, LayerLabels, LayerMounter, ResolvedLayer, LABEL_FA
 use crate::usage;
 
 pub use lazy::LazyStats;
+pub use remount::UnmountedLayer;
 
 /// containerd's limit on a label's key plus value (`labels.Validate`).
 const MAX_LABEL_BYTES: usize = 4096;
@@ -37,6 +39,10 @@ struct Inner {
     layout: Layout,
     mounter: Arc<dyn LayerMounter>,
     lazy: LazyStats,
+    /// Remote layers whose mount is missing since start-up.
+    unmounted: remount::Unmounted,
+    /// Held while a layer is mounted again from the registry.
+    repair: tokio::sync::Mutex<()>,
 }
 
 /// A count of snapshots by kind, for `shoal status`.
@@ -75,6 +81,8 @@ impl ShoalSnapshotter {
                 layout,
                 mounter,
                 lazy: LazyStats::default(),
+                unmounted: remount::Unmounted::default(),
+                repair: tokio::sync::Mutex::new(()),
             }),
         };
         let reclaimed = snapshotter.inner.cleanup()?;
@@ -151,6 +159,8 @@ impl ShoalSnapshotter {
                 labels.insert(LABEL_FALLBACK.to_owned(), fallback_label(&fallback));
             }
         }
+        // Never an overlay with a layer's files missing: an unmounted one is mounted first.
+        self.ensure_stack_mounted(&parent).await?;
         self.blocking("create", move |inner| {
             let record = inner.create(&key, &parent, kind, labels, None)?;
             inner.mounts_of(&record)
@@ -419,6 +429,12 @@ impl Snapshotter for ShoalSnapshotter {
     }
 
     async fn mounts(&self, key: String) -> Result<Vec<Mount>, SnapshotError> {
+        let parent = {
+            let key = key.clone();
+            self.blocking("stat", move |inner| Ok(inner.store.get(&key)?.parent))
+                .await?
+        };
+        self.ensure_stack_mounted(&parent).await?;
         self.blocking("mounts", move |inner| {
             let record = inner.store.get(&key)?;
             if record.kind == Kind::Committed {
@@ -475,6 +491,7 @@ impl Snapshotter for ShoalSnapshotter {
     async fn remove(&self, key: String) -> Result<(), SnapshotError> {
         self.blocking("remove", move |inner| {
             let record = inner.store.remove(&key)?;
+            inner.unmounted.remove(&key);
             if record.remote.is_some() {
                 inner.mounter.unmount(&inner.layout.upper(record.id))?;
             }

@@ -1,30 +1,36 @@
 //! Turning a TOC into an [`Index`]: name cleaning, chunk grouping, whiteouts, landmarks,
 //! implicit directories and hardlinks.
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::HashMap;
 
+use super::tree::{Tree, DIR_SIZE};
 use super::{
-    Attr, Chunk, DirEntry, Index, IndexError, Ino, Node, NodeKind, Prefetch, MAX_CHUNK_SIZE,
-    MAX_NODES, NO_PREFETCH_LANDMARK, OPAQUE_XATTR, PREFETCH_LANDMARK, S_IFBLK, S_IFCHR, S_IFDIR,
-    S_IFIFO, S_IFLNK, S_IFREG,
+    Attr, Chunk, Index, IndexError, Ino, NodeKind, Prefetch, MAX_CHUNK_SIZE, MAX_DEPTH,
+    MAX_HARDLINK_CHAIN, MAX_NAME_LEN, MAX_PATH_LEN, NO_PREFETCH_LANDMARK, OPAQUE_XATTR,
+    PREFETCH_LANDMARK, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG,
 };
-use crate::estargz::digest::Sha256Digest;
 use crate::estargz::entry_name::{clean_entry_name, split_parent};
 use crate::estargz::modtime::parse_modtime;
 use crate::estargz::toc::{EntryType, Toc, TocEntry, MAX_TOC_ENTRIES};
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
-const HARDLINK_DEPTH: usize = 64;
-const DIR_SIZE: u64 = 4096;
+/// How much of an over-long name an error message quotes.
+const QUOTED: usize = 128;
 
-/// A TOC entry after name cleaning, with the chunk entries that follow a regular file.
+/// A TOC entry after name cleaning; the chunk entries that follow a regular file are
+/// `toc.entries[index + 1..index + 1 + chunks]`.
 struct Item<'a> {
     entry: &'a TocEntry,
-    /// Path the entry is presented at (for whiteouts, the name they hide).
-    path: String,
+    /// Path the entry is presented at (for whiteouts, the name they hide); borrowed from the
+    /// TOC when it is already clean, as producers write it.
+    path: Cow<'a, str>,
     whiteout: bool,
-    chunks: Vec<&'a TocEntry>,
+    /// Whether the entry is part of the tree at all (landmarks and opaque markers are not).
+    named: bool,
+    index: usize,
+    chunks: usize,
 }
 
 pub(super) fn assemble(toc: &Toc, toc_offset: u64) -> Result<Index, IndexError> {
@@ -34,80 +40,88 @@ pub(super) fn assemble(toc: &Toc, toc_offset: u64) -> Result<Index, IndexError> 
         });
     }
     let mut prefetch = Prefetch::Unspecified;
-    let mut opaque_dirs = Vec::new();
+    let mut opaque_dirs: Vec<Cow<str>> = Vec::new();
     let mut items: Vec<Item> = Vec::new();
-    // Cleaned path -> index in `items` of the entry presented there (later entries win, but
-    // a real entry is never hidden by a whiteout of the same name).
-    let mut winner: HashMap<String, usize> = HashMap::new();
     let mut last_was_reg = false;
 
     for (index, entry) in toc.entries.iter().enumerate() {
         if entry.kind == EntryType::Chunk {
             match items.last_mut() {
-                Some(item) if last_was_reg => item.chunks.push(entry),
+                Some(item) if last_was_reg => item.chunks += 1,
                 _ => return Err(IndexError::OrphanChunk { index }),
             }
             continue;
         }
         if entry.name.contains('\0') || entry.link_name.contains('\0') {
             return Err(IndexError::InvalidName {
-                name: entry.name.chars().take(256).collect(),
+                name: quote(&entry.name),
             });
         }
-        let path = clean_entry_name(&entry.name);
+        let path = clean(&entry.name);
+        check_path(&path)?;
+        if matches!(entry.kind, EntryType::Symlink | EntryType::Hardlink)
+            && entry.link_name.len() > MAX_PATH_LEN
+        {
+            return Err(IndexError::PathTooLong {
+                path: quote(&entry.link_name),
+                len: entry.link_name.len(),
+                max: MAX_PATH_LEN,
+            });
+        }
         // An entry that is not part of the tree still owns the chunk entries after it.
         last_was_reg = entry.kind == EntryType::Reg;
         let (parent, base) = split_parent(&path);
-        let (path, whiteout) = if path == PREFETCH_LANDMARK {
+        let (presented, whiteout): (Option<Cow<str>>, bool) = if path == PREFETCH_LANDMARK {
             prefetch = Prefetch::UpTo(entry.offset);
             (None, false)
         } else if path == NO_PREFETCH_LANDMARK {
             prefetch = Prefetch::Disabled;
             (None, false)
         } else if base == OPAQUE_WHITEOUT {
-            opaque_dirs.push(parent.to_owned());
+            opaque_dirs.push(sub(&path, parent));
             (None, false)
         } else if let Some(hidden) = base.strip_prefix(WHITEOUT_PREFIX) {
             // A bare ".wh." hides nothing nameable.
-            let hidden = (!hidden.is_empty()).then(|| join(parent, hidden));
+            let hidden = (!hidden.is_empty()).then(|| Cow::Owned(join(parent, hidden)));
             (hidden, true)
         } else {
             (Some(path.clone()), false)
         };
         items.push(Item {
             entry,
-            path: path.clone().unwrap_or_default(),
+            named: presented.is_some(),
+            path: presented.unwrap_or_default(),
             whiteout,
-            chunks: Vec::new(),
+            index,
+            chunks: 0,
         });
-        let Some(path) = path else { continue };
-        let slot = items.len() - 1;
-        match winner.get(&path) {
-            Some(&old) if whiteout && !items[old].whiteout => {}
+    }
+
+    // Cleaned path -> index in `items` of the entry presented there (later entries win, but
+    // a real entry is never hidden by a whiteout of the same name).
+    let mut winner: HashMap<&str, usize> = HashMap::new();
+    for (slot, item) in items.iter().enumerate().filter(|(_, item)| item.named) {
+        match winner.get(item.path.as_ref()) {
+            Some(&old) if item.whiteout && !items[old].whiteout => {}
             _ => {
-                winner.insert(path, slot);
+                winner.insert(item.path.as_ref(), slot);
             }
         }
     }
 
     let member_starts = member_starts(toc);
-    let mut tree = Tree::default();
     let root = winner.get("").map(|&i| &items[i]);
-    match root {
+    let mut tree = match root {
         Some(item) if item.entry.kind != EntryType::Dir => {
             return Err(IndexError::RootNotDirectory)
         }
-        Some(item) => tree.push(
-            String::new(),
-            attr_of(item.entry, S_IFDIR),
-            item.entry,
-            dir(),
-        )?,
-        None => tree.push_implicit_dir(String::new())?,
+        Some(item) => Tree::with_root(attr_of(item.entry, S_IFDIR), item.entry.xattrs.clone()),
+        None => Tree::with_root(Tree::implicit_dir_attr(), Default::default()),
     };
 
     let mut winners: Vec<usize> = winner
-        .into_values()
+        .values()
+        .copied()
         .filter(|&i| !items[i].path.is_empty())
         .collect();
     winners.sort_unstable();
@@ -143,20 +157,19 @@ pub(super) fn assemble(toc: &Toc, toc_offset: u64) -> Result<Index, IndexError> 
             };
             (attr, NodeKind::CharDevice)
         } else {
-            node_of(item, toc_offset, &member_starts)?
+            node_of(item, toc, toc_offset, &member_starts)?
         };
-        tree.add(&item.path, attr, item.entry, kind)?;
+        tree.add(&item.path, attr, item.entry.xattrs.clone(), kind)?;
     }
-    let by_path = winner_map(&items, &winners);
     for &i in &winners {
         let item = &items[i];
         if item.entry.kind == EntryType::Hardlink && !item.whiteout {
-            let target = resolve_hardlink(item, &items, &by_path)?;
+            let target = resolve_hardlink(item, &items, &winner)?;
             tree.link(&item.path, &target)?;
         }
     }
-    for dir in opaque_dirs {
-        let slot = tree.ensure_dir(&dir)?;
+    for dir in &opaque_dirs {
+        let slot = tree.ensure_dir(dir)?;
         tree.nodes[slot]
             .xattrs
             .insert(OPAQUE_XATTR.to_owned(), b"y".to_vec());
@@ -164,11 +177,57 @@ pub(super) fn assemble(toc: &Toc, toc_offset: u64) -> Result<Index, IndexError> 
     Ok(tree.finish(prefetch))
 }
 
-fn winner_map<'a>(items: &'a [Item<'a>], winners: &[usize]) -> HashMap<&'a str, usize> {
-    winners
-        .iter()
-        .map(|&i| (items[i].path.as_str(), i))
-        .collect()
+/// `clean_entry_name`, borrowing `name` when it is clean already.
+fn clean(name: &str) -> Cow<'_, str> {
+    let cleaned = clean_entry_name(name);
+    if cleaned == name {
+        Cow::Borrowed(name)
+    } else {
+        Cow::Owned(cleaned)
+    }
+}
+
+/// `part`, a prefix of `path`, borrowed when `path` is.
+fn sub<'a>(path: &Cow<'a, str>, part: &str) -> Cow<'a, str> {
+    match path {
+        Cow::Borrowed(whole) => Cow::Borrowed(&whole[..part.len()]),
+        Cow::Owned(_) => Cow::Owned(part.to_owned()),
+    }
+}
+
+/// Refuses names an ordinary unpack could not create, and depths no image needs.
+fn check_path(path: &str) -> Result<(), IndexError> {
+    if path.len() > MAX_PATH_LEN {
+        return Err(IndexError::PathTooLong {
+            path: quote(path),
+            len: path.len(),
+            max: MAX_PATH_LEN,
+        });
+    }
+    let mut depth = 0;
+    for name in path.split('/').filter(|name| !name.is_empty()) {
+        depth += 1;
+        if name.len() > MAX_NAME_LEN {
+            return Err(IndexError::NameTooLong {
+                path: quote(path),
+                len: name.len(),
+                max: MAX_NAME_LEN,
+            });
+        }
+    }
+    if depth > MAX_DEPTH {
+        return Err(IndexError::TooDeep {
+            path: quote(path),
+            depth,
+            max: MAX_DEPTH,
+        });
+    }
+    Ok(())
+}
+
+/// The start of `text`, for messages about names that may be megabytes long.
+fn quote(text: &str) -> String {
+    text.chars().take(QUOTED).collect()
 }
 
 fn resolve_hardlink(
@@ -177,28 +236,40 @@ fn resolve_hardlink(
     winners: &HashMap<&str, usize>,
 ) -> Result<String, IndexError> {
     let mut current = item;
-    for _ in 0..HARDLINK_DEPTH {
+    let mut visited: Vec<&str> = vec![item.path.as_ref()];
+    for _ in 0..MAX_HARDLINK_CHAIN {
         let target = clean_entry_name(&current.entry.link_name);
+        if visited.contains(&target.as_str()) {
+            let path = item.path.to_string();
+            return Err(if visited.len() == 1 {
+                IndexError::HardlinkToItself { path }
+            } else {
+                IndexError::HardlinkCycle { path, target }
+            });
+        }
         let missing = || IndexError::HardlinkTargetMissing {
-            path: item.path.clone(),
+            path: item.path.to_string(),
             target: target.clone(),
         };
         let &i = winners.get(target.as_str()).ok_or_else(missing)?;
         let found = &items[i];
         match found.entry.kind {
-            EntryType::Hardlink if !found.whiteout => current = found,
+            EntryType::Hardlink if !found.whiteout => {
+                visited.push(found.path.as_ref());
+                current = found;
+            }
             EntryType::Dir if !found.whiteout => {
                 return Err(IndexError::HardlinkToDirectory {
-                    path: item.path.clone(),
+                    path: item.path.to_string(),
                     target,
                 })
             }
             _ => return Ok(target),
         }
     }
-    Err(IndexError::HardlinkTargetMissing {
-        path: item.path.clone(),
-        target: item.entry.link_name.chars().take(256).collect(),
+    Err(IndexError::HardlinkChainTooLong {
+        path: item.path.to_string(),
+        max: MAX_HARDLINK_CHAIN,
     })
 }
 
@@ -217,6 +288,7 @@ fn member_starts(toc: &Toc) -> Vec<u64> {
 
 fn node_of(
     item: &Item,
+    toc: &Toc,
     toc_offset: u64,
     member_starts: &[u64],
 ) -> Result<(Attr, NodeKind), IndexError> {
@@ -225,7 +297,7 @@ fn node_of(
         EntryType::Reg => (
             attr_of(e, S_IFREG),
             NodeKind::Regular {
-                chunks: chunks_of(item, toc_offset, member_starts)?,
+                chunks: chunks_of(item, toc, toc_offset, member_starts)?,
             },
         ),
         EntryType::Symlink => (
@@ -243,7 +315,7 @@ fn node_of(
         // Directories, hardlinks and chunks are handled by the caller.
         EntryType::Dir | EntryType::Hardlink | EntryType::Chunk => {
             return Err(IndexError::PathConflict {
-                path: item.path.clone(),
+                path: item.path.to_string(),
             })
         }
     })
@@ -251,6 +323,7 @@ fn node_of(
 
 fn chunks_of(
     item: &Item,
+    toc: &Toc,
     toc_offset: u64,
     member_starts: &[u64],
 ) -> Result<Vec<Chunk>, IndexError> {
@@ -258,13 +331,15 @@ fn chunks_of(
     if file.size == 0 {
         return Ok(Vec::new());
     }
+    let path = || item.path.to_string();
     let layout_error = |at| IndexError::ChunkLayout {
-        path: item.path.clone(),
+        path: path(),
         size: file.size,
         at,
     };
-    let pieces = std::iter::once(file).chain(item.chunks.iter().copied());
-    let piece_count = 1 + item.chunks.len();
+    let following = &toc.entries[item.index + 1..item.index + 1 + item.chunks];
+    let pieces = std::iter::once(file).chain(following);
+    let piece_count = 1 + item.chunks;
     let mut chunks = Vec::with_capacity(piece_count);
     let mut expected_offset = 0u64;
     for piece in pieces {
@@ -275,16 +350,17 @@ fn chunks_of(
             0 => file.size - piece.chunk_offset,
             size => size,
         };
-        if size > MAX_CHUNK_SIZE {
+        // The reader skips `inner_offset` decompressed bytes: bounded like a chunk.
+        if size > MAX_CHUNK_SIZE || piece.inner_offset > MAX_CHUNK_SIZE {
             return Err(IndexError::ChunkTooLarge {
-                path: item.path.clone(),
-                size,
+                path: path(),
+                size: size.max(piece.inner_offset),
                 max: MAX_CHUNK_SIZE,
             });
         }
         if piece.offset >= toc_offset {
             return Err(IndexError::DataOffsetOutOfRange {
-                path: item.path.clone(),
+                path: path(),
                 offset: piece.offset,
                 toc_offset,
             });
@@ -296,9 +372,14 @@ fn chunks_of(
             .unwrap_or(toc_offset)
             .min(toc_offset);
         // A whole-file digest stands in for the chunk digest of an unchunked file (legacy TOCs).
+        // Without one, bytes would reach containers unchecked: such a TOC is not mounted.
         let digest = piece
             .chunk_digest
-            .or(if piece_count == 1 { file.digest } else { None });
+            .or(if piece_count == 1 { file.digest } else { None })
+            .ok_or(IndexError::ChunkWithoutDigest {
+                path: path(),
+                file_offset: piece.chunk_offset,
+            })?;
         chunks.push(Chunk {
             file_offset: piece.chunk_offset,
             size,
@@ -338,161 +419,10 @@ fn attr_of(e: &TocEntry, file_type: u32) -> Attr {
     }
 }
 
-fn dir() -> NodeKind {
-    NodeKind::Directory {
-        children: Vec::new(),
-    }
-}
-
 fn join(parent: &str, name: &str) -> String {
     if parent.is_empty() {
         name.to_owned()
     } else {
         format!("{parent}/{name}")
-    }
-}
-
-/// The tree under construction: nodes plus a path -> slot map (slot = inode - 1).
-#[derive(Default)]
-struct Tree {
-    nodes: Vec<Node>,
-    by_path: HashMap<String, usize>,
-}
-
-impl Tree {
-    fn push(
-        &mut self,
-        path: String,
-        attr: Attr,
-        entry: &TocEntry,
-        kind: NodeKind,
-    ) -> Result<usize, IndexError> {
-        self.push_node(path, attr, entry.xattrs.clone(), entry.digest, kind)
-    }
-
-    fn push_implicit_dir(&mut self, path: String) -> Result<usize, IndexError> {
-        let attr = Attr {
-            ino: Ino::ROOT,
-            mode: S_IFDIR | 0o755,
-            uid: 0,
-            gid: 0,
-            size: DIR_SIZE,
-            mtime: 0,
-            nlink: 1,
-            dev_major: 0,
-            dev_minor: 0,
-        };
-        self.push_node(path, attr, BTreeMap::new(), None, dir())
-    }
-
-    fn push_node(
-        &mut self,
-        path: String,
-        mut attr: Attr,
-        xattrs: BTreeMap<String, Vec<u8>>,
-        digest: Option<Sha256Digest>,
-        kind: NodeKind,
-    ) -> Result<usize, IndexError> {
-        if self.nodes.len() >= MAX_NODES {
-            return Err(IndexError::TooManyNodes { max: MAX_NODES });
-        }
-        let slot = self.nodes.len();
-        attr.ino = Ino::from_slot(slot);
-        self.by_path.insert(path.clone(), slot);
-        self.nodes.push(Node {
-            attr,
-            kind,
-            xattrs,
-            path,
-            digest,
-        });
-        Ok(slot)
-    }
-
-    /// Returns the directory at `path`, creating it and missing ancestors (mode 0755).
-    fn ensure_dir(&mut self, path: &str) -> Result<usize, IndexError> {
-        if let Some(&slot) = self.by_path.get(path) {
-            return match self.nodes[slot].kind {
-                NodeKind::Directory { .. } => Ok(slot),
-                _ => Err(IndexError::PathConflict {
-                    path: path.to_owned(),
-                }),
-            };
-        }
-        let (parent, name) = split_parent(path);
-        let parent = self.ensure_dir(parent)?;
-        let slot = self.push_implicit_dir(path.to_owned())?;
-        self.attach(parent, name, slot);
-        Ok(slot)
-    }
-
-    fn add(
-        &mut self,
-        path: &str,
-        attr: Attr,
-        entry: &TocEntry,
-        kind: NodeKind,
-    ) -> Result<(), IndexError> {
-        if self.by_path.contains_key(path) {
-            return Err(IndexError::PathConflict {
-                path: path.to_owned(),
-            });
-        }
-        let (parent, name) = split_parent(path);
-        let parent = self.ensure_dir(parent)?;
-        let slot = self.push(path.to_owned(), attr, entry, kind)?;
-        self.attach(parent, name, slot);
-        Ok(())
-    }
-
-    fn link(&mut self, path: &str, target: &str) -> Result<(), IndexError> {
-        if self.by_path.contains_key(path) {
-            return Err(IndexError::PathConflict {
-                path: path.to_owned(),
-            });
-        }
-        let Some(&slot) = self.by_path.get(target) else {
-            return Err(IndexError::HardlinkTargetMissing {
-                path: path.to_owned(),
-                target: target.to_owned(),
-            });
-        };
-        let (parent, name) = split_parent(path);
-        let parent = self.ensure_dir(parent)?;
-        self.nodes[slot].attr.nlink += 1;
-        self.attach(parent, name, slot);
-        Ok(())
-    }
-
-    fn attach(&mut self, parent: usize, name: &str, slot: usize) {
-        if let NodeKind::Directory { children } = &mut self.nodes[parent].kind {
-            children.push(DirEntry {
-                name: name.to_owned(),
-                ino: Ino::from_slot(slot),
-            });
-        }
-    }
-
-    fn finish(mut self, prefetch: Prefetch) -> Index {
-        let is_dir: Vec<bool> = self
-            .nodes
-            .iter()
-            .map(|n| matches!(n.kind, NodeKind::Directory { .. }))
-            .collect();
-        for node in &mut self.nodes {
-            if let NodeKind::Directory { children } = &mut node.kind {
-                children.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-                let subdirs = children
-                    .iter()
-                    .filter(|c| c.ino.slot().is_some_and(|s| is_dir[s]))
-                    .count();
-                // "." plus the parent's entry, plus each subdirectory's "..".
-                node.attr.nlink = 2 + subdirs as u32;
-            }
-        }
-        Index {
-            nodes: self.nodes,
-            prefetch,
-        }
     }
 }

@@ -3,6 +3,8 @@
 //! located in the blob.
 
 mod assemble;
+mod coverage;
+mod tree;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,7 +16,18 @@ use super::toc::Toc;
 /// buffer a reader allocates per chunk.
 pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
 /// Largest number of inodes (explicit plus implicit directories) an index may hold.
-pub const MAX_NODES: usize = 4_000_000;
+pub const MAX_NODES: usize = 2 * super::toc::MAX_TOC_ENTRIES;
+/// Longest name component, in bytes: `NAME_MAX`, past which an ordinary unpack fails too.
+pub const MAX_NAME_LEN: usize = 255;
+/// Longest root-relative path or link target, in bytes: `PATH_MAX`.
+pub const MAX_PATH_LEN: usize = 4096;
+/// Deepest path, in components. No real image comes near; it bounds the work per entry.
+pub const MAX_DEPTH: usize = 1024;
+/// Hardlinks followed from one name to its file (a chain, not a cycle, as long as this).
+pub const MAX_HARDLINK_CHAIN: usize = 64;
+/// Most bytes deflate can expand one compressed byte into (258-byte matches at one bit
+/// each): chunks claiming more data than their gzip members could hold are refused at open.
+pub const MAX_DEFLATE_RATIO: u64 = 1032;
 
 /// File type bits, as in `st_mode`.
 pub const S_IFMT: u32 = 0o170_000;
@@ -104,8 +117,9 @@ pub struct Chunk {
     pub blob_end: u64,
     /// Where the chunk starts inside the member's decompressed stream (`innerOffset`).
     pub inner_offset: u64,
-    /// SHA-256 of the uncompressed chunk, when the TOC records it.
-    pub digest: Option<Sha256Digest>,
+    /// SHA-256 of the uncompressed chunk (`chunkDigest`, or the file's `digest` when it is
+    /// one chunk): an index is only built when every chunk has one.
+    pub digest: Sha256Digest,
 }
 
 /// A directory entry; directories keep these sorted by name.
@@ -139,10 +153,9 @@ pub struct Node {
     pub attr: Attr,
     pub kind: NodeKind,
     pub xattrs: BTreeMap<String, Vec<u8>>,
-    /// Root-relative path of the first name (hardlinks share the node); for error messages.
-    pub path: String,
-    /// SHA-256 of a regular file's whole content, when the TOC records it.
-    pub digest: Option<Sha256Digest>,
+    /// Directory holding the first name (hardlinks share the node); the root's is the root.
+    /// Names are not kept per node, so memory stays linear in the TOC: see [`Index::path`].
+    pub parent: Ino,
 }
 
 /// What the landmark files said about prefetching.
@@ -160,17 +173,52 @@ pub enum Prefetch {
 pub enum IndexError {
     #[error("entry name {name:?} contains a NUL byte")]
     InvalidName { name: String },
+    #[error("name component of {len} bytes in {path:?} exceeds the {max}-byte limit")]
+    NameTooLong {
+        path: String,
+        len: usize,
+        max: usize,
+    },
+    #[error("path of {len} bytes starting {path:?} exceeds the {max}-byte limit")]
+    PathTooLong {
+        path: String,
+        len: usize,
+        max: usize,
+    },
+    #[error("path of {depth} components starting {path:?} exceeds the {max}-component limit")]
+    TooDeep {
+        path: String,
+        depth: usize,
+        max: usize,
+    },
     #[error("chunk entry {index} does not follow a regular file")]
     OrphanChunk { index: usize },
     #[error("{path}: chunks do not cover the {size}-byte file contiguously at offset {at}")]
     ChunkLayout { path: String, size: u64, at: u64 },
     #[error("{path}: chunk of {size} bytes exceeds the {max}-byte limit")]
     ChunkTooLarge { path: String, size: u64, max: u64 },
+    #[error(
+        "{path}: chunk at file offset {file_offset} has no chunkDigest, so it cannot be verified"
+    )]
+    ChunkWithoutDigest { path: String, file_offset: u64 },
     #[error("{path}: data offset {offset} is not before the toc at {toc_offset}")]
     DataOffsetOutOfRange {
         path: String,
         offset: u64,
         toc_offset: u64,
+    },
+    #[error("{path}: chunk at file offset {file_offset} overlaps another chunk in the gzip member at blob offset {blob_offset}")]
+    ChunksOverlap {
+        path: String,
+        file_offset: u64,
+        blob_offset: u64,
+    },
+    #[error("{path}: chunks claim {claimed} bytes from the {compressed} compressed bytes at blob offset {blob_offset}, more than gzip can expand them to")]
+    ChunkBeyondData {
+        path: String,
+        blob_offset: u64,
+        claimed: u64,
+        compressed: u64,
     },
     #[error("{path} is used both as a directory and as a non-directory")]
     PathConflict { path: String },
@@ -180,6 +228,12 @@ pub enum IndexError {
     HardlinkTargetMissing { path: String, target: String },
     #[error("hardlink {path} points at directory {target:?}")]
     HardlinkToDirectory { path: String, target: String },
+    #[error("hardlink {path} points at itself")]
+    HardlinkToItself { path: String },
+    #[error("hardlink {path} leads into a cycle of hardlinks at {target:?}")]
+    HardlinkCycle { path: String, target: String },
+    #[error("hardlink {path} is the start of a chain of more than {max} hardlinks")]
+    HardlinkChainTooLong { path: String, max: usize },
     #[error("index would hold more than {max} inodes")]
     TooManyNodes { max: usize },
 }
@@ -195,7 +249,28 @@ impl Index {
     /// Builds the tree from a parsed TOC; `toc_offset` (from the footer) closes the last data
     /// member.
     pub fn new(toc: &Toc, toc_offset: u64) -> Result<Self, IndexError> {
-        assemble::assemble(toc, toc_offset)
+        let index = assemble::assemble(toc, toc_offset)?;
+        coverage::check(&index)?;
+        Ok(index)
+    }
+
+    /// The root-relative path of the first name of `ino` (hardlinks share a node), for
+    /// messages; `None` for an inode not in the tree.
+    pub fn path(&self, ino: Ino) -> Option<String> {
+        let mut names = Vec::new();
+        let mut current = ino;
+        while current != Ino::ROOT {
+            let parent = self.node(current)?.parent;
+            let entry = self.children(parent)?.iter().find(|e| e.ino == current)?;
+            names.push(entry.name.as_str());
+            // Parents are created before their children, so this climbs strictly.
+            if names.len() > MAX_DEPTH {
+                return None;
+            }
+            current = parent;
+        }
+        names.reverse();
+        Some(names.join("/"))
     }
 
     pub fn root(&self) -> &Node {

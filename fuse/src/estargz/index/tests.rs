@@ -4,8 +4,12 @@ use crate::estargz::toc::decode_toc_json;
 const TOC_OFFSET: u64 = 10_000;
 
 fn index(json: &str) -> Result<Index, IndexError> {
+    index_at(json, TOC_OFFSET)
+}
+
+fn index_at(json: &str, toc_offset: u64) -> Result<Index, IndexError> {
     let toc = decode_toc_json(json.as_bytes()).unwrap().toc;
-    Index::new(&toc, TOC_OFFSET)
+    Index::new(&toc, toc_offset)
 }
 
 fn toc(entries: &str) -> String {
@@ -16,11 +20,11 @@ fn toc(entries: &str) -> String {
 fn go_style_chunks_get_sizes_and_member_ends() {
     // As the reference writer emits them: chunkSize omitted on the last chunk.
     let index = index(&toc(r#"
-        {"name":"big","type":"reg","size":10,"offset":100,"chunkSize":4},
-        {"name":"big","type":"chunk","offset":200,"chunkOffset":4,"chunkSize":4},
-        {"name":"big","type":"chunk","offset":300,"chunkOffset":8},
-        {"name":"small","type":"reg","size":3,"offset":400},
-        {"name":"packed","type":"reg","size":2,"offset":400,"innerOffset":512}
+        {"name":"big","type":"reg","size":10,"offset":100,"chunkSize":4,"chunkDigest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"},
+        {"name":"big","type":"chunk","offset":200,"chunkOffset":4,"chunkSize":4,"chunkDigest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"},
+        {"name":"big","type":"chunk","offset":300,"chunkOffset":8,"chunkDigest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"},
+        {"name":"small","type":"reg","size":3,"offset":400,"chunkDigest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"},
+        {"name":"packed","type":"reg","size":2,"offset":400,"innerOffset":512,"chunkDigest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"}
     "#))
     .unwrap();
     let big = index.lookup_path("big").unwrap();
@@ -49,7 +53,7 @@ fn whole_file_digest_stands_in_for_single_chunk() {
     )))
     .unwrap();
     let f = index.lookup_path("f").unwrap();
-    assert_eq!(index.chunks_for(f, 0, 3).unwrap()[0].digest, Some(digest));
+    assert_eq!(index.chunks_for(f, 0, 3).unwrap()[0].digest, digest);
 }
 
 #[test]
@@ -103,7 +107,7 @@ fn explicit_directory_after_implicit_keeps_children_and_takes_attrs() {
 fn hardlink_chains_resolve_and_count_links() {
     let index = index(&toc(r#"
         {"name":"l2","type":"hardlink","linkName":"l1"},
-        {"name":"f","type":"reg","size":1,"offset":5},
+        {"name":"f","type":"reg","size":1,"offset":5,"chunkDigest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"},
         {"name":"l1","type":"hardlink","linkName":"/f"}
     "#))
     .unwrap();
@@ -116,9 +120,9 @@ fn hardlink_chains_resolve_and_count_links() {
 #[test]
 fn landmarks_are_hidden_and_reported() {
     let index = index(&toc(r#"
-        {"name":"a","type":"reg","size":1,"offset":10},
-        {"name":".prefetch.landmark","type":"reg","size":1,"offset":50},
-        {"name":"b","type":"reg","size":1,"offset":90}
+        {"name":"a","type":"reg","size":1,"offset":10,"chunkDigest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"},
+        {"name":".prefetch.landmark","type":"reg","size":1,"offset":50,"chunkDigest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"},
+        {"name":"b","type":"reg","size":1,"offset":90,"chunkDigest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"}
     "#))
     .unwrap();
     assert_eq!(index.prefetch_end(), Some(50));
@@ -138,30 +142,33 @@ fn empty_toc_is_an_empty_root() {
 #[test]
 fn inconsistent_tocs_are_errors() {
     let cases = [
-        (r#"{"name":"x","type":"chunk","offset":1}"#, "OrphanChunk"),
         (
-            r#"{"name":"d","type":"dir"},{"name":"d","type":"chunk","offset":1}"#,
+            r#"{"name":"x","type":"chunk","offset":1,"chunkDigest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"}"#,
             "OrphanChunk",
         ),
         (
-            r#"{"name":"f","type":"reg","size":10,"offset":1,"chunkSize":4}"#,
+            r#"{"name":"d","type":"dir"},{"name":"d","type":"chunk","offset":1,"chunkDigest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"}"#,
+            "OrphanChunk",
+        ),
+        (
+            r#"{"name":"f","type":"reg","size":10,"offset":1,"chunkSize":4,"chunkDigest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"}"#,
             "ChunkLayout",
         ),
         (
-            r#"{"name":"f","type":"reg","size":10,"offset":1,"chunkSize":4},
-               {"name":"f","type":"chunk","offset":2,"chunkOffset":5}"#,
+            r#"{"name":"f","type":"reg","size":10,"offset":1,"chunkSize":4,"chunkDigest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"},
+               {"name":"f","type":"chunk","offset":2,"chunkOffset":5,"chunkDigest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"}"#,
             "ChunkLayout",
         ),
         (
-            r#"{"name":"f","type":"reg","size":10,"offset":1,"chunkSize":40}"#,
+            r#"{"name":"f","type":"reg","size":10,"offset":1,"chunkSize":40,"chunkDigest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"}"#,
             "ChunkLayout",
         ),
         (
-            r#"{"name":"f","type":"reg","size":1,"offset":10000}"#,
+            r#"{"name":"f","type":"reg","size":1,"offset":10000,"chunkDigest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"}"#,
             "DataOffsetOutOfRange",
         ),
         (
-            r#"{"name":"f","type":"reg","size":100000000,"offset":1}"#,
+            r#"{"name":"f","type":"reg","size":100000000,"offset":1,"chunkDigest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"}"#,
             "ChunkTooLarge",
         ),
         (
@@ -179,7 +186,7 @@ fn inconsistent_tocs_are_errors() {
         ),
         (
             r#"{"name":"a","type":"hardlink","linkName":"b"},{"name":"b","type":"hardlink","linkName":"a"}"#,
-            "HardlinkTargetMissing",
+            "HardlinkCycle",
         ),
         (
             r#"{"name":"d","type":"dir"},{"name":"h","type":"hardlink","linkName":"d"}"#,
@@ -194,4 +201,242 @@ fn inconsistent_tocs_are_errors() {
             "{entries}: {err:?}"
         );
     }
+}
+
+const DIGEST: &str = "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+
+/// `Index::new` on a thread with a small stack, as a recursion per path component would
+/// overflow it long before the depth limit.
+fn index_on_small_stack(json: String) -> Result<Index, IndexError> {
+    let toc = decode_toc_json(json.as_bytes()).unwrap().toc;
+    std::thread::Builder::new()
+        .stack_size(128 << 10)
+        .spawn(move || Index::new(&toc, TOC_OFFSET))
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+fn nested(depth: usize) -> String {
+    vec!["d"; depth].join("/")
+}
+
+#[test]
+fn deep_nesting_is_built_without_recursion_and_refused_past_the_limit() {
+    // One file under the deepest nesting allowed: every ancestor is an implicit directory.
+    let deepest = nested(MAX_DEPTH - 1);
+    let index =
+        index_on_small_stack(toc(&format!(r#"{{"name":"{deepest}/f","type":"reg"}}"#))).unwrap();
+    assert_eq!(index.len(), MAX_DEPTH + 1);
+    let f = index.lookup_path(&format!("{deepest}/f")).unwrap();
+    assert_eq!(index.path(f).unwrap(), format!("{deepest}/f"));
+    // What killed the daemon: one file under 6,000 directories (a path no unpack could make).
+    let err = index_on_small_stack(toc(&format!(
+        r#"{{"name":"{}/f","type":"reg"}}"#,
+        nested(6000)
+    )))
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            IndexError::PathTooLong {
+                len: 12001,
+                max: MAX_PATH_LEN,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().len() < 400, "{err}");
+}
+
+#[test]
+fn names_and_paths_an_unpack_could_not_create_are_refused() {
+    let longest = "n".repeat(MAX_NAME_LEN);
+    index(&toc(&format!(r#"{{"name":"{longest}","type":"reg"}}"#))).unwrap();
+    let cases = [
+        (
+            format!(
+                r#"{{"name":"d/{}","type":"reg"}}"#,
+                "n".repeat(MAX_NAME_LEN + 1)
+            ),
+            "NameTooLong",
+        ),
+        (
+            format!(
+                r#"{{"name":"d/{}/","type":"dir"}}"#,
+                "n".repeat(MAX_NAME_LEN + 1)
+            ),
+            "NameTooLong",
+        ),
+        (
+            format!(
+                r#"{{"name":"{}","type":"reg"}}"#,
+                vec!["n".repeat(200); 21].join("/")
+            ),
+            "PathTooLong",
+        ),
+        (
+            format!(
+                r#"{{"name":"l","type":"symlink","linkName":"{}"}}"#,
+                "t".repeat(MAX_PATH_LEN + 1)
+            ),
+            "PathTooLong",
+        ),
+        (
+            format!(r#"{{"name":"{}","type":"fifo"}}"#, nested(MAX_DEPTH + 1)),
+            "TooDeep",
+        ),
+    ];
+    for (entries, expected) in cases {
+        let err = index(&toc(&entries)).unwrap_err();
+        assert!(format!("{err:?}").starts_with(expected), "{err:?}");
+        assert!(err.to_string().len() < 400, "{err}");
+    }
+}
+
+/// A 128 GiB file in 64 MiB chunks, chunk `i` at blob offset `offset(i)` and inner offset
+/// `inner(i)`.
+fn huge_file(offset: impl Fn(u64) -> u64, inner: impl Fn(u64) -> u64) -> String {
+    let chunk = MAX_CHUNK_SIZE;
+    let count = (128u64 << 30) / chunk;
+    let mut entries = vec![format!(
+        r#"{{"name":"huge","type":"reg","size":{},"offset":{},"innerOffset":{},"chunkSize":{chunk},"chunkDigest":"{DIGEST}"}}"#,
+        count * chunk,
+        offset(0),
+        inner(0)
+    )];
+    for i in 1..count {
+        entries.push(format!(
+            r#"{{"name":"huge","type":"chunk","offset":{},"innerOffset":{},"chunkOffset":{},"chunkSize":{chunk},"chunkDigest":"{DIGEST}"}}"#,
+            offset(i),
+            inner(i),
+            i * chunk
+        ));
+    }
+    toc(&entries.join(","))
+}
+
+#[test]
+fn chunks_the_blob_cannot_hold_are_refused_at_open() {
+    // Every chunk of a 128 GiB file decoding the same 100-byte member.
+    // (The TOC sits a GiB further on, so that each member could hold one chunk.)
+    let err = index_at(&huge_file(|_| 100, |_| 0), 1 << 30).unwrap_err();
+    assert!(matches!(err, IndexError::ChunksOverlap { .. }), "{err:?}");
+    assert!(err.to_string().contains("huge"), "{err}");
+    // One chunk per member, each member a few bytes: more than deflate can expand.
+    let err = index_at(&huge_file(|i| 100 + i, |_| 0), 1 << 30).unwrap_err();
+    assert!(
+        matches!(err, IndexError::ChunkBeyondData { compressed: 1, .. }),
+        "{err:?}"
+    );
+    // Consecutive ranges of one small member.
+    let err = index(&huge_file(|_| 100, |i| i * MAX_CHUNK_SIZE)).unwrap_err();
+    assert!(matches!(err, IndexError::ChunkTooLarge { .. }), "{err:?}");
+
+    let cases = [
+        // Two files decoding the same bytes.
+        (
+            format!(
+                r#"{{"name":"a","type":"reg","size":10,"offset":100,"chunkDigest":"{DIGEST}"}},
+                   {{"name":"b","type":"reg","size":10,"offset":100,"innerOffset":5,"chunkDigest":"{DIGEST}"}}"#
+            ),
+            "ChunksOverlap",
+        ),
+        // A gap between chunks.
+        (
+            format!(
+                r#"{{"name":"f","type":"reg","size":10,"offset":100,"chunkSize":4,"chunkDigest":"{DIGEST}"}},
+                   {{"name":"f","type":"chunk","offset":200,"chunkOffset":6,"chunkDigest":"{DIGEST}"}}"#
+            ),
+            "ChunkLayout",
+        ),
+        // Overlapping chunks of one file.
+        (
+            format!(
+                r#"{{"name":"f","type":"reg","size":10,"offset":100,"chunkSize":4,"chunkDigest":"{DIGEST}"}},
+                   {{"name":"f","type":"chunk","offset":200,"chunkOffset":2,"chunkDigest":"{DIGEST}"}}"#
+            ),
+            "ChunkLayout",
+        ),
+        // A chunk past the data (at or beyond the TOC).
+        (
+            format!(
+                r#"{{"name":"f","type":"reg","size":10,"offset":100,"chunkSize":4,"chunkDigest":"{DIGEST}"}},
+                   {{"name":"f","type":"chunk","offset":{},"chunkOffset":4,"chunkDigest":"{DIGEST}"}}"#,
+                TOC_OFFSET + 1
+            ),
+            "DataOffsetOutOfRange",
+        ),
+    ];
+    for (entries, expected) in cases {
+        let err = index(&toc(&entries)).unwrap_err();
+        assert!(
+            format!("{err:?}").starts_with(expected),
+            "{entries}: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn hardlinks_to_themselves_say_so() {
+    let err = index(&toc(
+        r#"{"name":"self","type":"hardlink","linkName":"./self"}"#,
+    ))
+    .unwrap_err();
+    assert_eq!(
+        err,
+        IndexError::HardlinkToItself {
+            path: "self".into()
+        }
+    );
+    assert_eq!(err.to_string(), "hardlink self points at itself");
+    let err = index(&toc(r#"{"name":"h","type":"hardlink","linkName":"a"},
+           {"name":"a","type":"hardlink","linkName":"b"},
+           {"name":"b","type":"hardlink","linkName":"a"}"#))
+    .unwrap_err();
+    assert!(
+        matches!(&err, IndexError::HardlinkCycle { path, target } if path == "h" && target == "a"),
+        "{err:?}"
+    );
+    let chain: Vec<String> = (0..=MAX_HARDLINK_CHAIN)
+        .map(|i| {
+            format!(
+                r#"{{"name":"l{i}","type":"hardlink","linkName":"l{}"}}"#,
+                i + 1
+            )
+        })
+        .chain([r#"{"name":"l65","type":"fifo"}"#.to_owned()])
+        .collect();
+    let err = index(&toc(&chain.join(","))).unwrap_err();
+    assert!(
+        matches!(err, IndexError::HardlinkChainTooLong { .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn chunks_without_a_digest_are_refused() {
+    let unverifiable = [
+        r#"{"name":"f","type":"reg","size":3,"offset":100}"#.to_owned(),
+        // A whole-file digest does not verify one chunk of several.
+        format!(
+            r#"{{"name":"f","type":"reg","size":10,"offset":100,"chunkSize":4,"digest":"{DIGEST}","chunkDigest":"{DIGEST}"}},
+               {{"name":"f","type":"chunk","offset":200,"chunkOffset":4}}"#
+        ),
+    ];
+    for entries in unverifiable {
+        let err = index(&toc(&entries)).unwrap_err();
+        assert!(
+            matches!(&err, IndexError::ChunkWithoutDigest { path, .. } if path == "f"),
+            "{entries}: {err:?}"
+        );
+        assert!(err.to_string().contains("no chunkDigest"), "{err}");
+    }
+    // Empty files have nothing to verify; a one-chunk file may carry the file digest.
+    index(&toc(&format!(
+        r#"{{"name":"empty","type":"reg"}},
+           {{"name":"legacy","type":"reg","size":3,"offset":100,"digest":"{DIGEST}"}}"#
+    )))
+    .unwrap();
 }
