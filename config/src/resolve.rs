@@ -547,10 +547,15 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let err = Config::parse("rooot = \"/x\"").unwrap_err();
-        assert!(err.to_string().contains("rooot"), "{err}");
-        let err = Config::parse("[cache]\nsize = 3").unwrap_err();
-        assert!(err.to_string().contains("size"), "{err}");
+        // The message says what failed; its source says where and why, once.
+        let cause = |err: ConfigError| {
+            assert_eq!(err.to_string(), "parse config");
+            std::error::Error::source(&err).unwrap().to_string()
+        };
+        let err = cause(Config::parse("rooot = \"/x\"").unwrap_err());
+        assert!(err.contains("rooot"), "{err}");
+        let err = cause(Config::parse("[cache]\nsize = 3").unwrap_err());
+        assert!(err.contains("size"), "{err}");
     }
 
     #[test]
