@@ -126,7 +126,8 @@ registry_bytes() { curl -sf "http://$metrics/metrics" | awk '/^shoal_read_bytes_
 t0=$(now)
 ctr -n demo-overlayfs image pull --plain-http "$image" >/dev/null
 t1=$(now)
-ovl_out=$(ctr -n demo-overlayfs run --rm "$image" demo-overlayfs)
+# Output through a log file, not ctr's FIFOs, which can lose what a short-lived task printed.
+ovl_out=$(ctr -n demo-overlayfs run --rm --log-uri "file://$data/overlayfs-run.log" "$image" demo-overlayfs && cat "$data/overlayfs-run.log")
 t2=$(now)
 ovl_pull=$(elapsed "$t0" "$t1"); ovl_run=$(elapsed "$t1" "$t2")
 ovl_bytes=$(skopeo inspect --raw --tls-verify=false "docker://$image" | jq '[.layers[].size] | add')
@@ -135,7 +136,7 @@ before=$(registry_bytes)
 t0=$(now)
 "$bin/shoal" --config "$data/shoal.toml" rpull --address "$run/containerd.sock" -n demo-shoal --plain-http "$lazy_image"
 t1=$(now)
-shoal_out=$(ctr -n demo-shoal run --rm --snapshotter shoal "$lazy_image" demo-shoal)
+shoal_out=$(ctr -n demo-shoal run --rm --snapshotter shoal --log-uri "file://$data/shoal-run.log" "$lazy_image" demo-shoal && cat "$data/shoal-run.log")
 t2=$(now)
 shoal_pull=$(elapsed "$t0" "$t1"); shoal_run=$(elapsed "$t1" "$t2")
 after=$(registry_bytes)

@@ -21,6 +21,8 @@ pub struct Status {
     pub disk_bytes: i64,
     pub inodes: i64,
     pub error: Option<String>,
+    /// Whether the config names the daemon's metrics listener, where `daemon` comes from.
+    pub metrics_configured: bool,
     /// The daemon's own counters, when its metrics endpoint is configured.
     pub daemon: Option<crate::metrics::DaemonStatus>,
 }
@@ -28,6 +30,7 @@ pub struct Status {
 pub async fn gather(socket: &Path, metrics: Option<std::net::SocketAddr>) -> Status {
     let mut status = Status {
         socket: socket.display().to_string(),
+        metrics_configured: metrics.is_some(),
         ..Status::default()
     };
     if let Err(err) = fill(socket, &mut status).await {
@@ -227,6 +230,14 @@ impl std::fmt::Display for Status {
                     )?;
                 }
             }
+        }
+        if !self.metrics_configured {
+            writeln!(
+                f,
+                "details:    none: the config names no metrics listener, where lazy mounts, \
+                 cache, bytes and peers are read from; set `[metrics] address = \
+                 \"127.0.0.1:9464\"` in the daemon's config (and pass it with --config)"
+            )?;
         }
         if let Some(err) = &self.error {
             writeln!(f, "warning:    {err}")?;

@@ -186,35 +186,40 @@ class Node:
         self.ctr("containers", "create", "--snapshotter", snapshotter, reference, CONTAINER)
 
     def start_and_wait(self, workload):
-        """`ctr tasks start` until ready: the entrypoint's exit or its ready line."""
+        """`ctr tasks start` until ready: the entrypoint's exit or its ready line.
+
+        The task's output goes to a file (`--log-uri`), not through ctr's FIFOs: a task that
+        exits at once can lose what it printed on the FIFO path, which reads as a workload
+        that printed nothing."""
+        log = self.run_dir / "task-output.log"
+        log.unlink(missing_ok=True)
         task = subprocess.Popen(["ctr", "--address", str(self.address), "-n", NAMESPACE,
-                                 "tasks", "start", CONTAINER], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        output = []
+                                 "tasks", "start", "--log-uri", f"file://{log}", CONTAINER],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        read = lambda: log.read_text(errors="replace") if log.exists() else ""
         try:
             if workload.ready_line is None:
-                out, _ = task.communicate(timeout=STEP_TIMEOUT)
-                output.append(out)
+                task.communicate(timeout=STEP_TIMEOUT)
                 ready = time.monotonic()
             else:
                 deadline = time.monotonic() + STEP_TIMEOUT
                 ready = None
-                for line in task.stdout:
-                    output.append(line)
-                    if line.strip() == workload.ready_line:
+                while time.monotonic() < deadline:
+                    if workload.ready_line in (line.strip() for line in read().splitlines()):
                         ready = time.monotonic()
                         break
-                    if time.monotonic() > deadline:
+                    if task.poll() is not None:
                         break
+                    time.sleep(0.005)
                 self.ctr("tasks", "kill", "-s", "SIGKILL", CONTAINER, check=False)
                 task.wait(60)
                 if ready is None:
-                    raise RuntimeError(f"{workload.name} never printed its ready line")
+                    raise RuntimeError(f"{workload.name} never printed its ready line: {read()!r}")
         finally:
             if task.poll() is None:
                 task.kill()
                 task.wait()
-        text = "".join(output)
+        text = read()
         if workload.expect not in text:
             raise RuntimeError(f"{workload.name} printed {text!r}, not {workload.expect!r}")
         return ready

@@ -85,6 +85,16 @@ struct ConvertArgs {
 }
 
 fn main() -> ExitCode {
+    // A reader that goes away (`shoal status | head`) ends this process quietly, as it ends
+    // any other command-line tool, instead of making the next print panic.
+    // SAFETY: at the start of main, before any other thread exists and before any signal
+    // handler is installed; SIG_DFL is not a handler, so no code runs in signal context.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        );
+    }
     match run(Args::parse()) {
         Ok(code) => code,
         Err(err) => {
@@ -101,7 +111,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json } => {
-            let config = shoal_cmd::load_config(args.config.as_deref())?;
+            // A config broken since the daemon started must not hide the running daemon.
+            let config = shoal_cmd::load_config(args.config.as_deref()).unwrap_or_else(|err| {
+                eprintln!("shoal: warning: {err:#}; showing the status with default settings");
+                shoal_config::Config::default()
+            });
             let socket = args.socket.unwrap_or(config.socket);
             let runtime = shoal_cmd::runtime::build()?;
             let status =

@@ -57,6 +57,38 @@ fn status_reports_reachability_and_snapshot_count() {
             lower.contains("disk"),
             "status does not report disk use: {out}"
         );
+        // No metrics listener configured: said, with the setting to add.
+        anyhow::ensure!(
+            out.contains("details:    none") && out.contains("[metrics] address"),
+            "status does not say where the details went: {out}"
+        );
+
+        // A typo in the config file since the daemon started: the status still shows it.
+        let typo = fixture.path("typo.toml");
+        std::fs::write(&typo, "[cache]\ncapacty = \"1GiB\"\n")?;
+        let typo = typo.to_string_lossy().into_owned();
+        let out = shoal(&["--config", &typo, "--socket", &socket, "status"])?;
+        anyhow::ensure!(
+            out.contains(&format!("running at {socket}")),
+            "status with a broken config: {out}"
+        );
+
+        // A reader that went away (`shoal status | head`) ends the CLI quietly by SIGPIPE,
+        // not with a panic: its stdout is a pipe whose reading end is already closed.
+        let (reader, writer) = nix::unistd::pipe()?;
+        drop(reader);
+        let exited = Command::new(binary::cli()?)
+            .args(["--socket", &socket, "status"])
+            .stdout(std::process::Stdio::from(writer))
+            .stderr(std::process::Stdio::piped())
+            .output()?;
+        use std::os::unix::process::ExitStatusExt;
+        anyhow::ensure!(
+            exited.status.signal() == Some(nix::sys::signal::Signal::SIGPIPE as i32),
+            "shoal status into a closed pipe: {:?}, {}",
+            exited.status,
+            String::from_utf8_lossy(&exited.stderr)
+        );
 
         daemon.stop()?;
         let down = shoal(&["--socket", &socket, "status"]);
