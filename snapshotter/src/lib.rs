@@ -13,7 +13,8 @@
 //!   only conversion to gRPC codes.
 //!
 //! Architecture Invariant: a snapshot record is visible only if its directory exists; every
-//! change to records is one transaction.
+//! change to records is one transaction, and none runs a mount or makes a directory (creation
+//! reserves a pending record, makes the directory outside, then commits the record).
 
 mod error;
 mod filter;

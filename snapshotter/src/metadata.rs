@@ -1,13 +1,16 @@
 //! The metadata store: snapshot records in an embedded transactional database (redb).
 //!
 //! Every change is one write transaction, so a crash (even `kill -9` in the middle of a Commit)
-//! leaves either the old state or the new one, never a half-made snapshot. Directories on disk
-//! are created before the transaction that names them commits, and removed after the one that
-//! forgets them commits: a crash can leave an orphaned directory (reclaimed by Cleanup), never a
-//! record without its directory.
+//! leaves either the old state or the new one, never a half-made snapshot. A snapshot is created
+//! in two phases: a pending record (in its own table, so invisible to get and list) reserves the
+//! key and the id, the directory is made (and a remote layer mounted) outside any transaction,
+//! then a second transaction moves the record into place. redb has one writer: a mount inside a
+//! transaction would make every other change wait for it. Pending records left by a crash are
+//! dropped at start-up and their directories reclaimed as orphans.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
+use std::sync::{Condvar, Mutex};
 use std::time::SystemTime;
 
 use redb::{
@@ -20,6 +23,8 @@ use crate::error::SnapshotError;
 use crate::remote::RemoteLayer;
 
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+/// Reserved keys whose snapshot is being made: never read by get, list or walk.
+const PENDING: TableDefinition<&str, &[u8]> = TableDefinition::new("pending");
 const CHILDREN: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("children");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const NEXT_ID: &str = "next_id";
@@ -77,12 +82,30 @@ pub struct Entry {
 
 pub struct Store {
     db: Database,
+    /// Keys this process is creating; a second create of one waits for the first to end, as it
+    /// would have waited for the single writer when creation was one transaction.
+    creating: Mutex<HashSet<String>>,
+    created: Condvar,
+}
+
+/// Releases a key held in [`Store::creating`], however the creation ends.
+struct Creating<'a> {
+    store: &'a Store,
+    key: String,
+}
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        self.store.creating_keys().remove(&self.key);
+        self.store.created.notify_all();
+    }
 }
 
 /// Creates the tables up front so that readers never meet a missing one.
 fn create_tables(db: &Database) -> Result<(), Box<redb::Error>> {
     let txn = db.begin_write().map_err(|e| Box::new(e.into()))?;
     txn.open_table(SNAPSHOTS).map_err(|e| Box::new(e.into()))?;
+    txn.open_table(PENDING).map_err(|e| Box::new(e.into()))?;
     txn.open_multimap_table(CHILDREN)
         .map_err(|e| Box::new(e.into()))?;
     txn.open_table(COUNTERS).map_err(|e| Box::new(e.into()))?;
@@ -111,7 +134,11 @@ impl Store {
             .map_err(|e| open_err(redb::Error::Io(e)))?;
         let db = Database::create(path).map_err(|e| open_err(e.into()))?;
         create_tables(&db).map_err(|e| open_err(*e))?;
-        let store = Store { db };
+        let store = Store {
+            db,
+            creating: Mutex::new(HashSet::new()),
+            created: Condvar::new(),
+        };
         // Decode everything once so a damaged store fails at start-up, not mid-request.
         store.list()?;
         Ok(store)
@@ -162,9 +189,10 @@ impl Store {
         Ok(ids)
     }
 
-    /// Creates a snapshot: active or view, or committed for a remote layer. `make_dir(id)` lays
-    /// out its directory and runs inside the transaction, so the record only becomes visible
-    /// once the directory exists.
+    /// Creates a snapshot: active or view, or committed for a remote layer. The key is reserved
+    /// by a pending record first; `make_dir(id, parent_id)` then lays out its directory (and
+    /// mounts a remote layer) outside any transaction, and the record becomes visible only once
+    /// it returned Ok. On failure the reservation is dropped; the directory is the caller's.
     pub fn create(
         &self,
         key: &str,
@@ -174,12 +202,61 @@ impl Store {
         remote: Option<RemoteLayer>,
         make_dir: impl FnOnce(u64, Option<u64>) -> Result<(), SnapshotError>,
     ) -> Result<Record, SnapshotError> {
+        let _creating = self.hold(key);
+        let (record, parent_id) = self.reserve(key, parent, kind, labels, remote)?;
+        if let Err(err) = make_dir(record.id, parent_id) {
+            self.abandon(key, &record)?;
+            return Err(err);
+        }
+        match self.publish(key) {
+            Ok(record) => Ok(record),
+            Err(err) => {
+                let _ = self.abandon(key, &record);
+                Err(err)
+            }
+        }
+    }
+
+    /// Waits until no other create of `key` runs in this process, then holds it.
+    fn hold(&self, key: &str) -> Creating<'_> {
+        let mut creating = self.creating_keys();
+        while creating.contains(key) {
+            creating = self
+                .created
+                .wait(creating)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        creating.insert(key.to_owned());
+        Creating {
+            store: self,
+            key: key.to_owned(),
+        }
+    }
+
+    fn creating_keys(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.creating
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Phase one: checks the key and parent, takes an id and stores a pending record.
+    pub(crate) fn reserve(
+        &self,
+        key: &str,
+        parent: &str,
+        kind: Kind,
+        labels: BTreeMap<String, String>,
+        remote: Option<RemoteLayer>,
+    ) -> Result<(Record, Option<u64>), SnapshotError> {
         let txn = self.begin_write()?;
-        let record = {
-            let mut table = txn
+        let reserved = {
+            let table = txn
                 .open_table(SNAPSHOTS)
                 .map_err(|e| SnapshotError::store("open table", e))?;
-            if read_record(&table, key)?.is_some() {
+            let mut pending = txn
+                .open_table(PENDING)
+                .map_err(|e| SnapshotError::store("open pending", e))?;
+            if read_record(&table, key)?.is_some() || read_record(&pending, key)?.is_some() {
                 return Err(SnapshotError::AlreadyExists { key: key.into() });
             }
             let parent_id = if parent.is_empty() {
@@ -208,8 +285,9 @@ impl Store {
                 usage: DiskUsage::default(),
                 remote,
             };
-            write_record(&mut table, key, &record)?;
+            write_record(&mut pending, key, &record)?;
             if !parent.is_empty() {
+                // Listed as a child already, so the parent cannot be removed under it.
                 let mut children = txn
                     .open_multimap_table(CHILDREN)
                     .map_err(|e| SnapshotError::store("open children", e))?;
@@ -217,11 +295,69 @@ impl Store {
                     .insert(parent, key)
                     .map_err(|e| SnapshotError::store("insert child", e))?;
             }
-            make_dir(id, parent_id)?;
+            (record, parent_id)
+        };
+        commit(txn)?;
+        Ok(reserved)
+    }
+
+    /// Phase two: the pending record of `key` becomes visible.
+    fn publish(&self, key: &str) -> Result<Record, SnapshotError> {
+        let txn = self.begin_write()?;
+        let record = {
+            let mut pending = txn
+                .open_table(PENDING)
+                .map_err(|e| SnapshotError::store("open pending", e))?;
+            let mut record = read_record(&pending, key)?
+                .ok_or_else(|| SnapshotError::NotFound { key: key.into() })?;
+            pending
+                .remove(key)
+                .map_err(|e| SnapshotError::store("remove pending", e))?;
+            let now = SystemTime::now();
+            record.created = now;
+            record.updated = now;
+            let mut table = txn
+                .open_table(SNAPSHOTS)
+                .map_err(|e| SnapshotError::store("open table", e))?;
+            write_record(&mut table, key, &record)?;
             record
         };
         commit(txn)?;
         Ok(record)
+    }
+
+    /// Drops the reservation of `key` made for `record`.
+    fn abandon(&self, key: &str, record: &Record) -> Result<(), SnapshotError> {
+        let txn = self.begin_write()?;
+        forget_pending(&txn, key, record)?;
+        commit(txn)
+    }
+
+    /// Drops every pending record (a crash left them between the two phases) and returns them;
+    /// their directories are orphans from then on. Only at start-up, before any create.
+    pub fn abandon_all_pending(&self) -> Result<Vec<Entry>, SnapshotError> {
+        let txn = self.begin_write()?;
+        let entries = {
+            let pending = txn
+                .open_table(PENDING)
+                .map_err(|e| SnapshotError::store("open pending", e))?;
+            let mut entries = Vec::new();
+            for row in pending
+                .iter()
+                .map_err(|e| SnapshotError::store("iterate pending", e))?
+            {
+                let (key, value) = row.map_err(|e| SnapshotError::store("iterate pending", e))?;
+                let key = key.value().to_string();
+                let record = decode(&key, value.value())?;
+                entries.push(Entry { key, record });
+            }
+            entries
+        };
+        for entry in &entries {
+            forget_pending(&txn, &entry.key, &entry.record)?;
+        }
+        commit(txn)?;
+        Ok(entries)
     }
 
     /// Turns active snapshot `key` into committed snapshot `name`, keeping its directory.
@@ -245,7 +381,13 @@ impl Store {
                     kind: active.kind.as_str(),
                 });
             }
-            if read_record(&table, name)?.is_some() {
+            let reserved = {
+                let pending = txn
+                    .open_table(PENDING)
+                    .map_err(|e| SnapshotError::store("open pending", e))?;
+                read_record(&pending, name)?.is_some()
+            };
+            if reserved || read_record(&table, name)?.is_some() {
                 return Err(SnapshotError::AlreadyExists { key: name.into() });
             }
             let now = SystemTime::now();
@@ -334,8 +476,9 @@ impl Store {
         Ok(record)
     }
 
-    /// Runs `sweep` with the ids of every live snapshot while holding the write lock, so that
-    /// no snapshot is created or committed while directories are being reclaimed.
+    /// Runs `sweep` with the ids of every live snapshot (pending ones included: their directory
+    /// is being made) while holding the write lock, so that no snapshot is reserved or committed
+    /// while directories are being reclaimed.
     pub fn with_live_ids<T>(
         &self,
         sweep: impl FnOnce(&HashSet<u64>) -> T,
@@ -353,6 +496,16 @@ impl Store {
                 let (key, value) = row.map_err(|e| SnapshotError::store("iterate", e))?;
                 ids.insert(decode(key.value(), value.value())?.id);
             }
+            let pending = txn
+                .open_table(PENDING)
+                .map_err(|e| SnapshotError::store("open pending", e))?;
+            for row in pending
+                .iter()
+                .map_err(|e| SnapshotError::store("iterate pending", e))?
+            {
+                let (key, value) = row.map_err(|e| SnapshotError::store("iterate pending", e))?;
+                ids.insert(decode(key.value(), value.value())?.id);
+            }
             ids
         };
         let result = sweep(&ids);
@@ -366,6 +519,25 @@ impl Store {
             .begin_write()
             .map_err(|e| SnapshotError::store("begin write", e))
     }
+}
+
+/// Removes the pending record of `key` and its place among its parent's children.
+fn forget_pending(txn: &WriteTransaction, key: &str, record: &Record) -> Result<(), SnapshotError> {
+    let mut pending = txn
+        .open_table(PENDING)
+        .map_err(|e| SnapshotError::store("open pending", e))?;
+    pending
+        .remove(key)
+        .map_err(|e| SnapshotError::store("remove pending", e))?;
+    if !record.parent.is_empty() {
+        let mut children = txn
+            .open_multimap_table(CHILDREN)
+            .map_err(|e| SnapshotError::store("open children", e))?;
+        children
+            .remove(record.parent.as_str(), key)
+            .map_err(|e| SnapshotError::store("remove child", e))?;
+    }
+    Ok(())
 }
 
 fn next_id(txn: &WriteTransaction) -> Result<u64, SnapshotError> {
@@ -511,6 +683,67 @@ mod tests {
             store.get("a"),
             Err(SnapshotError::NotFound { .. })
         ));
+    }
+
+    #[test]
+    fn a_pending_record_is_invisible_and_dropped_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metadata.db");
+        {
+            let store = Store::open(&path).unwrap();
+            store
+                .create("base", "", Kind::Active, labels(&[]), None, no_dir)
+                .unwrap();
+            store
+                .commit("base", "c", labels(&[]), DiskUsage::default())
+                .unwrap();
+            // What a daemon killed between the two phases leaves.
+            let (reserved, _) = store
+                .reserve("half", "c", Kind::Active, labels(&[]), None)
+                .unwrap();
+            assert!(matches!(
+                store.get("half"),
+                Err(SnapshotError::NotFound { .. })
+            ));
+            let keys: Vec<String> = store.list().unwrap().into_iter().map(|e| e.key).collect();
+            assert_eq!(keys, ["c"]);
+            assert!(
+                matches!(store.remove("c"), Err(SnapshotError::HasChildren { .. })),
+                "the parent of a snapshot being made stays"
+            );
+            assert!(matches!(
+                store.create("half", "", Kind::Active, labels(&[]), None, no_dir),
+                Err(SnapshotError::AlreadyExists { .. })
+            ));
+            let live = store.with_live_ids(|ids| ids.clone()).unwrap();
+            assert!(
+                live.contains(&reserved.id),
+                "its directory is not reclaimed"
+            );
+        }
+        let store = Store::open(&path).unwrap();
+        let dropped = store.abandon_all_pending().unwrap();
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(dropped[0].key, "half");
+        assert!(store.abandon_all_pending().unwrap().is_empty());
+        store.remove("c").unwrap();
+        store
+            .create("half", "", Kind::Active, labels(&[]), None, no_dir)
+            .unwrap();
+    }
+
+    #[test]
+    fn directories_are_made_outside_the_write_transaction() {
+        let (_dir, store) = store();
+        // A write inside make_dir would deadlock if the reservation's transaction were open.
+        store
+            .create("a", "", Kind::Active, labels(&[]), None, |_, _| {
+                store
+                    .create("b", "", Kind::Active, labels(&[]), None, no_dir)
+                    .map(|_| ())
+            })
+            .unwrap();
+        assert_eq!(store.list().unwrap().len(), 2);
     }
 
     #[test]

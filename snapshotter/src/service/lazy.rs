@@ -261,6 +261,8 @@ mod tests {
     #[derive(Default)]
     struct RecordingMounter {
         fail_resolve: Option<Fallback>,
+        /// Every mount fails (after the directory was made).
+        fail_mount: bool,
         /// Resolve layers as overlaybd (each holds its whole chain) rather than eStargz.
         overlaybd: bool,
         calls: Mutex<Vec<String>>,
@@ -305,6 +307,12 @@ mod tests {
                 mountpoint.display(),
                 String::from_utf8_lossy(&layer.index)
             ));
+            if self.fail_mount {
+                return Err(SnapshotError::MountLayer {
+                    mountpoint: mountpoint.to_owned(),
+                    reason: "refused by the test".into(),
+                });
+            }
             Ok(())
         }
 
@@ -542,6 +550,99 @@ mod tests {
             "nothing to unpack into"
         );
         assert!(sn.lazy_stats().fallbacks().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_mount_leaves_no_record_and_no_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounter = Arc::new(RecordingMounter {
+            fail_mount: true,
+            ..Default::default()
+        });
+        let sn = open(dir.path(), &mounter);
+        let mounts = sn
+            .prepare(
+                "extract-1".into(),
+                String::new(),
+                remote_labels("chain1", "sha256:l1"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(mounts[0].r#type, "bind", "fell back to a download");
+        assert!(sn.stat("chain1".into()).await.is_err(), "no remote record");
+        assert_eq!(sn.lazy_stats().fallbacks().get("mount"), Some(&1));
+        let calls = mounter.calls();
+        let mountpoint = calls
+            .iter()
+            .find_map(|c| c.strip_prefix("mount sha256:l1 "))
+            .map(|c| PathBuf::from(c.split(' ').next().unwrap()))
+            .unwrap();
+        assert!(
+            calls.last().unwrap() == &format!("unmount {}", mountpoint.display()),
+            "{calls:?}"
+        );
+        assert!(
+            !mountpoint.parent().unwrap().exists(),
+            "its directory is gone"
+        );
+        let dirs = std::fs::read_dir(dir.path().join("snapshots"))
+            .unwrap()
+            .count();
+        assert_eq!(dirs, 1, "only the fallback snapshot's directory");
+        // The key is free again: the reservation went with the failure.
+        let err = {
+            let ok = Arc::new(RecordingMounter::default());
+            drop(sn);
+            let sn = open(dir.path(), &ok);
+            sn.prepare(
+                "extract-2".into(),
+                String::new(),
+                remote_labels("chain1", "sha256:l1"),
+            )
+            .await
+            .unwrap_err()
+        };
+        assert!(matches!(err, SnapshotError::AlreadyExists { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn start_up_drops_a_half_made_snapshot_and_unmounts_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounter = Arc::new(RecordingMounter::default());
+        let fs = {
+            let sn = open(dir.path(), &mounter);
+            // A daemon killed after reserving and mounting, before committing.
+            let (record, _) = sn
+                .inner
+                .store
+                .reserve("chain1", "", Kind::Committed, BTreeMap::new(), None)
+                .unwrap();
+            let fs = sn.inner.layout.upper(record.id);
+            std::fs::create_dir_all(&fs).unwrap();
+            fs
+        };
+        let restarted = Arc::new(RecordingMounter::default());
+        let sn = open(dir.path(), &restarted);
+        assert_eq!(
+            restarted.calls(),
+            [format!("unmount {}", fs.display())],
+            "unmounted, never mounted again"
+        );
+        assert!(!fs.parent().unwrap().exists());
+        assert!(sn.stat("chain1".into()).await.is_err());
+        let err = sn
+            .prepare(
+                "extract-1".into(),
+                String::new(),
+                remote_labels("chain1", "sha256:l1"),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SnapshotError::AlreadyExists { .. }), "{err}");
+        assert!(
+            sn.stat("chain1".into()).await.is_ok(),
+            "the key is free again"
+        );
     }
 
     #[tokio::test]

@@ -85,6 +85,15 @@ impl ShoalSnapshotter {
                 repair: tokio::sync::Mutex::new(()),
             }),
         };
+        // Snapshots a crash left between reserve and commit: their directories become orphans,
+        // unmounted and removed by the cleanup below.
+        let abandoned = snapshotter.inner.store.abandon_all_pending()?;
+        if !abandoned.is_empty() {
+            info!(
+                snapshots = abandoned.len(),
+                "dropped snapshots an earlier crash left half made"
+            );
+        }
         let reclaimed = snapshotter.inner.cleanup()?;
         if reclaimed > 0 {
             info!(
@@ -255,8 +264,10 @@ impl Inner {
             let mut removed = 0;
             for entry in entries.flatten() {
                 let name = entry.file_name();
+                // `new-<id>` is the directory of a create in flight, laid out before its rename.
                 let live_id = name
                     .to_str()
+                    .map(|n| n.strip_prefix("new-").unwrap_or(n))
                     .and_then(|n| n.parse::<u64>().ok())
                     .is_some_and(|id| live.contains(&id));
                 if live_id {
