@@ -222,7 +222,7 @@ async fn read<T: Tiers>(
         }
         Err(first) => first,
     };
-    warn!(blob = %blob.digest, ?range, error = %first, "bytes failed their check; fetching them again from the registry");
+    warn!(blob = %blob.digest, ?range, error = %first, "bytes failed verification; fetching them again from the registry");
     let again = tiers.refetch(blob, range.clone()).await?;
     match check(expect, &again) {
         Ok(decoded) => {
