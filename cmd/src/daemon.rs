@@ -48,7 +48,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("start the peer listener")?;
     let reader = ChunkReader::new(
-        fetcher.clone(),
+        Arc::new(fetcher.clone()),
         ReaderConfig {
             memory_bytes: config.cache.memory.0,
         },

@@ -141,7 +141,7 @@ impl Observed {
             cache_misses: fetch.cache_misses,
             fetch_errors: fetch.fetch_errors,
             fetches_in_flight: fetch.in_flight,
-            verify_failures: reader.verify_failures,
+            verify_failures: fetch.verify_failures,
             read_failures: reader.read_failures,
             fetch_latency: [
                 ("cache", Source::Cache),
@@ -298,7 +298,7 @@ pub fn render(status: &DaemonStatus) -> String {
     metric(
         "verify_failures_total",
         "counter",
-        "Chunks that failed their digest (then refetched).",
+        "Reads whose bytes failed their check (then refetched from the registry).",
         &[("", status.verify_failures)],
     );
     metric(

@@ -168,7 +168,7 @@ impl std::fmt::Display for Status {
             )?;
             writeln!(
                 f,
-                "integrity:  {} chunk verification failures, {} failed reads",
+                "integrity:  {} verification failures, {} failed reads",
                 d.verify_failures, d.read_failures
             )?;
             if let Some(peers) = &d.peers {

@@ -215,6 +215,40 @@ pub enum FetchError {
 
     #[error("fetch block {block}: the fetching task ended without an answer")]
     AbandonedFetch { block: BlockKey },
+
+    /// Bytes failed their check twice: as first read, and fetched again from the registry.
+    #[error("check bytes {range:?} of {blob}")]
+    CheckRead {
+        blob: Digest,
+        range: Range<u64>,
+        #[source]
+        source: crate::trust::Rejection,
+    },
+
+    /// A layer's index failed its check twice: as first read, and from the registry.
+    #[error("check the index of {blob}")]
+    CheckIndex {
+        blob: Digest,
+        #[source]
+        source: crate::trust::Rejection,
+    },
+
+    #[error(
+        "decoded bytes have sha256 {}, expected {}",
+        hex::encode(actual),
+        hex::encode(expected)
+    )]
+    Sha256Mismatch {
+        expected: [u8; 32],
+        actual: [u8; 32],
+    },
+
+    #[error("blob {blob} has digest {actual}")]
+    BlobDigestMismatch { blob: Digest, actual: String },
+
+    /// An in-memory store ([`crate::trust::MemoryBlobs`]) has no tier holding the bytes.
+    #[error("no tier holds bytes {range:?} of {blob}")]
+    NoTier { blob: Digest, range: Range<u64> },
 }
 
 impl FetchError {

@@ -16,6 +16,7 @@ use crate::peer::{self, PeerRound, Peers};
 use crate::reference::BlobRef;
 use crate::registry::RegistryClient;
 use crate::stats::{BlobBytes, Counters, FetchStats, Source};
+use crate::trust::Route;
 
 /// Adjacent missing blocks are fetched with one range request of at most this many bytes.
 const MAX_RUN_BYTES: u64 = 16 << 20;
@@ -121,15 +122,6 @@ impl Fetcher {
         self.inner.peers.as_deref()
     }
 
-    /// Lets peers supply blocks of `blob`: for a blob whose every chunk the caller verifies
-    /// against hashes that did not come from the sender (an eStargz layer once its TOC has
-    /// been checked). Other blobs are only ever read from the cache and the registry.
-    pub fn allow_peers(&self, blob: &crate::Digest) {
-        if let Some(peers) = &self.inner.peers {
-            peers.allow(blob);
-        }
-    }
-
     pub(crate) fn peers_arc(&self) -> Option<Arc<Peers>> {
         self.inner.peers.clone()
     }
@@ -145,18 +137,20 @@ impl Fetcher {
         &self.inner.latency
     }
 
-    /// Bytes `range` of `blob`, from the cache or fetched. The bytes are those the registry
-    /// served: verifying them is the caller's job (see [`refetch`](Self::refetch)).
+    /// Bytes `range` of `blob`, from the cache or the registry, unchecked: what containers
+    /// read goes through [`BlobRead`](crate::BlobRead), which checks it.
     pub async fn read(&self, blob: &BlobRef, range: Range<u64>) -> Result<Bytes, FetchError> {
-        self.read_as(blob, range, Mode::Read).await
+        self.read_as(blob, range, Mode::Read { peers: false }).await
     }
 
-    /// Like [`read`](Self::read), and peers may supply the bytes even if the blob is not
-    /// [allowed](Self::allow_peers) yet: for bytes the caller checks against a digest from
-    /// elsewhere (an eStargz TOC against its layer annotation), falling back to
-    /// [`refetch`](Self::refetch) when they do not match.
-    pub async fn read_index(&self, blob: &BlobRef, range: Range<u64>) -> Result<Bytes, FetchError> {
-        self.read_as(blob, range, Mode::ReadIndex).await
+    /// Bytes `range` of `blob`, unchecked, from the cache or the tiers `route` allows.
+    pub(crate) async fn read_routed(
+        &self,
+        blob: &BlobRef,
+        range: Range<u64>,
+        route: Route,
+    ) -> Result<Bytes, FetchError> {
+        self.read_as(blob, range, Mode::from(route)).await
     }
 
     /// `range` of `blob` from the cache, else fetched as `mode` allows.
@@ -193,13 +187,14 @@ impl Fetcher {
     }
 
     /// Drops the cached blocks under `range` and fetches them again from the registry: for
-    /// when the caller's verification of what [`read`](Self::read) returned failed. A peer
-    /// that had sent any of those blocks is blamed and avoided.
+    /// bytes that failed their check. A peer that had sent any of those blocks is blamed and
+    /// avoided.
     pub async fn refetch(&self, blob: &BlobRef, range: Range<u64>) -> Result<Bytes, FetchError> {
         check_bounds(blob, &range)?;
         if range.is_empty() {
             return Ok(Bytes::new());
         }
+        self.inner.counters.verify_failure();
         if let Some(peers) = &self.inner.peers {
             peers.rejected(&blob.digest, self.block_range(&range));
         }
@@ -217,24 +212,25 @@ impl Fetcher {
         Ok(self.assemble(blocks.start, parts, range))
     }
 
-    /// Bytes `range` of `blob` passed the caller's check against hashes from a verified index
-    /// (an eStargz chunk digest, the TOC digest): blocks that came from peers and have now
-    /// been checked byte for byte are shared with peers in turn.
-    pub fn verified(&self, blob: &BlobRef, range: Range<u64>) {
-        if let Some(peers) = &self.inner.peers {
-            peers.verified(blob, range);
-        }
+    /// Brings `range` of `blob` into the cache from the registry without returning it.
+    pub async fn prefetch(&self, blob: &BlobRef, range: Range<u64>) -> Result<(), FetchError> {
+        self.prefetch_routed(blob, range, Route::Registry).await
     }
 
-    /// Brings `range` of `blob` into the cache without returning it.
-    pub async fn prefetch(&self, blob: &BlobRef, range: Range<u64>) -> Result<(), FetchError> {
+    /// Brings `range` of `blob` into the cache from the tiers `route` allows.
+    pub(crate) async fn prefetch_routed(
+        &self,
+        blob: &BlobRef,
+        range: Range<u64>,
+        route: Route,
+    ) -> Result<(), FetchError> {
         check_bounds(blob, &range)?;
         let blocks = self.block_range(&range);
         let window = self.inner.max_run_blocks * PREFETCH_WINDOW_RUNS;
         let mut start = blocks.start;
         while start < blocks.end {
             let end = blocks.end.min(start + window);
-            self.blocks(blob, start..end, Mode::Read).await?;
+            self.blocks(blob, start..end, Mode::from(route)).await?;
             start = end;
         }
         Ok(())
@@ -285,7 +281,7 @@ impl Fetcher {
             inner.counters.misses(1);
             // Only plain reads of a block that just failed get one short attempt: opening a
             // layer (its footer and TOC) or a refetch after a bad chunk gets a full fetch.
-            match inner.flights.join(&key, mode == Mode::Read) {
+            match inner.flights.join(&key, matches!(mode, Mode::Read { .. })) {
                 Joined::Follow(waiter) => parts.push(Part::Waiting(waiter)),
                 Joined::Lead(lead) => {
                     parts.push(Part::Waiting(lead.waiter()));
@@ -330,8 +326,7 @@ impl Fetcher {
         };
         let inner = &self.inner;
         let peers = match (&inner.peers, mode) {
-            (Some(peers), Mode::ReadIndex) => Some(peers),
-            (Some(peers), Mode::Read) if peers.allows(&blob.digest) => Some(peers),
+            (Some(peers), Mode::Index | Mode::Read { peers: true }) => Some(peers),
             _ => None,
         };
         let mut from_peers: Vec<(u64, Bytes)> = Vec::new();
@@ -501,15 +496,26 @@ fn check_bounds(blob: &BlobRef, range: &Range<u64>) -> Result<(), FetchError> {
     Ok(())
 }
 
-/// Where the blocks of a read may come from.
+/// Where the blocks of a read may come from ([`Route`] as the trust module chose it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
-    /// The cache, then peers if the blob is allowed them, then the registry.
-    Read,
-    /// The cache, then peers, then the registry: the caller verifies against a digest.
-    ReadIndex,
-    /// The registry alone, whatever the cache holds: the caller's verification failed.
+    /// The cache, then peers if `peers`, then the registry; a block that failed moments ago
+    /// gets one short attempt.
+    Read { peers: bool },
+    /// The cache, then peers, then the registry, always a full fetch: opening a layer.
+    Index,
+    /// The registry alone, whatever the cache holds: the bytes failed their check.
     Refetch,
+}
+
+impl From<Route> for Mode {
+    fn from(route: Route) -> Mode {
+        match route {
+            Route::Peers => Mode::Read { peers: true },
+            Route::Registry => Mode::Read { peers: false },
+            Route::Index => Mode::Index,
+        }
+    }
 }
 
 /// Leads (in block order) cut where a block is missing.

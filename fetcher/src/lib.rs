@@ -1,8 +1,11 @@
 //! Data-plane layer of Shoal: blob bytes by range, from the node-local chunk cache, peer
 //! nodes or the registry.
 //!
-//! - [`Fetcher`] is the front door: [`Fetcher::read`] serves `(blob, range)` from the
-//!   [`ChunkCache`] or fetches the missing blocks, coalesced, single-flight, bounded.
+//! - [`BlobRead`] is the front door the layers above see: each read says what its bytes must
+//!   match ([`Expect`]), and [`trust`] decides where they may come from, checks them, and
+//!   refetches, blames or shares. [`Fetcher`] implements it over the real tiers: it serves
+//!   `(blob, range)` from the [`ChunkCache`] or fetches the missing blocks, coalesced,
+//!   single-flight, bounded; [`MemoryBlobs`] implements it in memory, for tests.
 //! - [`RegistryClient`] speaks the OCI distribution API: manifests, small blobs, byte ranges,
 //!   with bearer/basic auth, mirrors, retries and credential-safe redirects; it also pushes
 //!   blobs ([`BlobContent`]) and manifests.
@@ -27,6 +30,7 @@ pub mod private;
 mod reference;
 mod registry;
 mod stats;
+pub mod trust;
 
 pub use cache::{BlockKey, CacheUsage, ChunkCache, MAX_CACHED_BLOB_BYTES};
 pub use digest::Digest;
@@ -39,3 +43,4 @@ pub use registry::{
     RetryPolicy, MANIFEST_MEDIA_TYPES, MAX_WHOLE_BLOB_BYTES,
 };
 pub use stats::{BlobBytes, FetchStats, Source, MAX_COUNTED_BLOBS};
+pub use trust::{Anchor, Anchored, BlobRead, Checked, Decode, Expect, MemoryBlobs, Rejection};

@@ -35,6 +35,8 @@ pub struct FetchStats {
     pub fetch_errors: u64,
     /// Remote fetches under way right now.
     pub in_flight: u64,
+    /// Reads whose bytes failed their check (each then fetched once more from the registry).
+    pub verify_failures: u64,
 }
 
 /// Bytes of one blob served, by source, since the blob was first read (or since it came back
@@ -66,6 +68,7 @@ pub(crate) struct Counters {
     cache_misses: AtomicU64,
     fetch_errors: AtomicU64,
     in_flight: AtomicU64,
+    verify_failures: AtomicU64,
     /// One lock per call, not per block: callers add up a read's cache hits first.
     blobs: Mutex<BlobTable>,
 }
@@ -112,6 +115,10 @@ impl Counters {
         self.fetch_errors.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn verify_failure(&self) {
+        self.verify_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts a fetch as in flight until the guard drops.
     pub fn in_flight(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -128,6 +135,7 @@ impl Counters {
             cache_misses: load(&self.cache_misses),
             fetch_errors: load(&self.fetch_errors),
             in_flight: load(&self.in_flight),
+            verify_failures: load(&self.verify_failures),
         }
     }
 }

@@ -10,12 +10,14 @@ use crate::overlaybd::{LsmtError, StackError, TarWrapperError, ZFileError};
 /// FUSE boundary is [`FsError::errno`].
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
-    #[error("fetch footer of {blob}: {source}")]
-    FetchFooter { blob: String, source: FetchError },
+    #[error("fetch footer and TOC of {blob}")]
+    FetchIndex {
+        blob: String,
+        #[source]
+        source: FetchError,
+    },
     #[error("{blob} is not eStargz: {source}")]
     ParseFooter { blob: String, source: FooterError },
-    #[error("fetch TOC of {blob}: {source}")]
-    FetchToc { blob: String, source: FetchError },
     #[error("read TOC of {blob}: {source}")]
     ParseToc { blob: String, source: TocError },
     #[error("TOC of {blob} has digest {actual}, the layer annotation says {expected}")]
@@ -73,8 +75,6 @@ pub enum FsError {
     },
     #[error("fetch overlaybd layer {blob} in the background: {source}")]
     FetchBlob { blob: String, source: FetchError },
-    #[error("overlaybd layer {blob} hashes to {actual}: its cached blocks are dropped")]
-    BlobDigestMismatch { blob: String, actual: String },
     #[error("decode block {block} of overlaybd layer {blob}: {source}")]
     DecodeBlock {
         blob: String,

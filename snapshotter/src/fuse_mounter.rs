@@ -96,15 +96,25 @@ impl Drop for FuseMounter {
 
 fn fallback_of(err: FsError) -> Fallback {
     match err {
-        FsError::FetchFooter { .. } | FsError::FetchToc { .. } => {
-            Fallback::Registry(err.to_string())
-        }
+        FsError::FetchIndex { .. } => Fallback::Registry(with_causes(&err)),
         FsError::TocDigestMismatch { .. } => Fallback::IndexDigestMismatch,
         FsError::ParseToc { .. } | FsError::BuildIndex { .. } => {
             Fallback::RefusedIndex(err.to_string())
         }
         other => Fallback::NotLazyFormat(other.to_string()),
     }
+}
+
+/// `err`'s message followed by its causes', as a fallback label shows them.
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(next) = cause {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
 }
 
 fn blob_of(layer: &RemoteLayer) -> Result<BlobRef, String> {

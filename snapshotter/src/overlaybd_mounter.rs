@@ -268,8 +268,13 @@ impl LayerMounter for OverlaybdMounter {
             .collect();
         let fs_type = disk.fs_type();
         self.fetch_in_background(&disk);
-        let served = vdisk::mount(disk, self.fetcher.clone(), self.runtime.clone(), &dir)
-            .map_err(|e| fail(e.to_string()))?;
+        let served = vdisk::mount(
+            disk,
+            Arc::new(self.fetcher.clone()),
+            self.runtime.clone(),
+            &dir,
+        )
+        .map_err(|e| fail(e.to_string()))?;
         for blob in &blobs {
             self.fetcher.cache().pin(blob);
         }

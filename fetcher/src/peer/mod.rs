@@ -4,10 +4,10 @@
 //!   rendezvous placement of each blob's index owners ([`rendezvous`]), the index this node
 //!   keeps for the blobs it owns ([`index`]), announcements of what it holds ([`announce`]),
 //!   and the client and listener of the HTTP/2 protocol ([`client`], [`server`], [`wire`]).
-//! - Integrity: peers are asked only for blobs whose every chunk the reader verifies against
+//! - Integrity: [`crate::trust`] decides. Peers are asked only for bytes checked against
 //!   hashes from a verified index (eStargz: the TOC, itself checked against the layer's
-//!   annotation and always read from the registry); overlaybd blobs, whose CRCs travel with
-//!   the data, are never taken from peers. A node shares only blocks it fetched from the
+//!   annotation); overlaybd blobs, whose CRCs travel with the data, are never taken from
+//!   peers. A node shares only blocks it fetched from the
 //!   registry itself, or got from a peer and has since checked every byte of ([`shareable`]);
 //!   so bad bytes cannot spread, and a peer whose bytes fail verification is avoided. The
 //!   expected hashes come from the verified TOC, never from the sender.
@@ -36,7 +36,6 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -85,9 +84,6 @@ pub struct Peers {
     announcer: Announcer,
     /// Blocks this node fetched from the registry or verified: the only ones it shares.
     shareable: Shareable,
-    /// Blobs whose every chunk is checked against hashes the peers did not supply (an
-    /// eStargz layer with a verified TOC): the only ones asked of peers.
-    verifiable: Mutex<HashSet<Digest>>,
     counters: PeerCounters,
     /// The pace peers have sent at, for when to hedge a request.
     pace: Pace,
@@ -119,7 +115,6 @@ impl Peers {
             shareable: Shareable::open(state),
             counters: PeerCounters::default(),
             pace: Pace::default(),
-            verifiable: Mutex::default(),
             config: config.clone(),
         })
     }
@@ -144,22 +139,6 @@ impl Peers {
     /// This node's own peer address, once a probe has found it among the members.
     pub fn me(&self) -> Option<PeerAddr> {
         self.members.me()
-    }
-
-    /// Lets peers supply `blob`'s blocks from now on: its reader checks every chunk against
-    /// hashes from its verified index, so bad bytes are caught and their sender blamed.
-    pub(crate) fn allow(&self, blob: &Digest) {
-        self.verifiable
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(blob.clone());
-    }
-
-    pub(crate) fn allows(&self, blob: &Digest) -> bool {
-        self.verifiable
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(blob)
     }
 
     /// When blocks asked of peers now must be fetched from the registry at the latest: a few

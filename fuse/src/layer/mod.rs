@@ -9,7 +9,8 @@ mod reader;
 use std::ops::Range;
 use std::sync::Arc;
 
-use shoal_fetcher::{BlobRef, Fetcher};
+use bytes::Bytes;
+use shoal_fetcher::{Anchor, BlobRead, BlobRef, FetchError, Rejection};
 
 use crate::error::FsError;
 use crate::estargz::{
@@ -34,76 +35,21 @@ pub struct EstargzLayer {
 }
 
 impl EstargzLayer {
-    /// Fetches the footer and TOC of `blob` and checks the TOC against `expected`, the layer's
-    /// `containerd.io/snapshot/stargz/toc.digest` annotation.
+    /// Reads the footer and TOC of `blob` through `blobs`, which checks the TOC against
+    /// `expected`, the layer's `containerd.io/snapshot/stargz/toc.digest` annotation.
     pub async fn open(
-        fetcher: &Fetcher,
+        blobs: &dyn BlobRead,
         blob: BlobRef,
         expected: TocDigest,
     ) -> Result<EstargzLayer, FsError> {
-        match EstargzLayer::fetch(fetcher, blob.clone(), expected, false).await {
-            // Peers may have sent the footer and TOC: read them once more from the registry
-            // alone (the fetcher blames the peer) before giving up.
-            Err(first) if fetcher.peers().is_some() => {
-                tracing::warn!(blob = %blob.digest, error = %first, "layer index did not check out; reading it from the registry");
-                EstargzLayer::fetch(fetcher, blob, expected, true).await
-            }
-            outcome => outcome,
-        }
-    }
-
-    async fn fetch(
-        fetcher: &Fetcher,
-        blob: BlobRef,
-        expected: TocDigest,
-        from_registry: bool,
-    ) -> Result<EstargzLayer, FsError> {
-        let read = |range: Range<u64>| {
-            let blob = &blob;
-            async move {
-                if from_registry {
-                    fetcher.refetch(blob, range).await
-                } else {
-                    fetcher.read_index(blob, range).await
-                }
-            }
-        };
         let name = blob.digest.to_string();
-        let tail_len = (FOOTER_SIZE as u64).min(blob.size);
-        let tail = read(blob.size - tail_len..blob.size)
+        let anchored = blobs
+            .read_index(&blob, &Footer { blob: &name }, *expected.as_bytes())
             .await
-            .map_err(|source| FsError::FetchFooter {
-                blob: name.clone(),
-                source,
-            })?;
-        let footer = parse_footer(blob.size, &tail).map_err(|source| FsError::ParseFooter {
-            blob: name.clone(),
-            source,
-        })?;
-        let region: Range<u64> = footer.toc_offset..blob.size - footer.size as u64;
-        // The footer is the publisher's word: refuse a huge region before asking for it.
-        check_compressed_size(region.end - region.start).map_err(|source| FsError::ParseToc {
-            blob: name.clone(),
-            source,
-        })?;
-        let compressed = read(region.clone())
-            .await
-            .map_err(|source| FsError::FetchToc {
-                blob: name.clone(),
-                source,
-            })?;
-        let json = read_toc_json(&compressed).map_err(|source| FsError::ParseToc {
-            blob: name.clone(),
-            source,
-        })?;
-        let mut persisted = footer.toc_offset.to_le_bytes().to_vec();
-        persisted.extend_from_slice(&json);
-        let layer = EstargzLayer::from_persisted(blob.clone(), &persisted, expected)?;
-        // The TOC's bytes decoded to the expected digest, and the one datum of the footer,
-        // the TOC offset, is where that TOC was found: peers may have both.
-        fetcher.verified(&blob, region);
-        fetcher.verified(&blob, blob.size - tail_len..blob.size);
-        Ok(layer)
+            .map_err(|error| index_error(&name, expected, error))?;
+        let mut persisted = anchored.region.start.to_le_bytes().to_vec();
+        persisted.extend_from_slice(&anchored.decoded);
+        EstargzLayer::from_persisted(blob, &persisted, expected)
     }
 
     /// Opens the layer from bytes [`EstargzLayer::persisted`] held, verifying them again.
@@ -143,5 +89,63 @@ impl EstargzLayer {
             toc_digest: parsed.digest,
             persisted: persisted.to_vec(),
         })
+    }
+}
+
+/// The eStargz footer of blob `blob` as an [`Anchor`]: it says where the TOC is, and the
+/// TOC's JSON is what the annotation's digest covers.
+struct Footer<'a> {
+    blob: &'a str,
+}
+
+impl Anchor for Footer<'_> {
+    fn tail_len(&self, blob_size: u64) -> u64 {
+        (FOOTER_SIZE as u64).min(blob_size)
+    }
+
+    fn locate(&self, tail: &Bytes, blob_size: u64) -> Result<Range<u64>, Rejection> {
+        let blob = self.blob.to_owned();
+        let footer = parse_footer(blob_size, tail).map_err(|source| FsError::ParseFooter {
+            blob: blob.clone(),
+            source,
+        })?;
+        let region = footer.toc_offset..blob_size - footer.size as u64;
+        // The footer is the publisher's word: refuse a huge region before asking for it.
+        check_compressed_size(region.end.saturating_sub(region.start))
+            .map_err(|source| FsError::ParseToc { blob, source })?;
+        Ok(region)
+    }
+
+    fn decode(&self, region: &Bytes) -> Result<Bytes, Rejection> {
+        let json = read_toc_json(region).map_err(|source| FsError::ParseToc {
+            blob: self.blob.to_owned(),
+            source,
+        })?;
+        Ok(Bytes::from(json))
+    }
+}
+
+/// The error of an index read: a TOC whose digest differs from the annotation, the footer's
+/// or TOC's own error (back as [`Footer`] made it), or a failed fetch.
+fn index_error(blob: &str, expected: TocDigest, error: FetchError) -> FsError {
+    if let FetchError::CheckIndex { source, .. } = &error {
+        if let Some(FetchError::Sha256Mismatch { actual, .. }) = source.downcast_ref() {
+            return FsError::TocDigestMismatch {
+                blob: blob.to_owned(),
+                expected,
+                actual: TocDigest::from_bytes(*actual),
+            };
+        }
+    }
+    let source = match error {
+        FetchError::CheckIndex { blob, source } => match source.downcast::<FsError>() {
+            Ok(own) => return *own,
+            Err(source) => FetchError::CheckIndex { blob, source },
+        },
+        other => other,
+    };
+    FsError::FetchIndex {
+        blob: blob.to_owned(),
+        source,
     }
 }

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use shoal_fetcher::Checked;
 use tokio::runtime::Handle;
 use tracing::{info, warn};
 
@@ -96,6 +97,10 @@ pub struct Prefetch {
     pub background_rate: Option<u64>,
 }
 
+/// How a layer's reads check what is prefetched: every chunk against its digest from the
+/// verified TOC (an index is not built otherwise), so peers may supply it.
+const CHECKED: Checked = Checked::ChunkDigests;
+
 /// Step of the background fetch: large enough to coalesce, small enough to pace.
 const BACKGROUND_STEP: u64 = 4 << 20;
 
@@ -133,14 +138,11 @@ pub fn mount(
         source,
     })?;
     info!(blob = %blob.digest, mountpoint = %mountpoint.display(), at = now_secs(), "layer mounted");
-    // Every chunk has a digest from the verified TOC and is checked against it (an index
-    // is not built otherwise), so peers may supply them.
-    reader.fetcher().allow_peers(&blob.digest);
     reader.mount_added(&blob);
     let listed = Some((reader.clone(), blob.digest.clone()));
     runtime.spawn(async move {
         if let Some(end) = prefetch_end {
-            match reader.fetcher().prefetch(&blob, 0..end).await {
+            match reader.blobs().prefetch(&blob, 0..end, CHECKED).await {
                 Ok(()) => info!(blob = %blob.digest, bytes = end, "prefetched prioritized files"),
                 Err(err) => warn!(blob = %blob.digest, error = %err, "prefetch failed"),
             }
@@ -163,7 +165,7 @@ async fn background_fetch(reader: &ChunkReader, blob: &shoal_fetcher::BlobRef, r
     let mut offset = 0;
     while offset < blob.size {
         let end = (offset + BACKGROUND_STEP).min(blob.size);
-        if let Err(err) = reader.fetcher().prefetch(blob, offset..end).await {
+        if let Err(err) = reader.blobs().prefetch(blob, offset..end, CHECKED).await {
             warn!(blob = %blob.digest, error = %err, "background fetch stopped");
             return;
         }

@@ -1,19 +1,18 @@
-//! Reading a file range of an eStargz layer: chunk locations from the index, compressed bytes
-//! from the fetcher (cache first), decompression, and the chunk digest check that keeps every
-//! unverified byte away from containers.
+//! Reading a file range of an eStargz layer: chunk locations from the index, each chunk read
+//! through [`BlobRead`] with its sha256 from the verified TOC and its gzip decoder, and a
+//! memory cache of the decoded chunks. The fetcher checks every chunk before it returns it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use lru::LruCache;
-use shoal_fetcher::{BlobRef, Digest, Fetcher, Histogram, HistogramSnapshot};
-use tracing::warn;
+use shoal_fetcher::{BlobRead, BlobRef, Digest, Expect, Histogram, HistogramSnapshot, Rejection};
 
 use super::mounted::{MountTable, MountedBlob};
 
 use crate::error::FsError;
-use crate::estargz::{decompress_chunk, verify, Chunk, Index, Ino};
+use crate::estargz::{decompress_chunk, Chunk, Index, Ino};
 
 /// Tunables of a [`ChunkReader`].
 #[derive(Debug, Clone, Copy)]
@@ -27,9 +26,8 @@ type ChunkKey = (shoal_fetcher::Digest, u64, u64);
 
 /// Decoded-chunk memory cache shared by all layers, bounded in bytes.
 pub struct ChunkReader {
-    fetcher: Fetcher,
+    blobs: Arc<dyn BlobRead>,
     memory: Mutex<Memory>,
-    verify_failures: AtomicU64,
     read_failures: AtomicU64,
     /// FUSE read requests, from arrival to reply.
     read_latency: Histogram,
@@ -39,8 +37,6 @@ pub struct ChunkReader {
 /// What readers of lazily mounted layers have met since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReaderStats {
-    /// Chunks whose bytes failed decompression or their digest (each is refetched once).
-    pub verify_failures: u64,
     /// Reads answered with an I/O error.
     pub read_failures: u64,
     /// Decoded chunk bytes held in memory.
@@ -54,28 +50,26 @@ struct Memory {
 }
 
 impl ChunkReader {
-    pub fn new(fetcher: Fetcher, config: ReaderConfig) -> Arc<ChunkReader> {
+    pub fn new(blobs: Arc<dyn BlobRead>, config: ReaderConfig) -> Arc<ChunkReader> {
         Arc::new(ChunkReader {
-            fetcher,
+            blobs,
             memory: Mutex::new(Memory {
                 chunks: LruCache::unbounded(),
                 bytes: 0,
                 cap: config.memory_bytes,
             }),
-            verify_failures: AtomicU64::new(0),
             read_failures: AtomicU64::new(0),
             read_latency: Histogram::default(),
             mounted: MountTable::default(),
         })
     }
 
-    pub fn fetcher(&self) -> &Fetcher {
-        &self.fetcher
+    pub fn blobs(&self) -> &dyn BlobRead {
+        &*self.blobs
     }
 
     pub fn stats(&self) -> ReaderStats {
         ReaderStats {
-            verify_failures: self.verify_failures.load(Ordering::Relaxed),
             read_failures: self.read_failures.load(Ordering::Relaxed),
             memory_bytes: self.memory.lock().unwrap_or_else(|p| p.into_inner()).bytes,
         }
@@ -120,14 +114,12 @@ impl ChunkReader {
                 decoded.push(bytes);
                 continue;
             }
-            let compressed = self
-                .fetcher
-                .read_cached(blob, chunk.blob_offset..chunk.blob_end)?;
-            match self.decode(blob, index, ino, chunk, &compressed) {
-                Ok(bytes) => decoded.push(bytes),
-                // A bad cached block: let the async path refetch it.
-                Err(_) => return None,
-            }
+            let decode = |raw: &Bytes| decode(raw, chunk);
+            let bytes = self
+                .blobs
+                .read_cached(blob, chunk_range(chunk), expect(chunk, &decode))?;
+            self.remember(blob, chunk, bytes.clone());
+            decoded.push(bytes);
         }
         Some(Ok(assemble(chunks, &decoded, offset, len, index, ino)))
     }
@@ -169,59 +161,16 @@ impl ChunkReader {
         ino: Ino,
         chunk: &Chunk,
     ) -> Result<Bytes, FsError> {
-        let path = || path_of(index, ino);
-        let range = chunk.blob_offset..chunk.blob_end;
-        let compressed = self
-            .fetcher
-            .read(blob, range.clone())
+        let decode = |raw: &Bytes| decode(raw, chunk);
+        let bytes = self
+            .blobs
+            .read(blob, chunk_range(chunk), expect(chunk, &decode))
             .await
             .map_err(|source| FsError::ReadChunk {
-                path: path(),
+                path: path_of(index, ino),
                 offset: chunk.file_offset,
                 source,
             })?;
-        match self.decode(blob, index, ino, chunk, &compressed) {
-            Ok(bytes) => Ok(bytes),
-            Err(first) => {
-                self.verify_failures.fetch_add(1, Ordering::Relaxed);
-                warn!(blob = %blob.digest, error = %first, "chunk failed verification; fetching it again");
-                let again = self.fetcher.refetch(blob, range).await.map_err(|source| {
-                    FsError::ReadChunk {
-                        path: path(),
-                        offset: chunk.file_offset,
-                        source,
-                    }
-                })?;
-                self.decode(blob, index, ino, chunk, &again)
-            }
-        }
-    }
-
-    /// Decompresses and verifies one chunk; only verified bytes are remembered.
-    fn decode(
-        &self,
-        blob: &BlobRef,
-        index: &Index,
-        ino: Ino,
-        chunk: &Chunk,
-        compressed: &[u8],
-    ) -> Result<Bytes, FsError> {
-        let decode_err = |source| FsError::DecodeChunk {
-            path: path_of(index, ino),
-            source,
-        };
-        let data = decompress_chunk(compressed, chunk).map_err(decode_err)?;
-        verify(
-            &data,
-            &chunk.digest,
-            &path_of(index, ino),
-            chunk.file_offset,
-        )
-        .map_err(decode_err)?;
-        // The compressed bytes that decoded to it are good: peers may have them.
-        self.fetcher
-            .verified(blob, chunk.blob_offset..chunk.blob_end);
-        let bytes = Bytes::from(data);
         self.remember(blob, chunk, bytes.clone());
         Ok(bytes)
     }
@@ -252,6 +201,24 @@ impl ChunkReader {
             }
         }
     }
+}
+
+/// Where `chunk`'s compressed bytes lie in its blob.
+fn chunk_range(chunk: &Chunk) -> std::ops::Range<u64> {
+    chunk.blob_offset..chunk.blob_end
+}
+
+/// What `chunk`'s bytes must match: its sha256 from the verified TOC, once gunzipped.
+fn expect<'a>(chunk: &Chunk, decode: &'a dyn shoal_fetcher::Decode) -> Expect<'a> {
+    Expect::Sha256 {
+        digest: *chunk.digest.as_bytes(),
+        decode,
+    }
+}
+
+/// Gunzips one chunk out of its compressed bytes.
+fn decode(raw: &Bytes, chunk: &Chunk) -> Result<Bytes, Rejection> {
+    Ok(Bytes::from(decompress_chunk(raw, chunk)?))
 }
 
 /// The bytes `offset..offset+len` (clipped to the file) out of whole decoded `chunks`.

@@ -1,7 +1,7 @@
 //! The virtual disk of a layer stack: the merged index, and reads that resolve each virtual
 //! byte range to the layer blocks holding it (zeros where no layer maps anything).
 
-use shoal_fetcher::Fetcher;
+use shoal_fetcher::BlobRead;
 
 use super::{DiskLayer, FsType};
 use crate::error::FsError;
@@ -49,7 +49,7 @@ impl VirtualDisk {
 
     /// Bytes `offset..offset + len`, clipped to the disk, if the cache holds every block they
     /// need; `None` when something must be fetched. Never waits on the network.
-    pub fn read_cached(&self, fetcher: &Fetcher, offset: u64, len: u64) -> Option<Vec<u8>> {
+    pub fn read_cached(&self, blobs: &dyn BlobRead, offset: u64, len: u64) -> Option<Vec<u8>> {
         let pieces = self.pieces(offset, len).ok()?;
         let mut out = Vec::with_capacity(pieces.iter().map(Piece::len).sum::<u64>() as usize);
         for piece in pieces {
@@ -59,14 +59,19 @@ impl VirtualDisk {
                     layer,
                     moffset,
                     len,
-                } => self.layers[layer].read_cached(fetcher, moffset..moffset + len, &mut out)?,
+                } => self.layers[layer].read_cached(blobs, moffset..moffset + len, &mut out)?,
             }
         }
         Some(out)
     }
 
     /// Bytes `offset..offset + len`, clipped to the disk, fetching what the cache lacks.
-    pub async fn read(&self, fetcher: &Fetcher, offset: u64, len: u64) -> Result<Vec<u8>, FsError> {
+    pub async fn read(
+        &self,
+        blobs: &dyn BlobRead,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, FsError> {
         let pieces = self.pieces(offset, len)?;
         let mut out = Vec::with_capacity(pieces.iter().map(Piece::len).sum::<u64>() as usize);
         for piece in pieces {
@@ -78,7 +83,7 @@ impl VirtualDisk {
                     len,
                 } => {
                     self.layers[layer]
-                        .read(fetcher, moffset..moffset + len, &mut out)
+                        .read(blobs, moffset..moffset + len, &mut out)
                         .await?
                 }
             }

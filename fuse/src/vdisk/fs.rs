@@ -11,7 +11,7 @@ use fuser::{
     OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
     ReplyStatfs, Request,
 };
-use shoal_fetcher::Fetcher;
+use shoal_fetcher::BlobRead;
 use tokio::runtime::Handle;
 use tracing::warn;
 
@@ -24,15 +24,15 @@ const DISK: INodeNo = INodeNo(2);
 
 pub struct DiskFs {
     disk: Arc<VirtualDisk>,
-    fetcher: Fetcher,
+    blobs: Arc<dyn BlobRead>,
     runtime: Handle,
 }
 
 impl DiskFs {
-    pub fn new(disk: Arc<VirtualDisk>, fetcher: Fetcher, runtime: Handle) -> DiskFs {
+    pub fn new(disk: Arc<VirtualDisk>, blobs: Arc<dyn BlobRead>, runtime: Handle) -> DiskFs {
         DiskFs {
             disk,
-            fetcher,
+            blobs,
             runtime,
         }
     }
@@ -120,13 +120,13 @@ impl Filesystem for DiskFs {
         if ino != DISK {
             return reply.error(Errno::EISDIR);
         }
-        if let Some(bytes) = self.disk.read_cached(&self.fetcher, offset, size.into()) {
+        if let Some(bytes) = self.disk.read_cached(&*self.blobs, offset, size.into()) {
             return reply.data(&bytes);
         }
         let disk = self.disk.clone();
-        let fetcher = self.fetcher.clone();
+        let blobs = self.blobs.clone();
         self.runtime.spawn(async move {
-            match disk.read(&fetcher, offset, size.into()).await {
+            match disk.read(&*blobs, offset, size.into()).await {
                 Ok(bytes) => reply.data(&bytes),
                 Err(err) => {
                     warn!(offset, len = size, error = %err, "virtual disk read failed");

@@ -1,11 +1,11 @@
-//! One overlaybd layer blob, opened lazily: metadata is fetched and verified up front, data
-//! blocks are fetched, CRC-checked and decompressed as reads need them.
+//! One overlaybd layer blob, opened lazily: metadata is fetched and parsed up front, data
+//! blocks are read as reads need them, each through [`BlobRead`] with a decoder that checks
+//! its CRC32C and decompresses it (the fetcher refetches a span that fails, once).
 
 use std::ops::Range;
 
 use bytes::Bytes;
-use shoal_fetcher::{BlobRef, Fetcher};
-use tracing::warn;
+use shoal_fetcher::{BlobRead, BlobRef, Expect, Rejection};
 
 use crate::error::FsError;
 use crate::overlaybd::lsmt::{self, LsmtError, LsmtFile};
@@ -45,10 +45,10 @@ pub struct DiskLayer {
 impl DiskLayer {
     /// Fetches and verifies the layer's tar wrapper, ZFile header, trailer and jump table, and
     /// the LSMT header, trailer and index inside the ZFile.
-    pub async fn open(fetcher: &Fetcher, blob: BlobRef) -> Result<DiskLayer, FsError> {
+    pub async fn open(blobs: &dyn BlobRead, blob: BlobRef) -> Result<DiskLayer, FsError> {
         let name = blob.digest.to_string();
         let head_len = (PROBE_LEN as u64).min(blob.size);
-        let head = fetch(fetcher, &blob, "tar header", 0..head_len).await?;
+        let head = fetch(blobs, &blob, "tar header", 0..head_len).await?;
         let payload =
             tar_wrapper::locate(&head, blob.size).map_err(|source| FsError::LayerWrapper {
                 blob: name.clone(),
@@ -64,12 +64,12 @@ impl DiskLayer {
         }
         let start = payload.offset;
         let end = payload.offset + payload.len;
-        let zfile_header = fetch(fetcher, &blob, "zfile header", start..start + record).await?;
-        let zfile_trailer = fetch(fetcher, &blob, "zfile trailer", end - record..end).await?;
+        let zfile_header = fetch(blobs, &blob, "zfile header", start..start + record).await?;
+        let zfile_trailer = fetch(blobs, &blob, "zfile trailer", end - record..end).await?;
         let info = ZFileInfo::parse(&zfile_header, &zfile_trailer).map_err(zfile_err)?;
         let table = info.jump_table_range(payload.len).map_err(zfile_err)?;
         let jump_table = fetch(
-            fetcher,
+            blobs,
             &blob,
             "zfile jump table",
             start + table.start..start + table.end,
@@ -91,11 +91,11 @@ impl DiskLayer {
         if size < 2 * record {
             return Err(lsmt_err(LsmtError::FileTooSmall { size }));
         }
-        let lsmt_header = zblob.read(fetcher, 0..record).await?;
-        let lsmt_trailer = zblob.read(fetcher, size - record..size).await?;
+        let lsmt_header = zblob.read(blobs, 0..record).await?;
+        let lsmt_trailer = zblob.read(blobs, size - record..size).await?;
         let (_, index) =
             LsmtFile::locate_index(&lsmt_header, &lsmt_trailer, size).map_err(lsmt_err)?;
-        let lsmt_index = zblob.read(fetcher, index).await?;
+        let lsmt_index = zblob.read(blobs, index).await?;
         let meta = LayerMeta {
             payload_offset: payload.offset,
             payload_len: payload.len,
@@ -168,21 +168,21 @@ impl DiskLayer {
     /// need and each verifies; `None` means the network (or a refetch) is needed.
     pub(super) fn read_cached(
         &self,
-        fetcher: &Fetcher,
+        blobs: &dyn BlobRead,
         range: Range<u64>,
         out: &mut Vec<u8>,
     ) -> Option<()> {
-        self.zblob.read_cached(fetcher, range, out)
+        self.zblob.read_cached(blobs, range, out)
     }
 
     /// Appends the LSMT file's bytes `range` to `out`, fetching what the cache lacks.
     pub(super) async fn read(
         &self,
-        fetcher: &Fetcher,
+        blobs: &dyn BlobRead,
         range: Range<u64>,
         out: &mut Vec<u8>,
     ) -> Result<(), FsError> {
-        out.extend_from_slice(&self.zblob.read(fetcher, range).await?);
+        out.extend_from_slice(&self.zblob.read(blobs, range).await?);
         Ok(())
     }
 }
@@ -200,29 +200,26 @@ impl ZBlob {
         Ok((blocks, at + first.start..at + last.end))
     }
 
-    fn read_cached(&self, fetcher: &Fetcher, range: Range<u64>, out: &mut Vec<u8>) -> Option<()> {
+    fn read_cached(
+        &self,
+        blobs: &dyn BlobRead,
+        range: Range<u64>,
+        out: &mut Vec<u8>,
+    ) -> Option<()> {
         let (blocks, span) = self.span(&range).ok()?;
         if blocks.is_empty() {
             return (range.is_empty()).then_some(());
         }
-        let compressed = fetcher.read_cached(&self.blob, span.clone())?;
-        let mark = out.len();
-        for index in blocks {
-            if self
-                .decode(&compressed, span.start, index, &range, out)
-                .is_err()
-            {
-                // A bad cached block: the async path refetches it.
-                out.truncate(mark);
-                return None;
-            }
-        }
+        let decode = |raw: &Bytes| self.decode_span(raw, span.start, blocks.clone(), &range);
+        // A bad cached block comes back as `None`: the async path refetches it.
+        let data = blobs.read_cached(&self.blob, span.clone(), Expect::Embedded(&decode))?;
+        out.extend_from_slice(&data);
         Some(())
     }
 
-    /// Uncompressed bytes `range`, each block CRC-checked; a block that fails is fetched once
-    /// more (from another source, the cached copy dropped) before the read fails.
-    async fn read(&self, fetcher: &Fetcher, range: Range<u64>) -> Result<Vec<u8>, FsError> {
+    /// Uncompressed bytes `range`, each block CRC-checked; a span with a block that fails is
+    /// fetched once more from the registry (the cached copy dropped) before the read fails.
+    async fn read(&self, blobs: &dyn BlobRead, range: Range<u64>) -> Result<Vec<u8>, FsError> {
         let name = || self.blob.digest.to_string();
         let decode_err = |block, source| FsError::DecodeBlock {
             blob: name(),
@@ -240,40 +237,35 @@ impl ZBlob {
             ));
         }
         let (blocks, span) = self.span(&range).map_err(|source| decode_err(0, source))?;
-        let mut out = Vec::with_capacity((range.end - range.start) as usize);
         if blocks.is_empty() {
-            return Ok(out);
+            return Ok(Vec::new());
         }
-        let compressed = fetcher
-            .read(&self.blob, span.clone())
+        let decode = |raw: &Bytes| self.decode_span(raw, span.start, blocks.clone(), &range);
+        let data = blobs
+            .read(&self.blob, span.clone(), Expect::Embedded(&decode))
             .await
             .map_err(|source| FsError::ReadBlock {
                 blob: name(),
                 block: blocks.start,
                 source,
             })?;
+        Ok(data.to_vec())
+    }
+
+    /// Checks and decompresses `blocks` out of `compressed` (blob bytes starting at `base`):
+    /// their part of `range`.
+    fn decode_span(
+        &self,
+        compressed: &Bytes,
+        base: u64,
+        blocks: Range<u64>,
+        range: &Range<u64>,
+    ) -> Result<Bytes, Rejection> {
+        let mut out = Vec::with_capacity((range.end - range.start) as usize);
         for index in blocks {
-            let Err(first) = self.decode(&compressed, span.start, index, &range, &mut out) else {
-                continue;
-            };
-            warn!(blob = %self.blob.digest, block = index, error = %first, "zfile block failed verification; fetching it again");
-            let block = self
-                .zfile
-                .block_range(index)
-                .map_err(|source| decode_err(index, source))?;
-            let at = self.payload_offset;
-            let again = fetcher
-                .refetch(&self.blob, at + block.start..at + block.end)
-                .await
-                .map_err(|source| FsError::ReadBlock {
-                    blob: name(),
-                    block: index,
-                    source,
-                })?;
-            self.decode(&again, at + block.start, index, &range, &mut out)
-                .map_err(|source| decode_err(index, source))?;
+            self.decode(compressed, base, index, range, &mut out)?;
         }
-        Ok(out)
+        Ok(Bytes::from(out))
     }
 
     /// Verifies and decompresses block `index` out of `compressed` (blob bytes starting at
@@ -307,15 +299,15 @@ impl ZBlob {
     }
 }
 
-/// Fetches metadata bytes `range` of `blob`.
+/// Fetches metadata bytes `range` of `blob`: only the whole blob's digest covers them.
 async fn fetch(
-    fetcher: &Fetcher,
+    blobs: &dyn BlobRead,
     blob: &BlobRef,
     what: &'static str,
     range: Range<u64>,
 ) -> Result<Vec<u8>, FsError> {
-    fetcher
-        .read(blob, range)
+    blobs
+        .read(blob, range, Expect::BlobDigest)
         .await
         .map(|bytes| bytes.to_vec())
         .map_err(|source| FsError::FetchLayerMetadata {

@@ -1,10 +1,10 @@
 //! The merged virtual disk of an overlaybd layer stack, served lazily as one read-only FUSE file.
 //!
 //! - [`DiskLayer`]: one overlaybd layer blob opened through the chunk cache: its tar wrapper,
-//!   ZFile header, trailer and jump table, and the LSMT index inside (all verified).
-//! - [`VirtualDisk`]: layers stacked top first; reads resolve to ZFile blocks, which are fetched
-//!   through the [`shoal_fetcher::Fetcher`], CRC-checked, refetched once on a bad CRC, and
-//!   decompressed. Its metadata persists as bytes, so a restart reopens it without the registry.
+//!   ZFile header, trailer and jump table, and the LSMT index inside (all parsed and checked).
+//! - [`VirtualDisk`]: layers stacked top first; reads resolve to ZFile blocks, read through
+//!   [`shoal_fetcher::BlobRead`] with a decoder that checks each block's CRC and decompresses
+//!   it (the fetcher refetches a bad span once, never from peers). Its metadata persists as bytes, so a restart reopens it without the registry.
 //! - [`fetch_and_verify`]: the background fetch of a whole blob, ending with its sha256 check.
 //! - [`mount`]: a FUSE filesystem holding the one file [`DISK_FILE`], whose content is the disk.
 //!

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use fuser::{Config, MountOption, SessionACL};
-use shoal_fetcher::Fetcher;
+use shoal_fetcher::BlobRead;
 use tokio::runtime::Handle;
 use tracing::info;
 
@@ -20,7 +20,7 @@ const THREADS: usize = 2;
 /// the cache run on `runtime`.
 pub fn mount(
     disk: Arc<VirtualDisk>,
-    fetcher: Fetcher,
+    blobs: Arc<dyn BlobRead>,
     runtime: Handle,
     mountpoint: &Path,
 ) -> Result<MountedLayer, FsError> {
@@ -41,7 +41,7 @@ pub fn mount(
     // Only root (the loop driver's opener) reads the disk.
     config.acl = SessionACL::Owner;
     config.n_threads = Some(THREADS);
-    let fs = DiskFs::new(disk, fetcher, runtime);
+    let fs = DiskFs::new(disk, blobs, runtime);
     let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(|source| FsError::Mount {
         mountpoint: mountpoint.to_owned(),
         source,

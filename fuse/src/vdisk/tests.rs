@@ -1,11 +1,11 @@
-//! The virtual disk over the reference-converted hello-world layer, read through a real chunk
-//! cache (prefilled; the registry is unreachable, so nothing can come from the network).
-
-use std::path::Path;
+//! The virtual disk over the reference-converted hello-world layer, read through in-memory
+//! tiers whose cache holds the blob and whose registry holds nothing, so nothing can come
+//! from the network; the fetcher's trust decisions run as in the daemon.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use shoal_fetcher::{BlobRef, Digest, Fetcher, ImageRef};
+use shoal_fetcher::trust::Tiers;
+use shoal_fetcher::{BlobRef, Digest, ImageRef, MemoryBlobs};
 
 use super::*;
 use crate::overlaybd::lsmt::{Mapping, RECORD_SIZE};
@@ -20,31 +20,14 @@ fn fixture_blob() -> Vec<u8> {
     std::fs::read(blobs.join(LAYER)).expect("fixture blob")
 }
 
-/// A fetcher whose cache holds `blob` and whose registry refuses every connection.
-fn cached(dir: &Path, blob: &[u8]) -> (Fetcher, BlobRef) {
-    let config = shoal_config::Config::parse(&format!(
-        "root = \"{}\"\n[registry]\ndocker_config = \"{}\"\nretries = 0\n",
-        dir.join("root").display(),
-        dir.join("none.json").display()
-    ))
-    .unwrap();
-    let fetcher = Fetcher::new(&config).unwrap();
+/// Blobs whose cache holds `blob` and whose registry has nothing.
+fn cached(blob: &[u8]) -> (MemoryBlobs, BlobRef) {
+    let blobs = MemoryBlobs::default();
     let digest = Digest::parse(&format!("sha256:{LAYER}")).unwrap();
-    fill(&fetcher, &digest, blob);
+    blobs.cache(&digest, blob.to_vec());
     let image = ImageRef::parse("127.0.0.1:1/test/hello:1").unwrap();
     let size = blob.len() as u64;
-    (fetcher, BlobRef::new(image, digest, size))
-}
-
-fn fill(fetcher: &Fetcher, digest: &Digest, blob: &[u8]) {
-    let cache = fetcher.cache();
-    cache.invalidate(digest, 0..blob.len() as u64).unwrap();
-    let block = cache.block_size() as usize;
-    for (index, chunk) in blob.chunks(block).enumerate() {
-        cache
-            .insert(digest, blob.len() as u64, index as u64, chunk)
-            .unwrap();
-    }
+    (blobs, BlobRef::new(image, digest, size))
 }
 
 /// The same disk through the pure, synchronous readers.
@@ -57,16 +40,15 @@ fn reference_disk(blob: Vec<u8>) -> Disk<ZFileReader<Window<Vec<u8>>>> {
 
 #[tokio::test]
 async fn the_fixture_disk_reads_the_same_through_the_cache_and_after_reopening() {
-    let dir = tempfile::tempdir().unwrap();
     let blob = fixture_blob();
-    let (fetcher, blob_ref) = cached(dir.path(), &blob);
-    let layer = DiskLayer::open(&fetcher, blob_ref).await.unwrap();
+    let (blobs, blob_ref) = cached(&blob);
+    let layer = DiskLayer::open(&blobs, blob_ref).await.unwrap();
     assert_eq!(layer.meta().payload_offset, 1536);
     assert_eq!(layer.lsmt().index_records(), 768);
     let disk = VirtualDisk::new(vec![layer], FsType::Ext4).unwrap();
     assert_eq!(disk.size(), 64 << 30);
 
-    let superblock = disk.read_cached(&fetcher, 1024, 1024).unwrap();
+    let superblock = disk.read_cached(&blobs, 1024, 1024).unwrap();
     assert_eq!(superblock[0x38..0x3a], EXT4_MAGIC);
 
     let reference = reference_disk(blob);
@@ -79,27 +61,23 @@ async fn the_fixture_disk_reads_the_same_through_the_cache_and_after_reopening()
     ] {
         let mut want = vec![0u8; len];
         reference.read_exact_at(offset, &mut want).unwrap();
+        assert_eq!(disk.read_cached(&blobs, offset, len as u64).unwrap(), want);
+        assert_eq!(disk.read(&blobs, offset, len as u64).await.unwrap(), want);
         assert_eq!(
-            disk.read_cached(&fetcher, offset, len as u64).unwrap(),
-            want
-        );
-        assert_eq!(disk.read(&fetcher, offset, len as u64).await.unwrap(), want);
-        assert_eq!(
-            reopened.read(&fetcher, offset, len as u64).await.unwrap(),
+            reopened.read(&blobs, offset, len as u64).await.unwrap(),
             want
         );
     }
     // Reads are clipped at the end of the disk.
-    let tail = disk.read(&fetcher, disk.size() - 10, 4096).await.unwrap();
+    let tail = disk.read(&blobs, disk.size() - 10, 4096).await.unwrap();
     assert_eq!(tail, vec![0; 10]);
 }
 
 #[tokio::test]
 async fn corrupt_cached_blocks_are_never_served() {
-    let dir = tempfile::tempdir().unwrap();
     let blob = fixture_blob();
-    let (fetcher, blob_ref) = cached(dir.path(), &blob);
-    let layer = DiskLayer::open(&fetcher, blob_ref.clone()).await.unwrap();
+    let (blobs, blob_ref) = cached(&blob);
+    let layer = DiskLayer::open(&blobs, blob_ref.clone()).await.unwrap();
     let disk = VirtualDisk::new(vec![layer], FsType::Ext4).unwrap();
 
     // Every compressed data block goes bad after the metadata was read.
@@ -108,13 +86,13 @@ async fn corrupt_cached_blocks_are_never_served() {
     for byte in &mut bad[2048..end] {
         *byte ^= 0x5a;
     }
-    fill(&fetcher, &blob_ref.digest, &bad);
+    blobs.cache(&blob_ref.digest, bad);
     assert!(
-        disk.read_cached(&fetcher, 1024, 1024).is_none(),
+        disk.read_cached(&blobs, 1024, 1024).is_none(),
         "a block failing its crc is left to the refetching path"
     );
     // The refetch has nowhere to go (the registry is unreachable): an error, not data.
-    let err = disk.read(&fetcher, 1024, 1024).await.unwrap_err();
+    let err = disk.read(&blobs, 1024, 1024).await.unwrap_err();
     assert!(
         matches!(err, FsError::ReadBlock { .. } | FsError::DecodeBlock { .. }),
         "{err}"
@@ -130,14 +108,13 @@ async fn corrupt_cached_blocks_are_never_served() {
         .find(|w| w[1].0 - w[0].1 >= 512)
         .map(|w| w[0].1)
         .unwrap();
-    assert_eq!(disk.read_cached(&fetcher, gap, 512).unwrap(), vec![0; 512]);
+    assert_eq!(disk.read_cached(&blobs, gap, 512).unwrap(), vec![0; 512]);
 }
 
 /// The persisted record of the fixture disk as JSON, to tamper with.
 async fn persisted_json() -> serde_json::Value {
-    let dir = tempfile::tempdir().unwrap();
-    let (fetcher, blob_ref) = cached(dir.path(), &fixture_blob());
-    let layer = DiskLayer::open(&fetcher, blob_ref).await.unwrap();
+    let (blobs, blob_ref) = cached(&fixture_blob());
+    let layer = DiskLayer::open(&blobs, blob_ref).await.unwrap();
     let disk = VirtualDisk::new(vec![layer], FsType::Ext4).unwrap();
     serde_json::from_slice(&disk.persist()).unwrap()
 }
@@ -201,22 +178,30 @@ async fn damaged_persisted_records_are_refused() {
 
 #[tokio::test]
 async fn a_whole_blob_is_checked_against_its_digest_and_dropped_when_wrong() {
-    let dir = tempfile::tempdir().unwrap();
     let blob = fixture_blob();
-    let (fetcher, blob_ref) = cached(dir.path(), &blob);
-    fetch_and_verify(&fetcher, &blob_ref, None).await.unwrap();
+    let (blobs, blob_ref) = cached(&blob);
+    fetch_and_verify(&blobs, &blob_ref, None).await.unwrap();
 
     // One byte differs in the tar padding: no CRC covers it, the digest does.
     let mut bad = blob.clone();
     let last = bad.len() - 1;
     bad[last] ^= 1;
-    fill(&fetcher, &blob_ref.digest, &bad);
-    let err = fetch_and_verify(&fetcher, &blob_ref, Some(1 << 30))
+    blobs.cache(&blob_ref.digest, bad);
+    let err = fetch_and_verify(&blobs, &blob_ref, Some(1 << 30))
         .await
         .unwrap_err();
-    assert!(matches!(err, FsError::BlobDigestMismatch { .. }), "{err}");
     assert!(
-        fetcher.read_cached(&blob_ref, 0..512).is_none(),
+        matches!(
+            err,
+            FsError::FetchBlob {
+                source: shoal_fetcher::FetchError::BlobDigestMismatch { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        blobs.cached(&blob_ref, 0..512).is_none(),
         "the blob's cached blocks are dropped"
     );
 }

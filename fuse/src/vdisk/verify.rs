@@ -1,36 +1,36 @@
 //! Background fetch of a whole overlaybd blob, ending with its sha256 check: ZFile CRCs catch
 //! damaged blocks, and the digest catches whatever a CRC cannot (a block rewritten with a
-//! matching CRC). A blob that fails is dropped from the cache, so later reads fetch it again.
+//! matching CRC). The fetcher drops a blob that fails from the cache, so later reads fetch it
+//! again.
 
 use std::time::{Duration, Instant};
 
-use sha2::{Digest as _, Sha256};
-use shoal_fetcher::{BlobRef, Fetcher};
+use shoal_fetcher::{BlobRead, BlobRef, Checked};
 
 use crate::error::FsError;
 
-/// Step of the fetch and of the hashing: large enough to coalesce, small enough to pace.
+/// Step of the fetch: large enough to coalesce, small enough to pace.
 const STEP: u64 = 4 << 20;
 
 /// Fetches all of `blob` into the cache, at most `rate` bytes per second (`None`: as fast as
-/// the fetcher goes), then checks its sha256 against its digest.
+/// the fetcher goes), then has its sha256 checked against its digest.
 pub async fn fetch_and_verify(
-    fetcher: &Fetcher,
+    blobs: &dyn BlobRead,
     blob: &BlobRef,
     rate: Option<u64>,
 ) -> Result<(), FsError> {
-    let name = || blob.digest.to_string();
+    let failed = |source| FsError::FetchBlob {
+        blob: blob.digest.to_string(),
+        source,
+    };
     let started = Instant::now();
     let mut offset = 0;
     while offset < blob.size {
         let end = (offset + STEP).min(blob.size);
-        fetcher
-            .prefetch(blob, offset..end)
+        blobs
+            .prefetch(blob, offset..end, Checked::BlobDigest)
             .await
-            .map_err(|source| FsError::FetchBlob {
-                blob: name(),
-                source,
-            })?;
+            .map_err(failed)?;
         offset = end;
         if let Some(rate) = rate {
             // Pace against the start so a slow step is not followed by a burst.
@@ -40,28 +40,5 @@ pub async fn fetch_and_verify(
             }
         }
     }
-    let mut hasher = Sha256::new();
-    let mut offset = 0;
-    while offset < blob.size {
-        let end = (offset + STEP).min(blob.size);
-        let bytes = fetcher
-            .read(blob, offset..end)
-            .await
-            .map_err(|source| FsError::FetchBlob {
-                blob: name(),
-                source,
-            })?;
-        hasher.update(&bytes);
-        offset = end;
-    }
-    let actual = hex::encode(hasher.finalize());
-    if actual == blob.digest.hex() {
-        return Ok(());
-    }
-    // Nothing of a blob that fails its digest may be served or shared again.
-    let _ = fetcher.cache().invalidate(&blob.digest, 0..blob.size);
-    Err(FsError::BlobDigestMismatch {
-        blob: name(),
-        actual: format!("sha256:{actual}"),
-    })
+    blobs.verify_blob(blob).await.map_err(failed)
 }

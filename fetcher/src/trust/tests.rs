@@ -1,0 +1,218 @@
+//! The trust decisions over in-memory tiers that lie: a peer that sends wrong bytes, a
+//! registry that sends wrong bytes once, and both. The caller sees right bytes or an error.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+
+use super::*;
+use crate::digest::Digest;
+use crate::reference::{BlobRef, ImageRef};
+
+const SIZE: usize = 4096;
+
+fn blob_of(bytes: &[u8]) -> BlobRef {
+    let image = ImageRef::parse("registry.test/team/app:1").unwrap();
+    BlobRef::new(image, Digest::of(bytes), bytes.len() as u64)
+}
+
+fn content() -> Vec<u8> {
+    (0..SIZE).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+fn wrong(bytes: &[u8]) -> Vec<u8> {
+    bytes.iter().map(|b| b ^ 0x5a).collect()
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Bytes as stored are bytes as presented: the check is the digest alone.
+fn raw(bytes: &Bytes) -> Result<Bytes, Rejection> {
+    Ok(bytes.clone())
+}
+
+const CHUNK: Range<u64> = 1000..3000;
+
+async fn read_chunk(blobs: &MemoryBlobs, blob: &BlobRef, digest: [u8; 32]) -> Option<Bytes> {
+    let expect = Expect::Sha256 {
+        digest,
+        decode: &raw,
+    };
+    blobs.read(blob, CHUNK, expect).await.ok()
+}
+
+#[tokio::test]
+async fn a_peer_sending_wrong_bytes_is_refetched_from_the_registry() {
+    let data = content();
+    let blob = blob_of(&data);
+    let digest = sha256(&data[1000..3000]);
+    let blobs = MemoryBlobs::default();
+    blobs.peer_serves(&blob.digest, wrong(&data));
+    blobs.registry_serves(&blob.digest, data.clone());
+
+    let got = read_chunk(&blobs, &blob, digest).await.unwrap();
+    assert_eq!(got, data[1000..3000]);
+    assert_eq!((blobs.peer_fetches(), blobs.refetches()), (1, 1));
+    // Only the registry's bytes, which matched, vouch for anything.
+    assert_eq!(blobs.passed(&blob.digest), [CHUNK]);
+    // The right bytes are what the cache now holds.
+    let cached = Expect::Sha256 {
+        digest,
+        decode: &raw,
+    };
+    assert_eq!(blobs.read_cached(&blob, CHUNK, cached).unwrap(), got);
+}
+
+#[tokio::test]
+async fn a_registry_sending_wrong_bytes_once_is_asked_again() {
+    let data = content();
+    let blob = blob_of(&data);
+    let digest = sha256(&data[1000..3000]);
+    let blobs = MemoryBlobs::default();
+    blobs.registry_serves(&blob.digest, data.clone());
+    blobs.registry_sends_once(&blob.digest, wrong(&data));
+
+    let got = read_chunk(&blobs, &blob, digest).await.unwrap();
+    assert_eq!(got, data[1000..3000]);
+    assert_eq!((blobs.peer_fetches(), blobs.refetches()), (0, 1));
+}
+
+#[tokio::test]
+async fn a_lying_peer_and_a_registry_lying_once_fail_the_read_then_it_recovers() {
+    let data = content();
+    let blob = blob_of(&data);
+    let digest = sha256(&data[1000..3000]);
+    let blobs = MemoryBlobs::default();
+    blobs.peer_serves(&blob.digest, wrong(&data));
+    blobs.registry_serves(&blob.digest, data.clone());
+    blobs.registry_sends_once(&blob.digest, wrong(&data));
+
+    let expect = Expect::Sha256 {
+        digest,
+        decode: &raw,
+    };
+    let err = blobs.read(&blob, CHUNK, expect).await.unwrap_err();
+    assert!(matches!(err, FetchError::CheckRead { .. }), "{err}");
+    assert!(blobs.passed(&blob.digest).is_empty(), "nothing vouched for");
+    // The wrong bytes the registry left in the cache are never served from it...
+    assert!(blobs.read_cached(&blob, CHUNK, expect).is_none());
+    // ...and the next read drops them and gets the registry's right ones.
+    let got = read_chunk(&blobs, &blob, digest).await.unwrap();
+    assert_eq!(got, data[1000..3000]);
+}
+
+#[tokio::test]
+async fn bytes_under_a_forgeable_check_never_come_from_peers() {
+    let data = content();
+    let blob = blob_of(&data);
+    let blobs = MemoryBlobs::default();
+    blobs.peer_serves(&blob.digest, wrong(&data));
+    blobs.registry_serves(&blob.digest, data.clone());
+    let first_byte_kept = |bytes: &Bytes| -> Result<Bytes, Rejection> {
+        match bytes.first() {
+            Some(&b) if b == data[1000] => Ok(bytes.clone()),
+            _ => Err("crc mismatch".into()),
+        }
+    };
+    let got = blobs
+        .read(&blob, CHUNK, Expect::Embedded(&first_byte_kept))
+        .await
+        .unwrap();
+    assert_eq!(got, data[1000..3000]);
+    blobs
+        .prefetch(&blob, 0..64, Checked::BlobDigest)
+        .await
+        .unwrap();
+    assert_eq!(blobs.peer_fetches(), 0);
+    assert!(
+        blobs.passed(&blob.digest).is_empty(),
+        "a crc vouches for nothing"
+    );
+}
+
+/// A toy indexed format: the last 8 bytes are the index's offset, the index runs up to them.
+struct Trailer;
+
+impl Anchor for Trailer {
+    fn tail_len(&self, _blob_size: u64) -> u64 {
+        8
+    }
+
+    fn locate(&self, tail: &Bytes, blob_size: u64) -> Result<Range<u64>, Rejection> {
+        let offset = u64::from_le_bytes(tail[..8].try_into()?);
+        if offset > blob_size - 8 {
+            return Err("index offset past the end".into());
+        }
+        Ok(offset..blob_size - 8)
+    }
+
+    fn decode(&self, region: &Bytes) -> Result<Bytes, Rejection> {
+        Ok(region.clone())
+    }
+}
+
+fn indexed() -> (Vec<u8>, [u8; 32]) {
+    let mut data = content();
+    let index = b"{\"entries\":[]}";
+    let offset = data.len() as u64;
+    data.extend_from_slice(index);
+    data.extend_from_slice(&offset.to_le_bytes());
+    (data, sha256(index))
+}
+
+#[tokio::test]
+async fn an_index_a_peer_forged_is_read_again_from_the_registry() {
+    let (data, digest) = indexed();
+    let blob = blob_of(&data);
+    let blobs = MemoryBlobs::default();
+    let mut forged = data.clone();
+    let at = forged.len() - 9;
+    forged[at] ^= 1;
+    blobs.peer_serves(&blob.digest, forged.clone());
+    blobs.registry_serves(&blob.digest, data.clone());
+
+    let index = blobs.read_index(&blob, &Trailer, digest).await.unwrap();
+    assert_eq!(index.decoded, &data[SIZE..data.len() - 8]);
+    assert_eq!(
+        blobs.refetches(),
+        2,
+        "the tail and the index, from the registry"
+    );
+    assert_eq!(
+        blobs.passed(&blob.digest).len(),
+        2,
+        "the index and its tail"
+    );
+
+    // Forged by the peer and once by the registry: an error, not the forged index.
+    let blobs = MemoryBlobs::default();
+    blobs.peer_serves(&blob.digest, forged.clone());
+    blobs.registry_serves(&blob.digest, data.clone());
+    blobs.registry_sends_once(&blob.digest, forged.clone());
+    blobs.registry_sends_once(&blob.digest, forged);
+    let err = blobs.read_index(&blob, &Trailer, digest).await.unwrap_err();
+    assert!(matches!(err, FetchError::CheckIndex { .. }), "{err}");
+    assert!(blobs.passed(&blob.digest).is_empty());
+}
+
+#[tokio::test]
+async fn a_blob_failing_its_digest_is_dropped_from_the_cache() {
+    let data = content();
+    let blob = blob_of(&data);
+    let blobs = MemoryBlobs::default();
+    blobs.cache(&blob.digest, data.clone());
+    blobs.verify_blob(&blob).await.unwrap();
+
+    blobs.cache(&blob.digest, wrong(&data));
+    let err = blobs.verify_blob(&blob).await.unwrap_err();
+    assert!(
+        matches!(err, FetchError::BlobDigestMismatch { .. }),
+        "{err}"
+    );
+    assert!(blobs
+        .read_cached(&blob, 0..64, Expect::BlobDigest)
+        .is_none());
+}
