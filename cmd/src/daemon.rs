@@ -1,8 +1,9 @@
-//! The daemon: owns the root and the socket, serves the Snapshots API until SIGTERM or SIGINT.
+//! The daemon: owns the root and the socket, serves the Snapshots API until SIGTERM or SIGINT,
+//! and reloads its configuration on SIGHUP.
 
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
@@ -10,7 +11,9 @@ use nix::fcntl::{Flock, FlockArg};
 use shoal_config::Config;
 use shoal_fuse::layer::{ChunkReader, Prefetch, ReaderConfig};
 
+use crate::logging::LogLevel;
 use crate::metrics::{self, Observed};
+use crate::reload::Reloader;
 use shoal_snapshotter::{
     server, tonic::transport::Server, FormatMounter, FuseMounter, LoopMount, OverlaybdMounter,
     ShoalSnapshotter,
@@ -23,8 +26,20 @@ use tracing::{info, warn};
 /// How long in-flight requests may run after SIGTERM before the daemon closes anyway.
 const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Where the daemon's configuration came from, so that SIGHUP can read it again.
+pub struct Started {
+    pub config: Config,
+    /// The `--config` file; none: the default file, if it exists.
+    pub path: Option<PathBuf>,
+    pub log: LogLevel,
+}
+
 /// Runs the daemon to completion.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(started: Started) -> anyhow::Result<()> {
+    // SIGHUP's default action would end the daemon and every lazy mount with it: it is caught
+    // before the socket exists, so nobody who can find the daemon can kill it that way.
+    let mut hup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
+    let Started { config, path, log } = started;
     // Handled from the start: a stop asked for during start-up waits for it to finish (the
     // socket is bound before the metadata store is opened, and the store must not be cut
     // off half made), then stops the daemon as usual.
@@ -89,7 +104,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         committed = counts.committed,
         active = counts.active,
         view = counts.view,
-        version = env!("CARGO_PKG_VERSION"),
+        version = crate::version::VERSION,
         "shoal-snapshotter serving"
     );
 
@@ -103,17 +118,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         let observed = Observed {
             snapshotter: snapshotter.clone(),
-            fetcher,
+            fetcher: fetcher.clone(),
             reader,
         };
         metrics::serve(address, observed).await?;
     }
 
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let mut reloader = Some(Reloader::new(path, config.clone(), fetcher, log));
     let shutdown = async move {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        let name = loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = hup.recv() => reload(&mut reloader).await,
+            }
         };
         info!(
             signal = name,
@@ -144,6 +163,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     served?;
     info!("shoal-snapshotter stopped");
     Ok(())
+}
+
+/// One reload at a time, off the runtime's threads (it reads files and may evict); the
+/// reloader comes back with its outcome.
+async fn reload(slot: &mut Option<Reloader>) {
+    let Some(mut reloader) = slot.take() else {
+        return;
+    };
+    match tokio::task::spawn_blocking(move || {
+        reloader.reload();
+        reloader
+    })
+    .await
+    {
+        Ok(reloader) => *slot = Some(reloader),
+        // A panic in a reload must not take the daemon down; later SIGHUPs are refused.
+        Err(error) => warn!(%error, "config reload failed; restart to reload again"),
+    }
 }
 
 /// One daemon per root: a second one would corrupt nothing (redb locks too) but would fight

@@ -9,6 +9,8 @@
 //! - [`status`]: `shoal status`.
 //! - [`pull`]: `shoal rpull`, pulling through containerd with remote-snapshot labels.
 //! - [`convert`]: `shoal convert`, rebuilding an image as eStargz and pushing it.
+//! - [`reload`]: SIGHUP in the daemon, `shoal reload` in the CLI.
+//! - [`version`]: the one version line every binary prints.
 
 pub mod client;
 pub mod convert;
@@ -16,8 +18,10 @@ pub mod daemon;
 pub mod logging;
 pub mod metrics;
 pub mod pull;
+pub mod reload;
 pub mod runtime;
 pub mod status;
+pub mod version;
 
 use std::path::Path;
 

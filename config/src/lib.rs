@@ -13,6 +13,7 @@ mod error;
 mod exposure;
 pub mod raw;
 mod resolve;
+mod salvage;
 
 pub use bytesize::ByteSize;
 pub use error::ConfigError;

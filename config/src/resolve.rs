@@ -10,7 +10,7 @@ use crate::error::ConfigError;
 use crate::raw::{RawByteSize, RawConfig, RawHost, RawPeers};
 
 /// Shoal's validated configuration. Build it with [`Config::load`] or [`Config::parse`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// Directory for snapshots, metadata and the chunk cache.
     pub root: PathBuf,
@@ -26,7 +26,7 @@ pub struct Config {
     pub peers: Option<PeersConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeersConfig {
     /// The peer listener (HTTP/2: health, index and block requests).
     pub listen: std::net::SocketAddr,
@@ -68,13 +68,13 @@ pub struct PeerTls {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MetricsConfig {
     /// Where `/metrics` (Prometheus) and `/status` (JSON) are served; none when unset.
     pub address: Option<std::net::SocketAddr>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
     /// A `tracing` filter directive, e.g. `info` or `shoal_fetcher=debug`.
     pub level: String,
@@ -87,7 +87,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheConfig {
     /// Upper bound of compressed bytes kept on disk.
     pub capacity: ByteSize,
@@ -97,7 +97,7 @@ pub struct CacheConfig {
     pub memory: ByteSize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchConfig {
     /// Fetches from the network in flight at once, over all layers.
     pub max_concurrent: usize,
@@ -109,7 +109,7 @@ pub struct FetchConfig {
     pub background_rate: ByteSize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistryConfig {
     /// Deadline of one attempt: connect, headers and body.
     pub timeout: Duration,

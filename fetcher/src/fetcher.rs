@@ -5,7 +5,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use shoal_config::{Config, FetchConfig};
+use shoal_config::{Config, FetchConfig, RegistryConfig};
 use tokio::sync::Semaphore;
 
 use crate::cache::{BlockKey, ChunkCache};
@@ -37,7 +37,9 @@ pub struct Fetcher {
 }
 
 struct Inner {
-    registry: RegistryClient,
+    /// Replaced whole by [`Fetcher::reload_registry`]; a request in flight keeps the client
+    /// it started with.
+    registry: std::sync::RwLock<RegistryClient>,
     cache: ChunkCache,
     flights: Arc<Flights>,
     /// Bounds remote fetches in flight over all blobs (`fetch.max_concurrent`).
@@ -88,7 +90,7 @@ impl Fetcher {
         let max_run_blocks = (MAX_RUN_BYTES / cache.block_size()).max(1);
         Fetcher {
             inner: Arc::new(Inner {
-                registry,
+                registry: std::sync::RwLock::new(registry),
                 cache,
                 flights: Arc::new(Flights::with_failure_window(FAILED_FETCH_WINDOW)),
                 remote: Semaphore::new(config.max_concurrent.max(1)),
@@ -100,8 +102,26 @@ impl Fetcher {
         }
     }
 
-    pub fn registry(&self) -> &RegistryClient {
-        &self.inner.registry
+    /// The registry client now in force (cheap: clones share connections and tokens).
+    pub fn registry(&self) -> RegistryClient {
+        self.inner
+            .registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the registry client with one built from `config` (hosts, mirrors, TLS,
+    /// retries, and the credentials `docker_config` names, read again). On error the old
+    /// client stays.
+    pub fn reload_registry(&self, config: &RegistryConfig) -> Result<(), FetchError> {
+        let client = RegistryClient::new(config)?;
+        *self
+            .inner
+            .registry
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = client;
+        Ok(())
     }
 
     pub fn cache(&self) -> &ChunkCache {
@@ -429,12 +449,11 @@ impl Fetcher {
         tracing::debug!(blob = %blob.digest, ?range, "fetching blocks from the registry");
         let started = std::time::Instant::now();
         let fetched = if gap.iter().all(|lead| lead.after_failure()) {
-            inner
-                .registry
+            self.registry()
                 .get_blob_range_briefly(blob, range.clone(), AFTER_FAILURE_ATTEMPT)
                 .await
         } else {
-            inner.registry.get_blob_range(blob, range.clone()).await
+            self.registry().get_blob_range(blob, range.clone()).await
         };
         inner.latency.observe(Source::Registry, started.elapsed());
         let bytes = match fetched {

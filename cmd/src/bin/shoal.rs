@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(version, about = "Shoal command-line client")]
+#[command(
+    name = "shoal",
+    version = shoal_cmd::version::VERSION,
+    about = "Shoal command-line client"
+)]
 struct Args {
     /// Configuration file (default /etc/shoal/config.toml if it exists).
     #[arg(long, short, global = true)]
@@ -20,8 +24,11 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the version.
+    /// Print the version and the commit it was built from.
     Version,
+    /// Make the running daemon read its config file again (SIGHUP) and print what changed,
+    /// what needs a restart, or why the file was rejected.
+    Reload,
     /// Show whether the daemon is running, what it holds and how much disk it uses.
     Status {
         /// Print JSON instead of text.
@@ -107,8 +114,38 @@ fn main() -> ExitCode {
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.command {
         Command::Version => {
-            println!("shoal {}", env!("CARGO_PKG_VERSION"));
+            println!("{}", shoal_cmd::version::line());
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Reload => {
+            // The daemon reads its own file; this one only names the socket, and a broken
+            // one must not stop the daemon from being asked (it says what is wrong).
+            let socket = match args.socket {
+                Some(socket) => socket,
+                None => match shoal_cmd::load_config(args.config.as_deref()) {
+                    Ok(config) => config.socket,
+                    Err(err) => {
+                        let file = args
+                            .config
+                            .unwrap_or_else(|| shoal_cmd::DEFAULT_CONFIG.into());
+                        let socket = shoal_config::Config::socket_named_in(&file)
+                            .unwrap_or_else(|| shoal_config::Config::default().socket);
+                        eprintln!(
+                            "shoal: warning: {err:#}; asking the daemon at {}",
+                            socket.display()
+                        );
+                        socket
+                    }
+                },
+            };
+            let outcome = shoal_cmd::reload::request::reload(&socket)?;
+            if outcome.accepted {
+                println!("{}", outcome.message);
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("shoal: {}", outcome.message);
+                Ok(ExitCode::FAILURE)
+            }
         }
         Command::Status { json } => {
             // A config broken since the daemon started must not hide the running daemon.

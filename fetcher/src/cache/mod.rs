@@ -15,6 +15,7 @@ use std::fmt;
 use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -72,7 +73,8 @@ pub struct CacheUsage {
 pub struct ChunkCache {
     dir: PathBuf,
     block_size: u64,
-    capacity: u64,
+    /// Changed while running by [`ChunkCache::set_capacity`].
+    capacity: AtomicU64,
     state: Mutex<State>,
     space: SpaceAlarm,
 }
@@ -168,21 +170,36 @@ impl ChunkCache {
         let cache = ChunkCache {
             dir: dir.to_owned(),
             block_size,
-            capacity,
+            capacity: AtomicU64::new(capacity),
             state: Mutex::new(state),
             space: SpaceAlarm::default(),
         };
         // The capacity may have shrunk since the last run.
-        let mut state = cache.lock();
+        cache.shrink_to(capacity)?;
+        Ok(cache)
+    }
+
+    /// Changes the cap (a reloaded `cache.capacity`), evicting least recently used blocks at
+    /// once if the cache now holds more.
+    pub fn set_capacity(&self, capacity: u64) -> Result<(), FetchError> {
+        self.capacity.store(capacity, Ordering::Relaxed);
+        self.shrink_to(capacity)
+    }
+
+    fn capacity(&self) -> u64 {
+        self.capacity.load(Ordering::Relaxed)
+    }
+
+    fn shrink_to(&self, capacity: u64) -> Result<(), FetchError> {
+        let mut state = self.lock();
         while state.used > capacity {
             let Some((key, len)) = state.recency.victim() else {
                 break;
             };
-            cache.evict(&mut state, &key, len)?;
+            self.evict(&mut state, &key, len)?;
             state.evictions += 1;
         }
-        drop(state);
-        Ok(cache)
+        Ok(())
     }
 
     pub fn block_size(&self) -> u64 {
@@ -237,7 +254,7 @@ impl ChunkCache {
         let outcome = self.store(digest, blob_size, index, bytes);
         let (used, wanted) = (self.lock().used, bytes.len() as u64);
         self.space
-            .observe(&outcome, &self.dir, wanted, used, self.capacity);
+            .observe(&outcome, &self.dir, wanted, used, self.capacity());
         outcome.map(|_| ())
     }
 
@@ -353,7 +370,7 @@ impl ChunkCache {
         CacheUsage {
             bytes: state.used,
             blocks: state.recency.len() as u64,
-            capacity: self.capacity,
+            capacity: self.capacity(),
             evictions: state.evictions,
             no_space_failures: self.space.failures(),
         }
@@ -406,7 +423,7 @@ impl ChunkCache {
 
     /// Evicts until `len` more bytes fit under the capacity.
     fn make_room(&self, state: &mut State, len: u64, key: &BlockKey) -> Result<(), FetchError> {
-        while state.used + state.reserved + len > self.capacity {
+        while state.used + state.reserved + len > self.capacity() {
             let Some((victim, victim_len)) = state.recency.victim() else {
                 return Err(FetchError::CacheFull { block: key.clone() });
             };
@@ -477,7 +494,12 @@ fn digest_of(name: &str, suffix: &str) -> Option<Digest> {
 }
 
 fn remove_stale(path: &Path) {
-    if let Err(error) = std::fs::remove_file(path) {
-        tracing::warn!(path = %path.display(), %error, "cannot remove stale cache file");
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        // Gone already (removed with its torn blob, or by an operator): nothing to do.
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "cannot remove stale cache file")
+        }
     }
 }

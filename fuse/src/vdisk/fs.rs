@@ -106,6 +106,30 @@ impl Filesystem for DiskFs {
         reply.ok();
     }
 
+    /// Read-only: there is nothing to make durable. The kernel asks anyway (an ext4 journal
+    /// replay check, `sync` in a container), and fuser's default answers with a warning.
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
     fn read(
         &self,
         _req: &Request,

@@ -124,6 +124,14 @@ impl Daemon {
             .with_context(|| format!("shoal-snapshotter ignored SIGTERM for {STOP_TIMEOUT:?}"))
     }
 
+    /// Sends `sig` to the running daemon.
+    pub fn signal(&mut self, sig: Signal) -> Result<()> {
+        self.process
+            .as_mut()
+            .context("the daemon is not running")?
+            .signal(sig)
+    }
+
     /// SIGKILL: no chance to clean up.
     pub fn kill(&mut self) -> Result<()> {
         let mut process = self.process.take().context("the daemon is not running")?;

@@ -36,6 +36,7 @@ mod metrics;
 mod overlaybd;
 mod p2p;
 mod permissions;
+mod reload;
 mod resilience;
 mod rpull;
 mod stargz_compat;

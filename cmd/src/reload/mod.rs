@@ -1,0 +1,148 @@
+//! Reloading the daemon's configuration on SIGHUP (sent by `shoal reload` or by hand).
+//!
+//! The file the daemon started with is read again and validated whole; an invalid one is
+//! rejected, logged, and the configuration in force stays. A valid one is taken where a running
+//! daemon can take it safely (registry hosts, mirrors, credentials, timeouts, log level, cache
+//! cap); every other difference is named as needing a restart and left as it was. Each reload
+//! logs one line and leaves its outcome in `<socket>.reload.json` ([`outcome`]).
+
+mod changes;
+pub mod outcome;
+pub mod request;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use shoal_config::Config;
+use shoal_fetcher::Fetcher;
+use tracing::{info, warn};
+
+pub use changes::Changes;
+pub use outcome::Outcome;
+
+use crate::logging::LogLevel;
+
+/// What a reload can change, and the configuration in force.
+pub struct Reloader {
+    /// The file given with `--config` (none: the default file, if it exists).
+    path: Option<PathBuf>,
+    current: Config,
+    fetcher: Fetcher,
+    log: LogLevel,
+    generation: u64,
+}
+
+impl Reloader {
+    pub fn new(path: Option<PathBuf>, current: Config, fetcher: Fetcher, log: LogLevel) -> Self {
+        Reloader {
+            path,
+            current,
+            fetcher,
+            log,
+            generation: 0,
+        }
+    }
+
+    /// Reads the file again and applies what it can; logs the outcome and writes it for
+    /// `shoal reload`. Blocking: reads files, and a smaller cache cap evicts at once.
+    pub fn reload(&mut self) -> Outcome {
+        self.generation += 1;
+        let source = self.source();
+        let (accepted, message) = match self.apply() {
+            Ok(changes) => {
+                let message = describe(&source, &changes);
+                info!(
+                    config = %source,
+                    changed = %fields(&changes.applied),
+                    restart_needed = %fields(&changes.restart),
+                    "config reloaded"
+                );
+                (true, message)
+            }
+            Err(error) => {
+                let error = format!("{error:#}");
+                warn!(
+                    config = %source,
+                    %error,
+                    "config reload rejected; the configuration in force is kept"
+                );
+                (
+                    false,
+                    format!("{source} rejected, the configuration in force is kept: {error}"),
+                )
+            }
+        };
+        let outcome = Outcome {
+            pid: std::process::id(),
+            generation: self.generation,
+            accepted,
+            message,
+        };
+        if let Err(error) = outcome.write(&self.current.socket) {
+            warn!(
+                error = format!("{error:#}"),
+                "cannot record the reload's outcome"
+            );
+        }
+        outcome
+    }
+
+    fn apply(&mut self) -> anyhow::Result<Changes> {
+        let new = crate::load_config(self.path.as_deref())?;
+        crate::logging::filter(&new.log)?;
+        let changes = Changes::between(&self.current, &new);
+        // The one step that can still refuse the file (credentials, CA files) comes first,
+        // so that a refusal leaves everything as it was.
+        self.fetcher
+            .reload_registry(&new.registry)
+            .context("build the registry client")?;
+        if new.cache.capacity != self.current.cache.capacity {
+            if let Err(error) = self.fetcher.cache().set_capacity(new.cache.capacity.0) {
+                warn!(%error, "cannot evict down to the new cache.capacity yet");
+            }
+        }
+        if new.log.level != self.current.log.level {
+            self.log.set(&new.log)?;
+        }
+        self.current = Changes::in_force(&self.current, &new);
+        Ok(changes)
+    }
+
+    fn source(&self) -> String {
+        match &self.path {
+            Some(path) => path.display().to_string(),
+            None => crate::DEFAULT_CONFIG.to_string(),
+        }
+    }
+}
+
+/// One token for a log field: `a,b`, or `none`.
+fn fields(names: &[&str]) -> String {
+    if names.is_empty() {
+        "none".to_string()
+    } else {
+        names.join(",")
+    }
+}
+
+fn list(fields: &[&str]) -> String {
+    if fields.is_empty() {
+        "none".to_string()
+    } else {
+        fields.join(", ")
+    }
+}
+
+fn describe(source: &str, changes: &Changes) -> String {
+    let mut message = format!(
+        "{source} reloaded: changed: {} (credentials read again)",
+        list(&changes.applied)
+    );
+    if !changes.restart.is_empty() {
+        message.push_str(&format!(
+            "; needs a restart, kept as before: {}",
+            list(&changes.restart)
+        ));
+    }
+    message
+}
