@@ -75,7 +75,7 @@ pub(crate) fn manifest_layers(reference: &str) -> Result<Vec<(String, u64)>> {
         .collect()
 }
 
-fn inspect_raw(reference: &str, config: bool) -> Result<Value> {
+pub(crate) fn inspect_raw(reference: &str, config: bool) -> Result<Value> {
     let docker = format!("docker://{reference}");
     let mut args = vec!["inspect", "--tls-verify=false", "--raw"];
     if config {

@@ -275,7 +275,7 @@ fn parse_mounts(json: &str) -> Result<Vec<Mount>> {
         .collect()
 }
 
-fn random_bytes(len: usize) -> Result<Vec<u8>> {
+pub(crate) fn random_bytes(len: usize) -> Result<Vec<u8>> {
     let mut bytes = Vec::with_capacity(len);
     fs::File::open("/dev/urandom")
         .context("open /dev/urandom")?

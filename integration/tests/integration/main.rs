@@ -25,6 +25,7 @@ mod tree;
 mod bad_input;
 mod bench;
 mod cli;
+mod concurrent;
 mod conformance;
 mod convert;
 mod cri;

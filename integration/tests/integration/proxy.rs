@@ -16,6 +16,8 @@ use anyhow::{Context, Result};
 
 /// A message head larger than this is not HTTP we want to proxy.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
 /// A stalled request is held at most this long, so no test can hang on it.
 const MAX_STALL: Duration = Duration::from_secs(120);
 
@@ -27,6 +29,8 @@ pub enum Fault {
     Status(u16),
     /// Never answers; the connection stays open until the fault is cleared (or [`MAX_STALL`]).
     Stall,
+    /// Forwards the request after holding it this long: a registry far away.
+    Delay(Duration),
 }
 
 #[derive(Clone, Debug)]
@@ -190,6 +194,14 @@ fn accept_loop(listener: &TcpListener, upstream: SocketAddr, shared: &Shared) {
 
 /// One client connection: requests flow up on this thread, responses down on another.
 fn serve(client: TcpStream, upstream: SocketAddr, shared: &Shared) -> Result<()> {
+    // A TLS ClientHello (record type 0x16) from a client probing for HTTPS before it falls
+    // back to plain HTTP, as skopeo does: refuse it at once rather than let the client wait
+    // out its handshake timeout for a head that never ends.
+    let mut first = [0u8; 1];
+    if matches!(client.peek(&mut first), Ok(1) if first[0] == TLS_HANDSHAKE) {
+        let _ = client.shutdown(Shutdown::Both);
+        return Ok(());
+    }
     let server = TcpStream::connect(upstream).context("connect to the upstream")?;
     let (requests_tx, requests_rx) = mpsc::channel::<(String, String)>();
     let down = {
@@ -237,18 +249,23 @@ fn relay_requests(
         let method = parts.next().unwrap_or_default().to_owned();
         let target = parts.next().unwrap_or_default();
         let path = target.split('?').next().unwrap_or_default().to_owned();
-        if let Some(fault) = shared.fault_for(&path) {
-            shared.count_fault(&path);
-            if let Fault::Status(status) = fault {
+        match shared.fault_for(&path) {
+            Some(Fault::Delay(delay)) => std::thread::sleep(delay),
+            Some(Fault::Status(status)) => {
+                shared.count_fault(&path);
                 write!(
                     answer,
                     "HTTP/1.1 {status} Injected Fault\r\nContent-Length: 0\r\n\
                      Connection: close\r\n\r\n"
                 )?;
-            } else {
-                shared.stall(&path);
+                return Ok(());
             }
-            return Ok(());
+            Some(Fault::Stall) => {
+                shared.count_fault(&path);
+                shared.stall(&path);
+                return Ok(());
+            }
+            None => {}
         }
         // The response thread needs the method (HEAD has no body) before the answer arrives.
         let _ = requests.send((method, path));
