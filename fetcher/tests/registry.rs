@@ -682,3 +682,80 @@ async fn a_tampered_blob_fails_verification() {
         Err(FetchError::VerifyDigest { .. })
     ));
 }
+
+#[tokio::test]
+async fn a_push_replaces_a_cached_pull_token_once_with_a_push_scoped_one() {
+    let scopes = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let asked = scopes.clone();
+    let auth = TestServer::start(move |request| {
+        let pushing = request.target.contains("pull%2Cpush");
+        let mut asked = asked.lock().unwrap();
+        asked.push(request.target.clone());
+        let kind = if pushing { "push" } else { "pull" };
+        Reply::ok(format!(
+            r#"{{"token": "{kind}-{}", "expires_in": 300}}"#,
+            asked.len()
+        ))
+    })
+    .await;
+    let realm = format!("http://{}/token", auth.host());
+    let data = content(100);
+    let digest = Digest::of(&data);
+    let registry = TestServer::start(move |request| {
+        let token = request
+            .header("authorization")
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        let reading = request.method == "GET" || request.method == "HEAD";
+        let allowed = token.starts_with("push-") || (reading && token.starts_with("pull-"));
+        if !allowed {
+            // Like a registry that names only what the last request needed to read.
+            return Reply::status(401).header(
+                "WWW-Authenticate",
+                format!(r#"Bearer realm="{realm}",service="s",scope="repository:team/app:pull""#),
+            );
+        }
+        match request.method.as_str() {
+            "GET" => Reply::blob(request, &data),
+            "HEAD" => Reply::status(404),
+            "POST" => Reply::status(202).header("Location", "/v2/team/app/blobs/uploads/u1"),
+            "PUT" => {
+                Reply::status(201).header("Docker-Content-Digest", Digest::of(&data).to_string())
+            }
+            _ => Reply::status(405),
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = client(dir.path(), 0, &[(&registry.host(), "")]);
+    let blob = blob_on(&registry.host(), &content(100));
+    client.get_blob_range(&blob, 0..10).await.unwrap();
+
+    let pushed = client
+        .push_blob(
+            &blob.image,
+            &digest,
+            100,
+            &shoal_fetcher::BlobContent::Bytes(content(100).into()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(pushed, shoal_fetcher::Pushed::Uploaded);
+    let scopes = scopes.lock().unwrap().clone();
+    assert_eq!(
+        scopes.len(),
+        2,
+        "one pull token, then one push token: {scopes:?}"
+    );
+    assert!(
+        !scopes[0].contains("push"),
+        "reads ask only to pull: {scopes:?}"
+    );
+    assert!(
+        scopes[1].contains("scope=repository%3Ateam%2Fapp%3Apull%2Cpush"),
+        "{scopes:?}"
+    );
+    // The push token serves reads too: no third token.
+    client.get_blob_range(&blob, 10..20).await.unwrap();
+    assert_eq!(auth.count(), 2);
+}

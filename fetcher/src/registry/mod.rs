@@ -5,6 +5,7 @@
 //! transient failures with backoff, and follows redirects to blob storage.
 
 mod auth;
+mod challenge;
 mod helper;
 mod push;
 mod retry;
@@ -16,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, RANGE, WWW_AUTHENTICATE};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, RANGE};
 use reqwest::{Client, StatusCode, Url};
 use shoal_config::{HostConfig, RegistryConfig};
 use tokio::time::Instant;
@@ -29,7 +30,8 @@ pub use retry::RetryPolicy;
 use crate::digest::Digest;
 use crate::error::{FetchError, HttpFailure};
 use crate::reference::{BlobRef, ImageRef};
-use auth::{Challenge, TokenCache, TokenResponse};
+use auth::TokenCache;
+use challenge::{Access, Answer};
 use transport::{BodyPlan, Reply};
 
 /// Manifests and indexes are small; containerd refuses larger ones too.
@@ -70,6 +72,16 @@ struct Inner {
     credentials: Credentials,
     tokens: TokenCache,
     policy: RetryPolicy,
+}
+
+impl Answer for Reply {
+    fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
 }
 
 /// One place a request can be sent: a mirror or the registry itself.
@@ -352,197 +364,32 @@ impl RegistryClient {
         plan: &BodyPlan,
         budget: Budget,
     ) -> Result<Reply, RequestError> {
-        let inner = &self.inner;
-        let mut challenged = false;
-        loop {
-            let auth = inner.tokens.get(endpoint.host, repository);
-            let reply = self
-                .send_with_retries(endpoint.client, url, headers, auth.as_ref(), plan, budget)
-                .await?;
-            if reply.status.is_success() {
-                return Ok(reply);
-            }
-            if reply.status != StatusCode::UNAUTHORIZED {
-                return Err(RequestError::Http(HttpFailure::Status {
-                    status: reply.status.as_u16(),
-                }));
-            }
-            // A second 401 means fresh credentials were refused (or that having none does
-            // not do); a first one may just mean that none were sent yet or that a token
-            // expired before we expected.
-            if challenged {
-                return Err(RequestError::Http(
-                    match self.credential(endpoint).await? {
-                        Some(_) => HttpFailure::Unauthorized,
-                        None => self.no_credentials(endpoint),
-                    },
-                ));
-            }
-            challenged = true;
-            let refresh = inner.tokens.refresh_lock(endpoint.host, repository);
-            let _one_refresh = refresh.lock().await;
-            let current = inner.tokens.get(endpoint.host, repository);
-            if current.is_some() && current != auth {
-                // Another reader refreshed it while this one waited: retry with that.
-                continue;
-            }
-            inner.tokens.remove(endpoint.host, repository);
-            let header = self
-                .authorize(endpoint, repository, &reply.headers, budget)
-                .await?;
-            inner
-                .tokens
-                .insert(endpoint.host, repository, header.0, header.1);
-        }
-    }
-
-    /// The credential configured for `endpoint`'s host (a helper's is asked for afresh, for
-    /// those may rotate), if any.
-    async fn credential(
-        &self,
-        endpoint: &Endpoint<'_>,
-    ) -> Result<Option<Credential>, RequestError> {
-        self.inner
-            .credentials
-            .get(endpoint.host)
-            .await
-            .map_err(RequestError::Fetch)
-    }
-
-    fn no_credentials(&self, endpoint: &Endpoint<'_>) -> HttpFailure {
-        HttpFailure::NoCredentials {
-            searched: Box::new(crate::error::CredentialSearch {
-                host: endpoint.host.to_owned(),
-                looked_in: self.inner.credentials.looked_in(endpoint.host),
-            }),
-        }
-    }
-
-    /// Answers a 401's challenge with the `Authorization` value to retry with.
-    async fn authorize(
-        &self,
-        endpoint: &Endpoint<'_>,
-        repository: &str,
-        headers: &HeaderMap,
-        budget: Budget,
-    ) -> Result<(HeaderValue, Option<std::time::Duration>), RequestError> {
-        let values: Vec<&str> = headers
-            .get_all(WWW_AUTHENTICATE)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .collect();
-        let challenges: Vec<Challenge> =
-            values.iter().filter_map(|v| Challenge::parse(v)).collect();
-        let bearer = challenges
-            .iter()
-            .find(|c| matches!(c, Challenge::Bearer { .. }));
-        let credential = self.credential(endpoint).await?;
-        let credential = credential.as_ref();
-        match (bearer, challenges.first(), credential) {
-            (
-                Some(Challenge::Bearer {
-                    realm,
-                    service,
-                    scope,
-                }),
-                _,
-                _,
-            ) => {
-                let scope = scope
-                    .clone()
-                    .unwrap_or_else(|| format!("repository:{repository}:pull"));
-                let token = self
-                    .fetch_token(
-                        endpoint,
-                        realm,
-                        service.as_deref(),
-                        &scope,
-                        credential,
+        let reply = self
+            .authorized(
+                endpoint,
+                repository,
+                Access::Pull,
+                budget,
+                |auth| async move {
+                    self.send_with_retries(
+                        endpoint.client,
+                        url,
+                        headers,
+                        auth.as_ref(),
+                        plan,
                         budget,
                     )
-                    .await?;
-                Ok((token.0, Some(token.1)))
-            }
-            (_, Some(Challenge::Basic), Some(credential)) => Ok((credential.basic_header(), None)),
-            (_, Some(Challenge::Basic), None) => {
-                Err(RequestError::Http(self.no_credentials(endpoint)))
-            }
-            _ => Err(RequestError::Http(HttpFailure::Challenge {
-                header: values.join(", ").chars().take(200).collect(),
-            })),
-        }
-    }
-
-    async fn fetch_token(
-        &self,
-        endpoint: &Endpoint<'_>,
-        realm: &str,
-        service: Option<&str>,
-        scope: &str,
-        credential: Option<&Credential>,
-        budget: Budget,
-    ) -> Result<(HeaderValue, std::time::Duration), RequestError> {
-        let fail = |cause| {
-            RequestError::Fetch(FetchError::FetchToken {
-                url: realm.to_owned(),
-                cause,
-            })
-        };
-        let mut url = Url::parse(realm).map_err(|e| {
-            fail(HttpFailure::Malformed {
-                reason: format!("realm: {e}"),
-            })
-        })?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(fail(HttpFailure::Malformed {
-                reason: "realm is not http(s)".to_owned(),
-            }));
-        }
-        {
-            let mut query = url.query_pairs_mut();
-            if let Some(service) = service {
-                query.append_pair("service", service);
-            }
-            query.append_pair("scope", scope);
-        }
-        // The realm is a different server: it gets the registry's TLS settings but only the
-        // basic credential, which is what token servers exchange for a token.
-        let basic = credential.map(Credential::basic_header);
-        let plan = BodyPlan::Full {
-            limit: MAX_TOKEN_RESPONSE_BYTES,
-        };
-        let reply = self
-            .send_with_retries(
-                endpoint.client,
-                &url,
-                &HeaderMap::new(),
-                basic.as_ref(),
-                &plan,
-                budget,
+                    .await
+                },
             )
-            .await
-            .map_err(|error| match error {
-                RequestError::Http(cause) => fail(cause),
-                other => other,
-            })?;
-        if !reply.status.is_success() {
-            if reply.status == StatusCode::UNAUTHORIZED && credential.is_none() {
-                return Err(RequestError::Http(self.no_credentials(endpoint)));
-            }
-            return Err(fail(HttpFailure::Status {
+            .await?;
+        if reply.status.is_success() {
+            Ok(reply)
+        } else {
+            Err(RequestError::Http(HttpFailure::Status {
                 status: reply.status.as_u16(),
-            }));
+            }))
         }
-        let response: TokenResponse = serde_json::from_slice(&reply.body).map_err(|e| {
-            fail(HttpFailure::Malformed {
-                reason: format!("token json: {e}"),
-            })
-        })?;
-        response.into_header().ok_or_else(|| {
-            fail(HttpFailure::Malformed {
-                reason: "token response has no usable token".to_owned(),
-            })
-        })
     }
 
     /// Attempts until one succeeds, fails for good, the retry budget is spent or `until`

@@ -10,11 +10,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
+use reqwest::header::LOCATION;
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
-use reqwest::header::{LOCATION, WWW_AUTHENTICATE};
 use reqwest::{Body, Method, StatusCode, Url};
 
-use super::auth::Challenge;
+use super::challenge::{Access, Answer};
 use super::{Endpoint, RegistryClient, RequestError, MAX_MANIFEST_BYTES};
 use crate::digest::Digest;
 use crate::error::{FetchError, HttpFailure};
@@ -272,8 +272,8 @@ impl RegistryClient {
         }
     }
 
-    /// One request, answering a 401 once with push-scoped credentials. Any other final status
-    /// is the caller's to judge.
+    /// One request, answering a 401 with push-scoped credentials. Any other final status is
+    /// the caller's to judge.
     async fn send_authorized(
         &self,
         endpoint: &Endpoint<'_>,
@@ -283,83 +283,34 @@ impl RegistryClient {
         body: Option<&Upload<'_>>,
         deadline: Duration,
     ) -> Result<PushReply, RequestError> {
-        let tokens = &self.inner.tokens;
-        let repository = image.repository_name();
-        let mut challenged = false;
-        loop {
-            let auth = tokens.get(endpoint.host, repository);
-            let request = send_once(endpoint, method.clone(), url, auth.as_ref(), body);
-            let reply = tokio::time::timeout(deadline, request)
-                .await
-                .unwrap_or(Err(RequestError::Http(HttpFailure::TimedOut {
-                    after: deadline,
-                })))?;
-            if reply.status != StatusCode::UNAUTHORIZED {
-                return Ok(reply);
-            }
-            if challenged {
-                return Err(RequestError::Http(
-                    match self.credential(endpoint).await? {
-                        Some(_) => HttpFailure::Unauthorized,
-                        None => self.no_credentials(endpoint),
-                    },
-                ));
-            }
-            challenged = true;
-            tokens.remove(endpoint.host, repository);
-            let (header, lifetime) = self
-                .authorize_push(endpoint, repository, &reply.headers)
-                .await?;
-            tokens.insert(endpoint.host, repository, header, lifetime);
-        }
+        // Pushes are bounded per request by their callers; a token fetch on its own.
+        let budget = self.inner.policy.start();
+        self.authorized(
+            endpoint,
+            image.repository_name(),
+            Access::Push,
+            budget,
+            |auth| {
+                let method = method.clone();
+                async move {
+                    let request = send_once(endpoint, method, url, auth.as_ref(), body);
+                    tokio::time::timeout(deadline, request).await.unwrap_or(Err(
+                        RequestError::Http(HttpFailure::TimedOut { after: deadline }),
+                    ))
+                }
+            },
+        )
+        .await
+    }
+}
+
+impl Answer for PushReply {
+    fn status(&self) -> StatusCode {
+        self.status
     }
 
-    /// Answers a 401's challenge for a push: a bearer token with push scope, or basic
-    /// credentials.
-    async fn authorize_push(
-        &self,
-        endpoint: &Endpoint<'_>,
-        repository: &str,
-        headers: &HeaderMap,
-    ) -> Result<(HeaderValue, Option<Duration>), RequestError> {
-        let values: Vec<&str> = headers
-            .get_all(WWW_AUTHENTICATE)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .collect();
-        let challenges: Vec<Challenge> =
-            values.iter().filter_map(|v| Challenge::parse(v)).collect();
-        let credential = self.credential(endpoint).await?;
-        let credential = credential.as_ref();
-        let bearer = challenges.iter().find_map(|challenge| match challenge {
-            Challenge::Bearer { realm, service, .. } => Some((realm, service)),
-            Challenge::Basic => None,
-        });
-        if let Some((realm, service)) = bearer {
-            let scope = format!("repository:{repository}:pull,push");
-            // Pushes are bounded per request by their callers; the token fetch on its own.
-            let budget = self.inner.policy.start();
-            let (header, lifetime) = self
-                .fetch_token(
-                    endpoint,
-                    realm,
-                    service.as_deref(),
-                    &scope,
-                    credential,
-                    budget,
-                )
-                .await?;
-            return Ok((header, Some(lifetime)));
-        }
-        match (challenges.first(), credential) {
-            (Some(Challenge::Basic), Some(credential)) => Ok((credential.basic_header(), None)),
-            (Some(Challenge::Basic), None) => {
-                Err(RequestError::Http(self.no_credentials(endpoint)))
-            }
-            _ => Err(RequestError::Http(HttpFailure::Challenge {
-                header: values.join(", ").chars().take(200).collect(),
-            })),
-        }
+    fn headers(&self) -> &HeaderMap {
+        &self.headers
     }
 }
 

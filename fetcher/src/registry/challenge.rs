@@ -1,0 +1,266 @@
+//! Answering a registry's 401: the one authentication loop that reads and pushes share.
+//!
+//! A request goes out with the cached `Authorization` of its (host, repository). A 401 is
+//! answered once: under the pair's refresh lock, so that readers meeting the same expiry fetch
+//! one token between them, a token someone else just fetched is tried first, else the
+//! challenge is answered (a bearer token from the realm, or basic credentials). A second 401
+//! after our own answer is final.
+
+use std::future::Future;
+
+use reqwest::header::{HeaderMap, HeaderValue, WWW_AUTHENTICATE};
+use reqwest::{StatusCode, Url};
+
+use super::auth::{Challenge, Credential, TokenResponse};
+use super::retry::Budget;
+use super::transport::BodyPlan;
+use super::{Endpoint, RegistryClient, RequestError, MAX_TOKEN_RESPONSE_BYTES};
+use crate::error::{CredentialSearch, FetchError, HttpFailure};
+
+/// What a request needs the registry to allow; it decides the scope of a bearer token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Access {
+    /// Reads take the scope the challenge names (`repository:<name>:pull` if none).
+    Pull,
+    /// Pushes always ask for `repository:<name>:pull,push`, whatever the challenge named, so a
+    /// pull-only token cached by earlier reads is replaced once and then serves both.
+    Push,
+}
+
+impl Access {
+    fn scope(self, repository: &str, challenged: Option<&str>) -> String {
+        match (self, challenged) {
+            (Access::Pull, Some(scope)) => scope.to_owned(),
+            (Access::Pull, None) => format!("repository:{repository}:pull"),
+            (Access::Push, _) => format!("repository:{repository}:pull,push"),
+        }
+    }
+}
+
+/// The head of a final response, whatever its body.
+pub(super) trait Answer {
+    fn status(&self) -> StatusCode;
+    fn headers(&self) -> &HeaderMap;
+}
+
+impl RegistryClient {
+    /// Sends with `send(authorization)` until the answer is not a 401, answering a 401 as the
+    /// module says. Any other status, success or not, is the caller's to judge.
+    pub(super) async fn authorized<A, F, Fut>(
+        &self,
+        endpoint: &Endpoint<'_>,
+        repository: &str,
+        access: Access,
+        budget: Budget,
+        mut send: F,
+    ) -> Result<A, RequestError>
+    where
+        A: Answer,
+        F: FnMut(Option<HeaderValue>) -> Fut,
+        Fut: Future<Output = Result<A, RequestError>>,
+    {
+        let tokens = &self.inner.tokens;
+        let mut borrowed = false;
+        let mut answered = false;
+        loop {
+            let auth = tokens.get(endpoint.host, repository);
+            let reply = send(auth.clone()).await?;
+            if reply.status() != StatusCode::UNAUTHORIZED {
+                return Ok(reply);
+            }
+            // A 401 after our own answer means fresh credentials were refused (or that
+            // having none does not do); an earlier one may just mean that none were sent yet
+            // or that a token expired before we expected.
+            if answered {
+                return Err(RequestError::Http(
+                    match self.credential(endpoint).await? {
+                        Some(_) => HttpFailure::Unauthorized,
+                        None => self.no_credentials(endpoint),
+                    },
+                ));
+            }
+            let refresh = tokens.refresh_lock(endpoint.host, repository);
+            let _one_refresh = refresh.lock().await;
+            let current = tokens.get(endpoint.host, repository);
+            if !borrowed && current.is_some() && current != auth {
+                // Another request refreshed it while this one waited: try that first.
+                borrowed = true;
+                continue;
+            }
+            answered = true;
+            tokens.remove(endpoint.host, repository);
+            let (header, lifetime) = self
+                .answer_challenge(endpoint, repository, reply.headers(), access, budget)
+                .await?;
+            tokens.insert(endpoint.host, repository, header, lifetime);
+        }
+    }
+
+    /// The credential configured for `endpoint`'s host (a helper's is asked for afresh, for
+    /// those may rotate), if any.
+    pub(super) async fn credential(
+        &self,
+        endpoint: &Endpoint<'_>,
+    ) -> Result<Option<Credential>, RequestError> {
+        self.inner
+            .credentials
+            .get(endpoint.host)
+            .await
+            .map_err(RequestError::Fetch)
+    }
+
+    pub(super) fn no_credentials(&self, endpoint: &Endpoint<'_>) -> HttpFailure {
+        HttpFailure::NoCredentials {
+            searched: Box::new(CredentialSearch {
+                host: endpoint.host.to_owned(),
+                looked_in: self.inner.credentials.looked_in(endpoint.host),
+            }),
+        }
+    }
+
+    /// Answers a 401's challenge with the `Authorization` value to retry with, and how long
+    /// it may be cached (a token's lifetime; basic credentials do not expire).
+    async fn answer_challenge(
+        &self,
+        endpoint: &Endpoint<'_>,
+        repository: &str,
+        headers: &HeaderMap,
+        access: Access,
+        budget: Budget,
+    ) -> Result<(HeaderValue, Option<std::time::Duration>), RequestError> {
+        let values: Vec<&str> = headers
+            .get_all(WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .collect();
+        let challenges: Vec<Challenge> =
+            values.iter().filter_map(|v| Challenge::parse(v)).collect();
+        let credential = self.credential(endpoint).await?;
+        let credential = credential.as_ref();
+        let bearer = challenges.iter().find_map(|challenge| match challenge {
+            Challenge::Bearer {
+                realm,
+                service,
+                scope,
+            } => Some((realm, service, scope)),
+            Challenge::Basic => None,
+        });
+        if let Some((realm, service, scope)) = bearer {
+            let scope = access.scope(repository, scope.as_deref());
+            let (header, lifetime) = self
+                .fetch_token(
+                    endpoint,
+                    realm,
+                    service.as_deref(),
+                    &scope,
+                    credential,
+                    budget,
+                )
+                .await?;
+            return Ok((header, Some(lifetime)));
+        }
+        match (challenges.first(), credential) {
+            (Some(Challenge::Basic), Some(credential)) => Ok((credential.basic_header(), None)),
+            (Some(Challenge::Basic), None) => {
+                Err(RequestError::Http(self.no_credentials(endpoint)))
+            }
+            _ => Err(RequestError::Http(HttpFailure::Challenge {
+                header: values.join(", ").chars().take(200).collect(),
+            })),
+        }
+    }
+
+    async fn fetch_token(
+        &self,
+        endpoint: &Endpoint<'_>,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+        credential: Option<&Credential>,
+        budget: Budget,
+    ) -> Result<(HeaderValue, std::time::Duration), RequestError> {
+        let fail = |cause| {
+            RequestError::Fetch(FetchError::FetchToken {
+                url: realm.to_owned(),
+                cause,
+            })
+        };
+        let mut url = Url::parse(realm).map_err(|e| {
+            fail(HttpFailure::Malformed {
+                reason: format!("realm: {e}"),
+            })
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(fail(HttpFailure::Malformed {
+                reason: "realm is not http(s)".to_owned(),
+            }));
+        }
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(service) = service {
+                query.append_pair("service", service);
+            }
+            query.append_pair("scope", scope);
+        }
+        // The realm is a different server: it gets the registry's TLS settings but only the
+        // basic credential, which is what token servers exchange for a token.
+        let basic = credential.map(Credential::basic_header);
+        let plan = BodyPlan::Full {
+            limit: MAX_TOKEN_RESPONSE_BYTES,
+        };
+        let reply = self
+            .send_with_retries(
+                endpoint.client,
+                &url,
+                &HeaderMap::new(),
+                basic.as_ref(),
+                &plan,
+                budget,
+            )
+            .await
+            .map_err(|error| match error {
+                RequestError::Http(cause) => fail(cause),
+                other => other,
+            })?;
+        if !reply.status.is_success() {
+            if reply.status == StatusCode::UNAUTHORIZED && credential.is_none() {
+                return Err(RequestError::Http(self.no_credentials(endpoint)));
+            }
+            return Err(fail(HttpFailure::Status {
+                status: reply.status.as_u16(),
+            }));
+        }
+        let response: TokenResponse = serde_json::from_slice(&reply.body).map_err(|e| {
+            fail(HttpFailure::Malformed {
+                reason: format!("token json: {e}"),
+            })
+        })?;
+        response.into_header().ok_or_else(|| {
+            fail(HttpFailure::Malformed {
+                reason: "token response has no usable token".to_owned(),
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Access;
+
+    #[test]
+    fn pushes_ask_for_push_scope_whatever_the_challenge_named() {
+        let named = Some("repository:team/app:pull");
+        assert_eq!(
+            Access::Pull.scope("team/app", named),
+            "repository:team/app:pull"
+        );
+        assert_eq!(
+            Access::Pull.scope("team/app", None),
+            "repository:team/app:pull"
+        );
+        assert_eq!(
+            Access::Push.scope("team/app", named),
+            "repository:team/app:pull,push"
+        );
+    }
+}
