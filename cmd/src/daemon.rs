@@ -108,6 +108,7 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
         "shoal-snapshotter serving"
     );
 
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     if let Some(address) = config.metrics.address {
         if !address.ip().is_loopback() {
             warn!(
@@ -120,11 +121,11 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
             snapshotter: snapshotter.clone(),
             fetcher: fetcher.clone(),
             reader,
+            draining: stop_rx.clone(),
         };
         metrics::serve(address, observed).await?;
     }
 
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let mut reloader = Some(Reloader::new(path, config.clone(), fetcher, log));
     let shutdown = async move {
         let name = loop {

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use crate::client::Snapshots;
+use crate::daemon::Daemon;
 use crate::fixture::{privileged, wait_until, Fixture};
 use crate::lazy::{self, Stack};
 
@@ -99,8 +101,15 @@ fn events(log: &str, message: &str) -> Result<Vec<serde_json::Value>> {
     Ok(found)
 }
 
-/// One plain HTTP/1.1 GET, the body as text.
+/// One plain HTTP/1.1 GET that must answer 200, the body as text.
 fn get(address: SocketAddr, path: &str) -> Result<String> {
+    let (status, body) = get_answer(address, path)?;
+    anyhow::ensure!(status == 200, "{path}: status {status}: {body}");
+    Ok(body)
+}
+
+/// One plain HTTP/1.1 GET: the status code and the body as text.
+fn get_answer(address: SocketAddr, path: &str) -> Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))
         .with_context(|| format!("connect to metrics at {address}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -112,8 +121,12 @@ fn get(address: SocketAddr, path: &str) -> Result<String> {
     let (head, body) = response
         .split_once("\r\n\r\n")
         .with_context(|| format!("malformed response to {path}: {response:?}"))?;
-    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
-    Ok(body.to_owned())
+    let status = head
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("malformed status line for {path}: {head:?}"))?;
+    Ok((status, body.to_owned()))
 }
 
 /// Evicts the kernel's page cache, so that the second container's reads reach the FUSE layer
@@ -314,4 +327,64 @@ fn counters_follow_a_lazy_run() {
         );
         Ok(())
     });
+}
+
+/// The probes and the process metrics of an idle daemon, and `/ready` turning 503 while a
+/// stop drains: what a supervisor and a Prometheus server see.
+#[test]
+fn probes_answer_and_ready_turns_off_while_a_stop_drains() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let address = crate::fixture::loopback_addr(9464);
+        let mut daemon =
+            Daemon::configure_with(fixture, &format!("\n[metrics]\naddress = \"{address}\"\n"))?;
+        daemon.launch()?;
+        // The socket is bound first; the listener answers once start-up is done.
+        wait_until("the metrics listener", Duration::from_secs(30), || {
+            Ok(get_answer(address, "/health").is_ok())
+        })?;
+        assert_eq!(get_answer(address, "/health")?, (200, "ok\n".into()));
+        assert_eq!(get_answer(address, "/ready")?, (200, "ready\n".into()));
+        assert_eq!(get_answer(address, "/nowhere")?.0, 404);
+
+        let scrape = Scrape::take(address)?;
+        let build = scrape
+            .0
+            .keys()
+            .find(|name| name.starts_with("shoal_build_info{"))
+            .context("no shoal_build_info")?;
+        anyhow::ensure!(
+            build.contains("version=\"0.1.0\",commit=\""),
+            "build info {build}"
+        );
+        anyhow::ensure!(scrape.value("process_resident_memory_bytes") > 1e6);
+        anyhow::ensure!(scrape.value("process_open_fds") >= 3.0);
+        anyhow::ensure!(scrape.value("process_max_fds") >= scrape.value("process_open_fds"));
+        anyhow::ensure!(scrape.value("process_start_time_seconds") > 1.5e9);
+
+        let status: serde_json::Value = serde_json::from_str(&get(address, "/status")?)?;
+        let bounds = status["histogram_bounds_seconds"]
+            .as_array()
+            .context("no histogram bounds in /status")?;
+        let counts = status["fuse_read_latency"]["counts"]
+            .as_array()
+            .context("no FUSE read histogram in /status")?;
+        assert_eq!(
+            bounds.len() + 1,
+            counts.len(),
+            "one count above every bound"
+        );
+
+        // A client that never reads its connection keeps the drain going until its deadline.
+        let hung = Snapshots::connect_hung(daemon.socket())?;
+        hung.prepare("held", "")?;
+        daemon.signal(nix::sys::signal::Signal::SIGTERM)?;
+        wait_until("/ready to say draining", Duration::from_secs(8), || {
+            Ok(get_answer(address, "/ready")? == (503, "draining for a stop\n".into()))
+        })?;
+        assert_eq!(get_answer(address, "/health")?, (200, "ok\n".into()));
+        let status = daemon.stop()?;
+        anyhow::ensure!(status.success(), "exit status {status}");
+        Ok(())
+    })
 }

@@ -1,195 +1,28 @@
-//! The observability endpoint: `/metrics` in Prometheus text format and `/status` as JSON
-//! (what `shoal status` shows). GET only, one small response per connection.
+//! The Prometheus text exposition of a [`DaemonStatus`] (format 0.0.4).
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
-use std::sync::Arc;
 
-use anyhow::Context;
-use serde::Serialize;
 use shoal_fetcher::peer::PeerStats;
-use shoal_fetcher::{Fetcher, HistogramSnapshot, Source};
-use shoal_fuse::layer::ChunkReader;
-use shoal_snapshotter::ShoalSnapshotter;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tracing::{debug, info};
+use shoal_fetcher::HistogramSnapshot;
 
-/// What the endpoint reports on.
-#[derive(Clone)]
-pub struct Observed {
-    pub snapshotter: ShoalSnapshotter,
-    pub fetcher: Fetcher,
-    pub reader: Arc<ChunkReader>,
-}
-
-/// The daemon's own view, served at `/status`.
-#[derive(Debug, Serialize, serde::Deserialize, Default)]
-pub struct DaemonStatus {
-    pub version: String,
-    pub snapshots_committed: usize,
-    pub snapshots_active: usize,
-    pub snapshots_view: usize,
-    pub lazy_layers_mounted: u64,
-    pub lazy_fallbacks: std::collections::BTreeMap<String, u64>,
-    pub remount_failures: u64,
-    /// Remote layers not mounted now (their start-up remount failed), with why.
-    #[serde(default)]
-    pub unmounted_layers: Vec<UnmountedLayerStatus>,
-    pub cache_bytes: u64,
-    pub cache_capacity: u64,
-    pub cache_blocks: u64,
-    /// Blocks evicted to stay under the cache's cap since start.
-    pub cache_evictions: u64,
-    /// Blocks served but not cached since start because the cache's disk was full.
-    #[serde(default)]
-    pub cache_no_space: u64,
-    pub bytes_from_registry: u64,
-    pub bytes_from_peers: u64,
-    pub bytes_from_cache: u64,
-    pub cache_hits: u64,
-    pub cache_misses: u64,
-    pub fetch_errors: u64,
-    pub fetches_in_flight: u64,
-    pub verify_failures: u64,
-    pub read_failures: u64,
-    /// Block read latency by source (`cache`, `registry`, `peer`).
-    #[serde(default)]
-    pub fetch_latency: std::collections::BTreeMap<String, HistogramSnapshot>,
-    /// FUSE read requests of lazily mounted layers, from arrival to reply.
-    #[serde(default)]
-    pub fuse_read_latency: HistogramSnapshot,
-    /// Blobs served by mounted lazy layers.
-    #[serde(default)]
-    pub layers: Vec<LayerStatus>,
-    /// Bytes read per blob by source, mounted now or not (the fetcher keeps the
-    /// [most recent few thousand](shoal_fetcher::MAX_COUNTED_BLOBS)), by digest.
-    #[serde(default)]
-    pub layer_reads: Vec<LayerReads>,
-    /// The peer network's counters, when `[peers]` is configured.
-    #[serde(default)]
-    pub peers: Option<PeerStats>,
-}
-
-/// A remote layer that is not mounted: containers cannot stack it until it is mounted again.
-#[derive(Debug, Serialize, serde::Deserialize, Default, Clone, PartialEq, Eq)]
-pub struct UnmountedLayerStatus {
-    /// The snapshot's key (the layer's chainID).
-    pub key: String,
-    pub digest: String,
-    pub reason: String,
-}
-
-/// One lazily mounted blob and how much of it the cache holds.
-#[derive(Debug, Serialize, serde::Deserialize, Default, Clone)]
-pub struct LayerStatus {
-    pub digest: String,
-    /// The registry repository the layer was mounted from.
-    pub repository: String,
-    pub size: u64,
-    pub cached_bytes: u64,
-    pub mounts: u32,
-}
-
-/// The bytes of one blob served, by source, since the daemon started.
-#[derive(Debug, Serialize, serde::Deserialize, Default, Clone, PartialEq, Eq)]
-pub struct LayerReads {
-    pub digest: String,
-    pub bytes_from_registry: u64,
-    pub bytes_from_peers: u64,
-    pub bytes_from_cache: u64,
-}
-
-impl Observed {
-    pub fn status(&self) -> DaemonStatus {
-        let counts = self.snapshotter.counts().unwrap_or_default();
-        let lazy = self.snapshotter.lazy_stats();
-        let fetch = self.fetcher.stats();
-        let cache = self.fetcher.cache().usage();
-        let reader = self.reader.stats();
-        DaemonStatus {
-            version: env!("CARGO_PKG_VERSION").into(),
-            snapshots_committed: counts.committed,
-            snapshots_active: counts.active,
-            snapshots_view: counts.view,
-            lazy_layers_mounted: lazy.mounted(),
-            lazy_fallbacks: lazy
-                .fallbacks()
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
-            remount_failures: lazy.remount_failures(),
-            unmounted_layers: self
-                .snapshotter
-                .unmounted_layers()
-                .into_iter()
-                .map(|layer| UnmountedLayerStatus {
-                    key: layer.key,
-                    digest: layer.layer,
-                    reason: layer.reason,
-                })
-                .collect(),
-            cache_bytes: cache.bytes,
-            cache_capacity: cache.capacity,
-            cache_blocks: cache.blocks,
-            cache_evictions: cache.evictions,
-            cache_no_space: cache.no_space_failures,
-            bytes_from_registry: fetch.bytes_from_registry,
-            bytes_from_peers: fetch.bytes_from_peers,
-            bytes_from_cache: fetch.bytes_from_cache,
-            cache_hits: fetch.cache_hits,
-            cache_misses: fetch.cache_misses,
-            fetch_errors: fetch.fetch_errors,
-            fetches_in_flight: fetch.in_flight,
-            verify_failures: fetch.verify_failures,
-            read_failures: reader.read_failures,
-            fetch_latency: [
-                ("cache", Source::Cache),
-                ("registry", Source::Registry),
-                ("peer", Source::Peer),
-            ]
-            .into_iter()
-            .map(|(name, source)| {
-                let latency = self.fetcher.latency().of(source).snapshot();
-                (name.to_string(), latency)
-            })
-            .collect(),
-            fuse_read_latency: self.reader.read_latency(),
-            layers: self
-                .reader
-                .mounted()
-                .into_iter()
-                .map(|blob| LayerStatus {
-                    cached_bytes: self.fetcher.cache().cached_bytes(&blob.digest),
-                    digest: blob.digest.to_string(),
-                    repository: blob.repository.clone(),
-                    size: blob.size,
-                    mounts: blob.mounts,
-                })
-                .collect(),
-            layer_reads: {
-                let mut reads: Vec<LayerReads> = self
-                    .fetcher
-                    .blob_stats()
-                    .into_iter()
-                    .map(|(digest, bytes)| LayerReads {
-                        digest: digest.to_string(),
-                        bytes_from_registry: bytes.from_registry,
-                        bytes_from_peers: bytes.from_peers,
-                        bytes_from_cache: bytes.from_cache,
-                    })
-                    .collect();
-                reads.sort_by(|a, b| a.digest.cmp(&b.digest));
-                reads
-            },
-            peers: self.fetcher.peers().map(|peers| peers.stats()),
-        }
-    }
-}
+use super::status::{DaemonStatus, LayerStatus};
+#[cfg(test)]
+use super::status::{LayerReads, UnmountedLayerStatus};
 
 /// Prometheus text exposition of `status`.
 pub fn render(status: &DaemonStatus) -> String {
     let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP shoal_build_info The daemon's version and commit."
+    );
+    let _ = writeln!(out, "# TYPE shoal_build_info gauge");
+    let _ = writeln!(
+        out,
+        "shoal_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+        label_value(&status.version),
+        label_value(&status.commit)
+    );
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
         let _ = writeln!(out, "# HELP shoal_{name} {help}");
         let _ = writeln!(out, "# TYPE shoal_{name} {kind}");
@@ -383,6 +216,14 @@ pub fn render(status: &DaemonStatus) -> String {
     out
 }
 
+/// `value` escaped for a label: backslash, double quote and newline.
+fn label_value(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 /// Writes one Prometheus histogram with a series per label set (`label="value"`, or empty).
 fn histogram(out: &mut String, name: &str, help: &str, series: &[(String, &HistogramSnapshot)]) {
     let _ = writeln!(out, "# HELP shoal_{name} {help}");
@@ -409,57 +250,6 @@ fn histogram(out: &mut String, name: &str, help: &str, series: &[(String, &Histo
         let _ = writeln!(out, "shoal_{name}_sum{braces} {sum}");
         let _ = writeln!(out, "shoal_{name}_count{braces} {}", snapshot.count());
     }
-}
-
-/// Serves the endpoint until the runtime shuts down.
-pub async fn serve(address: SocketAddr, observed: Observed) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(address)
-        .await
-        .with_context(|| format!("bind metrics address {address}"))?;
-    info!(%address, "serving /metrics and /status");
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, peer)) = listener.accept().await else {
-                continue;
-            };
-            let observed = observed.clone();
-            tokio::spawn(async move {
-                let mut request = [0u8; 1024];
-                let n = match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    stream.read(&mut request),
-                )
-                .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
-                let line = String::from_utf8_lossy(&request[..n]);
-                let path = line.split_whitespace().nth(1).unwrap_or("/");
-                debug!(%peer, path, "metrics request");
-                let (code, kind, body) = match path {
-                    "/metrics" => (
-                        "200 OK",
-                        "text/plain; version=0.0.4",
-                        render(&observed.status()),
-                    ),
-                    "/status" => (
-                        "200 OK",
-                        "application/json",
-                        serde_json::to_string(&observed.status()).unwrap_or_default(),
-                    ),
-                    _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
-                };
-                let head = format!(
-                    "HTTP/1.1 {code}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = stream.write_all(head.as_bytes()).await;
-                let _ = stream.write_all(body.as_bytes()).await;
-            });
-        }
-    });
-    Ok(())
 }
 
 /// The peer network's counters, with per-peer series labelled `peer="addr"`.
@@ -638,6 +428,20 @@ mod tests {
         assert!(text.contains("shoal_read_bytes_total{source=\"registry\"} 42"));
         assert!(text.contains("shoal_lazy_fallbacks_total{reason=\"not_lazy_format\"} 2"));
         assert!(text.contains("# TYPE shoal_cache_bytes gauge"));
+    }
+
+    #[test]
+    fn build_info_names_version_and_commit_escaped() {
+        let status = DaemonStatus {
+            version: "0.1.0".into(),
+            commit: "abc\"1".into(),
+            ..Default::default()
+        };
+        let text = render(&status);
+        assert!(
+            text.contains("shoal_build_info{version=\"0.1.0\",commit=\"abc\\\"1\"} 1"),
+            "{text}"
+        );
     }
 
     #[test]
