@@ -32,6 +32,7 @@ mod cri;
 mod ctr;
 mod harness;
 mod hostile;
+mod install;
 mod lazy;
 mod metrics;
 mod overlaybd;
