@@ -11,6 +11,7 @@ mod bytesize;
 pub mod defaults;
 mod error;
 mod exposure;
+mod log_filter;
 pub mod raw;
 mod resolve;
 mod salvage;

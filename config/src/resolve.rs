@@ -170,9 +170,8 @@ impl Config {
 
         let log = raw.log.unwrap_or_default();
         let level = log.level.unwrap_or_else(|| defaults::LOG_LEVEL.into());
-        if level.trim().is_empty() {
-            return Err(ConfigError::invalid("log.level", "must not be empty"));
-        }
+        crate::log_filter::check(&level)
+            .map_err(|reason| ConfigError::invalid("log.level", reason))?;
         let format = match log.format.as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
