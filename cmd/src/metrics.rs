@@ -156,8 +156,8 @@ impl Observed {
             .collect(),
             fuse_read_latency: self.reader.read_latency(),
             layers: self
-                .reader
-                .mounted()
+                .snapshotter
+                .mounted_blobs()
                 .into_iter()
                 .map(|blob| LayerStatus {
                     cached_bytes: self.fetcher.cache().cached_bytes(&blob.digest),
