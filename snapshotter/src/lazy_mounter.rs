@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use crate::error::SnapshotError;
 use crate::lazy_format::{LazyFormat, OpenedLayer, Served};
 use crate::mount_table::{MountTable, MountedBlob};
-use crate::remote::{Fallback, LayerLabels, LayerMounter, ResolvedLayer};
+use crate::remote::{Fallback, LayerFormat, LayerLabels, LayerMounter, ResolvedLayer};
 
 /// Which opened layer a resolved layer is: its digest and its index's.
 type OpenedKey = (String, String);
@@ -36,6 +36,7 @@ pub struct LazyMounter {
 
 /// A mounted layer: what serves it, and the blobs it pinned and listed.
 struct Mounted {
+    format: LayerFormat,
     served: Served,
     blobs: Vec<BlobRef>,
 }
@@ -171,10 +172,16 @@ impl LayerMounter for LazyMounter {
         for blob in &blobs {
             self.table.add(blob);
         }
-        info!(blob = %layer.digest, format = ?layer.format, layers = blobs.len(), mountpoint = %mountpoint.display(), "lazy layer mounted");
-        let replaced = self
-            .mounted()
-            .insert(mountpoint.to_owned(), Mounted { served, blobs });
+        // Operators grep these lines (README, "Observability"); eStargz's FUSE mount logs its own.
+        if layer.format == LayerFormat::Overlaybd {
+            info!(blob = %layer.digest, layers = blobs.len(), mountpoint = %mountpoint.display(), "overlaybd layer mounted");
+        }
+        let mounted = Mounted {
+            format: layer.format,
+            served,
+            blobs,
+        };
+        let replaced = self.mounted().insert(mountpoint.to_owned(), mounted);
         if let Some(old) = replaced {
             warn!(mountpoint = %mountpoint.display(), "a layer was mounted over another");
             std::thread::spawn(move || drop(old));
@@ -210,8 +217,13 @@ impl LayerMounter for LazyMounter {
             self.table.remove(&blob.digest);
         }
         if detached.is_ok() {
+            // The first blob is the layer itself (an overlaybd chain's top).
             let blob = layer.blobs.first().map(|b| b.digest.to_string());
-            info!(blob = blob.unwrap_or_default(), mountpoint = %mountpoint.display(), "lazy layer unmounted");
+            let (blob, mountpoint) = (blob.unwrap_or_default(), mountpoint.display());
+            match layer.format {
+                LayerFormat::Estargz => info!(blob, %mountpoint, "layer unmounted"),
+                LayerFormat::Overlaybd => info!(blob, %mountpoint, "overlaybd layer unmounted"),
+            }
         }
         // A session ends once the kernel lets go; never wait for it here.
         std::thread::spawn(move || drop(layer));
