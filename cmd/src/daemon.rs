@@ -10,13 +10,13 @@ use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
 use shoal_config::Config;
 use shoal_fuse::layer::{ChunkReader, Prefetch, ReaderConfig};
+use shoal_fuse::syscall::LinuxSyscall;
 
 use crate::logging::LogLevel;
 use crate::metrics::{self, Observed};
 use crate::reload::Reloader;
 use shoal_snapshotter::{
-    server, tonic::transport::Server, FormatMounter, FuseMounter, LoopMount, OverlaybdMounter,
-    ShoalSnapshotter,
+    server, tonic::transport::Server, EstargzFormat, LazyMounter, OverlaybdFormat, ShoalSnapshotter,
 };
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
@@ -68,7 +68,7 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
             memory_bytes: config.cache.memory.0,
         },
     );
-    let estargz = Arc::new(FuseMounter::new(
+    let estargz = EstargzFormat::new(
         fetcher.clone(),
         reader.clone(),
         tokio::runtime::Handle::current(),
@@ -79,20 +79,20 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
                 .background
                 .then_some(config.fetch.background_rate.0),
         },
-    ));
-    let overlaybd = Arc::new(OverlaybdMounter::new(
+    );
+    let overlaybd = OverlaybdFormat::new(
         fetcher.clone(),
         tokio::runtime::Handle::current(),
-        Arc::new(LoopMount),
         config
             .fetch
             .background
             .then_some(config.fetch.background_rate.0),
-    ));
+    );
     // One request's deadline for the whole handshake: after that a download is faster.
-    let mounter = Arc::new(FormatMounter::new(
-        estargz,
-        overlaybd,
+    let mounter = Arc::new(LazyMounter::new(
+        fetcher.clone(),
+        Arc::new(LinuxSyscall),
+        vec![Box::new(overlaybd), Box::new(estargz)],
         config.registry.timeout,
     ));
     let snapshotter = ShoalSnapshotter::open(&config.root, mounter)

@@ -43,11 +43,6 @@ pub enum FsError {
         mountpoint: PathBuf,
         source: std::io::Error,
     },
-    #[error("detach FUSE filesystem at {mountpoint}: {source}")]
-    Detach {
-        mountpoint: PathBuf,
-        source: std::io::Error,
-    },
     #[error("fetch the {what} of overlaybd layer {blob}: {source}")]
     FetchLayerMetadata {
         blob: String,

@@ -8,6 +8,8 @@
 //!   that verifies every chunk before it is served, and [`layer::mount`].
 //! - [`vdisk`]: an overlaybd layer stack's merged virtual disk ([`vdisk::VirtualDisk`]), read
 //!   through the chunk cache with every ZFile block CRC-checked, served as one FUSE file.
+//! - [`syscall`]: the one seam for mount syscalls (unmount, read-only loop mount, the mount
+//!   table), real and recording; [`tasks`]: background tasks a mounted layer owns.
 //! - [`FsError`]: the crate's error; [`FsError::errno`] is the one conversion to FUSE errors.
 //!
 //! Architecture Invariant: the FUSE thread never waits on the network; a read that misses the
@@ -17,6 +19,8 @@ mod error;
 pub mod estargz;
 pub mod layer;
 pub mod overlaybd;
+pub mod syscall;
+pub mod tasks;
 pub mod vdisk;
 
 pub use error::FsError;

@@ -59,8 +59,24 @@ pub enum SnapshotError {
     },
     #[error("mount remote layer at {mountpoint}: {reason}")]
     MountLayer { mountpoint: PathBuf, reason: String },
-    #[error("unmount {mountpoint}: {reason}")]
-    UnmountLayer { mountpoint: PathBuf, reason: String },
+    #[error("serve layer over FUSE at {mountpoint}")]
+    ServeLayer {
+        mountpoint: PathBuf,
+        #[source]
+        source: Box<shoal_fuse::FsError>,
+    },
+    #[error("mount virtual disk on {mountpoint}")]
+    MountDisk {
+        mountpoint: PathBuf,
+        #[source]
+        source: shoal_fuse::syscall::MountError,
+    },
+    #[error("unmount layer at {mountpoint}")]
+    UnmountLayer {
+        mountpoint: PathBuf,
+        #[source]
+        source: shoal_fuse::syscall::MountError,
+    },
     #[error("persist layer index at {path}: {source}")]
     PersistIndex {
         path: PathBuf,
@@ -110,6 +126,8 @@ impl SnapshotError {
             | RemoveDir { .. }
             | DiskUsage { .. }
             | MountLayer { .. }
+            | ServeLayer { .. }
+            | MountDisk { .. }
             | UnmountLayer { .. }
             | PersistIndex { .. }
             | Task { .. } => Code::Internal,
@@ -120,6 +138,53 @@ impl SnapshotError {
 
 impl From<SnapshotError> for Status {
     fn from(err: SnapshotError) -> Status {
-        Status::new(err.code(), err.to_string())
+        Status::new(err.code(), with_causes(&err))
+    }
+}
+
+/// `err`'s message followed by its causes', each once: older variants spell their cause in
+/// their own message, and it is not repeated.
+pub(crate) fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(next) = cause {
+        let part = next.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = next.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_follow_the_message_once() {
+        let unmount = SnapshotError::UnmountLayer {
+            mountpoint: "/r/snapshots/1/fs".into(),
+            source: shoal_fuse::syscall::MountError::Unmount {
+                target: "/r/snapshots/1/fs".into(),
+                source: nix::errno::Errno::EBUSY,
+            },
+        };
+        let status = Status::from(unmount);
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(
+            status.message(),
+            "unmount layer at /r/snapshots/1/fs: unmount /r/snapshots/1/fs: \
+             EBUSY: Device or resource busy"
+        );
+        let spelled = SnapshotError::CreateDir {
+            path: "/r/x".into(),
+            source: std::io::Error::other("disk full"),
+        };
+        assert_eq!(
+            with_causes(&spelled),
+            "create snapshot directory /r/x: disk full"
+        );
     }
 }

@@ -7,8 +7,9 @@
 //! - `filter`: containerd's filter syntax for List.
 //! - [`remote`]: the remote-snapshot handshake's labels, fallback reasons, and the
 //!   [`remote::LayerMounter`] seam through which lazy layers are mounted (a recording double in
-//!   tests, FUSE in the daemon): [`FuseMounter`] (eStargz), [`OverlaybdMounter`] (a chain's
-//!   virtual disk over FUSE, loop-mounted read-only), [`FormatMounter`] choosing between them.
+//!   tests, FUSE in the daemon): [`LazyMounter`], one lifecycle for every format, with the
+//!   per-format parts behind [`LazyFormat`]: [`EstargzFormat`] (a FUSE tree) and
+//!   [`OverlaybdFormat`] (a chain's virtual disk over FUSE, loop-mounted read-only).
 //! - [`SnapshotError`]: the crate's one error type; `From<SnapshotError> for tonic::Status` is the
 //!   only conversion to gRPC codes.
 //!
@@ -17,21 +18,25 @@
 //! reserves a pending record, makes the directory outside, then commits the record).
 
 mod error;
+mod estargz_format;
 mod filter;
-mod format_mounter;
-mod fuse_mounter;
 mod layout;
+mod lazy_format;
+mod lazy_mounter;
 mod manifest;
 mod metadata;
-mod overlaybd_mounter;
+mod mount_table;
+mod overlaybd_format;
 pub mod remote;
 mod service;
 mod usage;
 
 pub use containerd_snapshots::{api, server, tonic};
 pub use error::SnapshotError;
-pub use format_mounter::FormatMounter;
-pub use fuse_mounter::FuseMounter;
+pub use estargz_format::EstargzFormat;
 pub use layout::Layout;
-pub use overlaybd_mounter::{BlockMount, LoopMount, OverlaybdMounter};
+pub use lazy_format::{LazyFormat, Opened, OpenedLayer, Served};
+pub use lazy_mounter::LazyMounter;
+pub use mount_table::MountedBlob;
+pub use overlaybd_format::OverlaybdFormat;
 pub use service::{LazyStats, ShoalSnapshotter, SnapshotCounts, UnmountedLayer};

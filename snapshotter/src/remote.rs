@@ -166,6 +166,16 @@ pub trait LayerMounter: Send + Sync + 'static {
     fn cached_bytes(&self, _digest: &str) -> u64 {
         0
     }
+
+    /// The blobs mounted layers serve right now, for status.
+    fn mounted_blobs(&self) -> Vec<crate::mount_table::MountedBlob> {
+        Vec::new()
+    }
+
+    /// Layers mounted right now (one per remote snapshot), for status.
+    fn mounted_layers(&self) -> usize {
+        0
+    }
 }
 
 /// The mounter of a snapshotter without lazy pulling: every layer is downloaded.

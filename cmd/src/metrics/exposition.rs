@@ -41,10 +41,16 @@ pub fn render(status: &DaemonStatus) -> String {
         ],
     );
     metric(
+        "lazy_layers_mounted",
+        "gauge",
+        "Remote layers mounted now, every format's.",
+        &[("", status.lazy_layers_mounted)],
+    );
+    metric(
         "lazy_layers_mounted_total",
         "counter",
-        "Layers mounted lazily.",
-        &[("", status.lazy_layers_mounted)],
+        "Remote layers mounted by a Prepare since start (remounts at start-up not counted).",
+        &[("", status.lazy_mounts_total)],
     );
     let fallbacks: Vec<(String, u64)> = status
         .lazy_fallbacks

@@ -34,7 +34,11 @@ pub struct DaemonStatus {
     pub snapshots_committed: usize,
     pub snapshots_active: usize,
     pub snapshots_view: usize,
+    /// Remote layers mounted now, from the mounter's own table.
     pub lazy_layers_mounted: u64,
+    /// Remote layers mounted by a Prepare since start (not the remounts at start-up).
+    #[serde(default)]
+    pub lazy_mounts_total: u64,
     pub lazy_fallbacks: std::collections::BTreeMap<String, u64>,
     pub remount_failures: u64,
     /// Remote layers not mounted now (their start-up remount failed), with why.
@@ -118,7 +122,8 @@ impl Observed {
             snapshots_committed: counts.committed,
             snapshots_active: counts.active,
             snapshots_view: counts.view,
-            lazy_layers_mounted: lazy.mounted(),
+            lazy_layers_mounted: self.snapshotter.mounted_layers() as u64,
+            lazy_mounts_total: lazy.mounted(),
             lazy_fallbacks: lazy
                 .fallbacks()
                 .into_iter()
@@ -162,8 +167,8 @@ impl Observed {
             .collect(),
             fuse_read_latency: self.reader.read_latency(),
             layers: self
-                .reader
-                .mounted()
+                .snapshotter
+                .mounted_blobs()
                 .into_iter()
                 .map(|blob| LayerStatus {
                     cached_bytes: self.fetcher.cache().cached_bytes(&blob.digest),

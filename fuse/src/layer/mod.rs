@@ -3,7 +3,6 @@
 
 mod fs;
 mod mount;
-mod mounted;
 mod reader;
 
 use std::ops::Range;
@@ -20,7 +19,6 @@ use crate::estargz::{
 };
 
 pub use mount::{mount, MountedLayer, Prefetch};
-pub use mounted::MountedBlob;
 pub use reader::{ChunkReader, ReaderConfig, ReaderStats};
 
 /// An opened eStargz layer: its blob, file index, and the bytes to persist so that it can be

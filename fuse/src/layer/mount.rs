@@ -11,17 +11,19 @@ use tracing::{info, warn};
 use super::fs::{now_secs, LayerFs};
 use super::{ChunkReader, EstargzLayer};
 use crate::error::FsError;
+use crate::syscall::{MountError, Syscall};
+use crate::tasks::Tasks;
 
 /// FUSE worker threads per layer: metadata is answered from memory, slow reads leave the thread.
 const THREADS: usize = 2;
 
 /// A mounted layer; dropping it unmounts (unless detached) and waits for its session to end.
+/// Its background tasks (prefetch) end when it is detached or dropped.
 pub struct MountedLayer {
     mountpoint: PathBuf,
     session: Option<BackgroundSession>,
     detached: bool,
-    /// The reader whose mount table lists this layer, and the blob it lists it under.
-    listed: Option<(Arc<ChunkReader>, shoal_fetcher::Digest)>,
+    tasks: Tasks,
 }
 
 impl MountedLayer {
@@ -31,7 +33,7 @@ impl MountedLayer {
             mountpoint: mountpoint.to_owned(),
             session: Some(session),
             detached: false,
-            listed: None,
+            tasks: Tasks::default(),
         }
     }
 
@@ -39,31 +41,21 @@ impl MountedLayer {
         &self.mountpoint
     }
 
-    /// Lazily unmounts the layer (`MNT_DETACH`): it leaves the mount table at once, while an
-    /// overlay stacked on it keeps being served until it lets go. Dropping the layer afterwards
-    /// waits for that, so do it off any thread that must not block.
-    pub fn detach(&mut self) -> Result<(), FsError> {
+    /// Background tasks of this layer still running.
+    pub fn tasks_running(&self) -> usize {
+        self.tasks.running()
+    }
+
+    /// Lazily unmounts the layer through `syscall` (`MNT_DETACH`): it leaves the mount table at
+    /// once, while an overlay stacked on it keeps being served until it lets go. Its background
+    /// tasks stop. Dropping the layer afterwards waits for the overlay to let go, so do it off
+    /// any thread that must not block.
+    pub fn detach(&mut self, syscall: &dyn Syscall) -> Result<(), MountError> {
+        self.tasks.cancel();
         if self.detached {
             return Ok(());
         }
-        let path = std::ffi::CString::new(self.mountpoint.as_os_str().as_encoded_bytes()).map_err(
-            |e| FsError::Detach {
-                mountpoint: self.mountpoint.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
-            },
-        )?;
-        // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
-        let rc = unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
-        if rc != 0 {
-            let source = std::io::Error::last_os_error();
-            // EINVAL: no longer a mount point (someone unmounted it already).
-            if source.raw_os_error() != Some(libc::EINVAL) {
-                return Err(FsError::Detach {
-                    mountpoint: self.mountpoint.clone(),
-                    source,
-                });
-            }
-        }
+        syscall.unmount(&self.mountpoint)?;
         self.detached = true;
         Ok(())
     }
@@ -71,9 +63,7 @@ impl MountedLayer {
 
 impl Drop for MountedLayer {
     fn drop(&mut self) {
-        if let Some((reader, digest)) = self.listed.take() {
-            reader.mount_removed(&digest);
-        }
+        self.tasks.cancel();
         let Some(session) = self.session.take() else {
             return;
         };
@@ -105,7 +95,8 @@ const CHECKED: Checked = Checked::ChunkDigests;
 const BACKGROUND_STEP: u64 = 4 << 20;
 
 /// Mounts `layer` read-only at `mountpoint`; reads that miss run on `runtime`. Starts the
-/// prefetch of the landmark-prioritized files and, if asked, of the whole layer.
+/// prefetch of the landmark-prioritized files and, if asked, of the whole layer, as tasks the
+/// returned layer owns.
 pub fn mount(
     layer: EstargzLayer,
     reader: Arc<ChunkReader>,
@@ -138,25 +129,23 @@ pub fn mount(
         source,
     })?;
     info!(blob = %blob.digest, mountpoint = %mountpoint.display(), at = now_secs(), "layer mounted");
-    reader.mount_added(&blob);
-    let listed = Some((reader.clone(), blob.digest.clone()));
-    runtime.spawn(async move {
-        if let Some(end) = prefetch_end {
-            match reader.blobs().prefetch(&blob, 0..end, CHECKED).await {
-                Ok(()) => info!(blob = %blob.digest, bytes = end, "prefetched prioritized files"),
-                Err(err) => warn!(blob = %blob.digest, error = %err, "prefetch failed"),
+    let mut mounted = MountedLayer::from_session(mountpoint, session);
+    if prefetch_end.is_some() || prefetch.background_rate.is_some() {
+        mounted.tasks.spawn(&runtime, async move {
+            if let Some(end) = prefetch_end {
+                match reader.blobs().prefetch(&blob, 0..end, CHECKED).await {
+                    Ok(()) => {
+                        info!(blob = %blob.digest, bytes = end, "prefetched prioritized files")
+                    }
+                    Err(err) => warn!(blob = %blob.digest, error = %err, "prefetch failed"),
+                }
             }
-        }
-        if let Some(rate) = prefetch.background_rate {
-            background_fetch(&reader, &blob, rate).await;
-        }
-    });
-    Ok(MountedLayer {
-        detached: false,
-        mountpoint: mountpoint.to_owned(),
-        session: Some(session),
-        listed,
-    })
+            if let Some(rate) = prefetch.background_rate {
+                background_fetch(&reader, &blob, rate).await;
+            }
+        });
+    }
+    Ok(mounted)
 }
 
 /// Fetches the whole blob into the cache at `rate` bytes per second, skipping what is cached.

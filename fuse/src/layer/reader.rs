@@ -7,9 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use lru::LruCache;
-use shoal_fetcher::{BlobRead, BlobRef, Digest, Expect, Histogram, HistogramSnapshot, Rejection};
-
-use super::mounted::{MountTable, MountedBlob};
+use shoal_fetcher::{BlobRead, BlobRef, Expect, Histogram, HistogramSnapshot, Rejection};
 
 use crate::error::FsError;
 use crate::estargz::{decompress_chunk, Chunk, Index, Ino};
@@ -31,7 +29,6 @@ pub struct ChunkReader {
     read_failures: AtomicU64,
     /// FUSE read requests, from arrival to reply.
     read_latency: Histogram,
-    mounted: MountTable,
 }
 
 /// What readers of lazily mounted layers have met since start.
@@ -60,7 +57,6 @@ impl ChunkReader {
             }),
             read_failures: AtomicU64::new(0),
             read_latency: Histogram::default(),
-            mounted: MountTable::default(),
         })
     }
 
@@ -82,19 +78,6 @@ impl ChunkReader {
 
     pub fn read_latency(&self) -> HistogramSnapshot {
         self.read_latency.snapshot()
-    }
-
-    /// The blobs served by mounted layers right now.
-    pub fn mounted(&self) -> Vec<MountedBlob> {
-        self.mounted.list()
-    }
-
-    pub(crate) fn mount_added(&self, blob: &BlobRef) {
-        self.mounted.add(blob);
-    }
-
-    pub(crate) fn mount_removed(&self, digest: &Digest) {
-        self.mounted.remove(digest);
     }
 
     /// Reads `offset..offset+len` of `ino` if every chunk it needs is in memory or in the disk

@@ -24,6 +24,8 @@ pub struct Daemon {
     socket: PathBuf,
     config: PathBuf,
     log: PathBuf,
+    /// Searched before the test's own `PATH` for the tools the daemon runs (a test's shim).
+    path_prefix: Option<PathBuf>,
     process: Option<Process>,
 }
 
@@ -72,6 +74,7 @@ impl Daemon {
             socket,
             config,
             log,
+            path_prefix: None,
             process: None,
         })
     }
@@ -94,9 +97,19 @@ impl Daemon {
         fs::read_to_string(&self.log).unwrap_or_else(|err| format!("<unreadable log: {err}>"))
     }
 
+    /// From the next launch on, tools the daemon runs by name are looked up in `dir` first.
+    pub fn set_path_prefix(&mut self, dir: Option<PathBuf>) {
+        self.path_prefix = dir;
+    }
+
     fn command(&self) -> Command {
         let mut command = Command::new(&self.binary);
         command.arg("--config").arg(&self.config);
+        if let Some(dir) = &self.path_prefix {
+            let path =
+                std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+            command.env("PATH", format!("{}:{path}", dir.display()));
+        }
         command
     }
 

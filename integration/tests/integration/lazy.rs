@@ -58,12 +58,22 @@ pub(crate) struct Layer {
 impl Stack {
     /// `registry_settings` are extra keys of the daemon's `[registry]` table.
     pub(crate) fn start(fixture: &Fixture, registry_settings: &str) -> Result<Stack> {
+        Stack::start_with(fixture, registry_settings, |_| {})
+    }
+
+    /// [`Stack::start`] with `prepare` applied to the daemon before its first launch.
+    pub(crate) fn start_with(
+        fixture: &Fixture,
+        registry_settings: &str,
+        prepare: impl FnOnce(&mut Daemon),
+    ) -> Result<Stack> {
         let registry = Registry::start(fixture)?;
         let extra = format!(
             "\n[registry]\n{registry_settings}\n[registry.hosts.\"{}\"]\nplain_http = true\n",
             registry.host()
         );
         let mut daemon = Daemon::configure_with(fixture, &extra)?;
+        prepare(&mut daemon);
         daemon.launch()?;
         let options = containerd::Options {
             shoal_socket: Some(daemon.socket().to_owned()),

@@ -160,6 +160,11 @@ fn counters_follow_a_lazy_run() {
             published.layers.len() as f64,
             "every eStargz layer mounts lazily"
         );
+        assert_eq!(
+            pulled.value("shoal_lazy_layers_mounted"),
+            published.layers.len() as f64,
+            "the gauge counts what is mounted"
+        );
 
         let first =
             lazy::sums(&stack.run(&published.estargz, "metrics-first", "sha256sum /data/blob")?);
@@ -324,6 +329,17 @@ fn counters_follow_a_lazy_run() {
         assert!(
             mounted.iter().all(|e| e["level"] == "INFO"),
             "lifecycle events log at info: {mounted:?}"
+        );
+        let removed = Scrape::take(address)?;
+        assert_eq!(
+            removed.value("shoal_lazy_layers_mounted"),
+            0.0,
+            "nothing is mounted once the image is removed"
+        );
+        assert_eq!(
+            removed.value("shoal_lazy_layers_mounted_total"),
+            published.layers.len() as f64,
+            "the counter does not go down"
         );
         Ok(())
     });

@@ -25,8 +25,8 @@ use crate::process;
 use crate::tree;
 
 const TOOL_TIMEOUT: Duration = Duration::from_secs(300);
-const FIXTURE_TAG: &str = "amd64-converted";
-const GREETING: &str = "Hello from Docker!";
+pub(crate) const FIXTURE_TAG: &str = "amd64-converted";
+pub(crate) const GREETING: &str = "Hello from Docker!";
 
 /// The reference-converted image: under `$SHOAL_FIXTURES`, else `../shared/fixtures` from the
 /// project root, else where the workplace keeps them.
@@ -47,7 +47,7 @@ fn shared_layout() -> PathBuf {
 
 /// The eStargz tests' stack (registry behind the counting proxy, daemon, containerd using
 /// it as `shoal`), with what the overlaybd tests add to it.
-struct Stack(lazy::Stack);
+pub(crate) struct Stack(lazy::Stack);
 
 impl std::ops::Deref for Stack {
     type Target = lazy::Stack;
@@ -64,12 +64,20 @@ impl std::ops::DerefMut for Stack {
 }
 
 impl Stack {
-    fn start(fixture: &Fixture) -> Result<Stack> {
+    pub(crate) fn start(fixture: &Fixture) -> Result<Stack> {
         Ok(Stack(lazy::Stack::start(fixture, "")?))
     }
 
+    /// [`Stack::start`] with `prepare` applied to the daemon before its first launch.
+    pub(crate) fn start_with(
+        fixture: &Fixture,
+        prepare: impl FnOnce(&mut crate::daemon::Daemon),
+    ) -> Result<Stack> {
+        Ok(Stack(lazy::Stack::start_with(fixture, "", prepare)?))
+    }
+
     /// Copies the OCI layout `layout` tagged `tag` to `test/<name>:latest`, digests preserved.
-    fn push_layout(&self, layout: &Path, tag: &str, name: &str) -> Result<String> {
+    pub(crate) fn push_layout(&self, layout: &Path, tag: &str, name: &str) -> Result<String> {
         let reference = format!("{}/test/{name}:latest", self.registry.host());
         let mut command = Command::new("skopeo");
         command
@@ -81,7 +89,7 @@ impl Stack {
     }
 
     /// `ctr run --rm` on Shoal of `reference` with its own command line: the container's stdout.
-    fn run_default(&self, reference: &str, id: &str) -> Result<String> {
+    pub(crate) fn run_default(&self, reference: &str, id: &str) -> Result<String> {
         self.ctd
             .ctr(&["run", "--rm", "--snapshotter", "shoal", reference, id])
     }
@@ -107,7 +115,7 @@ fn loops_under(root: &Path) -> Result<Vec<String>> {
 }
 
 /// A copy of the read-only shared fixture, so tools never write next to it.
-fn fixture_layout(fixture: &Fixture) -> Result<std::path::PathBuf> {
+pub(crate) fn fixture_layout(fixture: &Fixture) -> Result<std::path::PathBuf> {
     let copy = fixture.path("hello-world-layout");
     let shared = shared_layout();
     let status = Command::new("cp")

@@ -109,6 +109,16 @@ impl ShoalSnapshotter {
         &self.inner.root
     }
 
+    /// The blobs lazily mounted layers serve right now, every format's.
+    pub fn mounted_blobs(&self) -> Vec<crate::MountedBlob> {
+        self.inner.mounter.mounted_blobs()
+    }
+
+    /// Remote layers mounted right now, every format's.
+    pub fn mounted_layers(&self) -> usize {
+        self.inner.mounter.mounted_layers()
+    }
+
     /// Lazy mounts made and fallbacks by reason, since start.
     pub fn lazy_stats(&self) -> &LazyStats {
         &self.inner.lazy

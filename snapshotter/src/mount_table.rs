@@ -1,4 +1,5 @@
-//! The table of lazily mounted layers, for status: which blobs are mounted and how often.
+//! The table of lazily mounted layers, for status: which blobs are mounted and how often, for
+//! every format.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;

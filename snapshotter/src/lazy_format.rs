@@ -1,0 +1,65 @@
+//! The part of a lazy mount that differs by layer format, behind [`LazyFormat`]: eStargz opens
+//! a TOC and serves a FUSE tree; overlaybd stacks a chain's virtual disk, serves it as a FUSE
+//! file and loop-mounts it. Everything the formats share (which layers are opened or mounted,
+//! pins, the status table, unmounting, stale mounts) is [`crate::LazyMounter`]'s.
+
+use std::path::{Path, PathBuf};
+
+use shoal_fetcher::BlobRef;
+use shoal_fuse::layer::MountedLayer;
+use shoal_fuse::syscall::Syscall;
+use shoal_fuse::tasks::Tasks;
+
+use crate::error::SnapshotError;
+use crate::remote::{Fallback, LayerFormat, LayerLabels, ResolvedLayer};
+
+/// One lazily mountable layer format.
+#[containerd_snapshots::tonic::async_trait]
+pub trait LazyFormat: Send + Sync + 'static {
+    /// The format it mounts, as records store it.
+    fn kind(&self) -> LayerFormat;
+
+    /// Whether a Prepare's labels describe a layer of this format.
+    fn claims(&self, labels: &LayerLabels) -> bool;
+
+    /// Locates the layer and fetches and verifies its index. Any error means "download it".
+    async fn open(&self, labels: &LayerLabels) -> Result<Opened, Fallback>;
+
+    /// Opens the layer again from the index bytes `open` returned, without the network,
+    /// verifying them again (a restart reads them back from disk).
+    fn reopen(&self, resolved: &ResolvedLayer) -> Result<Box<dyn OpenedLayer>, String>;
+
+    /// Paths beside `mountpoint` where this format mounts too (overlaybd's disk file), so a
+    /// previous daemon's mounts there are released with the layer's.
+    fn companions(&self, _mountpoint: &Path) -> Vec<PathBuf> {
+        Vec::new()
+    }
+}
+
+/// A layer `open` found: what to persist, and the layer ready to mount.
+pub struct Opened {
+    pub resolved: ResolvedLayer,
+    pub layer: Box<dyn OpenedLayer>,
+}
+
+/// A layer opened and verified, not mounted yet.
+pub trait OpenedLayer: Send {
+    /// The blobs its reads go to, top first: pinned in the cache and listed while mounted.
+    fn blobs(&self) -> Vec<BlobRef>;
+
+    /// Mounts the layer read-only at `mountpoint`, through `syscall` for anything but FUSE.
+    fn mount(
+        self: Box<Self>,
+        mountpoint: &Path,
+        syscall: &dyn Syscall,
+    ) -> Result<Served, SnapshotError>;
+}
+
+/// What serves a mounted layer: dropped only once the layer is unmounted.
+pub struct Served {
+    /// Its FUSE sessions (eStargz: the tree at the mountpoint; overlaybd: the disk file).
+    pub sessions: Vec<MountedLayer>,
+    /// Background work of the layer (overlaybd's whole-blob fetch), cancelled with it; an
+    /// eStargz prefetch belongs to its session.
+    pub tasks: Tasks,
+}

@@ -1,0 +1,370 @@
+//! overlaybd as a [`LazyFormat`].
+//!
+//! A layer's snapshot directory holds the merged filesystem of its whole chain (the layer and
+//! every layer below it in the image): the chain's [`VirtualDisk`] is served as one FUSE file,
+//! attached to a read-only loop device and mounted (ext4 with `noload`, or erofs) on the
+//! snapshot's `fs` through the mount seam. A container's overlay therefore needs only the
+//! nearest overlaybd layer as its lowerdir. No TCMU, configfs or C++ daemon is involved.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use shoal_fetcher::{BlobRef, Digest, Fetcher, ImageRef};
+use shoal_fuse::overlaybd::{ANNOTATION_BLOB_DIGEST, ANNOTATION_FS_TYPE};
+use shoal_fuse::syscall::Syscall;
+use shoal_fuse::tasks::Tasks;
+use shoal_fuse::vdisk::{self, DiskLayer, FsType, VirtualDisk, DISK_FILE};
+use shoal_fuse::FsError;
+use tokio::runtime::Handle;
+use tracing::{error, info};
+
+use crate::error::{with_causes, SnapshotError};
+use crate::lazy_format::{LazyFormat, Opened, OpenedLayer, Served};
+use crate::manifest::chain_of;
+use crate::remote::{Fallback, LayerFormat, LayerLabels, RemoteLayer, ResolvedLayer};
+
+/// Directory beside a snapshot's `fs` where its virtual disk's FUSE file is served.
+const DISK_DIR: &str = "vdisk";
+
+/// Opens overlaybd chains as virtual disks and loop-mounts them.
+pub struct OverlaybdFormat {
+    fetcher: Fetcher,
+    runtime: Handle,
+    background: Background,
+}
+
+/// The background fetch of mounted blobs.
+#[derive(Clone)]
+struct Background {
+    /// Fetch mounted blobs whole at this many bytes per second, then check each one's sha256;
+    /// `None`: blocks are fetched as read (and CRC-checked) only.
+    rate: Option<u64>,
+    /// Blobs whose background fetch runs or ended well, so each runs once per daemon.
+    fetching: Arc<Mutex<HashSet<Digest>>>,
+}
+
+impl OverlaybdFormat {
+    pub fn new(fetcher: Fetcher, runtime: Handle, background_rate: Option<u64>) -> OverlaybdFormat {
+        OverlaybdFormat {
+            fetcher,
+            runtime,
+            background: Background {
+                rate: background_rate,
+                fetching: Arc::default(),
+            },
+        }
+    }
+
+    fn opened(&self, disk: VirtualDisk) -> Box<dyn OpenedLayer> {
+        Box::new(OpenedDisk {
+            disk: Arc::new(disk),
+            fetcher: self.fetcher.clone(),
+            runtime: self.runtime.clone(),
+            background: self.background.clone(),
+        })
+    }
+}
+
+#[containerd_snapshots::tonic::async_trait]
+impl LazyFormat for OverlaybdFormat {
+    fn kind(&self) -> LayerFormat {
+        LayerFormat::Overlaybd
+    }
+
+    fn claims(&self, labels: &LayerLabels) -> bool {
+        labels.overlaybd
+    }
+
+    /// Opens every layer of the chain ending at the labelled layer and stacks them.
+    async fn open(&self, labels: &LayerLabels) -> Result<Opened, Fallback> {
+        if !labels.overlaybd {
+            return Err(Fallback::NotLazyFormat(format!(
+                "the layer has no {ANNOTATION_BLOB_DIGEST} annotation"
+            )));
+        }
+        let image =
+            ImageRef::parse(&labels.image_ref).map_err(|e| Fallback::Registry(e.to_string()))?;
+        let chain = chain_of(&self.fetcher, &image, labels).await?;
+        let top = chain.last().ok_or(Fallback::MissingLabels)?;
+        let fs_type =
+            FsType::from_annotation(top.annotations.get(ANNOTATION_FS_TYPE).map(String::as_str))
+                .ok_or_else(|| {
+                    Fallback::NotLazyFormat("unknown overlaybd filesystem type".into())
+                })?;
+        let mut layers = Vec::with_capacity(chain.len());
+        for descriptor in chain.iter().rev() {
+            if !descriptor.annotations.contains_key(ANNOTATION_BLOB_DIGEST) {
+                return Err(Fallback::NotLazyFormat(format!(
+                    "layer {} below an overlaybd layer is not overlaybd",
+                    descriptor.digest
+                )));
+            }
+            let digest =
+                Digest::parse(&descriptor.digest).map_err(|e| Fallback::Registry(e.to_string()))?;
+            let blob = BlobRef::new(image.clone(), digest, descriptor.size);
+            layers.push(
+                DiskLayer::open(&self.fetcher, blob)
+                    .await
+                    .map_err(fallback_of)?,
+            );
+        }
+        let disk = VirtualDisk::new(layers, fs_type).map_err(fallback_of)?;
+        let index = disk.persist();
+        let index_digest = Digest::of(&index).to_string();
+        Ok(Opened {
+            resolved: ResolvedLayer {
+                layer: RemoteLayer {
+                    format: LayerFormat::Overlaybd,
+                    image_ref: labels.image_ref.clone(),
+                    digest: labels.layer_digest.clone(),
+                    size: top.size,
+                    index_digest,
+                },
+                index,
+            },
+            layer: self.opened(disk),
+        })
+    }
+
+    /// The persisted metadata, checked against its digest and verified again.
+    fn reopen(&self, resolved: &ResolvedLayer) -> Result<Box<dyn OpenedLayer>, String> {
+        let expected = &resolved.layer.index_digest;
+        let actual = Digest::of(&resolved.index).to_string();
+        if &actual != expected {
+            return Err(format!(
+                "persisted disk metadata has digest {actual}, expected {expected}"
+            ));
+        }
+        let disk = VirtualDisk::from_persisted(&resolved.index).map_err(|e| with_causes(&e))?;
+        Ok(self.opened(disk))
+    }
+
+    fn companions(&self, mountpoint: &Path) -> Vec<PathBuf> {
+        disk_dir(mountpoint).into_iter().collect()
+    }
+}
+
+/// A chain's disk, opened, and what it is served with.
+struct OpenedDisk {
+    disk: Arc<VirtualDisk>,
+    fetcher: Fetcher,
+    runtime: Handle,
+    background: Background,
+}
+
+impl OpenedLayer for OpenedDisk {
+    fn blobs(&self) -> Vec<BlobRef> {
+        self.disk
+            .layers()
+            .iter()
+            .map(|l| l.blob().clone())
+            .collect()
+    }
+
+    fn mount(
+        self: Box<Self>,
+        mountpoint: &Path,
+        syscall: &dyn Syscall,
+    ) -> Result<Served, SnapshotError> {
+        let dir = disk_dir(mountpoint).ok_or_else(|| SnapshotError::MountLayer {
+            mountpoint: mountpoint.to_owned(),
+            reason: "mountpoint has no parent".into(),
+        })?;
+        std::fs::create_dir_all(&dir).map_err(|source| SnapshotError::CreateDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let fs_type = self.disk.fs_type();
+        let mut tasks = Tasks::default();
+        self.background
+            .start(&mut tasks, &self.runtime, &self.fetcher, &self.disk);
+        let served = vdisk::mount(
+            self.disk,
+            Arc::new(self.fetcher.clone()),
+            self.runtime.clone(),
+            &dir,
+        )
+        .map_err(|source| SnapshotError::ServeLayer {
+            mountpoint: dir.clone(),
+            source: Box::new(source),
+        })?;
+        // On failure nothing uses the disk yet: dropping its session ends it at once, and
+        // dropping the tasks stops the background fetch.
+        syscall
+            .loop_mount(&dir.join(DISK_FILE), fs_type, mountpoint)
+            .map_err(|source| SnapshotError::MountDisk {
+                mountpoint: mountpoint.to_owned(),
+                source,
+            })?;
+        Ok(Served {
+            sessions: vec![served],
+            tasks,
+        })
+    }
+}
+
+impl Background {
+    /// Starts, as tasks the mounting layer owns, the fetch and digest check of each of
+    /// `disk`'s blobs not fetched or being fetched already.
+    fn start(&self, tasks: &mut Tasks, runtime: &Handle, fetcher: &Fetcher, disk: &VirtualDisk) {
+        let Some(rate) = self.rate else {
+            return;
+        };
+        for layer in disk.layers() {
+            let blob = layer.blob().clone();
+            let fresh = self.lock().insert(blob.digest.clone());
+            if !fresh {
+                continue;
+            }
+            let fetcher = fetcher.clone();
+            let running = Running {
+                background: self.clone(),
+                blob: Some(blob.digest.clone()),
+            };
+            tasks.spawn(runtime, async move {
+                // Moved in whole: dropped with the task, however it ends.
+                let mut running = running;
+                match vdisk::fetch_and_verify(&fetcher, &blob, Some(rate)).await {
+                    Ok(()) => {
+                        info!(blob = %blob.digest, bytes = blob.size, "overlaybd layer fetched and its digest verified");
+                        running.blob = None;
+                    }
+                    Err(err) => {
+                        error!(blob = %blob.digest, error = %with_causes(&err), "overlaybd layer background fetch failed")
+                    }
+                }
+            });
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<Digest>> {
+        self.fetching.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A background fetch in progress: one that fails or is cancelled with its layer forgets its
+/// blob, so a later mount starts it again.
+struct Running {
+    background: Background,
+    /// `None` once the blob is fetched and verified.
+    blob: Option<Digest>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(digest) = self.blob.take() {
+            self.background.lock().remove(&digest);
+        }
+    }
+}
+
+fn disk_dir(mountpoint: &Path) -> Option<PathBuf> {
+    mountpoint.parent().map(|dir| dir.join(DISK_DIR))
+}
+
+fn fallback_of(err: FsError) -> Fallback {
+    match err {
+        FsError::FetchLayerMetadata { .. } => Fallback::Registry(err.to_string()),
+        other => Fallback::NotLazyFormat(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use shoal_fuse::syscall::{Call, RecordingSyscall};
+
+    use super::*;
+    use crate::lazy_mounter::LazyMounter;
+    use crate::remote::LayerMounter;
+
+    fn fetcher(dir: &Path) -> Fetcher {
+        let config = shoal_config::Config::parse(&format!(
+            "root = \"{}\"\n[registry]\ndocker_config = \"{}\"\nretries = 0\n",
+            dir.join("root").display(),
+            dir.join("none.json").display()
+        ))
+        .unwrap();
+        Fetcher::new(&config).unwrap()
+    }
+
+    fn mounter(dir: &Path, syscall: Arc<RecordingSyscall>) -> LazyMounter {
+        let fetcher = fetcher(dir);
+        let format = OverlaybdFormat::new(fetcher.clone(), Handle::current(), None);
+        LazyMounter::new(
+            fetcher,
+            syscall,
+            vec![Box::new(format)],
+            Duration::from_secs(30),
+        )
+    }
+
+    fn labels(overlaybd: bool) -> LayerLabels {
+        LayerLabels {
+            target: "sha256:chain".into(),
+            image_ref: "127.0.0.1:1/test/img:1".into(),
+            layer_digest: format!("sha256:{}", "a".repeat(64)),
+            manifest_digest: None,
+            toc_digest: None,
+            overlaybd,
+        }
+    }
+
+    #[tokio::test]
+    async fn only_overlaybd_layers_are_resolved_and_registry_failures_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let format = OverlaybdFormat::new(fetcher(dir.path()), Handle::current(), None);
+        assert!(!format.claims(&labels(false)));
+        let err = format.open(&labels(false)).await.err().unwrap();
+        assert!(matches!(err, Fallback::NotLazyFormat(_)), "{err}");
+        // Nothing listens on 127.0.0.1:1.
+        let err = format.open(&labels(true)).await.err().unwrap();
+        assert!(matches!(err, Fallback::Registry(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn persisted_metadata_must_match_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let syscall = Arc::new(RecordingSyscall::default());
+        let mounter = mounter(dir.path(), syscall.clone());
+        let resolved = ResolvedLayer {
+            layer: RemoteLayer {
+                format: LayerFormat::Overlaybd,
+                image_ref: "127.0.0.1:1/test/img:1".into(),
+                digest: format!("sha256:{}", "a".repeat(64)),
+                size: 1,
+                index_digest: Digest::of(b"another record").to_string(),
+            },
+            index: b"{}".to_vec(),
+        };
+        let fs = dir.path().join("snapshots/1/fs");
+        let err = mounter.mount(&resolved, &fs).unwrap_err().to_string();
+        assert!(err.contains("digest"), "{err}");
+        assert!(syscall.calls().is_empty(), "nothing mounted");
+        assert!(!dir.path().join("snapshots/1").join(DISK_DIR).exists());
+    }
+
+    #[tokio::test]
+    async fn a_previous_daemons_disk_and_filesystem_are_released_and_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let syscall = Arc::new(RecordingSyscall::default());
+        let mounter = mounter(dir.path(), syscall.clone());
+        let snapshot = dir.path().join("snapshots/1");
+        let (fs, disk) = (snapshot.join("fs"), snapshot.join(DISK_DIR));
+        let other = dir.path().join("snapshots/2/fs");
+        // As a crash between the disk's mount and the filesystem's leaves them.
+        syscall.add_mount(&disk);
+        syscall.add_mount(&fs);
+        syscall.add_mount(&other);
+        mounter.unmount(&fs).unwrap();
+        assert_eq!(syscall.table(), [other]);
+        let unmounts: Vec<Call> = syscall
+            .calls()
+            .into_iter()
+            .filter(|c| matches!(c, Call::Unmount(_)))
+            .collect();
+        assert_eq!(unmounts, [Call::Unmount(fs), Call::Unmount(disk)]);
+    }
+}
