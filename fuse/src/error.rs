@@ -3,8 +3,8 @@ use std::path::PathBuf;
 use fuser::Errno;
 use shoal_fetcher::FetchError;
 
-use crate::estargz::{ChunkError, FooterError, IndexError, TocDigest, TocError};
-use crate::overlaybd::{LsmtError, StackError, TarWrapperError, ZFileError};
+use shoal_formats::estargz::{ChunkError, FooterError, IndexError, TocDigest, TocError};
+use shoal_formats::overlaybd::{LsmtError, StackError, TarWrapperError, ZFileError};
 
 /// Why a lazily mounted layer could not be opened, mounted or read. `FsError -> Errno` at the
 /// FUSE boundary is [`FsError::errno`].

@@ -12,8 +12,8 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use shoal_fetcher::{BlobRef, Digest, Fetcher, ImageRef};
+use shoal_formats::overlaybd::{ANNOTATION_BLOB_DIGEST, ANNOTATION_FS_TYPE};
 use shoal_fuse::layer::MountedLayer;
-use shoal_fuse::overlaybd::{ANNOTATION_BLOB_DIGEST, ANNOTATION_FS_TYPE};
 use shoal_fuse::vdisk::{self, DiskLayer, FsType, VirtualDisk, DISK_FILE};
 use shoal_fuse::FsError;
 use tokio::runtime::Handle;

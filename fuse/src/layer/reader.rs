@@ -12,7 +12,7 @@ use shoal_fetcher::{BlobRead, BlobRef, Digest, Expect, Histogram, HistogramSnaps
 use super::mounted::{MountTable, MountedBlob};
 
 use crate::error::FsError;
-use crate::estargz::{decompress_chunk, Chunk, Index, Ino};
+use shoal_formats::estargz::{decompress_chunk, Chunk, Index, Ino};
 
 /// Tunables of a [`ChunkReader`].
 #[derive(Debug, Clone, Copy)]

@@ -5,8 +5,8 @@ use shoal_fetcher::BlobRead;
 
 use super::{DiskLayer, FsType};
 use crate::error::FsError;
-use crate::overlaybd::lsmt::LsmtFile;
-use crate::overlaybd::{Piece, Stack};
+use shoal_formats::overlaybd::lsmt::LsmtFile;
+use shoal_formats::overlaybd::{Piece, Stack};
 
 /// Layers of one image prefix stacked into a disk, top layer first.
 #[derive(Debug)]

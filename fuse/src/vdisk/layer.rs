@@ -8,9 +8,9 @@ use bytes::Bytes;
 use shoal_fetcher::{BlobRead, BlobRef, Expect, Rejection};
 
 use crate::error::FsError;
-use crate::overlaybd::lsmt::{self, LsmtError, LsmtFile};
-use crate::overlaybd::tar_wrapper::{self, PROBE_LEN};
-use crate::overlaybd::zfile::{ZFile, ZFileError, ZFileInfo, HEADER_SIZE};
+use shoal_formats::overlaybd::lsmt::{self, LsmtError, LsmtFile};
+use shoal_formats::overlaybd::tar_wrapper::{self, PROBE_LEN};
+use shoal_formats::overlaybd::zfile::{ZFile, ZFileError, ZFileInfo, HEADER_SIZE};
 
 /// The verified metadata of a layer, as fetched: enough to reopen it with no network.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,21 +2,35 @@
 //! tiers whose cache holds the blob and whose registry holds nothing, so nothing can come
 //! from the network; the fetcher's trust decisions run as in the daemon.
 
+use std::path::{Path, PathBuf};
+
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use shoal_fetcher::trust::Tiers;
 use shoal_fetcher::{BlobRef, Digest, ImageRef, MemoryBlobs};
 
 use super::*;
-use crate::overlaybd::lsmt::{Mapping, RECORD_SIZE};
-use crate::overlaybd::{tar_wrapper, BlockSource, Disk, Window, ZFileReader};
 use crate::FsError;
+use shoal_formats::overlaybd::lsmt::{Mapping, RECORD_SIZE};
+use shoal_formats::overlaybd::{tar_wrapper, BlockSource, Disk, Window, ZFileReader};
 
 const LAYER: &str = "022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d";
 const EXT4_MAGIC: [u8; 2] = [0x53, 0xef];
 
+/// The overlaybd fixtures, found as `shoal-formats`' own fixture tests find them.
+fn fixtures() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SHOAL_FIXTURES") {
+        return Path::new(&dir).join("overlaybd");
+    }
+    let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/overlaybd");
+    if beside.is_dir() {
+        return beside;
+    }
+    PathBuf::from("/work/shared/fixtures/overlaybd")
+}
+
 fn fixture_blob() -> Vec<u8> {
-    let blobs = crate::overlaybd::fixture_tests::fixtures().join("hello-world/blobs/sha256");
+    let blobs = fixtures().join("hello-world/blobs/sha256");
     std::fs::read(blobs.join(LAYER)).expect("fixture blob")
 }
 

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shoal_fuse::estargz::{
+use shoal_formats::estargz::{
     decompress_chunk, footer::FOOTER_SIZE, parse_footer, parse_toc, verify, Footer, Index, NodeKind,
 };
 
