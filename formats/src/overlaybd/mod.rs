@@ -3,8 +3,9 @@
 //! A layer blob is an optional [`tar_wrapper`] around a [`zfile`] (compressed, CRC-checked
 //! blocks) around an [`lsmt`] file (a log-structured index from virtual-disk sectors to data).
 //! [`stack`] merges the indexes of a layer stack top first and [`Disk`] reads the resulting
-//! virtual disk (an ext4 or erofs image). All I/O goes through [`BlockSource`], so the FUSE
-//! layer can put the chunk cache underneath.
+//! virtual disk (an ext4 or erofs image). The readers here do their I/O through
+//! [`BlockSource`] (tests, fuzzing and `shoal convert` hold whole blobs); the FUSE virtual
+//! disk, whose blobs arrive through the fetcher, executes the same [`BlockMap`] plans.
 //!
 //! Typical read path for one layer: `tar_wrapper::locate` → [`Window`] over the payload →
 //! [`ZFileReader`] → [`LsmtFile::open`]; then [`Disk::open`] over the per-layer readers.
