@@ -4,7 +4,7 @@
 # nightly toolchain and cargo-fuzz; this script installs neither on its own beyond cargo-fuzz.
 # Not part of the test command: fuzzing is open-ended, and CI time is for deterministic tests.
 set -euo pipefail
-cd "$(dirname "$0")/../fuse/fuzz"
+cd "$(dirname "$0")/../formats/fuzz"
 seconds=${1:-60}
 
 if ! rustup toolchain list | grep -q '^nightly'; then

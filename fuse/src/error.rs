@@ -3,8 +3,8 @@ use std::path::PathBuf;
 use fuser::Errno;
 use shoal_fetcher::FetchError;
 
-use crate::estargz::{ChunkError, FooterError, IndexError, TocDigest, TocError};
-use crate::overlaybd::{LsmtError, StackError, TarWrapperError, ZFileError};
+use shoal_formats::estargz::{ChunkError, FooterError, IndexError, TocDigest, TocError};
+use shoal_formats::overlaybd::{BlockMapError, LayerError};
 
 /// Why a lazily mounted layer could not be opened, mounted or read. `FsError -> Errno` at the
 /// FUSE boundary is [`FsError::errno`].
@@ -49,17 +49,11 @@ pub enum FsError {
         what: &'static str,
         source: FetchError,
     },
-    #[error("overlaybd layer {blob} has a bad tar wrapper: {source}")]
-    LayerWrapper {
-        blob: String,
-        source: TarWrapperError,
-    },
-    #[error("overlaybd layer {blob} is not a valid zfile: {source}")]
-    LayerZFile { blob: String, source: ZFileError },
-    #[error("overlaybd layer {blob} is not a valid lsmt file: {source}")]
-    LayerLsmt { blob: String, source: LsmtError },
-    #[error("stack overlaybd layers: {source}")]
-    StackLayers { source: StackError },
+    /// The format's own error says which part of the layer is bad; the mounter shows it.
+    #[error(transparent)]
+    OpenLayer(#[from] LayerError),
+    #[error(transparent)]
+    StackLayers(BlockMapError),
     #[error("persisted virtual disk is damaged: {source}")]
     PersistedDisk { source: serde_json::Error },
     #[error("read block {block} of overlaybd layer {blob}: {source}")]
@@ -70,12 +64,8 @@ pub enum FsError {
     },
     #[error("fetch overlaybd layer {blob} in the background: {source}")]
     FetchBlob { blob: String, source: FetchError },
-    #[error("decode block {block} of overlaybd layer {blob}: {source}")]
-    DecodeBlock {
-        blob: String,
-        block: u64,
-        source: ZFileError,
-    },
+    #[error(transparent)]
+    PlanRead(BlockMapError),
 }
 
 impl FsError {

@@ -1,9 +1,6 @@
-//! Filesystem layer of Shoal: the pure format readers and the FUSE filesystems that present
-//! lazily pulled layers.
+//! Filesystem layer of Shoal: the FUSE filesystems that present lazily pulled layers, over the
+//! pure format readers of `shoal-formats`.
 //!
-//! - [`estargz`]: footer, TOC, file [`estargz::Index`], chunk decoding, and the builder used by
-//!   `shoal convert` (pure; fuzzed).
-//! - [`overlaybd`]: tar wrapper, ZFile, LSMT and layer stacking (pure; fuzzed).
 //! - [`layer`]: an opened eStargz layer ([`layer::EstargzLayer`]), the [`layer::ChunkReader`]
 //!   that verifies every chunk before it is served, and [`layer::mount`].
 //! - [`vdisk`]: an overlaybd layer stack's merged virtual disk ([`vdisk::VirtualDisk`]), read
@@ -16,9 +13,7 @@
 //! cache moves its reply into a task on the daemon's runtime.
 
 mod error;
-pub mod estargz;
 pub mod layer;
-pub mod overlaybd;
 pub mod syscall;
 pub mod tasks;
 pub mod vdisk;

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use shoal_fetcher::{BlobRef, Digest, Fetcher, ImageRef};
-use shoal_fuse::estargz::{TocDigest, TOC_DIGEST_ANNOTATION};
+use shoal_formats::estargz::{TocDigest, TOC_DIGEST_ANNOTATION};
 use shoal_fuse::layer::{self, ChunkReader, EstargzLayer, Prefetch};
 use shoal_fuse::syscall::Syscall;
 use shoal_fuse::tasks::Tasks;
@@ -178,7 +178,7 @@ mod tests {
         assert!(matches!(fallback_of(mismatch), Fallback::NotLazyFormat(_)));
         let cycle = FsError::BuildIndex {
             blob: "sha256:ab".into(),
-            source: shoal_fuse::estargz::IndexError::HardlinkToItself { path: "a".into() },
+            source: shoal_formats::estargz::IndexError::HardlinkToItself { path: "a".into() },
         };
         let fallback = fallback_of(cycle);
         assert_eq!(fallback.kind(), "refused_index");

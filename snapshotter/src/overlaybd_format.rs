@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use shoal_fetcher::{BlobRef, Digest, Fetcher, ImageRef};
-use shoal_fuse::overlaybd::{ANNOTATION_BLOB_DIGEST, ANNOTATION_FS_TYPE};
+use shoal_formats::overlaybd::{ANNOTATION_BLOB_DIGEST, ANNOTATION_FS_TYPE};
 use shoal_fuse::syscall::Syscall;
 use shoal_fuse::tasks::Tasks;
 use shoal_fuse::vdisk::{self, DiskLayer, FsType, VirtualDisk, DISK_FILE};

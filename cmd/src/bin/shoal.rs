@@ -80,7 +80,7 @@ struct ConvertArgs {
     #[arg(long, value_name = "PATH")]
     prioritize_list: Option<PathBuf>,
     /// Largest uncompressed chunk of a file, in bytes.
-    #[arg(long, default_value_t = shoal_fuse::estargz::build::DEFAULT_CHUNK_SIZE)]
+    #[arg(long, default_value_t = shoal_formats::estargz::build::DEFAULT_CHUNK_SIZE)]
     chunk_size: u64,
     /// `os/arch[/variant]` to pick from a multi-platform source.
     #[arg(long, default_value = shoal_cmd::convert::DEFAULT_PLATFORM)]
@@ -213,7 +213,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             let runtime = shoal_cmd::runtime::build()?;
             let progress = shoal_cmd::pull::Progress::new();
             use shoal_cmd::convert::{overlaybd, Format};
-            use shoal_fuse::overlaybd::zfile::Algorithm;
+            use shoal_formats::overlaybd::zfile::Algorithm;
             let summary = match convert.format {
                 Format::Estargz => runtime
                     .block_on(shoal_cmd::convert::convert(config, &options, &progress))?

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use sha2::{Digest as _, Sha256};
 use shoal_fetcher::Digest;
-use shoal_fuse::estargz::{build_with_spill, BuildOptions, BuildOutput, Sha256Digest};
+use shoal_formats::estargz::{build_with_spill, BuildOptions, BuildOutput, Sha256Digest};
 
 use crate::pull::image::Descriptor;
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context};
 use serde_json::{json, Map, Value};
 use shoal_fetcher::Digest;
-use shoal_fuse::estargz::{BuildOutput, TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION};
+use shoal_formats::estargz::{BuildOutput, TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION};
 
 use crate::pull::image::{Descriptor, OCI_MANIFEST};
 

@@ -2,7 +2,7 @@
 //! eStargz and pushed to a registry, so that Shoal can mount its layers lazily.
 //!
 //! Each layer is fetched as a file, checked to be a gzip or plain tar, run through the
-//! eStargz builder (`shoal_fuse::estargz::build_with_spill`) while its original digest is
+//! eStargz builder (`shoal_formats::estargz::build_with_spill`) while its original digest is
 //! verified, and uploaded. The builder's diff IDs replace the config's (an eStargz blob
 //! decompresses to a different tar), the config is uploaded under its new digest, and an OCI
 //! manifest whose layers carry the TOC digest and uncompressed size annotations is pushed last,
@@ -32,8 +32,8 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use shoal_config::Config;
 use shoal_fetcher::{BlobContent, Digest, ImageRef, RegistryClient};
-use shoal_fuse::estargz::build::DEFAULT_CHUNK_SIZE;
-use shoal_fuse::estargz::BuildOptions;
+use shoal_formats::estargz::build::DEFAULT_CHUNK_SIZE;
+use shoal_formats::estargz::BuildOptions;
 
 pub use self::report::{LayerReport, Summary};
 

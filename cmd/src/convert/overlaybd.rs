@@ -18,9 +18,9 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use shoal_config::{ByteSize, Config};
 use shoal_fetcher::{BlobContent, Digest, Pushed};
-use shoal_fuse::overlaybd::lsmt::{Extent, Writer};
-use shoal_fuse::overlaybd::zfile::{self, Algorithm};
-use shoal_fuse::overlaybd::{
+use shoal_formats::overlaybd::lsmt::{Extent, Writer};
+use shoal_formats::overlaybd::zfile::{self, Algorithm};
+use shoal_formats::overlaybd::{
     tar_wrapper, ANNOTATION_BLOB_DIGEST, ANNOTATION_BLOB_SIZE, ANNOTATION_VERSION,
 };
 
@@ -296,7 +296,7 @@ impl<R: Read> Read for Hashing<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_fuse::overlaybd::{Disk, Window, ZFileReader};
+    use shoal_formats::overlaybd::{Disk, Window, ZFileReader};
 
     #[test]
     fn a_built_blob_reads_back_through_the_overlaybd_readers() {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use shoal_config::ByteSize;
 use shoal_fetcher::{Digest, Pushed};
-use shoal_fuse::estargz::TocDigest;
+use shoal_formats::estargz::TocDigest;
 
 /// How one layer went.
 #[derive(Debug, Clone)]

@@ -15,7 +15,7 @@ use tokio::runtime::Handle;
 use tracing::warn;
 
 use super::{ChunkReader, EstargzLayer};
-use crate::estargz::{self, Index, Ino, NodeKind};
+use shoal_formats::estargz::{self, Index, Ino, NodeKind};
 
 /// Layers never change, so the kernel may keep entries and attributes for as long as it likes.
 const TTL: Duration = Duration::from_secs(24 * 3600);

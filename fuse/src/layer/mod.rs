@@ -12,7 +12,7 @@ use bytes::Bytes;
 use shoal_fetcher::{Anchor, BlobRead, BlobRef, FetchError, Rejection};
 
 use crate::error::FsError;
-use crate::estargz::{
+use shoal_formats::estargz::{
     parse_footer,
     toc::{check_compressed_size, decode_toc_json, read_toc_json},
     Index, TocDigest, FOOTER_SIZE,

@@ -10,7 +10,7 @@ use lru::LruCache;
 use shoal_fetcher::{BlobRead, BlobRef, Expect, Histogram, HistogramSnapshot, Rejection};
 
 use crate::error::FsError;
-use crate::estargz::{decompress_chunk, Chunk, Index, Ino};
+use shoal_formats::estargz::{decompress_chunk, Chunk, Index, Ino};
 
 /// Tunables of a [`ChunkReader`].
 #[derive(Debug, Clone, Copy)]

@@ -1,36 +1,53 @@
-//! The virtual disk of a layer stack: the merged index, and reads that resolve each virtual
-//! byte range to the layer blocks holding it (zeros where no layer maps anything).
+//! The virtual disk of a layer stack: the [`BlockMap`] plans each read (zeros where no layer
+//! maps anything, spans of ZFile blocks elsewhere), and this file executes the plan, from the
+//! disk's memory of decoded blocks or through [`BlobRead`].
 
+use bytes::Bytes;
 use shoal_fetcher::BlobRead;
+use shoal_formats::overlaybd::{BlockMap, BlockSpan, Stack, Step};
 
+use super::memory::BlockMemory;
 use super::{DiskLayer, FsType};
 use crate::error::FsError;
-use crate::overlaybd::lsmt::LsmtFile;
-use crate::overlaybd::{Piece, Stack};
+
+/// Decompressed blocks a disk keeps in memory: the blocks around a few recent reads (the
+/// kernel's page cache keeps the rest of what was read).
+const MEMORY_BYTES: u64 = 4 << 20;
 
 /// Layers of one image prefix stacked into a disk, top layer first.
-#[derive(Debug)]
 pub struct VirtualDisk {
     layers: Vec<DiskLayer>,
-    stack: Stack,
+    map: BlockMap,
     fs_type: FsType,
+    memory: BlockMemory,
+}
+
+impl std::fmt::Debug for VirtualDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtualDisk")
+            .field("layers", &self.layers)
+            .field("fs_type", &self.fs_type)
+            .field("memory_bytes", &self.memory.bytes())
+            .finish_non_exhaustive()
+    }
 }
 
 impl VirtualDisk {
     /// Stacks `layers`, given top first (at most 255).
     pub fn new(layers: Vec<DiskLayer>, fs_type: FsType) -> Result<VirtualDisk, FsError> {
-        let files: Vec<&LsmtFile> = layers.iter().map(DiskLayer::lsmt).collect();
-        let stack = Stack::from_files(&files).map_err(|source| FsError::StackLayers { source })?;
+        let parsed: Vec<_> = layers.iter().map(DiskLayer::layer).collect();
+        let map = BlockMap::new(&parsed).map_err(FsError::StackLayers)?;
         Ok(VirtualDisk {
             layers,
-            stack,
+            map,
             fs_type,
+            memory: BlockMemory::new(MEMORY_BYTES),
         })
     }
 
     /// Size of the disk in bytes.
     pub fn size(&self) -> u64 {
-        self.stack.virtual_size()
+        self.map.size()
     }
 
     pub fn fs_type(&self) -> FsType {
@@ -39,7 +56,7 @@ impl VirtualDisk {
 
     /// The merged index.
     pub fn stack(&self) -> &Stack {
-        &self.stack
+        self.map.stack()
     }
 
     /// The layers, top first.
@@ -47,19 +64,29 @@ impl VirtualDisk {
         &self.layers
     }
 
-    /// Bytes `offset..offset + len`, clipped to the disk, if the cache holds every block they
-    /// need; `None` when something must be fetched. Never waits on the network.
+    /// Decompressed block bytes held in memory.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory.bytes()
+    }
+
+    /// Bytes `offset..offset + len`, clipped to the disk, if memory or the cache holds every
+    /// block they need; `None` when something must be fetched. Never waits on the network.
     pub fn read_cached(&self, blobs: &dyn BlobRead, offset: u64, len: u64) -> Option<Vec<u8>> {
-        let pieces = self.pieces(offset, len).ok()?;
-        let mut out = Vec::with_capacity(pieces.iter().map(Piece::len).sum::<u64>() as usize);
-        for piece in pieces {
-            match piece {
-                Piece::Zero { len } => out.resize(out.len() + len as usize, 0),
-                Piece::Data {
-                    layer,
-                    moffset,
-                    len,
-                } => self.layers[layer].read_cached(blobs, moffset..moffset + len, &mut out)?,
+        let steps = self.plan(offset, len).ok()?;
+        let mut out = Vec::with_capacity(steps.iter().map(Step::len).sum::<u64>() as usize);
+        for step in steps {
+            match step {
+                Step::Zero { len } => out.resize(out.len() + len as usize, 0),
+                Step::Blocks { layer, span } => {
+                    let blocks = match self.memory.get(layer, span.blocks.clone()) {
+                        Some(blocks) => blocks,
+                        None => {
+                            let whole = self.layers[layer].cached_blocks(blobs, &span)?;
+                            self.remember(layer, &span, &whole)
+                        }
+                    };
+                    keep(&blocks, &span, &mut out);
+                }
             }
         }
         Some(out)
@@ -72,33 +99,53 @@ impl VirtualDisk {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, FsError> {
-        let pieces = self.pieces(offset, len)?;
-        let mut out = Vec::with_capacity(pieces.iter().map(Piece::len).sum::<u64>() as usize);
-        for piece in pieces {
-            match piece {
-                Piece::Zero { len } => out.resize(out.len() + len as usize, 0),
-                Piece::Data {
-                    layer,
-                    moffset,
-                    len,
-                } => {
-                    self.layers[layer]
-                        .read(blobs, moffset..moffset + len, &mut out)
-                        .await?
+        let steps = self.plan(offset, len)?;
+        let mut out = Vec::with_capacity(steps.iter().map(Step::len).sum::<u64>() as usize);
+        for step in steps {
+            match step {
+                Step::Zero { len } => out.resize(out.len() + len as usize, 0),
+                Step::Blocks { layer, span } => {
+                    let blocks = match self.memory.get(layer, span.blocks.clone()) {
+                        Some(blocks) => blocks,
+                        None => {
+                            let whole = self.layers[layer].read_blocks(blobs, &span).await?;
+                            self.remember(layer, &span, &whole)
+                        }
+                    };
+                    keep(&blocks, &span, &mut out);
                 }
             }
         }
         Ok(out)
     }
 
-    fn pieces(&self, offset: u64, len: u64) -> Result<Vec<Piece>, FsError> {
-        let size = self.size();
-        let len = len.min(size.saturating_sub(offset));
+    fn plan(&self, offset: u64, len: u64) -> Result<Vec<Step>, FsError> {
+        let len = len.min(self.size().saturating_sub(offset));
         if len == 0 {
             return Ok(Vec::new());
         }
-        self.stack
-            .resolve(offset, len)
-            .map_err(|source| FsError::StackLayers { source })
+        self.map.plan(offset, len).map_err(FsError::PlanRead)
+    }
+
+    /// Splits the decoded blocks of `span` (whole, concatenated) into blocks, and keeps them.
+    fn remember(&self, layer: usize, span: &BlockSpan, whole: &Bytes) -> Vec<Bytes> {
+        let size = self.map.block_size(layer).map_or(1, |size| size.max(1)) as usize;
+        // Copies, so that a block kept in memory does not pin the rest of its span.
+        let blocks: Vec<Bytes> = whole.chunks(size).map(Bytes::copy_from_slice).collect();
+        self.memory.put(layer, span.blocks.start, &blocks);
+        blocks
+    }
+}
+
+/// Appends the part of `blocks` (the span's blocks, in order) that `span.keep` asks for.
+fn keep(blocks: &[Bytes], span: &BlockSpan, out: &mut Vec<u8>) {
+    let mut at = 0;
+    for block in blocks {
+        let end = at + block.len();
+        let (from, to) = (span.keep.start.max(at), span.keep.end.min(end));
+        if from < to {
+            out.extend_from_slice(&block[from - at..to - at]);
+        }
+        at = end;
     }
 }

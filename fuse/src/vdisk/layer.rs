@@ -1,44 +1,25 @@
-//! One overlaybd layer blob, opened lazily: metadata is fetched and parsed up front, data
-//! blocks are read as reads need them, each through [`BlobRead`] with a decoder that checks
-//! its CRC32C and decompresses it (the fetcher refetches a span that fails, once).
+//! One overlaybd layer blob, opened lazily: its metadata is fetched up front and parsed by
+//! [`Layer`]; data blocks are read as reads need them, each span of blocks through
+//! [`BlobRead`] with a decoder that checks every block's CRC32C and decompresses it (the
+//! fetcher refetches a span that fails, once). What to read is planned in `shoal-formats`
+//! ([`ZFile::span`], [`shoal_formats::overlaybd::BlockMap`]); this file only executes it.
 
 use std::ops::Range;
 
 use bytes::Bytes;
 use shoal_fetcher::{BlobRead, BlobRef, Expect, Rejection};
+use shoal_formats::overlaybd::lsmt::{self, LsmtError, LsmtFile};
+use shoal_formats::overlaybd::tar_wrapper::{self, PROBE_LEN};
+use shoal_formats::overlaybd::zfile::{BlockSpan, ZFile, ZFileError, ZFileInfo, HEADER_SIZE};
+use shoal_formats::overlaybd::{Layer, LayerError, LayerMeta};
 
 use crate::error::FsError;
-use crate::overlaybd::lsmt::{self, LsmtError, LsmtFile};
-use crate::overlaybd::tar_wrapper::{self, PROBE_LEN};
-use crate::overlaybd::zfile::{ZFile, ZFileError, ZFileInfo, HEADER_SIZE};
 
-/// The verified metadata of a layer, as fetched: enough to reopen it with no network.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LayerMeta {
-    /// Where the ZFile starts within the blob (after the tar wrapper's headers).
-    pub payload_offset: u64,
-    pub payload_len: u64,
-    pub zfile_header: Vec<u8>,
-    pub zfile_trailer: Vec<u8>,
-    pub jump_table: Vec<u8>,
-    pub lsmt_header: Vec<u8>,
-    pub lsmt_trailer: Vec<u8>,
-    pub lsmt_index: Vec<u8>,
-}
-
-/// A ZFile inside a blob: uncompressed reads through the fetcher.
-#[derive(Debug)]
-struct ZBlob {
-    blob: BlobRef,
-    payload_offset: u64,
-    zfile: ZFile,
-}
-
-/// An opened overlaybd layer: its blob, ZFile block map and LSMT index.
+/// An opened overlaybd layer: its blob, the metadata it was parsed from, and the parse.
 #[derive(Debug)]
 pub struct DiskLayer {
-    zblob: ZBlob,
-    lsmt: LsmtFile,
+    blob: BlobRef,
+    layer: Layer,
     meta: LayerMeta,
 }
 
@@ -46,18 +27,10 @@ impl DiskLayer {
     /// Fetches and verifies the layer's tar wrapper, ZFile header, trailer and jump table, and
     /// the LSMT header, trailer and index inside the ZFile.
     pub async fn open(blobs: &dyn BlobRead, blob: BlobRef) -> Result<DiskLayer, FsError> {
-        let name = blob.digest.to_string();
         let head_len = (PROBE_LEN as u64).min(blob.size);
         let head = fetch(blobs, &blob, "tar header", 0..head_len).await?;
-        let payload =
-            tar_wrapper::locate(&head, blob.size).map_err(|source| FsError::LayerWrapper {
-                blob: name.clone(),
-                source,
-            })?;
-        let zfile_err = |source| FsError::LayerZFile {
-            blob: name.clone(),
-            source,
-        };
+        let payload = tar_wrapper::locate(&head, blob.size).map_err(LayerError::from)?;
+        let zfile_err = |source: ZFileError| FsError::OpenLayer(source.into());
         let record = HEADER_SIZE as u64;
         if payload.len < 2 * record {
             return Err(zfile_err(ZFileError::BlobTooSmall { size: payload.len }));
@@ -76,26 +49,18 @@ impl DiskLayer {
         )
         .await?;
         let zfile = ZFile::from_info(info, &jump_table).map_err(zfile_err)?;
-        let zblob = ZBlob {
-            blob,
-            payload_offset: payload.offset,
-            zfile,
-        };
 
-        let lsmt_err = |source| FsError::LayerLsmt {
-            blob: name.clone(),
-            source,
-        };
-        let size = zblob.zfile.uncompressed_size();
+        let size = zfile.uncompressed_size();
         let record = lsmt::HEADER_SIZE as u64;
         if size < 2 * record {
-            return Err(lsmt_err(LsmtError::FileTooSmall { size }));
+            return Err(FsError::OpenLayer(LsmtError::FileTooSmall { size }.into()));
         }
-        let lsmt_header = zblob.read(blobs, 0..record).await?;
-        let lsmt_trailer = zblob.read(blobs, size - record..size).await?;
-        let (_, index) =
-            LsmtFile::locate_index(&lsmt_header, &lsmt_trailer, size).map_err(lsmt_err)?;
-        let lsmt_index = zblob.read(blobs, index).await?;
+        let at = payload.offset;
+        let lsmt_header = read_zfile(blobs, &blob, &zfile, at, 0..record).await?;
+        let lsmt_trailer = read_zfile(blobs, &blob, &zfile, at, size - record..size).await?;
+        let (_, index) = LsmtFile::locate_index(&lsmt_header, &lsmt_trailer, size)
+            .map_err(|source| FsError::OpenLayer(source.into()))?;
+        let lsmt_index = read_zfile(blobs, &blob, &zfile, at, index).await?;
         let meta = LayerMeta {
             payload_offset: payload.offset,
             payload_len: payload.len,
@@ -106,54 +71,17 @@ impl DiskLayer {
             lsmt_trailer,
             lsmt_index,
         };
-        let blob = zblob.blob;
         DiskLayer::from_meta(blob, meta)
     }
 
     /// Reopens a layer from metadata [`DiskLayer::meta`] held, verifying it again.
     pub fn from_meta(blob: BlobRef, meta: LayerMeta) -> Result<DiskLayer, FsError> {
-        let name = blob.digest.to_string();
-        let zfile_err = |source| FsError::LayerZFile {
-            blob: name.clone(),
-            source,
-        };
-        let in_blob = meta
-            .payload_offset
-            .checked_add(meta.payload_len)
-            .is_some_and(|end| end <= blob.size);
-        if !in_blob {
-            return Err(FsError::LayerWrapper {
-                blob: name,
-                source: tar_wrapper::TarWrapperError::Truncated {
-                    offset: meta.payload_offset,
-                    len: meta.payload_len,
-                    blob_size: blob.size,
-                },
-            });
-        }
-        let info = ZFileInfo::parse(&meta.zfile_header, &meta.zfile_trailer).map_err(zfile_err)?;
-        info.jump_table_range(meta.payload_len).map_err(zfile_err)?;
-        let zfile = ZFile::from_info(info, &meta.jump_table).map_err(zfile_err)?;
-        let lsmt = LsmtFile::parse(
-            &meta.lsmt_header,
-            &meta.lsmt_trailer,
-            &meta.lsmt_index,
-            zfile.uncompressed_size(),
-        )
-        .map_err(|source| FsError::LayerLsmt { blob: name, source })?;
-        Ok(DiskLayer {
-            zblob: ZBlob {
-                blob,
-                payload_offset: meta.payload_offset,
-                zfile,
-            },
-            lsmt,
-            meta,
-        })
+        let layer = Layer::parse(&meta, blob.size)?;
+        Ok(DiskLayer { blob, layer, meta })
     }
 
     pub fn blob(&self) -> &BlobRef {
-        &self.zblob.blob
+        &self.blob
     }
 
     pub fn meta(&self) -> &LayerMeta {
@@ -161,142 +89,75 @@ impl DiskLayer {
     }
 
     pub fn lsmt(&self) -> &LsmtFile {
-        &self.lsmt
+        self.layer.lsmt()
     }
 
-    /// Appends the LSMT file's bytes `range` to `out` if the cache holds every block they
-    /// need and each verifies; `None` means the network (or a refetch) is needed.
-    pub(super) fn read_cached(
-        &self,
-        blobs: &dyn BlobRead,
-        range: Range<u64>,
-        out: &mut Vec<u8>,
-    ) -> Option<()> {
-        self.zblob.read_cached(blobs, range, out)
+    /// The parsed layer: its ZFile placed in the blob, and its LSMT index.
+    pub fn layer(&self) -> &Layer {
+        &self.layer
     }
 
-    /// Appends the LSMT file's bytes `range` to `out`, fetching what the cache lacks.
-    pub(super) async fn read(
+    /// The blocks of `span` (placed in this layer's blob), checked and decompressed whole, if
+    /// the cache holds them and they pass; `None`: [`DiskLayer::read_blocks`] must fetch them.
+    pub(super) fn cached_blocks(&self, blobs: &dyn BlobRead, span: &BlockSpan) -> Option<Bytes> {
+        let zfile = self.layer.zfile();
+        let decode = |raw: &Bytes| decode(zfile, span, raw);
+        // A bad cached block comes back as `None`: the async path refetches it.
+        blobs.read_cached(
+            &self.blob,
+            span.compressed.clone(),
+            Expect::Embedded(&decode),
+        )
+    }
+
+    /// The blocks of `span`, checked and decompressed whole, fetching what the cache lacks.
+    pub(super) async fn read_blocks(
         &self,
         blobs: &dyn BlobRead,
-        range: Range<u64>,
-        out: &mut Vec<u8>,
-    ) -> Result<(), FsError> {
-        out.extend_from_slice(&self.zblob.read(blobs, range).await?);
-        Ok(())
+        span: &BlockSpan,
+    ) -> Result<Bytes, FsError> {
+        read_blocks(blobs, &self.blob, self.layer.zfile(), span).await
     }
 }
 
-impl ZBlob {
-    /// Blocks covering uncompressed `range`, and where their compressed bytes lie in the blob.
-    fn span(&self, range: &Range<u64>) -> Result<(Range<u64>, Range<u64>), ZFileError> {
-        let blocks = self.zfile.blocks_for(range.clone());
-        if blocks.is_empty() {
-            return Ok((blocks, 0..0));
-        }
-        let first = self.zfile.block_range(blocks.start)?;
-        let last = self.zfile.block_range(blocks.end - 1)?;
-        let at = self.payload_offset;
-        Ok((blocks, at + first.start..at + last.end))
-    }
-
-    fn read_cached(
-        &self,
-        blobs: &dyn BlobRead,
-        range: Range<u64>,
-        out: &mut Vec<u8>,
-    ) -> Option<()> {
-        let (blocks, span) = self.span(&range).ok()?;
-        if blocks.is_empty() {
-            return (range.is_empty()).then_some(());
-        }
-        let decode = |raw: &Bytes| self.decode_span(raw, span.start, blocks.clone(), &range);
-        // A bad cached block comes back as `None`: the async path refetches it.
-        let data = blobs.read_cached(&self.blob, span.clone(), Expect::Embedded(&decode))?;
-        out.extend_from_slice(&data);
-        Some(())
-    }
-
-    /// Uncompressed bytes `range`, each block CRC-checked; a span with a block that fails is
-    /// fetched once more from the registry (the cached copy dropped) before the read fails.
-    async fn read(&self, blobs: &dyn BlobRead, range: Range<u64>) -> Result<Vec<u8>, FsError> {
-        let name = || self.blob.digest.to_string();
-        let decode_err = |block, source| FsError::DecodeBlock {
-            blob: name(),
-            block,
+/// Blocks `span` of the ZFile `zfile` in `blob`: a CRC32C travels with each block, which
+/// anyone could forge, so the fetcher takes them from the cache and the registry alone; a
+/// span with a block that fails is fetched once more from the registry before the read fails.
+async fn read_blocks(
+    blobs: &dyn BlobRead,
+    blob: &BlobRef,
+    zfile: &ZFile,
+    span: &BlockSpan,
+) -> Result<Bytes, FsError> {
+    let decode = |raw: &Bytes| decode(zfile, span, raw);
+    blobs
+        .read(blob, span.compressed.clone(), Expect::Embedded(&decode))
+        .await
+        .map_err(|source| FsError::ReadBlock {
+            blob: blob.digest.to_string(),
+            block: span.blocks.start,
             source,
-        };
-        let size = self.zfile.uncompressed_size();
-        if range.end > size || range.start > range.end {
-            return Err(decode_err(
-                0,
-                ZFileError::BlockIndex {
-                    index: range.end.div_ceil(u64::from(self.zfile.block_size())),
-                    count: self.zfile.block_count(),
-                },
-            ));
-        }
-        let (blocks, span) = self.span(&range).map_err(|source| decode_err(0, source))?;
-        if blocks.is_empty() {
-            return Ok(Vec::new());
-        }
-        let decode = |raw: &Bytes| self.decode_span(raw, span.start, blocks.clone(), &range);
-        let data = blobs
-            .read(&self.blob, span.clone(), Expect::Embedded(&decode))
-            .await
-            .map_err(|source| FsError::ReadBlock {
-                blob: name(),
-                block: blocks.start,
-                source,
-            })?;
-        Ok(data.to_vec())
-    }
+        })
+}
 
-    /// Checks and decompresses `blocks` out of `compressed` (blob bytes starting at `base`):
-    /// their part of `range`.
-    fn decode_span(
-        &self,
-        compressed: &Bytes,
-        base: u64,
-        blocks: Range<u64>,
-        range: &Range<u64>,
-    ) -> Result<Bytes, Rejection> {
-        let mut out = Vec::with_capacity((range.end - range.start) as usize);
-        for index in blocks {
-            self.decode(compressed, base, index, range, &mut out)?;
-        }
-        Ok(Bytes::from(out))
-    }
+/// Decompressed bytes `range` of the ZFile `zfile`, which starts `at` bytes into `blob`.
+async fn read_zfile(
+    blobs: &dyn BlobRead,
+    blob: &BlobRef,
+    zfile: &ZFile,
+    at: u64,
+    range: Range<u64>,
+) -> Result<Vec<u8>, FsError> {
+    let span = zfile
+        .span(range)
+        .map_err(|source| FsError::OpenLayer(source.into()))?
+        .shifted(at);
+    let blocks = read_blocks(blobs, blob, zfile, &span).await?;
+    Ok(blocks.slice(span.keep.clone()).to_vec())
+}
 
-    /// Verifies and decompresses block `index` out of `compressed` (blob bytes starting at
-    /// `base`) and appends its part of `range` to `out`.
-    fn decode(
-        &self,
-        compressed: &Bytes,
-        base: u64,
-        index: u64,
-        range: &Range<u64>,
-        out: &mut Vec<u8>,
-    ) -> Result<(), ZFileError> {
-        let block = self.zfile.block_range(index)?;
-        let from = (self.payload_offset + block.start - base) as usize;
-        let to = (self.payload_offset + block.end - base) as usize;
-        let bytes = compressed
-            .get(from..to)
-            .ok_or(ZFileError::CompressedLength {
-                index,
-                expected: block.end - block.start,
-                actual: compressed.len().saturating_sub(from),
-            })?;
-        let data = self.zfile.decompress_block(bytes, index)?;
-        let block_start = index * u64::from(self.zfile.block_size());
-        let lo = range.start.max(block_start) - block_start;
-        let hi = range.end.min(block_start + data.len() as u64) - block_start;
-        if lo < hi {
-            out.extend_from_slice(&data[lo as usize..hi as usize]);
-        }
-        Ok(())
-    }
+fn decode(zfile: &ZFile, span: &BlockSpan, raw: &Bytes) -> Result<Bytes, Rejection> {
+    Ok(Bytes::from(zfile.decode_span(span, raw)?))
 }
 
 /// Fetches metadata bytes `range` of `blob`: only the whole blob's digest covers them.

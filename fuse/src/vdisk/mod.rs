@@ -1,10 +1,13 @@
 //! The merged virtual disk of an overlaybd layer stack, served lazily as one read-only FUSE file.
 //!
 //! - [`DiskLayer`]: one overlaybd layer blob opened through the chunk cache: its tar wrapper,
-//!   ZFile header, trailer and jump table, and the LSMT index inside (all parsed and checked).
-//! - [`VirtualDisk`]: layers stacked top first; reads resolve to ZFile blocks, read through
-//!   [`shoal_fetcher::BlobRead`] with a decoder that checks each block's CRC and decompresses
-//!   it (the fetcher refetches a bad span once, never from peers). Its metadata persists as bytes, so a restart reopens it without the registry.
+//!   ZFile header, trailer and jump table, and the LSMT index inside (fetched here, parsed and
+//!   checked by `shoal_formats::overlaybd::Layer`).
+//! - [`VirtualDisk`]: layers stacked top first; `shoal_formats::overlaybd::BlockMap` plans each
+//!   read as spans of ZFile blocks, which are read through [`shoal_fetcher::BlobRead`] with a
+//!   decoder that checks each block's CRC and decompresses it (the fetcher refetches a bad span
+//!   once, never from peers), and kept in a small memory of decoded blocks. Its metadata
+//!   persists as bytes, so a restart reopens it without the registry.
 //! - [`fetch_and_verify`]: the background fetch of a whole blob, ending with its sha256 check.
 //! - [`mount`]: a FUSE filesystem holding the one file [`DISK_FILE`], whose content is the disk.
 //!
@@ -13,12 +16,13 @@
 mod disk;
 mod fs;
 mod layer;
+mod memory;
 mod mount;
 mod persisted;
 mod verify;
 
 pub use disk::VirtualDisk;
-pub use layer::{DiskLayer, LayerMeta};
+pub use layer::DiskLayer;
 pub use mount::mount;
 pub use verify::fetch_and_verify;
 

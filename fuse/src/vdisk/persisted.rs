@@ -5,8 +5,9 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use shoal_fetcher::{BlobRef, Digest, ImageRef};
+use shoal_formats::overlaybd::LayerMeta;
 
-use super::{DiskLayer, FsType, LayerMeta, VirtualDisk};
+use super::{DiskLayer, FsType, VirtualDisk};
 use crate::error::FsError;
 
 /// Bumped when the encoding changes; older records are refused rather than misread.

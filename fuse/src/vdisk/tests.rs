@@ -2,21 +2,35 @@
 //! tiers whose cache holds the blob and whose registry holds nothing, so nothing can come
 //! from the network; the fetcher's trust decisions run as in the daemon.
 
+use std::path::{Path, PathBuf};
+
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use shoal_fetcher::trust::Tiers;
 use shoal_fetcher::{BlobRef, Digest, ImageRef, MemoryBlobs};
 
 use super::*;
-use crate::overlaybd::lsmt::{Mapping, RECORD_SIZE};
-use crate::overlaybd::{tar_wrapper, BlockSource, Disk, Window, ZFileReader};
 use crate::FsError;
+use shoal_formats::overlaybd::lsmt::{Mapping, RECORD_SIZE};
+use shoal_formats::overlaybd::{tar_wrapper, BlockSource, Disk, LayerError, Window, ZFileReader};
 
 const LAYER: &str = "022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d";
 const EXT4_MAGIC: [u8; 2] = [0x53, 0xef];
 
+/// The overlaybd fixtures, found as `shoal-formats`' own fixture tests find them.
+fn fixtures() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SHOAL_FIXTURES") {
+        return Path::new(&dir).join("overlaybd");
+    }
+    let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/overlaybd");
+    if beside.is_dir() {
+        return beside;
+    }
+    PathBuf::from("/work/shared/fixtures/overlaybd")
+}
+
 fn fixture_blob() -> Vec<u8> {
-    let blobs = crate::overlaybd::fixture_tests::fixtures().join("hello-world/blobs/sha256");
+    let blobs = fixtures().join("hello-world/blobs/sha256");
     std::fs::read(blobs.join(LAYER)).expect("fixture blob")
 }
 
@@ -93,10 +107,7 @@ async fn corrupt_cached_blocks_are_never_served() {
     );
     // The refetch has nowhere to go (the registry is unreachable): an error, not data.
     let err = disk.read(&blobs, 1024, 1024).await.unwrap_err();
-    assert!(
-        matches!(err, FsError::ReadBlock { .. } | FsError::DecodeBlock { .. }),
-        "{err}"
-    );
+    assert!(matches!(err, FsError::ReadBlock { .. }), "{err}");
     // Unmapped ranges need no block at all: the first gap between data runs.
     let runs: Vec<(u64, u64)> = disk
         .stack()
@@ -109,6 +120,36 @@ async fn corrupt_cached_blocks_are_never_served() {
         .map(|w| w[0].1)
         .unwrap();
     assert_eq!(disk.read_cached(&blobs, gap, 512).unwrap(), vec![0; 512]);
+}
+
+#[tokio::test]
+async fn blocks_a_read_decoded_are_served_again_from_memory() {
+    let blob = fixture_blob();
+    let (blobs, blob_ref) = cached(&blob);
+    let layer = DiskLayer::open(&blobs, blob_ref.clone()).await.unwrap();
+    let disk = VirtualDisk::new(vec![layer], FsType::Ext4).unwrap();
+    assert_eq!(disk.memory_bytes(), 0);
+    let superblock = disk.read(&blobs, 1024, 1024).await.unwrap();
+    let held = disk.memory_bytes();
+    assert!(held > 0, "the superblock's block is kept");
+
+    // The cache now holds only damaged bytes: whatever is served comes from memory.
+    let mut bad = blob.clone();
+    let end = bad.len() - 4096;
+    for byte in &mut bad[2048..end] {
+        *byte ^= 0x5a;
+    }
+    blobs.cache(&blob_ref.digest, bad);
+    assert_eq!(disk.read_cached(&blobs, 1024, 1024).unwrap(), superblock);
+    assert_eq!(
+        disk.read(&blobs, 1024, 512).await.unwrap(),
+        superblock[..512]
+    );
+    assert!(
+        disk.read_cached(&blobs, 4 << 20, 4096).is_none(),
+        "a block never read is not in memory"
+    );
+    assert_eq!(disk.memory_bytes(), held);
 }
 
 /// The persisted record of the fixture disk as JSON, to tamper with.
@@ -156,7 +197,10 @@ async fn damaged_persisted_records_are_refused() {
 
     let mut header = good.clone();
     edit_bytes(&mut header, "zfile_trailer", |b| b[100] ^= 1);
-    assert!(matches!(reopen(&header), Err(FsError::LayerZFile { .. })));
+    assert!(matches!(
+        reopen(&header),
+        Err(FsError::OpenLayer(LayerError::ZFile(_)))
+    ));
 
     let mut index = good.clone();
     edit_bytes(&mut index, "lsmt_index", |b| {
@@ -166,13 +210,16 @@ async fn damaged_persisted_records_are_refused() {
         *record = mapping.encode();
     });
     let err = reopen(&index).unwrap_err();
-    assert!(matches!(err, FsError::LayerLsmt { .. }), "{err}");
+    assert!(
+        matches!(err, FsError::OpenLayer(LayerError::Lsmt(_))),
+        "{err}"
+    );
 
     let mut truncated = good.clone();
     truncated["layers"][0]["size"] = 1000.into();
     assert!(matches!(
         reopen(&truncated),
-        Err(FsError::LayerWrapper { .. })
+        Err(FsError::OpenLayer(LayerError::Wrapper(_)))
     ));
 }
 

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shoal_fuse::estargz::{
+use shoal_formats::estargz::{
     decompress_chunk, footer::FOOTER_SIZE, parse_footer, parse_toc, verify, Footer, Index, NodeKind,
 };
 
@@ -49,10 +49,10 @@ fuzz_target!(|data: &[u8]| {
             }
             budget -= 1;
             let compressed = &data[chunk.blob_offset as usize..chunk.blob_end as usize];
-            if let (Ok(bytes), Some(digest)) = (decompress_chunk(compressed, chunk), &chunk.digest)
-            {
+            if let Ok(bytes) = decompress_chunk(compressed, chunk) {
                 assert_eq!(bytes.len() as u64, chunk.size);
-                let _ = verify(&bytes, digest, &node.path, chunk.file_offset);
+                let path = index.path(node.attr.ino).unwrap_or_default();
+                let _ = verify(&bytes, &chunk.digest, &path, chunk.file_offset);
             }
         }
     }

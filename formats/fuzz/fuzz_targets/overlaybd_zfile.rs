@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shoal_fuse::overlaybd::{tar_wrapper, zfile::ZFile, BlockSource, Window, ZFileReader};
+use shoal_formats::overlaybd::{tar_wrapper, zfile::ZFile, BlockSource, Window, ZFileReader};
 
 /// Blocks decoded per input: enough to reach CRC and decompression paths, bounded in time.
 const MAX_BLOCKS: u64 = 16;

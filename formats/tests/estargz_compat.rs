@@ -7,9 +7,9 @@ use std::io::Read;
 use std::path::Path;
 
 use flate2::read::{GzDecoder, MultiGzDecoder};
-use shoal_fuse::estargz::footer::FOOTER_SIZE;
-use shoal_fuse::estargz::index::{OPAQUE_XATTR, S_IFCHR, S_IFLNK};
-use shoal_fuse::estargz::{
+use shoal_formats::estargz::footer::FOOTER_SIZE;
+use shoal_formats::estargz::index::{OPAQUE_XATTR, S_IFCHR, S_IFLNK};
+use shoal_formats::estargz::{
     build, decompress_chunk, parse_footer, parse_toc, verify, BuildOptions, EntryType, Index,
     ParsedToc, Sha256Digest, Toc, TOC_DIGEST_ANNOTATION,
 };

@@ -9,13 +9,16 @@
 mod compress;
 mod header;
 mod reader;
+mod span;
 
 pub use compress::compress;
 pub use header::{Algorithm, HeaderTrailer, Record, BLOCK_CRC_SEED, HEADER_SIZE};
 pub use reader::ZFileReader;
+pub use span::BlockSpan;
 
 use std::error::Error as StdError;
 use std::ops::Range;
+use std::sync::Arc;
 
 use super::source::{read_vec, BlockSource, SourceError};
 
@@ -108,6 +111,8 @@ pub enum ZFileError {
         #[source]
         source: Box<dyn StdError + Send + Sync>,
     },
+    #[error("bytes {start}..{end} are not within the zfile's {size} decompressed bytes")]
+    SpanRange { start: u64, end: u64, size: u64 },
     #[error("zfile of {size} bytes is too small for a header and trailer")]
     BlobTooSmall { size: u64 },
     #[error("failed to read the zfile {what}")]
@@ -185,8 +190,9 @@ impl ZFileInfo {
 #[derive(Debug, Clone)]
 pub struct ZFile {
     trailer: HeaderTrailer,
-    /// `offsets[i]..offsets[i + 1]` is block `i` (with its CRC) within the ZFile.
-    offsets: Vec<u64>,
+    /// `offsets[i]..offsets[i + 1]` is block `i` (with its CRC) within the ZFile. Shared, so
+    /// that the block map of a disk holds its layers' tables without copying them.
+    offsets: Arc<[u64]>,
 }
 
 impl ZFile {
@@ -238,7 +244,10 @@ impl ZFile {
                 index_offset: trailer.index_offset,
             });
         }
-        Ok(Self { trailer, offsets })
+        Ok(Self {
+            trailer,
+            offsets: offsets.into(),
+        })
     }
 
     /// Reads and parses the ZFile held by `source`.

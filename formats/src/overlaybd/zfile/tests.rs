@@ -180,3 +180,36 @@ fn header_disagreeing_with_trailer_is_rejected() {
     let err = ZFile::parse(&header, trailer, table).unwrap_err();
     assert!(matches!(err, ZFileError::HeaderMismatch), "{err}");
 }
+
+#[test]
+fn a_span_covers_exactly_the_blocks_of_a_range() {
+    let raw = sample(10_000);
+    let file = compress(&raw, 1024, Algorithm::Lz4).unwrap();
+    let zfile = ZFile::open(file.as_slice()).unwrap();
+    let span = zfile.span(1500..4100).unwrap();
+    assert_eq!(span.blocks, 1..5);
+    assert_eq!(span.keep, 476..3076);
+    assert_eq!(span.compressed.start, zfile.block_range(1).unwrap().start);
+    assert_eq!(span.compressed.end, zfile.block_range(4).unwrap().end);
+    let compressed = &file[span.compressed.start as usize..span.compressed.end as usize];
+    let blocks = zfile.decode_span(&span, compressed).unwrap();
+    assert_eq!(blocks.len(), 4 * 1024);
+    assert_eq!(blocks[span.keep.clone()], raw[1500..4100]);
+    // The last block is short; an empty range needs no block; past the end is refused.
+    let last = zfile.span(9990..10_000).unwrap();
+    assert_eq!(
+        zfile
+            .decode_span(
+                &last,
+                &file[last.compressed.start as usize..last.compressed.end as usize]
+            )
+            .unwrap()
+            .len(),
+        10_000 - 9 * 1024
+    );
+    assert!(zfile.span(500..500).unwrap().blocks.is_empty());
+    assert!(matches!(
+        zfile.span(9000..10_001),
+        Err(ZFileError::SpanRange { .. })
+    ));
+}

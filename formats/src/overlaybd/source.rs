@@ -19,7 +19,7 @@ pub enum SourceError {
 
 /// A blob (or a decoded view of one) that can be read at any offset.
 ///
-/// The chunk cache implements this for a layer blob; the readers in this module layer
+/// Byte slices and vectors implement it for a whole blob; the readers in this module layer
 /// decoding on top (tar payload window, ZFile decompression, merged LSMT disk).
 pub trait BlockSource {
     /// Total size in bytes.

@@ -4,8 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shoal_fuse::estargz::toc::decode_toc_json;
-use shoal_fuse::estargz::{parse_toc, Index, Ino, NodeKind};
+use shoal_formats::estargz::toc::decode_toc_json;
+use shoal_formats::estargz::{parse_toc, Index, Ino, NodeKind};
 
 /// Pretend TOC offset: data members must lie before it.
 const TOC_OFFSET: u64 = 1 << 20;

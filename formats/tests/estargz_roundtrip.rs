@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::io::Read;
 
 use flate2::read::MultiGzDecoder;
-use shoal_fuse::estargz::footer::{Footer, FOOTER_SIZE, LEGACY_FOOTER_SIZE};
-use shoal_fuse::estargz::index::{
+use shoal_formats::estargz::footer::{Footer, FOOTER_SIZE, LEGACY_FOOTER_SIZE};
+use shoal_formats::estargz::index::{
     OPAQUE_XATTR, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG,
 };
-use shoal_fuse::estargz::{
+use shoal_formats::estargz::{
     build, decompress_chunk, parse_footer, parse_toc, verify, BuildOptions, BuildOutput, EntryType,
     Index, Ino, NodeKind, Sha256Digest,
 };
@@ -448,7 +448,7 @@ fn converting_twice_keeps_one_toc_and_landmark() {
 
 #[test]
 fn bad_layer_tars_are_errors() {
-    use shoal_fuse::estargz::BuildError;
+    use shoal_formats::estargz::BuildError;
     let (layer, _) = sample_layer();
     let convert = |bytes: &[u8]| build(bytes, &mut Vec::new(), BuildOptions::default());
     // Cut inside the multi-chunk file's data.

@@ -5,8 +5,8 @@ use crate::overlaybd::source::{check_range, read_vec, BlockSource, SourceError};
 
 /// Presents the uncompressed contents of a ZFile held by `S`, verifying every block read.
 ///
-/// No caching: each read decompresses the blocks it touches (the chunk cache above keeps
-/// decompressed blocks).
+/// No caching: each read decompresses the blocks it touches. Reads plan and decode through
+/// [`ZFile::span`] and [`ZFile::decode_span`], the block map the FUSE disk executes too.
 #[derive(Debug)]
 pub struct ZFileReader<S> {
     zfile: ZFile,
@@ -51,21 +51,28 @@ impl<S: BlockSource> BlockSource for ZFileReader<S> {
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         let len = buf.len() as u64;
         check_range(offset, len, self.size())?;
-        let block_size = u64::from(self.zfile.block_size());
-        let mut filled = 0usize;
-        for index in self.zfile.blocks_for(offset..offset + len) {
-            let block = self.read_block(index).map_err(|e| SourceError::Backend {
-                offset,
-                len,
-                source: Box::new(e),
-            })?;
-            let pos = offset + filled as u64;
-            // `pos` lies in this block, so the in-block offset is below the block size.
-            let start = (pos - index * block_size) as usize;
-            let take = (block.len() - start).min(buf.len() - filled);
-            buf[filled..filled + take].copy_from_slice(&block[start..start + take]);
-            filled += take;
-        }
+        let backend = |e: ZFileError| SourceError::Backend {
+            offset,
+            len,
+            source: Box::new(e),
+        };
+        let span = self.zfile.span(offset..offset + len).map_err(backend)?;
+        let compressed = read_vec(
+            &self.source,
+            span.compressed.start,
+            span.compressed.end - span.compressed.start,
+        )
+        .map_err(|source| {
+            backend(ZFileError::Read {
+                what: "blocks",
+                source,
+            })
+        })?;
+        let blocks = self
+            .zfile
+            .decode_span(&span, &compressed)
+            .map_err(backend)?;
+        buf.copy_from_slice(&blocks[span.keep]);
         Ok(())
     }
 }

@@ -4,8 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shoal_fuse::overlaybd::lsmt::{Extent, LsmtFile, Writer, SECTOR};
-use shoal_fuse::overlaybd::{BlockSource, Disk, Piece, Stack};
+use shoal_formats::overlaybd::lsmt::{Extent, LsmtFile, Writer, SECTOR};
+use shoal_formats::overlaybd::{BlockSource, Disk, Piece, Stack};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(upper) = LsmtFile::open(data) else {
