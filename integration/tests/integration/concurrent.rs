@@ -1,11 +1,15 @@
-//! Prepares of remote layers behind a distant registry run side by side. Each of eight
-//! Prepares (eight images, eStargz or overlaybd) spends its time in registry round trips:
-//! finding the layer, reading its index and, for overlaybd, the filesystem's superblock
-//! through the fresh FUSE disk. None may wait for another's, so eight together take about as
-//! long as one, where a Prepare that held the metadata write transaction across its mount
-//! would make them queue.
+//! Prepares of remote layers run side by side. Each of eight Prepares behind a distant
+//! registry (eight images, eStargz or overlaybd) spends its time in registry round trips:
+//! finding the layer and reading its index; none may wait for another's, so eight together
+//! take about as long as one. And a Prepare whose mount hangs (a loop mount held in mount(8))
+//! holds up no other Prepare: its snapshot is only reserved while it mounts, and nothing that
+//! others need (the metadata write transaction, a mounter lock) is held across the mount.
 
 use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -13,7 +17,7 @@ use containerd_snapshots::tonic::Code;
 
 use crate::client::{Labels, Snapshots};
 use crate::convert::{convert, inspect_raw};
-use crate::fixture::{privileged, Fixture};
+use crate::fixture::{privileged, wait_until, Fixture};
 use crate::image;
 use crate::lazy::{self, Stack};
 use crate::proxy::Fault;
@@ -82,6 +86,77 @@ fn prepares_overlap(fixture: &Fixture, convert_flags: &[&str]) -> Result<()> {
         "{TOGETHER} Prepares together took {eight:?}, one alone {one:?}: they queue"
     );
     Ok(())
+}
+
+/// How long a Prepare that must not wait may take, on a loaded machine.
+const UNHINDERED: Duration = Duration::from_secs(60);
+
+#[test]
+fn a_prepare_whose_mount_hangs_holds_up_no_other_prepare() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let shim_dir = fixture.mkdir("shim")?;
+        let (started, release) = (fixture.path("mount-held"), fixture.path("mount-release"));
+        gated_mount_shim(&shim_dir, &started, &release)?;
+        let stack = Stack::start_with(fixture, "", |daemon| {
+            daemon.set_path_prefix(Some(shim_dir));
+        })?;
+        let held = publish(fixture, &stack, &["--format", "overlaybd"], 0)?;
+        let free = publish(fixture, &stack, &[], 1)?;
+
+        std::thread::scope(|scope| -> Result<()> {
+            let held_prepare = scope.spawn(|| prepare_remote(&stack, &held));
+            let outcome = (|| -> Result<()> {
+                wait_until("the overlaybd Prepare's loop mount", UNHINDERED, || {
+                    anyhow::ensure!(!held_prepare.is_finished(), "the held Prepare ended");
+                    Ok(started.exists())
+                })?;
+                // Its own thread, so that a Prepare that waits is a bounded failure.
+                let (done, finished) = mpsc::channel();
+                let free = &free;
+                let stack = &stack;
+                scope.spawn(move || done.send(prepare_remote(stack, free)));
+                finished.recv_timeout(UNHINDERED).map_err(|_| {
+                    anyhow::anyhow!(
+                        "an eStargz Prepare waited {UNHINDERED:?} behind an overlaybd \
+                             Prepare whose mount hangs"
+                    )
+                })??;
+                let names = Snapshots::connect(stack.daemon.socket())?
+                    .list_names(&[])
+                    .map_err(|status| anyhow::anyhow!("list: {}", status.message()))?;
+                anyhow::ensure!(
+                    !names.contains(&held.target),
+                    "a snapshot whose mount has not finished is visible: {names:?}"
+                );
+                Ok(())
+            })();
+            // Released whatever happened, so no thread outlives the test.
+            fs::write(&release, b"")?;
+            let held_outcome = held_prepare.join().expect("the held Prepare panicked");
+            outcome?;
+            held_outcome.context("the held Prepare, once its mount was released")
+        })
+    })
+}
+
+/// Stands in for mount(8): marks `started`, waits (at most two minutes) for `release` to
+/// exist, then runs the real mount with the same arguments.
+fn gated_mount_shim(dir: &Path, started: &Path, release: &Path) -> Result<()> {
+    let real = ["/usr/bin/mount", "/bin/mount"]
+        .into_iter()
+        .find(|path| Path::new(path).exists())
+        .context("no mount(8) on this machine")?;
+    let shim = dir.join("mount");
+    let script = format!(
+        "#!/bin/sh\n: > '{started}'\ni=0\nwhile [ ! -e '{release}' ] && [ $i -lt 1200 ]; do \
+         sleep 0.1; i=$((i+1)); done\nexec {real} \"$@\"\n",
+        started = started.display(),
+        release = release.display(),
+    );
+    fs::write(&shim, script).with_context(|| format!("write {}", shim.display()))?;
+    fs::set_permissions(&shim, fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("chmod {}", shim.display()))
 }
 
 /// A Prepare of an image's only layer as containerd's unpacker sends it for a remote snapshot.
