@@ -349,12 +349,22 @@ impl HttpFailure {
 
 /// reqwest's own message is terse ("error sending request"); the cause is what helps.
 fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
+    with_causes(error)
+}
+
+/// `err`'s message followed by its causes', each once, `: `-separated: what a log line or a
+/// fallback label shows of an error whose causes are `#[source]`s. A cause an older message
+/// already spells out is not repeated.
+pub fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(next) = cause {
+        let part = next.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = next.source();
     }
     text
 }

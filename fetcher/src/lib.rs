@@ -34,7 +34,7 @@ pub mod trust;
 
 pub use cache::{BlockKey, CacheUsage, ChunkCache, MAX_CACHED_BLOB_BYTES};
 pub use digest::Digest;
-pub use error::{FetchError, HttpFailure};
+pub use error::{with_causes, FetchError, HttpFailure};
 pub use fetcher::Fetcher;
 pub use latency::{FetchLatency, Histogram, HistogramSnapshot, BUCKET_BOUNDS};
 pub use reference::{BlobRef, ImageRef};

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use fuser::Errno;
 use shoal_fetcher::FetchError;
 
-use shoal_formats::estargz::{ChunkError, FooterError, IndexError, TocDigest, TocError};
+use shoal_formats::estargz::{FooterError, IndexError, TocDigest, TocError};
 use shoal_formats::overlaybd::{BlockMapError, LayerError};
 
 /// Why a lazily mounted layer could not be opened, mounted or read. `FsError -> Errno` at the
@@ -16,37 +16,50 @@ pub enum FsError {
         #[source]
         source: FetchError,
     },
-    #[error("{blob} is not eStargz: {source}")]
-    ParseFooter { blob: String, source: FooterError },
-    #[error("read TOC of {blob}: {source}")]
-    ParseToc { blob: String, source: TocError },
+    #[error("{blob} is not eStargz")]
+    ParseFooter {
+        blob: String,
+        #[source]
+        source: FooterError,
+    },
+    #[error("read TOC of {blob}")]
+    ParseToc {
+        blob: String,
+        #[source]
+        source: TocError,
+    },
     #[error("TOC of {blob} has digest {actual}, the layer annotation says {expected}")]
     TocDigestMismatch {
         blob: String,
         expected: TocDigest,
         actual: TocDigest,
     },
-    #[error("build file index of {blob}: {source}")]
-    BuildIndex { blob: String, source: IndexError },
+    #[error("build file index of {blob}")]
+    BuildIndex {
+        blob: String,
+        #[source]
+        source: IndexError,
+    },
     #[error("persisted index is damaged: {reason}")]
     PersistedIndex { reason: &'static str },
-    #[error("read {path} at {offset}: {source}")]
+    #[error("read {path} at {offset}")]
     ReadChunk {
         path: String,
         offset: u64,
+        #[source]
         source: FetchError,
     },
-    #[error("decode {path}: {source}")]
-    DecodeChunk { path: String, source: ChunkError },
-    #[error("mount FUSE filesystem at {mountpoint}: {source}")]
+    #[error("mount FUSE filesystem at {mountpoint}")]
     Mount {
         mountpoint: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("fetch the {what} of overlaybd layer {blob}: {source}")]
+    #[error("fetch the {what} of overlaybd layer {blob}")]
     FetchLayerMetadata {
         blob: String,
         what: &'static str,
+        #[source]
         source: FetchError,
     },
     /// The format's own error says which part of the layer is bad; the mounter shows it.
@@ -54,16 +67,24 @@ pub enum FsError {
     OpenLayer(#[from] LayerError),
     #[error(transparent)]
     StackLayers(BlockMapError),
-    #[error("persisted virtual disk is damaged: {source}")]
-    PersistedDisk { source: serde_json::Error },
-    #[error("read block {block} of overlaybd layer {blob}: {source}")]
+    #[error("persisted virtual disk is damaged")]
+    PersistedDisk {
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("read block {block} of overlaybd layer {blob}")]
     ReadBlock {
         blob: String,
         block: u64,
+        #[source]
         source: FetchError,
     },
-    #[error("fetch overlaybd layer {blob} in the background: {source}")]
-    FetchBlob { blob: String, source: FetchError },
+    #[error("fetch overlaybd layer {blob} in the background")]
+    FetchBlob {
+        blob: String,
+        #[source]
+        source: FetchError,
+    },
     #[error(transparent)]
     PlanRead(BlockMapError),
 }

@@ -142,21 +142,7 @@ impl From<SnapshotError> for Status {
     }
 }
 
-/// `err`'s message followed by its causes', each once: older variants spell their cause in
-/// their own message, and it is not repeated.
-pub(crate) fn with_causes(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
-    while let Some(next) = cause {
-        let part = next.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        cause = next.source();
-    }
-    text
-}
+pub(crate) use shoal_fetcher::with_causes;
 
 #[cfg(test)]
 mod tests {

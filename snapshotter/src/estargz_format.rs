@@ -156,9 +156,9 @@ fn fallback_of(err: FsError) -> Fallback {
         FsError::FetchIndex { .. } => Fallback::Registry(with_causes(&err)),
         FsError::TocDigestMismatch { .. } => Fallback::IndexDigestMismatch,
         FsError::ParseToc { .. } | FsError::BuildIndex { .. } => {
-            Fallback::RefusedIndex(err.to_string())
+            Fallback::RefusedIndex(with_causes(&err))
         }
-        other => Fallback::NotLazyFormat(other.to_string()),
+        other => Fallback::NotLazyFormat(with_causes(&other)),
     }
 }
 

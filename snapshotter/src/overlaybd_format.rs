@@ -264,9 +264,10 @@ fn disk_dir(mountpoint: &Path) -> Option<PathBuf> {
 }
 
 fn fallback_of(err: FsError) -> Fallback {
+    use crate::error::with_causes;
     match err {
-        FsError::FetchLayerMetadata { .. } => Fallback::Registry(err.to_string()),
-        other => Fallback::NotLazyFormat(other.to_string()),
+        FsError::FetchLayerMetadata { .. } => Fallback::Registry(with_causes(&err)),
+        other => Fallback::NotLazyFormat(with_causes(&other)),
     }
 }
 

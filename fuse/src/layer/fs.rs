@@ -201,7 +201,7 @@ impl Filesystem for LayerFs {
             {
                 Ok(bytes) => reply.data(&bytes),
                 Err(err) => {
-                    warn!(blob = %layer.blob.digest, error = %err, "read failed");
+                    warn!(blob = %layer.blob.digest, error = %shoal_fetcher::with_causes(&err), "read failed");
                     reply.error(err.errno());
                 }
             }

@@ -73,7 +73,7 @@ impl Drop for MountedLayer {
             session.umount_and_join()
         };
         if let Err(err) = ended {
-            warn!(mountpoint = %self.mountpoint.display(), error = %err, "unmount failed");
+            warn!(mountpoint = %self.mountpoint.display(), error = %shoal_fetcher::with_causes(&err), "unmount failed");
         }
     }
 }
@@ -137,7 +137,7 @@ pub fn mount(
                     Ok(()) => {
                         info!(blob = %blob.digest, bytes = end, "prefetched prioritized files")
                     }
-                    Err(err) => warn!(blob = %blob.digest, error = %err, "prefetch failed"),
+                    Err(err) => warn!(blob = %blob.digest, error = %shoal_fetcher::with_causes(&err), "prefetch failed"),
                 }
             }
             if let Some(rate) = prefetch.background_rate {
@@ -155,7 +155,7 @@ async fn background_fetch(reader: &ChunkReader, blob: &shoal_fetcher::BlobRef, r
     while offset < blob.size {
         let end = (offset + BACKGROUND_STEP).min(blob.size);
         if let Err(err) = reader.blobs().prefetch(blob, offset..end, CHECKED).await {
-            warn!(blob = %blob.digest, error = %err, "background fetch stopped");
+            warn!(blob = %blob.digest, error = %shoal_fetcher::with_causes(&err), "background fetch stopped");
             return;
         }
         offset = end;

@@ -153,7 +153,7 @@ impl Filesystem for DiskFs {
             match disk.read(&*blobs, offset, size.into()).await {
                 Ok(bytes) => reply.data(&bytes),
                 Err(err) => {
-                    warn!(offset, len = size, error = %err, "virtual disk read failed");
+                    warn!(offset, len = size, error = %shoal_fetcher::with_causes(&err), "virtual disk read failed");
                     reply.error(err.errno());
                 }
             }
