@@ -437,6 +437,9 @@ pub async fn serve(address: SocketAddr, observed: Observed) -> anyhow::Result<()
                 let line = String::from_utf8_lossy(&request[..n]);
                 let path = line.split_whitespace().nth(1).unwrap_or("/");
                 debug!(%peer, path, "metrics request");
+                // Reads are answered before their blocks are cached: report the cache once
+                // the fetches already answered have landed.
+                observed.fetcher.settled().await;
                 let (code, kind, body) = match path {
                     "/metrics" => (
                         "200 OK",
