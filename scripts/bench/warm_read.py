@@ -171,7 +171,7 @@ class WarmRead:
     def main(self):
         self.work.mkdir(parents=True, exist_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
-        revision = commit()
+        revision = self.args.commit or commit()
         load_before = load()
         try:
             registry = self.start_registry()
@@ -234,6 +234,8 @@ def parse_args():
                         help="image, registry and run state (the image is reused)")
     parser.add_argument("--bin-dir", default="target/release",
                         help="where shoal and shoal-snapshotter are")
+    parser.add_argument("--commit", help="names the binaries in the results (default: this "
+                        "checkout's HEAD), for binaries built from another checkout")
     parser.add_argument("--size-mb", type=int, default=256, help="the file's size")
     parser.add_argument("--reps", type=int, default=5, help="repetitions (fresh daemon each)")
     parser.add_argument("--cold-reads", type=int, default=3,

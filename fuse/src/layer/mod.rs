@@ -21,7 +21,7 @@ use crate::estargz::{
 
 pub use mount::{mount, MountedLayer, Prefetch};
 pub use mounted::MountedBlob;
-pub use reader::{ChunkReader, ReaderConfig, ReaderStats};
+pub use reader::{ChunkReader, Pending, ReaderConfig, ReaderStats};
 
 /// An opened eStargz layer: its blob, file index, and the bytes to persist so that it can be
 /// opened again without the registry.
