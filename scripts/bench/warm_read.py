@@ -8,7 +8,8 @@ folder.
 
 One image holding /data/000 (--size-mb of random, incompressible bytes) is converted to eStargz
 by `shoal convert` and pushed to a docker-registry on loopback (no shaping). Then, per
-repetition, on a fresh daemon with an empty cache:
+repetition, on a fresh daemon with an empty cache (and, with --baseline-bin-dir, once more
+with other binaries, back to back, so that a before/after comparison shares the load):
 
 - cold: one 4 KiB read at an offset in a chunk nothing has read yet (page cache dropped first),
   timed from the read call to its return; several such reads, each in a different chunk;
@@ -140,7 +141,7 @@ class WarmRead:
         layout = images.oci_layout(w, self.work / f"layout-{self.args.size_mb}")
         return layout, local
 
-    def repetition(self, reference, local, number):
+    def repetition(self, reference, local, number, label=""):
         self.node.start("shoal", shoal_extra=SHOAL_EXTRA)
         try:
             self.node.pull(reference)
@@ -159,7 +160,7 @@ class WarmRead:
                 bench.drop_caches()
                 disk = measure(local)
                 row[pattern] = {"fuse_mb_s": fuse, "local_mb_s": disk}
-            log(f"#{number}: sequential {row['sequential_1m']['fuse_mb_s']:.0f} MB/s fuse, "
+            log(f"{label}#{number}: sequential {row['sequential_1m']['fuse_mb_s']:.0f} MB/s fuse, "
                 f"{row['sequential_1m']['local_mb_s']:.0f} local; random 4 KiB "
                 f"{row['random_4k']['fuse_mb_s']:.0f} fuse, "
                 f"{row['random_4k']['local_mb_s']:.0f} local; cold 4 KiB "
@@ -179,22 +180,42 @@ class WarmRead:
             reference = f"{registry}/bench/warm-read:esgz"
             node.run(self.bins / "shoal", "convert", "--plain-http", f"oci:{layout}:latest",
                      reference)
-            self.node = node.Node("warm-read", self.work / "run", self.bins, registry)
-            rows = [self.repetition(reference, local, n) for n in range(1, self.args.reps + 1)]
+            nodes = {"current": node.Node("warm-read", self.work / "run", self.bins, registry)}
+            if self.args.baseline_bin_dir:
+                nodes["baseline"] = node.Node("warm-read", self.work / "run",
+                                              Path(self.args.baseline_bin_dir).resolve(),
+                                              registry)
+            rows = {label: [] for label in nodes}
+            for n in range(1, self.args.reps + 1):
+                # Back to back, the order alternating, so that both see the same load.
+                order = list(nodes) if n % 2 else list(reversed(nodes))
+                for label in order:
+                    self.node = nodes[label]
+                    rows[label].append(self.repetition(reference, local, n, f"{label} "))
         finally:
             if self.node:
                 self.node.stop()
             if self.registry:
                 self.registry.stop()
-        result = summarise(rows)
+        result = summarise(rows["current"])
         result.update({
             "commit": revision, "machine": bench.machine(), "file_mb": self.args.size_mb,
             "repetitions": self.args.reps, "load_before": load_before, "load_after": load(),
-            "runs": rows,
+            "runs": rows["current"],
         })
+        if "baseline" in rows:
+            result["baseline"] = summarise(rows["baseline"])
+            result["baseline"].update({"bin_dir": self.args.baseline_bin_dir,
+                                       "runs": rows["baseline"]})
         path = self.out / f"warm-read-{revision}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         print_summary(result)
+        if "baseline" in result:
+            print("baseline, the same repetitions interleaved:")
+            print_summary({**result["baseline"], "commit": self.args.baseline_bin_dir,
+                           "machine": result["machine"], "load_before": load_before,
+                           "load_after": result["load_after"],
+                           "repetitions": self.args.reps})
         log(f"results in {path}")
 
 
@@ -236,6 +257,9 @@ def parse_args():
                         help="where shoal and shoal-snapshotter are")
     parser.add_argument("--commit", help="names the binaries in the results (default: this "
                         "checkout's HEAD), for binaries built from another checkout")
+    parser.add_argument("--baseline-bin-dir",
+                        help="binaries to compare with, each repetition run beside the "
+                        "measured one (written under \"baseline\" in the results)")
     parser.add_argument("--size-mb", type=int, default=256, help="the file's size")
     parser.add_argument("--reps", type=int, default=5, help="repetitions (fresh daemon each)")
     parser.add_argument("--cold-reads", type=int, default=3,
