@@ -126,6 +126,7 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
         metrics::serve(address, observed).await?;
     }
 
+    let landing = fetcher.clone();
     let mut reloader = Some(Reloader::new(path, config.clone(), fetcher, log));
     let shutdown = async move {
         let name = loop {
@@ -160,6 +161,14 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
             Ok(())
         }
     };
+    // Reads are answered before their blocks are cached: let those already answered land,
+    // within the same bound, so that a restart finds them.
+    if tokio::time::timeout(DRAIN_DEADLINE, landing.settled())
+        .await
+        .is_err()
+    {
+        warn!(deadline = ?DRAIN_DEADLINE, "blocks still being cached after the drain deadline; closing");
+    }
     let _ = std::fs::remove_file(&config.socket);
     served?;
     info!("shoal-snapshotter stopped");

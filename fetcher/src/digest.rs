@@ -1,4 +1,5 @@
-//! Content digests: the `sha256:<hex>` names blobs and manifests go by.
+//! Content digests: the `sha256:<hex>` names blobs and manifests go by, and their 32 bytes
+//! ([`RawDigest`], `Copy`) where a digest is a key on the read path.
 
 use std::fmt;
 use std::str::FromStr;
@@ -13,6 +14,11 @@ const SHA256_HEX_LEN: usize = 64;
 /// A validated `sha256:<64 lower-case hex>` content digest.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest(String);
+
+/// The 32 bytes of a sha256 digest: copied, hashed and compared without touching the heap,
+/// for the keys the hot path builds per block and per chunk.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RawDigest(pub [u8; 32]);
 
 impl Digest {
     /// Parses `sha256:<hex>`; other algorithms are rejected because nothing in the read path
@@ -36,10 +42,11 @@ impl Digest {
 
     /// The digest of `bytes`.
     pub fn of(bytes: &[u8]) -> Digest {
-        Digest(format!(
-            "{SHA256_PREFIX}{}",
-            hex::encode(Sha256::digest(bytes))
-        ))
+        Digest::from_raw(RawDigest(Sha256::digest(bytes).into()))
+    }
+
+    pub fn from_raw(raw: RawDigest) -> Digest {
+        Digest(raw.to_string())
     }
 
     /// The full `sha256:<hex>` form.
@@ -50,6 +57,37 @@ impl Digest {
     /// The hex digits alone, safe to use as a file name.
     pub fn hex(&self) -> &str {
         &self.0[SHA256_PREFIX.len()..]
+    }
+
+    /// The digest's bytes, as a `Copy` key. Decoded from the text each time (some tens of
+    /// nanoseconds, no allocation): a digest is carried in errors and references, where its
+    /// size counts more than this.
+    pub fn raw(&self) -> RawDigest {
+        let mut raw = [0u8; 32];
+        hex::decode_to_slice(self.hex(), &mut raw)
+            .expect("a digest holds 64 hex digits, checked when it was made");
+        RawDigest(raw)
+    }
+}
+
+impl FromStr for RawDigest {
+    type Err = FetchError;
+
+    fn from_str(text: &str) -> Result<RawDigest, FetchError> {
+        Digest::parse(text).map(|digest| digest.raw())
+    }
+}
+
+impl fmt::Display for RawDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{SHA256_PREFIX}{}", hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for RawDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Short form: full digests drown log lines.
+        write!(f, "{SHA256_PREFIX}{}…", hex::encode(&self.0[..6]))
     }
 }
 
@@ -70,7 +108,7 @@ impl fmt::Display for Digest {
 impl fmt::Debug for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Short form: full digests drown log lines.
-        write!(f, "sha256:{}…", &self.hex()[..12])
+        write!(f, "{SHA256_PREFIX}{}…", &self.hex()[..12])
     }
 }
 
@@ -87,6 +125,12 @@ mod tests {
         );
         assert_eq!(Digest::parse(digest.as_str()).unwrap(), digest);
         assert_eq!(digest.hex().len(), 64);
+        let raw = digest.raw();
+        assert_eq!(raw.to_string(), digest.as_str());
+        assert_eq!(digest.as_str().parse::<RawDigest>().unwrap(), raw);
+        assert_eq!(Digest::from_raw(raw), digest);
+        assert_eq!(format!("{raw:?}"), format!("{digest:?}"));
+        assert_eq!(format!("{raw:?}"), "sha256:e3b0c44298fc…");
     }
 
     #[test]

@@ -5,16 +5,19 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use parking_lot::RwLock;
 use shoal_config::{Config, FetchConfig, RegistryConfig};
 use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
 
-use crate::cache::{BlockKey, ChunkCache};
+use crate::cache::{BlockGeometry, BlockKey, ChunkCache};
 use crate::error::FetchError;
 use crate::flight::{Flights, Joined, Lead, Waiter};
 use crate::latency::FetchLatency;
 use crate::peer::{self, PeerRound, Peers};
 use crate::reference::BlobRef;
 use crate::registry::RegistryClient;
+use crate::runs::Runs;
 use crate::stats::{BlobBytes, Counters, FetchStats, Source};
 use crate::trust::Route;
 
@@ -39,7 +42,7 @@ pub struct Fetcher {
 struct Inner {
     /// Replaced whole by [`Fetcher::reload_registry`]; a request in flight keeps the client
     /// it started with.
-    registry: std::sync::RwLock<RegistryClient>,
+    registry: RwLock<RegistryClient>,
     cache: ChunkCache,
     flights: Arc<Flights>,
     /// Bounds remote fetches in flight over all blobs (`fetch.max_concurrent`).
@@ -49,6 +52,8 @@ struct Inner {
     max_run_blocks: u64,
     /// The peer network, when `[peers]` is configured.
     peers: Option<Arc<Peers>>,
+    /// Fetch runs not finished yet: a read is answered before its blocks are cached.
+    runs: Arc<Runs>,
 }
 
 impl Fetcher {
@@ -90,7 +95,7 @@ impl Fetcher {
         let max_run_blocks = (MAX_RUN_BYTES / cache.block_size()).max(1);
         Fetcher {
             inner: Arc::new(Inner {
-                registry: std::sync::RwLock::new(registry),
+                registry: RwLock::new(registry),
                 cache,
                 flights: Arc::new(Flights::with_failure_window(FAILED_FETCH_WINDOW)),
                 remote: Semaphore::new(config.max_concurrent.max(1)),
@@ -98,17 +103,14 @@ impl Fetcher {
                 latency: FetchLatency::default(),
                 max_run_blocks,
                 peers,
+                runs: Arc::default(),
             }),
         }
     }
 
     /// The registry client now in force (cheap: clones share connections and tokens).
     pub fn registry(&self) -> RegistryClient {
-        self.inner
-            .registry
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.inner.registry.read().clone()
     }
 
     /// Replaces the registry client with one built from `config` (hosts, mirrors, TLS,
@@ -116,11 +118,7 @@ impl Fetcher {
     /// client stays.
     pub fn reload_registry(&self, config: &RegistryConfig) -> Result<(), FetchError> {
         let client = RegistryClient::new(config)?;
-        *self
-            .inner
-            .registry
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = client;
+        *self.inner.registry.write() = client;
         Ok(())
     }
 
@@ -150,6 +148,13 @@ impl Fetcher {
     /// current runtime; the bound address, or `None` when peers are not configured.
     pub async fn start_peers(&self) -> Result<Option<std::net::SocketAddr>, FetchError> {
         peer::start(self).await
+    }
+
+    /// Waits until every fetch started so far has cached its blocks (or failed to). Reads
+    /// return as soon as their bytes are in hand, before those are durable in the cache;
+    /// this is for whoever reports on the cache, or needs it caught up.
+    pub async fn settled(&self) {
+        self.inner.runs.settled().await
     }
 
     /// How long cache reads and remote fetches took, by source.
@@ -184,12 +189,10 @@ impl Fetcher {
         if range.is_empty() {
             return Ok(Bytes::new());
         }
-        if let Some(bytes) = self.read_cached(blob, range.clone()) {
-            return Ok(bytes);
-        }
-        let blocks = self.block_range(&range);
-        let parts = self.blocks(blob, blocks.clone(), mode).await?;
-        Ok(self.assemble(blocks.start, parts, range))
+        // No whole-range cache lookup first: callers (the trust layer) come here after
+        // theirs missed, and `blocks` looks at each block anyway.
+        let (parts, _runs) = self.blocks(blob, &range, mode).await?;
+        Ok(assemble(parts))
     }
 
     /// Bytes `range` of `blob` if the cache holds all of them; never waits on the network.
@@ -201,7 +204,7 @@ impl Fetcher {
         let bytes = self.inner.cache.read(&blob.digest, range.clone())?;
         self.inner.latency.observe(Source::Cache, started.elapsed());
         let counters = &self.inner.counters;
-        counters.hits(self.block_range(&range).count() as u64);
+        counters.hits(self.geometry(blob).covering(&range).count() as u64);
         counters.served(&blob.digest, Source::Cache, bytes.len() as u64);
         Some(bytes)
     }
@@ -216,7 +219,13 @@ impl Fetcher {
         }
         self.inner.counters.verify_failure();
         if let Some(peers) = &self.inner.peers {
-            peers.rejected(&blob.digest, self.block_range(&range));
+            peers.rejected(&blob.digest, self.geometry(blob).covering(&range));
+        }
+        for index in self.geometry(blob).covering(&range) {
+            self.inner
+                .flights
+                .ended(&BlockKey::new(&blob.digest, index))
+                .await;
         }
         let fetcher = self.clone();
         let digest = blob.digest.clone();
@@ -224,12 +233,11 @@ impl Fetcher {
         tokio::task::spawn_blocking(move || fetcher.inner.cache.invalidate(&digest, dropped))
             .await
             .map_err(|e| FetchError::CacheTask {
-                block: BlockKey::new(blob.digest.clone(), range.start / self.block_size()),
+                block: BlockKey::new(&blob.digest, self.geometry(blob).block_of(range.start)),
                 reason: e.to_string(),
             })??;
-        let blocks = self.block_range(&range);
-        let parts = self.blocks(blob, blocks.clone(), Mode::Refetch).await?;
-        Ok(self.assemble(blocks.start, parts, range))
+        let (parts, _runs) = self.blocks(blob, &range, Mode::Refetch).await?;
+        Ok(assemble(parts))
     }
 
     /// Brings `range` of `blob` into the cache from the registry without returning it.
@@ -245,52 +253,57 @@ impl Fetcher {
         route: Route,
     ) -> Result<(), FetchError> {
         check_bounds(blob, &range)?;
-        let blocks = self.block_range(&range);
+        let geometry = self.geometry(blob);
+        let blocks = geometry.covering(&range);
         let window = self.inner.max_run_blocks * PREFETCH_WINDOW_RUNS;
         let mut start = blocks.start;
         while start < blocks.end {
             let end = blocks.end.min(start + window);
-            self.blocks(blob, start..end, Mode::from(route)).await?;
+            let span = geometry.start(start)..geometry.span(end - 1).end;
+            // A window's blocks are cached before the next is fetched: that bounds the
+            // bytes held in memory.
+            let (_, runs) = self.blocks(blob, &span, Mode::from(route)).await?;
+            for run in runs {
+                if let Err(error) = run.await {
+                    tracing::warn!(%error, "block fetch task failed");
+                }
+            }
             start = end;
         }
         Ok(())
     }
 
-    fn block_size(&self) -> u64 {
-        self.inner.cache.block_size()
+    /// How `blob` divides into the cache's blocks.
+    fn geometry(&self, blob: &BlobRef) -> BlockGeometry {
+        self.inner.cache.geometry(blob.size)
     }
 
-    fn block_range(&self, range: &Range<u64>) -> Range<u64> {
-        if range.is_empty() {
-            return 0..0;
-        }
-        range.start / self.block_size()..(range.end - 1) / self.block_size() + 1
-    }
-
-    /// Blocks `blocks` of `blob`: present ones from the cache (unless refreshing), missing
-    /// ones joined to a fetch already under way or fetched now, adjacent ones together.
+    /// The parts of `range` of `blob`, block by block: present ones from the cache (unless
+    /// refreshing), missing ones joined to a fetch already under way or fetched now, adjacent
+    /// ones together. Returns once every part is in hand, with the runs it started, which
+    /// go on to cache their blocks: the caller may wait for them or let them finish alone.
     async fn blocks(
         &self,
         blob: &BlobRef,
-        blocks: Range<u64>,
+        range: &Range<u64>,
         mode: Mode,
-    ) -> Result<Vec<Bytes>, FetchError> {
+    ) -> Result<(Vec<Bytes>, Vec<JoinHandle<()>>), FetchError> {
         enum Part {
             Ready(Bytes),
-            Waiting(Waiter),
+            /// The whole block will arrive; the part wanted is `wanted` within it.
+            Waiting(Waiter, Range<usize>),
         }
         let inner = &self.inner;
+        let geometry = self.geometry(blob);
+        let blocks = geometry.covering(range);
         let mut parts = Vec::with_capacity((blocks.end - blocks.start) as usize);
         let mut leads: Vec<Lead> = Vec::new();
         let mut from_cache = 0;
         for index in blocks {
-            let key = BlockKey::new(blob.digest.clone(), index);
+            let span = geometry.span(index);
+            let wanted = span.start.max(range.start)..span.end.min(range.end);
             let cached = (mode != Mode::Refetch)
-                .then(|| {
-                    inner
-                        .cache
-                        .read(&blob.digest, self.block_bytes(blob, index))
-                })
+                .then(|| inner.cache.read(&blob.digest, wanted.clone()))
                 .flatten();
             if let Some(bytes) = cached {
                 inner.counters.hits(1);
@@ -299,12 +312,14 @@ impl Fetcher {
                 continue;
             }
             inner.counters.misses(1);
+            let within = (wanted.start - span.start) as usize..(wanted.end - span.start) as usize;
             // Only plain reads of a block that just failed get one short attempt: opening a
             // layer (its footer and TOC) or a refetch after a bad chunk gets a full fetch.
+            let key = BlockKey::new(&blob.digest, index);
             match inner.flights.join(&key, matches!(mode, Mode::Read { .. })) {
-                Joined::Follow(waiter) => parts.push(Part::Waiting(waiter)),
+                Joined::Follow(waiter) => parts.push(Part::Waiting(waiter, within)),
                 Joined::Lead(lead) => {
-                    parts.push(Part::Waiting(lead.waiter()));
+                    parts.push(Part::Waiting(lead.waiter(), within));
                     leads.push(lead);
                 }
             }
@@ -313,26 +328,28 @@ impl Fetcher {
             .counters
             .served(&blob.digest, Source::Cache, from_cache);
         // Each run is a task of its own: the fetch must finish for the other waiters even if
-        // this reader gives up (a FUSE request interrupted, a caller's timeout).
+        // this reader gives up (a FUSE request interrupted, a caller's timeout), and it
+        // caches the blocks after their readers have them. The runs end on their own (every
+        // fetch has a deadline); [`Fetcher::settled`] waits for them.
         let tasks: Vec<_> = runs(leads, inner.max_run_blocks)
             .into_iter()
-            .map(|run| tokio::spawn(self.clone().fetch_run(blob.clone(), run, mode)))
+            .map(|run| {
+                let guard = self.inner.runs.start();
+                let fetch = self.clone().fetch_run(blob.clone(), run, mode);
+                tokio::spawn(async move {
+                    fetch.await;
+                    drop(guard);
+                })
+            })
             .collect();
-        let mut blocks = Vec::with_capacity(parts.len());
+        let mut got = Vec::with_capacity(parts.len());
         for part in parts {
-            blocks.push(match part {
+            got.push(match part {
                 Part::Ready(bytes) => bytes,
-                Part::Waiting(waiter) => waiter.wait().await?,
+                Part::Waiting(waiter, within) => waiter.wait().await?.slice(within),
             });
         }
-        // Followers are answered as soon as the bytes arrive; the reader that started the
-        // fetches returns once they are cached, so that its read leaves the cache warm.
-        for task in tasks {
-            if let Err(error) = task.await {
-                tracing::warn!(%error, "block fetch task failed");
-            }
-        }
-        Ok(blocks)
+        Ok((got, tasks))
     }
 
     /// Fetches one run of adjacent blocks: from peers when they have them (unless this is a
@@ -443,8 +460,8 @@ impl Fetcher {
         let (Some(first), Some(last)) = (gap.first(), gap.last()) else {
             return Vec::new();
         };
-        let range = self.block_bytes(blob, first.key().index).start
-            ..self.block_bytes(blob, last.key().index).end;
+        let geometry = self.geometry(blob);
+        let range = geometry.span(first.key().index).start..geometry.span(last.key().index).end;
         let inner = &self.inner;
         tracing::debug!(blob = %blob.digest, ?range, "fetching blocks from the registry");
         let started = std::time::Instant::now();
@@ -473,7 +490,7 @@ impl Fetcher {
             .served(&blob.digest, Source::Registry, bytes.len() as u64);
         gap.iter()
             .map(|lead| {
-                let block = self.block_bytes(blob, lead.key().index);
+                let block = geometry.span(lead.key().index);
                 let part = bytes.slice(
                     (block.start - range.start) as usize..(block.end - range.start) as usize,
                 );
@@ -482,26 +499,18 @@ impl Fetcher {
             })
             .collect()
     }
+}
 
-    /// Byte range of block `index` within `blob`; the last block may be short.
-    fn block_bytes(&self, blob: &BlobRef, index: u64) -> Range<u64> {
-        let start = index.saturating_mul(self.block_size()).min(blob.size);
-        start..start.saturating_add(self.block_size()).min(blob.size)
+/// Consecutive parts of one range, joined.
+fn assemble(parts: Vec<Bytes>) -> Bytes {
+    if let [only] = parts.as_slice() {
+        return only.clone();
     }
-
-    /// `range` cut out of consecutive blocks starting at block `first`.
-    fn assemble(&self, first: u64, blocks: Vec<Bytes>, range: Range<u64>) -> Bytes {
-        let start = (range.start - first * self.block_size()) as usize;
-        let len = (range.end - range.start) as usize;
-        if let [only] = blocks.as_slice() {
-            return only.slice(start..start + len);
-        }
-        let mut joined = BytesMut::with_capacity(blocks.iter().map(Bytes::len).sum());
-        for block in &blocks {
-            joined.extend_from_slice(block);
-        }
-        joined.freeze().slice(start..start + len)
+    let mut joined = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+    for part in &parts {
+        joined.extend_from_slice(part);
     }
+    joined.freeze()
 }
 
 fn check_bounds(blob: &BlobRef, range: &Range<u64>) -> Result<(), FetchError> {

@@ -7,10 +7,11 @@
 //! registry deadline, while a read after the registry has come back must succeed.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::cache::BlockKey;
@@ -54,18 +55,18 @@ impl Flights {
     /// block whose fetch failed within the window is led as one after a failure; without it
     /// (opening a layer, refetching a bad chunk), every fetch is a full one.
     pub fn join(self: &Arc<Self>, key: &BlockKey, after_failure: bool) -> Joined {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pending = self.pending.lock();
         if let Some(slot) = pending.get(key) {
             return Joined::Follow(Waiter {
-                key: key.clone(),
+                key: *key,
                 slot: slot.clone(),
             });
         }
         let (sender, slot) = watch::channel(None);
-        pending.insert(key.clone(), slot);
+        pending.insert(*key, slot);
         drop(pending);
         Joined::Lead(Lead {
-            key: key.clone(),
+            key: *key,
             sender,
             after_failure: after_failure && self.failed_recently(key),
             flights: self.clone(),
@@ -74,11 +75,22 @@ impl Flights {
 }
 
 impl Flights {
+    /// Waits until nobody fetches `key` any more: its lead has cached the block, or failed.
+    /// A refetch waits for this, so that it neither joins a flight whose bytes it rejected
+    /// nor has those bytes land in the cache after it dropped them.
+    pub async fn ended(&self, key: &BlockKey) {
+        let slot = self.pending.lock().get(key).cloned();
+        if let Some(mut slot) = slot {
+            // Only the lead's drop closes the channel; its result may already be in.
+            while slot.changed().await.is_ok() {}
+        }
+    }
+
     fn failed_recently(&self, key: &BlockKey) -> bool {
         if self.window.is_zero() {
             return false;
         }
-        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failed = self.failed.lock();
         match failed.get(key) {
             Some(until) if Instant::now() < *until => true,
             Some(_) => {
@@ -91,7 +103,7 @@ impl Flights {
 
     fn forget_failure(&self, key: &BlockKey) {
         if !self.window.is_zero() {
-            let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+            let mut failed = self.failed.lock();
             failed.remove(key);
         }
     }
@@ -101,7 +113,7 @@ impl Flights {
             return;
         }
         let now = Instant::now();
-        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failed = self.failed.lock();
         if failed.len() >= MAX_FAILURES {
             failed.retain(|_, until| now < *until);
         }
@@ -109,12 +121,12 @@ impl Flights {
             let oldest = failed
                 .iter()
                 .min_by_key(|(_, until)| **until)
-                .map(|(key, _)| key.clone());
+                .map(|(key, _)| *key);
             if let Some(oldest) = oldest {
                 failed.remove(&oldest);
             }
         }
-        failed.insert(key.clone(), now + self.window);
+        failed.insert(*key, now + self.window);
     }
 }
 
@@ -141,7 +153,7 @@ impl Lead {
 
     pub fn waiter(&self) -> Waiter {
         Waiter {
-            key: self.key.clone(),
+            key: self.key,
             slot: self.sender.subscribe(),
         }
     }
@@ -160,12 +172,7 @@ impl Lead {
 
 impl Drop for Lead {
     fn drop(&mut self) {
-        let mut pending = self
-            .flights
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        pending.remove(&self.key);
+        self.flights.pending.lock().remove(&self.key);
     }
 }
 
@@ -217,7 +224,7 @@ mod tests {
 
     fn fail(lead: &Lead) {
         lead.publish(Err(Arc::new(FetchError::AbandonedFetch {
-            block: lead.key().clone(),
+            block: *lead.key(),
         })));
     }
 
@@ -267,7 +274,7 @@ mod tests {
     async fn a_short_fetch_that_fails_does_not_renew_the_failure() {
         let flights = Arc::new(Flights::with_failure_window(Duration::from_secs(3600)));
         let key = BlockKey::new(Digest::of(b"blob"), 1);
-        let until = |flights: &Flights| flights.failed.lock().unwrap().get(&key).copied();
+        let until = |flights: &Flights| flights.failed.lock().get(&key).copied();
         let first = lead(&flights, &key, true);
         fail(&first);
         drop(first);

@@ -9,12 +9,12 @@
 //! - [`RegistryClient`] speaks the OCI distribution API: manifests, small blobs, byte ranges,
 //!   with bearer/basic auth, mirrors, retries and credential-safe redirects; it also pushes
 //!   blobs ([`BlobContent`]) and manifests.
-//! - [`ChunkCache`] keeps aligned blocks ([`BlockKey`]) on disk, durable before visible,
-//!   bounded by LRU eviction with pinning.
+//! - [`ChunkCache`] keeps aligned blocks ([`BlockKey`], cut as [`BlockGeometry`] says) on
+//!   disk, durable before visible, bounded by LRU eviction with pinning.
 //! - [`peer::Peers`] asks other nodes for blocks before the registry (rendezvous-placed
 //!   index owners, announcements, HTTP/2 block requests), and serves them this node's.
-//! - [`Digest`], [`ImageRef`] and [`BlobRef`] name what is fetched; [`FetchError`] says what
-//!   failed.
+//! - [`Digest`] (and its `Copy` bytes, [`RawDigest`]), [`ImageRef`] and [`BlobRef`] name
+//!   what is fetched; [`FetchError`] says what failed.
 //!
 //! Nothing here knows about FUSE or containerd, and nothing builds a runtime: the async API
 //! runs on the caller's tokio runtime, and the `read_cached` paths are synchronous.
@@ -29,11 +29,12 @@ pub mod peer;
 pub mod private;
 mod reference;
 mod registry;
+mod runs;
 mod stats;
 pub mod trust;
 
-pub use cache::{BlockKey, CacheUsage, ChunkCache, MAX_CACHED_BLOB_BYTES};
-pub use digest::Digest;
+pub use cache::{BlockGeometry, BlockKey, CacheUsage, ChunkCache, MAX_CACHED_BLOB_BYTES};
+pub use digest::{Digest, RawDigest};
 pub use error::{with_causes, FetchError, HttpFailure};
 pub use fetcher::Fetcher;
 pub use latency::{FetchLatency, Histogram, HistogramSnapshot, BUCKET_BOUNDS};

@@ -107,6 +107,7 @@ async fn a_full_cache_disk_is_logged_once_and_reads_still_succeed() {
         let bytes = fetcher.read(&blob, range.clone()).await.unwrap();
         assert_eq!(&bytes[..], &data[range.start as usize..range.end as usize]);
     }
+    fetcher.settled().await;
     let usage = fetcher.cache().usage();
     assert!(usage.blocks > 0 && usage.blocks < BLOCKS, "{usage:?}");
     assert_eq!(
@@ -133,6 +134,7 @@ async fn a_full_cache_disk_is_logged_once_and_reads_still_succeed() {
     disk.resize("1m");
     let last = (BLOCKS - 1) * BLOCK..BLOCKS * BLOCK;
     fetcher.read(&blob, last.clone()).await.unwrap();
+    fetcher.settled().await;
     assert!(fetcher.read_cached(&blob, last).is_some(), "cached again");
     let recovered = captured.lines_with("has space again");
     assert_eq!(recovered.len(), 1, "{recovered:#?}");

@@ -66,6 +66,8 @@ async fn reads_fill_the_cache_and_are_served_from_it() {
     // Whole blocks are fetched: 4096..12288.
     assert_eq!(setup.ranges(), vec!["bytes=4096-12287"]);
 
+    // Reads return before their blocks are cached.
+    fetcher.settled().await;
     let cached = fetcher.read_cached(&setup.blob, range.clone()).unwrap();
     assert_eq!(cached, bytes);
     fetcher.read(&setup.blob, 4_096..12_288).await.unwrap();
@@ -82,6 +84,8 @@ async fn reads_fill_the_cache_and_are_served_from_it() {
         format!("bytes=36864-{}", 10 * BLOCK + 99)
     );
 
+    // Reads return before their blocks are cached.
+    fetcher.settled().await;
     let stats = fetcher.stats();
     assert_eq!(stats.bytes_from_registry, 3 * BLOCK + 100);
     assert_eq!(stats.cache_misses, 4);
@@ -138,6 +142,7 @@ async fn the_cache_survives_a_restart() {
     {
         let fetcher = setup.fetcher();
         fetcher.read(&setup.blob, 0..3 * BLOCK).await.unwrap();
+        fetcher.settled().await;
     }
     let fetcher = setup.fetcher();
     let usage = fetcher.cache().usage();
@@ -235,6 +240,7 @@ async fn a_read_right_after_the_registry_recovers_succeeds() {
     let bytes = fetcher.read(&setup.blob, 100..200).await.unwrap();
     assert_eq!(&bytes[..], &setup.data[100..200]);
     assert_eq!(setup.server.count(), 2);
+    fetcher.settled().await;
     assert_eq!(fetcher.cache().usage().blocks, 1);
 }
 
@@ -270,6 +276,7 @@ async fn refetch_replaces_cached_blocks() {
         "bytes=4096-8191",
         "only the block under the range"
     );
+    fetcher.settled().await;
     let cached = fetcher.read_cached(&setup.blob, 0..2 * BLOCK).unwrap();
     assert_eq!(&cached[..], &good[..2 * BLOCK as usize]);
 }

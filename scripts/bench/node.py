@@ -100,9 +100,10 @@ class Node:
         self.shoal_config = None
         self.daemon = None
 
-    def start(self, daemon, stargz_bin=None, peers=None):
+    def start(self, daemon, stargz_bin=None, peers=None, shoal_extra=""):
         """`daemon`: None, "shoal" or "stargz". `peers`: (listen, [every member]) for a
-        `[peers]` section in Shoal's configuration."""
+        `[peers]` section in Shoal's configuration. `shoal_extra`: Shoal TOML placed right
+        after `[cache]`'s capacity: more `[cache]` keys, then any sections not written here."""
         self.clear()
         self.run_dir.mkdir(parents=True)
         self.daemon = daemon
@@ -111,7 +112,7 @@ class Node:
             self.metrics_port = free_port()
             self.shoal_config = self.run_dir / "shoal.toml"
             text = (f'root = "{self.run_dir}/shoal"\nsocket = "{self.run_dir}/shoal.sock"\n'
-                    f'[cache]\ncapacity = "50GiB"\n'
+                    f'[cache]\ncapacity = "50GiB"\n{shoal_extra}'
                     f'[registry.hosts."{self.registry}"]\nplain_http = true\n'
                     f'[metrics]\naddress = "127.0.0.1:{self.metrics_port}"\n')
             if peers:

@@ -23,6 +23,9 @@ pub use status::{DaemonStatus, LayerReads, LayerStatus, Observed, UnmountedLayer
 const MAX_REQUEST_BYTES: usize = 1024;
 /// A client that sends nothing for this long is dropped.
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a report waits for reads already answered to land in the cache: long enough for
+/// a disk write, short enough that a registry that hangs never holds a scrape up.
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// One answer: status line, content type, body.
 struct Answer {
@@ -50,7 +53,12 @@ impl Observed {
             .map_err(|error| format!("metadata store: {error}"))
     }
 
-    fn answer(&self, path: &str) -> Answer {
+    async fn answer(&self, path: &str) -> Answer {
+        if matches!(path, "/metrics" | "/status") {
+            // Reads are answered before their blocks are cached: report the cache once the
+            // fetches already answered have landed, or as it is after a short wait.
+            let _ = tokio::time::timeout(SETTLE_WAIT, self.fetcher.settled()).await;
+        }
         match path {
             "/metrics" => {
                 let mut body = render(&self.status());
@@ -107,7 +115,7 @@ pub async fn serve(address: SocketAddr, observed: Observed) -> anyhow::Result<()
                 let path = line.split_whitespace().nth(1).unwrap_or("/");
                 let path = path.split('?').next().unwrap_or(path);
                 debug!(%peer, path, "metrics request");
-                let answer = observed.answer(path);
+                let answer = observed.answer(path).await;
                 let head = format!(
                     "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                     answer.code,

@@ -1,76 +1,72 @@
-//! The persisted presence bitmap of one cached blob: which of its blocks are durable on disk.
+//! The presence bitmap of one cached blob: which of its blocks are durable on disk. On disk
+//! ([`BitmapFile`]) one byte per block, written and synced without any lock held; in memory
+//! ([`Presence`]) one bit per block, under the blob's lock.
 //!
 //! Layout (little-endian): magic `SHOALBM\0`, version u32, reserved u32, block size u64, blob
-//! size u64, the digest's 64 hex digits, then one bit per block (bit `i % 8` of byte `i / 8`).
-//! The header is written once, through a temporary file renamed into place; afterwards each
-//! change rewrites the single byte holding the bit and is synced before it is believed.
+//! size u64, the digest's 64 hex digits, then one byte per block (1 present, 0 absent). The
+//! header is written once, through a temporary file renamed into place. A block's byte is
+//! only ever written by whoever holds that block (storing or evicting it, never both), and a
+//! single byte never tears, so writes of different blocks need no lock between them.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write as _};
 use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 
+use super::geometry::BlockGeometry;
 use crate::digest::Digest;
 
 const MAGIC: &[u8; 8] = b"SHOALBM\0";
-const VERSION: u32 = 1;
+/// Version 1 kept one bit per block: neighbours shared a byte, so every write of it had to
+/// be serialised with a lock held across the sync.
+const VERSION: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 8 + 64;
+/// Read step when loading the block bytes, so that a large bitmap is not read in one buffer.
+const LOAD_STEP: usize = 1 << 20;
 
-/// What a bitmap's header says about its blob.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BitmapHeader {
-    pub block_size: u64,
-    pub blob_size: u64,
+fn encode(geometry: &BlockGeometry, digest: &Digest) -> [u8; HEADER_LEN] {
+    let mut header = [0u8; HEADER_LEN];
+    header[..8].copy_from_slice(MAGIC);
+    header[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    header[16..24].copy_from_slice(&geometry.block_size.to_le_bytes());
+    header[24..32].copy_from_slice(&geometry.blob_size.to_le_bytes());
+    header[32..].copy_from_slice(digest.hex().as_bytes());
+    header
 }
 
-impl BitmapHeader {
-    pub fn blocks(&self) -> u64 {
-        self.blob_size.div_ceil(self.block_size)
+fn decode(bytes: &[u8], digest: &Digest) -> Option<BlockGeometry> {
+    let u64_at = |at: usize| {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(bytes.get(at..at + 8)?);
+        Some(u64::from_le_bytes(word))
+    };
+    if bytes.len() < HEADER_LEN
+        || &bytes[..8] != MAGIC
+        || bytes[8..12] != VERSION.to_le_bytes()
+        || &bytes[32..HEADER_LEN] != digest.hex().as_bytes()
+    {
+        return None;
     }
-
-    fn encode(&self, digest: &Digest) -> [u8; HEADER_LEN] {
-        let mut header = [0u8; HEADER_LEN];
-        header[..8].copy_from_slice(MAGIC);
-        header[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        header[16..24].copy_from_slice(&self.block_size.to_le_bytes());
-        header[24..32].copy_from_slice(&self.blob_size.to_le_bytes());
-        header[32..].copy_from_slice(digest.hex().as_bytes());
-        header
-    }
-
-    fn decode(bytes: &[u8], digest: &Digest) -> Option<BitmapHeader> {
-        let u64_at = |at: usize| {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(bytes.get(at..at + 8)?);
-            Some(u64::from_le_bytes(word))
-        };
-        if bytes.len() < HEADER_LEN
-            || &bytes[..8] != MAGIC
-            || bytes[8..12] != VERSION.to_le_bytes()
-            || &bytes[32..HEADER_LEN] != digest.hex().as_bytes()
-        {
-            return None;
-        }
-        let header = BitmapHeader {
-            block_size: u64_at(16)?,
-            blob_size: u64_at(24)?,
-        };
-        (header.block_size > 0).then_some(header)
-    }
+    let block_size = u64_at(16)?;
+    let blob_size = u64_at(24)?;
+    (block_size > 0).then(|| BlockGeometry::new(block_size, blob_size))
 }
 
-/// One blob's presence bits, in memory and on disk.
+/// One blob's presence bytes on disk.
 #[derive(Debug)]
-pub struct Bitmap {
+pub struct BitmapFile {
     file: File,
-    header: BitmapHeader,
-    bits: Vec<u8>,
+    geometry: BlockGeometry,
 }
 
-impl Bitmap {
+impl BitmapFile {
     /// Creates an all-absent bitmap at `path`, durably, replacing any previous one.
-    pub fn create(path: &Path, digest: &Digest, header: BitmapHeader) -> io::Result<Bitmap> {
-        let bits = vec![0u8; bits_len(header.blocks())?];
+    pub fn create(
+        path: &Path,
+        digest: &Digest,
+        geometry: BlockGeometry,
+    ) -> io::Result<(BitmapFile, Presence)> {
+        let presence = Presence::new(geometry.blocks())?;
         let tmp = path.with_extension("bitmap.tmp");
         let mut file = crate::private::options()
             .read(true)
@@ -78,39 +74,94 @@ impl Bitmap {
             .create(true)
             .truncate(true)
             .open(&tmp)?;
-        file.write_all(&header.encode(digest))?;
-        file.write_all(&bits)?;
+        file.write_all(&encode(&geometry, digest))?;
+        // Sparse: the block bytes read as zero, absent, until written.
+        file.set_len(HEADER_LEN as u64 + geometry.blocks())?;
         file.sync_all()?;
         std::fs::rename(&tmp, path)?;
         sync_parent(path)?;
-        Ok(Bitmap { file, header, bits })
+        Ok((BitmapFile { file, geometry }, presence))
     }
 
     /// Loads the bitmap at `path`; `None` when it is not a valid bitmap of `digest`, for
     /// example one torn by a crash during creation or left by another version.
-    pub fn open(path: &Path, digest: &Digest, max_blob_size: u64) -> io::Result<Option<Bitmap>> {
+    pub fn open(
+        path: &Path,
+        digest: &Digest,
+        max_blob_size: u64,
+    ) -> io::Result<Option<(BitmapFile, Presence)>> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
         let mut head = [0u8; HEADER_LEN];
         if file.read_exact_at(&mut head, 0).is_err() {
             return Ok(None);
         }
-        let Some(header) = BitmapHeader::decode(&head, digest) else {
+        let Some(geometry) = decode(&head, digest) else {
             return Ok(None);
         };
-        if header.blob_size > max_blob_size {
-            return Ok(None);
-        }
-        let mut bits = vec![0u8; bits_len(header.blocks())?];
-        if file.metadata()?.len() != (HEADER_LEN + bits.len()) as u64
-            || file.read_exact_at(&mut bits, HEADER_LEN as u64).is_err()
+        if geometry.blob_size > max_blob_size
+            || file.metadata()?.len() != HEADER_LEN as u64 + geometry.blocks()
         {
             return Ok(None);
         }
-        Ok(Some(Bitmap { file, header, bits }))
+        let mut presence = Presence::new(geometry.blocks())?;
+        let mut buffer = vec![0u8; LOAD_STEP];
+        let mut index = 0u64;
+        while index < geometry.blocks() {
+            let step = (geometry.blocks() - index).min(LOAD_STEP as u64) as usize;
+            let piece = &mut buffer[..step];
+            if file
+                .read_exact_at(piece, HEADER_LEN as u64 + index)
+                .is_err()
+            {
+                return Ok(None);
+            }
+            for (at, byte) in piece.iter().enumerate() {
+                match byte {
+                    0 => {}
+                    1 => presence.set(index + at as u64, true),
+                    _ => return Ok(None),
+                }
+            }
+            index += step as u64;
+        }
+        Ok(Some((BitmapFile { file, geometry }, presence)))
     }
 
-    pub fn header(&self) -> BitmapHeader {
-        self.header
+    pub fn geometry(&self) -> BlockGeometry {
+        self.geometry
+    }
+
+    /// Writes block `index`'s byte and syncs it. The caller must hold the block (store or
+    /// evict it) so that nobody else writes the same byte meanwhile.
+    pub fn persist(&self, index: u64, present: bool) -> io::Result<()> {
+        if index >= self.geometry.blocks() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "block out of range",
+            ));
+        }
+        self.file
+            .write_all_at(&[u8::from(present)], HEADER_LEN as u64 + index)?;
+        self.file.sync_data()
+    }
+}
+
+/// Presence bits in memory: one per block.
+#[derive(Debug)]
+pub struct Presence {
+    bits: Vec<u8>,
+    blocks: u64,
+}
+
+impl Presence {
+    pub fn new(blocks: u64) -> io::Result<Presence> {
+        let len = usize::try_from(blocks.div_ceil(8)).map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidInput, "blob too large for a bitmap")
+        })?;
+        Ok(Presence {
+            bits: vec![0; len],
+            blocks,
+        })
     }
 
     pub fn get(&self, index: u64) -> bool {
@@ -122,38 +173,38 @@ impl Bitmap {
             .is_some_and(|bits| bits & (1 << (index % 8)) != 0)
     }
 
-    /// Sets bit `index` to `present`, durably; the in-memory bit changes only after the disk's.
-    pub fn set(&mut self, index: u64, present: bool) -> io::Result<()> {
-        let byte = usize::try_from(index / 8)
-            .ok()
-            .filter(|&byte| byte < self.bits.len() && index < self.header.blocks())
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "block out of range"))?;
-        let mask = 1u8 << (index % 8);
-        let updated = if present {
-            self.bits[byte] | mask
-        } else {
-            self.bits[byte] & !mask
-        };
-        if updated == self.bits[byte] {
-            return Ok(());
+    /// Sets bit `index`; out of range is ignored (nothing can be present there).
+    pub fn set(&mut self, index: u64, present: bool) {
+        if index >= self.blocks {
+            return;
         }
-        // One byte never tears, so the bitmap on disk is always some valid state.
-        self.file
-            .write_all_at(&[updated], (HEADER_LEN + byte) as u64)?;
-        self.file.sync_data()?;
-        self.bits[byte] = updated;
-        Ok(())
+        let (byte, mask) = ((index / 8) as usize, 1u8 << (index % 8));
+        if present {
+            self.bits[byte] |= mask;
+        } else {
+            self.bits[byte] &= !mask;
+        }
     }
 
-    /// Indices of the present blocks.
-    pub fn present(&self) -> impl Iterator<Item = u64> + '_ {
-        (0..self.header.blocks()).filter(|&index| self.get(index))
+    /// Indices of the set bits, in order.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.bits
+            .iter()
+            .enumerate()
+            .filter(|(_, bits)| **bits != 0)
+            .flat_map(|(byte, bits)| {
+                (0..8)
+                    .filter(move |bit| bits & (1 << bit) != 0)
+                    .map(move |bit| byte as u64 * 8 + bit)
+            })
     }
-}
 
-fn bits_len(blocks: u64) -> io::Result<usize> {
-    usize::try_from(blocks.div_ceil(8))
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "blob too large for a bitmap"))
+    /// Clears every bit, returning the indices that were set.
+    pub fn take(&mut self) -> Vec<u64> {
+        let set = self.iter().collect();
+        self.bits.fill(0);
+        set
+    }
 }
 
 /// Makes a rename or creation in `path`'s directory durable.
@@ -173,27 +224,39 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let digest = Digest::of(b"blob");
         let path = dir.path().join("x.bitmap");
-        let header = BitmapHeader {
-            block_size: 4096,
-            blob_size: 4096 * 9 + 1,
-        };
-        let mut bitmap = Bitmap::create(&path, &digest, header).unwrap();
-        assert_eq!(header.blocks(), 10);
-        bitmap.set(0, true).unwrap();
-        bitmap.set(9, true).unwrap();
-        bitmap.set(3, true).unwrap();
-        bitmap.set(3, false).unwrap();
-        assert!(bitmap.set(10, true).is_err());
-        drop(bitmap);
+        let geometry = BlockGeometry::new(4096, 4096 * 9 + 1);
+        let (file, _) = BitmapFile::create(&path, &digest, geometry).unwrap();
+        assert_eq!(geometry.blocks(), 10);
+        file.persist(0, true).unwrap();
+        file.persist(9, true).unwrap();
+        file.persist(3, true).unwrap();
+        file.persist(3, false).unwrap();
+        assert!(file.persist(10, true).is_err());
+        drop(file);
 
-        let bitmap = Bitmap::open(&path, &digest, u64::MAX).unwrap().unwrap();
-        assert_eq!(bitmap.header(), header);
-        assert_eq!(bitmap.present().collect::<Vec<_>>(), vec![0, 9]);
+        let (file, presence) = BitmapFile::open(&path, &digest, u64::MAX).unwrap().unwrap();
+        assert_eq!(file.geometry(), geometry);
+        assert_eq!(presence.iter().collect::<Vec<_>>(), vec![0, 9]);
 
         let other = Digest::of(b"other");
-        assert!(Bitmap::open(&path, &other, u64::MAX).unwrap().is_none());
-        assert!(Bitmap::open(&path, &digest, 100).unwrap().is_none());
+        assert!(BitmapFile::open(&path, &other, u64::MAX).unwrap().is_none());
+        assert!(BitmapFile::open(&path, &digest, 100).unwrap().is_none());
         std::fs::write(&path, b"SHOALBM\0short").unwrap();
-        assert!(Bitmap::open(&path, &digest, u64::MAX).unwrap().is_none());
+        assert!(BitmapFile::open(&path, &digest, u64::MAX)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn presence_bits_set_clear_and_drain() {
+        let mut presence = Presence::new(20).unwrap();
+        for index in [0, 7, 8, 19, 20, 400] {
+            presence.set(index, true);
+        }
+        assert_eq!(presence.iter().collect::<Vec<_>>(), vec![0, 7, 8, 19]);
+        presence.set(7, false);
+        assert!(!presence.get(7) && presence.get(8) && !presence.get(20));
+        assert_eq!(presence.take(), vec![0, 8, 19]);
+        assert_eq!(presence.iter().count(), 0);
     }
 }

@@ -1,4 +1,6 @@
 //! One cached blob on disk: a sparse data file the size of the blob, and its presence bitmap.
+//! Its in-memory state (which blocks are present, which were read since the cache last
+//! looked) sits under the blob's own lock, never held across I/O.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -7,23 +9,34 @@ use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
 use nix::fcntl::{fallocate, FallocateFlags};
+use parking_lot::Mutex;
 
-use super::bitmap::{sync_parent, Bitmap, BitmapHeader};
+use super::bitmap::{sync_parent, BitmapFile, Presence};
+use super::geometry::BlockGeometry;
 use crate::digest::Digest;
 
 pub struct BlobFile {
     pub digest: Digest,
-    pub header: BitmapHeader,
+    pub geometry: BlockGeometry,
     data: File,
     data_path: PathBuf,
-    bitmap: Mutex<Bitmap>,
+    bitmap: BitmapFile,
+    blocks: Mutex<Blocks>,
     /// Bumped whenever a block is dropped, so that a reader can tell that bytes it read
     /// without holding a lock may have been punched out underneath it.
     evictions: AtomicU64,
+}
+
+struct Blocks {
+    /// Durable blocks: a bit is set only after its block's bytes and byte are synced.
+    present: Presence,
+    /// Blocks read since the cache last took them into its eviction order: readers note
+    /// them here so that a hit never takes the cache's own lock.
+    touched: Presence,
+    any_touched: bool,
 }
 
 impl BlobFile {
@@ -36,7 +49,7 @@ impl BlobFile {
     }
 
     /// Creates the files of a blob with no blocks present yet.
-    pub fn create(dir: &Path, digest: &Digest, header: BitmapHeader) -> io::Result<BlobFile> {
+    pub fn create(dir: &Path, digest: &Digest, geometry: BlockGeometry) -> io::Result<BlobFile> {
         let data_path = BlobFile::data_path(dir, digest);
         let data = crate::private::options()
             .read(true)
@@ -44,18 +57,12 @@ impl BlobFile {
             .create(true)
             .truncate(true)
             .open(&data_path)?;
-        data.set_len(header.blob_size)?;
+        data.set_len(geometry.blob_size)?;
         // The data file first: a bitmap without its data file would claim blocks nobody has.
         sync_parent(&data_path)?;
-        let bitmap = Bitmap::create(&BlobFile::bitmap_path(dir, digest), digest, header)?;
-        Ok(BlobFile {
-            digest: digest.clone(),
-            header,
-            data,
-            data_path,
-            bitmap: Mutex::new(bitmap),
-            evictions: AtomicU64::new(0),
-        })
+        let (bitmap, present) =
+            BitmapFile::create(&BlobFile::bitmap_path(dir, digest), digest, geometry)?;
+        BlobFile::new(digest, data, data_path, bitmap, present)
     }
 
     /// Reopens a blob's files after a restart; `None` when they do not belong together.
@@ -66,11 +73,11 @@ impl BlobFile {
         max_blob_size: u64,
     ) -> io::Result<Option<BlobFile>> {
         let bitmap_path = BlobFile::bitmap_path(dir, digest);
-        let Some(bitmap) = Bitmap::open(&bitmap_path, digest, max_blob_size)? else {
+        let Some((bitmap, present)) = BitmapFile::open(&bitmap_path, digest, max_blob_size)? else {
             return Ok(None);
         };
-        let header = bitmap.header();
-        if header.block_size != block_size {
+        let geometry = bitmap.geometry();
+        if geometry.block_size != block_size {
             return Ok(None);
         }
         let data_path = BlobFile::data_path(dir, digest);
@@ -79,53 +86,62 @@ impl BlobFile {
             Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(error) => return Err(error),
         };
-        if data.metadata()?.len() != header.blob_size {
+        if data.metadata()?.len() != geometry.blob_size {
             return Ok(None);
         }
-        Ok(Some(BlobFile {
+        BlobFile::new(digest, data, data_path, bitmap, present).map(Some)
+    }
+
+    fn new(
+        digest: &Digest,
+        data: File,
+        data_path: PathBuf,
+        bitmap: BitmapFile,
+        present: Presence,
+    ) -> io::Result<BlobFile> {
+        let geometry = bitmap.geometry();
+        Ok(BlobFile {
             digest: digest.clone(),
-            header,
+            geometry,
             data,
             data_path,
-            bitmap: Mutex::new(bitmap),
+            bitmap,
+            blocks: Mutex::new(Blocks {
+                present,
+                touched: Presence::new(geometry.blocks())?,
+                any_touched: false,
+            }),
             evictions: AtomicU64::new(0),
-        }))
+        })
     }
 
     pub fn path(&self) -> &Path {
         &self.data_path
     }
 
-    pub fn bitmap(&self) -> MutexGuard<'_, Bitmap> {
-        self.bitmap.lock().unwrap_or_else(|e| e.into_inner())
+    pub fn is_present(&self, index: u64) -> bool {
+        self.blocks.lock().present.get(index)
     }
 
-    /// Bytes of block `index`; the last block may be short.
-    pub fn block_len(&self, index: u64) -> u64 {
-        let start = index.saturating_mul(self.header.block_size);
-        self.header
-            .blob_size
-            .saturating_sub(start)
-            .min(self.header.block_size)
-    }
-
-    pub fn blocks_of(&self, range: &Range<u64>) -> Range<u64> {
-        if range.is_empty() {
-            return 0..0;
-        }
-        range.start / self.header.block_size..(range.end - 1) / self.header.block_size + 1
+    /// Indices of the present blocks.
+    pub fn present(&self) -> Vec<u64> {
+        self.blocks.lock().present.iter().collect()
     }
 
     /// Bytes `range` when every block under it is present, checked again after reading so
-    /// that a concurrent eviction cannot slip zeros in.
+    /// that a concurrent eviction cannot slip zeros in. The blocks count as just used.
     pub fn read_present(&self, range: Range<u64>) -> io::Result<Option<Bytes>> {
         let before = self.evictions.load(Ordering::SeqCst);
-        let all_present = {
-            let bitmap = self.bitmap();
-            self.blocks_of(&range).all(|index| bitmap.get(index))
-        };
-        if !all_present {
-            return Ok(None);
+        {
+            let mut blocks = self.blocks.lock();
+            let covering = self.geometry.covering(&range);
+            if !covering.clone().all(|index| blocks.present.get(index)) {
+                return Ok(None);
+            }
+            for index in covering {
+                blocks.touched.set(index, true);
+            }
+            blocks.any_touched = true;
         }
         let mut buffer = vec![0u8; (range.end - range.start) as usize];
         self.data.read_exact_at(&mut buffer, range.start)?;
@@ -135,34 +151,50 @@ impl BlobFile {
         Ok(Some(Bytes::from(buffer)))
     }
 
+    /// The blocks read since the last call.
+    pub fn take_touched(&self) -> Vec<u64> {
+        let mut blocks = self.blocks.lock();
+        if !std::mem::take(&mut blocks.any_touched) {
+            return Vec::new();
+        }
+        blocks.touched.take()
+    }
+
     /// Writes block `index` and syncs it; the caller marks it present afterwards.
     pub fn write_block(&self, index: u64, bytes: &[u8]) -> io::Result<()> {
-        let offset = index * self.header.block_size;
-        self.data.write_all_at(bytes, offset)?;
+        self.data.write_all_at(bytes, self.geometry.start(index))?;
         self.data.sync_data()
     }
 
+    /// Makes block `index` present: its byte durably, then its bit. Its data must be durable
+    /// already ([`write_block`](Self::write_block)).
     pub fn mark_present(&self, index: u64) -> io::Result<()> {
-        self.bitmap().set(index, true)
-    }
-
-    /// Marks block `index` absent, durably. Its bytes may be punched out only afterwards, so
-    /// that no reader, now or after a crash, can take the hole for data.
-    pub fn clear_block(&self, index: u64) -> io::Result<()> {
-        self.bitmap().set(index, false)?;
-        self.evictions.fetch_add(1, Ordering::SeqCst);
+        self.bitmap.persist(index, true)?;
+        self.blocks.lock().present.set(index, true);
         Ok(())
     }
 
-    /// Returns block `index`'s disk space; its bit must already be clear.
+    /// Hides block `index` from readers at once; [`persist_absent`](Self::persist_absent)
+    /// then makes that durable, and only then may its bytes be punched out.
+    pub fn hide(&self, index: u64) {
+        self.blocks.lock().present.set(index, false);
+        self.evictions.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Writes block `index`'s byte as absent and syncs it; after [`hide`](Self::hide).
+    pub fn persist_absent(&self, index: u64) -> io::Result<()> {
+        self.bitmap.persist(index, false)
+    }
+
+    /// Returns block `index`'s disk space; its absence must already be durable, so that no
+    /// reader, now or after a crash, can take the hole for data.
     pub fn punch(&self, index: u64) -> io::Result<()> {
-        let offset = index * self.header.block_size;
-        let len = self.block_len(index);
+        let span = self.geometry.span(index);
         fallocate(
             self.data.as_raw_fd(),
             FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-            offset as i64,
-            len as i64,
+            span.start as i64,
+            (span.end - span.start) as i64,
         )
         .map_err(io::Error::from)
     }

@@ -1,47 +1,62 @@
 //! The node-local chunk cache: aligned blocks of blobs, as the registry serves them, on disk.
 //!
 //! Each blob has a sparse data file and a presence bitmap under the cache directory. A block
-//! becomes present only after its bytes are synced and then its bit is synced, so neither a
-//! concurrent reader nor a crash ever sees a partly written block. Usage is bounded by a byte
-//! capacity: least recently used blocks are evicted first, blocks of pinned blobs last.
+//! becomes present only after its bytes are synced and then its presence byte is synced, so
+//! neither a concurrent reader nor a crash ever sees a partly written block; an evicted block
+//! is hidden first, its absence synced next, and only then its bytes punched out. None of
+//! that I/O happens under a lock: a block being stored or evicted is held in `busy`, which
+//! keeps every other writer off it. Usage is bounded by a byte capacity: least recently used
+//! blocks are evicted first, blocks of pinned blobs last.
+//!
+//! A hit takes one process-wide lock, for reading (the blob map), and its blob's own lock;
+//! the eviction order learns of hits when it next needs a victim.
 
 mod bitmap;
 mod blob_file;
+mod geometry;
 mod recency;
+mod reload;
 mod space;
+#[cfg(test)]
+mod tests;
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use tracing::info;
+use parking_lot::{Condvar, Mutex, RwLock};
 
-use crate::digest::Digest;
+use crate::digest::{Digest, RawDigest};
 use crate::error::FetchError;
-use bitmap::BitmapHeader;
 use blob_file::BlobFile;
+pub use geometry::BlockGeometry;
 use recency::Recency;
 use space::SpaceAlarm;
 
-/// Blobs beyond this are not cached; it bounds each bitmap at 32 MiB for 4 KiB blocks.
+/// Blobs beyond this are not cached; it bounds each bitmap at 32 MiB in memory (256 MiB on
+/// disk, sparse) for 4 KiB blocks.
 pub const MAX_CACHED_BLOB_BYTES: u64 = 1 << 40;
 
-/// One cache unit: block `index` (of `block_size` bytes) of blob `blob`.
-#[derive(Clone, PartialEq, Eq, Hash)]
+/// One cache unit: block `index` (of the cache's block size) of blob `blob`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BlockKey {
-    pub blob: Digest,
+    pub blob: RawDigest,
     pub index: u64,
 }
 
 impl BlockKey {
-    pub fn new(blob: Digest, index: u64) -> BlockKey {
-        BlockKey { blob, index }
+    /// Takes the digest by reference, or by value from callers that hold a copy anyway.
+    pub fn new(blob: impl Borrow<Digest>, index: u64) -> BlockKey {
+        BlockKey {
+            blob: blob.borrow().raw(),
+            index,
+        }
     }
 }
 
@@ -75,104 +90,74 @@ pub struct ChunkCache {
     block_size: u64,
     /// Changed while running by [`ChunkCache::set_capacity`].
     capacity: AtomicU64,
+    /// Read by every hit; written only when a blob's files have been created.
+    blobs: RwLock<HashMap<RawDigest, Arc<BlobFile>>>,
     state: Mutex<State>,
+    /// Signalled (with `state`) when a blob's files were created, or failed to be.
+    created: Condvar,
     space: SpaceAlarm,
+    #[cfg(test)]
+    fault: Mutex<Option<Step>>,
 }
 
+/// Everything but the hit path: eviction order, accounting, blocks in hand.
+#[derive(Default)]
 struct State {
-    blobs: HashMap<Digest, Arc<BlobFile>>,
     recency: Recency,
     /// Bytes of present blocks.
     used: u64,
     /// Bytes being written: counted against the capacity before they land.
     reserved: u64,
-    writing: HashSet<BlockKey>,
-    pins: HashMap<Digest, u32>,
+    /// Blocks being stored or evicted: each has one writer of its presence byte at a time.
+    busy: HashSet<BlockKey>,
+    /// Blobs whose files are being created.
+    creating: HashSet<RawDigest>,
+    pins: HashMap<RawDigest, u32>,
     /// Blocks evicted for room since start.
     evictions: u64,
+}
+
+/// A block chosen for eviction: hidden from readers and held in `busy`, its absence not yet
+/// durable and its bytes still on disk.
+struct Victim {
+    blob: Arc<BlobFile>,
+    key: BlockKey,
+}
+
+/// The steps of storing a block that a test can make fail, to stand for a crash there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    WriteData,
+    PersistPresence,
 }
 
 impl ChunkCache {
     /// Opens (creating if needed) the cache in `dir`, reloading what an earlier run left.
     /// Files that do not add up (torn, other block size) are removed, not trusted.
     pub fn open(dir: &Path, block_size: u64, capacity: u64) -> Result<ChunkCache, FetchError> {
-        let open_error = |source| FetchError::OpenCache {
-            path: dir.to_owned(),
-            source,
-        };
-        if let Some(had) = crate::private::dir(dir).map_err(open_error)? {
-            info!(dir = %dir.display(), was = format!("{had:o}"), "cache directory narrowed to 0700");
-        }
-        let mut loaded = Vec::new();
-        let mut data_files = Vec::new();
-        let mut narrowed = 0u64;
-        for dirent in std::fs::read_dir(dir).map_err(open_error)? {
-            let dirent = dirent.map_err(open_error)?;
-            let path = dirent.path();
-            // Files an earlier version left readable by everyone (or already removed below,
-            // with the torn blob they belonged to).
-            if dirent.file_type().is_ok_and(|kind| kind.is_file()) {
-                match crate::private::narrow(&path, crate::private::FILE_MODE) {
-                    Ok(Some(_)) => narrowed += 1,
-                    Ok(None) => {}
-                    Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
-                    Err(error) => return Err(open_error(error)),
-                }
-            }
-            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-                continue;
-            };
-            if name.ends_with(".tmp") {
-                remove_stale(&path);
-            } else if let Some(digest) = digest_of(name, ".bitmap") {
-                match BlobFile::open(dir, &digest, block_size, MAX_CACHED_BLOB_BYTES) {
-                    Ok(Some(blob)) if blob.bitmap().present().next().is_some() => loaded.push(blob),
-                    Ok(_) => BlobFile::remove_files(dir, &digest),
-                    Err(source) => return Err(open_error(source)),
-                }
-            } else if let Some(digest) = digest_of(name, ".data") {
-                data_files.push((digest, path));
-            }
-        }
-        for (digest, path) in data_files {
-            if !loaded.iter().any(|blob| blob.digest == digest) {
-                remove_stale(&path);
-            }
-        }
-        if narrowed > 0 {
-            info!(dir = %dir.display(), files = narrowed, "cache files narrowed to 0600");
-        }
-        // Recency is not persisted; the data files' modification times approximate it.
-        loaded.sort_by_key(|blob| {
-            std::fs::metadata(blob.path())
-                .and_then(|m| m.modified())
-                .unwrap_or(SystemTime::UNIX_EPOCH)
-        });
-        let mut state = State {
-            blobs: HashMap::new(),
-            recency: Recency::new(),
-            used: 0,
-            reserved: 0,
-            writing: HashSet::new(),
-            pins: HashMap::new(),
-            evictions: 0,
-        };
-        for blob in loaded {
-            for index in blob.bitmap().present() {
-                let len = blob.block_len(index);
+        let mut state = State::default();
+        let mut blobs = HashMap::new();
+        for blob in reload::load(dir, block_size)? {
+            let raw = blob.digest.raw();
+            for index in blob.present() {
+                let len = blob.geometry.block_len(index);
                 state.used += len;
                 state
                     .recency
-                    .insert(BlockKey::new(blob.digest.clone(), index), len, false);
+                    .insert(BlockKey { blob: raw, index }, len, false);
             }
-            state.blobs.insert(blob.digest.clone(), Arc::new(blob));
+            blobs.insert(raw, Arc::new(blob));
         }
         let cache = ChunkCache {
             dir: dir.to_owned(),
             block_size,
             capacity: AtomicU64::new(capacity),
+            blobs: RwLock::new(blobs),
             state: Mutex::new(state),
+            created: Condvar::new(),
             space: SpaceAlarm::default(),
+            #[cfg(test)]
+            fault: Mutex::new(None),
         };
         // The capacity may have shrunk since the last run.
         cache.shrink_to(capacity)?;
@@ -191,19 +176,29 @@ impl ChunkCache {
     }
 
     fn shrink_to(&self, capacity: u64) -> Result<(), FetchError> {
-        let mut state = self.lock();
-        while state.used > capacity {
-            let Some((key, len)) = state.recency.victim() else {
-                break;
-            };
-            self.evict(&mut state, &key, len)?;
-            state.evictions += 1;
-        }
-        Ok(())
+        let victims = {
+            let mut state = self.state.lock();
+            self.take_touches(&mut state);
+            let mut victims = Vec::new();
+            while state.used > capacity {
+                let Some(victim) = self.choose_victim(&mut state) else {
+                    break;
+                };
+                state.evictions += 1;
+                victims.push(victim);
+            }
+            victims
+        };
+        self.retire(victims)
     }
 
     pub fn block_size(&self) -> u64 {
         self.block_size
+    }
+
+    /// How a blob of `blob_size` bytes divides into this cache's blocks.
+    pub fn geometry(&self, blob_size: u64) -> BlockGeometry {
+        BlockGeometry::new(self.block_size, blob_size)
     }
 
     pub fn dir(&self) -> &Path {
@@ -213,17 +208,10 @@ impl ChunkCache {
     /// Bytes `range` of blob `digest` when every block under it is present; never blocks on
     /// anything but the local disk.
     pub fn read(&self, digest: &Digest, range: Range<u64>) -> Option<Bytes> {
-        let blob = {
-            let mut state = self.lock();
-            let blob = state.blobs.get(digest)?.clone();
-            if range.start > range.end || range.end > blob.header.blob_size {
-                return None;
-            }
-            for index in blob.blocks_of(&range) {
-                state.recency.touch(&BlockKey::new(digest.clone(), index));
-            }
-            blob
-        };
+        let blob = self.blobs.read().get(&digest.raw()).cloned()?;
+        if range.start > range.end || range.end > blob.geometry.blob_size {
+            return None;
+        }
         match blob.read_present(range) {
             Ok(bytes) => bytes,
             Err(error) => {
@@ -234,11 +222,8 @@ impl ChunkCache {
     }
 
     pub fn contains(&self, key: &BlockKey) -> bool {
-        let state = self.lock();
-        state
-            .blobs
-            .get(&key.blob)
-            .is_some_and(|blob| blob.bitmap().get(key.index))
+        let blob = self.blobs.read().get(&key.blob).cloned();
+        blob.is_some_and(|blob| blob.is_present(key.index))
     }
 
     /// Stores block `index` of blob `digest` (of `blob_size` bytes), evicting others to make
@@ -252,7 +237,7 @@ impl ChunkCache {
         bytes: &[u8],
     ) -> Result<(), FetchError> {
         let outcome = self.store(digest, blob_size, index, bytes);
-        let (used, wanted) = (self.lock().used, bytes.len() as u64);
+        let (used, wanted) = (self.state.lock().used, bytes.len() as u64);
         self.space
             .observe(&outcome, &self.dir, wanted, used, self.capacity());
         outcome.map(|_| ())
@@ -265,52 +250,65 @@ impl ChunkCache {
         index: u64,
         bytes: &[u8],
     ) -> Result<Written, FetchError> {
-        let key = BlockKey::new(digest.clone(), index);
-        let (blob, len) = {
-            let mut state = self.lock();
-            let blob = self.blob(&mut state, digest, blob_size)?;
-            let len = blob.block_len(index);
-            if len == 0 || bytes.len() as u64 != len {
-                return Err(FetchError::CacheBlockLength {
-                    block: key,
-                    len: bytes.len() as u64,
-                    expected: len,
-                });
-            }
-            if state.writing.contains(&key) || blob.bitmap().get(index) {
+        let key = BlockKey::new(digest, index);
+        let blob = self.blob(digest, blob_size)?;
+        let len = blob.geometry.block_len(index);
+        if len == 0 || bytes.len() as u64 != len {
+            return Err(FetchError::CacheBlockLength {
+                block: key,
+                len: bytes.len() as u64,
+                expected: len,
+            });
+        }
+        let (victims, room) = {
+            let mut state = self.state.lock();
+            if blob.is_present(index) {
                 state.recency.touch(&key);
                 return Ok(Written::Already);
             }
-            self.make_room(&mut state, len, &key)?;
-            state.reserved += len;
-            state.writing.insert(key.clone());
-            (blob, len)
+            if state.busy.contains(&key) {
+                return Ok(Written::Already);
+            }
+            let (victims, room) = self.make_room(&mut state, len, &key);
+            if room.is_ok() {
+                state.reserved += len;
+                state.busy.insert(key);
+            }
+            (victims, room)
         };
+        if let Err(error) = self.retire(victims) {
+            tracing::warn!(block = %key, %error, "cannot evict a block to make room");
+        }
+        room?;
 
-        let outcome = match blob.write_block(index, bytes) {
+        let outcome = match self
+            .fail_at(Step::WriteData)
+            .and_then(|()| blob.write_block(index, bytes))
+        {
             Err(source) => {
                 // Give back whatever part of the block did land.
                 if let Err(error) = blob.punch(index) {
                     tracing::warn!(block = %key, %error, "cannot punch out a failed write");
                 }
-                Err(write_error(key.clone(), blob.path(), source))
+                Err(write_error(key, blob.path(), source))
             }
-            // If this fails the bit may or may not have reached the disk; the data did, so
+            // If this fails the byte may or may not have reached the disk; the data did, so
             // leaving the bytes in place keeps either outcome valid.
-            Ok(()) => blob
-                .mark_present(index)
+            Ok(()) => self
+                .fail_at(Step::PersistPresence)
+                .and_then(|()| blob.mark_present(index))
                 .map_err(|source| FetchError::PersistBitmap {
                     path: BlobFile::bitmap_path(&self.dir, digest),
                     source,
                 }),
         };
 
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         state.reserved -= len;
-        state.writing.remove(&key);
+        state.busy.remove(&key);
         if outcome.is_ok() {
             state.used += len;
-            let pinned = state.pins.contains_key(digest);
+            let pinned = state.pins.contains_key(&key.blob);
             state.recency.insert(key, len, pinned);
         }
         outcome.map(|()| Written::Now)
@@ -319,25 +317,38 @@ impl ChunkCache {
     /// Drops every present block overlapping `range`, e.g. because its bytes failed
     /// verification.
     pub fn invalidate(&self, digest: &Digest, range: Range<u64>) -> Result<(), FetchError> {
-        let mut state = self.lock();
-        let Some(blob) = state.blobs.get(digest).cloned() else {
+        let Some(blob) = self.blobs.read().get(&digest.raw()).cloned() else {
             return Ok(());
         };
-        let end = range.end.min(blob.header.blob_size);
-        for index in blob.blocks_of(&(range.start..end)) {
-            if blob.bitmap().get(index) {
-                let key = BlockKey::new(digest.clone(), index);
-                self.evict(&mut state, &key, blob.block_len(index))?;
+        let end = range.end.min(blob.geometry.blob_size);
+        let victims = {
+            let mut state = self.state.lock();
+            let mut victims = Vec::new();
+            for index in blob.geometry.covering(&(range.start..end)) {
+                let key = BlockKey::new(digest, index);
+                if state.busy.contains(&key) || !blob.is_present(index) {
+                    continue;
+                }
+                if let Some(len) = state.recency.remove(&key) {
+                    state.used -= len;
+                }
+                blob.hide(index);
+                state.busy.insert(key);
+                victims.push(Victim {
+                    blob: blob.clone(),
+                    key,
+                });
             }
-        }
-        Ok(())
+            victims
+        };
+        self.retire(victims)
     }
 
     /// Protects blob `digest`'s blocks: they are evicted only when nothing else is left.
     /// Pins nest; each needs its [`unpin`](Self::unpin).
     pub fn pin(&self, digest: &Digest) {
-        let mut state = self.lock();
-        let count = state.pins.entry(digest.clone()).or_insert(0);
+        let mut state = self.state.lock();
+        let count = state.pins.entry(digest.raw()).or_insert(0);
         *count += 1;
         if *count == 1 {
             self.move_tier(&mut state, digest, true);
@@ -345,28 +356,31 @@ impl ChunkCache {
     }
 
     pub fn unpin(&self, digest: &Digest) {
-        let mut state = self.lock();
-        let Some(count) = state.pins.get_mut(digest) else {
+        let mut state = self.state.lock();
+        let Some(count) = state.pins.get_mut(&digest.raw()) else {
             return;
         };
         *count -= 1;
         if *count == 0 {
-            state.pins.remove(digest);
+            state.pins.remove(&digest.raw());
             self.move_tier(&mut state, digest, false);
         }
     }
 
     /// Bytes of `digest` the cache holds (0 for a blob it has never seen).
     pub fn cached_bytes(&self, digest: &Digest) -> u64 {
-        let Some(blob) = self.lock().blobs.get(digest).cloned() else {
+        let Some(blob) = self.blobs.read().get(&digest.raw()).cloned() else {
             return 0;
         };
-        let bitmap = blob.bitmap();
-        bitmap.present().map(|index| blob.block_len(index)).sum()
+        let present = blob.present();
+        present
+            .into_iter()
+            .map(|index| blob.geometry.block_len(index))
+            .sum()
     }
 
     pub fn usage(&self) -> CacheUsage {
-        let state = self.lock();
+        let state = self.state.lock();
         CacheUsage {
             bytes: state.used,
             blocks: state.recency.len() as u64,
@@ -376,26 +390,32 @@ impl ChunkCache {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The blob's files, created on first use.
-    fn blob(
-        &self,
-        state: &mut State,
-        digest: &Digest,
-        blob_size: u64,
-    ) -> Result<Arc<BlobFile>, FetchError> {
-        if let Some(blob) = state.blobs.get(digest) {
-            if blob.header.blob_size != blob_size {
+    /// The blob's files, created on first use with no lock held; a concurrent first use
+    /// waits for that creation instead of starting its own.
+    fn blob(&self, digest: &Digest, blob_size: u64) -> Result<Arc<BlobFile>, FetchError> {
+        let raw = digest.raw();
+        let known = |blob: Arc<BlobFile>| {
+            if blob.geometry.blob_size != blob_size {
                 return Err(FetchError::CacheBlobSize {
                     digest: digest.clone(),
-                    cached: blob.header.blob_size,
+                    cached: blob.geometry.blob_size,
                     asked: blob_size,
                 });
             }
-            return Ok(blob.clone());
+            Ok(blob)
+        };
+        if let Some(blob) = self.blobs.read().get(&raw).cloned() {
+            return known(blob);
+        }
+        let mut state = self.state.lock();
+        loop {
+            if let Some(blob) = self.blobs.read().get(&raw).cloned() {
+                return known(blob);
+            }
+            if !state.creating.contains(&raw) {
+                break;
+            }
+            self.created.wait(&mut state);
         }
         if blob_size > MAX_CACHED_BLOB_BYTES {
             return Err(FetchError::BlobTooLarge {
@@ -404,64 +424,132 @@ impl ChunkCache {
                 limit: MAX_CACHED_BLOB_BYTES,
             });
         }
-        let header = BitmapHeader {
-            block_size: self.block_size,
-            blob_size,
-        };
-        let blob = BlobFile::create(&self.dir, digest, header).map_err(|source| {
-            BlobFile::remove_files(&self.dir, digest);
-            FetchError::CreateCacheFiles {
-                digest: digest.clone(),
-                path: self.dir.clone(),
-                source,
-            }
-        })?;
-        let blob = Arc::new(blob);
-        state.blobs.insert(digest.clone(), blob.clone());
-        Ok(blob)
+        state.creating.insert(raw);
+        drop(state);
+        let created =
+            BlobFile::create(&self.dir, digest, self.geometry(blob_size)).map_err(|source| {
+                BlobFile::remove_files(&self.dir, digest);
+                FetchError::CreateCacheFiles {
+                    digest: digest.clone(),
+                    path: self.dir.clone(),
+                    source,
+                }
+            });
+        let mut state = self.state.lock();
+        state.creating.remove(&raw);
+        let created = created.map(|blob| {
+            let blob = Arc::new(blob);
+            self.blobs.write().insert(raw, blob.clone());
+            blob
+        });
+        drop(state);
+        self.created.notify_all();
+        created
     }
 
-    /// Evicts until `len` more bytes fit under the capacity.
-    fn make_room(&self, state: &mut State, len: u64, key: &BlockKey) -> Result<(), FetchError> {
-        while state.used + state.reserved + len > self.capacity() {
-            let Some((victim, victim_len)) = state.recency.victim() else {
-                return Err(FetchError::CacheFull { block: key.clone() });
+    /// Chooses victims until `len` more bytes fit under the capacity; the victims chosen
+    /// must be retired even when not enough could be found.
+    fn make_room(
+        &self,
+        state: &mut State,
+        len: u64,
+        key: &BlockKey,
+    ) -> (Vec<Victim>, Result<(), FetchError>) {
+        let fits = |state: &State| state.used + state.reserved + len <= self.capacity();
+        let mut victims = Vec::new();
+        if !fits(state) {
+            self.take_touches(state);
+        }
+        while !fits(state) {
+            let Some(victim) = self.choose_victim(state) else {
+                return (victims, Err(FetchError::CacheFull { block: *key }));
             };
-            self.evict(state, &victim, victim_len)?;
             state.evictions += 1;
+            victims.push(victim);
         }
-        Ok(())
+        (victims, Ok(()))
     }
 
-    fn evict(&self, state: &mut State, key: &BlockKey, len: u64) -> Result<(), FetchError> {
-        let Some(blob) = state.blobs.get(&key.blob).cloned() else {
-            state.recency.remove(key);
-            return Ok(());
-        };
-        blob.clear_block(key.index)
-            .map_err(|source| FetchError::EvictBlock {
-                block: key.clone(),
-                path: BlobFile::bitmap_path(&self.dir, &key.blob),
-                source,
-            })?;
-        state.recency.remove(key);
-        state.used -= len;
-        // The block is already gone for readers; a failed punch only wastes disk space.
-        if let Err(error) = blob.punch(key.index) {
-            tracing::warn!(block = %key, %error, "cannot punch out an evicted block");
+    /// Brings the hits blobs noted since the last call into the eviction order.
+    fn take_touches(&self, state: &mut State) {
+        let blobs: Vec<Arc<BlobFile>> = self.blobs.read().values().cloned().collect();
+        for blob in blobs {
+            let raw = blob.digest.raw();
+            for index in blob.take_touched() {
+                state.recency.touch(&BlockKey { blob: raw, index });
+            }
         }
-        Ok(())
+    }
+
+    /// Takes the next block out of the eviction order and hides it from readers.
+    fn choose_victim(&self, state: &mut State) -> Option<Victim> {
+        loop {
+            let (key, len) = state.recency.victim()?;
+            state.recency.remove(&key);
+            state.used -= len;
+            if let Some(blob) = self.blobs.read().get(&key.blob).cloned() {
+                blob.hide(key.index);
+                state.busy.insert(key);
+                return Some(Victim { blob, key });
+            }
+        }
+    }
+
+    /// Makes the victims' absence durable, then punches out their bytes; no lock is held.
+    fn retire(&self, victims: Vec<Victim>) -> Result<(), FetchError> {
+        if victims.is_empty() {
+            return Ok(());
+        }
+        let mut failed = None;
+        for Victim { blob, key } in &victims {
+            match blob.persist_absent(key.index) {
+                // The block is already gone for readers; a failed punch only wastes space.
+                Ok(()) => {
+                    if let Err(error) = blob.punch(key.index) {
+                        tracing::warn!(block = %key, %error, "cannot punch out an evicted block");
+                    }
+                }
+                // Hidden for this run; on disk it stays present with its bytes intact, so
+                // a restart finds it valid.
+                Err(source) => {
+                    failed.get_or_insert(FetchError::EvictBlock {
+                        block: *key,
+                        path: BlobFile::bitmap_path(&self.dir, &blob.digest),
+                        source,
+                    });
+                }
+            }
+        }
+        let mut state = self.state.lock();
+        for victim in &victims {
+            state.busy.remove(&victim.key);
+        }
+        failed.map_or(Ok(()), Err)
     }
 
     fn move_tier(&self, state: &mut State, digest: &Digest, pinned: bool) {
-        let Some(blob) = state.blobs.get(digest).cloned() else {
+        let Some(blob) = self.blobs.read().get(&digest.raw()).cloned() else {
             return;
         };
-        let present: Vec<u64> = blob.bitmap().present().collect();
-        let keys = present
+        let raw = digest.raw();
+        let keys = blob
+            .present()
             .into_iter()
-            .map(|index| BlockKey::new(digest.clone(), index));
+            .map(|index| BlockKey { blob: raw, index });
         state.recency.set_pinned(keys, pinned);
+    }
+
+    #[cfg(test)]
+    fn fail_at(&self, step: Step) -> io::Result<()> {
+        if *self.fault.lock() == Some(step) {
+            return Err(io::Error::other("injected fault"));
+        }
+        Ok(())
+    }
+
+    #[cfg(not(test))]
+    fn fail_at(&self, _step: Step) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -483,23 +571,6 @@ fn write_error(block: BlockKey, path: &Path, source: io::Error) -> FetchError {
             block,
             path: path.to_owned(),
             source,
-        }
-    }
-}
-
-/// `<64 hex>.<suffix>` names a blob's file.
-fn digest_of(name: &str, suffix: &str) -> Option<Digest> {
-    let hex = name.strip_suffix(suffix)?;
-    Digest::parse(&format!("sha256:{hex}")).ok()
-}
-
-fn remove_stale(path: &Path) {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        // Gone already (removed with its torn blob, or by an operator): nothing to do.
-        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-        Err(error) => {
-            tracing::warn!(path = %path.display(), %error, "cannot remove stale cache file")
         }
     }
 }

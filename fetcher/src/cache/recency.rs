@@ -10,6 +10,12 @@ pub struct Recency {
     pinned: LruCache<BlockKey, u64>,
 }
 
+impl Default for Recency {
+    fn default() -> Recency {
+        Recency::new()
+    }
+}
+
 impl Recency {
     pub fn new() -> Recency {
         Recency {
@@ -42,7 +48,7 @@ impl Recency {
         self.unpinned
             .peek_lru()
             .or_else(|| self.pinned.peek_lru())
-            .map(|(key, len)| (key.clone(), *len))
+            .map(|(key, len)| (*key, *len))
     }
 
     /// Moves `keys` between the tiers, keeping their relative order.
@@ -70,7 +76,7 @@ mod tests {
     use crate::digest::Digest;
 
     fn key(blob: &Digest, index: u64) -> BlockKey {
-        BlockKey::new(blob.clone(), index)
+        BlockKey::new(blob, index)
     }
 
     #[test]

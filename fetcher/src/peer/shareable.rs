@@ -294,7 +294,7 @@ mod tests {
         let shareable = Shareable::open(None);
         let blob = Digest::of(b"blob");
         let key = BlockKey::new(blob.clone(), 1);
-        shareable.got_from_peer(key.clone(), peer(1));
+        shareable.got_from_peer(key, peer(1));
         // Block 1 spans 100..200; checks arrive in pieces, some reaching past it.
         assert!(!shareable.checked(&key, 100..200, 50..120));
         assert!(!shareable.checked(&key, 100..200, 150..250));

@@ -5,9 +5,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::ops::Range;
-use std::sync::Mutex;
 
 use bytes::Bytes;
+use parking_lot::{Mutex, MutexGuard};
 
 use super::tiers::{Route, Tiers};
 use crate::digest::Digest;
@@ -77,8 +77,8 @@ impl MemoryBlobs {
         self.held().refetches
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
-        self.tiers.lock().unwrap_or_else(|e| e.into_inner())
+    fn held(&self) -> MutexGuard<'_, Held> {
+        self.tiers.lock()
     }
 
     fn slice(blob: &BlobRef, bytes: &Bytes, range: &Range<u64>) -> Result<Bytes, FetchError> {

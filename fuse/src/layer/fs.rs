@@ -21,7 +21,8 @@ use shoal_formats::estargz::{self, Index, Ino, NodeKind};
 const TTL: Duration = Duration::from_secs(24 * 3600);
 
 pub struct LayerFs {
-    layer: EstargzLayer,
+    /// Shared with the tasks of reads that miss, instead of copied into each.
+    layer: Arc<EstargzLayer>,
     reader: Arc<ChunkReader>,
     runtime: Handle,
 }
@@ -29,7 +30,7 @@ pub struct LayerFs {
 impl LayerFs {
     pub fn new(layer: EstargzLayer, reader: Arc<ChunkReader>, runtime: Handle) -> LayerFs {
         LayerFs {
-            layer,
+            layer: Arc::new(layer),
             reader,
             runtime,
         }
@@ -181,22 +182,22 @@ impl Filesystem for LayerFs {
         let ino = ino(n);
         let blob = &self.layer.blob;
         let started = Instant::now();
-        if let Some(result) = self
+        let pending = match self
             .reader
             .read_cached(blob, self.index(), ino, offset, size.into())
         {
-            match result {
-                Ok(bytes) => reply.data(&bytes),
-                Err(err) => reply.error(err.errno()),
+            Ok(bytes) => {
+                reply.data(&bytes);
+                self.reader.observe_read(started.elapsed());
+                return;
             }
-            self.reader.observe_read(started.elapsed());
-            return;
-        }
+            Err(pending) => pending,
+        };
         let layer = self.layer.clone();
         let reader = self.reader.clone();
         self.runtime.spawn(async move {
             match reader
-                .read(&layer.blob, &layer.index, ino, offset, size.into())
+                .read_pending(&layer.blob, &layer.index, ino, pending)
                 .await
             {
                 Ok(bytes) => reply.data(&bytes),

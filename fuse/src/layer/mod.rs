@@ -19,7 +19,7 @@ use shoal_formats::estargz::{
 };
 
 pub use mount::{mount, MountedLayer, Prefetch};
-pub use reader::{ChunkReader, ReaderConfig, ReaderStats};
+pub use reader::{ChunkReader, Pending, ReaderConfig, ReaderStats};
 
 /// An opened eStargz layer: its blob, file index, and the bytes to persist so that it can be
 /// opened again without the registry.

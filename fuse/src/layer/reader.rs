@@ -1,13 +1,22 @@
 //! Reading a file range of an eStargz layer: chunk locations from the index, each chunk read
 //! through [`BlobRead`] with its sha256 from the verified TOC and its gzip decoder, and a
 //! memory cache of the decoded chunks. The fetcher checks every chunk before it returns it.
+//!
+//! A read first tries memory and the disk cache ([`ChunkReader::read_cached`], on the FUSE
+//! thread); what it misses travels as a [`Pending`] read, with the chunks it found, to
+//! [`ChunkReader::read_pending`], so the chunks are looked up once and found ones are not
+//! looked for again.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use lru::LruCache;
-use shoal_fetcher::{BlobRead, BlobRef, Expect, Histogram, HistogramSnapshot, Rejection};
+use parking_lot::Mutex;
+use shoal_fetcher::{
+    BlobRead, BlobRef, Expect, Histogram, HistogramSnapshot, RawDigest, Rejection,
+};
 
 use crate::error::FsError;
 use shoal_formats::estargz::{decompress_chunk, Chunk, Index, Ino};
@@ -19,8 +28,8 @@ pub struct ReaderConfig {
     pub memory_bytes: u64,
 }
 
-/// Key of a decoded chunk: its blob and where it starts.
-type ChunkKey = (shoal_fetcher::Digest, u64, u64);
+/// Key of a decoded chunk: its blob and where it starts (`Copy`: built on every read).
+type ChunkKey = (RawDigest, u64, u64);
 
 /// Decoded-chunk memory cache shared by all layers, bounded in bytes.
 pub struct ChunkReader {
@@ -67,7 +76,7 @@ impl ChunkReader {
     pub fn stats(&self) -> ReaderStats {
         ReaderStats {
             read_failures: self.read_failures.load(Ordering::Relaxed),
-            memory_bytes: self.memory.lock().unwrap_or_else(|p| p.into_inner()).bytes,
+            memory_bytes: self.memory.lock().bytes,
         }
     }
 
@@ -81,7 +90,8 @@ impl ChunkReader {
     }
 
     /// Reads `offset..offset+len` of `ino` if every chunk it needs is in memory or in the disk
-    /// cache; `None` means some bytes need the network. Never blocks on I/O beyond the cache.
+    /// cache; otherwise the read as far as it got, for [`read_pending`](Self::read_pending) to
+    /// finish. Never blocks on I/O beyond the cache.
     pub fn read_cached(
         &self,
         blob: &BlobRef,
@@ -89,26 +99,71 @@ impl ChunkReader {
         ino: Ino,
         offset: u64,
         len: u64,
-    ) -> Option<Result<Vec<u8>, FsError>> {
-        let chunks = index.chunks_for(ino, offset, len)?;
-        let mut decoded = Vec::with_capacity(chunks.len());
+    ) -> Result<Bytes, Pending> {
+        let Some(chunks) = index.chunks_for(ino, offset, len) else {
+            return Ok(Bytes::new());
+        };
+        let wanted = clip(index, ino, offset, len);
+        let mut found = Vec::with_capacity(chunks.len());
+        let mut complete = true;
         for chunk in chunks {
-            if let Some(bytes) = self.remembered(blob, chunk) {
-                decoded.push(bytes);
-                continue;
+            let bytes = self.remembered(blob, chunk).or_else(|| {
+                let decode = |raw: &Bytes| decode(raw, chunk);
+                let bytes =
+                    self.blobs
+                        .read_cached(blob, chunk_range(chunk), expect(chunk, &decode))?;
+                self.remember(blob, chunk, bytes.clone());
+                Some(bytes)
+            });
+            complete &= bytes.is_some();
+            found.push(bytes);
+            // Past the first miss the read needs the network anyway: the rest is left to
+            // `read_pending`, off the FUSE thread.
+            if !complete {
+                found.extend(std::iter::repeat_n(None, chunks.len() - found.len()));
+                break;
             }
-            let decode = |raw: &Bytes| decode(raw, chunk);
-            let bytes = self
-                .blobs
-                .read_cached(blob, chunk_range(chunk), expect(chunk, &decode))?;
-            self.remember(blob, chunk, bytes.clone());
-            decoded.push(bytes);
         }
-        Some(Ok(assemble(chunks, &decoded, offset, len, index, ino)))
+        if complete {
+            return Ok(assemble(chunks, &found, &wanted));
+        }
+        Err(Pending {
+            chunks: chunks.to_vec(),
+            found,
+            wanted,
+        })
     }
 
-    /// Reads `offset..offset+len` of `ino`, fetching what is missing. A chunk that fails its
-    /// digest is fetched once more from the registry before the read fails.
+    /// Finishes a read [`read_cached`](Self::read_cached) could not answer, fetching the
+    /// chunks it did not find. A chunk that fails its digest is fetched once more from the
+    /// registry before the read fails.
+    pub async fn read_pending(
+        &self,
+        blob: &BlobRef,
+        index: &Index,
+        ino: Ino,
+        mut pending: Pending,
+    ) -> Result<Bytes, FsError> {
+        for (chunk, found) in pending.chunks.iter().zip(pending.found.iter_mut()) {
+            if found.is_some() {
+                continue;
+            }
+            if let Some(bytes) = self.remembered(blob, chunk) {
+                *found = Some(bytes);
+                continue;
+            }
+            match self.fetch_chunk(blob, index, ino, chunk).await {
+                Ok(bytes) => *found = Some(bytes),
+                Err(err) => {
+                    self.read_failures.fetch_add(1, Ordering::Relaxed);
+                    return Err(err);
+                }
+            }
+        }
+        Ok(assemble(&pending.chunks, &pending.found, &pending.wanted))
+    }
+
+    /// Reads `offset..offset+len` of `ino`, fetching what is missing.
     pub async fn read(
         &self,
         blob: &BlobRef,
@@ -116,25 +171,11 @@ impl ChunkReader {
         ino: Ino,
         offset: u64,
         len: u64,
-    ) -> Result<Vec<u8>, FsError> {
-        let Some(chunks) = index.chunks_for(ino, offset, len) else {
-            return Ok(Vec::new());
-        };
-        let mut decoded = Vec::with_capacity(chunks.len());
-        for chunk in chunks {
-            if let Some(bytes) = self.remembered(blob, chunk) {
-                decoded.push(bytes);
-                continue;
-            }
-            match self.fetch_chunk(blob, index, ino, chunk).await {
-                Ok(bytes) => decoded.push(bytes),
-                Err(err) => {
-                    self.read_failures.fetch_add(1, Ordering::Relaxed);
-                    return Err(err);
-                }
-            }
+    ) -> Result<Bytes, FsError> {
+        match self.read_cached(blob, index, ino, offset, len) {
+            Ok(bytes) => Ok(bytes),
+            Err(pending) => self.read_pending(blob, index, ino, pending).await,
         }
-        Ok(assemble(chunks, &decoded, offset, len, index, ino))
     }
 
     async fn fetch_chunk(
@@ -159,16 +200,19 @@ impl ChunkReader {
     }
 
     fn key(blob: &BlobRef, chunk: &Chunk) -> ChunkKey {
-        (blob.digest.clone(), chunk.blob_offset, chunk.inner_offset)
+        (blob.digest.raw(), chunk.blob_offset, chunk.inner_offset)
     }
 
     fn remembered(&self, blob: &BlobRef, chunk: &Chunk) -> Option<Bytes> {
-        let mut memory = self.memory.lock().unwrap_or_else(|p| p.into_inner());
-        memory.chunks.get(&Self::key(blob, chunk)).cloned()
+        self.memory
+            .lock()
+            .chunks
+            .get(&Self::key(blob, chunk))
+            .cloned()
     }
 
     fn remember(&self, blob: &BlobRef, chunk: &Chunk, bytes: Bytes) {
-        let mut memory = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+        let mut memory = self.memory.lock();
         let len = bytes.len() as u64;
         if len > memory.cap {
             return;
@@ -204,27 +248,44 @@ fn decode(raw: &Bytes, chunk: &Chunk) -> Result<Bytes, Rejection> {
     Ok(Bytes::from(decompress_chunk(raw, chunk)?))
 }
 
-/// The bytes `offset..offset+len` (clipped to the file) out of whole decoded `chunks`.
-fn assemble(
-    chunks: &[Chunk],
-    decoded: &[Bytes],
-    offset: u64,
-    len: u64,
-    index: &Index,
-    ino: Ino,
-) -> Vec<u8> {
+/// A read not answered whole from memory and the disk cache: the chunks under it, those
+/// found so far, and the file bytes wanted.
+pub struct Pending {
+    chunks: Vec<Chunk>,
+    found: Vec<Option<Bytes>>,
+    wanted: Range<u64>,
+}
+
+/// The `wanted` file bytes out of whole decoded chunks, all found by now: a slice of the one
+/// chunk when it holds them all (no copy), else joined.
+fn assemble(chunks: &[Chunk], found: &[Option<Bytes>], wanted: &Range<u64>) -> Bytes {
+    let parts = chunks.iter().zip(found).filter_map(|(chunk, data)| {
+        let data = data.as_ref()?;
+        let from = wanted.start.max(chunk.file_offset) - chunk.file_offset;
+        let to = (wanted.end.min(chunk.file_offset + chunk.size) - chunk.file_offset)
+            .min(data.len() as u64);
+        (from < to).then(|| data.slice(from as usize..to as usize))
+    });
+    let mut parts = parts.peekable();
+    let Some(first) = parts.next() else {
+        return Bytes::new();
+    };
+    if parts.peek().is_none() {
+        return first;
+    }
+    let mut out = BytesMut::with_capacity((wanted.end - wanted.start) as usize);
+    out.extend_from_slice(&first);
+    for part in parts {
+        out.extend_from_slice(&part);
+    }
+    out.freeze()
+}
+
+/// `offset..offset+len` clipped to the file's size.
+fn clip(index: &Index, ino: Ino, offset: u64, len: u64) -> Range<u64> {
     let size = index.node(ino).map(|n| n.attr.size).unwrap_or(0);
     let end = offset.saturating_add(len).min(size);
-    let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
-    for (chunk, data) in chunks.iter().zip(decoded) {
-        let from = offset.max(chunk.file_offset) - chunk.file_offset;
-        let to =
-            (end.min(chunk.file_offset + chunk.size) - chunk.file_offset).min(data.len() as u64);
-        if from < to {
-            out.extend_from_slice(&data[from as usize..to as usize]);
-        }
-    }
-    out
+    offset.min(end)..end
 }
 
 fn path_of(index: &Index, ino: Ino) -> String {
