@@ -17,9 +17,11 @@ use super::geometry::BlockGeometry;
 use crate::digest::Digest;
 
 const MAGIC: &[u8; 8] = b"SHOALBM\0";
-/// Version 1 kept one bit per block: neighbours shared a byte, so every write of it had to
-/// be serialised with a lock held across the sync.
+/// Version 1 kept one bit per block (bit `i % 8` of byte `i / 8`): neighbours shared a byte,
+/// so every write of it had to be serialised with a lock held across the sync. A version 1
+/// bitmap is rewritten as version 2 when opened, so an upgrade keeps the cache.
 const VERSION: u32 = 2;
+const VERSION_BITS: u32 = 1;
 const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 8 + 64;
 /// Read step when loading the block bytes, so that a large bitmap is not read in one buffer.
 const LOAD_STEP: usize = 1 << 20;
@@ -34,7 +36,8 @@ fn encode(geometry: &BlockGeometry, digest: &Digest) -> [u8; HEADER_LEN] {
     header
 }
 
-fn decode(bytes: &[u8], digest: &Digest) -> Option<BlockGeometry> {
+/// The header's version (one this code reads) and geometry.
+fn decode(bytes: &[u8], digest: &Digest) -> Option<(u32, BlockGeometry)> {
     let u64_at = |at: usize| {
         let mut word = [0u8; 8];
         word.copy_from_slice(bytes.get(at..at + 8)?);
@@ -42,14 +45,17 @@ fn decode(bytes: &[u8], digest: &Digest) -> Option<BlockGeometry> {
     };
     if bytes.len() < HEADER_LEN
         || &bytes[..8] != MAGIC
-        || bytes[8..12] != VERSION.to_le_bytes()
         || &bytes[32..HEADER_LEN] != digest.hex().as_bytes()
     {
         return None;
     }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().ok()?);
+    if version != VERSION && version != VERSION_BITS {
+        return None;
+    }
     let block_size = u64_at(16)?;
     let blob_size = u64_at(24)?;
-    (block_size > 0).then(|| BlockGeometry::new(block_size, blob_size))
+    (block_size > 0).then(|| (version, BlockGeometry::new(block_size, blob_size)))
 }
 
 /// One blob's presence bytes on disk.
@@ -95,12 +101,16 @@ impl BitmapFile {
         if file.read_exact_at(&mut head, 0).is_err() {
             return Ok(None);
         }
-        let Some(geometry) = decode(&head, digest) else {
+        let Some((version, geometry)) = decode(&head, digest) else {
             return Ok(None);
         };
-        if geometry.blob_size > max_blob_size
-            || file.metadata()?.len() != HEADER_LEN as u64 + geometry.blocks()
-        {
+        if geometry.blob_size > max_blob_size {
+            return Ok(None);
+        }
+        if version == VERSION_BITS {
+            return BitmapFile::upgrade(path, &file, digest, geometry);
+        }
+        if file.metadata()?.len() != HEADER_LEN as u64 + geometry.blocks() {
             return Ok(None);
         }
         let mut presence = Presence::new(geometry.blocks())?;
@@ -125,6 +135,32 @@ impl BitmapFile {
             index += step as u64;
         }
         Ok(Some((BitmapFile { file, geometry }, presence)))
+    }
+
+    /// Rewrites the version 1 bitmap `old` at `path` as version 2 with the same blocks
+    /// present. A crash midway loses presence bits, never invents one: the new file starts
+    /// all-absent, and its bytes are set only after it replaced the old one.
+    fn upgrade(
+        path: &Path,
+        old: &File,
+        digest: &Digest,
+        geometry: BlockGeometry,
+    ) -> io::Result<Option<(BitmapFile, Presence)>> {
+        let mut bits = Presence::new(geometry.blocks())?;
+        if old.metadata()?.len() != HEADER_LEN as u64 + bits.bits.len() as u64
+            || old
+                .read_exact_at(&mut bits.bits, HEADER_LEN as u64)
+                .is_err()
+        {
+            return Ok(None);
+        }
+        let (file, mut presence) = BitmapFile::create(path, digest, geometry)?;
+        for index in bits.iter().filter(|index| *index < geometry.blocks()) {
+            file.file.write_all_at(&[1], HEADER_LEN as u64 + index)?;
+            presence.set(index, true);
+        }
+        file.file.sync_data()?;
+        Ok(Some((file, presence)))
     }
 
     pub fn geometry(&self) -> BlockGeometry {
@@ -242,6 +278,36 @@ mod tests {
         assert!(BitmapFile::open(&path, &other, u64::MAX).unwrap().is_none());
         assert!(BitmapFile::open(&path, &digest, 100).unwrap().is_none());
         std::fs::write(&path, b"SHOALBM\0short").unwrap();
+        assert!(BitmapFile::open(&path, &digest, u64::MAX)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn a_version_1_bitmap_is_upgraded_with_its_blocks_present() {
+        let dir = tempfile::tempdir().unwrap();
+        let digest = Digest::of(b"blob");
+        let path = dir.path().join("x.bitmap");
+        let geometry = BlockGeometry::new(4096, 4096 * 9 + 1);
+        let mut old = encode(&geometry, &digest).to_vec();
+        old[8..12].copy_from_slice(&VERSION_BITS.to_le_bytes());
+        // Blocks 0, 3 and 9 present: bits 0 and 3 of byte 0, bit 1 of byte 1.
+        old.extend_from_slice(&[0b0000_1001, 0b0000_0010]);
+        std::fs::write(&path, &old).unwrap();
+
+        let (file, presence) = BitmapFile::open(&path, &digest, u64::MAX).unwrap().unwrap();
+        assert_eq!(presence.iter().collect::<Vec<_>>(), vec![0, 3, 9]);
+        assert_eq!(file.geometry(), geometry);
+        drop(file);
+        let upgraded = std::fs::read(&path).unwrap();
+        assert_eq!(upgraded[8..12], VERSION.to_le_bytes());
+        assert_eq!(upgraded.len(), HEADER_LEN + 10);
+        let (_, again) = BitmapFile::open(&path, &digest, u64::MAX).unwrap().unwrap();
+        assert_eq!(again.iter().collect::<Vec<_>>(), vec![0, 3, 9]);
+
+        // A version 1 file of the wrong length is refused, not half read.
+        old.pop();
+        std::fs::write(&path, &old).unwrap();
         assert!(BitmapFile::open(&path, &digest, u64::MAX)
             .unwrap()
             .is_none());
