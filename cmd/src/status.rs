@@ -153,11 +153,18 @@ impl std::fmt::Display for Status {
                 shoal_config::ByteSize(d.cache_capacity),
                 d.cache_blocks,
                 d.cache_evictions,
-                if d.cache_no_space > 0 {
-                    format!(", {} not stored: disk full", d.cache_no_space)
-                } else {
-                    String::new()
-                }
+                [
+                    (d.cache_no_space > 0)
+                        .then(|| format!(", {} not stored: disk full", d.cache_no_space)),
+                    (d.cache_refetched_after_eviction > 0).then(|| format!(
+                        ", {} fetched again soon after eviction: the cache is smaller than \
+                         what is read",
+                        d.cache_refetched_after_eviction
+                    )),
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<String>()
             )?;
             writeln!(
                 f,

@@ -123,6 +123,12 @@ pub fn render(status: &DaemonStatus) -> String {
         &[("", status.cache_no_space)],
     );
     metric(
+        "cache_refetched_after_eviction_total",
+        "counter",
+        "Blocks stored again within a minute of their eviction: the cache is smaller than the working set.",
+        &[("", status.cache_refetched_after_eviction)],
+    );
+    metric(
         "fetch_errors_total",
         "counter",
         "Remote fetches that failed after retries.",

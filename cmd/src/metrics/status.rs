@@ -52,6 +52,9 @@ pub struct DaemonStatus {
     /// Blocks served but not cached since start because the cache's disk was full.
     #[serde(default)]
     pub cache_no_space: u64,
+    /// Blocks stored again within a minute of their eviction since start.
+    #[serde(default)]
+    pub cache_refetched_after_eviction: u64,
     pub bytes_from_registry: u64,
     pub bytes_from_peers: u64,
     pub bytes_from_cache: u64,
@@ -145,6 +148,7 @@ impl Observed {
             cache_blocks: cache.blocks,
             cache_evictions: cache.evictions,
             cache_no_space: cache.no_space_failures,
+            cache_refetched_after_eviction: cache.refetched_after_eviction,
             bytes_from_registry: fetch.bytes_from_registry,
             bytes_from_peers: fetch.bytes_from_peers,
             bytes_from_cache: fetch.bytes_from_cache,

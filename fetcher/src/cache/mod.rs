@@ -19,6 +19,7 @@ mod reload;
 mod space;
 #[cfg(test)]
 mod tests;
+mod thrash;
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
@@ -28,6 +29,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -83,6 +85,9 @@ pub struct CacheUsage {
     pub evictions: u64,
     /// Blocks not stored since start because the cache's disk was full.
     pub no_space_failures: u64,
+    /// Blocks stored again within a minute of their eviction since start: the cache is
+    /// smaller than what is being read.
+    pub refetched_after_eviction: u64,
 }
 
 pub struct ChunkCache {
@@ -115,6 +120,8 @@ struct State {
     pins: HashMap<RawDigest, u32>,
     /// Blocks evicted for room since start.
     evictions: u64,
+    /// Blocks stored again soon after their eviction: a cache smaller than its working set.
+    thrash: thrash::Thrash,
 }
 
 /// A block chosen for eviction: hidden from readers and held in `busy`, its absence not yet
@@ -260,6 +267,7 @@ impl ChunkCache {
                 expected: len,
             });
         }
+        let mut thrashing = None;
         let (victims, room) = {
             let mut state = self.state.lock();
             if blob.is_present(index) {
@@ -273,9 +281,20 @@ impl ChunkCache {
             if room.is_ok() {
                 state.reserved += len;
                 state.busy.insert(key);
+                thrashing = state.thrash.stored(key, len, Instant::now());
             }
             (victims, room)
         };
+        if let Some(report) = thrashing {
+            tracing::warn!(
+                capacity = self.capacity(),
+                refetched_blocks = report.blocks,
+                refetched_bytes = report.bytes,
+                working_set_at_least = self.capacity() + report.bytes,
+                "chunk cache is thrashing: blocks evicted in the last minute are being fetched \
+                 again; raise cache.capacity above the working set"
+            );
+        }
         if let Err(error) = self.retire(victims) {
             tracing::warn!(block = %key, %error, "cannot evict a block to make room");
         }
@@ -387,6 +406,7 @@ impl ChunkCache {
             capacity: self.capacity(),
             evictions: state.evictions,
             no_space_failures: self.space.failures(),
+            refetched_after_eviction: state.thrash.total(),
         }
     }
 
@@ -465,6 +485,7 @@ impl ChunkCache {
                 return (victims, Err(FetchError::CacheFull { block: *key }));
             };
             state.evictions += 1;
+            state.thrash.evicted(victim.key, Instant::now());
             victims.push(victim);
         }
         (victims, Ok(()))

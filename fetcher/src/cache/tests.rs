@@ -78,3 +78,35 @@ fn hits_count_as_recent_use_when_a_victim_is_chosen() {
     );
     assert_eq!(cache.usage().blocks, 3);
 }
+
+#[test]
+fn a_working_set_larger_than_the_cache_counts_its_refetches() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = Digest::of(b"blob");
+    let size = 8 * BLOCK;
+    let cache = ChunkCache::open(dir.path(), BLOCK, 4 * BLOCK).unwrap();
+    // Eight blocks read round and round through a cache of four: each one is evicted before
+    // it comes back.
+    for _ in 0..20 {
+        for index in 0..8 {
+            cache
+                .insert(&blob, size, index, &block(index as u8))
+                .unwrap();
+        }
+    }
+    let usage = cache.usage();
+    assert_eq!(usage.refetched_after_eviction, 20 * 8 - 8);
+    assert_eq!(usage.evictions, 20 * 8 - 4);
+
+    // A working set that fits is stored once and never counted.
+    let fits = tempfile::tempdir().unwrap();
+    let cache = ChunkCache::open(fits.path(), BLOCK, 8 * BLOCK).unwrap();
+    for _ in 0..20 {
+        for index in 0..8 {
+            cache
+                .insert(&blob, size, index, &block(index as u8))
+                .unwrap();
+        }
+    }
+    assert_eq!(cache.usage().refetched_after_eviction, 0);
+}
