@@ -173,6 +173,18 @@ fn reference_converted_hello_world_runs_lazily_and_survives_a_restart() {
         wait_until("loop devices released", Duration::from_secs(30), || {
             Ok(loops_under(&root)?.is_empty())
         })?;
+        // Mounting, reading, restarting and unmounting as intended is nothing to act on: no
+        // warning (the kernel's fsync of the read-only disk, fuser's unmount of a detached
+        // mount) may reach the log.
+        let log = stack.daemon.log();
+        let warnings: Vec<&str> = log
+            .lines()
+            .filter(|line| line.contains(" WARN ") || line.contains(" ERROR "))
+            .collect();
+        anyhow::ensure!(
+            warnings.is_empty(),
+            "warnings on a clean run: {warnings:#?}"
+        );
         Ok(())
     })
 }
