@@ -1,8 +1,8 @@
 //! Counters of where read bytes came from and how fetches went.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use crate::Digest;
 
@@ -85,17 +85,14 @@ impl Counters {
             Source::Peer => &self.bytes_from_peers,
         };
         counter.fetch_add(bytes, Ordering::Relaxed);
-        self.blobs.lock().unwrap_or_else(|p| p.into_inner()).add(
-            blob,
-            source,
-            bytes,
-            MAX_COUNTED_BLOBS,
-        );
+        self.blobs
+            .lock()
+            .add(blob, source, bytes, MAX_COUNTED_BLOBS);
     }
 
     /// Every counted blob's bytes, in no particular order.
     pub fn blobs(&self) -> Vec<(Digest, BlobBytes)> {
-        let table = self.blobs.lock().unwrap_or_else(|p| p.into_inner());
+        let table = self.blobs.lock();
         table
             .entries
             .iter()

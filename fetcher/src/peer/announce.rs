@@ -3,7 +3,9 @@
 //! renews every lease in full before it expires or when the owners change.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -35,7 +37,6 @@ impl Announcer {
     pub fn landed(&self, blob: &Digest, blocks: &BlockSet) {
         self.fresh
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .entry(blob.clone())
             .or_default()
             .merge(blocks);
@@ -47,13 +48,7 @@ impl Announcer {
     /// a batch is in between.
     pub fn is_busy(&self) -> bool {
         use std::sync::atomic::Ordering::SeqCst;
-        self.renew.load(SeqCst)
-            || !self
-                .fresh
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_empty()
-            || self.sending.load(SeqCst)
+        self.renew.load(SeqCst) || !self.fresh.lock().is_empty() || self.sending.load(SeqCst)
     }
 
     /// Asks for every held block to be announced again, in full.
@@ -110,23 +105,12 @@ pub async fn run(peers: Arc<Peers>, fetcher: Fetcher) {
             || renewed.elapsed() >= renew_every;
         let (batch, replace) = if renew {
             renewed = Instant::now();
-            peers
-                .announcer
-                .fresh
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clear();
+            peers.announcer.fresh.lock().clear();
             // A renewal tells the current owners everything, which supersedes any retry.
             retries.clear();
             (peers.shareable.retain_cached(fetcher.cache()), true)
         } else {
-            let fresh = std::mem::take(
-                &mut *peers
-                    .announcer
-                    .fresh
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()),
-            );
+            let fresh = std::mem::take(&mut *peers.announcer.fresh.lock());
             (fresh.into_iter().collect(), false)
         };
         let live = peers.members.live(Instant::now());

@@ -9,8 +9,8 @@
 //! holders, grants), and past the cap the blobs least recently announced or asked about are
 //! forgotten first; a forgotten blob costs at most a fetch its holders could have served.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::blockset::BlockSet;
@@ -159,8 +159,8 @@ impl OwnerIndex {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     pub fn usage(&self) -> IndexUse {

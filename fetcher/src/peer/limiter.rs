@@ -1,7 +1,9 @@
 //! [`UploadLimiter`]: what this node gives its peers: a byte rate shared by every upload and
 //! a cap on uploads at once, beyond which a requester hears "busy" and goes elsewhere.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -51,7 +53,7 @@ impl UploadLimiter {
 
     /// [`charge`](Self::charge) at `now`, which is never before the last charge.
     fn charge_at(&self, bytes: u64, now: Instant) -> Duration {
-        let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let mut bucket = self.bucket.lock();
         let now = now.max(bucket.at);
         let refill = now.duration_since(bucket.at).as_secs_f64() * bucket.rate;
         bucket.tokens = (bucket.tokens + refill).min(bucket.rate);

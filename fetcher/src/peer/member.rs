@@ -2,10 +2,10 @@
 //! `/health` probe, which one is this node, and which ones it avoids for a while (busy, gone,
 //! or caught sending bad bytes).
 
+use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// A node's peer listener address, which is also its name among the members.
@@ -110,8 +110,8 @@ const MAX_STRIKES: u32 = 4;
 const STRIKE_WINDOW: Duration = Duration::from_secs(30);
 
 impl Membership {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     pub fn set_known(&self, known: BTreeSet<PeerAddr>) {

@@ -10,13 +10,13 @@
 //! The shareable set survives restarts in one small file beside the cache: a node that
 //! restarts with a warm cache goes on sharing it.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::num::NonZeroUsize;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 
 use lru::LruCache;
 use tracing::warn;
@@ -82,7 +82,6 @@ impl Shareable {
     pub fn add(&self, blob: &Digest, blocks: &BlockSet) {
         self.sets
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .entry(blob.clone())
             .or_default()
             .merge(blocks);
@@ -91,14 +90,14 @@ impl Shareable {
 
     /// Whether every block of `blocks` of `blob` is shareable.
     pub fn contains_all(&self, blob: &Digest, blocks: Range<u64>) -> bool {
-        let sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
+        let sets = self.sets.lock();
         sets.get(blob)
             .is_some_and(|set| blocks.clone().all(|index| set.contains(index)))
     }
 
     /// Block `key` came from `from`, unverified.
     pub fn got_from_peer(&self, key: BlockKey, from: PeerAddr) {
-        self.sourced.lock().unwrap_or_else(|e| e.into_inner()).put(
+        self.sourced.lock().put(
             key,
             Sourced {
                 from,
@@ -111,7 +110,7 @@ impl Shareable {
     /// True when that completes the block: it is then no longer tracked, and the caller
     /// makes it shareable.
     pub fn checked(&self, key: &BlockKey, block: Range<u64>, checked: Range<u64>) -> bool {
-        let mut sourced = self.sourced.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sourced = self.sourced.lock();
         if sourced.is_empty() {
             return false;
         }
@@ -133,18 +132,13 @@ impl Shareable {
     /// Blocks `blocks` of `blob` failed a check: none of them is shared any longer, and the
     /// peers that sent any of them are returned to be blamed.
     pub fn reject(&self, blob: &Digest, blocks: Range<u64>) -> HashSet<PeerAddr> {
-        if let Some(set) = self
-            .sets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(blob)
-        {
+        if let Some(set) = self.sets.lock().get_mut(blob) {
             for index in blocks.clone() {
                 set.remove(index);
             }
             self.dirty.store(true, Ordering::Relaxed);
         }
-        let mut sourced = self.sourced.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sourced = self.sourced.lock();
         blocks
             .filter_map(|index| sourced.pop(&BlockKey::new(blob.clone(), index)))
             .map(|entry| entry.from)
@@ -154,7 +148,7 @@ impl Shareable {
     /// Every blob's shareable blocks, less those the cache no longer holds (evicted, or
     /// dropped by a refetch), which stop being shareable too.
     pub fn retain_cached(&self, cache: &ChunkCache) -> Vec<(Digest, BlockSet)> {
-        let mut sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sets = self.sets.lock();
         let before = sets.len();
         for (blob, set) in sets.iter_mut() {
             let mut dropped = false;
@@ -206,7 +200,7 @@ impl Shareable {
             return Ok(());
         }
         let text = {
-            let sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
+            let sets = self.sets.lock();
             let mut text = String::new();
             for (blob, set) in sets.iter() {
                 let _ = writeln!(text, "{blob} {}", set.to_hex());

@@ -1,9 +1,9 @@
 //! Counters of the peer network: what this node got from its peers and how, and what it
 //! gave them.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use super::member::PeerAddr;
@@ -116,7 +116,7 @@ impl PeerCounters {
     }
 
     pub fn record(&self, peer: PeerAddr, outcome: Outcome) {
-        let mut per_peer = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut per_peer = self.per_peer.lock();
         let entry = per_peer.entry(peer).or_default();
         match outcome {
             Outcome::Served { bytes, took } => {
@@ -164,7 +164,6 @@ impl PeerCounters {
             per_peer: self
                 .per_peer
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
                 .iter()
                 .map(|(addr, stats)| (addr.to_string(), stats.clone()))
                 .collect(),

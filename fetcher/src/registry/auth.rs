@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -313,14 +315,13 @@ impl TokenCache {
     pub fn refresh_lock(&self, host: &str, repository: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.refreshes
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .entry((host.to_owned(), repository.to_owned()))
             .or_default()
             .clone()
     }
 
     pub fn get(&self, host: &str, repository: &str) -> Option<HeaderValue> {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entries = self.entries.lock();
         let key = (host.to_owned(), repository.to_owned());
         let entry = entries.get(&key)?;
         match entry.expires {
@@ -342,7 +343,7 @@ impl TokenCache {
     ) {
         let expires =
             lifetime.map(|lifetime| Instant::now() + lifetime.saturating_sub(TOKEN_EXPIRY_MARGIN));
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entries = self.entries.lock();
         entries.insert(
             (host.to_owned(), repository.to_owned()),
             CachedAuth { header, expires },
@@ -350,7 +351,7 @@ impl TokenCache {
     }
 
     pub fn remove(&self, host: &str, repository: &str) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entries = self.entries.lock();
         entries.remove(&(host.to_owned(), repository.to_owned()));
     }
 }
