@@ -1,9 +1,9 @@
 //! A [`Syscall`] double for unit tests: keeps a mount table of its own, records every call,
 //! and fails the operations it is told to.
 
+use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use nix::errno::Errno;
 
@@ -61,8 +61,8 @@ impl RecordingSyscall {
         self.lock().failing.remove(operation);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
     }
 }
 

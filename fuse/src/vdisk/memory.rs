@@ -3,8 +3,8 @@
 //! keeps the blocks around recent reads, so a read that starts or ends inside a block the
 //! previous read decoded does not fetch, check and decompress it again.
 
+use parking_lot::Mutex;
 use std::ops::Range;
-use std::sync::Mutex;
 
 use bytes::Bytes;
 use lru::LruCache;
@@ -70,9 +70,9 @@ impl BlockMemory {
         self.lock().bytes
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Inner> {
         // Every update leaves the state consistent, so a panic elsewhere does not poison it.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock()
     }
 }
 
