@@ -5,7 +5,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use shoal_fetcher::{BlobRef, Digest, Fetcher};
@@ -59,12 +61,12 @@ impl LazyMounter {
         }
     }
 
-    fn opened(&self) -> std::sync::MutexGuard<'_, HashMap<OpenedKey, Box<dyn OpenedLayer>>> {
-        self.opened.lock().unwrap_or_else(|p| p.into_inner())
+    fn opened(&self) -> parking_lot::MutexGuard<'_, HashMap<OpenedKey, Box<dyn OpenedLayer>>> {
+        self.opened.lock()
     }
 
-    fn mounted(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Mounted>> {
-        self.mounted.lock().unwrap_or_else(|p| p.into_inner())
+    fn mounted(&self) -> parking_lot::MutexGuard<'_, HashMap<PathBuf, Mounted>> {
+        self.mounted.lock()
     }
 
     fn pin(&self, blobs: &[BlobRef]) {
@@ -105,7 +107,7 @@ impl LazyMounter {
 /// daemon mounts the layers afresh from their persisted indexes.
 impl Drop for LazyMounter {
     fn drop(&mut self) {
-        let mounted = std::mem::take(self.mounted.get_mut().unwrap_or_else(|p| p.into_inner()));
+        let mounted = std::mem::take(self.mounted.get_mut());
         for (mountpoint, mut layer) in mounted {
             layer.served.tasks.cancel();
             for session in &mut layer.served.sessions {

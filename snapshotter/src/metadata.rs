@@ -8,9 +8,9 @@
 //! transaction would make every other change wait for it. Pending records left by a crash are
 //! dropped at start-up and their directories reclaimed as orphans.
 
+use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-use std::sync::{Condvar, Mutex};
 use std::time::SystemTime;
 
 use redb::{
@@ -221,10 +221,7 @@ impl Store {
     fn hold(&self, key: &str) -> Creating<'_> {
         let mut creating = self.creating_keys();
         while creating.contains(key) {
-            creating = self
-                .created
-                .wait(creating)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            self.created.wait(&mut creating);
         }
         creating.insert(key.to_owned());
         Creating {
@@ -233,10 +230,8 @@ impl Store {
         }
     }
 
-    fn creating_keys(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.creating
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn creating_keys(&self) -> parking_lot::MutexGuard<'_, HashSet<String>> {
+        self.creating.lock()
     }
 
     /// Phase one: checks the key and parent, takes an id and stores a pending record.

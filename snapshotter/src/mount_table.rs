@@ -1,8 +1,8 @@
 //! The table of lazily mounted layers, for status: which blobs are mounted and how often, for
 //! every format.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 
 use shoal_fetcher::{BlobRef, Digest};
 
@@ -25,7 +25,7 @@ pub(crate) struct MountTable {
 
 impl MountTable {
     pub fn add(&self, blob: &BlobRef) {
-        let mut blobs = self.blobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut blobs = self.blobs.lock();
         blobs
             .entry(blob.digest.clone())
             .or_insert_with(|| MountedBlob {
@@ -38,7 +38,7 @@ impl MountTable {
     }
 
     pub fn remove(&self, digest: &Digest) {
-        let mut blobs = self.blobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut blobs = self.blobs.lock();
         if let Some(entry) = blobs.get_mut(digest) {
             entry.mounts = entry.mounts.saturating_sub(1);
             if entry.mounts == 0 {
@@ -48,7 +48,7 @@ impl MountTable {
     }
 
     pub fn list(&self) -> Vec<MountedBlob> {
-        let blobs = self.blobs.lock().unwrap_or_else(|p| p.into_inner());
+        let blobs = self.blobs.lock();
         blobs.values().cloned().collect()
     }
 }

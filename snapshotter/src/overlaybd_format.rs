@@ -8,7 +8,9 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use shoal_fetcher::{BlobRef, Digest, Fetcher, ImageRef};
 use shoal_formats::overlaybd::{ANNOTATION_BLOB_DIGEST, ANNOTATION_FS_TYPE};
@@ -238,8 +240,8 @@ impl Background {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<Digest>> {
-        self.fetching.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HashSet<Digest>> {
+        self.fetching.lock()
     }
 }
 

@@ -2,10 +2,10 @@
 //! and answers ALREADY_EXISTS, or falls back (logged and counted) to an ordinary snapshot that
 //! containerd fills by downloading the layer.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use tracing::{error, info, warn};
 
@@ -41,11 +41,7 @@ impl LazyStats {
     /// Fallback counts keyed by [`Fallback::kind`], with layers containerd unpacked without
     /// asking for a remote snapshot as `unlabelled_unpack`.
     pub fn fallbacks(&self) -> BTreeMap<&'static str, u64> {
-        let mut fallbacks = self
-            .fallbacks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone();
+        let mut fallbacks = self.fallbacks.lock().clone();
         let unlabelled = self.unlabelled.layers();
         if unlabelled > 0 {
             fallbacks.insert(super::unlabelled::KIND, unlabelled);
@@ -62,12 +58,7 @@ impl LazyStats {
                 warn!(key, reason = %reason, kind = reason.kind(), "lazy mount failed; layer is downloaded instead")
             }
         }
-        *self
-            .fallbacks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .entry(reason.kind())
-            .or_default() += 1;
+        *self.fallbacks.lock().entry(reason.kind()).or_default() += 1;
     }
 }
 
@@ -270,7 +261,7 @@ mod tests {
 
     impl RecordingMounter {
         fn calls(&self) -> Vec<String> {
-            self.calls.lock().unwrap().clone()
+            self.calls.lock().clone()
         }
     }
 
@@ -279,7 +270,6 @@ mod tests {
         async fn resolve(&self, labels: &LayerLabels) -> Result<ResolvedLayer, Fallback> {
             self.calls
                 .lock()
-                .unwrap()
                 .push(format!("resolve {}", labels.layer_digest));
             if let Some(fallback) = &self.fail_resolve {
                 return Err(fallback.clone());
@@ -301,7 +291,7 @@ mod tests {
         }
 
         fn mount(&self, layer: &ResolvedLayer, mountpoint: &Path) -> Result<(), SnapshotError> {
-            self.calls.lock().unwrap().push(format!(
+            self.calls.lock().push(format!(
                 "mount {} {} index={}",
                 layer.layer.digest,
                 mountpoint.display(),
@@ -319,7 +309,6 @@ mod tests {
         fn unmount(&self, mountpoint: &Path) -> Result<(), SnapshotError> {
             self.calls
                 .lock()
-                .unwrap()
                 .push(format!("unmount {}", mountpoint.display()));
             Ok(())
         }

@@ -4,8 +4,8 @@
 //! mounted again from the registry (the TOC fetched and checked against the digest kept in its
 //! record) before any Prepare, View or Mounts stacks it; if that fails too, the call fails.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 
 use tracing::{info, warn};
 
@@ -52,8 +52,8 @@ impl Unmounted {
         self.lock().is_empty()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, UnmountedLayer>> {
-        self.layers.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, BTreeMap<String, UnmountedLayer>> {
+        self.layers.lock()
     }
 }
 
@@ -203,10 +203,7 @@ mod tests {
     #[containerd_snapshots::tonic::async_trait]
     impl LayerMounter for Mounter {
         async fn resolve(&self, labels: &LayerLabels) -> Result<ResolvedLayer, Fallback> {
-            self.resolved
-                .lock()
-                .unwrap()
-                .push(labels.toc_digest.clone());
+            self.resolved.lock().push(labels.toc_digest.clone());
             if self.registry_down {
                 return Err(Fallback::Registry("connection refused".into()));
             }
@@ -229,7 +226,7 @@ mod tests {
                     reason: "TOC digest mismatch".into(),
                 });
             }
-            self.mounted.lock().unwrap().push(mountpoint.to_owned());
+            self.mounted.lock().push(mountpoint.to_owned());
             Ok(())
         }
 
@@ -276,17 +273,17 @@ mod tests {
             unmounted[0].reason.contains("persisted index"),
             "{unmounted:?}"
         );
-        assert!(mounter.mounted.lock().unwrap().is_empty());
+        assert!(mounter.mounted.lock().is_empty());
 
         sn.prepare("container".into(), "chain1".into(), HashMap::new())
             .await
             .unwrap();
         assert_eq!(
-            *mounter.resolved.lock().unwrap(),
+            *mounter.resolved.lock(),
             [Some("sha256:toc".to_string())],
             "the registry's TOC is checked against the digest kept in the record"
         );
-        assert_eq!(mounter.mounted.lock().unwrap().len(), 1);
+        assert_eq!(mounter.mounted.lock().len(), 1);
         assert_eq!(
             std::fs::read(&index).unwrap(),
             b"good",
@@ -296,7 +293,7 @@ mod tests {
         sn.view("view".into(), "chain1".into(), HashMap::new())
             .await
             .unwrap();
-        assert_eq!(mounter.resolved.lock().unwrap().len(), 1, "mounted once");
+        assert_eq!(mounter.resolved.lock().len(), 1, "mounted once");
     }
 
     #[tokio::test]

@@ -3,9 +3,9 @@
 //! whatever its format. Counted per layer, logged once per image: an image's layers are
 //! prepared in order, each on the chain committed by the one before.
 
+use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use tracing::warn;
 
@@ -38,7 +38,7 @@ impl UnlabelledUnpacks {
         };
         self.layers.fetch_add(1, Ordering::Relaxed);
         let first_of_image = {
-            let mut chains = self.chains.lock().unwrap_or_else(|e| e.into_inner());
+            let mut chains = self.chains.lock();
             let continues = !parent.is_empty() && chains.contains(name_of(parent));
             if chains.len() >= CHAINS_CAP {
                 chains.clear();
@@ -85,7 +85,7 @@ mod tests {
         // Another image, on a base nobody unpacked this way: logged again.
         assert!(unpacks.prepared("extract-3-9 sha256:dd", "sha256:base"));
         assert_eq!(unpacks.layers(), 3);
-        let chains = unpacks.chains.lock().unwrap();
+        let chains = unpacks.chains.lock();
         assert!(chains.contains("sha256:aa") && chains.contains("sha256:bb"));
         assert_eq!(unpack_chain("extract-1 sha256:cc"), Some("sha256:cc"));
         assert_eq!(unpack_chain("view-1 sha256:cc"), None);
