@@ -307,7 +307,7 @@ pub enum HttpFailure {
     },
 
     // The chain goes in the message, not `source`: `cause` is printed inline by its parent.
-    #[error("{}", chain(error))]
+    #[error("{}", with_causes(error))]
     Transport { error: reqwest::Error },
 
     #[error("redirect: {reason}")]
@@ -345,11 +345,6 @@ impl HttpFailure {
             _ => false,
         }
     }
-}
-
-/// reqwest's own message is terse ("error sending request"); the cause is what helps.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    with_causes(error)
 }
 
 /// `err`'s message followed by its causes', each once, `: `-separated: what a log line or a

@@ -268,6 +268,7 @@ impl ChunkCache {
             });
         }
         let mut thrashing = None;
+        let now = Instant::now();
         let (victims, room) = {
             let mut state = self.state.lock();
             if blob.is_present(index) {
@@ -277,11 +278,11 @@ impl ChunkCache {
             if state.busy.contains(&key) {
                 return Ok(Written::Already);
             }
-            let (victims, room) = self.make_room(&mut state, len, &key);
+            let (victims, room) = self.make_room(&mut state, len, &key, now);
             if room.is_ok() {
                 state.reserved += len;
                 state.busy.insert(key);
-                thrashing = state.thrash.stored(key, len, Instant::now());
+                thrashing = state.thrash.stored(key, len, now);
             }
             (victims, room)
         };
@@ -474,6 +475,7 @@ impl ChunkCache {
         state: &mut State,
         len: u64,
         key: &BlockKey,
+        now: Instant,
     ) -> (Vec<Victim>, Result<(), FetchError>) {
         let fits = |state: &State| state.used + state.reserved + len <= self.capacity();
         let mut victims = Vec::new();
@@ -485,7 +487,7 @@ impl ChunkCache {
                 return (victims, Err(FetchError::CacheFull { block: *key }));
             };
             state.evictions += 1;
-            state.thrash.evicted(victim.key, Instant::now());
+            state.thrash.evicted(victim.key, now);
             victims.push(victim);
         }
         (victims, Ok(()))
