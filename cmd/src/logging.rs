@@ -16,10 +16,14 @@ use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
 /// keeps them at info. Explicit directives (`h2=trace`) still reach them.
 const NOISY: &[&str] = &["h2", "hyper", "tower", "tonic", "reqwest", "rustls"];
 
-/// fuser's `Mount` unmounts again when its session is dropped. Shoal detaches (`MNT_DETACH`)
-/// each layer itself, so that second unmount always fails (EINVAL) and fuser warns about
-/// nothing; an unmount that really fails is logged by Shoal (`unmount failed`).
-const FUSER_MOUNT: &str = "fuser::mnt=error";
+/// What fuser logs that asks nothing of an operator:
+/// - its `Mount` unmounts again when its session is dropped. Shoal detaches (`MNT_DETACH`)
+///   each layer itself, so that second unmount always fails (EINVAL) and fuser warns about
+///   nothing; an unmount that really fails is logged by Shoal (`unmount failed`);
+/// - a reply the kernel no longer waits for (ENOENT: its request was interrupted, as when a
+///   container exits during a read answered from a task) is an ERROR from `fuser::reply`. A
+///   read that fails is logged by Shoal (`read failed`), whether or not its reply arrives.
+const FUSER_QUIET: &str = "fuser::mnt=error,fuser::reply=off";
 
 /// The installed subscriber's filter, replaceable while the daemon runs.
 #[derive(Clone)]
@@ -69,10 +73,10 @@ pub fn filter(config: &LogConfig) -> anyhow::Result<EnvFilter> {
 fn directives(level: &str) -> String {
     let bare = ["trace", "debug"].contains(&level.trim());
     if !bare {
-        return format!("{FUSER_MOUNT},{level}");
+        return format!("{FUSER_QUIET},{level}");
     }
     let quiet: Vec<String> = NOISY.iter().map(|c| format!("{c}=info")).collect();
-    format!("{FUSER_MOUNT},{level},{}", quiet.join(","))
+    format!("{FUSER_QUIET},{level},{}", quiet.join(","))
 }
 
 #[cfg(test)]
@@ -81,8 +85,8 @@ mod tests {
 
     #[test]
     fn fuser_mount_warnings_are_quiet_at_every_level() {
-        assert_eq!(directives("info"), "fuser::mnt=error,info");
-        assert!(directives("debug").starts_with("fuser::mnt=error,debug,h2=info"));
+        assert_eq!(directives("info"), "fuser::mnt=error,fuser::reply=off,info");
+        assert!(directives("debug").starts_with("fuser::mnt=error,fuser::reply=off,debug,h2=info"));
         for level in ["info", "debug", "warn,shoal_fetcher=debug"] {
             EnvFilter::try_new(directives(level)).unwrap();
         }

@@ -72,24 +72,7 @@ impl VirtualDisk {
     /// Bytes `offset..offset + len`, clipped to the disk, if memory or the cache holds every
     /// block they need; `None` when something must be fetched. Never waits on the network.
     pub fn read_cached(&self, blobs: &dyn BlobRead, offset: u64, len: u64) -> Option<Vec<u8>> {
-        let steps = self.plan(offset, len).ok()?;
-        let mut out = Vec::with_capacity(steps.iter().map(Step::len).sum::<u64>() as usize);
-        for step in steps {
-            match step {
-                Step::Zero { len } => out.resize(out.len() + len as usize, 0),
-                Step::Blocks { layer, span } => {
-                    let blocks = match self.memory.get(layer, span.blocks.clone()) {
-                        Some(blocks) => blocks,
-                        None => {
-                            let whole = self.layers[layer].cached_blocks(blobs, &span)?;
-                            self.remember(layer, &span, &whole)
-                        }
-                    };
-                    keep(&blocks, &span, &mut out);
-                }
-            }
-        }
-        Some(out)
+        self.begin_read(blobs, offset, len).ok()
     }
 
     /// Bytes `offset..offset + len`, clipped to the disk, fetching what the cache lacks.
@@ -99,20 +82,69 @@ impl VirtualDisk {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, FsError> {
-        let steps = self.plan(offset, len)?;
+        match self.begin_read(blobs, offset, len) {
+            Ok(bytes) => Ok(bytes),
+            Err(pending) => self.finish_read(blobs, pending).await,
+        }
+    }
+
+    /// Plans the read and serves it from memory and the cache as far as they go; never waits
+    /// on the network. What is left travels as a [`PendingRead`] to
+    /// [`finish_read`](Self::finish_read), so a miss is planned once and what was found is not
+    /// looked for again.
+    pub fn begin_read(
+        &self,
+        blobs: &dyn BlobRead,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, PendingRead> {
+        let steps = self.plan(offset, len).map_err(|e| PendingRead(Err(e)))?;
         let mut out = Vec::with_capacity(steps.iter().map(Step::len).sum::<u64>() as usize);
-        for step in steps {
+        for (at, step) in steps.iter().enumerate() {
             match step {
-                Step::Zero { len } => out.resize(out.len() + len as usize, 0),
+                Step::Zero { len } => out.resize(out.len() + *len as usize, 0),
                 Step::Blocks { layer, span } => {
-                    let blocks = match self.memory.get(layer, span.blocks.clone()) {
+                    let found = self.memory.get(*layer, span.blocks.clone()).or_else(|| {
+                        let whole = self.layers[*layer].cached_blocks(blobs, span)?;
+                        Some(self.remember(*layer, span, &whole))
+                    });
+                    let Some(blocks) = found else {
+                        return Err(PendingRead(Ok(Progress {
+                            steps,
+                            next: at,
+                            out,
+                        })));
+                    };
+                    keep(&blocks, span, &mut out);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Finishes a read [`begin_read`](Self::begin_read) left, fetching what the cache lacks.
+    pub async fn finish_read(
+        &self,
+        blobs: &dyn BlobRead,
+        pending: PendingRead,
+    ) -> Result<Vec<u8>, FsError> {
+        let Progress {
+            steps,
+            next,
+            mut out,
+        } = pending.0?;
+        for step in &steps[next..] {
+            match step {
+                Step::Zero { len } => out.resize(out.len() + *len as usize, 0),
+                Step::Blocks { layer, span } => {
+                    let blocks = match self.memory.get(*layer, span.blocks.clone()) {
                         Some(blocks) => blocks,
                         None => {
-                            let whole = self.layers[layer].read_blocks(blobs, &span).await?;
-                            self.remember(layer, &span, &whole)
+                            let whole = self.layers[*layer].read_blocks(blobs, span).await?;
+                            self.remember(*layer, span, &whole)
                         }
                     };
-                    keep(&blocks, &span, &mut out);
+                    keep(&blocks, span, &mut out);
                 }
             }
         }
@@ -135,6 +167,19 @@ impl VirtualDisk {
         self.memory.put(layer, span.blocks.start, &blocks);
         blocks
     }
+}
+
+/// A read [`VirtualDisk::begin_read`] could not finish from memory and the cache: the rest
+/// of its plan with what it assembled so far, or why it could not be planned.
+#[derive(Debug)]
+pub struct PendingRead(Result<Progress, FsError>);
+
+#[derive(Debug)]
+struct Progress {
+    steps: Vec<Step>,
+    /// The first step not served yet.
+    next: usize,
+    out: Vec<u8>,
 }
 
 /// Appends the part of `blocks` (the span's blocks, in order) that `span.keep` asks for.

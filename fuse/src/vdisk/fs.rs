@@ -144,13 +144,14 @@ impl Filesystem for DiskFs {
         if ino != DISK {
             return reply.error(Errno::EISDIR);
         }
-        if let Some(bytes) = self.disk.read_cached(&*self.blobs, offset, size.into()) {
-            return reply.data(&bytes);
-        }
+        let pending = match self.disk.begin_read(&*self.blobs, offset, size.into()) {
+            Ok(bytes) => return reply.data(&bytes),
+            Err(pending) => pending,
+        };
         let disk = self.disk.clone();
         let blobs = self.blobs.clone();
         self.runtime.spawn(async move {
-            match disk.read(&*blobs, offset, size.into()).await {
+            match disk.finish_read(&*blobs, pending).await {
                 Ok(bytes) => reply.data(&bytes),
                 Err(err) => {
                     warn!(offset, len = size, error = %shoal_fetcher::with_causes(&err), "virtual disk read failed");

@@ -21,7 +21,7 @@ mod mount;
 mod persisted;
 mod verify;
 
-pub use disk::VirtualDisk;
+pub use disk::{PendingRead, VirtualDisk};
 pub use layer::DiskLayer;
 pub use mount::mount;
 pub use verify::fetch_and_verify;
