@@ -9,6 +9,10 @@
 //! mount), and the session's fd is then swapped for the real connection's with `dup3` before
 //! its threads start. Requests the earlier daemon read and never answered are asked for again
 //! with `FUSE_NOTIFY_RESEND` (Linux 6.9, protocol 7.40).
+//!
+//! Architecture Invariant: until a carried connection's session starts, nothing in the daemon
+//! touches its mount (not even a stat): the kernel would queue the request for the daemon
+//! that is making it wait.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};

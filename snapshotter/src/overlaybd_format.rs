@@ -176,16 +176,20 @@ impl OpenedLayer for OpenedDisk {
             mountpoint: mountpoint.to_owned(),
             reason: "mountpoint has no parent".into(),
         })?;
-        std::fs::create_dir_all(&dir).map_err(|source| SnapshotError::CreateDir {
-            path: dir.clone(),
-            source,
-        })?;
+        let origin = carried.take(&dir);
+        let disk_carried = matches!(origin, Origin::Carried { .. });
+        // A carried disk's directory is its FUSE mount, which nobody serves until the session
+        // below starts: even a stat of it would wait for this very daemon.
+        if !disk_carried {
+            std::fs::create_dir_all(&dir).map_err(|source| SnapshotError::CreateDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
         let fs_type = self.disk.fs_type();
         let mut tasks = Tasks::default();
         self.background
             .start(&mut tasks, &self.runtime, &self.fetcher, &self.disk);
-        let origin = carried.take(&dir);
-        let disk_carried = matches!(origin, Origin::Carried { .. });
         let target = MountTarget {
             mountpoint: &dir,
             syscall: syscall.clone(),

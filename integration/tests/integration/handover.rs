@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 
 use crate::fixture::{privileged, wait_until, Fixture};
 use crate::lazy::{data_image, ensure_all_lazy, sums, Stack};
+use crate::overlaybd;
 use crate::proxy::Fault;
 
 /// Kill/start cycles under one running container.
@@ -178,6 +179,87 @@ fn a_running_container_reads_every_file_through_kills_and_restarts() {
             percentile(&stalls, 0.5),
             stalls.last().copied().unwrap_or_default()
         );
+        stack
+            .ctd
+            .ctr(&["task", "kill", "-s", "SIGKILL", "keeper"])?;
+        Ok(())
+    });
+}
+
+#[test]
+fn an_overlaybd_container_reads_through_a_kill_and_a_stop() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let mut obd = overlaybd::Stack::start(fixture)?;
+        let files: Vec<(String, Vec<u8>)> = (0..3)
+            .map(|i| Ok((format!("/data/f{i}"), overlaybd::random_bytes(FILE_SIZE)?)))
+            .collect::<Result<_>>()?;
+        let data: Vec<(&str, &[u8])> = files
+            .iter()
+            .map(|(p, b)| (p.as_str(), b.as_slice()))
+            .collect();
+        let reference = overlaybd::publish_converted(fixture, &obd, "obd-handover", &data)?;
+        let stack: &mut Stack = &mut obd;
+        let out = stack.rpull(&reference)?;
+        anyhow::ensure!(out.contains("2 layers, 2 lazy"), "not all lazy: {out}");
+        stack.ctd.ctr(&[
+            "run",
+            "-d",
+            "--snapshotter",
+            "shoal",
+            &reference,
+            "keeper",
+            "sleep",
+            "600",
+        ])?;
+        let root = stack.daemon.root().to_owned();
+        let loops = overlaybd::loops_under(&root)?;
+        anyhow::ensure!(!loops.is_empty(), "no loop device backs the disk");
+
+        // The last file lies beside the disk's metadata, which the pull fetched.
+        for (cycle, (path, bytes)) in files.iter().take(2).enumerate() {
+            let graceful = cycle == 1;
+            drop_caches()?;
+            let proxy = stack.registry.proxy();
+            proxy.reset();
+            proxy.inject("/blobs/", Fault::Stall);
+            let reader = start_reader(stack, "keeper", &format!("read-{cycle}"), &[path])?;
+            wait_until("a disk read held by the stalled registry", WAIT, || {
+                Ok(proxy.stats().values().any(|s| s.faulted > 0))
+            })
+            .with_context(|| format!("cycle {cycle}, reading {path}"))?;
+            if graceful {
+                stack.daemon.stop()?;
+            } else {
+                stack.daemon.kill()?;
+            }
+            proxy.clear_faults();
+            stack.daemon.launch()?;
+            let out = finish_reader(reader)?;
+            anyhow::ensure!(
+                out.contains(&overlaybd::sha256_hex(bytes)),
+                "cycle {cycle}: read {out}"
+            );
+        }
+        drop_caches()?;
+        let paths: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
+        let out = finish_reader(start_reader(stack, "keeper", "read-all", &paths)?)?;
+        for (path, bytes) in &files {
+            anyhow::ensure!(
+                out.contains(&format!("{}  {path}", overlaybd::sha256_hex(bytes))),
+                "{path}: {out}"
+            );
+        }
+        anyhow::ensure!(
+            overlaybd::loops_under(&root)? == loops,
+            "the loop devices changed across the restarts"
+        );
+        let log = stack.daemon.log();
+        anyhow::ensure!(
+            log.matches("virtual disk carried over from an earlier daemon").count() >= 2,
+            "the disks were not carried over"
+        );
+        anyhow::ensure!(!log.contains("read failed"), "a read failed");
         stack
             .ctd
             .ctr(&["task", "kill", "-s", "SIGKILL", "keeper"])?;
