@@ -190,6 +190,7 @@ impl std::fmt::Display for Status {
                     d.fetches_in_flight
                 )?;
             }
+            write_handover(f, &d.handover)?;
             for (i, layer) in d.unmounted_layers.iter().enumerate() {
                 writeln!(
                     f,
@@ -215,7 +216,7 @@ impl std::fmt::Display for Status {
                 };
                 writeln!(
                     f,
-                    "{}{} ({})  {} of {} cached ({percent:.0}%), {} mount(s)",
+                    "{}{} ({})  {} of {} cached ({percent:.0}%), {} mount(s){}",
                     if i == 0 {
                         "layers:     "
                     } else {
@@ -225,7 +226,12 @@ impl std::fmt::Display for Status {
                     layer.repository,
                     shoal_config::ByteSize(layer.cached_bytes),
                     shoal_config::ByteSize(layer.size),
-                    layer.mounts
+                    layer.mounts,
+                    if layer.carried_over {
+                        ", carried over from an earlier daemon"
+                    } else {
+                        ""
+                    }
                 )?;
                 if let Some(reads) = d.layer_reads.iter().find(|r| r.digest == layer.digest) {
                     writeln!(
@@ -251,6 +257,41 @@ impl std::fmt::Display for Status {
         }
         Ok(())
     }
+}
+
+/// The handover lines of `shoal status`: where connections wait between daemons, and what
+/// this daemon took over.
+fn write_handover(
+    f: &mut std::fmt::Formatter<'_>,
+    handover: &crate::metrics::HandoverStatus,
+) -> std::fmt::Result {
+    if handover.store.is_empty() {
+        return writeln!(
+            f,
+            "handover:   off (a stop of the daemon ends every lazy mount)"
+        );
+    }
+    write!(
+        f,
+        "handover:   {}; {} connection(s) carried over at start",
+        handover.store, handover.carried
+    )?;
+    if handover.resend_unsupported > 0 {
+        write!(
+            f,
+            ", {} on a kernel without FUSE_NOTIFY_RESEND (reads in flight at the stop wait until unmounted)",
+            handover.resend_unsupported
+        )?;
+    }
+    writeln!(f)?;
+    for not in &handover.not_carried {
+        writeln!(
+            f,
+            "            NOT CARRIED {}: {}",
+            not.mountpoint, not.reason
+        )?;
+    }
+    Ok(())
 }
 
 /// The peer lines of `shoal status`: membership, traffic both ways, and each peer's record.
@@ -324,7 +365,17 @@ mod tests {
                     size: 4 << 20,
                     cached_bytes: 1 << 20,
                     mounts: 2,
+                    carried_over: true,
                 }],
+                handover: crate::metrics::HandoverStatus {
+                    store: "fd holder at /run/shoal/fdholder.sock".into(),
+                    carried: 2,
+                    resend_unsupported: 0,
+                    not_carried: vec![crate::metrics::NotCarried {
+                        mountpoint: "/var/lib/shoal/snapshots/9/fs".into(),
+                        reason: "its mount is gone".into(),
+                    }],
+                },
                 layer_reads: vec![LayerReads {
                     digest: "sha256:aa".into(),
                     bytes_from_registry: 1 << 20,
@@ -337,7 +388,20 @@ mod tests {
         };
         let text = status.to_string();
         assert!(text.contains("sha256:aa (reg.example/team/app)"), "{text}");
-        assert!(text.contains("(25%), 2 mount(s)"), "{text}");
+        assert!(
+            text.contains("(25%), 2 mount(s), carried over from an earlier daemon"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "handover:   fd holder at /run/shoal/fdholder.sock; 2 connection(s) carried over"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("NOT CARRIED /var/lib/shoal/snapshots/9/fs: its mount is gone"),
+            "{text}"
+        );
         assert!(
             text.contains("read 1.0 MiB from registry, 0 B from peers, 2.0 MiB from cache"),
             "{text}"
@@ -351,6 +415,7 @@ mod tests {
         };
         assert!(idle.to_string().contains("none mounted lazily"));
         assert!(!idle.to_string().contains("NOT MOUNTED"));
+        assert!(idle.to_string().contains("handover:   off"));
     }
 
     #[test]

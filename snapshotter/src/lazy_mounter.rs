@@ -444,7 +444,19 @@ impl LayerMounter for LazyMounter {
     }
 
     fn mounted_blobs(&self) -> Vec<MountedBlob> {
-        self.table.list()
+        let mut blobs = self.table.list();
+        let mounted = self.mounted();
+        for blob in &mut blobs {
+            blob.carried_over = mounted.values().any(|layer| {
+                layer.blobs.iter().any(|b| b.digest == blob.digest)
+                    && layer.served.sessions.iter().any(|s| s.carried().is_some())
+            });
+        }
+        blobs
+    }
+
+    fn handover(&self) -> HandoverReport {
+        self.handover_report()
     }
 
     fn mounted_layers(&self) -> usize {

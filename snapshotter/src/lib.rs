@@ -36,7 +36,7 @@ pub use error::SnapshotError;
 pub use estargz_format::EstargzFormat;
 pub use layout::Layout;
 pub use lazy_format::{LazyFormat, Opened, OpenedLayer, Served};
-pub use lazy_mounter::LazyMounter;
+pub use lazy_mounter::{HandoverReport, LazyMounter};
 pub use mount_table::MountedBlob;
 pub use overlaybd_format::OverlaybdFormat;
 pub use service::{LazyStats, ShoalSnapshotter, SnapshotCounts, UnmountedLayer};

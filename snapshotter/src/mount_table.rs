@@ -16,6 +16,8 @@ pub struct MountedBlob {
     pub repository: String,
     /// Mounts serving it (one per snapshot that stacks it).
     pub mounts: u32,
+    /// Served over a FUSE connection an earlier daemon left, taken over at this one's start.
+    pub carried_over: bool,
 }
 
 #[derive(Debug, Default)]
@@ -33,6 +35,7 @@ impl MountTable {
                 size: blob.size,
                 repository: format!("{}/{}", blob.image.host(), blob.image.repository_name()),
                 mounts: 0,
+                carried_over: false,
             })
             .mounts += 1;
     }

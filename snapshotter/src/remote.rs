@@ -180,6 +180,11 @@ pub trait LayerMounter: Send + Sync + 'static {
     /// Every remote layer was mounted again after a start: what an earlier daemon left for
     /// layers no snapshot has any more can go.
     fn remounted(&self) {}
+
+    /// What keeping mounts across restarts did for this daemon, for status.
+    fn handover(&self) -> crate::lazy_mounter::HandoverReport {
+        crate::lazy_mounter::HandoverReport::default()
+    }
 }
 
 /// The mounter of a snapshotter without lazy pulling: every layer is downloaded.

@@ -71,6 +71,24 @@ pub fn render(status: &DaemonStatus) -> String {
         &[("", status.remount_failures)],
     );
     metric(
+        "handover_connections_carried_total",
+        "counter",
+        "FUSE connections taken over from an earlier daemon at start.",
+        &[("", status.handover.carried)],
+    );
+    metric(
+        "handover_connections_not_carried_total",
+        "counter",
+        "FUSE connections that could not be taken over or kept for the next daemon.",
+        &[("", status.handover.not_carried.len() as u64)],
+    );
+    metric(
+        "handover_resend_unsupported_total",
+        "counter",
+        "Connections taken over on a kernel that cannot resend unanswered requests.",
+        &[("", status.handover.resend_unsupported)],
+    );
+    metric(
         "remote_layers_unmounted",
         "gauge",
         "Remote layers not mounted now; each is mounted from the registry before use.",
@@ -472,6 +490,7 @@ mod tests {
             size: 100,
             cached_bytes: 40,
             mounts: 1,
+            carried_over: false,
         });
         status.layer_reads.push(LayerReads {
             digest: "sha256:ab".into(),

@@ -17,7 +17,10 @@ use tracing::{debug, info};
 
 pub use exposition::render;
 pub use process::ProcessSample;
-pub use status::{DaemonStatus, LayerReads, LayerStatus, Observed, UnmountedLayerStatus};
+pub use status::{
+    DaemonStatus, HandoverStatus, LayerReads, LayerStatus, NotCarried, Observed,
+    UnmountedLayerStatus,
+};
 
 /// A request line longer than this is not one of ours.
 const MAX_REQUEST_BYTES: usize = 1024;

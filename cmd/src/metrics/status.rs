@@ -80,6 +80,29 @@ pub struct DaemonStatus {
     /// The peer network's counters, when `[peers]` is configured.
     #[serde(default)]
     pub peers: Option<PeerStats>,
+    /// Lazy mounts kept across restarts of the daemon.
+    #[serde(default)]
+    pub handover: HandoverStatus,
+}
+
+/// What keeping lazy mounts across restarts did for this daemon.
+#[derive(Debug, Serialize, serde::Deserialize, Default, Clone, PartialEq, Eq)]
+pub struct HandoverStatus {
+    /// Where FUSE connections wait between daemons; empty: nowhere, a stop ends every mount.
+    pub store: String,
+    /// Connections taken over from an earlier daemon at this one's start.
+    pub carried: u64,
+    /// Of those, on a kernel that could not resend the requests the earlier daemon had read
+    /// and not answered (before Linux 6.9): those requests wait until their mount goes.
+    pub resend_unsupported: u64,
+    /// Connections that could not be taken over or kept, with why.
+    pub not_carried: Vec<NotCarried>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize, Default, Clone, PartialEq, Eq)]
+pub struct NotCarried {
+    pub mountpoint: String,
+    pub reason: String,
 }
 
 /// A remote layer that is not mounted: containers cannot stack it until it is mounted again.
@@ -100,6 +123,9 @@ pub struct LayerStatus {
     pub size: u64,
     pub cached_bytes: u64,
     pub mounts: u32,
+    /// Served over a connection an earlier daemon left.
+    #[serde(default)]
+    pub carried_over: bool,
 }
 
 /// The bytes of one blob served, by source, since the daemon started.
@@ -180,6 +206,7 @@ impl Observed {
                     repository: blob.repository.clone(),
                     size: blob.size,
                     mounts: blob.mounts,
+                    carried_over: blob.carried_over,
                 })
                 .collect(),
             layer_reads: {
@@ -198,6 +225,22 @@ impl Observed {
                 reads
             },
             peers: self.fetcher.peers().map(|peers| peers.stats()),
+            handover: {
+                let report = self.snapshotter.handover();
+                HandoverStatus {
+                    store: report.store,
+                    carried: report.carried,
+                    resend_unsupported: report.resend_unsupported,
+                    not_carried: report
+                        .not_carried
+                        .into_iter()
+                        .map(|(path, reason)| NotCarried {
+                            mountpoint: path.display().to_string(),
+                            reason,
+                        })
+                        .collect(),
+                }
+            },
         }
     }
 }

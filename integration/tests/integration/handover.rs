@@ -256,7 +256,9 @@ fn an_overlaybd_container_reads_through_a_kill_and_a_stop() {
         );
         let log = stack.daemon.log();
         anyhow::ensure!(
-            log.matches("virtual disk carried over from an earlier daemon").count() >= 2,
+            log.matches("virtual disk carried over from an earlier daemon")
+                .count()
+                >= 2,
             "the disks were not carried over"
         );
         anyhow::ensure!(!log.contains("read failed"), "a read failed");

@@ -119,6 +119,11 @@ impl ShoalSnapshotter {
         self.inner.mounter.mounted_layers()
     }
 
+    /// What keeping lazy mounts across restarts did for this daemon.
+    pub fn handover(&self) -> crate::lazy_mounter::HandoverReport {
+        self.inner.mounter.handover()
+    }
+
     /// Lazy mounts made and fallbacks by reason, since start.
     pub fn lazy_stats(&self) -> &LazyStats {
         &self.inner.lazy
