@@ -34,12 +34,14 @@ case "$prefix" in
   *) echo "install: --prefix must be an absolute path, not $prefix" >&2; exit 2 ;;
 esac
 
-binaries=(shoal-snapshotter shoal)
+binaries=(shoal-snapshotter shoal shoal-fdholder)
 bindir="$destdir$prefix/bin"
 debugdir="$bindir/.debug"
 docdir="$destdir$prefix/share/doc/shoal"
 etcdir="$destdir/etc/shoal"
 unit_name=shoal-snapshotter.service
+# Keeps the lazy mounts' FUSE connections while the daemon restarts; never restarted with it.
+holder_unit=shoal-fdholder.service
 unitdir="$destdir/etc/systemd/system"
 # Only a live systemd takes a unit; a staged install never starts anything.
 with_systemd=false
@@ -49,9 +51,11 @@ fi
 
 if $uninstall; then
   if $with_systemd && [ -f "$unitdir/$unit_name" ]; then
-    systemctl disable --now "$unit_name" || true
+    # The one stop that ends the lazy mounts, then the holder that kept them.
+    "$bindir/shoal-snapshotter" --shutdown --config "$etcdir/config.toml" || true
+    systemctl disable --now "$unit_name" "$holder_unit" || true
   fi
-  rm -f "$unitdir/$unit_name"
+  rm -f "$unitdir/$unit_name" "$unitdir/$holder_unit"
   $with_systemd && systemctl daemon-reload
   for binary in "${binaries[@]}"; do
     rm -f "$bindir/$binary" "$debugdir/$binary.debug"
@@ -96,11 +100,13 @@ if $with_systemd || [ -n "$destdir" ]; then
   install -d -m 0755 "$unitdir"
   sed -e "s|@BINDIR@|$prefix/bin|g" -e "s|@DOCDIR@|$prefix/share/doc/shoal|g" \
     scripts/shoal-snapshotter.service >"$unitdir/$unit_name"
-  chmod 0644 "$unitdir/$unit_name"
+  sed -e "s|@BINDIR@|$prefix/bin|g" -e "s|@DOCDIR@|$prefix/share/doc/shoal|g" \
+    scripts/shoal-fdholder.service >"$unitdir/$holder_unit"
+  chmod 0644 "$unitdir/$unit_name" "$unitdir/$holder_unit"
 fi
 if $with_systemd; then
   systemctl daemon-reload
-  systemctl enable --now "$unit_name"
+  systemctl enable --now "$holder_unit" "$unit_name"
   echo "install: shoal-snapshotter is running; check with: shoal status"
 elif [ -z "$destdir" ]; then
   echo "install: no systemd here, so no unit was written; start the daemon with:"

@@ -85,6 +85,18 @@ fn a_staged_install_ships_stripped_binaries_and_uninstalls_cleanly() {
             );
         }
         anyhow::ensure!(out.contains("shoal 0.1.0"), "{out}");
+        let holder = bin.join("shoal-fdholder");
+        anyhow::ensure!(
+            !sections(&holder)?.contains(".debug_info"),
+            "shoal-fdholder still carries debug info"
+        );
+        let holder_unit =
+            std::fs::read_to_string(root.join("etc/systemd/system/shoal-fdholder.service"))
+                .context("read the staged holder unit")?;
+        anyhow::ensure!(
+            holder_unit.contains(&format!("ExecStart={PREFIX}/bin/shoal-fdholder ")),
+            "{holder_unit}"
+        );
 
         let unit =
             std::fs::read_to_string(root.join("etc/systemd/system/shoal-snapshotter.service"))
@@ -118,9 +130,11 @@ fn a_staged_install_ships_stripped_binaries_and_uninstalls_cleanly() {
         for gone in [
             bin.join("shoal"),
             bin.join("shoal-snapshotter"),
+            bin.join("shoal-fdholder"),
             bin.join(".debug"),
             readme,
             root.join("etc/systemd/system/shoal-snapshotter.service"),
+            root.join("etc/systemd/system/shoal-fdholder.service"),
         ] {
             anyhow::ensure!(!gone.exists(), "{} survived --uninstall", gone.display());
         }
