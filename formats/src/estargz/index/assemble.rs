@@ -26,21 +26,18 @@ const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
 /// How much of an over-long name an error message quotes.
 const QUOTED: usize = 128;
 
-/// What the tree needs of one TOC entry after name cleaning.
+/// What the tree needs of one TOC entry after name cleaning: 56 bytes.
 struct Item {
     /// Path the entry is presented at (for whiteouts, the name they hide), in `paths`.
     path: Span,
-    /// `linkName`, in `paths`.
-    link: Span,
+    /// What the kind needs besides attributes: a regular file's data pieces (its own, then
+    /// its chunk entries') in `pieces`; a link's `linkName` in `paths`; a device's numbers.
+    data: Span,
     size: u64,
     mtime: i64,
     mode: u32,
     uid: u32,
     gid: u32,
-    dev_major: u32,
-    dev_minor: u32,
-    /// The data pieces of a regular file that has data: its own, then its chunk entries'.
-    pieces: Span,
     /// One more than the position of its xattrs in `xattrs`; 0 for none.
     xattrs: u32,
     kind: EntryType,
@@ -50,6 +47,8 @@ struct Item {
     /// The first piece's digest is the file's `digest`, which verifies a one-chunk file only.
     digest_from_file: bool,
 }
+
+const _: () = assert!(std::mem::size_of::<Item>() == 56);
 
 /// Where one chunk of a file's data lies, as the TOC says.
 struct Piece {
@@ -98,7 +97,7 @@ impl Assembler {
                     self.member_starts.push(entry.offset);
                     if item.size > 0 {
                         self.pieces.push(Piece::of(entry, entry.chunk_digest));
-                        item.pieces.len += 1;
+                        item.data.len += 1;
                     }
                 }
                 _ => return Err(IndexError::OrphanChunk { index }),
@@ -151,21 +150,23 @@ impl Assembler {
         } else {
             self.push_path(&path)
         };
-        let link = match entry.kind {
-            EntryType::Symlink | EntryType::Hardlink => self.push_path(&entry.link_name),
-            _ => Span::default(),
-        };
         let has_data = entry.kind == EntryType::Reg && entry.size > 0;
         let digest = entry.chunk_digest.or(entry.digest);
-        let pieces = if has_data {
-            self.member_starts.push(entry.offset);
-            self.pieces.push(Piece::of(entry, digest));
-            Span {
-                start: self.pieces.len() as u32 - 1,
-                len: 1,
+        let data = match entry.kind {
+            EntryType::Reg if has_data => {
+                self.member_starts.push(entry.offset);
+                self.pieces.push(Piece::of(entry, digest));
+                Span {
+                    start: self.pieces.len() as u32 - 1,
+                    len: 1,
+                }
             }
-        } else {
-            Span::default()
+            EntryType::Symlink | EntryType::Hardlink => self.push_path(&entry.link_name),
+            EntryType::Char | EntryType::Block => Span {
+                start: entry.dev_major,
+                len: entry.dev_minor,
+            },
+            _ => Span::default(),
         };
         let xattrs = if entry.xattrs.is_empty() {
             0
@@ -175,15 +176,12 @@ impl Assembler {
         };
         self.items.push(Item {
             path: presented,
-            link,
+            data,
             size: entry.size,
             mtime: parse_modtime(&entry.mod_time).unwrap_or(0),
             mode: entry.mode as u32 & 0o7777,
             uid: entry.uid,
             gid: entry.gid,
-            dev_major: entry.dev_major,
-            dev_minor: entry.dev_minor,
-            pieces,
             xattrs,
             kind: entry.kind,
             whiteout,
@@ -268,10 +266,10 @@ impl Assembler {
                 }
                 EntryType::Symlink => (
                     Attr {
-                        size: u64::from(item.link.len),
+                        size: u64::from(item.data.len),
                         ..attr_of(item, S_IFLNK)
                     },
-                    Payload::Target(self.text(item.link)),
+                    Payload::Target(self.text(item.data)),
                 ),
                 EntryType::Char => (attr_of(item, S_IFCHR), Payload::None),
                 EntryType::Block => (attr_of(item, S_IFBLK), Payload::None),
@@ -296,7 +294,10 @@ impl Assembler {
             let slot = tree.ensure_dir(self.text(dir))?;
             tree.add_xattr(slot, OPAQUE_XATTR, b"y");
         }
-        tree.finish(self.prefetch)
+        // What the entries were is not needed to lay the tree out: let it go first.
+        let prefetch = self.prefetch;
+        drop((order, winners, self));
+        tree.finish(prefetch)
     }
 
     fn resolve_hardlink(&self, item: &Item, winners: &Winners) -> Result<String, IndexError> {
@@ -304,7 +305,7 @@ impl Assembler {
         let mut current = item;
         let mut visited: Vec<&str> = vec![path];
         for _ in 0..MAX_HARDLINK_CHAIN {
-            let target = clean_entry_name(self.text(current.link));
+            let target = clean_entry_name(self.text(current.data));
             if visited.contains(&target.as_str()) {
                 let path = path.to_owned();
                 return Err(if visited.len() == 1 {
@@ -356,7 +357,7 @@ impl Assembler {
             size: item.size,
             at,
         };
-        let pieces = &self.pieces[item.pieces.range()];
+        let pieces = &self.pieces[item.data.range()];
         let mut expected_offset = 0u64;
         for (n, piece) in pieces.iter().enumerate() {
             if piece.chunk_offset != expected_offset || expected_offset >= item.size {
@@ -512,6 +513,11 @@ fn attr_of(item: &Item, file_type: u32) -> Attr {
         S_IFDIR => DIR_SIZE,
         _ => 0,
     };
+    // Only devices keep their numbers (the index has nowhere to keep others').
+    let (dev_major, dev_minor) = match item.kind {
+        EntryType::Char | EntryType::Block => (item.data.start, item.data.len),
+        _ => (0, 0),
+    };
     Attr {
         ino: Ino::ROOT,
         mode: item.mode | file_type,
@@ -520,7 +526,7 @@ fn attr_of(item: &Item, file_type: u32) -> Attr {
         size,
         mtime: item.mtime,
         nlink: 1,
-        dev_major: item.dev_major,
-        dev_minor: item.dev_minor,
+        dev_major,
+        dev_minor,
     }
 }

@@ -234,7 +234,10 @@ struct Inode {
     data: Span,
 }
 
-/// A directory entry as stored: its name in [`Index::text`] and the inode slot it names.
+const _: () = assert!(std::mem::size_of::<Inode>() == 48);
+
+/// A directory entry as stored, in 12 bytes: its name in [`Index::text`] and the inode slot
+/// it names.
 #[derive(Debug, Clone, Copy)]
 struct Dirent {
     name_start: u32,
