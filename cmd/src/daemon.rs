@@ -25,6 +25,8 @@ use tracing::{info, warn};
 
 /// How long in-flight requests may run after SIGTERM before the daemon closes anyway.
 const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a stop that hands the lazy mounts over waits for answered blocks to be cached.
+const HANDOVER_LANDING_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Where the daemon's configuration came from, so that SIGHUP can read it again.
 pub struct Started {
@@ -45,6 +47,8 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
     // off half made), then stops the daemon as usual.
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    // `shoal-snapshotter --shutdown`: a stop that ends every lazy mount.
+    let mut usr1 = signal(SignalKind::user_defined1()).context("install SIGUSR1 handler")?;
     // Cached layers and every image's metadata live here: root's alone (0700), narrowed if
     // an earlier version left it open to everyone.
     let narrowed = shoal_fetcher::private::dir(&config.root)
@@ -53,7 +57,8 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
         info!(root = %config.root.display(), was = format!("{had:o}"), "root narrowed to 0700");
     }
     refuse_live_socket(&config.socket).await?;
-    let _lock = lock_root(&config.root)?;
+    let mut lock = lock_root(&config.root)?;
+    crate::handover::record_pid(&mut lock).context("record the daemon's pid in the root lock")?;
     let listener = bind(&config.socket).await?;
 
     let fetcher =
@@ -89,13 +94,27 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
             .then_some(config.fetch.background_rate.0),
     );
     // One request's deadline for the whole handshake: after that a download is faster.
-    let mounter = Arc::new(LazyMounter::new(
+    let mut mounter = LazyMounter::new(
         fetcher.clone(),
         Arc::new(LinuxSyscall),
         vec![Box::new(overlaybd), Box::new(estargz)],
         config.registry.timeout,
-    ));
-    let snapshotter = ShoalSnapshotter::open(&config.root, mounter)
+    );
+    if config.handover.enabled {
+        let handover = config.handover.clone();
+        match tokio::task::spawn_blocking(move || crate::handover::open_store(&handover)).await? {
+            Ok(store) => {
+                info!(store = %store.describe(), "lazy mounts are kept across restarts");
+                mounter = mounter.with_handover(store);
+            }
+            Err(err) => warn!(
+                error = format!("{err:#}"),
+                "no fd holder: lazy mounts end when this daemon stops"
+            ),
+        }
+    }
+    let mounter = Arc::new(mounter);
+    let snapshotter = ShoalSnapshotter::open(&config.root, mounter.clone())
         .with_context(|| format!("open snapshotter at {}", config.root.display()))?;
     let counts = snapshotter.counts()?;
     info!(
@@ -128,11 +147,16 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
 
     let landing = fetcher.clone();
     let mut reloader = Some(Reloader::new(path, config.clone(), fetcher, log));
+    let stopping = mounter.clone();
     let shutdown = async move {
         let name = loop {
             tokio::select! {
                 _ = term.recv() => break "SIGTERM",
                 _ = int.recv() => break "SIGINT",
+                _ = usr1.recv() => {
+                    stopping.end_connections_on_stop();
+                    break "SIGUSR1 (shutdown: lazy mounts end)";
+                }
                 _ = hup.recv() => reload(&mut reloader).await,
             }
         };
@@ -162,14 +186,32 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
         }
     };
     // Reads are answered before their blocks are cached: let those already answered land,
-    // within the same bound, so that a restart finds them.
-    if tokio::time::timeout(DRAIN_DEADLINE, landing.settled())
+    // within a bound, so that a restart finds them. A handover bounds it tighter: the lazy
+    // mounts' readers wait for the next daemon meanwhile, and it fetches again what is lost.
+    let landing_deadline = if mounter.hands_over() {
+        HANDOVER_LANDING_DEADLINE
+    } else {
+        DRAIN_DEADLINE
+    };
+    if tokio::time::timeout(landing_deadline, landing.settled())
         .await
         .is_err()
     {
-        warn!(deadline = ?DRAIN_DEADLINE, "blocks still being cached after the drain deadline; closing");
+        warn!(deadline = ?landing_deadline, "blocks still being cached after the drain deadline; closing");
     }
     let _ = std::fs::remove_file(&config.socket);
+    // Leaves the lazy mounts serving for the next daemon, or ends them (`--shutdown`).
+    if mounter.stop() {
+        // No destructor may run from here: a FUSE reply a task still holds would answer EIO
+        // when dropped, where an unanswered request is resent to the next daemon. The state on
+        // disk is what a SIGKILL leaves, which a start recovers from.
+        let code = i32::from(served.is_err());
+        if let Err(err) = &served {
+            tracing::error!(error = format!("{err:#}"), "serving ended with an error");
+        }
+        info!("shoal-snapshotter stopped; lazy mounts left serving for the next daemon");
+        std::process::exit(code);
+    }
     served?;
     info!("shoal-snapshotter stopped");
     Ok(())
@@ -196,8 +238,14 @@ async fn reload(slot: &mut Option<Reloader>) {
 /// One daemon per root: a second one would corrupt nothing (redb locks too) but would fight
 /// over mounts and the socket, so it is refused up front with a clear message.
 fn lock_root(root: &Path) -> anyhow::Result<Flock<File>> {
-    let path = root.join("shoal.lock");
-    let file = File::create(&path).with_context(|| format!("create {}", path.display()))?;
+    let path = root.join(crate::handover::LOCK_FILE);
+    // Not truncated before the lock is ours: it names the running daemon.
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("create {}", path.display()))?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
         anyhow::anyhow!(
             "root {} is in use by another shoal-snapshotter ({errno})",

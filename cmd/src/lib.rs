@@ -15,6 +15,7 @@
 pub mod client;
 pub mod convert;
 pub mod daemon;
+pub mod handover;
 pub mod logging;
 pub mod metrics;
 pub mod pull;

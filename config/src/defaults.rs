@@ -27,3 +27,8 @@ pub const PEERS_LEASE_SECS: u64 = 60;
 /// Memory the index of the blobs a node owns may take; the least recently announced are
 /// forgotten first.
 pub const PEERS_INDEX_MEMORY: u64 = 64 << 20;
+pub const HANDOVER_ENABLED: bool = true;
+pub const HANDOVER_HOLDER_SOCKET: &str = "/run/shoal/fdholder.sock";
+/// How long the fd holder keeps connections with no daemon attached: long enough for any
+/// restart or upgrade, short enough that a node whose daemon is gone for good lets go.
+pub const HANDOVER_ORPHAN_AFTER_SECS: u64 = 3600;

@@ -19,6 +19,6 @@ mod salvage;
 pub use bytesize::ByteSize;
 pub use error::ConfigError;
 pub use resolve::{
-    CacheConfig, Config, FetchConfig, HostConfig, LogConfig, LogFormat, MetricsConfig, PeerTls,
-    PeersConfig, RegistryConfig,
+    CacheConfig, Config, FetchConfig, HandoverConfig, HostConfig, LogConfig, LogFormat,
+    MetricsConfig, PeerTls, PeersConfig, RegistryConfig,
 };

@@ -24,6 +24,15 @@ pub struct RawConfig {
     pub registry: Option<RawRegistry>,
     pub metrics: Option<RawMetrics>,
     pub peers: Option<RawPeers>,
+    pub handover: Option<RawHandover>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHandover {
+    pub enabled: Option<bool>,
+    pub holder_socket: Option<PathBuf>,
+    pub orphan_after_secs: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

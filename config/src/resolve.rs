@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::bytesize::ByteSize;
 use crate::defaults;
 use crate::error::ConfigError;
-use crate::raw::{RawByteSize, RawConfig, RawHost, RawPeers};
+use crate::raw::{RawByteSize, RawConfig, RawHandover, RawHost, RawPeers};
 
 /// Shoal's validated configuration. Build it with [`Config::load`] or [`Config::parse`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +24,19 @@ pub struct Config {
     /// Peer-to-peer chunk sharing; `None` (no `[peers]` section) keeps every read local or
     /// from the registry.
     pub peers: Option<PeersConfig>,
+    pub handover: HandoverConfig,
+}
+
+/// Keeping lazy mounts serving across restarts of the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandoverConfig {
+    /// Each FUSE connection is kept in the fd holder, so a stop or crash of the daemon does
+    /// not break running containers; off: a stop ends every lazy mount.
+    pub enabled: bool,
+    /// Where the fd holder listens; the daemon starts one there if none answers.
+    pub holder_socket: PathBuf,
+    /// With no daemon attached for this long, the holder lets every connection go.
+    pub orphan_after: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -290,6 +303,7 @@ impl Config {
             },
             metrics,
             peers: raw.peers.map(resolve_peers).transpose()?,
+            handover: resolve_handover(raw.handover.unwrap_or_default())?,
         })
     }
 
@@ -328,6 +342,22 @@ fn resolve_host(name: &str, raw: RawHost) -> Result<HostConfig, ConfigError> {
         insecure_skip_verify: raw.insecure_skip_verify.unwrap_or(false),
         ca: raw.ca,
         mirrors: raw.mirrors,
+    })
+}
+
+fn resolve_handover(raw: RawHandover) -> Result<HandoverConfig, ConfigError> {
+    let orphan_after = positive(
+        "handover.orphan_after_secs",
+        raw.orphan_after_secs,
+        defaults::HANDOVER_ORPHAN_AFTER_SECS as i64,
+        30 * 24 * 3600,
+    )?;
+    Ok(HandoverConfig {
+        enabled: raw.enabled.unwrap_or(defaults::HANDOVER_ENABLED),
+        holder_socket: raw
+            .holder_socket
+            .unwrap_or_else(|| defaults::HANDOVER_HOLDER_SOCKET.into()),
+        orphan_after: Duration::from_secs(orphan_after as u64),
     })
 }
 

@@ -49,11 +49,13 @@ pub enum FsError {
         #[source]
         source: FetchError,
     },
-    #[error("mount FUSE filesystem at {mountpoint}")]
-    Mount {
+    #[error(transparent)]
+    Mount(#[from] crate::syscall::MountError),
+    #[error("serve FUSE filesystem at {mountpoint}")]
+    Serve {
         mountpoint: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: crate::connection::ConnectionError,
     },
     #[error("fetch the {what} of overlaybd layer {blob}")]
     FetchLayerMetadata {

@@ -7,14 +7,14 @@ use std::sync::Arc;
 
 use shoal_fetcher::{BlobRef, Digest, Fetcher, ImageRef};
 use shoal_formats::estargz::{TocDigest, TOC_DIGEST_ANNOTATION};
-use shoal_fuse::layer::{self, ChunkReader, EstargzLayer, Prefetch};
+use shoal_fuse::layer::{self, ChunkReader, EstargzLayer, MountTarget, Prefetch};
 use shoal_fuse::syscall::Syscall;
 use shoal_fuse::tasks::Tasks;
 use shoal_fuse::FsError;
 use tokio::runtime::Handle;
 
 use crate::error::{with_causes, SnapshotError};
-use crate::lazy_format::{LazyFormat, Opened, OpenedLayer, Served};
+use crate::lazy_format::{Carried, LazyFormat, Opened, OpenedLayer, Served};
 use crate::manifest::chain_of;
 use crate::remote::{Fallback, LayerFormat, LayerLabels, RemoteLayer, ResolvedLayer};
 
@@ -130,15 +130,21 @@ impl OpenedLayer for OpenedEstargz {
     fn mount(
         self: Box<Self>,
         mountpoint: &Path,
-        _syscall: &dyn Syscall,
+        syscall: &Arc<dyn Syscall>,
+        carried: &mut Carried,
     ) -> Result<Served, SnapshotError> {
         let Serving {
             reader,
             runtime,
             prefetch,
         } = self.serving;
+        let target = MountTarget {
+            mountpoint,
+            syscall: syscall.clone(),
+            origin: carried.take(mountpoint),
+        };
         let session =
-            layer::mount(self.layer, reader, runtime, mountpoint, prefetch).map_err(|source| {
+            layer::mount(self.layer, reader, runtime, target, prefetch).map_err(|source| {
                 SnapshotError::ServeLayer {
                     mountpoint: mountpoint.to_owned(),
                     source: Box::new(source),

@@ -3,9 +3,12 @@
 //! file and loop-mounts it. Everything the formats share (which layers are opened or mounted,
 //! pins, the status table, unmounting, stale mounts) is [`crate::LazyMounter`]'s.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use shoal_fetcher::BlobRef;
+use shoal_fuse::connection::Origin;
 use shoal_fuse::layer::MountedLayer;
 use shoal_fuse::syscall::Syscall;
 use shoal_fuse::tasks::Tasks;
@@ -47,12 +50,35 @@ pub trait OpenedLayer: Send {
     /// The blobs its reads go to, top first: pinned in the cache and listed while mounted.
     fn blobs(&self) -> Vec<BlobRef>;
 
-    /// Mounts the layer read-only at `mountpoint`, through `syscall` for anything but FUSE.
+    /// Mounts the layer read-only at `mountpoint` through `syscall`, serving again the FUSE
+    /// connections in `carried` that an earlier daemon left for its paths, and leaving in place
+    /// what is still mounted on top of them.
     fn mount(
         self: Box<Self>,
         mountpoint: &Path,
-        syscall: &dyn Syscall,
+        syscall: &Arc<dyn Syscall>,
+        carried: &mut Carried,
     ) -> Result<Served, SnapshotError>;
+}
+
+/// FUSE connections an earlier daemon served, by the path each is mounted on, for a mount to
+/// take over instead of mounting anew.
+#[derive(Debug, Default)]
+pub struct Carried(HashMap<PathBuf, Origin>);
+
+impl Carried {
+    pub fn insert(&mut self, path: PathBuf, origin: Origin) {
+        self.0.insert(path, origin);
+    }
+
+    /// Where the connection at `path` comes from: the carried one, or a new mount.
+    pub fn take(&mut self, path: &Path) -> Origin {
+        self.0.remove(path).unwrap_or(Origin::New)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// What serves a mounted layer: dropped only once the layer is unmounted.

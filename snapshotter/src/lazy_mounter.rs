@@ -2,20 +2,29 @@
 //! `resolve` (its format's [`LazyFormat::open`]) and kept until `mount` takes it; a mounted
 //! layer is kept by mountpoint with what serves it, its blobs pinned in the cache and listed in
 //! the status table, until `unmount` (or the daemon's end) releases it and cancels its tasks.
+//!
+//! With an fd store ([`LazyMounter::with_handover`]), every FUSE connection is kept there as it
+//! is mounted and released as it is unmounted. A daemon that stops leaves its mounts serving
+//! ([`LazyMounter::end_connections_on_stop`] says otherwise), and the next one takes each
+//! connection back when the layer is mounted again from its persisted index.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use std::time::Duration;
 
 use shoal_fetcher::{BlobRef, Digest, Fetcher};
+use shoal_fuse::connection::{self, Origin, Resend};
+use shoal_fuse::handover::FdStore;
 use shoal_fuse::syscall::Syscall;
 use tracing::{info, warn};
 
 use crate::error::SnapshotError;
-use crate::lazy_format::{LazyFormat, OpenedLayer, Served};
+use crate::lazy_format::{Carried, LazyFormat, OpenedLayer, Served};
 use crate::mount_table::{MountTable, MountedBlob};
 use crate::remote::{Fallback, LayerFormat, LayerLabels, LayerMounter, ResolvedLayer};
 
@@ -34,6 +43,30 @@ pub struct LazyMounter {
     opened: Mutex<HashMap<OpenedKey, Box<dyn OpenedLayer>>>,
     mounted: Mutex<HashMap<PathBuf, Mounted>>,
     table: MountTable,
+    handover: Option<Handover>,
+}
+
+/// The fd store and what it held for this daemon when it started.
+struct Handover {
+    store: Arc<dyn FdStore>,
+    /// Connections an earlier daemon left, by mount path, until a mount takes them.
+    waiting: Mutex<HashMap<PathBuf, OwnedFd>>,
+    /// A stop ends every connection instead of leaving it to the next daemon.
+    end_on_stop: AtomicBool,
+    report: Mutex<HandoverReport>,
+}
+
+/// What the handover did for this daemon, for status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HandoverReport {
+    /// Where connections wait between daemons; empty without a store.
+    pub store: String,
+    /// FUSE connections taken over from an earlier daemon.
+    pub carried: u64,
+    /// Of those, on a kernel that could not resend what the earlier daemon left unanswered.
+    pub resend_unsupported: u64,
+    /// Connections that could not be taken over or kept, with why.
+    pub not_carried: Vec<(PathBuf, String)>,
 }
 
 /// A mounted layer: what serves it, and the blobs it pinned and listed.
@@ -58,7 +91,139 @@ impl LazyMounter {
             opened: Mutex::new(HashMap::new()),
             mounted: Mutex::new(HashMap::new()),
             table: MountTable::default(),
+            handover: None,
         }
+    }
+
+    /// Keeps every FUSE connection in `store` and takes back what it holds from an earlier
+    /// daemon, as layers are mounted again.
+    pub fn with_handover(mut self, store: Arc<dyn FdStore>) -> LazyMounter {
+        let mut report = HandoverReport {
+            store: store.describe(),
+            ..HandoverReport::default()
+        };
+        let waiting = match store.kept() {
+            Ok(kept) => kept
+                .into_iter()
+                .map(|(name, fd)| (PathBuf::from(name), fd))
+                .collect(),
+            Err(err) => {
+                warn!(store = %report.store, error = %crate::error::with_causes(&err), "could not take back the connections an earlier daemon left; their layers are mounted anew");
+                report
+                    .not_carried
+                    .push((PathBuf::new(), crate::error::with_causes(&err)));
+                HashMap::new()
+            }
+        };
+        self.handover = Some(Handover {
+            store,
+            waiting: Mutex::new(waiting),
+            end_on_stop: AtomicBool::new(false),
+            report: Mutex::new(report),
+        });
+        self
+    }
+
+    /// Makes this daemon's stop end every connection (`shoal-snapshotter --shutdown`), not
+    /// leave it for the next daemon.
+    pub fn end_connections_on_stop(&self) {
+        if let Some(handover) = &self.handover {
+            handover.end_on_stop.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// What the handover did, for status.
+    pub fn handover_report(&self) -> HandoverReport {
+        self.handover
+            .as_ref()
+            .map(|h| h.report.lock().clone())
+            .unwrap_or_default()
+    }
+
+    /// The connections left for `paths` that can be taken over: still mounted, with the INIT
+    /// they negotiated persisted. The others are released.
+    fn carried_for(&self, paths: &[PathBuf]) -> Carried {
+        let mut carried = Carried::default();
+        let Some(handover) = &self.handover else {
+            return carried;
+        };
+        for path in paths {
+            let Some(fd) = handover.waiting.lock().remove(path) else {
+                continue;
+            };
+            let mounted = self
+                .syscall
+                .mounts_under(path)
+                .is_ok_and(|points| points.iter().any(|p| p == path));
+            let init = connection::persisted(path);
+            match (mounted, init) {
+                (true, Ok(init)) => carried.insert(path.clone(), Origin::Carried { fd, init }),
+                (mounted, init) => {
+                    let why = if !mounted {
+                        "its mount is gone".to_owned()
+                    } else {
+                        format!(
+                            "its INIT was not persisted: {}",
+                            init.err().map(|e| e.to_string()).unwrap_or_default()
+                        )
+                    };
+                    warn!(mountpoint = %path.display(), reason = %why, "connection left by an earlier daemon cannot be taken over; the layer is mounted anew");
+                    handover.report.lock().not_carried.push((path.clone(), why));
+                    self.forget_connection(path);
+                }
+            }
+        }
+        carried
+    }
+
+    /// Keeps the connections of a layer just mounted, so they outlive this daemon.
+    fn keep_connections(&self, served: &Served) {
+        let Some(handover) = &self.handover else {
+            return;
+        };
+        for session in &served.sessions {
+            let path = session.mountpoint();
+            match session.carried() {
+                Some(resend) => {
+                    let mut report = handover.report.lock();
+                    report.carried += 1;
+                    if resend == Resend::Unsupported {
+                        report.resend_unsupported += 1;
+                    }
+                }
+                None => {
+                    if let Err(err) = handover
+                        .store
+                        .keep(&path.to_string_lossy(), session.connection())
+                    {
+                        let why = crate::error::with_causes(&err);
+                        warn!(mountpoint = %path.display(), error = %why, "could not keep the layer's connection; it will not survive a restart of the daemon");
+                        handover
+                            .report
+                            .lock()
+                            .not_carried
+                            .push((path.to_owned(), why));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops the store's copy of the connection at `path`: it ends once its mount goes.
+    fn forget_connection(&self, path: &Path) {
+        let Some(handover) = &self.handover else {
+            return;
+        };
+        if let Err(err) = handover.store.release(&path.to_string_lossy()) {
+            warn!(mountpoint = %path.display(), error = %crate::error::with_causes(&err), "could not release the layer's connection from the fd store");
+        }
+    }
+
+    /// The paths a layer at `mountpoint` mounts FUSE or anything else on.
+    fn paths_of(&self, mountpoint: &Path) -> Vec<PathBuf> {
+        let mut paths = vec![mountpoint.to_owned()];
+        paths.extend(self.formats.iter().flat_map(|f| f.companions(mountpoint)));
+        paths
     }
 
     fn opened(&self) -> parking_lot::MutexGuard<'_, HashMap<OpenedKey, Box<dyn OpenedLayer>>> {
@@ -88,8 +253,7 @@ impl LazyMounter {
             mountpoint: mountpoint.to_owned(),
             source,
         };
-        let mut ours = vec![mountpoint.to_owned()];
-        ours.extend(self.formats.iter().flat_map(|f| f.companions(mountpoint)));
+        let ours = self.paths_of(mountpoint);
         let dir = mountpoint.parent().unwrap_or(mountpoint);
         let listed = self.syscall.mounts_under(dir).map_err(fail)?;
         for point in listed.iter().rev() {
@@ -102,13 +266,45 @@ impl LazyMounter {
     }
 }
 
-/// A stopping daemon detaches its FUSE sessions rather than unmounting them: a running
-/// container's overlay keeps a layer busy, and waiting for it would hang the shutdown. The next
-/// daemon mounts the layers afresh from their persisted indexes.
+/// A stopping daemon with an fd store leaves its FUSE sessions serving: the store keeps each
+/// connection for the next daemon, and what this one read and did not answer is resent to it.
+/// Otherwise (or on `--shutdown`) it detaches them rather than unmounting them: a running
+/// container's overlay keeps a layer busy, and waiting for it would hang the shutdown; the
+/// next daemon mounts the layers afresh from their persisted indexes.
 impl Drop for LazyMounter {
     fn drop(&mut self) {
-        let mounted = std::mem::take(self.mounted.get_mut());
+        let _ = self.stop();
+    }
+}
+
+impl LazyMounter {
+    /// Whether a stop now leaves the mounts serving for the next daemon.
+    pub fn hands_over(&self) -> bool {
+        self.handover
+            .as_ref()
+            .is_some_and(|h| !h.end_on_stop.load(Ordering::Relaxed))
+    }
+
+    /// What a stopping daemon does with its mounts (see the `Drop` impl); once. Returns
+    /// whether they were left serving, in which case the process must exit without dropping
+    /// the replies its tasks still hold: a dropped reply answers EIO, where an unanswered
+    /// request is resent to the next daemon.
+    pub fn stop(&self) -> bool {
+        let mounted = std::mem::take(&mut *self.mounted());
+        if self.hands_over() {
+            for (_, mut layer) in mounted {
+                layer.served.tasks.cancel();
+                for session in layer.served.sessions {
+                    session.leave_serving();
+                }
+            }
+            info!("lazy mounts left serving for the next daemon");
+            return true;
+        }
         for (mountpoint, mut layer) in mounted {
+            for session in &layer.served.sessions {
+                self.forget_connection(session.mountpoint());
+            }
             layer.served.tasks.cancel();
             for session in &mut layer.served.sessions {
                 if let Err(err) = session.detach(&*self.syscall) {
@@ -118,6 +314,7 @@ impl Drop for LazyMounter {
             // Session threads serve whoever still holds a layer until the process exits.
             std::thread::spawn(move || drop(layer));
         }
+        false
     }
 }
 
@@ -163,14 +360,20 @@ impl LayerMounter for LazyMounter {
             None => format.reopen(resolved).map_err(fail)?,
         };
         let blobs = opened.blobs();
+        let mut carried = self.carried_for(&self.paths_of(mountpoint));
+        if carried.is_empty() {
+            // Whatever a previous daemon left there without a holder is a dead connection.
+            self.release_stale(mountpoint)?;
+        }
         self.pin(&blobs);
-        let served = match opened.mount(mountpoint, &*self.syscall) {
+        let served = match opened.mount(mountpoint, &self.syscall, &mut carried) {
             Ok(served) => served,
             Err(err) => {
                 self.unpin(&blobs);
                 return Err(err);
             }
         };
+        self.keep_connections(&served);
         for blob in &blobs {
             self.table.add(blob);
         }
@@ -213,6 +416,7 @@ impl LayerMounter for LazyMounter {
             if let Err(source) = session.detach(&*self.syscall) {
                 detached = Err(fail(source));
             }
+            self.forget_connection(session.mountpoint());
         }
         self.unpin(&layer.blobs);
         for blob in &layer.blobs {
@@ -245,6 +449,26 @@ impl LayerMounter for LazyMounter {
 
     fn mounted_layers(&self) -> usize {
         self.mounted().len()
+    }
+
+    fn remounted(&self) {
+        let Some(handover) = &self.handover else {
+            return;
+        };
+        let unclaimed: Vec<PathBuf> = handover
+            .waiting
+            .lock()
+            .drain()
+            .map(|(path, _)| path)
+            .collect();
+        for path in unclaimed {
+            // No snapshot mounts there any more: its connection and mount are released.
+            info!(mountpoint = %path.display(), "connection left for a layer no snapshot has; released");
+            self.forget_connection(&path);
+            if let Err(err) = self.syscall.unmount(&path) {
+                warn!(mountpoint = %path.display(), error = %crate::error::with_causes(&err), "could not unmount a layer no snapshot has");
+            }
+        }
     }
 }
 

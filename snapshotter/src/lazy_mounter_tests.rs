@@ -1,12 +1,14 @@
 //! The lifecycle with a fake format whose mounts hold a background task that never ends by
 //! itself, over the recording mount seam.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_fetcher::{BlobRef, Digest, Fetcher, ImageRef};
+use shoal_fuse::handover::FdStore;
 use shoal_fuse::syscall::{Call, RecordingSyscall, Syscall};
 use shoal_fuse::tasks::Tasks;
 use shoal_fuse::vdisk::FsType;
@@ -15,7 +17,7 @@ use tokio::sync::mpsc;
 
 use super::LazyMounter;
 use crate::error::SnapshotError;
-use crate::lazy_format::{LazyFormat, Opened, OpenedLayer, Served};
+use crate::lazy_format::{Carried, LazyFormat, Opened, OpenedLayer, Served};
 use crate::remote::{Fallback, LayerFormat, LayerLabels, LayerMounter, RemoteLayer, ResolvedLayer};
 
 /// Bounds every wait on a task's end; a correct run waits microseconds.
@@ -94,7 +96,8 @@ impl OpenedLayer for FakeOpened {
     fn mount(
         self: Box<Self>,
         mountpoint: &Path,
-        syscall: &dyn Syscall,
+        syscall: &Arc<dyn Syscall>,
+        _carried: &mut Carried,
     ) -> Result<Served, SnapshotError> {
         let mut tasks = Tasks::default();
         let stopped = Stopped(self.stopped, mountpoint.to_owned());
@@ -257,4 +260,107 @@ async fn labels_no_format_claims_are_not_lazy_and_stale_mounts_of_others_are_kep
         .syscall
         .calls()
         .contains(&Call::MountsUnder(h.fs.parent().unwrap().to_owned())));
+}
+
+/// An fd store in memory, recording what it is asked to release.
+#[derive(Default)]
+struct MemoryStore {
+    kept: parking_lot::Mutex<Vec<(String, std::os::fd::OwnedFd)>>,
+    released: parking_lot::Mutex<Vec<String>>,
+}
+
+impl shoal_fuse::handover::FdStore for MemoryStore {
+    fn keep(
+        &self,
+        name: &str,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), shoal_fuse::handover::HandoverError> {
+        let fd = fd.try_clone_to_owned().unwrap();
+        self.kept.lock().push((name.to_owned(), fd));
+        Ok(())
+    }
+
+    fn release(&self, name: &str) -> Result<(), shoal_fuse::handover::HandoverError> {
+        self.kept.lock().retain(|(n, _)| n != name);
+        self.released.lock().push(name.to_owned());
+        Ok(())
+    }
+
+    fn kept(
+        &self,
+    ) -> Result<Vec<(String, std::os::fd::OwnedFd)>, shoal_fuse::handover::HandoverError> {
+        Ok(self
+            .kept
+            .lock()
+            .iter()
+            .map(|(n, fd)| (n.clone(), fd.try_clone().unwrap()))
+            .collect())
+    }
+
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+}
+
+fn null_fd() -> std::os::fd::OwnedFd {
+    std::fs::File::open("/dev/null").unwrap().into()
+}
+
+#[tokio::test]
+async fn a_mount_with_nothing_carried_releases_what_a_dead_daemon_left_there_first() {
+    let h = harness();
+    h.syscall.add_mount(&h.fs);
+    h.mounter.mount(&resolved(), &h.fs).unwrap();
+    let calls = h.syscall.calls();
+    let unmounted = calls.iter().position(|c| c == &Call::Unmount(h.fs.clone()));
+    let mounted = calls
+        .iter()
+        .position(|c| matches!(c, Call::LoopMount { .. }));
+    assert!(unmounted < mounted && unmounted.is_some(), "{calls:?}");
+    assert_eq!(h.syscall.table().len(), 1, "one mount, the new one");
+}
+
+#[tokio::test]
+async fn connections_left_for_gone_mounts_or_snapshots_are_released_not_served() {
+    let h = harness();
+    let store = Arc::new(MemoryStore::default());
+    let orphan = h.fs.parent().unwrap().with_file_name("9").join("fs");
+    // The layer's own connection, whose mount has gone, and one for a snapshot that is gone.
+    store
+        .keep(&h.fs.to_string_lossy(), null_fd().as_fd())
+        .unwrap();
+    store
+        .keep(&orphan.to_string_lossy(), null_fd().as_fd())
+        .unwrap();
+    h.syscall.add_mount(&orphan);
+    let Harness {
+        _dir,
+        mounter,
+        syscall,
+        fs,
+        ..
+    } = h;
+    let mounter = mounter.with_handover(store.clone());
+    mounter.mount(&resolved(), &fs).unwrap();
+    let report = mounter.handover_report();
+    assert_eq!(report.carried, 0);
+    assert_eq!(report.not_carried.len(), 1, "{report:?}");
+    assert_eq!(report.not_carried[0].0, fs);
+    assert!(
+        report.not_carried[0].1.contains("mount is gone"),
+        "{report:?}"
+    );
+
+    mounter.remounted();
+    let released = store.released.lock().clone();
+    assert_eq!(
+        released,
+        [
+            fs.to_string_lossy().into_owned(),
+            orphan.to_string_lossy().into_owned()
+        ]
+    );
+    assert!(syscall.calls().contains(&Call::Unmount(orphan.clone())));
+    assert!(!syscall.table().contains(&orphan));
+    assert!(store.kept.lock().is_empty());
 }

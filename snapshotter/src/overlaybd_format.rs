@@ -14,6 +14,8 @@ use parking_lot::Mutex;
 
 use shoal_fetcher::{BlobRef, Digest, Fetcher, ImageRef};
 use shoal_formats::overlaybd::{ANNOTATION_BLOB_DIGEST, ANNOTATION_FS_TYPE};
+use shoal_fuse::connection::Origin;
+use shoal_fuse::layer::MountTarget;
 use shoal_fuse::syscall::Syscall;
 use shoal_fuse::tasks::Tasks;
 use shoal_fuse::vdisk::{self, DiskLayer, FsType, VirtualDisk, DISK_FILE};
@@ -22,7 +24,7 @@ use tokio::runtime::Handle;
 use tracing::{error, info};
 
 use crate::error::{with_causes, SnapshotError};
-use crate::lazy_format::{LazyFormat, Opened, OpenedLayer, Served};
+use crate::lazy_format::{Carried, LazyFormat, Opened, OpenedLayer, Served};
 use crate::manifest::chain_of;
 use crate::remote::{Fallback, LayerFormat, LayerLabels, RemoteLayer, ResolvedLayer};
 
@@ -167,38 +169,58 @@ impl OpenedLayer for OpenedDisk {
     fn mount(
         self: Box<Self>,
         mountpoint: &Path,
-        syscall: &dyn Syscall,
+        syscall: &Arc<dyn Syscall>,
+        carried: &mut Carried,
     ) -> Result<Served, SnapshotError> {
         let dir = disk_dir(mountpoint).ok_or_else(|| SnapshotError::MountLayer {
             mountpoint: mountpoint.to_owned(),
             reason: "mountpoint has no parent".into(),
         })?;
-        std::fs::create_dir_all(&dir).map_err(|source| SnapshotError::CreateDir {
-            path: dir.clone(),
-            source,
-        })?;
+        let origin = carried.take(&dir);
+        let disk_carried = matches!(origin, Origin::Carried { .. });
+        // A carried disk's directory is its FUSE mount, which nobody serves until the session
+        // below starts: even a stat of it would wait for this very daemon.
+        if !disk_carried {
+            std::fs::create_dir_all(&dir).map_err(|source| SnapshotError::CreateDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
         let fs_type = self.disk.fs_type();
         let mut tasks = Tasks::default();
         self.background
             .start(&mut tasks, &self.runtime, &self.fetcher, &self.disk);
+        let target = MountTarget {
+            mountpoint: &dir,
+            syscall: syscall.clone(),
+            origin,
+        };
         let served = vdisk::mount(
             self.disk,
             Arc::new(self.fetcher.clone()),
             self.runtime.clone(),
-            &dir,
+            target,
         )
         .map_err(|source| SnapshotError::ServeLayer {
             mountpoint: dir.clone(),
             source: Box::new(source),
         })?;
-        // On failure nothing uses the disk yet: dropping its session ends it at once, and
-        // dropping the tasks stops the background fetch.
-        syscall
-            .loop_mount(&dir.join(DISK_FILE), fs_type, mountpoint)
-            .map_err(|source| SnapshotError::MountDisk {
-                mountpoint: mountpoint.to_owned(),
-                source,
-            })?;
+        // A carried disk's filesystem is still mounted on its loop device, which has waited
+        // for the disk's reads; the daemon had only to serve the disk again.
+        let still_mounted = disk_carried
+            && syscall
+                .mounts_under(mountpoint)
+                .is_ok_and(|points| points.iter().any(|p| p == mountpoint));
+        if !still_mounted {
+            // On failure nothing uses the disk yet: dropping its session ends it at once, and
+            // dropping the tasks stops the background fetch.
+            syscall
+                .loop_mount(&dir.join(DISK_FILE), fs_type, mountpoint)
+                .map_err(|source| SnapshotError::MountDisk {
+                    mountpoint: mountpoint.to_owned(),
+                    source,
+                })?;
+        }
         Ok(Served {
             sessions: vec![served],
             tasks,

@@ -176,6 +176,10 @@ pub trait LayerMounter: Send + Sync + 'static {
     fn mounted_layers(&self) -> usize {
         0
     }
+
+    /// Every remote layer was mounted again after a start: what an earlier daemon left for
+    /// layers no snapshot has any more can go.
+    fn remounted(&self) {}
 }
 
 /// The mounter of a snapshotter without lazy pulling: every layer is downloaded.

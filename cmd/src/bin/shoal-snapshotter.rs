@@ -22,6 +22,11 @@ struct Args {
     /// Print the version and the commit it was built from.
     #[arg(long, short = 'V')]
     version: bool,
+    /// Stop the running daemon and end every lazy mount (a plain SIGTERM, as a restart or an
+    /// upgrade sends, leaves them serving for the next daemon). Running containers then see
+    /// EIO on reads that are not in the page cache.
+    #[arg(long)]
+    shutdown: bool,
 }
 
 fn main() -> ExitCode {
@@ -34,6 +39,20 @@ fn main() -> ExitCode {
         return match check(&file) {
             Ok(()) => {
                 println!("{}: valid", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("shoal-snapshotter: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if args.shutdown {
+        let done = shoal_cmd::load_config(args.config.as_deref())
+            .and_then(|config| shoal_cmd::handover::shutdown(&config));
+        return match done {
+            Ok(what) => {
+                println!("{what}");
                 ExitCode::SUCCESS
             }
             Err(err) => {

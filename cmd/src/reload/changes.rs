@@ -44,6 +44,7 @@ impl Changes {
         changes.note(false, "fetch", old.fetch != new.fetch);
         changes.note(false, "metrics.address", old.metrics != new.metrics);
         changes.note(false, "peers", old.peers != new.peers);
+        changes.note(false, "handover", old.handover != new.handover);
         changes
     }
 

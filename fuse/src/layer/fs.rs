@@ -7,14 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyXattr, Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use tokio::runtime::Handle;
 use tracing::warn;
 
 use super::{ChunkReader, EstargzLayer};
+use crate::connection::InitRecord;
 use shoal_formats::estargz::{self, Index, Ino, NodeKind};
 
 /// Layers never change, so the kernel may keep entries and attributes for as long as it likes.
@@ -25,14 +26,21 @@ pub struct LayerFs {
     layer: Arc<EstargzLayer>,
     reader: Arc<ChunkReader>,
     runtime: Handle,
+    init: InitRecord,
 }
 
 impl LayerFs {
-    pub fn new(layer: EstargzLayer, reader: Arc<ChunkReader>, runtime: Handle) -> LayerFs {
+    pub fn new(
+        layer: EstargzLayer,
+        reader: Arc<ChunkReader>,
+        runtime: Handle,
+        init: InitRecord,
+    ) -> LayerFs {
         LayerFs {
             layer: Arc::new(layer),
             reader,
             runtime,
+            init,
         }
     }
 
@@ -91,6 +99,11 @@ fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
 }
 
 impl Filesystem for LayerFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        self.init.record(config);
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let Some(name) = name.to_str() else {
             return reply.error(Errno::ENOENT);

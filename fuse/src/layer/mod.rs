@@ -18,7 +18,7 @@ use shoal_formats::estargz::{
     Index, OpenIndexError, TocDigest, FOOTER_SIZE,
 };
 
-pub use mount::{mount, MountedLayer, Prefetch};
+pub use mount::{mount, MountTarget, MountedLayer, Prefetch};
 pub use reader::{ChunkReader, Pending, ReaderConfig, ReaderStats};
 
 /// An opened eStargz layer: its blob, file index and TOC digest.

@@ -1,17 +1,20 @@
-//! Mounting a layer: one FUSE session per layer, unmounted when its handle is dropped.
+//! Mounting a layer: one FUSE session per layer, unmounted when its handle is dropped, unless
+//! it is left serving for the next daemon.
 
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use fuser::{BackgroundSession, Config, SessionACL};
 use shoal_fetcher::Checked;
 use tokio::runtime::Handle;
 use tracing::{info, warn};
 
 use super::fs::{now_secs, LayerFs};
 use super::{ChunkReader, EstargzLayer};
+use crate::connection::{self, InitRecord, Origin, Resend, Started};
 use crate::error::FsError;
-use crate::syscall::{MountError, Syscall};
+use crate::syscall::{FuseMount, MountError, Syscall};
 use crate::tasks::Tasks;
 
 /// FUSE worker threads per layer: metadata is answered from memory, slow reads leave the thread.
@@ -22,16 +25,27 @@ const THREADS: usize = 2;
 pub struct MountedLayer {
     mountpoint: PathBuf,
     session: Option<BackgroundSession>,
+    /// A copy of the connection's `/dev/fuse` fd, for a holder to keep across a restart.
+    connection: std::os::fd::OwnedFd,
+    carried: Option<Resend>,
+    syscall: Arc<dyn Syscall>,
     detached: bool,
     tasks: Tasks,
 }
 
 impl MountedLayer {
     /// Wraps a FUSE session serving `mountpoint` (a virtual disk's, say).
-    pub(crate) fn from_session(mountpoint: &Path, session: BackgroundSession) -> MountedLayer {
+    pub(crate) fn from_started(
+        mountpoint: &Path,
+        started: Started,
+        syscall: Arc<dyn Syscall>,
+    ) -> MountedLayer {
         MountedLayer {
             mountpoint: mountpoint.to_owned(),
-            session: Some(session),
+            session: Some(started.served.session),
+            connection: started.served.fd,
+            carried: started.carried,
+            syscall,
             detached: false,
             tasks: Tasks::default(),
         }
@@ -39,6 +53,25 @@ impl MountedLayer {
 
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// The connection's `/dev/fuse` fd: whoever holds a copy keeps the mount serving-ready.
+    pub fn connection(&self) -> BorrowedFd<'_> {
+        self.connection.as_fd()
+    }
+
+    /// `Some` if this session took over a connection an earlier daemon served.
+    pub fn carried(&self) -> Option<Resend> {
+        self.carried
+    }
+
+    /// Stops the layer's tasks and leaves its mount and session as they are, for this process's
+    /// end: the kernel keeps the connection for whoever holds a copy of its fd, and the
+    /// requests this daemon read but did not answer are resent to the next one.
+    pub fn leave_serving(mut self) {
+        self.tasks.cancel();
+        // Dropped unjoined: its threads serve until the process exits.
+        drop(self.session.take());
     }
 
     /// Background tasks of this layer still running.
@@ -67,12 +100,14 @@ impl Drop for MountedLayer {
         let Some(session) = self.session.take() else {
             return;
         };
-        let ended = if self.detached {
-            session.join()
-        } else {
-            session.umount_and_join()
-        };
-        if let Err(err) = ended {
+        if !self.detached {
+            if let Err(err) = self.syscall.unmount(&self.mountpoint) {
+                warn!(mountpoint = %self.mountpoint.display(), error = %shoal_fetcher::with_causes(&err), "unmount failed");
+                // Its session ends when the mount does; waiting here could be forever.
+                return;
+            }
+        }
+        if let Err(err) = session.join() {
             warn!(mountpoint = %self.mountpoint.display(), error = %shoal_fetcher::with_causes(&err), "unmount failed");
         }
     }
@@ -94,37 +129,52 @@ const CHECKED: Checked = Checked::ChunkDigests;
 /// Step of the background fetch: large enough to coalesce, small enough to pace.
 const BACKGROUND_STEP: u64 = 4 << 20;
 
-/// Mounts `layer` read-only at `mountpoint`; reads that miss run on `runtime`. Starts the
-/// prefetch of the landmark-prioritized files and, if asked, of the whole layer, as tasks the
-/// returned layer owns.
+/// Where and how a layer is mounted.
+pub struct MountTarget<'a> {
+    pub mountpoint: &'a Path,
+    pub syscall: Arc<dyn Syscall>,
+    pub origin: Origin,
+}
+
+/// Mounts `layer` read-only at the target's mountpoint (or serves the connection it carries);
+/// reads that miss run on `runtime`. Starts the prefetch of the landmark-prioritized files
+/// and, if asked, of the whole layer, as tasks the returned layer owns.
 pub fn mount(
     layer: EstargzLayer,
     reader: Arc<ChunkReader>,
     runtime: Handle,
-    mountpoint: &Path,
+    target: MountTarget<'_>,
     prefetch: Prefetch,
 ) -> Result<MountedLayer, FsError> {
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(format!("shoal:{}", layer.blob.digest)),
-        MountOption::Subtype("shoal".into()),
-        MountOption::RO,
-        MountOption::Dev,
-        MountOption::Suid,
-        MountOption::DefaultPermissions,
-    ];
+    let mountpoint = target.mountpoint;
     // Containers run as any user; the kernel enforces modes (default_permissions).
+    let fuse = FuseMount {
+        source: format!("shoal:{}", layer.blob.digest),
+        allow_other: true,
+        dev_suid: true,
+    };
+    let mut config = Config::default();
     config.acl = SessionACL::All;
     config.n_threads = Some(THREADS);
     let prefetch_end = layer.index.prefetch_end().filter(|_| prefetch.landmark);
     let blob = layer.blob.clone();
-    let fs = LayerFs::new(layer, reader.clone(), runtime.clone());
-    let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(|source| FsError::Mount {
-        mountpoint: mountpoint.to_owned(),
-        source,
-    })?;
-    info!(blob = %blob.digest, mountpoint = %mountpoint.display(), at = now_secs(), "layer mounted");
-    let mut mounted = MountedLayer::from_session(mountpoint, session);
+    let init = InitRecord::default();
+    let fs = LayerFs::new(layer, reader.clone(), runtime.clone(), init.clone());
+    let started = connection::start(
+        fs,
+        &init,
+        mountpoint,
+        &fuse,
+        &config,
+        target.origin,
+        &*target.syscall,
+    )?;
+    if started.carried.is_some() {
+        info!(blob = %blob.digest, mountpoint = %mountpoint.display(), at = now_secs(), "layer carried over from an earlier daemon");
+    } else {
+        info!(blob = %blob.digest, mountpoint = %mountpoint.display(), at = now_secs(), "layer mounted");
+    }
+    let mut mounted = MountedLayer::from_started(mountpoint, started, target.syscall);
     if prefetch_end.is_some() || prefetch.background_rate.is_some() {
         mounted.tasks.spawn(&runtime, async move {
             if let Some(end) = prefetch_end {

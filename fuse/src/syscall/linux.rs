@@ -1,21 +1,70 @@
-//! [`Syscall`] for real: `umount2`, util-linux `mount -o loop`, `/proc/self/mountinfo`.
+//! [`Syscall`] for real: `mount(2)` of `/dev/fuse`, `umount2`, util-linux `mount -o loop`,
+//! `/proc/self/mountinfo`.
 
+use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nix::errno::Errno;
-use nix::mount::{umount2, MntFlags};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
-use super::{parse_mount_points, MountError, Syscall};
+use super::{parse_mount_points, FuseMount, MountError, Syscall};
 use crate::vdisk::FsType;
 
 const MOUNTINFO: &str = "/proc/self/mountinfo";
+const FUSE_DEVICE: &str = "/dev/fuse";
 
 /// The kernel's mount syscalls.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LinuxSyscall;
 
 impl Syscall for LinuxSyscall {
+    fn mount_fuse(&self, target: &Path, fuse: &FuseMount) -> Result<OwnedFd, MountError> {
+        let device = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(FUSE_DEVICE)
+            .map_err(|source| MountError::OpenFuseDevice {
+                path: FUSE_DEVICE.into(),
+                target: target.to_owned(),
+                source,
+            })?;
+        let root_mode = std::fs::metadata(target)
+            .map(|m| m.mode() & libc::S_IFMT)
+            .map_err(|source| MountError::OpenFuseDevice {
+                path: target.to_owned(),
+                target: target.to_owned(),
+                source,
+            })?;
+        let mut data = format!(
+            "fd={},rootmode={root_mode:o},user_id={},group_id={},default_permissions",
+            device.as_raw_fd(),
+            nix::unistd::getuid(),
+            nix::unistd::getgid(),
+        );
+        if fuse.allow_other {
+            data.push_str(",allow_other");
+        }
+        let mut flags = MsFlags::MS_RDONLY;
+        if !fuse.dev_suid {
+            flags |= MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+        }
+        mount(
+            Some(fuse.source.as_str()),
+            target,
+            Some("fuse.shoal"),
+            flags,
+            Some(data.as_str()),
+        )
+        .map_err(|source| MountError::MountFuse {
+            target: target.to_owned(),
+            source,
+        })?;
+        Ok(device.into())
+    }
+
     fn unmount(&self, target: &Path) -> Result<(), MountError> {
         match umount2(target, MntFlags::MNT_DETACH) {
             // EINVAL: not a mount point (any more); ENOENT: no such path.

@@ -3,16 +3,18 @@
 
 use parking_lot::Mutex;
 use std::collections::HashSet;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 
-use super::{MountError, Syscall};
+use super::{FuseMount, MountError, Syscall};
 use crate::vdisk::FsType;
 
 /// One call a [`RecordingSyscall`] saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
+    MountFuse(PathBuf),
     Unmount(PathBuf),
     LoopMount {
         image: PathBuf,
@@ -51,7 +53,8 @@ impl RecordingSyscall {
         self.lock().table.clone()
     }
 
-    /// From now on `operation` (`"unmount"`, `"loop_mount"` or `"mounts_under"`) fails.
+    /// From now on `operation` (`"mount_fuse"`, `"unmount"`, `"loop_mount"` or
+    /// `"mounts_under"`) fails.
     pub fn fail(&self, operation: &'static str) {
         self.lock().failing.insert(operation);
     }
@@ -67,6 +70,27 @@ impl RecordingSyscall {
 }
 
 impl Syscall for RecordingSyscall {
+    /// "Mounts" by listing `target`; the fd it returns is `/dev/null`'s, which no kernel
+    /// connection is behind.
+    fn mount_fuse(&self, target: &Path, _mount: &FuseMount) -> Result<OwnedFd, MountError> {
+        let mut state = self.lock();
+        state.calls.push(Call::MountFuse(target.to_owned()));
+        if state.failing.contains("mount_fuse") {
+            return Err(MountError::MountFuse {
+                target: target.to_owned(),
+                source: Errno::EPERM,
+            });
+        }
+        let null =
+            std::fs::File::open("/dev/null").map_err(|source| MountError::OpenFuseDevice {
+                path: "/dev/null".into(),
+                target: target.to_owned(),
+                source,
+            })?;
+        state.table.push(target.to_owned());
+        Ok(null.into())
+    }
+
     fn unmount(&self, target: &Path) -> Result<(), MountError> {
         let mut state = self.lock();
         state.calls.push(Call::Unmount(target.to_owned()));

@@ -7,15 +7,16 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, Request,
 };
 use shoal_fetcher::BlobRead;
 use tokio::runtime::Handle;
 use tracing::warn;
 
 use super::{VirtualDisk, DISK_FILE};
+use crate::connection::InitRecord;
 
 /// The disk never changes, so the kernel may keep entries and attributes as long as it likes.
 const TTL: Duration = Duration::from_secs(24 * 3600);
@@ -26,14 +27,21 @@ pub struct DiskFs {
     disk: Arc<VirtualDisk>,
     blobs: Arc<dyn BlobRead>,
     runtime: Handle,
+    init: InitRecord,
 }
 
 impl DiskFs {
-    pub fn new(disk: Arc<VirtualDisk>, blobs: Arc<dyn BlobRead>, runtime: Handle) -> DiskFs {
+    pub fn new(
+        disk: Arc<VirtualDisk>,
+        blobs: Arc<dyn BlobRead>,
+        runtime: Handle,
+        init: InitRecord,
+    ) -> DiskFs {
         DiskFs {
             disk,
             blobs,
             runtime,
+            init,
         }
     }
 
@@ -65,6 +73,11 @@ impl DiskFs {
 }
 
 impl Filesystem for DiskFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        self.init.record(config);
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         if parent != ROOT || name != DISK_FILE {
             return reply.error(Errno::ENOENT);

@@ -60,11 +60,18 @@ impl Daemon {
         // The daemon must create the socket's directory itself.
         let socket = fixture.path("run/shoal.sock");
         let config = fixture.path("shoal.toml");
-        let text = format!(
+        let mut text = format!(
             "root = \"{}\"\nsocket = \"{}\"\n\n[log]\nlevel = \"debug\"\n{extra}",
             root.display(),
             socket.display()
         );
+        // Each test's daemons keep their connections in a holder of the test's own.
+        if !extra.contains("[handover]") {
+            text.push_str(&format!(
+                "\n[handover]\nholder_socket = \"{}\"\n",
+                fixture.path("run/fdholder.sock").display()
+            ));
+        }
         fs::write(&config, text).with_context(|| format!("write {}", config.display()))?;
         let log = fixture.path("shoal-snapshotter.log");
         fixture.register_log("shoal-snapshotter", &log);

@@ -30,6 +30,7 @@ mod conformance;
 mod convert;
 mod cri;
 mod ctr;
+mod handover;
 mod harness;
 mod hostile;
 mod install;

@@ -101,7 +101,7 @@ impl Stack {
 }
 
 /// Loop devices whose backing file lies under `root`.
-fn loops_under(root: &Path) -> Result<Vec<String>> {
+pub(crate) fn loops_under(root: &Path) -> Result<Vec<String>> {
     let out = process::run(
         Command::new("losetup").args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"]),
         Duration::from_secs(30),
@@ -358,12 +358,12 @@ fn converted_images_run_with_the_same_tree_as_the_original() {
     })
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(bytes))
 }
 
-fn random_bytes(len: usize) -> Result<Vec<u8>> {
+pub(crate) fn random_bytes(len: usize) -> Result<Vec<u8>> {
     use std::io::Read;
     let mut bytes = Vec::with_capacity(len);
     std::fs::File::open("/dev/urandom")
@@ -375,7 +375,7 @@ fn random_bytes(len: usize) -> Result<Vec<u8>> {
 }
 
 /// A converted image: a busybox base, then `data` (path, bytes) files in a second layer.
-fn publish_converted(
+pub(crate) fn publish_converted(
     fixture: &Fixture,
     stack: &Stack,
     name: &str,

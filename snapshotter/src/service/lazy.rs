@@ -195,8 +195,6 @@ impl Inner {
             };
             let fs = self.layout.upper(entry.record.id);
             let index_path = self.layout.dir(entry.record.id).join(INDEX_FILE);
-            // Whatever a previous daemon left there is a dead FUSE connection.
-            let _ = self.mounter.unmount(&fs);
             let result = std::fs::read(&index_path)
                 .map_err(|source| SnapshotError::PersistIndex {
                     path: index_path.clone(),
@@ -226,6 +224,7 @@ impl Inner {
         if !remounted.is_empty() {
             info!(layers = remounted.len(), "remote layers mounted again");
         }
+        self.mounter.remounted();
         Ok(())
     }
 }
@@ -650,11 +649,8 @@ mod tests {
         }
         let restarted = Arc::new(RecordingMounter::default());
         let sn = open(dir.path(), &restarted);
+        // What a previous daemon left mounted is the mounter's to take over or release.
         let calls = restarted.calls();
-        assert!(
-            calls.iter().any(|c| c.starts_with("unmount")),
-            "stale mount cleared: {calls:?}"
-        );
         assert!(
             calls
                 .iter()

@@ -1,0 +1,60 @@
+//! Where FUSE connections wait between daemons: an [`FdStore`] keeps a copy of each mounted
+//! layer's `/dev/fuse` fd, so the connection outlives a daemon that stops or dies, and hands
+//! the copies to the next daemon. Shoal's store is [`Holder`], a process that does nothing
+//! else, reached over a unix socket ([`HolderClient`]); its protocol is [`protocol`]'s.
+
+mod client;
+mod holder;
+pub mod protocol;
+
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+
+pub use client::HolderClient;
+pub use holder::{Holder, HolderPolicy};
+
+/// Why the fd store could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error("connect to the fd holder at {socket}")]
+    Connect {
+        socket: PathBuf,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("talk to the fd holder at {socket}")]
+    Exchange {
+        socket: PathBuf,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("the fd holder at {socket} answered {answer:?}")]
+    Refused { socket: PathBuf, answer: String },
+    #[error("start the fd holder {program}")]
+    Start {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the fd holder {program} did not answer at {socket} within {seconds} s")]
+    NotAnswering {
+        program: PathBuf,
+        socket: PathBuf,
+        seconds: u64,
+    },
+}
+
+/// Keeps fds under names across the lives of daemons.
+pub trait FdStore: Send + Sync + 'static {
+    /// Keeps a copy of `fd` under `name`, replacing one kept under it before.
+    fn keep(&self, name: &str, fd: BorrowedFd<'_>) -> Result<(), HandoverError>;
+
+    /// Closes the copy kept under `name`, if there is one.
+    fn release(&self, name: &str) -> Result<(), HandoverError>;
+
+    /// Copies of every fd kept, by name; the store keeps its own.
+    fn kept(&self) -> Result<Vec<(String, OwnedFd)>, HandoverError>;
+
+    /// Where it keeps them, for status and logs.
+    fn describe(&self) -> String;
+}
