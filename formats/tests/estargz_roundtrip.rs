@@ -234,7 +234,7 @@ fn metadata_and_special_entries_are_presented() {
         .children(Ino::ROOT)
         .unwrap()
         .iter()
-        .map(|e| e.name.as_str())
+        .map(|e| e.name)
         .collect();
     let mut sorted = names.clone();
     sorted.sort();
@@ -260,12 +260,7 @@ fn metadata_and_special_entries_are_presented() {
 
     let lib = index.node(index.lookup_path("lib").unwrap()).unwrap();
     assert_eq!(lib.attr.mode & 0o170000, S_IFLNK);
-    assert_eq!(
-        lib.kind,
-        NodeKind::Symlink {
-            target: "usr/lib".into()
-        }
-    );
+    assert_eq!(lib.kind, NodeKind::Symlink { target: "usr/lib" });
     assert_eq!(lib.attr.size, 7);
 
     let null = index.node(index.lookup_path("dev/null").unwrap()).unwrap();
@@ -294,7 +289,7 @@ fn metadata_and_special_entries_are_presented() {
         .children(opt.attr.ino)
         .unwrap()
         .iter()
-        .map(|e| e.name.clone())
+        .map(|e| e.name)
         .collect();
     assert_eq!(opt_names, ["keep"]);
 

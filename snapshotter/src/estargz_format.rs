@@ -91,13 +91,13 @@ impl LazyFormat for EstargzFormat {
             index_digest: toc,
         };
         let blob = blob_of(&remote).map_err(Fallback::Registry)?;
-        let layer = EstargzLayer::open(&self.fetcher, blob, expected)
+        let (layer, persisted) = EstargzLayer::open(&self.fetcher, blob, expected)
             .await
             .map_err(fallback_of)?;
         Ok(Opened {
             resolved: ResolvedLayer {
                 layer: remote,
-                index: layer.persisted.clone(),
+                index: persisted,
             },
             layer: self.opened(layer),
         })

@@ -15,16 +15,23 @@ fuzz_target!(|data: &[u8]| {
     let Ok(parsed) = decode_toc_json(data) else {
         return;
     };
-    let Ok(index) = Index::new(&parsed.toc, TOC_OFFSET) else {
+    let built = Index::new(&parsed.toc, TOC_OFFSET);
+    // Built as the JSON is decoded, the same tree or the same refusal.
+    let streamed = Index::from_toc_json(data, TOC_OFFSET);
+    let Ok(index) = built else {
+        assert!(streamed.is_err());
         return;
     };
+    let streamed = streamed.unwrap();
+    assert!(index.nodes().eq(streamed.nodes()));
     for node in index.nodes() {
         assert_eq!(index.node(node.attr.ino), Some(node));
-        match &node.kind {
+        match node.kind {
             NodeKind::Directory { children } => {
-                assert!(children.windows(2).all(|w| w[0].name < w[1].name));
-                for child in children {
-                    assert_eq!(index.lookup(node.attr.ino, &child.name), Some(child.ino));
+                let names: Vec<&str> = children.iter().map(|c| c.name).collect();
+                assert!(names.windows(2).all(|w| w[0] < w[1]));
+                for child in children.iter() {
+                    assert_eq!(index.lookup(node.attr.ino, child.name), Some(child.ino));
                 }
             }
             NodeKind::Regular { chunks } => {

@@ -21,7 +21,10 @@ pub use build::{build, build_with_spill, BuildError, BuildOptions, BuildOutput};
 pub use chunk::{decompress_chunk, verify, ChunkError};
 pub use digest::{ParseDigestError, Sha256Digest, TocDigest};
 pub use footer::{parse_footer, Footer, FooterError, FOOTER_SIZE, LEGACY_FOOTER_SIZE};
-pub use index::{Attr, Chunk, DirEntry, Index, IndexError, Ino, Node, NodeKind, Prefetch};
+pub use index::{
+    Attr, Children, Chunk, DirEntry, Index, IndexError, Ino, Node, NodeKind, OpenIndexError,
+    Prefetch,
+};
 pub use toc::{parse_toc, EntryType, ParsedToc, Toc, TocEntry, TocError, TOC_TAR_NAME};
 
 /// Annotation on a layer descriptor holding the [`TocDigest`].

@@ -214,65 +214,110 @@ pub fn decode_toc_json(json: &[u8]) -> Result<ParsedToc, TocError> {
 }
 
 fn decode_within(json: &[u8], max: usize) -> Result<ParsedToc, TocError> {
-    let over = std::cell::Cell::new(false);
-    let mut deserializer = serde_json::Deserializer::from_slice(json);
-    let toc = serde::de::DeserializeSeed::deserialize(
-        bounded::TocSeed { max, over: &over },
-        &mut deserializer,
-    )
-    .and_then(|toc| deserializer.end().map(|()| toc));
-    let toc = match toc {
-        Ok(toc) => toc,
-        Err(_) if over.get() => return Err(TocError::TooManyEntries { max }),
-        Err(source) => return Err(TocError::DecodeJson { source }),
-    };
+    let mut entries = Vec::new();
+    let version = decode_toc_entries(json, max, &mut |entry| {
+        entries.push(entry);
+        Ok::<(), std::convert::Infallible>(())
+    })
+    .map_err(|stop| match stop {
+        Stopped::Decode(error) => error,
+        Stopped::Visit(never) => match never {},
+    })?;
     Ok(ParsedToc {
-        toc,
+        toc: Toc { version, entries },
         digest: Sha256Digest::of(json),
     })
 }
 
-/// Deserializing a [`Toc`] with at most `max` entries: the entries are counted as they are
-/// read, and the first one past the limit ends the decoding (with `over` set).
+/// Why [`decode_toc_entries`] stopped: the JSON, or the visitor's own error.
+#[derive(Debug)]
+pub(crate) enum Stopped<E> {
+    Decode(TocError),
+    Visit(E),
+}
+
+/// Decodes TOC JSON, handing each entry to `visit` in order as soon as it is read, so that
+/// only one entry is held at a time; returns the TOC's version. More than `max` entries are
+/// refused at the first one past the limit, and the first error of `visit` ends the decoding.
+pub(crate) fn decode_toc_entries<E>(
+    json: &[u8],
+    max: usize,
+    visit: &mut dyn FnMut(TocEntry) -> Result<(), E>,
+) -> Result<u32, Stopped<E>> {
+    let stop = bounded::Stop {
+        over: std::cell::Cell::new(false),
+        visit_error: std::cell::Cell::new(None),
+    };
+    let mut deserializer = serde_json::Deserializer::from_slice(json);
+    let version = serde::de::DeserializeSeed::deserialize(
+        bounded::TocSeed {
+            max,
+            stop: &stop,
+            visit,
+        },
+        &mut deserializer,
+    )
+    .and_then(|version| deserializer.end().map(|()| version));
+    match version {
+        Ok(version) => Ok(version),
+        Err(source) => Err(match stop.visit_error.take() {
+            Some(error) => Stopped::Visit(error),
+            None if stop.over.get() => Stopped::Decode(TocError::TooManyEntries { max }),
+            None => Stopped::Decode(TocError::DecodeJson { source }),
+        }),
+    }
+}
+
+/// Deserializing a TOC's entries one by one into a visitor, at most `max` of them: the first
+/// one past the limit, or the first the visitor refuses, ends the decoding (with `stop` saying
+/// why).
 mod bounded {
     use std::cell::Cell;
     use std::fmt;
 
     use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-    use super::{Toc, TocEntry};
+    use super::TocEntry;
 
-    pub(super) struct TocSeed<'a> {
-        pub max: usize,
-        pub over: &'a Cell<bool>,
+    pub(super) struct Stop<E> {
+        pub over: Cell<bool>,
+        pub visit_error: Cell<Option<E>>,
     }
 
-    impl<'de> DeserializeSeed<'de> for TocSeed<'_> {
-        type Value = Toc;
+    pub(super) struct TocSeed<'a, E> {
+        pub max: usize,
+        pub stop: &'a Stop<E>,
+        pub visit: &'a mut dyn FnMut(TocEntry) -> Result<(), E>,
+    }
 
-        fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Toc, D::Error> {
+    impl<'de, E> DeserializeSeed<'de> for TocSeed<'_, E> {
+        type Value = u32;
+
+        fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<u32, D::Error> {
             deserializer.deserialize_map(self)
         }
     }
 
-    impl<'de> Visitor<'de> for TocSeed<'_> {
-        type Value = Toc;
+    impl<'de, E> Visitor<'de> for TocSeed<'_, E> {
+        type Value = u32;
 
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("a toc object")
         }
 
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Toc, A::Error> {
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<u32, A::Error> {
             let mut version = None;
-            let mut entries = None;
+            let mut entries = false;
             while let Some(key) = map.next_key::<String>()? {
                 match key.as_str() {
                     "version" if version.is_none() => version = Some(map.next_value()?),
-                    "entries" if entries.is_none() => {
-                        entries = Some(map.next_value_seed(EntriesSeed {
+                    "entries" if !entries => {
+                        map.next_value_seed(EntriesSeed {
                             max: self.max,
-                            over: self.over,
-                        })?)
+                            stop: self.stop,
+                            visit: &mut *self.visit,
+                        })?;
+                        entries = true;
                     }
                     "version" => return Err(de::Error::duplicate_field("version")),
                     "entries" => return Err(de::Error::duplicate_field("entries")),
@@ -281,46 +326,49 @@ mod bounded {
                     }
                 }
             }
-            Ok(Toc {
-                version: version.ok_or_else(|| de::Error::missing_field("version"))?,
-                entries: entries.ok_or_else(|| de::Error::missing_field("entries"))?,
-            })
+            let version = version.ok_or_else(|| de::Error::missing_field("version"))?;
+            if !entries {
+                return Err(de::Error::missing_field("entries"));
+            }
+            Ok(version)
         }
     }
 
-    struct EntriesSeed<'a> {
+    struct EntriesSeed<'a, E> {
         max: usize,
-        over: &'a Cell<bool>,
+        stop: &'a Stop<E>,
+        visit: &'a mut dyn FnMut(TocEntry) -> Result<(), E>,
     }
 
-    impl<'de> DeserializeSeed<'de> for EntriesSeed<'_> {
-        type Value = Vec<TocEntry>;
+    impl<'de, E> DeserializeSeed<'de> for EntriesSeed<'_, E> {
+        type Value = ();
 
-        fn deserialize<D: de::Deserializer<'de>>(
-            self,
-            deserializer: D,
-        ) -> Result<Vec<TocEntry>, D::Error> {
+        fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
             deserializer.deserialize_seq(self)
         }
     }
 
-    impl<'de> Visitor<'de> for EntriesSeed<'_> {
-        type Value = Vec<TocEntry>;
+    impl<'de, E> Visitor<'de> for EntriesSeed<'_, E> {
+        type Value = ();
 
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("a list of toc entries")
         }
 
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<TocEntry>, A::Error> {
-            let mut entries = Vec::new();
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let mut count = 0;
             while let Some(entry) = seq.next_element::<TocEntry>()? {
-                if entries.len() == self.max {
-                    self.over.set(true);
+                if count == self.max {
+                    self.stop.over.set(true);
                     return Err(de::Error::custom(format!("more than {} entries", self.max)));
                 }
-                entries.push(entry);
+                count += 1;
+                if let Err(error) = (self.visit)(entry) {
+                    self.stop.visit_error.set(Some(error));
+                    return Err(de::Error::custom("entry refused"));
+                }
             }
-            Ok(entries)
+            Ok(())
         }
     }
 }

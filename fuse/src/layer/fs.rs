@@ -126,7 +126,7 @@ impl Filesystem for LayerFs {
     }
 
     fn readlink(&self, _req: &Request, n: INodeNo, reply: ReplyData) {
-        match self.index().node(ino(n)).map(|node| &node.kind) {
+        match self.index().node(ino(n)).map(|node| node.kind) {
             Some(NodeKind::Symlink { target }) => reply.data(target.as_bytes()),
             Some(_) => reply.error(Errno::EINVAL),
             None => reply.error(Errno::ENOENT),
@@ -238,7 +238,7 @@ impl Filesystem for LayerFs {
         let dots = [(".", dir), ("..", dir)];
         let entries = dots
             .into_iter()
-            .chain(children.iter().map(|c| (c.name.as_str(), c.ino)));
+            .chain(children.iter().map(|c| (c.name, c.ino)));
         for (i, (name, child)) in entries.enumerate().skip(offset as usize) {
             let kind = self
                 .attr(child)

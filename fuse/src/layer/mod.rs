@@ -14,43 +14,48 @@ use shoal_fetcher::{Anchor, BlobRead, BlobRef, FetchError, Rejection};
 use crate::error::FsError;
 use shoal_formats::estargz::{
     parse_footer,
-    toc::{check_compressed_size, decode_toc_json, read_toc_json},
-    Index, TocDigest, FOOTER_SIZE,
+    toc::{check_compressed_size, read_toc_json},
+    Index, OpenIndexError, TocDigest, FOOTER_SIZE,
 };
 
 pub use mount::{mount, MountTarget, MountedLayer, Prefetch};
 pub use reader::{ChunkReader, Pending, ReaderConfig, ReaderStats};
 
-/// An opened eStargz layer: its blob, file index, and the bytes to persist so that it can be
-/// opened again without the registry.
+/// An opened eStargz layer: its blob, file index and TOC digest.
 #[derive(Clone)]
 pub struct EstargzLayer {
     pub blob: BlobRef,
     pub index: Arc<Index>,
     pub toc_digest: TocDigest,
-    /// `toc_offset` (8 bytes, little endian) followed by the TOC JSON.
-    pub persisted: Vec<u8>,
 }
 
 impl EstargzLayer {
     /// Reads the footer and TOC of `blob` through `blobs`, which checks the TOC against
-    /// `expected`, the layer's `containerd.io/snapshot/stargz/toc.digest` annotation.
+    /// `expected`, the layer's `containerd.io/snapshot/stargz/toc.digest` annotation. Also
+    /// returns the bytes to persist so that the layer can be opened again without the registry
+    /// ([`EstargzLayer::from_persisted`]): `toc_offset` (8 bytes, little endian), then the TOC
+    /// JSON. They are the one copy of the JSON kept: the index holds none of it.
     pub async fn open(
         blobs: &dyn BlobRead,
         blob: BlobRef,
         expected: TocDigest,
-    ) -> Result<EstargzLayer, FsError> {
+    ) -> Result<(EstargzLayer, Vec<u8>), FsError> {
         let name = blob.digest.to_string();
         let anchored = blobs
             .read_index(&blob, &Footer { blob: &name }, *expected.as_bytes())
             .await
             .map_err(|error| index_error(&name, expected, error))?;
-        let mut persisted = anchored.region.start.to_le_bytes().to_vec();
+        let mut persisted = Vec::with_capacity(8 + anchored.decoded.len());
+        persisted.extend_from_slice(&anchored.region.start.to_le_bytes());
         persisted.extend_from_slice(&anchored.decoded);
-        EstargzLayer::from_persisted(blob, &persisted, expected)
+        drop(anchored);
+        let layer = EstargzLayer::from_persisted(blob, &persisted, expected)?;
+        Ok((layer, persisted))
     }
 
-    /// Opens the layer from bytes [`EstargzLayer::persisted`] held, verifying them again.
+    /// Opens the layer from the bytes [`EstargzLayer::open`] returned, verifying them again:
+    /// their digest before a byte of them is parsed, then the tree they describe, built as the
+    /// JSON is decoded.
     pub fn from_persisted(
         blob: BlobRef,
         persisted: &[u8],
@@ -63,15 +68,12 @@ impl EstargzLayer {
                 reason: "shorter than its header",
             })?;
         let toc_offset = u64::from_le_bytes(*offset);
-        let parsed = decode_toc_json(json).map_err(|source| FsError::ParseToc {
-            blob: name.clone(),
-            source,
-        })?;
-        if parsed.digest != expected {
+        let actual = TocDigest::of(json);
+        if actual != expected {
             return Err(FsError::TocDigestMismatch {
                 blob: name,
                 expected,
-                actual: parsed.digest,
+                actual,
             });
         }
         if toc_offset > blob.size {
@@ -79,13 +81,14 @@ impl EstargzLayer {
                 reason: "TOC offset past the end of the blob",
             });
         }
-        let index = Index::new(&parsed.toc, toc_offset)
-            .map_err(|source| FsError::BuildIndex { blob: name, source })?;
+        let index = Index::from_toc_json(json, toc_offset).map_err(|error| match error {
+            OpenIndexError::Decode { source } => FsError::ParseToc { blob: name, source },
+            OpenIndexError::Build { source } => FsError::BuildIndex { blob: name, source },
+        })?;
         Ok(EstargzLayer {
             blob,
             index: Arc::new(index),
-            toc_digest: parsed.digest,
-            persisted: persisted.to_vec(),
+            toc_digest: actual,
         })
     }
 }

@@ -158,11 +158,6 @@ pub fn mount(
     config.n_threads = Some(THREADS);
     let prefetch_end = layer.index.prefetch_end().filter(|_| prefetch.landmark);
     let blob = layer.blob.clone();
-    // The TOC's JSON was needed to open the layer, not to serve it.
-    let layer = EstargzLayer {
-        persisted: Vec::new(),
-        ..layer
-    };
     let init = InitRecord::default();
     let fs = LayerFs::new(layer, reader.clone(), runtime.clone(), init.clone());
     let started = connection::start(

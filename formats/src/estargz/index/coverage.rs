@@ -19,7 +19,7 @@ pub(super) fn check(index: &Index) -> Result<(), IndexError> {
     // Hardlinks share a node, so each chunk is seen once.
     let mut claims: Vec<Claim> = index
         .nodes()
-        .filter_map(|node| match &node.kind {
+        .filter_map(|node| match node.kind {
             NodeKind::Regular { chunks } => Some((node.attr.ino, chunks)),
             _ => None,
         })

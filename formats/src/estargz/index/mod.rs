@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use super::digest::Sha256Digest;
-use super::toc::Toc;
+use super::toc::{decode_toc_entries, Stopped, Toc, TocError, MAX_TOC_ENTRIES};
+use assemble::Assembler;
 
 /// Largest uncompressed chunk accepted from a TOC (the reference default is 4 MiB); bounds the
 /// buffer a reader allocates per chunk.
@@ -78,7 +79,7 @@ impl fmt::Debug for Ino {
 }
 
 /// Attributes of one inode, in `stat` terms.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attr {
     pub ino: Ino,
     /// Permission bits plus file type bits (`S_IFREG`, ...).
@@ -123,23 +124,71 @@ pub struct Chunk {
 }
 
 /// A directory entry; directories keep these sorted by name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirEntry {
-    pub name: String,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirEntry<'a> {
+    pub name: &'a str,
     pub ino: Ino,
 }
 
+/// The entries of one directory, sorted by name.
+#[derive(Clone, Copy)]
+pub struct Children<'a> {
+    text: &'a str,
+    entries: &'a [Dirent],
+}
+
+impl<'a> Children<'a> {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn get(&self, i: usize) -> Option<DirEntry<'a>> {
+        self.entries.get(i).map(|d| d.view(self.text))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = DirEntry<'a>> + 'a {
+        let text = self.text;
+        self.entries.iter().map(move |d| d.view(text))
+    }
+
+    fn find(&self, name: &str) -> Option<Ino> {
+        let i = self
+            .entries
+            .binary_search_by(|d| d.name(self.text).cmp(name))
+            .ok()?;
+        Some(self.entries[i].ino())
+    }
+}
+
+impl fmt::Debug for Children<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl PartialEq for Children<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Children<'_> {}
+
 /// What an inode is, with the data each kind needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NodeKind {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind<'a> {
     Directory {
-        children: Vec<DirEntry>,
+        children: Children<'a>,
     },
     Regular {
-        chunks: Vec<Chunk>,
+        chunks: &'a [Chunk],
     },
     Symlink {
-        target: String,
+        target: &'a str,
     },
     /// Also how whiteouts are presented (device 0:0).
     CharDevice,
@@ -147,21 +196,82 @@ pub enum NodeKind {
     Fifo,
 }
 
-/// One inode of the tree.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Node {
+/// One inode of the tree, as read out of the index's compact storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Node<'a> {
     pub attr: Attr,
-    pub kind: NodeKind,
-    pub xattrs: BTreeMap<String, Vec<u8>>,
+    pub kind: NodeKind<'a>,
+    pub xattrs: &'a BTreeMap<String, Vec<u8>>,
     /// Directory holding the first name (hardlinks share the node); the root's is the root.
     /// Names are not kept per node, so memory stays linear in the TOC: see [`Index::path`].
     pub parent: Ino,
 }
 
+/// Where a node's variable-length data lies: its children in [`Index::dirents`], its chunks
+/// in [`Index::chunks`] or its link target in [`Index::text`]; a device's numbers.
+#[derive(Debug, Clone, Copy, Default)]
+struct Span {
+    start: u32,
+    len: u32,
+}
+
+impl Span {
+    fn range(self) -> std::ops::Range<usize> {
+        self.start as usize..self.start as usize + self.len as usize
+    }
+}
+
+/// One inode as stored: 48 bytes, its kind in the file type bits of `mode`.
+#[derive(Debug, Clone)]
+struct Inode {
+    size: u64,
+    mtime: i64,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    nlink: u32,
+    parent: u32,
+    data: Span,
+}
+
+const _: () = assert!(std::mem::size_of::<Inode>() == 48);
+
+/// A directory entry as stored, in 12 bytes: its name in [`Index::text`] and the inode slot
+/// it names.
+#[derive(Debug, Clone, Copy)]
+struct Dirent {
+    name_start: u32,
+    slot: u32,
+    /// Names are at most [`MAX_NAME_LEN`] bytes.
+    name_len: u8,
+}
+
+impl Dirent {
+    fn name<'a>(&self, text: &'a str) -> &'a str {
+        let start = self.name_start as usize;
+        &text[start..start + usize::from(self.name_len)]
+    }
+
+    fn ino(&self) -> Ino {
+        Ino::from_slot(self.slot as usize)
+    }
+
+    fn view<'a>(&self, text: &'a str) -> DirEntry<'a> {
+        DirEntry {
+            name: self.name(text),
+            ino: self.ino(),
+        }
+    }
+}
+
+/// What nodes without extended attributes (nearly all) point at.
+static NO_XATTRS: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+
 /// What the landmark files said about prefetching.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Prefetch {
     /// No landmark: the producer said nothing.
+    #[default]
     Unspecified,
     /// `.no.prefetch.landmark`: nothing is prioritized.
     Disabled,
@@ -236,20 +346,74 @@ pub enum IndexError {
     HardlinkChainTooLong { path: String, max: usize },
     #[error("index would hold more than {max} inodes")]
     TooManyNodes { max: usize },
+    #[error("names and link targets would take more than {max} bytes")]
+    TextTooLarge { max: u64 },
 }
 
-/// The filesystem tree of one layer.
+/// The filesystem tree of one layer, stored compactly: fixed-size inodes, every name and link
+/// target in one text arena, every directory's entries and every file's chunks in one list
+/// each, addressed by `u32` positions.
 #[derive(Debug, Clone)]
 pub struct Index {
-    nodes: Vec<Node>,
+    inodes: Vec<Inode>,
+    /// Grouped by directory, each group sorted by name.
+    dirents: Vec<Dirent>,
+    chunks: Vec<Chunk>,
+    text: String,
+    /// The few nodes with extended attributes, sorted by slot.
+    xattrs: Vec<(u32, BTreeMap<String, Vec<u8>>)>,
     prefetch: Prefetch,
+}
+
+/// Why [`Index::from_toc_json`] failed: the JSON, or the tree it describes.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenIndexError {
+    #[error("decode toc")]
+    Decode {
+        #[source]
+        source: TocError,
+    },
+    #[error("build file index")]
+    Build {
+        #[source]
+        source: IndexError,
+    },
 }
 
 impl Index {
     /// Builds the tree from a parsed TOC; `toc_offset` (from the footer) closes the last data
     /// member.
     pub fn new(toc: &Toc, toc_offset: u64) -> Result<Self, IndexError> {
-        let index = assemble::assemble(toc, toc_offset)?;
+        if toc.entries.len() > MAX_TOC_ENTRIES {
+            return Err(IndexError::TooManyNodes {
+                max: MAX_TOC_ENTRIES,
+            });
+        }
+        let mut assembler = Assembler::default();
+        for entry in &toc.entries {
+            assembler.push(entry)?;
+        }
+        Self::checked(assembler.finish(toc_offset)?)
+    }
+
+    /// Builds the tree from TOC JSON as it is decoded, one entry at a time: the entries are
+    /// never all held, only what the tree keeps of them. The caller checks the JSON's digest.
+    pub fn from_toc_json(json: &[u8], toc_offset: u64) -> Result<Self, OpenIndexError> {
+        let mut assembler = Assembler::default();
+        decode_toc_entries(json, MAX_TOC_ENTRIES, &mut |entry| assembler.push(&entry)).map_err(
+            |stop| match stop {
+                Stopped::Decode(source) => OpenIndexError::Decode { source },
+                Stopped::Visit(source) => OpenIndexError::Build { source },
+            },
+        )?;
+        let built = assembler
+            .finish(toc_offset)
+            .and_then(Self::checked)
+            .map_err(|source| OpenIndexError::Build { source })?;
+        Ok(built)
+    }
+
+    fn checked(index: Index) -> Result<Self, IndexError> {
         coverage::check(&index)?;
         Ok(index)
     }
@@ -262,7 +426,7 @@ impl Index {
         while current != Ino::ROOT {
             let parent = self.node(current)?.parent;
             let entry = self.children(parent)?.iter().find(|e| e.ino == current)?;
-            names.push(entry.name.as_str());
+            names.push(entry.name);
             // Parents are created before their children, so this climbs strictly.
             if names.len() > MAX_DEPTH {
                 return None;
@@ -273,17 +437,67 @@ impl Index {
         Some(names.join("/"))
     }
 
-    pub fn root(&self) -> &Node {
-        &self.nodes[0]
+    pub fn root(&self) -> Node<'_> {
+        self.view(0)
     }
 
-    pub fn node(&self, ino: Ino) -> Option<&Node> {
-        self.nodes.get(ino.slot()?)
+    pub fn node(&self, ino: Ino) -> Option<Node<'_>> {
+        let slot = ino.slot().filter(|&s| s < self.inodes.len())?;
+        Some(self.view(slot))
+    }
+
+    fn view(&self, slot: usize) -> Node<'_> {
+        let inode = &self.inodes[slot];
+        let data = inode.data;
+        let (dev_major, dev_minor) = match inode.mode & S_IFMT {
+            S_IFCHR | S_IFBLK => (data.start, data.len),
+            _ => (0, 0),
+        };
+        let kind = match inode.mode & S_IFMT {
+            S_IFDIR => NodeKind::Directory {
+                children: Children {
+                    text: &self.text,
+                    entries: &self.dirents[data.range()],
+                },
+            },
+            S_IFREG => NodeKind::Regular {
+                chunks: &self.chunks[data.range()],
+            },
+            S_IFLNK => NodeKind::Symlink {
+                target: &self.text[data.range()],
+            },
+            S_IFCHR => NodeKind::CharDevice,
+            S_IFBLK => NodeKind::BlockDevice,
+            _ => NodeKind::Fifo,
+        };
+        let xattrs = match self
+            .xattrs
+            .binary_search_by_key(&(slot as u32), |(s, _)| *s)
+        {
+            Ok(i) => &self.xattrs[i].1,
+            Err(_) => &NO_XATTRS,
+        };
+        Node {
+            attr: Attr {
+                ino: Ino::from_slot(slot),
+                mode: inode.mode,
+                uid: inode.uid,
+                gid: inode.gid,
+                size: inode.size,
+                mtime: inode.mtime,
+                nlink: inode.nlink,
+                dev_major,
+                dev_minor,
+            },
+            kind,
+            xattrs,
+            parent: Ino::from_slot(inode.parent as usize),
+        }
     }
 
     /// Number of inodes.
     pub fn len(&self) -> usize {
-        self.nodes.len()
+        self.inodes.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -291,24 +505,20 @@ impl Index {
     }
 
     /// All inodes in inode order.
-    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
-        self.nodes.iter()
+    pub fn nodes(&self) -> impl Iterator<Item = Node<'_>> {
+        (0..self.inodes.len()).map(|slot| self.view(slot))
     }
 
     /// A directory's entries sorted by name; `None` when `ino` is not a directory.
-    pub fn children(&self, ino: Ino) -> Option<&[DirEntry]> {
-        match &self.node(ino)?.kind {
+    pub fn children(&self, ino: Ino) -> Option<Children<'_>> {
+        match self.node(ino)?.kind {
             NodeKind::Directory { children } => Some(children),
             _ => None,
         }
     }
 
     pub fn lookup(&self, parent: Ino, name: &str) -> Option<Ino> {
-        let children = self.children(parent)?;
-        let i = children
-            .binary_search_by(|e| e.name.as_str().cmp(name))
-            .ok()?;
-        Some(children[i].ino)
+        self.children(parent)?.find(name)
     }
 
     /// Resolves a `/`-separated path from the root without following symlinks.
@@ -322,7 +532,7 @@ impl Index {
     /// size (empty past the end); `None` when `ino` is not a regular file.
     pub fn chunks_for(&self, ino: Ino, offset: u64, len: u64) -> Option<&[Chunk]> {
         let node = self.node(ino)?;
-        let NodeKind::Regular { chunks } = &node.kind else {
+        let NodeKind::Regular { chunks } = node.kind else {
             return None;
         };
         let end = offset.saturating_add(len).min(node.attr.size);

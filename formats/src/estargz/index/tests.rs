@@ -76,7 +76,7 @@ fn names_are_cleaned_and_later_duplicates_win() {
         .children(etc)
         .unwrap()
         .iter()
-        .map(|e| e.name.as_str())
+        .map(|e| e.name)
         .collect();
     assert_eq!(names, ["gone", "passwd", "x"]);
     // A whiteout never hides a real entry of the same layer, whatever the order.
@@ -439,4 +439,86 @@ fn chunks_without_a_digest_are_refused() {
            {{"name":"legacy","type":"reg","size":3,"offset":100,"digest":"{DIGEST}"}}"#
     )))
     .unwrap();
+}
+
+/// Every inode as `ino path mode nlink`, then every directory's entries in readdir order, as
+/// `ino: name=ino ...`.
+fn layout(index: &Index) -> String {
+    let mut out = String::new();
+    for node in index.nodes() {
+        let ino = node.attr.ino;
+        out.push_str(&format!(
+            "{} {:?} {:o} {}\n",
+            ino.get(),
+            index.path(ino).unwrap(),
+            node.attr.mode,
+            node.attr.nlink
+        ));
+    }
+    for node in index.nodes() {
+        let Some(children) = index.children(node.attr.ino) else {
+            continue;
+        };
+        out.push_str(&format!("{}:", node.attr.ino.get()));
+        for entry in children.iter() {
+            out.push_str(&format!(" {}={}", entry.name, entry.ino.get()));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// A restarted daemon rebuilds the index from the persisted TOC and must hand the kernel the
+/// same inode numbers as before: numbers, their order and readdir order are pinned here for a
+/// TOC with implicit directories, hardlinks, whiteouts, an opaque directory, a later
+/// duplicate and an explicit directory after its children.
+#[test]
+fn inode_numbers_and_readdir_order_are_stable() {
+    let index = index(&toc(&format!(
+        r#"{{"name":"usr/bin/tool","type":"reg","size":3,"offset":100,"chunkDigest":"{DIGEST}"}},
+           {{"name":"etc/","type":"dir","mode":448}},
+           {{"name":"usr/bin/link","type":"hardlink","linkName":"usr/bin/tool"}},
+           {{"name":"var/lib/.wh.gone","type":"reg"}},
+           {{"name":"opt/.wh..wh..opq","type":"reg"}},
+           {{"name":"etc/zeta","type":"symlink","linkName":"../usr"}},
+           {{"name":"etc/alpha","type":"fifo","mode":384}},
+           {{"name":"usr/","type":"dir","mode":493,"uid":1}},
+           {{"name":"deep/a/b/l2","type":"hardlink","linkName":"etc/alpha"}},
+           {{"name":"etc/zeta","type":"reg","size":1,"offset":200,"chunkDigest":"{DIGEST}"}},
+           {{"name":"b","type":"char","devMajor":1,"devMinor":3}},
+           {{"name":"a","type":"dir"}},
+           {{"name":"opt/keep","type":"reg"}}"#
+    )))
+    .unwrap();
+    let expected = "\
+1 \"\" 40755 8
+2 \"etc\" 40700 2
+3 \"usr\" 40755 3
+4 \"a\" 40000 2
+5 \"usr/bin\" 40755 2
+6 \"usr/bin/link\" 100000 2
+7 \"var\" 40755 3
+8 \"var/lib\" 40755 2
+9 \"var/lib/gone\" 20000 1
+10 \"etc/alpha\" 10600 2
+11 \"etc/zeta\" 100000 1
+12 \"b\" 20000 1
+13 \"opt\" 40755 2
+14 \"opt/keep\" 100000 1
+15 \"deep\" 40755 3
+16 \"deep/a\" 40755 3
+17 \"deep/a/b\" 40755 2
+1: a=4 b=12 deep=15 etc=2 opt=13 usr=3 var=7
+2: alpha=10 zeta=11
+3: bin=5
+4:
+5: link=6 tool=6
+7: lib=8
+8: gone=9
+13: keep=14
+15: a=16
+16: b=17
+17: l2=10
+";
+    assert_eq!(layout(&index), expected);
 }
