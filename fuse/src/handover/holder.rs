@@ -238,3 +238,71 @@ fn answer(
     }
     vec![OK]
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+    use crate::handover::{FdStore, HolderClient};
+
+    fn null() -> OwnedFd {
+        std::fs::File::open("/dev/null").unwrap().into()
+    }
+
+    #[test]
+    fn keeps_lists_and_releases_fds_by_name_and_exits_when_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("holder.sock");
+        let policy = HolderPolicy {
+            orphan_after: Duration::from_secs(3600),
+            idle_exit: Some(Duration::from_millis(1)),
+        };
+        let holder = Holder::bind(&socket, policy).unwrap();
+        let second = Holder::bind(&socket, policy);
+        assert!(second.is_err(), "a second holder on a live socket");
+        let served = std::thread::spawn(move || holder.run());
+
+        let client = HolderClient::at(&socket);
+        client.keep("/a/fs", null().as_fd()).unwrap();
+        client.keep("/b/fs", null().as_fd()).unwrap();
+        client.keep("/a/fs", null().as_fd()).unwrap();
+        let mut names: Vec<String> = client.kept().unwrap().into_iter().map(|(n, _)| n).collect();
+        names.sort();
+        assert_eq!(names, ["/a/fs", "/b/fs"], "one fd per name, the latest");
+        let copy = client.kept().unwrap().remove(0).1;
+        assert!(nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&copy)).is_ok());
+
+        client.release("/a/fs").unwrap();
+        client.release("/never-kept").unwrap();
+        let names: Vec<String> = client.kept().unwrap().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["/b/fs"]);
+        client.release("/b/fs").unwrap();
+        // Nothing kept and nobody attached: it exits (within its one-second tick) and removes
+        // its socket.
+        served.join().unwrap().unwrap();
+        assert!(!socket.exists());
+    }
+
+    #[test]
+    fn an_attached_daemon_keeps_the_holder_and_its_fds() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("holder.sock");
+        let policy = HolderPolicy {
+            orphan_after: Duration::from_millis(1),
+            idle_exit: Some(Duration::from_millis(1)),
+        };
+        let holder = Holder::bind(&socket, policy).unwrap();
+        let served = std::thread::spawn(move || holder.run());
+        let program = std::path::Path::new("/nonexistent/shoal-fdholder");
+        let daemon =
+            HolderClient::connect_or_start(&socket, program, Duration::from_secs(1)).unwrap();
+        daemon.keep("/a/fs", null().as_fd()).unwrap();
+        // Several ticks pass with the daemon attached: nothing is let go.
+        std::thread::sleep(Duration::from_millis(2500));
+        assert_eq!(daemon.kept().unwrap().len(), 1);
+        // The daemon goes: past orphan_after the fds are released, then the holder exits.
+        drop(daemon);
+        served.join().unwrap().unwrap();
+    }
+}
