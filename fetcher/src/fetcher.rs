@@ -43,7 +43,9 @@ struct Inner {
     /// Replaced whole by [`Fetcher::reload_registry`]; a request in flight keeps the client
     /// it started with.
     registry: RwLock<RegistryClient>,
-    cache: ChunkCache,
+    /// Shared with the peer listener and announcer, which read it through
+    /// [`HeldBlocks`](crate::peer::HeldBlocks).
+    cache: Arc<ChunkCache>,
     flights: Arc<Flights>,
     /// Bounds remote fetches in flight over all blobs (`fetch.max_concurrent`).
     remote: Semaphore,
@@ -96,7 +98,7 @@ impl Fetcher {
         Fetcher {
             inner: Arc::new(Inner {
                 registry: RwLock::new(registry),
-                cache,
+                cache: Arc::new(cache),
                 flights: Arc::new(Flights::with_failure_window(FAILED_FETCH_WINDOW)),
                 remote: Semaphore::new(config.max_concurrent.max(1)),
                 counters: Counters::default(),
@@ -140,14 +142,14 @@ impl Fetcher {
         self.inner.peers.as_deref()
     }
 
-    pub(crate) fn peers_arc(&self) -> Option<Arc<Peers>> {
-        self.inner.peers.clone()
-    }
-
     /// Binds the peer listener and starts membership probing and announcements on the
     /// current runtime; the bound address, or `None` when peers are not configured.
     pub async fn start_peers(&self) -> Result<Option<std::net::SocketAddr>, FetchError> {
-        peer::start(self).await
+        let Some(peers) = self.inner.peers.clone() else {
+            return Ok(None);
+        };
+        let bound = peer::start(peers, self.inner.cache.clone()).await?;
+        Ok(Some(bound))
     }
 
     /// Waits until every fetch started so far has cached its blocks (or failed to). Reads

@@ -20,6 +20,7 @@ mod announce;
 mod blockset;
 mod client;
 mod hedge;
+mod held;
 mod index;
 mod limiter;
 mod member;
@@ -36,6 +37,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -46,12 +48,12 @@ use tracing::{debug, info, warn};
 use crate::cache::BlockKey;
 use crate::digest::Digest;
 use crate::error::FetchError;
-use crate::fetcher::Fetcher;
 use crate::reference::BlobRef;
 use announce::Announcer;
 use blockset::{BlockSet, MAX_SHARED_BLOCKS};
 use client::{PeerClient, PeerFailure};
 use hedge::runs_by_holder;
+pub(crate) use held::HeldBlocks;
 use index::{Exclusions, OwnerIndex};
 use limiter::UploadLimiter;
 use member::{Membership, NodeId, Penalty};
@@ -481,11 +483,11 @@ impl Peers {
 }
 
 /// Binds the peer listener and starts membership upkeep, announcements and the listener on
-/// the current runtime. Returns the bound address.
-pub async fn start(fetcher: &Fetcher) -> Result<Option<std::net::SocketAddr>, FetchError> {
-    let Some(peers) = fetcher.peers_arc() else {
-        return Ok(None);
-    };
+/// the current runtime, serving blocks from `held`. Returns the bound address.
+pub(crate) async fn start(
+    peers: Arc<Peers>,
+    held: Arc<dyn HeldBlocks>,
+) -> Result<std::net::SocketAddr, FetchError> {
     let tls = peers.config.tls.as_ref().map(tls::acceptor).transpose()?;
     let listen = peers.config.listen;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -509,10 +511,10 @@ pub async fn start(fetcher: &Fetcher) -> Result<Option<std::net::SocketAddr>, Fe
              member's address, including any local user of a member node; set peers.tls"
         );
     }
-    tokio::spawn(server::serve(listener, tls, fetcher.clone()));
+    tokio::spawn(server::serve(listener, tls, peers.clone(), held.clone()));
     tokio::spawn(probe::run(peers.clone()));
-    tokio::spawn(announce::run(peers, fetcher.clone()));
-    Ok(Some(bound))
+    tokio::spawn(announce::run(peers, held));
+    Ok(bound)
 }
 
 /// What one round of asking peers came to: blocks they sent, blocks to fetch from the

@@ -22,8 +22,9 @@ use lru::LruCache;
 use tracing::warn;
 
 use super::blockset::BlockSet;
+use super::held::HeldBlocks;
 use super::member::PeerAddr;
-use crate::cache::{BlockKey, ChunkCache};
+use crate::cache::BlockKey;
 use crate::digest::Digest;
 use crate::error::FetchError;
 
@@ -147,15 +148,15 @@ impl Shareable {
 
     /// Every blob's shareable blocks, less those the cache no longer holds (evicted, or
     /// dropped by a refetch), which stop being shareable too.
-    pub fn retain_cached(&self, cache: &ChunkCache) -> Vec<(Digest, BlockSet)> {
+    pub fn retain_held(&self, held: &dyn HeldBlocks) -> Vec<(Digest, BlockSet)> {
         let mut sets = self.sets.lock();
         let before = sets.len();
         for (blob, set) in sets.iter_mut() {
             let mut dropped = false;
             set.retain(|index| {
-                let held = cache.contains(&BlockKey::new(blob.clone(), index));
-                dropped |= !held;
-                held
+                let kept = held.holds(&BlockKey::new(blob.clone(), index));
+                dropped |= !kept;
+                kept
             });
             if dropped {
                 self.dirty.store(true, Ordering::Relaxed);
