@@ -480,7 +480,7 @@ impl Fetcher {
             Err(error) => {
                 inner.counters.error();
                 tracing::debug!(blob = %blob.digest, ?range, %error, "block fetch failed");
-                let error = Arc::new(error);
+                let error = Arc::new(FetchError::from(error));
                 for lead in gap {
                     lead.publish(Err(error.clone()));
                 }

@@ -19,6 +19,7 @@
 mod announce;
 mod blockset;
 mod client;
+mod error;
 mod hedge;
 mod held;
 mod index;
@@ -47,7 +48,7 @@ use tracing::{debug, info, warn};
 
 use crate::cache::BlockKey;
 use crate::digest::Digest;
-use crate::error::FetchError;
+
 use crate::reference::BlobRef;
 use announce::Announcer;
 use blockset::{BlockSet, MAX_SHARED_BLOCKS};
@@ -62,6 +63,7 @@ use shareable::Shareable;
 use stats::{Outcome, PeerCounters, PeerGauges};
 use wire::{Advice, Lookup, Renew, MAX_LOOKUP_BLOCKS};
 
+pub use error::PeerError;
 pub use member::PeerAddr;
 pub use stats::{PeerStats, PerPeer};
 
@@ -98,7 +100,7 @@ impl Peers {
         config: &PeersConfig,
         block_size: u64,
         state: Option<PathBuf>,
-    ) -> Result<Peers, FetchError> {
+    ) -> Result<Peers, PeerError> {
         Ok(Peers {
             block_size,
             node: NodeId::random(),
@@ -487,18 +489,18 @@ impl Peers {
 pub(crate) async fn start(
     peers: Arc<Peers>,
     held: Arc<dyn HeldBlocks>,
-) -> Result<std::net::SocketAddr, FetchError> {
+) -> Result<std::net::SocketAddr, PeerError> {
     let tls = peers.config.tls.as_ref().map(tls::acceptor).transpose()?;
     let listen = peers.config.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|source| FetchError::BindPeerListener {
+        .map_err(|source| PeerError::BindPeerListener {
             address: listen,
             source,
         })?;
     let bound = listener
         .local_addr()
-        .map_err(|source| FetchError::BindPeerListener {
+        .map_err(|source| PeerError::BindPeerListener {
             address: listen,
             source,
         })?;

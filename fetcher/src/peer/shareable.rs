@@ -22,11 +22,11 @@ use lru::LruCache;
 use tracing::warn;
 
 use super::blockset::BlockSet;
+use super::error::PeerError;
 use super::held::HeldBlocks;
 use super::member::PeerAddr;
 use crate::cache::BlockKey;
 use crate::digest::Digest;
-use crate::error::FetchError;
 
 /// Peer-sourced blocks remembered until verified (or blamed); the oldest are forgotten first
 /// and then simply never shared.
@@ -186,7 +186,7 @@ impl Shareable {
 
     /// Writes the sets to their file if they changed since the last save (a new file, then
     /// renamed over the old one, so a crash leaves one or the other whole).
-    pub fn save(&self) -> Result<(), FetchError> {
+    pub fn save(&self) -> Result<(), PeerError> {
         let Some(path) = &self.file else {
             return Ok(());
         };
@@ -196,7 +196,7 @@ impl Shareable {
         saved
     }
 
-    fn write(&self, path: &Path) -> Result<(), FetchError> {
+    fn write(&self, path: &Path) -> Result<(), PeerError> {
         if !self.dirty.swap(false, Ordering::SeqCst) {
             return Ok(());
         }
@@ -218,7 +218,7 @@ impl Shareable {
             .and_then(|()| std::fs::rename(&fresh, path));
         written.map_err(|source| {
             self.dirty.store(true, Ordering::SeqCst);
-            FetchError::PersistShareable {
+            PeerError::PersistShareable {
                 path: path.to_path_buf(),
                 source,
             }
