@@ -360,73 +360,119 @@ impl Fetcher {
     /// as they are cached, so that peers waiting for them get them while this node still
     /// waits on others for the rest of the run.
     async fn fetch_run(self, blob: BlobRef, run: Vec<Lead>, mode: Mode) {
-        let Some(first) = run.first().map(|lead| lead.key().index) else {
+        if run.is_empty() {
             return;
-        };
-        let inner = &self.inner;
-        let peers = match (&inner.peers, mode) {
-            (Some(peers), Mode::Index | Mode::Read { peers: true }) => Some(peers),
-            _ => None,
-        };
-        let mut from_peers: Vec<(u64, Bytes)> = Vec::new();
-        {
-            let Ok(_permit) = inner.remote.acquire().await else {
+        }
+        let peers = self.peers_for(mode);
+        let from_peers = {
+            let Ok(_permit) = self.inner.remote.acquire().await else {
                 return;
             };
-            let _in_flight = inner.counters.in_flight();
-            let deadline = peers.map(|peers| peers.deadline());
-            let mut remaining: Vec<u64> = run.iter().map(|lead| lead.key().index).collect();
-            while !remaining.is_empty() {
-                let round = match (peers, deadline) {
-                    (Some(peers), Some(deadline)) => {
-                        let started = std::time::Instant::now();
-                        let round = peers.fetch(&blob, &remaining, deadline).await;
-                        if !round.got.is_empty() {
-                            inner.latency.observe(Source::Peer, started.elapsed());
-                        }
-                        round
-                    }
-                    _ => PeerRound::registry(remaining),
-                };
-                for (index, bytes) in round.got {
-                    let lead = &run[(index - first) as usize];
-                    inner
-                        .counters
-                        .served(&blob.digest, Source::Peer, bytes.len() as u64);
-                    lead.publish(Ok(bytes.clone()));
-                    from_peers.push((index, bytes));
-                }
-                let gap: Vec<&Lead> = round
-                    .fetch
-                    .iter()
-                    .map(|index| &run[(index - first) as usize])
-                    .collect();
-                let fetch_gaps = async {
-                    for gap in adjacent(&gap) {
-                        let got = self.fetch_registry(&blob, gap).await;
-                        let landed: Vec<u64> = got.iter().map(|(index, _)| *index).collect();
-                        self.store(&blob, got).await;
-                        // Shared only where peers may ask for it: blobs they can verify.
-                        if let Some(peers) = peers {
-                            peers.landed(&blob.digest, &landed);
-                        }
-                    }
-                };
-                match (peers, round.fetch.first(), round.fetch.last()) {
-                    // Others may be waiting for these: keep them waiting while this node
-                    // fetches, however long that takes.
-                    (Some(peers), Some(&a), Some(&b)) => {
-                        peers.renewing(&blob, a..b + 1, fetch_gaps).await
-                    }
-                    _ => fetch_gaps.await,
-                }
-                remaining = round.waiting;
-            }
-        }
+            let _in_flight = self.inner.counters.in_flight();
+            self.fetch_remote(&blob, &run, peers).await
+        };
         // The leads stay registered until the blocks are cached, so a reader arriving
         // meanwhile joins the finished flight instead of fetching again.
         self.store(&blob, from_peers).await;
         drop(run);
+    }
+
+    /// The peer network, when `mode` may ask it.
+    fn peers_for(&self, mode: Mode) -> Option<&Peers> {
+        match mode {
+            Mode::Index | Mode::Read { peers: true } => self.inner.peers.as_deref(),
+            Mode::Read { peers: false } | Mode::Refetch => None,
+        }
+    }
+
+    /// Rounds of asking `peers` (when given) and fetching from the registry what they cannot
+    /// send, until every block of `run` is answered. The registry's blocks are cached as they
+    /// land; the peers' are returned, for the caller to cache.
+    async fn fetch_remote(
+        &self,
+        blob: &BlobRef,
+        run: &[Lead],
+        peers: Option<&Peers>,
+    ) -> Vec<(u64, Bytes)> {
+        let deadline = peers.map(Peers::deadline);
+        let mut remaining: Vec<u64> = run.iter().map(|lead| lead.key().index).collect();
+        let mut from_peers = Vec::new();
+        while !remaining.is_empty() {
+            let round = match (peers, deadline) {
+                (Some(peers), Some(deadline)) => {
+                    self.ask_peers(peers, blob, &remaining, deadline).await
+                }
+                _ => PeerRound::registry(remaining),
+            };
+            from_peers.extend(self.answer_from_peers(blob, run, round.got));
+            self.fetch_gaps(blob, run, &round.fetch, peers).await;
+            remaining = round.waiting;
+        }
+        from_peers
+    }
+
+    /// One round of asking `peers` for `blocks` of `blob`, timed when they sent any.
+    async fn ask_peers(
+        &self,
+        peers: &Peers,
+        blob: &BlobRef,
+        blocks: &[u64],
+        deadline: std::time::Instant,
+    ) -> PeerRound {
+        let started = std::time::Instant::now();
+        let round = peers.fetch(blob, blocks, deadline).await;
+        if !round.got.is_empty() {
+            self.inner.latency.observe(Source::Peer, started.elapsed());
+        }
+        round
+    }
+
+    /// Answers the waiters of the blocks of `run` that peers sent, and returns those blocks.
+    fn answer_from_peers(
+        &self,
+        blob: &BlobRef,
+        run: &[Lead],
+        got: Vec<(u64, Bytes)>,
+    ) -> Vec<(u64, Bytes)> {
+        for (index, bytes) in &got {
+            self.inner
+                .counters
+                .served(&blob.digest, Source::Peer, bytes.len() as u64);
+            lead_of(run, *index).publish(Ok(bytes.clone()));
+        }
+        got
+    }
+
+    /// Fetches `blocks` (ascending) of `run` from the registry, one range request per
+    /// stretch of adjacent blocks, caching each stretch and announcing it to `peers` as soon
+    /// as it is cached. Others may be waiting for these blocks: while this node fetches them,
+    /// however long that takes, it renews its right to them.
+    async fn fetch_gaps(
+        &self,
+        blob: &BlobRef,
+        run: &[Lead],
+        blocks: &[u64],
+        peers: Option<&Peers>,
+    ) {
+        let (Some(&first), Some(&last)) = (blocks.first(), blocks.last()) else {
+            return;
+        };
+        let gap: Vec<&Lead> = blocks.iter().map(|&index| lead_of(run, index)).collect();
+        let fetch = async {
+            for stretch in adjacent(&gap) {
+                let got = self.fetch_registry(blob, stretch).await;
+                let landed: Vec<u64> = got.iter().map(|(index, _)| *index).collect();
+                self.store(blob, got).await;
+                // Shared only where peers may ask for it: blobs they can verify.
+                if let Some(peers) = peers {
+                    peers.landed(&blob.digest, &landed);
+                }
+            }
+        };
+        match peers {
+            Some(peers) => peers.renewing(blob, first..last + 1, fetch).await,
+            None => fetch.await,
+        }
     }
 
     /// Writes fetched blocks to the cache, off the runtime's threads.
@@ -546,6 +592,11 @@ impl From<Route> for Mode {
             Route::Index => Mode::Index,
         }
     }
+}
+
+/// The lead of block `index` of `run` (adjacent blocks, in order).
+fn lead_of(run: &[Lead], index: u64) -> &Lead {
+    &run[(index - run[0].key().index) as usize]
 }
 
 /// Leads (in block order) cut where a block is missing.
