@@ -36,7 +36,6 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::digest::{Digest, RawDigest};
-
 use blob_file::BlobFile;
 pub use error::CacheError;
 pub use geometry::BlockGeometry;

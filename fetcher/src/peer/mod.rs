@@ -48,7 +48,6 @@ use tracing::{debug, info, warn};
 
 use crate::cache::BlockKey;
 use crate::digest::Digest;
-
 use crate::reference::BlobRef;
 use announce::Announcer;
 use blockset::{BlockSet, MAX_SHARED_BLOCKS};

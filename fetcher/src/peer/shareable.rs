@@ -313,6 +313,45 @@ mod tests {
         assert!(!shareable.contains_all(&blob, 0..2));
     }
 
+    /// Holds exactly the blocks it is given.
+    struct Holding(HashSet<BlockKey>);
+
+    impl HeldBlocks for Holding {
+        fn read(&self, _: &Digest, _: Range<u64>) -> Option<bytes::Bytes> {
+            None
+        }
+
+        fn holds(&self, block: &BlockKey) -> bool {
+            self.0.contains(block)
+        }
+    }
+
+    #[test]
+    fn blocks_no_longer_held_stop_being_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let shareable = Shareable::open(Some(dir.path().join("shareable")));
+        let (kept, gone) = (Digest::of(b"kept"), Digest::of(b"gone"));
+        shareable.add(&kept, &set(&[0, 1, 2]));
+        shareable.add(&gone, &set(&[4]));
+        shareable.save().unwrap();
+        assert!(!shareable.is_dirty());
+        // Block 1 of one blob was evicted, every block of the other.
+        let held = Holding(HashSet::from([
+            BlockKey::new(kept.clone(), 0),
+            BlockKey::new(kept.clone(), 2),
+        ]));
+        let sets = shareable.retain_held(&held);
+        assert_eq!(sets.len(), 1, "a blob with nothing held is not announced");
+        assert_eq!(sets[0].0, kept);
+        assert!(shareable.contains_all(&kept, 0..1) && shareable.contains_all(&kept, 2..3));
+        assert!(!shareable.contains_all(&kept, 1..2));
+        assert!(!shareable.contains_all(&gone, 4..5));
+        assert!(
+            shareable.is_dirty(),
+            "what is shared changed and must be saved"
+        );
+    }
+
     #[test]
     fn the_sets_survive_a_restart_and_a_damaged_file_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
