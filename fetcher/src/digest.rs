@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use sha2::{Digest as _, Sha256};
 
-use crate::error::FetchError;
+use crate::parse_error::ParseError;
 
 const SHA256_PREFIX: &str = "sha256:";
 const SHA256_HEX_LEN: usize = 64;
@@ -23,8 +23,8 @@ pub struct RawDigest(pub [u8; 32]);
 impl Digest {
     /// Parses `sha256:<hex>`; other algorithms are rejected because nothing in the read path
     /// could verify them.
-    pub fn parse(text: &str) -> Result<Digest, FetchError> {
-        let invalid = |reason: &str| FetchError::ParseDigest {
+    pub fn parse(text: &str) -> Result<Digest, ParseError> {
+        let invalid = |reason: &str| ParseError::ParseDigest {
             text: text.chars().take(100).collect(),
             reason: reason.to_owned(),
         };
@@ -71,9 +71,9 @@ impl Digest {
 }
 
 impl FromStr for RawDigest {
-    type Err = FetchError;
+    type Err = ParseError;
 
-    fn from_str(text: &str) -> Result<RawDigest, FetchError> {
+    fn from_str(text: &str) -> Result<RawDigest, ParseError> {
         Digest::parse(text).map(|digest| digest.raw())
     }
 }
@@ -92,9 +92,9 @@ impl fmt::Debug for RawDigest {
 }
 
 impl FromStr for Digest {
-    type Err = FetchError;
+    type Err = ParseError;
 
-    fn from_str(text: &str) -> Result<Digest, FetchError> {
+    fn from_str(text: &str) -> Result<Digest, ParseError> {
         Digest::parse(text)
     }
 }

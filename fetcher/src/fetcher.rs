@@ -1,6 +1,8 @@
 //! [`Fetcher`]: bytes of a blob, from the chunk cache when it has them, else fetched, cached
 //! and shared with every concurrent reader of the same blocks.
 
+mod run;
+
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -14,12 +16,13 @@ use crate::cache::{BlockGeometry, BlockKey, ChunkCache};
 use crate::error::FetchError;
 use crate::flight::{Flights, Joined, Lead, Waiter};
 use crate::latency::FetchLatency;
-use crate::peer::{self, PeerRound, Peers};
+use crate::peer::{self, Peers};
 use crate::reference::BlobRef;
 use crate::registry::RegistryClient;
 use crate::runs::Runs;
 use crate::stats::{BlobBytes, Counters, FetchStats, Source};
 use crate::trust::Route;
+use run::runs;
 
 /// Adjacent missing blocks are fetched with one range request of at most this many bytes.
 const MAX_RUN_BYTES: u64 = 16 << 20;
@@ -29,9 +32,6 @@ const PREFETCH_WINDOW_RUNS: u64 = 4;
 /// kernel follows a failed readahead with a read of its own, which must not wait out a second
 /// registry deadline, but must still succeed if the registry answers again.
 const FAILED_FETCH_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
-/// The one attempt a block gets within [`FAILED_FETCH_WINDOW`] (or `registry.timeout_secs`,
-/// when shorter).
-const AFTER_FAILURE_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The crate's front door: `read(blob, range)`. Cheap to clone; clones share everything.
 #[derive(Clone)]
@@ -43,7 +43,9 @@ struct Inner {
     /// Replaced whole by [`Fetcher::reload_registry`]; a request in flight keeps the client
     /// it started with.
     registry: RwLock<RegistryClient>,
-    cache: ChunkCache,
+    /// Shared with the peer listener and announcer, which read it through
+    /// [`HeldBlocks`](crate::peer::HeldBlocks).
+    cache: Arc<ChunkCache>,
     flights: Arc<Flights>,
     /// Bounds remote fetches in flight over all blobs (`fetch.max_concurrent`).
     remote: Semaphore,
@@ -96,7 +98,7 @@ impl Fetcher {
         Fetcher {
             inner: Arc::new(Inner {
                 registry: RwLock::new(registry),
-                cache,
+                cache: Arc::new(cache),
                 flights: Arc::new(Flights::with_failure_window(FAILED_FETCH_WINDOW)),
                 remote: Semaphore::new(config.max_concurrent.max(1)),
                 counters: Counters::default(),
@@ -140,14 +142,14 @@ impl Fetcher {
         self.inner.peers.as_deref()
     }
 
-    pub(crate) fn peers_arc(&self) -> Option<Arc<Peers>> {
-        self.inner.peers.clone()
-    }
-
     /// Binds the peer listener and starts membership probing and announcements on the
     /// current runtime; the bound address, or `None` when peers are not configured.
     pub async fn start_peers(&self) -> Result<Option<std::net::SocketAddr>, FetchError> {
-        peer::start(self).await
+        let Some(peers) = self.inner.peers.clone() else {
+            return Ok(None);
+        };
+        let bound = peer::start(peers, self.inner.cache.clone()).await?;
+        Ok(Some(bound))
     }
 
     /// Waits until every fetch started so far has cached its blocks (or failed to). Reads
@@ -351,154 +353,6 @@ impl Fetcher {
         }
         Ok((got, tasks))
     }
-
-    /// Fetches one run of adjacent blocks: from peers when they have them (unless this is a
-    /// refetch), the rest from the registry with one range request per gap; answers the
-    /// waiters, caches the blocks, and announces those that came from the registry as soon
-    /// as they are cached, so that peers waiting for them get them while this node still
-    /// waits on others for the rest of the run.
-    async fn fetch_run(self, blob: BlobRef, run: Vec<Lead>, mode: Mode) {
-        let Some(first) = run.first().map(|lead| lead.key().index) else {
-            return;
-        };
-        let inner = &self.inner;
-        let peers = match (&inner.peers, mode) {
-            (Some(peers), Mode::Index | Mode::Read { peers: true }) => Some(peers),
-            _ => None,
-        };
-        let mut from_peers: Vec<(u64, Bytes)> = Vec::new();
-        {
-            let Ok(_permit) = inner.remote.acquire().await else {
-                return;
-            };
-            let _in_flight = inner.counters.in_flight();
-            let deadline = peers.map(|peers| peers.deadline());
-            let mut remaining: Vec<u64> = run.iter().map(|lead| lead.key().index).collect();
-            while !remaining.is_empty() {
-                let round = match (peers, deadline) {
-                    (Some(peers), Some(deadline)) => {
-                        let started = std::time::Instant::now();
-                        let round = peers.fetch(&blob, &remaining, deadline).await;
-                        if !round.got.is_empty() {
-                            inner.latency.observe(Source::Peer, started.elapsed());
-                        }
-                        round
-                    }
-                    _ => PeerRound::registry(remaining),
-                };
-                for (index, bytes) in round.got {
-                    let lead = &run[(index - first) as usize];
-                    inner
-                        .counters
-                        .served(&blob.digest, Source::Peer, bytes.len() as u64);
-                    lead.publish(Ok(bytes.clone()));
-                    from_peers.push((index, bytes));
-                }
-                let gap: Vec<&Lead> = round
-                    .fetch
-                    .iter()
-                    .map(|index| &run[(index - first) as usize])
-                    .collect();
-                let fetch_gaps = async {
-                    for gap in adjacent(&gap) {
-                        let got = self.fetch_registry(&blob, gap).await;
-                        let landed: Vec<u64> = got.iter().map(|(index, _)| *index).collect();
-                        self.store(&blob, got).await;
-                        // Shared only where peers may ask for it: blobs they can verify.
-                        if let Some(peers) = peers {
-                            peers.landed(&blob.digest, &landed);
-                        }
-                    }
-                };
-                match (peers, round.fetch.first(), round.fetch.last()) {
-                    // Others may be waiting for these: keep them waiting while this node
-                    // fetches, however long that takes.
-                    (Some(peers), Some(&a), Some(&b)) => {
-                        peers.renewing(&blob, a..b + 1, fetch_gaps).await
-                    }
-                    _ => fetch_gaps.await,
-                }
-                remaining = round.waiting;
-            }
-        }
-        // The leads stay registered until the blocks are cached, so a reader arriving
-        // meanwhile joins the finished flight instead of fetching again.
-        self.store(&blob, from_peers).await;
-        drop(run);
-    }
-
-    /// Writes fetched blocks to the cache, off the runtime's threads.
-    async fn store(&self, blob: &BlobRef, blocks: Vec<(u64, Bytes)>) {
-        if blocks.is_empty() {
-            return;
-        }
-        let fetcher = self.clone();
-        let blob = blob.clone();
-        let cached = tokio::task::spawn_blocking(move || {
-            for (index, part) in blocks {
-                match fetcher
-                    .inner
-                    .cache
-                    .insert(&blob.digest, blob.size, index, &part)
-                {
-                    // A full disk is logged by the cache, once per spell.
-                    Err(error) if error.is_no_space() => {}
-                    Err(error) => tracing::warn!(%error, "block fetched but not cached"),
-                    Ok(()) => {}
-                }
-            }
-        })
-        .await;
-        if let Err(error) = cached {
-            tracing::warn!(%error, "caching task failed");
-        }
-    }
-
-    /// Adjacent blocks `gap` from the registry with one range request; answers their
-    /// waiters and returns them (none on failure).
-    async fn fetch_registry(&self, blob: &BlobRef, gap: &[&Lead]) -> Vec<(u64, Bytes)> {
-        let (Some(first), Some(last)) = (gap.first(), gap.last()) else {
-            return Vec::new();
-        };
-        let geometry = self.geometry(blob);
-        let range = geometry.span(first.key().index).start..geometry.span(last.key().index).end;
-        let inner = &self.inner;
-        tracing::debug!(blob = %blob.digest, ?range, "fetching blocks from the registry");
-        let started = std::time::Instant::now();
-        let fetched = if gap.iter().all(|lead| lead.after_failure()) {
-            self.registry()
-                .get_blob_range_briefly(blob, range.clone(), AFTER_FAILURE_ATTEMPT)
-                .await
-        } else {
-            self.registry().get_blob_range(blob, range.clone()).await
-        };
-        inner.latency.observe(Source::Registry, started.elapsed());
-        let bytes = match fetched {
-            Ok(bytes) => bytes,
-            Err(error) => {
-                inner.counters.error();
-                tracing::debug!(blob = %blob.digest, ?range, %error, "block fetch failed");
-                let error = Arc::new(error);
-                for lead in gap {
-                    lead.publish(Err(error.clone()));
-                }
-                return Vec::new();
-            }
-        };
-        inner
-            .counters
-            .served(&blob.digest, Source::Registry, bytes.len() as u64);
-        gap.iter()
-            .map(|lead| {
-                let block = geometry.span(lead.key().index);
-                let part = bytes.slice(
-                    (block.start - range.start) as usize..(block.end - range.start) as usize,
-                );
-                lead.publish(Ok(part.clone()));
-                (lead.key().index, part)
-            })
-            .collect()
-    }
 }
 
 /// Consecutive parts of one range, joined.
@@ -544,34 +398,4 @@ impl From<Route> for Mode {
             Route::Index => Mode::Index,
         }
     }
-}
-
-/// Leads (in block order) cut where a block is missing.
-fn adjacent<'a>(leads: &'a [&'a Lead]) -> Vec<&'a [&'a Lead]> {
-    let mut cuts = Vec::new();
-    let mut start = 0;
-    for at in 1..=leads.len() {
-        let broken = at == leads.len() || leads[at - 1].key().index + 1 != leads[at].key().index;
-        if broken {
-            cuts.push(&leads[start..at]);
-            start = at;
-        }
-    }
-    cuts
-}
-
-/// Splits leads (in block order) into runs of adjacent blocks, each at most `max` long.
-fn runs(leads: Vec<Lead>, max: u64) -> Vec<Vec<Lead>> {
-    let mut runs: Vec<Vec<Lead>> = Vec::new();
-    for lead in leads {
-        let extends = runs
-            .last()
-            .and_then(|run| run.last())
-            .is_some_and(|last| last.key().index + 1 == lead.key().index);
-        match runs.last_mut() {
-            Some(run) if extends && (run.len() as u64) < max => run.push(lead),
-            _ => runs.push(vec![lead]),
-        }
-    }
-    runs
 }

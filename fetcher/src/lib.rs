@@ -14,17 +14,22 @@
 //! - [`peer::Peers`] asks other nodes for blocks before the registry (rendezvous-placed
 //!   index owners, announcements, HTTP/2 block requests), and serves them this node's.
 //! - [`Digest`] (and its `Copy` bytes, [`RawDigest`]), [`ImageRef`] and [`BlobRef`] name
-//!   what is fetched; [`FetchError`] says what failed.
+//!   what is fetched.
+//! - Errors: each part has its own ([`CacheError`], [`RegistryError`] with [`HttpFailure`],
+//!   [`PushError`], [`CredentialsError`], [`PeerError`], [`ParseError`]); [`FetchError`], the
+//!   boundary's, joins them with the read path's own failures.
 //!
 //! Nothing here knows about FUSE or containerd, and nothing builds a runtime: the async API
 //! runs on the caller's tokio runtime, and the `read_cached` paths are synchronous.
 
 mod cache;
+mod causes;
 mod digest;
 mod error;
 mod fetcher;
 mod flight;
 mod latency;
+mod parse_error;
 pub mod peer;
 pub mod private;
 mod reference;
@@ -33,15 +38,21 @@ mod runs;
 mod stats;
 pub mod trust;
 
-pub use cache::{BlockGeometry, BlockKey, CacheUsage, ChunkCache, MAX_CACHED_BLOB_BYTES};
+pub use cache::{
+    BlockGeometry, BlockKey, CacheError, CacheUsage, ChunkCache, MAX_CACHED_BLOB_BYTES,
+};
+pub use causes::with_causes;
 pub use digest::{Digest, RawDigest};
-pub use error::{with_causes, FetchError, HttpFailure};
+pub use error::FetchError;
 pub use fetcher::Fetcher;
 pub use latency::{FetchLatency, Histogram, HistogramSnapshot, BUCKET_BOUNDS};
+pub use parse_error::ParseError;
+pub use peer::PeerError;
 pub use reference::{BlobRef, ImageRef};
 pub use registry::{
-    BlobContent, Credential, Credentials, Manifest, Pushed, PushedManifest, RegistryClient,
-    RetryPolicy, MANIFEST_MEDIA_TYPES, MAX_WHOLE_BLOB_BYTES,
+    BlobContent, Credential, Credentials, CredentialsError, HttpFailure, Manifest, PushError,
+    Pushed, PushedManifest, RegistryClient, RegistryError, RetryPolicy, MANIFEST_MEDIA_TYPES,
+    MAX_WHOLE_BLOB_BYTES,
 };
 pub use stats::{BlobBytes, FetchStats, Source, MAX_COUNTED_BLOBS};
 pub use trust::{Anchor, Anchored, BlobRead, Checked, Decode, Expect, MemoryBlobs, Rejection};

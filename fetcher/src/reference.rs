@@ -4,7 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::digest::Digest;
-use crate::error::FetchError;
+use crate::parse_error::ParseError;
 
 /// The name Docker Hub goes by in references.
 const DOCKER_HUB: &str = "docker.io";
@@ -26,8 +26,8 @@ pub struct ImageRef {
 }
 
 impl ImageRef {
-    pub fn parse(text: &str) -> Result<ImageRef, FetchError> {
-        let invalid = |reason: &str| FetchError::ParseReference {
+    pub fn parse(text: &str) -> Result<ImageRef, ParseError> {
+        let invalid = |reason: &str| ParseError::ParseReference {
             text: text.chars().take(300).collect(),
             reason: reason.to_owned(),
         };
@@ -82,7 +82,7 @@ impl ImageRef {
     }
 
     /// A reference to `repository` on `host` with no tag or digest, as blob references need.
-    pub fn repository(host: &str, repository: &str) -> Result<ImageRef, FetchError> {
+    pub fn repository(host: &str, repository: &str) -> Result<ImageRef, ParseError> {
         ImageRef::parse(&format!("{host}/{repository}"))
     }
 
@@ -123,9 +123,9 @@ impl ImageRef {
 }
 
 impl FromStr for ImageRef {
-    type Err = FetchError;
+    type Err = ParseError;
 
-    fn from_str(text: &str) -> Result<ImageRef, FetchError> {
+    fn from_str(text: &str) -> Result<ImageRef, ParseError> {
         ImageRef::parse(text)
     }
 }

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use shoal_fetcher::{BlockKey, ChunkCache, Digest, FetchError};
+use shoal_fetcher::{BlockKey, CacheError, ChunkCache, Digest};
 
 const BLOCK: u64 = 4096;
 
@@ -167,19 +167,19 @@ fn bad_inserts_are_refused() {
     let blob = Digest::of(b"blob");
     assert!(matches!(
         cache.insert(&blob, 2 * BLOCK, 0, &[1u8; 100]),
-        Err(FetchError::CacheBlockLength { .. })
+        Err(CacheError::CacheBlockLength { .. })
     ));
     assert!(matches!(
         cache.insert(&blob, 2 * BLOCK, 5, &block(1)),
-        Err(FetchError::CacheBlockLength { .. })
+        Err(CacheError::CacheBlockLength { .. })
     ));
     assert!(matches!(
         cache.insert(&blob, 3 * BLOCK, 0, &block(1)),
-        Err(FetchError::CacheBlobSize { .. })
+        Err(CacheError::CacheBlobSize { .. })
     ));
     assert!(matches!(
         cache.insert(&Digest::of(b"huge"), u64::MAX, 0, &block(1)),
-        Err(FetchError::BlobTooLarge { .. })
+        Err(CacheError::BlobTooLarge { .. })
     ));
     assert_eq!(cache.usage().blocks, 0);
 }
@@ -241,7 +241,7 @@ fn a_full_disk_is_a_clear_error_and_leaves_the_cache_consistent() {
         }
         assert!(stored < 64, "a 64 KiB file system cannot hold 256 KiB");
     };
-    assert!(matches!(error, FetchError::CacheNoSpace { .. }), "{error}");
+    assert!(matches!(error, CacheError::CacheNoSpace { .. }), "{error}");
     assert!(error.to_string().contains("no space left"), "{error}");
     assert!(stored > 0);
     assert_eq!(cache.usage().blocks, stored);

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use shoal_fetcher::{BlobRef, Digest, FetchError, HttpFailure, ImageRef, RegistryClient};
+use shoal_fetcher::{
+    BlobRef, CredentialsError, Digest, HttpFailure, ImageRef, RegistryClient, RegistryError,
+};
 use support::{config, content, Reply, Request, TestServer};
 
 fn blob_on(host: &str, data: &[u8]) -> BlobRef {
@@ -44,7 +46,7 @@ async fn range_reads_return_exactly_the_asked_bytes() {
     assert_eq!(&whole[..], &data[..]);
     assert!(matches!(
         client.get_blob_range(&blob, 9_000..10_001).await,
-        Err(FetchError::RangeOutOfBounds { .. })
+        Err(RegistryError::RangeOutOfBounds { .. })
     ));
 }
 
@@ -78,7 +80,7 @@ async fn a_wrong_content_range_is_an_error() {
     assert!(
         matches!(
             &error,
-            FetchError::FetchRange {
+            RegistryError::FetchRange {
                 cause: HttpFailure::ContentRange { .. },
                 ..
             }
@@ -197,7 +199,7 @@ async fn refused_credentials_fail_after_one_reauth() {
     assert!(
         matches!(
             error,
-            FetchError::FetchBlob {
+            RegistryError::FetchBlob {
                 cause: HttpFailure::Unauthorized,
                 ..
             }
@@ -253,7 +255,7 @@ async fn a_registry_wanting_credentials_when_none_are_found_says_so_and_where_sh
             .get_blob(&blob_on(&server.host(), &content(100)))
             .await
             .unwrap_err();
-        let FetchError::FetchBlob {
+        let RegistryError::FetchBlob {
             cause: HttpFailure::NoCredentials { searched },
             ..
         } = &error
@@ -310,7 +312,7 @@ async fn a_plain_http_registry_asked_over_https_names_the_setting() {
         .unwrap_err();
     answering.abort();
     let expected = host;
-    let FetchError::FetchBlob {
+    let RegistryError::FetchBlob {
         cause: HttpFailure::PlainHttp { host },
         ..
     } = &error
@@ -384,7 +386,7 @@ async fn basic_auth_comes_from_docker_config() {
     .unwrap();
     assert!(matches!(
         client.get_manifest(&pinned).await,
-        Err(FetchError::VerifyDigest { .. })
+        Err(RegistryError::VerifyDigest { .. })
     ));
 }
 
@@ -434,7 +436,7 @@ async fn credentials_can_come_from_a_docker_credential_helper() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&error, FetchError::CredentialHelper { helper, .. } if helper == "absent"),
+        matches!(&error, RegistryError::Credentials(CredentialsError::CredentialHelper { helper, .. }) if helper == "absent"),
         "{error}"
     );
 }
@@ -507,7 +509,7 @@ async fn retries_are_bounded_and_the_error_names_url_and_status() {
     assert!(
         matches!(
             &error,
-            FetchError::FetchRange {
+            RegistryError::FetchRange {
                 cause: HttpFailure::Status { status: 503 },
                 ..
             }
@@ -567,7 +569,7 @@ async fn a_stalled_server_times_out() {
     assert!(
         matches!(
             error,
-            FetchError::FetchRange {
+            RegistryError::FetchRange {
                 cause: HttpFailure::TimedOut { .. },
                 ..
             }
@@ -596,7 +598,7 @@ async fn a_body_stalled_after_its_headers_is_one_failed_attempt() {
     assert!(
         matches!(
             &error,
-            FetchError::FetchRange {
+            RegistryError::FetchRange {
                 cause: HttpFailure::TimedOut { after },
                 ..
             } if *after == Duration::from_secs(2)
@@ -629,7 +631,7 @@ async fn a_request_ends_at_its_deadline_whatever_retries_remain() {
     assert!(
         matches!(
             &error,
-            FetchError::FetchRange {
+            RegistryError::FetchRange {
                 cause: HttpFailure::Deadline { attempts: 2, .. },
                 ..
             }
@@ -679,7 +681,7 @@ async fn a_tampered_blob_fails_verification() {
     let blob = blob_on(&server.host(), b"the blob!!!!");
     assert!(matches!(
         client.get_blob(&blob).await,
-        Err(FetchError::VerifyDigest { .. })
+        Err(RegistryError::VerifyDigest { .. })
     ));
 }
 

@@ -35,7 +35,7 @@ pub async fn chain_of(
     image: &ImageRef,
     labels: &LayerLabels,
 ) -> Result<Vec<Descriptor>, Fallback> {
-    let registry = |e: shoal_fetcher::FetchError| Fallback::Registry(e.to_string());
+    let registry = |e: shoal_fetcher::ParseError| Fallback::Registry(e.to_string());
     let top = match &labels.manifest_digest {
         Some(digest) => at_digest(image, digest).map_err(registry)?,
         None => image.clone(),
@@ -72,7 +72,7 @@ async fn manifest(fetcher: &Fetcher, image: &ImageRef) -> Result<Document, Fallb
         .map_err(|e| Fallback::Registry(format!("manifest is not JSON: {e}")))
 }
 
-fn at_digest(image: &ImageRef, digest: &str) -> Result<ImageRef, shoal_fetcher::FetchError> {
+fn at_digest(image: &ImageRef, digest: &str) -> Result<ImageRef, shoal_fetcher::ParseError> {
     ImageRef::parse(&format!(
         "{}/{}@{digest}",
         image.host(),

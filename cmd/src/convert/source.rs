@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use serde::Deserialize;
-use shoal_fetcher::{BlobRef, Digest, FetchError, HttpFailure, ImageRef, RegistryClient};
+use shoal_fetcher::{BlobRef, Digest, HttpFailure, ImageRef, RegistryClient, RegistryError};
 use tokio::io::AsyncWriteExt;
 
 use crate::pull::image::{self, Descriptor, Document, ImageManifest, Platform};
@@ -170,7 +170,7 @@ impl Source {
             Location::Registry(image) => {
                 let client = &self.client;
                 let manifest = client.get_manifest(image).await.map_err(|err| match &err {
-                    FetchError::FetchManifest {
+                    RegistryError::FetchManifest {
                         cause: HttpFailure::Status { status: 404 },
                         ..
                     } => anyhow::Error::new(err).context(format!("image {image} not found")),

@@ -31,7 +31,7 @@ use containerd_client::services::v1::{CreateImageRequest, Image, UpdateImageRequ
 use containerd_client::tonic::Code;
 use containerd_client::types::Descriptor as ApiDescriptor;
 use shoal_config::Config;
-use shoal_fetcher::{BlobRef, Digest, FetchError, HttpFailure, ImageRef, RegistryClient};
+use shoal_fetcher::{BlobRef, Digest, HttpFailure, ImageRef, RegistryClient, RegistryError};
 
 pub use self::image::Platform;
 pub use self::progress::{LayerReport, Progress, Summary};
@@ -215,7 +215,7 @@ async fn resolve(
         .get_manifest(image)
         .await
         .map_err(|err| match &err {
-            FetchError::FetchManifest {
+            RegistryError::FetchManifest {
                 cause: HttpFailure::Status { status: 404 },
                 ..
             } => anyhow::Error::new(err).context(format!("image {name} not found")),

@@ -13,6 +13,7 @@
 
 mod bitmap;
 mod blob_file;
+mod error;
 mod geometry;
 mod recency;
 mod reload;
@@ -35,8 +36,8 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::digest::{Digest, RawDigest};
-use crate::error::FetchError;
 use blob_file::BlobFile;
+pub use error::CacheError;
 pub use geometry::BlockGeometry;
 use recency::Recency;
 use space::SpaceAlarm;
@@ -141,7 +142,7 @@ enum Step {
 impl ChunkCache {
     /// Opens (creating if needed) the cache in `dir`, reloading what an earlier run left.
     /// Files that do not add up (torn, other block size) are removed, not trusted.
-    pub fn open(dir: &Path, block_size: u64, capacity: u64) -> Result<ChunkCache, FetchError> {
+    pub fn open(dir: &Path, block_size: u64, capacity: u64) -> Result<ChunkCache, CacheError> {
         let mut state = State::default();
         let mut blobs = HashMap::new();
         for blob in reload::load(dir, block_size)? {
@@ -173,7 +174,7 @@ impl ChunkCache {
 
     /// Changes the cap (a reloaded `cache.capacity`), evicting least recently used blocks at
     /// once if the cache now holds more.
-    pub fn set_capacity(&self, capacity: u64) -> Result<(), FetchError> {
+    pub fn set_capacity(&self, capacity: u64) -> Result<(), CacheError> {
         self.capacity.store(capacity, Ordering::Relaxed);
         self.shrink_to(capacity)
     }
@@ -182,7 +183,7 @@ impl ChunkCache {
         self.capacity.load(Ordering::Relaxed)
     }
 
-    fn shrink_to(&self, capacity: u64) -> Result<(), FetchError> {
+    fn shrink_to(&self, capacity: u64) -> Result<(), CacheError> {
         let victims = {
             let mut state = self.state.lock();
             self.take_touches(&mut state);
@@ -242,7 +243,7 @@ impl ChunkCache {
         blob_size: u64,
         index: u64,
         bytes: &[u8],
-    ) -> Result<(), FetchError> {
+    ) -> Result<(), CacheError> {
         let outcome = self.store(digest, blob_size, index, bytes);
         let (used, wanted) = (self.state.lock().used, bytes.len() as u64);
         self.space
@@ -256,12 +257,12 @@ impl ChunkCache {
         blob_size: u64,
         index: u64,
         bytes: &[u8],
-    ) -> Result<Written, FetchError> {
+    ) -> Result<Written, CacheError> {
         let key = BlockKey::new(digest, index);
         let blob = self.blob(digest, blob_size)?;
         let len = blob.geometry.block_len(index);
         if len == 0 || bytes.len() as u64 != len {
-            return Err(FetchError::CacheBlockLength {
+            return Err(CacheError::CacheBlockLength {
                 block: key,
                 len: bytes.len() as u64,
                 expected: len,
@@ -317,7 +318,7 @@ impl ChunkCache {
             Ok(()) => self
                 .fail_at(Step::PersistPresence)
                 .and_then(|()| blob.mark_present(index))
-                .map_err(|source| FetchError::PersistBitmap {
+                .map_err(|source| CacheError::PersistBitmap {
                     path: BlobFile::bitmap_path(&self.dir, digest),
                     source,
                 }),
@@ -336,7 +337,7 @@ impl ChunkCache {
 
     /// Drops every present block overlapping `range`, e.g. because its bytes failed
     /// verification.
-    pub fn invalidate(&self, digest: &Digest, range: Range<u64>) -> Result<(), FetchError> {
+    pub fn invalidate(&self, digest: &Digest, range: Range<u64>) -> Result<(), CacheError> {
         let Some(blob) = self.blobs.read().get(&digest.raw()).cloned() else {
             return Ok(());
         };
@@ -413,11 +414,11 @@ impl ChunkCache {
 
     /// The blob's files, created on first use with no lock held; a concurrent first use
     /// waits for that creation instead of starting its own.
-    fn blob(&self, digest: &Digest, blob_size: u64) -> Result<Arc<BlobFile>, FetchError> {
+    fn blob(&self, digest: &Digest, blob_size: u64) -> Result<Arc<BlobFile>, CacheError> {
         let raw = digest.raw();
         let known = |blob: Arc<BlobFile>| {
             if blob.geometry.blob_size != blob_size {
-                return Err(FetchError::CacheBlobSize {
+                return Err(CacheError::CacheBlobSize {
                     digest: digest.clone(),
                     cached: blob.geometry.blob_size,
                     asked: blob_size,
@@ -439,7 +440,7 @@ impl ChunkCache {
             self.created.wait(&mut state);
         }
         if blob_size > MAX_CACHED_BLOB_BYTES {
-            return Err(FetchError::BlobTooLarge {
+            return Err(CacheError::BlobTooLarge {
                 digest: digest.clone(),
                 size: blob_size,
                 limit: MAX_CACHED_BLOB_BYTES,
@@ -450,7 +451,7 @@ impl ChunkCache {
         let created =
             BlobFile::create(&self.dir, digest, self.geometry(blob_size)).map_err(|source| {
                 BlobFile::remove_files(&self.dir, digest);
-                FetchError::CreateCacheFiles {
+                CacheError::CreateCacheFiles {
                     digest: digest.clone(),
                     path: self.dir.clone(),
                     source,
@@ -476,7 +477,7 @@ impl ChunkCache {
         len: u64,
         key: &BlockKey,
         now: Instant,
-    ) -> (Vec<Victim>, Result<(), FetchError>) {
+    ) -> (Vec<Victim>, Result<(), CacheError>) {
         let fits = |state: &State| state.used + state.reserved + len <= self.capacity();
         let mut victims = Vec::new();
         if !fits(state) {
@@ -484,7 +485,7 @@ impl ChunkCache {
         }
         while !fits(state) {
             let Some(victim) = self.choose_victim(state) else {
-                return (victims, Err(FetchError::CacheFull { block: *key }));
+                return (victims, Err(CacheError::CacheFull { block: *key }));
             };
             state.evictions += 1;
             state.thrash.evicted(victim.key, now);
@@ -519,7 +520,7 @@ impl ChunkCache {
     }
 
     /// Makes the victims' absence durable, then punches out their bytes; no lock is held.
-    fn retire(&self, victims: Vec<Victim>) -> Result<(), FetchError> {
+    fn retire(&self, victims: Vec<Victim>) -> Result<(), CacheError> {
         if victims.is_empty() {
             return Ok(());
         }
@@ -535,7 +536,7 @@ impl ChunkCache {
                 // Hidden for this run; on disk it stays present with its bytes intact, so
                 // a restart finds it valid.
                 Err(source) => {
-                    failed.get_or_insert(FetchError::EvictBlock {
+                    failed.get_or_insert(CacheError::EvictBlock {
                         block: *key,
                         path: BlobFile::bitmap_path(&self.dir, &blob.digest),
                         source,
@@ -583,14 +584,14 @@ enum Written {
     Already,
 }
 
-fn write_error(block: BlockKey, path: &Path, source: io::Error) -> FetchError {
+fn write_error(block: BlockKey, path: &Path, source: io::Error) -> CacheError {
     if source.raw_os_error() == Some(nix::errno::Errno::ENOSPC as i32) {
-        FetchError::CacheNoSpace {
+        CacheError::CacheNoSpace {
             block,
             path: path.to_owned(),
         }
     } else {
-        FetchError::WriteBlock {
+        CacheError::WriteBlock {
             block,
             path: path.to_owned(),
             source,

@@ -8,13 +8,13 @@ use std::time::SystemTime;
 use tracing::info;
 
 use super::blob_file::BlobFile;
+use super::error::CacheError;
 use super::MAX_CACHED_BLOB_BYTES;
 use crate::digest::Digest;
-use crate::error::FetchError;
 
 /// The blobs under `dir` with at least one present block, least recently written first.
-pub fn load(dir: &Path, block_size: u64) -> Result<Vec<BlobFile>, FetchError> {
-    let open_error = |source| FetchError::OpenCache {
+pub fn load(dir: &Path, block_size: u64) -> Result<Vec<BlobFile>, CacheError> {
+    let open_error = |source| CacheError::OpenCache {
         path: dir.to_owned(),
         source,
     };

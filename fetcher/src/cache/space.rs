@@ -6,8 +6,8 @@ use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use super::error::CacheError;
 use super::Written;
-use crate::error::FetchError;
 
 #[derive(Default)]
 pub struct SpaceAlarm {
@@ -28,7 +28,7 @@ impl SpaceAlarm {
     /// own bytes and cap, for the log line.
     pub fn observe(
         &self,
-        outcome: &Result<Written, FetchError>,
+        outcome: &Result<Written, CacheError>,
         dir: &Path,
         wanted: u64,
         used: u64,

@@ -13,12 +13,12 @@ use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use super::blockset::BlockSet;
+use super::held::HeldBlocks;
 use super::member::PeerAddr;
 use super::rendezvous;
 use super::wire::Announce;
 use super::Peers;
 use crate::digest::Digest;
-use crate::fetcher::Fetcher;
 
 /// The shareable set is saved at most this often (and at every renewal), when it changed.
 const SAVE_EVERY: Duration = Duration::from_secs(2);
@@ -71,7 +71,7 @@ struct Delivery {
 }
 
 /// Runs until the runtime shuts down.
-pub async fn run(peers: Arc<Peers>, fetcher: Fetcher) {
+pub async fn run(peers: Arc<Peers>, held: Arc<dyn HeldBlocks>) {
     // Renewing at a third of the lease survives one lost renewal.
     let renew_every = (peers.config.lease / 3).max(Duration::from_secs(1));
     let mut renewed = Instant::now();
@@ -108,7 +108,7 @@ pub async fn run(peers: Arc<Peers>, fetcher: Fetcher) {
             peers.announcer.fresh.lock().clear();
             // A renewal tells the current owners everything, which supersedes any retry.
             retries.clear();
-            (peers.shareable.retain_cached(fetcher.cache()), true)
+            (peers.shareable.retain_held(held.as_ref()), true)
         } else {
             let fresh = std::mem::take(&mut *peers.announcer.fresh.lock());
             (fresh.into_iter().collect(), false)

@@ -10,11 +10,11 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_config::PeersConfig;
 
+use super::error::PeerError;
 use super::member::PeerAddr;
 use super::tls;
 use super::wire::{Announce, Health, Lookup, LookupReply, Renew, MAX_BODY_BYTES};
 use crate::digest::Digest;
-use crate::error::FetchError;
 
 /// Why a request to a peer gave nothing.
 #[derive(Debug)]
@@ -44,7 +44,7 @@ pub struct PeerClient {
 }
 
 impl PeerClient {
-    pub fn new(config: &PeersConfig) -> Result<PeerClient, FetchError> {
+    pub fn new(config: &PeersConfig) -> Result<PeerClient, PeerError> {
         let builder = reqwest::Client::builder()
             .http2_prior_knowledge()
             .connect_timeout(Duration::from_millis(500))
@@ -66,7 +66,7 @@ impl PeerClient {
             None => (builder, "http"),
             Some(tls) => (tls::client(builder, tls)?, "https"),
         };
-        let http = builder.build().map_err(|source| FetchError::BuildClient {
+        let http = builder.build().map_err(|source| PeerError::BuildClient {
             host: "peers".into(),
             source,
         })?;

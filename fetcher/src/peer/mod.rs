@@ -19,7 +19,9 @@
 mod announce;
 mod blockset;
 mod client;
+mod error;
 mod hedge;
+mod held;
 mod index;
 mod limiter;
 mod member;
@@ -36,6 +38,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -45,13 +48,12 @@ use tracing::{debug, info, warn};
 
 use crate::cache::BlockKey;
 use crate::digest::Digest;
-use crate::error::FetchError;
-use crate::fetcher::Fetcher;
 use crate::reference::BlobRef;
 use announce::Announcer;
 use blockset::{BlockSet, MAX_SHARED_BLOCKS};
 use client::{PeerClient, PeerFailure};
 use hedge::runs_by_holder;
+pub(crate) use held::HeldBlocks;
 use index::{Exclusions, OwnerIndex};
 use limiter::UploadLimiter;
 use member::{Membership, NodeId, Penalty};
@@ -60,6 +62,7 @@ use shareable::Shareable;
 use stats::{Outcome, PeerCounters, PeerGauges};
 use wire::{Advice, Lookup, Renew, MAX_LOOKUP_BLOCKS};
 
+pub use error::PeerError;
 pub use member::PeerAddr;
 pub use stats::{PeerStats, PerPeer};
 
@@ -96,7 +99,7 @@ impl Peers {
         config: &PeersConfig,
         block_size: u64,
         state: Option<PathBuf>,
-    ) -> Result<Peers, FetchError> {
+    ) -> Result<Peers, PeerError> {
         Ok(Peers {
             block_size,
             node: NodeId::random(),
@@ -481,22 +484,22 @@ impl Peers {
 }
 
 /// Binds the peer listener and starts membership upkeep, announcements and the listener on
-/// the current runtime. Returns the bound address.
-pub async fn start(fetcher: &Fetcher) -> Result<Option<std::net::SocketAddr>, FetchError> {
-    let Some(peers) = fetcher.peers_arc() else {
-        return Ok(None);
-    };
+/// the current runtime, serving blocks from `held`. Returns the bound address.
+pub(crate) async fn start(
+    peers: Arc<Peers>,
+    held: Arc<dyn HeldBlocks>,
+) -> Result<std::net::SocketAddr, PeerError> {
     let tls = peers.config.tls.as_ref().map(tls::acceptor).transpose()?;
     let listen = peers.config.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|source| FetchError::BindPeerListener {
+        .map_err(|source| PeerError::BindPeerListener {
             address: listen,
             source,
         })?;
     let bound = listener
         .local_addr()
-        .map_err(|source| FetchError::BindPeerListener {
+        .map_err(|source| PeerError::BindPeerListener {
             address: listen,
             source,
         })?;
@@ -509,10 +512,10 @@ pub async fn start(fetcher: &Fetcher) -> Result<Option<std::net::SocketAddr>, Fe
              member's address, including any local user of a member node; set peers.tls"
         );
     }
-    tokio::spawn(server::serve(listener, tls, fetcher.clone()));
+    tokio::spawn(server::serve(listener, tls, peers.clone(), held.clone()));
     tokio::spawn(probe::run(peers.clone()));
-    tokio::spawn(announce::run(peers, fetcher.clone()));
-    Ok(Some(bound))
+    tokio::spawn(announce::run(peers, held));
+    Ok(bound)
 }
 
 /// What one round of asking peers came to: blocks they sent, blocks to fetch from the

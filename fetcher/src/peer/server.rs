@@ -10,6 +10,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -24,6 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
 use super::blockset::BlockSet;
+use super::held::HeldBlocks;
 use super::index::Exclusions;
 use super::member::PeerAddr;
 use super::stats::PeerCounters;
@@ -33,12 +35,16 @@ use super::wire::{
 };
 use super::Peers;
 use crate::digest::Digest;
-use crate::fetcher::Fetcher;
 
 type Reply = Response<Full<Bytes>>;
 
 /// Accepts connections until the runtime shuts down.
-pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, fetcher: Fetcher) {
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    peers: Arc<Peers>,
+    held: Arc<dyn HeldBlocks>,
+) {
     loop {
         let (stream, remote) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -49,7 +55,7 @@ pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, fetcher: Fet
             }
         };
         let _ = stream.set_nodelay(true);
-        let fetcher = fetcher.clone();
+        let (peers, held) = (peers.clone(), held.clone());
         let tls = tls.clone();
         // Past the TLS handshake, the client's certificate is the CA's: it is a peer.
         let client = Client {
@@ -58,8 +64,8 @@ pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, fetcher: Fet
         };
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
-                let fetcher = fetcher.clone();
-                async move { Ok::<_, Infallible>(route(&fetcher, client, request).await) }
+                let (peers, held) = (peers.clone(), held.clone());
+                async move { Ok::<_, Infallible>(route(&peers, held, client, request).await) }
             });
             let builder = auto::Builder::new(TokioExecutor::new());
             let served = match tls {
@@ -94,10 +100,12 @@ struct Client {
     certified: bool,
 }
 
-async fn route(fetcher: &Fetcher, client: Client, request: Request<Incoming>) -> Reply {
-    let Some(peers) = fetcher.peers() else {
-        return plain(StatusCode::NOT_FOUND, "peers are off");
-    };
+async fn route(
+    peers: &Peers,
+    held: Arc<dyn HeldBlocks>,
+    client: Client,
+    request: Request<Incoming>,
+) -> Reply {
     let path = request.uri().path().to_owned();
     if path == "/health" && request.method() == Method::GET {
         // Liveness and a random node id: nothing a stranger can use.
@@ -126,7 +134,7 @@ async fn route(fetcher: &Fetcher, client: Client, request: Request<Incoming>) ->
             Err(reply) => reply,
         },
         (Method::GET, blob) if blob.starts_with("/v1/blobs/") => {
-            upload(fetcher, peers, &blob["/v1/blobs/".len()..], &request).await
+            upload(held, peers, &blob["/v1/blobs/".len()..], &request).await
         }
         _ => plain(StatusCode::NOT_FOUND, "no such endpoint"),
     }
@@ -221,7 +229,7 @@ fn renewed(peers: &Peers, renew: Renew) -> Reply {
 
 /// Serves bytes of blocks this node may share (fetched from the registry) and still holds.
 async fn upload(
-    fetcher: &Fetcher,
+    held: Arc<dyn HeldBlocks>,
     peers: &Peers,
     blob: &str,
     request: &Request<Incoming>,
@@ -249,9 +257,8 @@ async fn upload(
         PeerCounters::add(&peers.counters.uploads_refused, 1);
         return plain(StatusCode::TOO_MANY_REQUESTS, "busy");
     };
-    let reader = fetcher.clone();
     let read_range = range.clone();
-    let cached = tokio::task::spawn_blocking(move || reader.cache().read(&blob, read_range)).await;
+    let cached = tokio::task::spawn_blocking(move || held.read(&blob, read_range)).await;
     let Ok(Some(bytes)) = cached else {
         return plain(StatusCode::NOT_FOUND, "not held");
     };

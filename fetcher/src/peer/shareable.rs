@@ -22,10 +22,11 @@ use lru::LruCache;
 use tracing::warn;
 
 use super::blockset::BlockSet;
+use super::error::PeerError;
+use super::held::HeldBlocks;
 use super::member::PeerAddr;
-use crate::cache::{BlockKey, ChunkCache};
+use crate::cache::BlockKey;
 use crate::digest::Digest;
-use crate::error::FetchError;
 
 /// Peer-sourced blocks remembered until verified (or blamed); the oldest are forgotten first
 /// and then simply never shared.
@@ -147,15 +148,15 @@ impl Shareable {
 
     /// Every blob's shareable blocks, less those the cache no longer holds (evicted, or
     /// dropped by a refetch), which stop being shareable too.
-    pub fn retain_cached(&self, cache: &ChunkCache) -> Vec<(Digest, BlockSet)> {
+    pub fn retain_held(&self, held: &dyn HeldBlocks) -> Vec<(Digest, BlockSet)> {
         let mut sets = self.sets.lock();
         let before = sets.len();
         for (blob, set) in sets.iter_mut() {
             let mut dropped = false;
             set.retain(|index| {
-                let held = cache.contains(&BlockKey::new(blob.clone(), index));
-                dropped |= !held;
-                held
+                let kept = held.holds(&BlockKey::new(blob.clone(), index));
+                dropped |= !kept;
+                kept
             });
             if dropped {
                 self.dirty.store(true, Ordering::Relaxed);
@@ -185,7 +186,7 @@ impl Shareable {
 
     /// Writes the sets to their file if they changed since the last save (a new file, then
     /// renamed over the old one, so a crash leaves one or the other whole).
-    pub fn save(&self) -> Result<(), FetchError> {
+    pub fn save(&self) -> Result<(), PeerError> {
         let Some(path) = &self.file else {
             return Ok(());
         };
@@ -195,7 +196,7 @@ impl Shareable {
         saved
     }
 
-    fn write(&self, path: &Path) -> Result<(), FetchError> {
+    fn write(&self, path: &Path) -> Result<(), PeerError> {
         if !self.dirty.swap(false, Ordering::SeqCst) {
             return Ok(());
         }
@@ -217,7 +218,7 @@ impl Shareable {
             .and_then(|()| std::fs::rename(&fresh, path));
         written.map_err(|source| {
             self.dirty.store(true, Ordering::SeqCst);
-            FetchError::PersistShareable {
+            PeerError::PersistShareable {
                 path: path.to_path_buf(),
                 source,
             }
@@ -310,6 +311,45 @@ mod tests {
         assert_eq!(blamed, HashSet::from([peer(7)]));
         assert!(shareable.contains_all(&blob, 0..1));
         assert!(!shareable.contains_all(&blob, 0..2));
+    }
+
+    /// Holds exactly the blocks it is given.
+    struct Holding(HashSet<BlockKey>);
+
+    impl HeldBlocks for Holding {
+        fn read(&self, _: &Digest, _: Range<u64>) -> Option<bytes::Bytes> {
+            None
+        }
+
+        fn holds(&self, block: &BlockKey) -> bool {
+            self.0.contains(block)
+        }
+    }
+
+    #[test]
+    fn blocks_no_longer_held_stop_being_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let shareable = Shareable::open(Some(dir.path().join("shareable")));
+        let (kept, gone) = (Digest::of(b"kept"), Digest::of(b"gone"));
+        shareable.add(&kept, &set(&[0, 1, 2]));
+        shareable.add(&gone, &set(&[4]));
+        shareable.save().unwrap();
+        assert!(!shareable.is_dirty());
+        // Block 1 of one blob was evicted, every block of the other.
+        let held = Holding(HashSet::from([
+            BlockKey::new(kept.clone(), 0),
+            BlockKey::new(kept.clone(), 2),
+        ]));
+        let sets = shareable.retain_held(&held);
+        assert_eq!(sets.len(), 1, "a blob with nothing held is not announced");
+        assert_eq!(sets[0].0, kept);
+        assert!(shareable.contains_all(&kept, 0..1) && shareable.contains_all(&kept, 2..3));
+        assert!(!shareable.contains_all(&kept, 1..2));
+        assert!(!shareable.contains_all(&gone, 4..5));
+        assert!(
+            shareable.is_dirty(),
+            "what is shared changed and must be saved"
+        );
     }
 
     #[test]

@@ -10,23 +10,23 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use shoal_config::PeerTls;
 use tokio_rustls::TlsAcceptor;
 
-use crate::error::FetchError;
+use super::error::PeerError;
 
-fn read(path: &Path) -> Result<Vec<u8>, FetchError> {
-    std::fs::read(path).map_err(|source| FetchError::ReadPeerTls {
+fn read(path: &Path) -> Result<Vec<u8>, PeerError> {
+    std::fs::read(path).map_err(|source| PeerError::ReadPeerTls {
         path: path.to_owned(),
         source,
     })
 }
 
-fn invalid(path: &Path, reason: impl ToString) -> FetchError {
-    FetchError::ParsePeerTls {
+fn invalid(path: &Path, reason: impl ToString) -> PeerError {
+    PeerError::ParsePeerTls {
         path: path.to_owned(),
         reason: reason.to_string(),
     }
 }
 
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, FetchError> {
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, PeerError> {
     let pem = read(path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
@@ -41,7 +41,7 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, FetchError>
 pub fn client(
     builder: reqwest::ClientBuilder,
     tls: &PeerTls,
-) -> Result<reqwest::ClientBuilder, FetchError> {
+) -> Result<reqwest::ClientBuilder, PeerError> {
     let ca = reqwest::Certificate::from_pem(&read(&tls.ca)?).map_err(|e| invalid(&tls.ca, e))?;
     let mut identity = read(&tls.cert)?;
     identity.push(b'\n');
@@ -55,7 +55,7 @@ pub fn client(
 }
 
 /// The listener's side: present `cert`, require a client certificate signed by `ca`.
-pub fn acceptor(tls: &PeerTls) -> Result<TlsAcceptor, FetchError> {
+pub fn acceptor(tls: &PeerTls) -> Result<TlsAcceptor, PeerError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for cert in certificates(&tls.ca)? {

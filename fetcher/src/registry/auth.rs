@@ -13,8 +13,8 @@ use base64::Engine as _;
 use reqwest::header::HeaderValue;
 use serde::Deserialize;
 
+use super::error::CredentialsError;
 use super::helper;
-use crate::error::FetchError;
 
 /// Docker config files are small; a larger one is not a config file.
 const MAX_DOCKER_CONFIG_BYTES: u64 = 4 << 20;
@@ -80,8 +80,8 @@ struct DockerAuth {
 
 impl Credentials {
     /// Reads `path`; a missing file means no credentials, as for docker itself.
-    pub fn load(path: &Path) -> Result<Credentials, FetchError> {
-        let read_error = |source| FetchError::ReadDockerConfig {
+    pub fn load(path: &Path) -> Result<Credentials, CredentialsError> {
+        let read_error = |source| CredentialsError::ReadDockerConfig {
             path: path.to_owned(),
             source,
         };
@@ -96,14 +96,14 @@ impl Credentials {
             Err(error) => return Err(read_error(error)),
         };
         if metadata.len() > MAX_DOCKER_CONFIG_BYTES {
-            return Err(FetchError::ParseDockerConfig {
+            return Err(CredentialsError::ParseDockerConfig {
                 path: path.to_owned(),
                 reason: format!("larger than {MAX_DOCKER_CONFIG_BYTES} bytes"),
             });
         }
         let text = std::fs::read(path).map_err(read_error)?;
         let mut credentials =
-            Credentials::parse(&text).map_err(|reason| FetchError::ParseDockerConfig {
+            Credentials::parse(&text).map_err(|reason| CredentialsError::ParseDockerConfig {
                 path: path.to_owned(),
                 reason,
             })?;
@@ -160,7 +160,7 @@ impl Credentials {
 
     /// The credential for `host`, asking its helper if the configuration names one; `None`
     /// when nothing knows the host.
-    pub async fn get(&self, host: &str) -> Result<Option<Credential>, FetchError> {
+    pub async fn get(&self, host: &str) -> Result<Option<Credential>, CredentialsError> {
         let host = canonical_host(host);
         if let Some(name) = self.helpers.get(&host) {
             return helper::get(name, &host, &self.search).await;

@@ -12,10 +12,11 @@ use reqwest::header::{HeaderMap, HeaderValue, WWW_AUTHENTICATE};
 use reqwest::{StatusCode, Url};
 
 use super::auth::{Challenge, Credential, TokenResponse};
+use super::error::RegistryError;
+use super::failure::{CredentialSearch, HttpFailure};
 use super::retry::Budget;
 use super::transport::BodyPlan;
 use super::{Endpoint, RegistryClient, RequestError, MAX_TOKEN_RESPONSE_BYTES};
-use crate::error::{CredentialSearch, FetchError, HttpFailure};
 
 /// What a request needs the registry to allow; it decides the scope of a bearer token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,18 +47,19 @@ pub(super) trait Answer {
 impl RegistryClient {
     /// Sends with `send(authorization)` until the answer is not a 401, answering a 401 as the
     /// module says. Any other status, success or not, is the caller's to judge.
-    pub(super) async fn authorized<A, F, Fut>(
+    pub(super) async fn authorized<A, E, F, Fut>(
         &self,
         endpoint: &Endpoint<'_>,
         repository: &str,
         access: Access,
         budget: Budget,
         mut send: F,
-    ) -> Result<A, RequestError>
+    ) -> Result<A, RequestError<E>>
     where
         A: Answer,
+        E: From<RegistryError>,
         F: FnMut(Option<HeaderValue>) -> Fut,
-        Fut: Future<Output = Result<A, RequestError>>,
+        Fut: Future<Output = Result<A, RequestError<E>>>,
     {
         let tokens = &self.inner.tokens;
         let mut borrowed = false;
@@ -73,7 +75,11 @@ impl RegistryClient {
             // or that a token expired before we expected.
             if answered {
                 return Err(RequestError::Http(
-                    match self.credential(endpoint).await? {
+                    match self
+                        .credential(endpoint)
+                        .await
+                        .map_err(RequestError::widen)?
+                    {
                         Some(_) => HttpFailure::Unauthorized,
                         None => self.no_credentials(endpoint),
                     },
@@ -91,7 +97,8 @@ impl RegistryClient {
             tokens.remove(endpoint.host, repository);
             let (header, lifetime) = self
                 .answer_challenge(endpoint, repository, reply.headers(), access, budget)
-                .await?;
+                .await
+                .map_err(RequestError::widen)?;
             tokens.insert(endpoint.host, repository, header, lifetime);
         }
     }
@@ -106,7 +113,7 @@ impl RegistryClient {
             .credentials
             .get(endpoint.host)
             .await
-            .map_err(RequestError::Fetch)
+            .map_err(|error| RequestError::Complete(error.into()))
     }
 
     pub(super) fn no_credentials(&self, endpoint: &Endpoint<'_>) -> HttpFailure {
@@ -180,7 +187,7 @@ impl RegistryClient {
         budget: Budget,
     ) -> Result<(HeaderValue, std::time::Duration), RequestError> {
         let fail = |cause| {
-            RequestError::Fetch(FetchError::FetchToken {
+            RequestError::Complete(RegistryError::FetchToken {
                 url: realm.to_owned(),
                 cause,
             })

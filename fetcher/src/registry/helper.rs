@@ -11,7 +11,7 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
 use super::auth::Credential;
-use crate::error::FetchError;
+use super::error::CredentialsError;
 
 /// A helper that has not answered by then is not going to (it may be waiting on a prompt).
 const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,8 +38,8 @@ pub async fn get(
     name: &str,
     host: &str,
     search: &[PathBuf],
-) -> Result<Option<Credential>, FetchError> {
-    let fail = |reason: String| FetchError::CredentialHelper {
+) -> Result<Option<Credential>, CredentialsError> {
+    let fail = |reason: String| CredentialsError::CredentialHelper {
         helper: name.to_owned(),
         host: host.to_owned(),
         reason,

@@ -6,6 +6,8 @@
 
 mod auth;
 mod challenge;
+mod error;
+mod failure;
 mod helper;
 mod push;
 mod retry;
@@ -23,12 +25,13 @@ use shoal_config::{HostConfig, RegistryConfig};
 use tokio::time::Instant;
 
 pub use auth::{Credential, Credentials};
+pub use error::{CredentialsError, PushError, RegistryError};
+pub use failure::HttpFailure;
 pub use push::{BlobContent, Pushed, PushedManifest};
 use retry::Budget;
 pub use retry::RetryPolicy;
 
 use crate::digest::Digest;
-use crate::error::{FetchError, HttpFailure};
 use crate::reference::{BlobRef, ImageRef};
 use auth::TokenCache;
 use challenge::{Access, Answer};
@@ -94,7 +97,7 @@ struct Endpoint<'a> {
 
 impl RegistryClient {
     /// Builds the client, reading credentials from `config.docker_config`.
-    pub fn new(config: &RegistryConfig) -> Result<RegistryClient, FetchError> {
+    pub fn new(config: &RegistryConfig) -> Result<RegistryClient, RegistryError> {
         let credentials = Credentials::load(&config.docker_config)?;
         RegistryClient::with_credentials(config, credentials)
     }
@@ -102,7 +105,7 @@ impl RegistryClient {
     pub fn with_credentials(
         config: &RegistryConfig,
         credentials: Credentials,
-    ) -> Result<RegistryClient, FetchError> {
+    ) -> Result<RegistryClient, RegistryError> {
         let policy = RetryPolicy {
             retries: config.retries,
             timeout: config.timeout,
@@ -128,7 +131,7 @@ impl RegistryClient {
     }
 
     /// Fetches the manifest or index `image` names.
-    pub async fn get_manifest(&self, image: &ImageRef) -> Result<Manifest, FetchError> {
+    pub async fn get_manifest(&self, image: &ImageRef) -> Result<Manifest, RegistryError> {
         let mut headers = HeaderMap::new();
         headers.insert(
             ACCEPT,
@@ -150,13 +153,13 @@ impl RegistryClient {
                 &headers,
                 &plan,
                 self.inner.policy,
-                &|url, cause| FetchError::FetchManifest { url, cause },
+                &|url, cause| RegistryError::FetchManifest { url, cause },
             )
             .await?;
         let digest = Digest::of(&reply.body);
         if let Some(expected) = image.digest() {
             if *expected != digest {
-                return Err(FetchError::VerifyDigest {
+                return Err(RegistryError::VerifyDigest {
                     url,
                     expected: expected.clone(),
                     actual: digest,
@@ -179,9 +182,9 @@ impl RegistryClient {
     }
 
     /// Fetches a whole small blob (an image config, a TOC) and verifies its digest.
-    pub async fn get_blob(&self, blob: &BlobRef) -> Result<Bytes, FetchError> {
+    pub async fn get_blob(&self, blob: &BlobRef) -> Result<Bytes, RegistryError> {
         if blob.size > MAX_WHOLE_BLOB_BYTES {
-            return Err(FetchError::BlobTooLarge {
+            return Err(RegistryError::BlobTooLarge {
                 digest: blob.digest.clone(),
                 size: blob.size,
                 limit: MAX_WHOLE_BLOB_BYTES,
@@ -196,12 +199,12 @@ impl RegistryClient {
                 &HeaderMap::new(),
                 &plan,
                 self.inner.policy,
-                &|url, cause| FetchError::FetchBlob { url, cause },
+                &|url, cause| RegistryError::FetchBlob { url, cause },
             )
             .await?;
         let actual = Digest::of(&reply.body);
         if actual != blob.digest {
-            return Err(FetchError::VerifyDigest {
+            return Err(RegistryError::VerifyDigest {
                 url,
                 expected: blob.digest.clone(),
                 actual,
@@ -216,7 +219,7 @@ impl RegistryClient {
         &self,
         blob: &BlobRef,
         range: Range<u64>,
-    ) -> Result<Bytes, FetchError> {
+    ) -> Result<Bytes, RegistryError> {
         self.blob_range(blob, range, self.inner.policy).await
     }
 
@@ -228,7 +231,7 @@ impl RegistryClient {
         blob: &BlobRef,
         range: Range<u64>,
         limit: std::time::Duration,
-    ) -> Result<Bytes, FetchError> {
+    ) -> Result<Bytes, RegistryError> {
         self.blob_range(blob, range, self.inner.policy.brief(limit))
             .await
     }
@@ -238,9 +241,9 @@ impl RegistryClient {
         blob: &BlobRef,
         range: Range<u64>,
         policy: RetryPolicy,
-    ) -> Result<Bytes, FetchError> {
+    ) -> Result<Bytes, RegistryError> {
         if range.start > range.end || range.end > blob.size {
-            return Err(FetchError::RangeOutOfBounds {
+            return Err(RegistryError::RangeOutOfBounds {
                 digest: blob.digest.clone(),
                 range,
                 size: blob.size,
@@ -267,7 +270,7 @@ impl RegistryClient {
                 &headers,
                 &plan,
                 policy,
-                &|url, cause| FetchError::FetchRange {
+                &|url, cause| RegistryError::FetchRange {
                     url,
                     range: range.clone(),
                     cause,
@@ -286,8 +289,8 @@ impl RegistryClient {
         headers: &HeaderMap,
         plan: &BodyPlan,
         policy: RetryPolicy,
-        fail: &(dyn Fn(String, HttpFailure) -> FetchError + Sync),
-    ) -> Result<(String, Reply), FetchError> {
+        fail: &(dyn Fn(String, HttpFailure) -> RegistryError + Sync),
+    ) -> Result<(String, Reply), RegistryError> {
         let endpoints = self.endpoints(image);
         // One deadline for the whole request, mirrors and retries included, so that a caller
         // (a FUSE read) waits at most `registry.deadline_secs` however the registry misbehaves.
@@ -321,7 +324,7 @@ impl RegistryClient {
                 Err(error) => {
                     let error = match error {
                         RequestError::Http(cause) => fail(url.clone(), cause),
-                        RequestError::Fetch(error) => error,
+                        RequestError::Complete(error) => error,
                     };
                     tracing::debug!(endpoint = endpoint.host, %error, "registry endpoint failed");
                     last_error = Some(error);
@@ -457,17 +460,28 @@ impl Inner {
 }
 
 /// How one endpoint failed: an HTTP failure the caller names after its operation, or an
-/// already complete error (a token fetch).
-enum RequestError {
+/// already complete error `E` (a token fetch, a credential helper; for a push, also the
+/// file being uploaded).
+enum RequestError<E = RegistryError> {
     Http(HttpFailure),
-    Fetch(FetchError),
+    Complete(E),
+}
+
+impl RequestError {
+    /// The same failure, for a caller whose complete errors are `E` (a push's).
+    fn widen<E: From<RegistryError>>(self) -> RequestError<E> {
+        match self {
+            RequestError::Http(failure) => RequestError::Http(failure),
+            RequestError::Complete(error) => RequestError::Complete(error.into()),
+        }
+    }
 }
 
 fn build_client(
     host: &str,
     config: &HostConfig,
     policy: &RetryPolicy,
-) -> Result<Client, FetchError> {
+) -> Result<Client, RegistryError> {
     let mut builder = Client::builder()
         // Redirects are followed by hand so that credentials never leave the registry.
         .redirect(reqwest::redirect::Policy::none())
@@ -481,18 +495,20 @@ fn build_client(
             builder = builder.add_root_certificate(certificate);
         }
     }
-    builder.build().map_err(|source| FetchError::BuildClient {
-        host: host.to_owned(),
-        source,
-    })
+    builder
+        .build()
+        .map_err(|source| RegistryError::BuildClient {
+            host: host.to_owned(),
+            source,
+        })
 }
 
-fn read_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, FetchError> {
-    let pem = std::fs::read(path).map_err(|source| FetchError::ReadCaFile {
+fn read_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, RegistryError> {
+    let pem = std::fs::read(path).map_err(|source| RegistryError::ReadCaFile {
         path: path.to_owned(),
         source,
     })?;
-    reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| FetchError::ParseCaFile {
+    reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| RegistryError::ParseCaFile {
         path: path.to_owned(),
         source,
     })

@@ -15,9 +15,10 @@ use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CON
 use reqwest::{Body, Method, StatusCode, Url};
 
 use super::challenge::{Access, Answer};
+use super::error::PushError;
+use super::failure::HttpFailure;
 use super::{Endpoint, RegistryClient, RequestError, MAX_MANIFEST_BYTES};
 use crate::digest::Digest;
-use crate::error::{FetchError, HttpFailure};
 use crate::reference::ImageRef;
 
 /// Uploads get their per-attempt deadline stretched by their size at this rate, so a large
@@ -57,10 +58,10 @@ struct PushReply {
 
 impl RegistryClient {
     /// Whether `image`'s repository holds blob `digest` (`HEAD /v2/<name>/blobs/<digest>`).
-    pub async fn blob_exists(&self, image: &ImageRef, digest: &Digest) -> Result<bool, FetchError> {
+    pub async fn blob_exists(&self, image: &ImageRef, digest: &Digest) -> Result<bool, PushError> {
         let endpoint = self.push_endpoint(image);
         let url = blob_url(&endpoint, image, &format!("blobs/{digest}"));
-        let fail = |cause| FetchError::CheckBlob {
+        let fail = |cause| PushError::CheckBlob {
             url: url.clone(),
             cause,
         };
@@ -90,20 +91,20 @@ impl RegistryClient {
         digest: &Digest,
         size: u64,
         content: &BlobContent,
-    ) -> Result<Pushed, FetchError> {
+    ) -> Result<Pushed, PushError> {
         if self.blob_exists(image, digest).await? {
             return Ok(Pushed::Present);
         }
         if let BlobContent::File(path) = content {
             let actual = std::fs::metadata(path)
-                .map_err(|source| FetchError::ReadUpload {
+                .map_err(|source| PushError::ReadUpload {
                     digest: digest.clone(),
                     path: path.clone(),
                     source,
                 })?
                 .len();
             if actual != size {
-                return Err(FetchError::PushBlob {
+                return Err(PushError::PushBlob {
                     url: path.display().to_string(),
                     digest: digest.clone(),
                     cause: HttpFailure::Length {
@@ -141,7 +142,7 @@ impl RegistryClient {
         })
         .await
         .map_err(|error| {
-            request_error(error, |cause| FetchError::PushBlob {
+            request_error(error, |cause| PushError::PushBlob {
                 url: start_url.clone(),
                 digest: digest.clone(),
                 cause,
@@ -157,14 +158,14 @@ impl RegistryClient {
         image: &ImageRef,
         media_type: &str,
         bytes: Bytes,
-    ) -> Result<PushedManifest, FetchError> {
+    ) -> Result<PushedManifest, PushError> {
         let endpoint = self.push_endpoint(image);
         let url = blob_url(
             &endpoint,
             image,
             &format!("manifests/{}", image.manifest_reference()),
         );
-        let fail = |cause| FetchError::PushManifest {
+        let fail = |cause| PushError::PushManifest {
             url: url.clone(),
             cause,
         };
@@ -225,7 +226,7 @@ impl RegistryClient {
         endpoint: &Endpoint<'_>,
         image: &ImageRef,
         start_url: &str,
-    ) -> Result<Url, RequestError> {
+    ) -> Result<Url, RequestError<PushError>> {
         let url = parse_url(start_url).map_err(RequestError::Http)?;
         let deadline = self.inner.policy.timeout;
         let reply = self
@@ -250,10 +251,10 @@ impl RegistryClient {
 
     /// Retries transient failures (transport, timeouts, 408, 429, 5xx) of `attempt` with the
     /// client's backoff policy.
-    async fn retrying<T, F, Fut>(&self, mut attempt: F) -> Result<T, RequestError>
+    async fn retrying<T, F, Fut>(&self, mut attempt: F) -> Result<T, RequestError<PushError>>
     where
         F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, RequestError>>,
+        Fut: Future<Output = Result<T, RequestError<PushError>>>,
     {
         let policy = self.inner.policy;
         let mut retry = 0;
@@ -282,7 +283,7 @@ impl RegistryClient {
         url: &Url,
         body: Option<&Upload<'_>>,
         deadline: Duration,
-    ) -> Result<PushReply, RequestError> {
+    ) -> Result<PushReply, RequestError<PushError>> {
         // Pushes are bounded per request by their callers; a token fetch on its own.
         let budget = self.inner.policy.start();
         self.authorized(
@@ -323,12 +324,12 @@ struct Upload<'a> {
 }
 
 impl Upload<'_> {
-    async fn body(&self) -> Result<Body, RequestError> {
+    async fn body(&self) -> Result<Body, RequestError<PushError>> {
         match self.content {
             BlobContent::Bytes(bytes) => Ok(Body::from(bytes.clone())),
             BlobContent::File(path) => {
                 let file = tokio::fs::File::open(path).await.map_err(|source| {
-                    RequestError::Fetch(FetchError::ReadUpload {
+                    RequestError::Complete(PushError::ReadUpload {
                         digest: self.digest.clone(),
                         path: path.clone(),
                         source,
@@ -348,7 +349,7 @@ async fn send_once(
     url: &Url,
     auth: Option<&HeaderValue>,
     body: Option<&Upload<'_>>,
-) -> Result<PushReply, RequestError> {
+) -> Result<PushReply, RequestError<PushError>> {
     let mut request = endpoint.client.request(method, url.clone());
     if let Some(auth) = auth.filter(|_| same_registry(endpoint, url)) {
         request = request.header(AUTHORIZATION, auth.clone());
@@ -414,7 +415,7 @@ fn upload_location(request: &Url, location: &str) -> Result<Url, HttpFailure> {
 
 /// A `Docker-Content-Digest` that names another digest means the registry stored something
 /// other than what was sent.
-fn confirm_digest(headers: &HeaderMap, expected: &Digest) -> Result<(), RequestError> {
+fn confirm_digest(headers: &HeaderMap, expected: &Digest) -> Result<(), RequestError<PushError>> {
     let Some(stored) = headers.get(CONTENT_DIGEST).and_then(|v| v.to_str().ok()) else {
         return Ok(());
     };
@@ -430,10 +431,13 @@ fn confirm_digest(headers: &HeaderMap, expected: &Digest) -> Result<(), RequestE
 }
 
 /// Names an HTTP failure after the operation; a complete error passes through.
-fn request_error(error: RequestError, fail: impl FnOnce(HttpFailure) -> FetchError) -> FetchError {
+fn request_error(
+    error: RequestError<PushError>,
+    fail: impl FnOnce(HttpFailure) -> PushError,
+) -> PushError {
     match error {
         RequestError::Http(cause) => fail(cause),
-        RequestError::Fetch(error) => error,
+        RequestError::Complete(error) => error,
     }
 }
 

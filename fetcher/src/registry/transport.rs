@@ -9,7 +9,7 @@ use reqwest::header::{
 };
 use reqwest::{Client, Response, StatusCode, Url};
 
-use crate::error::HttpFailure;
+use super::failure::HttpFailure;
 
 /// Registries redirect blobs to storage once; chains longer than this are loops.
 const MAX_REDIRECTS: usize = 10;

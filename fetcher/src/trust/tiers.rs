@@ -98,6 +98,6 @@ impl Tiers for Fetcher {
     }
 
     fn discard(&self, blob: &BlobRef) -> Result<(), FetchError> {
-        self.cache().invalidate(&blob.digest, 0..blob.size)
+        Ok(self.cache().invalidate(&blob.digest, 0..blob.size)?)
     }
 }
