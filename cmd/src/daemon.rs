@@ -41,8 +41,7 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
     let Started { config, path, log } = started;
     // Handled from the start: a stop asked for during start-up waits for it to finish (the
-    // socket is bound before the metadata store is opened, and the store must not be cut
-    // off half made), then stops the daemon as usual.
+    // metadata store must not be cut off half made), then stops the daemon as usual.
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     // Cached layers and every image's metadata live here: root's alone (0700), narrowed if
@@ -54,7 +53,6 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
     }
     refuse_live_socket(&config.socket).await?;
     let _lock = lock_root(&config.root)?;
-    let listener = bind(&config.socket).await?;
 
     let fetcher =
         shoal_fetcher::Fetcher::new(&config).context("open chunk cache and registry client")?;
@@ -143,6 +141,11 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     };
 
+    // Bound last, once everything it serves is open: a client that connects is answered at
+    // once. Bound earlier, containerd connected during start-up, timed out waiting for the
+    // HTTP/2 handshake, and failed every Prepare for its reconnect back-off
+    // ("timed out waiting for server handshake").
+    let listener = bind(&config.socket).await?;
     let serve = Server::builder()
         .add_service(server(Arc::new(snapshotter)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
