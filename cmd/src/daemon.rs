@@ -9,14 +9,15 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
 use shoal_config::Config;
-use shoal_fuse::layer::{ChunkReader, Prefetch, ReaderConfig};
+use shoal_fuse::layer::{ChunkReader, ReaderConfig};
 use shoal_fuse::syscall::LinuxSyscall;
 
 use crate::logging::LogLevel;
 use crate::metrics::{self, Observed};
 use crate::reload::Reloader;
 use shoal_snapshotter::{
-    server, tonic::transport::Server, EstargzFormat, LazyMounter, OverlaybdFormat, ShoalSnapshotter,
+    server, tonic::transport::Server, EstargzFormat, LazyMounter, MountPolicy, MountSettings,
+    OverlaybdFormat, ShoalSnapshotter,
 };
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
@@ -66,32 +67,24 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
             memory_bytes: config.cache.memory.0,
         },
     );
+    // Read at each open and mount; a reload replaces it.
+    let policy = MountPolicy::new(MountSettings::of(&config));
     let estargz = EstargzFormat::new(
         fetcher.clone(),
         reader.clone(),
         tokio::runtime::Handle::current(),
-        Prefetch {
-            landmark: config.fetch.prefetch,
-            background_rate: config
-                .fetch
-                .background
-                .then_some(config.fetch.background_rate.0),
-        },
+        policy.clone(),
     );
     let overlaybd = OverlaybdFormat::new(
         fetcher.clone(),
         tokio::runtime::Handle::current(),
-        config
-            .fetch
-            .background
-            .then_some(config.fetch.background_rate.0),
+        policy.clone(),
     );
-    // One request's deadline for the whole handshake: after that a download is faster.
     let mounter = Arc::new(LazyMounter::new(
         fetcher.clone(),
         Arc::new(LinuxSyscall),
         vec![Box::new(overlaybd), Box::new(estargz)],
-        config.registry.timeout,
+        policy.clone(),
     ));
     let snapshotter = ShoalSnapshotter::open(&config.root, mounter)
         .with_context(|| format!("open snapshotter at {}", config.root.display()))?;
@@ -125,7 +118,7 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
     }
 
     let landing = fetcher.clone();
-    let mut reloader = Some(Reloader::new(path, config.clone(), fetcher, log));
+    let mut reloader = Some(Reloader::new(path, config.clone(), fetcher, policy, log));
     let shutdown = async move {
         let name = loop {
             tokio::select! {

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use std::time::Duration;
 
 use shoal_fetcher::{BlobRef, Digest, Fetcher};
 use shoal_fuse::syscall::Syscall;
@@ -16,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::error::SnapshotError;
 use crate::lazy_format::{LazyFormat, OpenedLayer, Served};
+use crate::mount_policy::MountPolicy;
 use crate::mount_table::{MountTable, MountedBlob};
 use crate::remote::{Fallback, LayerFormat, LayerLabels, LayerMounter, ResolvedLayer};
 
@@ -27,9 +27,9 @@ pub struct LazyMounter {
     fetcher: Fetcher,
     syscall: Arc<dyn Syscall>,
     formats: Vec<Box<dyn LazyFormat>>,
-    /// How long finding and opening a layer may take, whatever its format: a registry that
-    /// hangs must not hang containerd's Prepare.
-    resolve_timeout: Duration,
+    /// Its `resolve_timeout`, read at each resolve: how long finding and opening a layer may
+    /// take, whatever its format.
+    policy: MountPolicy,
     /// Layers opened by `resolve`, waiting for `mount`, so the index is fetched once.
     opened: Mutex<HashMap<OpenedKey, Box<dyn OpenedLayer>>>,
     mounted: Mutex<HashMap<PathBuf, Mounted>>,
@@ -48,13 +48,13 @@ impl LazyMounter {
         fetcher: Fetcher,
         syscall: Arc<dyn Syscall>,
         formats: Vec<Box<dyn LazyFormat>>,
-        resolve_timeout: Duration,
+        policy: MountPolicy,
     ) -> LazyMounter {
         LazyMounter {
             fetcher,
             syscall,
             formats,
-            resolve_timeout,
+            policy,
             opened: Mutex::new(HashMap::new()),
             mounted: Mutex::new(HashMap::new()),
             table: MountTable::default(),
@@ -129,7 +129,7 @@ impl LayerMounter for LazyMounter {
             .iter()
             .find(|f| f.claims(labels))
             .ok_or(Fallback::Disabled)?;
-        let limit = self.resolve_timeout;
+        let limit = self.policy.get().resolve_timeout;
         let opened = tokio::time::timeout(limit, format.open(labels))
             .await
             .unwrap_or_else(|_| {

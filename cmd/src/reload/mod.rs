@@ -3,8 +3,9 @@
 //! The file the daemon started with is read again and validated whole; an invalid one is
 //! rejected, logged, and the configuration in force stays. A valid one is taken where a running
 //! daemon can take it safely (registry hosts, mirrors, credentials, timeouts, log level, cache
-//! cap); every other difference is named as needing a restart and left as it was. Each reload
-//! logs one line and leaves its outcome in `<socket>.reload.json` ([`outcome`]).
+//! cap, and the prefetch of layers mounted from then on); every other difference is named as
+//! needing a restart, with why, and left as it was. Each reload logs one line and leaves its
+//! outcome in `<socket>.reload.json` ([`outcome`]).
 
 mod changes;
 pub mod outcome;
@@ -15,6 +16,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use shoal_config::Config;
 use shoal_fetcher::Fetcher;
+use shoal_snapshotter::{MountPolicy, MountSettings};
 use tracing::{info, warn};
 
 pub use changes::Changes;
@@ -28,16 +30,25 @@ pub struct Reloader {
     path: Option<PathBuf>,
     current: Config,
     fetcher: Fetcher,
+    /// What layers are opened and mounted with.
+    policy: MountPolicy,
     log: LogLevel,
     generation: u64,
 }
 
 impl Reloader {
-    pub fn new(path: Option<PathBuf>, current: Config, fetcher: Fetcher, log: LogLevel) -> Self {
+    pub fn new(
+        path: Option<PathBuf>,
+        current: Config,
+        fetcher: Fetcher,
+        policy: MountPolicy,
+        log: LogLevel,
+    ) -> Self {
         Reloader {
             path,
             current,
             fetcher,
+            policy,
             log,
             generation: 0,
         }
@@ -54,7 +65,7 @@ impl Reloader {
                 info!(
                     config = %source,
                     changed = %fields(&changes.applied),
-                    restart_needed = %fields(&changes.restart),
+                    restart_needed = %fields(&changes.restart_fields()),
                     "config reloaded"
                 );
                 (true, message)
@@ -104,7 +115,9 @@ impl Reloader {
         if new.log.level != self.current.log.level {
             self.log.set(&new.log)?;
         }
-        self.current = Changes::in_force(&self.current, &new);
+        let in_force = Changes::in_force(&self.current, &new);
+        self.policy.set(MountSettings::of(&in_force));
+        self.current = in_force;
         Ok(changes)
     }
 
@@ -139,9 +152,14 @@ fn describe(source: &str, changes: &Changes) -> String {
         list(&changes.applied)
     );
     if !changes.restart.is_empty() {
+        let restart: Vec<String> = changes
+            .restart
+            .iter()
+            .map(|restart| format!("{} ({})", restart.field, restart.why))
+            .collect();
         message.push_str(&format!(
             "; needs a restart, kept as before: {}",
-            list(&changes.restart)
+            restart.join(", ")
         ));
     }
     message
