@@ -40,8 +40,8 @@ pub use fetcher::Fetcher;
 pub use latency::{FetchLatency, Histogram, HistogramSnapshot, BUCKET_BOUNDS};
 pub use reference::{BlobRef, ImageRef};
 pub use registry::{
-    BlobContent, Credential, Credentials, Manifest, Pushed, PushedManifest, RegistryClient,
-    RetryPolicy, MANIFEST_MEDIA_TYPES, MAX_WHOLE_BLOB_BYTES,
+    BlobContent, Credential, CredentialSources, Credentials, Manifest, Pushed, PushedManifest,
+    RegistryClient, RetryPolicy, MANIFEST_MEDIA_TYPES, MAX_WHOLE_BLOB_BYTES,
 };
 pub use stats::{BlobBytes, FetchStats, Source, MAX_COUNTED_BLOBS};
 pub use trust::{Anchor, Anchored, BlobRead, Checked, Decode, Expect, MemoryBlobs, Rejection};

@@ -10,6 +10,7 @@
 mod changes;
 pub mod outcome;
 pub mod request;
+pub mod settings;
 
 use std::path::PathBuf;
 
@@ -21,6 +22,7 @@ use tracing::{info, warn};
 
 pub use changes::Changes;
 pub use outcome::Outcome;
+pub use settings::DaemonSettings;
 
 use crate::logging::LogLevel;
 
@@ -44,13 +46,30 @@ impl Reloader {
         policy: MountPolicy,
         log: LogLevel,
     ) -> Self {
-        Reloader {
+        let reloader = Reloader {
             path,
             current,
             fetcher,
             policy,
             log,
             generation: 0,
+        };
+        reloader.publish();
+        reloader
+    }
+
+    /// Writes what the daemon reads registries with now, for `shoal rpull` to compare.
+    fn publish(&self) {
+        let settings = DaemonSettings::of(
+            &self.current,
+            settings::config_source(self.path.as_deref()),
+            self.fetcher.credential_sources(),
+        );
+        if let Err(error) = settings.write(&self.current.socket) {
+            warn!(
+                error = format!("{error:#}"),
+                "cannot record the registry settings for shoal rpull"
+            );
         }
     }
 
@@ -61,6 +80,7 @@ impl Reloader {
         let source = self.source();
         let (accepted, message) = match self.apply() {
             Ok(changes) => {
+                self.publish();
                 let message = describe(&source, &changes);
                 info!(
                     config = %source,
@@ -122,10 +142,7 @@ impl Reloader {
     }
 
     fn source(&self) -> String {
-        match &self.path {
-            Some(path) => path.display().to_string(),
-            None => crate::DEFAULT_CONFIG.to_string(),
-        }
+        settings::config_source(self.path.as_deref())
     }
 }
 

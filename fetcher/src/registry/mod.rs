@@ -9,6 +9,7 @@ mod challenge;
 mod helper;
 mod push;
 mod retry;
+mod sources;
 mod transport;
 
 use std::collections::{BTreeMap, HashMap};
@@ -26,6 +27,7 @@ pub use auth::{Credential, Credentials};
 pub use push::{BlobContent, Pushed, PushedManifest};
 use retry::Budget;
 pub use retry::RetryPolicy;
+pub use sources::CredentialSources;
 
 use crate::digest::Digest;
 use crate::error::{FetchError, HttpFailure};
@@ -125,6 +127,11 @@ impl RegistryClient {
                 policy,
             }),
         })
+    }
+
+    /// Where this client's credentials come from, host by host, without a secret.
+    pub fn credential_sources(&self) -> CredentialSources {
+        self.inner.credentials.sources()
     }
 
     /// Fetches the manifest or index `image` names.
