@@ -9,14 +9,15 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
 use shoal_config::Config;
-use shoal_fuse::layer::{ChunkReader, Prefetch, ReaderConfig};
+use shoal_fuse::layer::{ChunkReader, ReaderConfig};
 use shoal_fuse::syscall::LinuxSyscall;
 
 use crate::logging::LogLevel;
 use crate::metrics::{self, Observed};
 use crate::reload::Reloader;
 use shoal_snapshotter::{
-    server, tonic::transport::Server, EstargzFormat, LazyMounter, OverlaybdFormat, ShoalSnapshotter,
+    server, tonic::transport::Server, EstargzFormat, LazyMounter, MountPolicy, MountSettings,
+    OverlaybdFormat, ShoalSnapshotter,
 };
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
@@ -43,8 +44,7 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
     let Started { config, path, log } = started;
     // Handled from the start: a stop asked for during start-up waits for it to finish (the
-    // socket is bound before the metadata store is opened, and the store must not be cut
-    // off half made), then stops the daemon as usual.
+    // metadata store must not be cut off half made), then stops the daemon as usual.
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     // `shoal-snapshotter --shutdown`: a stop that ends every lazy mount.
@@ -59,7 +59,6 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
     refuse_live_socket(&config.socket).await?;
     let mut lock = lock_root(&config.root)?;
     crate::handover::record_pid(&mut lock).context("record the daemon's pid in the root lock")?;
-    let listener = bind(&config.socket).await?;
 
     let fetcher =
         shoal_fetcher::Fetcher::new(&config).context("open chunk cache and registry client")?;
@@ -73,32 +72,25 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
             memory_bytes: config.cache.memory.0,
         },
     );
+    // Read at each open and mount; a reload replaces it.
+    let policy = MountPolicy::new(MountSettings::of(&config));
     let estargz = EstargzFormat::new(
         fetcher.clone(),
         reader.clone(),
         tokio::runtime::Handle::current(),
-        Prefetch {
-            landmark: config.fetch.prefetch,
-            background_rate: config
-                .fetch
-                .background
-                .then_some(config.fetch.background_rate.0),
-        },
+        policy.clone(),
     );
     let overlaybd = OverlaybdFormat::new(
         fetcher.clone(),
         tokio::runtime::Handle::current(),
-        config
-            .fetch
-            .background
-            .then_some(config.fetch.background_rate.0),
+        policy.clone(),
     );
     // One request's deadline for the whole handshake: after that a download is faster.
     let mut mounter = LazyMounter::new(
         fetcher.clone(),
         Arc::new(LinuxSyscall),
         vec![Box::new(overlaybd), Box::new(estargz)],
-        config.registry.timeout,
+        policy.clone(),
     );
     if config.handover.enabled {
         let handover = config.handover.clone();
@@ -146,7 +138,7 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
     }
 
     let landing = fetcher.clone();
-    let mut reloader = Some(Reloader::new(path, config.clone(), fetcher, log));
+    let mut reloader = Some(Reloader::new(path, config.clone(), fetcher, policy, log));
     let stopping = mounter.clone();
     let shutdown = async move {
         let name = loop {
@@ -167,6 +159,11 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     };
 
+    // Bound last, once everything it serves is open: a client that connects is answered at
+    // once. Bound earlier, containerd connected during start-up, timed out waiting for the
+    // HTTP/2 handshake, and failed every Prepare for its reconnect back-off
+    // ("timed out waiting for server handshake").
+    let listener = bind(&config.socket).await?;
     let serve = Server::builder()
         .add_service(server(Arc::new(snapshotter)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);

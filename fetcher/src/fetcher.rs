@@ -124,6 +124,11 @@ impl Fetcher {
         Ok(())
     }
 
+    /// Where the registry client in force gets its credentials, without a secret.
+    pub fn credential_sources(&self) -> crate::CredentialSources {
+        self.inner.registry.read().credential_sources()
+    }
+
     pub fn cache(&self) -> &ChunkCache {
         &self.inner.cache
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use shoal_fetcher::{BlobRef, Digest, Fetcher, ImageRef};
 use shoal_formats::estargz::{TocDigest, TOC_DIGEST_ANNOTATION};
-use shoal_fuse::layer::{self, ChunkReader, EstargzLayer, MountTarget, Prefetch};
+use shoal_fuse::layer::{self, ChunkReader, EstargzLayer, MountTarget};
 use shoal_fuse::syscall::Syscall;
 use shoal_fuse::tasks::Tasks;
 use shoal_fuse::FsError;
@@ -16,6 +16,7 @@ use tokio::runtime::Handle;
 use crate::error::{with_causes, SnapshotError};
 use crate::lazy_format::{Carried, LazyFormat, Opened, OpenedLayer, Served};
 use crate::manifest::chain_of;
+use crate::mount_policy::MountPolicy;
 use crate::remote::{Fallback, LayerFormat, LayerLabels, RemoteLayer, ResolvedLayer};
 
 /// Opens and serves eStargz layers.
@@ -29,7 +30,8 @@ pub struct EstargzFormat {
 struct Serving {
     reader: Arc<ChunkReader>,
     runtime: Handle,
-    prefetch: Prefetch,
+    /// Read when the layer is mounted.
+    policy: MountPolicy,
 }
 
 impl EstargzFormat {
@@ -37,14 +39,14 @@ impl EstargzFormat {
         fetcher: Fetcher,
         reader: Arc<ChunkReader>,
         runtime: Handle,
-        prefetch: Prefetch,
+        policy: MountPolicy,
     ) -> EstargzFormat {
         EstargzFormat {
             fetcher,
             serving: Serving {
                 reader,
                 runtime,
-                prefetch,
+                policy,
             },
         }
     }
@@ -136,8 +138,9 @@ impl OpenedLayer for OpenedEstargz {
         let Serving {
             reader,
             runtime,
-            prefetch,
+            policy,
         } = self.serving;
+        let prefetch = policy.get().prefetch;
         let target = MountTarget {
             mountpoint,
             syscall: syscall.clone(),
@@ -208,7 +211,11 @@ mod tests {
                 memory_bytes: 1 << 20,
             },
         );
-        EstargzFormat::new(fetcher, reader, Handle::current(), Prefetch::default())
+        let policy = crate::MountPolicy::new(crate::MountSettings {
+            prefetch: Default::default(),
+            resolve_timeout: std::time::Duration::from_secs(30),
+        });
+        EstargzFormat::new(fetcher, reader, Handle::current(), policy)
     }
 
     #[tokio::test]

@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use std::time::Duration;
 
 use shoal_fetcher::{BlobRef, Digest, Fetcher};
 use shoal_fuse::connection::{self, Origin, Resend};
@@ -25,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::error::SnapshotError;
 use crate::lazy_format::{Carried, LazyFormat, OpenedLayer, Served};
+use crate::mount_policy::MountPolicy;
 use crate::mount_table::{MountTable, MountedBlob};
 use crate::remote::{Fallback, LayerFormat, LayerLabels, LayerMounter, ResolvedLayer};
 
@@ -36,9 +36,9 @@ pub struct LazyMounter {
     fetcher: Fetcher,
     syscall: Arc<dyn Syscall>,
     formats: Vec<Box<dyn LazyFormat>>,
-    /// How long finding and opening a layer may take, whatever its format: a registry that
-    /// hangs must not hang containerd's Prepare.
-    resolve_timeout: Duration,
+    /// Its `resolve_timeout`, read at each resolve: how long finding and opening a layer may
+    /// take, whatever its format.
+    policy: MountPolicy,
     /// Layers opened by `resolve`, waiting for `mount`, so the index is fetched once.
     opened: Mutex<HashMap<OpenedKey, Box<dyn OpenedLayer>>>,
     mounted: Mutex<HashMap<PathBuf, Mounted>>,
@@ -81,13 +81,13 @@ impl LazyMounter {
         fetcher: Fetcher,
         syscall: Arc<dyn Syscall>,
         formats: Vec<Box<dyn LazyFormat>>,
-        resolve_timeout: Duration,
+        policy: MountPolicy,
     ) -> LazyMounter {
         LazyMounter {
             fetcher,
             syscall,
             formats,
-            resolve_timeout,
+            policy,
             opened: Mutex::new(HashMap::new()),
             mounted: Mutex::new(HashMap::new()),
             table: MountTable::default(),
@@ -326,7 +326,7 @@ impl LayerMounter for LazyMounter {
             .iter()
             .find(|f| f.claims(labels))
             .ok_or(Fallback::Disabled)?;
-        let limit = self.resolve_timeout;
+        let limit = self.policy.get().resolve_timeout;
         let opened = tokio::time::timeout(limit, format.open(labels))
             .await
             .unwrap_or_else(|_| {

@@ -147,7 +147,10 @@ fn harness() -> Harness {
         fetcher,
         syscall.clone(),
         vec![Box::new(format)],
-        Duration::from_secs(30),
+        crate::MountPolicy::new(crate::MountSettings {
+            prefetch: Default::default(),
+            resolve_timeout: Duration::from_secs(30),
+        }),
     );
     let fs = dir.path().join("snapshots/1/fs");
     Harness {

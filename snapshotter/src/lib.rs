@@ -10,6 +10,8 @@
 //!   tests, FUSE in the daemon): [`LazyMounter`], one lifecycle for every format, with the
 //!   per-format parts behind [`LazyFormat`]: [`EstargzFormat`] (a FUSE tree) and
 //!   [`OverlaybdFormat`] (a chain's virtual disk over FUSE, loop-mounted read-only).
+//! - [`MountPolicy`]: the prefetch and resolve timeout that layers are opened and mounted
+//!   with, read at each open and mount so that a reload applies from the next layer on.
 //! - [`SnapshotError`]: the crate's one error type; `From<SnapshotError> for tonic::Status` is the
 //!   only conversion to gRPC codes.
 //!
@@ -25,6 +27,7 @@ mod lazy_format;
 mod lazy_mounter;
 mod manifest;
 mod metadata;
+mod mount_policy;
 mod mount_table;
 mod overlaybd_format;
 pub mod remote;
@@ -37,6 +40,7 @@ pub use estargz_format::EstargzFormat;
 pub use layout::Layout;
 pub use lazy_format::{LazyFormat, Opened, OpenedLayer, Served};
 pub use lazy_mounter::{HandoverReport, LazyMounter};
+pub use mount_policy::{MountPolicy, MountSettings};
 pub use mount_table::MountedBlob;
 pub use overlaybd_format::OverlaybdFormat;
 pub use service::{LazyStats, ShoalSnapshotter, SnapshotCounts, UnmountedLayer};

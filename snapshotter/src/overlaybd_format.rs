@@ -26,6 +26,7 @@ use tracing::{error, info};
 use crate::error::{with_causes, SnapshotError};
 use crate::lazy_format::{Carried, LazyFormat, Opened, OpenedLayer, Served};
 use crate::manifest::chain_of;
+use crate::mount_policy::MountPolicy;
 use crate::remote::{Fallback, LayerFormat, LayerLabels, RemoteLayer, ResolvedLayer};
 
 /// Directory beside a snapshot's `fs` where its virtual disk's FUSE file is served.
@@ -41,20 +42,21 @@ pub struct OverlaybdFormat {
 /// The background fetch of mounted blobs.
 #[derive(Clone)]
 struct Background {
-    /// Fetch mounted blobs whole at this many bytes per second, then check each one's sha256;
-    /// `None`: blocks are fetched as read (and CRC-checked) only.
-    rate: Option<u64>,
+    /// Its `prefetch.background_rate`, read at each mount: fetch mounted blobs whole at this
+    /// many bytes per second, then check each one's sha256; `None`: blocks are fetched as read
+    /// (and CRC-checked) only.
+    policy: MountPolicy,
     /// Blobs whose background fetch runs or ended well, so each runs once per daemon.
     fetching: Arc<Mutex<HashSet<Digest>>>,
 }
 
 impl OverlaybdFormat {
-    pub fn new(fetcher: Fetcher, runtime: Handle, background_rate: Option<u64>) -> OverlaybdFormat {
+    pub fn new(fetcher: Fetcher, runtime: Handle, policy: MountPolicy) -> OverlaybdFormat {
         OverlaybdFormat {
             fetcher,
             runtime,
             background: Background {
-                rate: background_rate,
+                policy,
                 fetching: Arc::default(),
             },
         }
@@ -232,7 +234,7 @@ impl Background {
     /// Starts, as tasks the mounting layer owns, the fetch and digest check of each of
     /// `disk`'s blobs not fetched or being fetched already.
     fn start(&self, tasks: &mut Tasks, runtime: &Handle, fetcher: &Fetcher, disk: &VirtualDisk) {
-        let Some(rate) = self.rate else {
+        let Some(rate) = self.policy.get().prefetch.background_rate else {
             return;
         };
         for layer in disk.layers() {
@@ -315,15 +317,17 @@ mod tests {
         Fetcher::new(&config).unwrap()
     }
 
+    fn policy() -> MountPolicy {
+        MountPolicy::new(crate::MountSettings {
+            prefetch: Default::default(),
+            resolve_timeout: Duration::from_secs(30),
+        })
+    }
+
     fn mounter(dir: &Path, syscall: Arc<RecordingSyscall>) -> LazyMounter {
         let fetcher = fetcher(dir);
-        let format = OverlaybdFormat::new(fetcher.clone(), Handle::current(), None);
-        LazyMounter::new(
-            fetcher,
-            syscall,
-            vec![Box::new(format)],
-            Duration::from_secs(30),
-        )
+        let format = OverlaybdFormat::new(fetcher.clone(), Handle::current(), policy());
+        LazyMounter::new(fetcher, syscall, vec![Box::new(format)], policy())
     }
 
     fn labels(overlaybd: bool) -> LayerLabels {
@@ -340,7 +344,7 @@ mod tests {
     #[tokio::test]
     async fn only_overlaybd_layers_are_resolved_and_registry_failures_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        let format = OverlaybdFormat::new(fetcher(dir.path()), Handle::current(), None);
+        let format = OverlaybdFormat::new(fetcher(dir.path()), Handle::current(), policy());
         assert!(!format.claims(&labels(false)));
         let err = format.open(&labels(false)).await.err().unwrap();
         assert!(matches!(err, Fallback::NotLazyFormat(_)), "{err}");

@@ -177,6 +177,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 plain_http: rpull.plain_http,
                 platform: rpull.platform,
                 reference: rpull.reference,
+                config_path: args.config.clone(),
             };
             let runtime = shoal_cmd::runtime::build()?;
             let progress = shoal_cmd::pull::Progress::new();

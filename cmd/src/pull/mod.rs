@@ -13,9 +13,11 @@
 //! - [`content`]: the content store.
 //! - [`unpack`]: one layer: skip, lazy, or fetch + apply + commit.
 //! - [`progress`]: per-layer lines and the summary.
+//! - [`daemon_view`]: whether the daemon reads the image's registry as rpull does.
 
 mod containerd;
 mod content;
+mod daemon_view;
 pub(crate) mod image;
 mod labels;
 mod progress;
@@ -59,6 +61,8 @@ pub struct Options {
     /// `os/arch[/variant]`; the host's platform when absent.
     pub platform: Option<String>,
     pub reference: String,
+    /// The `--config` file the config came from; none: the default file, if it exists.
+    pub config_path: Option<PathBuf>,
 }
 
 /// Pulls `options.reference` into containerd, reporting each layer to `progress`.
@@ -74,13 +78,38 @@ pub async fn rpull(
         Some(text) => Platform::parse(text)?,
         None => Platform::host(),
     };
+    // Without the daemon's own view, rpull can only say that its config lacks the flag.
+    let mut flag_unconfigured = false;
     if options.plain_http {
         let host = config
             .registry
             .hosts
             .entry(image.host().to_owned())
             .or_default();
-        if !host.plain_http {
+        flag_unconfigured = !host.plain_http;
+        host.plain_http = true;
+    }
+    let registry = RegistryClient::new(&config.registry).context("build the registry client")?;
+
+    let containerd = Containerd::connect(&options.address, &options.namespace).await?;
+    let mut daemon = None;
+    if let Some(dialed) = containerd.ensure_snapshotter(&options.snapshotter).await? {
+        check_daemon_socket(&options.snapshotter, &dialed, &config.socket).await?;
+        daemon = crate::reload::DaemonSettings::read_live(&dialed);
+    }
+    match &daemon {
+        Some(daemon) => {
+            let own = daemon_view::OwnView {
+                config: &config,
+                source: crate::reload::settings::config_source(options.config_path.as_deref()),
+                credentials: registry.credential_sources(),
+                plain_http_flag: options.plain_http,
+            };
+            if let Some(warning) = daemon_view::warning(&own, daemon, image.host()) {
+                eprintln!("{warning}");
+            }
+        }
+        None if flag_unconfigured => {
             // The daemon reads the registry itself, with its own config: the flag is not
             // passed on, and without the setting it cannot mount this image's layers.
             eprintln!(
@@ -90,13 +119,7 @@ pub async fn rpull(
                 image.host()
             );
         }
-        host.plain_http = true;
-    }
-    let registry = RegistryClient::new(&config.registry).context("build the registry client")?;
-
-    let containerd = Containerd::connect(&options.address, &options.namespace).await?;
-    if let Some(dialed) = containerd.ensure_snapshotter(&options.snapshotter).await? {
-        check_daemon_socket(&options.snapshotter, &dialed, &config.socket).await?;
+        None => {}
     }
     let resolved = resolve(&registry, &image, &name, &platform).await?;
 

@@ -1,59 +1,107 @@
 //! What differs between the configuration in force and a new one, and which of it a running
 //! daemon can take without a restart.
 
-use shoal_config::{CacheConfig, Config, LogConfig};
+use shoal_config::{CacheConfig, Config, FetchConfig, LogConfig};
 
 /// The fields that differ, by their TOML names.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     /// Taken at once.
     pub applied: Vec<&'static str>,
-    /// Kept as they were until the daemon restarts.
-    pub restart: Vec<&'static str>,
+    /// Kept as they were until the daemon restarts, each with why.
+    pub restart: Vec<Restart>,
+}
+
+/// A field a running daemon cannot take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restart {
+    pub field: &'static str,
+    pub why: &'static str,
 }
 
 impl Changes {
     pub fn between(old: &Config, new: &Config) -> Changes {
         let mut changes = Changes::default();
         let (a, b) = (&old.registry, &new.registry);
-        changes.note(true, "registry.hosts", a.hosts != b.hosts);
-        changes.note(
-            true,
-            "registry.docker_config",
-            a.docker_config != b.docker_config,
-        );
-        changes.note(true, "registry.timeout_secs", a.timeout != b.timeout);
-        changes.note(true, "registry.retries", a.retries != b.retries);
-        changes.note(true, "registry.deadline_secs", a.deadline != b.deadline);
-        changes.note(true, "log.level", old.log.level != new.log.level);
-        changes.note(
-            true,
-            "cache.capacity",
-            old.cache.capacity != new.cache.capacity,
+        changes.apply("registry.hosts", a.hosts != b.hosts);
+        changes.apply("registry.docker_config", a.docker_config != b.docker_config);
+        changes.apply("registry.timeout_secs", a.timeout != b.timeout);
+        changes.apply("registry.retries", a.retries != b.retries);
+        changes.apply("registry.deadline_secs", a.deadline != b.deadline);
+        changes.apply("log.level", old.log.level != new.log.level);
+        changes.apply("cache.capacity", old.cache.capacity != new.cache.capacity);
+        // Read at each mount: layers mounted from now on take them, mounted ones keep theirs.
+        let (f, g) = (&old.fetch, &new.fetch);
+        changes.apply("fetch.prefetch", f.prefetch != g.prefetch);
+        changes.apply("fetch.background", f.background != g.background);
+        changes.apply(
+            "fetch.background_rate",
+            f.background_rate != g.background_rate,
         );
 
-        changes.note(false, "root", old.root != new.root);
-        changes.note(false, "socket", old.socket != new.socket);
-        changes.note(false, "log.format", old.log.format != new.log.format);
-        changes.note(
-            false,
+        changes.restart(
+            "root",
+            "it holds the store, the cache and the mounts",
+            old.root != new.root,
+        );
+        changes.restart(
+            "socket",
+            "containerd is connected to it",
+            old.socket != new.socket,
+        );
+        changes.restart(
+            "log.format",
+            "the log writer is built at start",
+            old.log.format != new.log.format,
+        );
+        changes.restart(
             "cache.block_size",
+            "the cached blocks on disk have the old size",
             old.cache.block_size != new.cache.block_size,
         );
-        changes.note(false, "cache.memory", old.cache.memory != new.cache.memory);
-        changes.note(false, "fetch", old.fetch != new.fetch);
-        changes.note(false, "metrics.address", old.metrics != new.metrics);
-        changes.note(false, "peers", old.peers != new.peers);
-        changes.note(false, "handover", old.handover != new.handover);
+        changes.restart(
+            "cache.memory",
+            "the chunk reader's memory is sized at start",
+            old.cache.memory != new.cache.memory,
+        );
+        changes.restart(
+            "fetch.max_concurrent",
+            "the fetches in flight hold permits of the old limit",
+            f.max_concurrent != g.max_concurrent,
+        );
+        changes.restart(
+            "metrics.address",
+            "the listener is bound at start",
+            old.metrics != new.metrics,
+        );
+        changes.restart(
+            "peers",
+            "the peer listener, membership and owner index are set up at start",
+            old.peers != new.peers,
+        );
+        changes.restart(
+            "handover",
+            "the fd holder is attached at start",
+            old.handover != new.handover,
+        );
         changes
     }
 
-    fn note(&mut self, reloadable: bool, field: &'static str, differs: bool) {
-        match (differs, reloadable) {
-            (false, _) => {}
-            (true, true) => self.applied.push(field),
-            (true, false) => self.restart.push(field),
+    fn apply(&mut self, field: &'static str, differs: bool) {
+        if differs {
+            self.applied.push(field);
         }
+    }
+
+    fn restart(&mut self, field: &'static str, why: &'static str, differs: bool) {
+        if differs {
+            self.restart.push(Restart { field, why });
+        }
+    }
+
+    /// The names of the fields that need a restart.
+    pub fn restart_fields(&self) -> Vec<&'static str> {
+        self.restart.iter().map(|restart| restart.field).collect()
     }
 
     /// `old` with the reloadable parts of `new`: what is in force after the reload.
@@ -67,6 +115,10 @@ impl Changes {
             cache: CacheConfig {
                 capacity: new.cache.capacity,
                 ..old.cache.clone()
+            },
+            fetch: FetchConfig {
+                max_concurrent: old.fetch.max_concurrent,
+                ..new.fetch.clone()
             },
             ..old.clone()
         }
@@ -86,6 +138,7 @@ mod tests {
         let old = config("[cache]\ncapacity = \"1GiB\"\n");
         let new = config(
             "[cache]\ncapacity = \"2GiB\"\nblock_size = \"4MiB\"\n\
+             [fetch]\nbackground = true\nmax_concurrent = 8\n\
              [log]\nlevel = \"debug\"\nformat = \"json\"\n\
              [registry.hosts.\"127.0.0.1:5000\"]\nplain_http = true\n\
              [peers]\nlisten = \"127.0.0.1:7420\"\nstatic = [\"127.0.0.1:7420\"]\n",
@@ -93,14 +146,33 @@ mod tests {
         let changes = Changes::between(&old, &new);
         assert_eq!(
             changes.applied,
-            ["registry.hosts", "log.level", "cache.capacity"]
+            [
+                "registry.hosts",
+                "log.level",
+                "cache.capacity",
+                "fetch.background"
+            ]
         );
-        assert_eq!(changes.restart, ["log.format", "cache.block_size", "peers"]);
+        assert_eq!(
+            changes.restart_fields(),
+            [
+                "log.format",
+                "cache.block_size",
+                "fetch.max_concurrent",
+                "peers"
+            ]
+        );
+        assert!(changes
+            .restart
+            .iter()
+            .all(|restart| !restart.why.is_empty()));
         let kept = Changes::in_force(&old, &new);
         assert_eq!(kept.cache.capacity, new.cache.capacity);
         assert_eq!(kept.cache.block_size, old.cache.block_size);
         assert_eq!(kept.log.format, old.log.format);
         assert_eq!(kept.log.level, "debug");
+        assert!(kept.fetch.background);
+        assert_eq!(kept.fetch.max_concurrent, old.fetch.max_concurrent);
         assert!(kept.peers.is_none());
         // What is in force differs from the file only where a restart is needed.
         let again = Changes::between(&kept, &new);

@@ -3,22 +3,26 @@
 //! The file the daemon started with is read again and validated whole; an invalid one is
 //! rejected, logged, and the configuration in force stays. A valid one is taken where a running
 //! daemon can take it safely (registry hosts, mirrors, credentials, timeouts, log level, cache
-//! cap); every other difference is named as needing a restart and left as it was. Each reload
-//! logs one line and leaves its outcome in `<socket>.reload.json` ([`outcome`]).
+//! cap, and the prefetch of layers mounted from then on); every other difference is named as
+//! needing a restart, with why, and left as it was. Each reload logs one line and leaves its
+//! outcome in `<socket>.reload.json` ([`outcome`]).
 
 mod changes;
 pub mod outcome;
 pub mod request;
+pub mod settings;
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use shoal_config::Config;
 use shoal_fetcher::Fetcher;
+use shoal_snapshotter::{MountPolicy, MountSettings};
 use tracing::{info, warn};
 
 pub use changes::Changes;
 pub use outcome::Outcome;
+pub use settings::DaemonSettings;
 
 use crate::logging::LogLevel;
 
@@ -28,18 +32,44 @@ pub struct Reloader {
     path: Option<PathBuf>,
     current: Config,
     fetcher: Fetcher,
+    /// What layers are opened and mounted with.
+    policy: MountPolicy,
     log: LogLevel,
     generation: u64,
 }
 
 impl Reloader {
-    pub fn new(path: Option<PathBuf>, current: Config, fetcher: Fetcher, log: LogLevel) -> Self {
-        Reloader {
+    pub fn new(
+        path: Option<PathBuf>,
+        current: Config,
+        fetcher: Fetcher,
+        policy: MountPolicy,
+        log: LogLevel,
+    ) -> Self {
+        let reloader = Reloader {
             path,
             current,
             fetcher,
+            policy,
             log,
             generation: 0,
+        };
+        reloader.publish();
+        reloader
+    }
+
+    /// Writes what the daemon reads registries with now, for `shoal rpull` to compare.
+    fn publish(&self) {
+        let settings = DaemonSettings::of(
+            &self.current,
+            settings::config_source(self.path.as_deref()),
+            self.fetcher.credential_sources(),
+        );
+        if let Err(error) = settings.write(&self.current.socket) {
+            warn!(
+                error = format!("{error:#}"),
+                "cannot record the registry settings for shoal rpull"
+            );
         }
     }
 
@@ -50,11 +80,12 @@ impl Reloader {
         let source = self.source();
         let (accepted, message) = match self.apply() {
             Ok(changes) => {
+                self.publish();
                 let message = describe(&source, &changes);
                 info!(
                     config = %source,
                     changed = %fields(&changes.applied),
-                    restart_needed = %fields(&changes.restart),
+                    restart_needed = %fields(&changes.restart_fields()),
                     "config reloaded"
                 );
                 (true, message)
@@ -104,15 +135,14 @@ impl Reloader {
         if new.log.level != self.current.log.level {
             self.log.set(&new.log)?;
         }
-        self.current = Changes::in_force(&self.current, &new);
+        let in_force = Changes::in_force(&self.current, &new);
+        self.policy.set(MountSettings::of(&in_force));
+        self.current = in_force;
         Ok(changes)
     }
 
     fn source(&self) -> String {
-        match &self.path {
-            Some(path) => path.display().to_string(),
-            None => crate::DEFAULT_CONFIG.to_string(),
-        }
+        settings::config_source(self.path.as_deref())
     }
 }
 
@@ -139,9 +169,14 @@ fn describe(source: &str, changes: &Changes) -> String {
         list(&changes.applied)
     );
     if !changes.restart.is_empty() {
+        let restart: Vec<String> = changes
+            .restart
+            .iter()
+            .map(|restart| format!("{} ({})", restart.field, restart.why))
+            .collect();
         message.push_str(&format!(
             "; needs a restart, kept as before: {}",
-            list(&changes.restart)
+            restart.join(", ")
         ));
     }
     message

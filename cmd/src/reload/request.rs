@@ -17,8 +17,8 @@ use super::Outcome;
 const OUTCOME_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(50);
 
-/// Asks the daemon serving `socket` to reload; its outcome.
-pub fn reload(socket: &Path) -> anyhow::Result<Outcome> {
+/// The pid of the process listening on `socket`, by the peer credentials of a connection.
+pub fn listener_pid(socket: &Path) -> anyhow::Result<u32> {
     let stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
         format!(
             "connect to shoal-snapshotter at {}: is it running?",
@@ -28,8 +28,12 @@ pub fn reload(socket: &Path) -> anyhow::Result<Outcome> {
     let credentials =
         nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
             .with_context(|| format!("ask who listens on {}", socket.display()))?;
-    drop(stream);
-    let pid = u32::try_from(credentials.pid()).context("the socket's owner has no pid here")?;
+    u32::try_from(credentials.pid()).context("the socket's owner has no pid here")
+}
+
+/// Asks the daemon serving `socket` to reload; its outcome.
+pub fn reload(socket: &Path) -> anyhow::Result<Outcome> {
+    let pid = listener_pid(socket)?;
     let before = Outcome::read(socket)
         .filter(|outcome| outcome.pid == pid)
         .map_or(0, |outcome| outcome.generation);

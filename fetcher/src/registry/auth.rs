@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use super::error::CredentialsError;
 use super::helper;
+use super::sources::CredentialSources;
 
 /// Docker config files are small; a larger one is not a config file.
 const MAX_DOCKER_CONFIG_BYTES: u64 = 4 << 20;
@@ -59,6 +60,8 @@ pub struct Credentials {
     search: Vec<PathBuf>,
     /// The docker config these came from, and whether it existed.
     origin: Option<(PathBuf, bool)>,
+    /// Its modification time when read, in seconds since the epoch.
+    modified: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -108,6 +111,11 @@ impl Credentials {
                 reason,
             })?;
         credentials.origin = Some((path.to_owned(), true));
+        credentials.modified = metadata
+            .modified()
+            .ok()
+            .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|since| since.as_secs());
         Ok(credentials)
     }
 
@@ -149,7 +157,20 @@ impl Credentials {
             store: config.creds_store.filter(|store| !store.is_empty()),
             search: helper::search_path(),
             origin: None,
+            modified: None,
         })
+    }
+
+    /// Where these credentials come from, host by host, without a secret.
+    pub fn sources(&self) -> CredentialSources {
+        CredentialSources {
+            docker_config: self.origin.as_ref().map(|(path, _)| path.clone()),
+            found: self.origin.as_ref().is_some_and(|(_, found)| *found),
+            modified: self.modified,
+            secrets: self.by_host.keys().cloned().collect(),
+            helpers: self.helpers.clone().into_iter().collect(),
+            store: self.store.clone(),
+        }
     }
 
     /// Looks for credential helpers in `dirs` instead of `PATH`.
@@ -191,7 +212,7 @@ fn decode_auth(key: &str, encoded: &str) -> Result<Credential, String> {
 }
 
 /// `https://index.docker.io/v1/`, `registry-1.docker.io` and `docker.io` are one registry.
-fn canonical_host(key: &str) -> String {
+pub(super) fn canonical_host(key: &str) -> String {
     let key = key
         .strip_prefix("https://")
         .or_else(|| key.strip_prefix("http://"))

@@ -11,6 +11,7 @@ mod failure;
 mod helper;
 mod push;
 mod retry;
+mod sources;
 mod transport;
 
 use std::collections::{BTreeMap, HashMap};
@@ -30,6 +31,7 @@ pub use failure::HttpFailure;
 pub use push::{BlobContent, Pushed, PushedManifest};
 use retry::Budget;
 pub use retry::RetryPolicy;
+pub use sources::CredentialSources;
 
 use crate::digest::Digest;
 use crate::reference::{BlobRef, ImageRef};
@@ -128,6 +130,11 @@ impl RegistryClient {
                 policy,
             }),
         })
+    }
+
+    /// Where this client's credentials come from, host by host, without a secret.
+    pub fn credential_sources(&self) -> CredentialSources {
+        self.inner.credentials.sources()
     }
 
     /// Fetches the manifest or index `image` names.

@@ -302,9 +302,9 @@ fn sigterm_exits_despite_hung_clients() {
     });
 }
 
-/// A stop that arrives while the daemon is still starting (its socket is up before its
-/// store is open) waits for the start-up: the daemon exits cleanly, and a store it was
-/// creating is whole at the next start.
+/// A stop that arrives while the daemon is still starting (it holds its root but has not
+/// opened its store nor bound its socket) waits for the start-up: the daemon exits cleanly,
+/// and a store it was creating is whole at the next start.
 #[test]
 fn sigterm_during_start_up_leaves_a_daemon_that_starts_again() {
     privileged!();
@@ -315,7 +315,7 @@ fn sigterm_during_start_up_leaves_a_daemon_that_starts_again() {
             daemon.stop()?;
             // The next start creates the store afresh, and is stopped at once.
             std::fs::remove_file(&store)?;
-            daemon.launch()?;
+            daemon.launch_starting()?;
             let status = daemon.stop()?;
             anyhow::ensure!(
                 status.success(),

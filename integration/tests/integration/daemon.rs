@@ -135,6 +135,22 @@ impl Daemon {
         .with_context(|| format!("start shoal-snapshotter; its log:\n{}", process.log()))
     }
 
+    /// Spawns the daemon and returns once it holds its root's lock: it has its signal handlers
+    /// and is still starting (it opens its store and binds its socket after that).
+    pub fn launch_starting(&mut self) -> Result<()> {
+        anyhow::ensure!(self.process.is_none(), "the daemon is already running");
+        let process = Process::spawn("shoal-snapshotter", &mut self.command(), &self.log)?;
+        let process = self.process.insert(process);
+        let lock = self.root.join("shoal.lock");
+        wait_until("the daemon to lock its root", START_TIMEOUT, || {
+            if let Some(status) = process.try_status()? {
+                anyhow::bail!("shoal-snapshotter exited during start-up ({status})");
+            }
+            Ok(held(&lock))
+        })
+        .with_context(|| format!("start shoal-snapshotter; its log:\n{}", process.log()))
+    }
+
     /// SIGTERM, then waits for the exit; returns its status.
     pub fn stop(&mut self) -> Result<ExitStatus> {
         let mut process = self.process.take().context("the daemon is not running")?;
@@ -199,5 +215,16 @@ impl Daemon {
         }
         dirs.sort();
         Ok(dirs)
+    }
+}
+
+/// Whether someone holds the `flock` on `path` (a daemon's root lock).
+fn held(path: &Path) -> bool {
+    let Ok(file) = fs::File::open(path) else {
+        return false;
+    };
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock) {
+        Ok(_unlocked_on_drop) => false,
+        Err((_, errno)) => errno == nix::errno::Errno::EWOULDBLOCK,
     }
 }

@@ -355,7 +355,7 @@ fn probes_answer_and_ready_turns_off_while_a_stop_drains() {
         let mut daemon =
             Daemon::configure_with(fixture, &format!("\n[metrics]\naddress = \"{address}\"\n"))?;
         daemon.launch()?;
-        // The socket is bound first; the listener answers once start-up is done.
+        // The listener answers once start-up is done, before the socket is bound.
         wait_until("the metrics listener", Duration::from_secs(30), || {
             Ok(get_answer(address, "/health").is_ok())
         })?;
@@ -401,6 +401,46 @@ fn probes_answer_and_ready_turns_off_while_a_stop_drains() {
         assert_eq!(get_answer(address, "/health")?, (200, "ok\n".into()));
         let status = daemon.stop()?;
         anyhow::ensure!(status.success(), "exit status {status}");
+        Ok(())
+    })
+}
+
+/// The socket accepts connections only once the daemon serves them. containerd dials it as
+/// soon as it exists: bound during start-up, a loaded machine left containerd waiting for the
+/// HTTP/2 handshake until it timed out, and every Prepare failed for its reconnect back-off
+/// (`timed out waiting for server handshake`). At the first instant the socket accepts, start-up
+/// is over (the metrics listener, bound just before it, answers), and a containerd started then
+/// prepares a snapshot at once.
+#[test]
+fn the_socket_accepts_only_once_the_daemon_serves() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let address = crate::fixture::loopback_addr(9464);
+        let mut daemon =
+            Daemon::configure_with(fixture, &format!("\n[metrics]\naddress = \"{address}\"\n"))?;
+        daemon.launch_starting()?;
+        // Polled without pause: the first connection the socket accepts is the one that counts.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(daemon.socket()).is_err() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the socket never accepted a connection"
+            );
+            anyhow::ensure!(daemon.is_running()?, "the daemon exited: {}", daemon.log());
+            std::thread::yield_now();
+        }
+        let ready = get_answer(address, "/ready")
+            .context("the socket accepted a connection before start-up was over")?;
+        assert_eq!(ready, (200, "ready\n".into()));
+
+        let ctd = crate::containerd::Containerd::start(
+            fixture,
+            &crate::containerd::Options {
+                shoal_socket: Some(daemon.socket().to_owned()),
+                ..Default::default()
+            },
+        )?;
+        ctd.ctr(&["snapshots", "--snapshotter", "shoal", "prepare", "first"])?;
         Ok(())
     })
 }

@@ -358,3 +358,92 @@ fn rpull_errors_name_the_problem() {
         Ok(())
     });
 }
+
+/// rpull compares how it reads the image's registry with how the daemon does (the settings
+/// the daemon leaves beside its socket) and says what differs and how to fix it: here its own
+/// config has `plain_http` and credentials for the registry that the daemon's lacks. Once the
+/// daemon's config says the same and is reloaded, the warning is gone.
+#[test]
+fn rpull_warns_when_the_daemon_reads_the_registry_otherwise() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let stack = Stack::start(fixture)?;
+        let host = stack.registry.host();
+        let auth = fixture.path("auth.json");
+        // The registry asks for nothing; the credential only has to be there.
+        fs::write(
+            &auth,
+            format!(r#"{{"auths": {{"{host}": {{"auth": "dTpw"}}}}}}"#),
+        )?;
+        let registry = format!(
+            "\n[registry]\ndocker_config = \"{}\"\n[registry.hosts.\"{host}\"]\nplain_http = true\n",
+            auth.display()
+        );
+        let config = fixture.path("rpull-own.toml");
+        fs::write(
+            &config,
+            format!(
+                "socket = \"{}\"\n{registry}",
+                stack.daemon.socket().display()
+            ),
+        )?;
+        let rpull = || -> Result<String> {
+            let output = Command::new(binary::cli()?)
+                .arg("--config")
+                .arg(&config)
+                .arg("rpull")
+                .arg("--address")
+                .arg(stack.ctd.address())
+                .args([
+                    "-n",
+                    stack.ctd.namespace(),
+                    "--plain-http",
+                    &stack.reference,
+                ])
+                .output()?;
+            let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+            anyhow::ensure!(output.status.success(), "rpull failed: {stderr}");
+            Ok(stderr)
+        };
+
+        let warned = rpull()?;
+        let expected = [
+            format!("warning: the daemon reads registry {host} differently from this rpull"),
+            format!("this rpull {}", config.display()),
+            "plain_http: the daemon false, this rpull true (--plain-http)".to_owned(),
+            format!(
+                "credentials: the daemon none, this rpull docker config {}",
+                auth.display()
+            ),
+            format!(
+                "in {} and run `shoal reload`",
+                stack.daemon.config().display()
+            ),
+        ];
+        for needle in &expected {
+            anyhow::ensure!(
+                warned.contains(needle.as_str()),
+                "no {needle:?} in: {warned}"
+            );
+        }
+        anyhow::ensure!(!warned.contains("dTpw"), "a secret was printed: {warned}");
+        anyhow::ensure!(
+            warned.matches("warning:").count() == 1,
+            "one warning expected: {warned}"
+        );
+
+        // The fix the warning names: the same settings in the daemon's config, and a reload.
+        let mut daemon_config = fs::read_to_string(stack.daemon.config())?;
+        daemon_config.push_str(&registry);
+        fs::write(stack.daemon.config(), daemon_config)?;
+        let mut reload = Command::new(binary::cli()?);
+        reload
+            .arg("--socket")
+            .arg(stack.daemon.socket())
+            .arg("reload");
+        process::run(&mut reload, RPULL_TIMEOUT)?;
+        let quiet = rpull()?;
+        anyhow::ensure!(!quiet.contains("warning"), "still warned: {quiet}");
+        Ok(())
+    });
+}
