@@ -46,11 +46,22 @@ impl HolderClient {
             program: program.to_owned(),
             source,
         };
+        // The socket's directory may not exist yet (a fresh /run); the holder's log sits in it.
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| HandoverError::PrepareDir {
+                dir: dir.to_owned(),
+                source,
+            })?;
+        }
+        let log_path = socket.with_extension("log");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(socket.with_extension("log"))
-            .map_err(start)?;
+            .open(&log_path)
+            .map_err(|source| HandoverError::PrepareDir {
+                dir: log_path.clone(),
+                source,
+            })?;
         // The holder forks itself away and this child exits at once, so nothing is left to reap.
         let status = Command::new(program)
             .arg("--socket")

@@ -30,6 +30,12 @@ pub enum HandoverError {
     },
     #[error("the fd holder at {socket} answered {answer:?}")]
     Refused { socket: PathBuf, answer: String },
+    #[error("prepare {dir} for the fd holder")]
+    PrepareDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("start the fd holder {program}")]
     Start {
         program: PathBuf,

@@ -268,3 +268,97 @@ fn an_overlaybd_container_reads_through_a_kill_and_a_stop() {
         Ok(())
     });
 }
+
+/// The pids of `shoal-fdholder` processes serving `socket`.
+fn holders_at(socket: &std::path::Path) -> Result<Vec<i32>> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let holder = args.first().is_some_and(|a| a.ends_with(b"shoal-fdholder"));
+        let ours = args.contains(&socket.as_os_str().as_encoded_bytes());
+        if holder && ours {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
+}
+
+#[test]
+fn with_the_holder_killed_too_running_containers_lose_their_layers_and_new_ones_work() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let mut stack = Stack::start(fixture, "")?;
+        let names = ["a", "b", "tail"];
+        let files: Vec<(&str, usize)> = names.iter().map(|n| (*n, FILE_SIZE)).collect();
+        let (layers, expected) = data_image(&files)?;
+        let image = stack.publish(fixture, "holderless", &layers)?;
+        ensure_all_lazy(&stack.rpull(&image.estargz)?, 2)?;
+        stack.ctd.ctr(&[
+            "run",
+            "-d",
+            "--snapshotter",
+            "shoal",
+            &image.estargz,
+            "keeper",
+            "sleep",
+            "600",
+        ])?;
+        let socket = fixture.path("run/fdholder.sock");
+        let holders = holders_at(&socket)?;
+        anyhow::ensure!(holders.len() == 1, "holders at the socket: {holders:?}");
+
+        // What the README says: with both gone, the connections end.
+        stack.daemon.kill()?;
+        for pid in &holders {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )?;
+        }
+        wait_until("the holder gone", WAIT, || {
+            Ok(holders_at(&socket)?.is_empty())
+        })?;
+        stack.daemon.launch()?;
+        stack.ctd.wait_for_snapshotter("shoal")?;
+        drop_caches()?;
+        // The running container lost its layers: a read fails, or the container is gone
+        // already (its own binary's pages fault on the ended connection).
+        let stale = finish_reader(start_reader(&stack, "keeper", "read-a", &["/data/a"])?);
+        let err = format!(
+            "{:#}",
+            stale.expect_err("a read through a connection that ended succeeded")
+        );
+        anyhow::ensure!(
+            err.contains("Input/output error")
+                || err.contains("not connected")
+                || err.contains("stopped state"),
+            "{err}"
+        );
+        // A new container is served by the layers mounted anew.
+        let paths: Vec<&str> = expected.keys().map(String::as_str).collect();
+        let out = stack.run(
+            &image.estargz,
+            "fresh",
+            &format!("sha256sum {}", paths.join(" ")),
+        )?;
+        anyhow::ensure!(sums(&out) == expected, "fresh container read {out}");
+        let log = stack.daemon.log();
+        anyhow::ensure!(
+            !log.contains("layer carried over from an earlier daemon"),
+            "nothing can have been carried over"
+        );
+        let _ = stack.ctd.ctr(&["task", "kill", "-s", "SIGKILL", "keeper"]);
+        Ok(())
+    });
+}
