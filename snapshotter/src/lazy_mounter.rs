@@ -354,6 +354,9 @@ impl LayerMounter for LazyMounter {
             .ok_or_else(|| fail(format!("no mounter for {:?} layers", layer.format)))?;
         let key = (layer.digest.clone(), layer.index_digest.clone());
         let taken = self.opened().remove(&key);
+        // A layer resolved by this daemon mounts at a new snapshot's directory (ids are never
+        // reused), where nothing can be left over; only a reopened one may find stale mounts.
+        let reopened = taken.is_none();
         let opened = match taken {
             Some(opened) => opened,
             // A restart: the persisted index is verified again before it is trusted.
@@ -361,7 +364,7 @@ impl LayerMounter for LazyMounter {
         };
         let blobs = opened.blobs();
         let mut carried = self.carried_for(&self.paths_of(mountpoint));
-        if carried.is_empty() {
+        if carried.is_empty() && reopened {
             // Whatever a previous daemon left there without a holder is a dead connection.
             self.release_stale(mountpoint)?;
         }

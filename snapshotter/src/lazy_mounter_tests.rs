@@ -324,6 +324,18 @@ async fn a_mount_with_nothing_carried_releases_what_a_dead_daemon_left_there_fir
 }
 
 #[tokio::test]
+async fn a_layer_resolved_by_this_daemon_mounts_without_reading_the_mount_table() {
+    let h = harness();
+    let resolved = h.mounter.resolve(&labels(false)).await.unwrap();
+    h.mounter.mount(&resolved, &h.fs).unwrap();
+    let calls = h.syscall.calls();
+    assert!(
+        !calls.iter().any(|c| matches!(c, Call::MountsUnder(_))),
+        "a new snapshot's directory has nothing stale: {calls:?}"
+    );
+}
+
+#[tokio::test]
 async fn connections_left_for_gone_mounts_or_snapshots_are_released_not_served() {
     let h = harness();
     let store = Arc::new(MemoryStore::default());
