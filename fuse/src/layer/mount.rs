@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use super::fs::{now_secs, LayerFs};
 use super::{ChunkReader, EstargzLayer};
-use crate::connection::{self, InitRecord, Origin, Resend, Started};
+use crate::connection::{self, InitRecord, Origin, Resend};
 use crate::error::FsError;
 use crate::syscall::{FuseMount, MountError, Syscall};
 use crate::tasks::Tasks;
@@ -34,21 +34,34 @@ pub struct MountedLayer {
 }
 
 impl MountedLayer {
-    /// Wraps a FUSE session serving `mountpoint` (a virtual disk's, say).
-    pub(crate) fn from_started(
-        mountpoint: &Path,
-        started: Started,
-        syscall: Arc<dyn Syscall>,
-    ) -> MountedLayer {
-        MountedLayer {
-            mountpoint: mountpoint.to_owned(),
+    /// Serves the filesystem `build` makes around its INIT record at the target: mounts a new
+    /// connection or takes over the one the target's origin carries. Both formats start here.
+    pub(crate) fn start<FS: fuser::Filesystem + Send + 'static>(
+        build: impl FnOnce(InitRecord) -> FS,
+        target: MountTarget<'_>,
+        fuse: &FuseMount,
+        config: &Config,
+    ) -> Result<MountedLayer, FsError> {
+        let init = InitRecord::default();
+        let fs = build(init.clone());
+        let started = connection::start(
+            fs,
+            &init,
+            target.mountpoint,
+            fuse,
+            config,
+            target.origin,
+            &*target.syscall,
+        )?;
+        Ok(MountedLayer {
+            mountpoint: target.mountpoint.to_owned(),
             session: Some(started.served.session),
             connection: started.served.fd,
             carried: started.carried,
-            syscall,
+            syscall: target.syscall,
             detached: false,
             tasks: Tasks::default(),
-        }
+        })
     }
 
     pub fn mountpoint(&self) -> &Path {
@@ -158,23 +171,14 @@ pub fn mount(
     config.n_threads = Some(THREADS);
     let prefetch_end = layer.index.prefetch_end().filter(|_| prefetch.landmark);
     let blob = layer.blob.clone();
-    let init = InitRecord::default();
-    let fs = LayerFs::new(layer, reader.clone(), runtime.clone(), init.clone());
-    let started = connection::start(
-        fs,
-        &init,
-        mountpoint,
-        &fuse,
-        &config,
-        target.origin,
-        &*target.syscall,
-    )?;
-    if started.carried.is_some() {
+    let (layer_reader, layer_runtime) = (reader.clone(), runtime.clone());
+    let build = |init| LayerFs::new(layer, layer_reader, layer_runtime, init);
+    let mut mounted = MountedLayer::start(build, target, &fuse, &config)?;
+    if mounted.carried().is_some() {
         info!(blob = %blob.digest, mountpoint = %mountpoint.display(), at = now_secs(), "layer carried over from an earlier daemon");
     } else {
         info!(blob = %blob.digest, mountpoint = %mountpoint.display(), at = now_secs(), "layer mounted");
     }
-    let mut mounted = MountedLayer::from_started(mountpoint, started, target.syscall);
     if prefetch_end.is_some() || prefetch.background_rate.is_some() {
         mounted.tasks.spawn(&runtime, async move {
             if let Some(end) = prefetch_end {

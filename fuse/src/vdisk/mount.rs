@@ -9,7 +9,6 @@ use tracing::info;
 
 use super::fs::DiskFs;
 use super::VirtualDisk;
-use crate::connection::{self, InitRecord};
 use crate::error::FsError;
 use crate::layer::{MountTarget, MountedLayer};
 use crate::syscall::FuseMount;
@@ -40,25 +39,12 @@ pub fn mount(
     let mut config = Config::default();
     config.acl = SessionACL::Owner;
     config.n_threads = Some(THREADS);
-    let init = InitRecord::default();
-    let fs = DiskFs::new(disk, blobs, runtime, init.clone());
-    let started = connection::start(
-        fs,
-        &init,
-        mountpoint,
-        &fuse,
-        &config,
-        target.origin,
-        &*target.syscall,
-    )?;
-    if started.carried.is_some() {
+    let build = |init| DiskFs::new(disk, blobs, runtime, init);
+    let mounted = MountedLayer::start(build, target, &fuse, &config)?;
+    if mounted.carried().is_some() {
         info!(layer = %top, mountpoint = %mountpoint.display(), "virtual disk carried over from an earlier daemon");
     } else {
         info!(layer = %top, mountpoint = %mountpoint.display(), "virtual disk mounted");
     }
-    Ok(MountedLayer::from_started(
-        mountpoint,
-        started,
-        target.syscall,
-    ))
+    Ok(mounted)
 }
