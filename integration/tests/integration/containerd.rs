@@ -126,12 +126,20 @@ impl Containerd {
 
     /// Waits (bounded) until containerd reaches the `snapshotter` proxy again: after the
     /// daemon restarts, containerd's connection to it comes back only after a back-off.
+    ///
+    /// The probe is a Prepare and Remove of a scratch snapshot: containerd answers a listing
+    /// (or a Stat) from its own metadata, without asking the proxy.
     pub fn wait_for_snapshotter(&self, snapshotter: &str) -> Result<()> {
+        let key = format!("shoal-test-probe-{}", std::process::id());
+        let snapshots = |op: &str| self.ctr(&["snapshots", "--snapshotter", snapshotter, op, &key]);
         wait_until(
             &format!("containerd to reach the {snapshotter} snapshotter"),
             Duration::from_secs(30),
             || {
-                self.ctr(&["snapshots", "--snapshotter", snapshotter, "ls"])?;
+                // A probe an earlier attempt left behind would make Prepare fail.
+                let _ = snapshots("rm");
+                snapshots("prepare")?;
+                snapshots("rm")?;
                 Ok(true)
             },
         )

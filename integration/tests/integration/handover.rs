@@ -5,12 +5,12 @@
 //! read completes with the right bytes. Nothing is remounted and no mount leaks.
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
 use crate::fixture::{privileged, wait_until, Fixture};
+use crate::keeper::{Keeper, READ_TIMEOUT};
 use crate::lazy::{data_image, ensure_all_lazy, sums, Stack};
 use crate::overlaybd;
 use crate::proxy::Fault;
@@ -20,48 +20,51 @@ const CYCLES: usize = 10;
 const FILES_PER_CYCLE: usize = 1;
 /// Larger than a cache block (1 MiB), so each cycle's file needs blocks no earlier read brought.
 const FILE_SIZE: usize = 1280 << 10;
-/// Bounds each wait; a correct cycle takes a second or two.
-const WAIT: Duration = Duration::from_secs(60);
 
 /// Empties the page cache, so reads reach FUSE again.
 fn drop_caches() -> Result<()> {
     std::fs::write("/proc/sys/vm/drop_caches", "3").context("drop the page cache")
 }
 
-/// `sha256sum` of `paths` inside the running container `id`, as a child process that may block.
-fn start_reader(stack: &Stack, id: &str, exec: &str, paths: &[&str]) -> Result<Child> {
-    let mut command = Command::new("ctr");
-    command
-        .args(["--address"])
-        .arg(stack.ctd.address())
-        .args(["--namespace", stack.ctd.namespace()])
-        .args(["task", "exec", "--exec-id", exec, id, "sha256sum"])
-        .args(paths)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    command.spawn().context("start ctr task exec")
+/// How a cycle ends the daemon.
+#[derive(Clone, Copy, Debug)]
+enum Ending {
+    Kill,
+    Stop,
 }
 
-/// Waits (bounded) for the reader and returns what it printed.
-fn finish_reader(mut child: Child) -> Result<String> {
-    let started = Instant::now();
-    loop {
-        if child.try_wait()?.is_some() {
-            let output = child.wait_with_output()?;
-            anyhow::ensure!(
-                output.status.success(),
-                "reader failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            );
-            return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
-        }
-        if started.elapsed() > WAIT {
-            let _ = child.kill();
-            anyhow::bail!("reader still blocked after {WAIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+/// One cycle: with the page cache dropped, `keeper` reads `paths` while the registry stalls
+/// every blob request, so the read is certainly in flight; the daemon is ended, the stall
+/// lifted, a new daemon started. Returns what the reader printed and how long it was held
+/// from the daemon's end.
+fn cycle(
+    stack: &mut Stack,
+    keeper: &Keeper,
+    exec: &str,
+    paths: &[&str],
+    ending: Ending,
+) -> Result<(String, Duration)> {
+    drop_caches()?;
+    let proxy = stack.registry.proxy();
+    proxy.reset();
+    proxy.inject("/blobs/", Fault::Stall);
+    let reader = keeper.start_sums(exec, paths)?;
+    // The daemon has read the container's request and waits on the registry for it.
+    wait_until("a read held by the stalled registry", READ_TIMEOUT, || {
+        Ok(proxy.stats().values().any(|s| s.faulted > 0))
+    })
+    .with_context(|| format!("{exec}, reading {paths:?}"))?;
+    let ended = Instant::now();
+    match ending {
+        Ending::Stop => drop(stack.daemon.stop()?),
+        Ending::Kill => stack.daemon.kill()?,
     }
+    proxy.clear_faults();
+    stack.daemon.launch()?;
+    let out = reader
+        .finish()
+        .with_context(|| format!("{exec} across a {ending:?}"))?;
+    Ok((out, ended.elapsed()))
 }
 
 /// FUSE mounts of type `fuse.shoal` under `dir`.
@@ -95,16 +98,7 @@ fn a_running_container_reads_every_file_through_kills_and_restarts() {
         let (layers, expected) = data_image(&files)?;
         let image = stack.publish(fixture, "handover", &layers)?;
         ensure_all_lazy(&stack.rpull(&image.estargz)?, 2)?;
-        stack.ctd.ctr(&[
-            "run",
-            "-d",
-            "--snapshotter",
-            "shoal",
-            &image.estargz,
-            "keeper",
-            "sleep",
-            "600",
-        ])?;
+        let keeper = Keeper::start(&stack.ctd, &image.estargz, "keeper")?;
         let mounts_before = shoal_mounts_under(stack.daemon.root())?;
         anyhow::ensure!(
             mounts_before == 2,
@@ -115,44 +109,30 @@ fn a_running_container_reads_every_file_through_kills_and_restarts() {
         let mut stalls = Vec::new();
         let cycled = paths.iter().filter(|p| !p.ends_with("tail")).copied();
         let cycled: Vec<&str> = cycled.collect();
-        for (cycle, group) in cycled.chunks(FILES_PER_CYCLE).enumerate() {
+        for (n, group) in cycled.chunks(FILES_PER_CYCLE).enumerate() {
             // Every third cycle is a deliberate stop, the others a crash.
-            let graceful = cycle % 3 == 2;
-            drop_caches()?;
-            let proxy = stack.registry.proxy();
-            proxy.reset();
-            proxy.inject("/blobs/", Fault::Stall);
-            let reader = start_reader(&stack, "keeper", &format!("read-{cycle}"), group)?;
-            // The daemon has read the container's request and waits on the registry for it.
-            wait_until("a read held by the stalled registry", WAIT, || {
-                Ok(proxy.stats().values().any(|s| s.faulted > 0))
-            })
-            .with_context(|| format!("cycle {cycle}, reading {group:?}"))?;
-            let stopped = Instant::now();
-            if graceful {
-                stack.daemon.stop()?;
+            let ending = if n % 3 == 2 {
+                Ending::Stop
             } else {
-                stack.daemon.kill()?;
-            }
-            proxy.clear_faults();
-            stack.daemon.launch()?;
-            let out = finish_reader(reader)?;
-            stalls.push(stopped.elapsed());
+                Ending::Kill
+            };
+            let exec = format!("read-{n}");
+            let (out, stall) = cycle(&mut stack, &keeper, &exec, group, ending)?;
+            stalls.push(stall);
             let want: BTreeMap<String, String> = group
                 .iter()
                 .map(|p| (p.to_string(), expected[*p].clone()))
                 .collect();
             anyhow::ensure!(
                 sums(&out) == want,
-                "cycle {cycle} ({}): read {out}, expected {want:#?}",
-                if graceful { "SIGTERM" } else { "SIGKILL" }
+                "cycle {n} ({ending:?}): read {out}, expected {want:#?}"
             );
         }
         stack.ctd.wait_for_snapshotter("shoal")?;
 
         // Every file again, through the same mounts, after ten daemons.
         drop_caches()?;
-        let all = finish_reader(start_reader(&stack, "keeper", "read-all", &paths)?)?;
+        let all = keeper.sums("read-all", &paths)?;
         anyhow::ensure!(sums(&all) == expected, "final read: {all}");
         let mounts_after = shoal_mounts_under(stack.daemon.root())?;
         anyhow::ensure!(
@@ -179,9 +159,6 @@ fn a_running_container_reads_every_file_through_kills_and_restarts() {
             percentile(&stalls, 0.5),
             stalls.last().copied().unwrap_or_default()
         );
-        stack
-            .ctd
-            .ctr(&["task", "kill", "-s", "SIGKILL", "keeper"])?;
         Ok(())
     });
 }
@@ -202,48 +179,24 @@ fn an_overlaybd_container_reads_through_a_kill_and_a_stop() {
         let stack: &mut Stack = &mut obd;
         let out = stack.rpull(&reference)?;
         anyhow::ensure!(out.contains("2 layers, 2 lazy"), "not all lazy: {out}");
-        stack.ctd.ctr(&[
-            "run",
-            "-d",
-            "--snapshotter",
-            "shoal",
-            &reference,
-            "keeper",
-            "sleep",
-            "600",
-        ])?;
+        let keeper = Keeper::start(&stack.ctd, &reference, "keeper")?;
         let root = stack.daemon.root().to_owned();
         let loops = overlaybd::loops_under(&root)?;
         anyhow::ensure!(!loops.is_empty(), "no loop device backs the disk");
 
         // The last file lies beside the disk's metadata, which the pull fetched.
-        for (cycle, (path, bytes)) in files.iter().take(2).enumerate() {
-            let graceful = cycle == 1;
-            drop_caches()?;
-            let proxy = stack.registry.proxy();
-            proxy.reset();
-            proxy.inject("/blobs/", Fault::Stall);
-            let reader = start_reader(stack, "keeper", &format!("read-{cycle}"), &[path])?;
-            wait_until("a disk read held by the stalled registry", WAIT, || {
-                Ok(proxy.stats().values().any(|s| s.faulted > 0))
-            })
-            .with_context(|| format!("cycle {cycle}, reading {path}"))?;
-            if graceful {
-                stack.daemon.stop()?;
-            } else {
-                stack.daemon.kill()?;
-            }
-            proxy.clear_faults();
-            stack.daemon.launch()?;
-            let out = finish_reader(reader)?;
+        for (n, (path, bytes)) in files.iter().take(2).enumerate() {
+            let ending = [Ending::Kill, Ending::Stop][n];
+            let exec = format!("read-{n}");
+            let (out, _) = cycle(stack, &keeper, &exec, &[path], ending)?;
             anyhow::ensure!(
                 out.contains(&overlaybd::sha256_hex(bytes)),
-                "cycle {cycle}: read {out}"
+                "cycle {n} ({ending:?}): read {out}"
             );
         }
         drop_caches()?;
         let paths: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
-        let out = finish_reader(start_reader(stack, "keeper", "read-all", &paths)?)?;
+        let out = keeper.sums("read-all", &paths)?;
         for (path, bytes) in &files {
             anyhow::ensure!(
                 out.contains(&format!("{}  {path}", overlaybd::sha256_hex(bytes))),
@@ -262,9 +215,6 @@ fn an_overlaybd_container_reads_through_a_kill_and_a_stop() {
             "the disks were not carried over"
         );
         anyhow::ensure!(!log.contains("read failed"), "a read failed");
-        stack
-            .ctd
-            .ctr(&["task", "kill", "-s", "SIGKILL", "keeper"])?;
         Ok(())
     });
 }
@@ -304,16 +254,7 @@ fn with_the_holder_killed_too_running_containers_lose_their_layers_and_new_ones_
         let (layers, expected) = data_image(&files)?;
         let image = stack.publish(fixture, "holderless", &layers)?;
         ensure_all_lazy(&stack.rpull(&image.estargz)?, 2)?;
-        stack.ctd.ctr(&[
-            "run",
-            "-d",
-            "--snapshotter",
-            "shoal",
-            &image.estargz,
-            "keeper",
-            "sleep",
-            "600",
-        ])?;
+        let keeper = Keeper::start(&stack.ctd, &image.estargz, "keeper")?;
         let socket = fixture.path("run/fdholder.sock");
         let holders = holders_at(&socket)?;
         anyhow::ensure!(holders.len() == 1, "holders at the socket: {holders:?}");
@@ -326,7 +267,7 @@ fn with_the_holder_killed_too_running_containers_lose_their_layers_and_new_ones_
                 nix::sys::signal::Signal::SIGKILL,
             )?;
         }
-        wait_until("the holder gone", WAIT, || {
+        wait_until("the holder gone", READ_TIMEOUT, || {
             Ok(holders_at(&socket)?.is_empty())
         })?;
         stack.daemon.launch()?;
@@ -334,7 +275,7 @@ fn with_the_holder_killed_too_running_containers_lose_their_layers_and_new_ones_
         drop_caches()?;
         // The running container lost its layers: a read fails, or the container is gone
         // already (its own binary's pages fault on the ended connection).
-        let stale = finish_reader(start_reader(&stack, "keeper", "read-a", &["/data/a"])?);
+        let stale = keeper.sums("read-a", &["/data/a"]);
         let err = format!(
             "{:#}",
             stale.expect_err("a read through a connection that ended succeeded")
@@ -358,7 +299,6 @@ fn with_the_holder_killed_too_running_containers_lose_their_layers_and_new_ones_
             !log.contains("layer carried over from an earlier daemon"),
             "nothing can have been carried over"
         );
-        let _ = stack.ctd.ctr(&["task", "kill", "-s", "SIGKILL", "keeper"]);
         Ok(())
     });
 }

@@ -22,6 +22,7 @@ use crate::containerd::{self, Containerd};
 use crate::daemon::Daemon;
 use crate::fixture::{privileged, Fixture};
 use crate::image;
+use crate::keeper::Keeper;
 use crate::mount;
 use crate::process;
 use crate::proxy::Fault;
@@ -728,20 +729,9 @@ fn restarted_daemons_serve_cached_layers_without_the_registry() {
         ensure_all_lazy(&stack.rpull(&image.estargz)?, 2)?;
 
         // A long-lived container reads every file once, caching it.
-        stack.ctd.ctr(&[
-            "run",
-            "-d",
-            "--snapshotter",
-            "shoal",
-            &image.estargz,
-            "keeper",
-            "sleep",
-            "600",
-        ])?;
+        let keeper = Keeper::start(&stack.ctd, &image.estargz, "keeper")?;
         let paths: Vec<&str> = expected.keys().map(String::as_str).collect();
-        let mut exec = vec!["task", "exec", "--exec-id", "read", "keeper", "sha256sum"];
-        exec.extend(&paths);
-        let read = sums(&stack.ctd.ctr(&exec)?);
+        let read = sums(&keeper.sums("read", &paths)?);
         anyhow::ensure!(read == expected, "keeper read {read:#?}");
 
         for (how, signal) in [("SIGTERM", true), ("SIGKILL", false)] {
@@ -766,9 +756,6 @@ fn restarted_daemons_serve_cached_layers_without_the_registry() {
             log.matches("remote layers mounted again").count() >= 2,
             "the daemon log does not report remounting twice"
         );
-        stack
-            .ctd
-            .ctr(&["task", "kill", "-s", "SIGKILL", "keeper"])?;
         Ok(())
     });
 }

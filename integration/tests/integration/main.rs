@@ -15,6 +15,7 @@ mod delay;
 mod dns;
 mod fixture;
 mod image;
+mod keeper;
 mod mount;
 mod netns;
 mod process;
