@@ -16,6 +16,8 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo build (the oldest release an upgrade takes mounts over from)"
+scripts/build-upgrade-base.sh
 echo "== cargo build (binaries the end-to-end tests drive)"
 cargo build --workspace --bins
 echo "== cargo test"

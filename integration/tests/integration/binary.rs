@@ -14,6 +14,19 @@ pub fn cli() -> Result<PathBuf> {
     locate("shoal")
 }
 
+/// The daemon of the oldest release an upgrade takes mounts over from, which
+/// `scripts/build-upgrade-base.sh` builds into `target/upgrade-base/` (with its fd holder
+/// beside it); `None` when it has not been built.
+pub fn upgrade_base_daemon() -> Result<Option<PathBuf>> {
+    let daemon = daemon()?;
+    let target = daemon
+        .parent()
+        .and_then(|profile| profile.parent())
+        .with_context(|| format!("{} has no target/<profile> parent", daemon.display()))?;
+    let path = target.join("upgrade-base/shoal-snapshotter");
+    Ok(path.is_file().then_some(path))
+}
+
 /// This test executable is `target/<profile>/deps/integration-<hash>`; binaries sit in
 /// `target/<profile>/`.
 fn locate(name: &str) -> Result<PathBuf> {

@@ -104,6 +104,11 @@ impl Daemon {
         fs::read_to_string(&self.log).unwrap_or_else(|err| format!("<unreadable log: {err}>"))
     }
 
+    /// From the next launch on, the daemon is the program at `binary` (another build of it).
+    pub fn set_binary(&mut self, binary: PathBuf) {
+        self.binary = binary;
+    }
+
     /// From the next launch on, tools the daemon runs by name are looked up in `dir` first.
     pub fn set_path_prefix(&mut self, dir: Option<PathBuf>) {
         self.path_prefix = dir;

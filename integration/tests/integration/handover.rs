@@ -9,13 +9,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use crate::binary;
 use crate::fixture::{privileged, wait_until, Fixture};
 use crate::keeper::{Keeper, READ_TIMEOUT};
 use crate::lazy::{data_image, ensure_all_lazy, sums, Stack};
 use crate::overlaybd;
 use crate::proxy::Fault;
 
-/// Kill/start cycles under one running container.
+/// Kill/start cycles under one running container, with the registry reachable during the
+/// restart and as many again with it stalled.
 const CYCLES: usize = 10;
 const FILES_PER_CYCLE: usize = 1;
 /// Larger than a cache block (1 MiB), so each cycle's file needs blocks no earlier read brought.
@@ -33,16 +35,26 @@ enum Ending {
     Stop,
 }
 
+/// What the registry does while the next daemon starts.
+#[derive(Clone, Copy, Debug)]
+enum RegistryDuringRestart {
+    /// Answers again as soon as the daemon is gone.
+    Reachable,
+    /// Still holds every blob request until the next daemon serves its socket: a start that
+    /// needed the registry would not finish.
+    Stalled,
+}
+
 /// One cycle: with the page cache dropped, `keeper` reads `paths` while the registry stalls
-/// every blob request, so the read is certainly in flight; the daemon is ended, the stall
-/// lifted, a new daemon started. Returns what the reader printed and how long it was held
-/// from the daemon's end.
+/// every blob request, so the read is certainly in flight; the daemon is ended and a new one
+/// started, the stall lifted before or after that start. Returns what the reader printed and
+/// how long it was held from the daemon's end.
 fn cycle(
     stack: &mut Stack,
     keeper: &Keeper,
     exec: &str,
     paths: &[&str],
-    ending: Ending,
+    (ending, registry): (Ending, RegistryDuringRestart),
 ) -> Result<(String, Duration)> {
     drop_caches()?;
     let proxy = stack.registry.proxy();
@@ -59,11 +71,14 @@ fn cycle(
         Ending::Stop => drop(stack.daemon.stop()?),
         Ending::Kill => stack.daemon.kill()?,
     }
-    proxy.clear_faults();
+    if let RegistryDuringRestart::Reachable = registry {
+        proxy.clear_faults();
+    }
     stack.daemon.launch()?;
+    proxy.clear_faults();
     let out = reader
         .finish()
-        .with_context(|| format!("{exec} across a {ending:?}"))?;
+        .with_context(|| format!("{exec} across a {ending:?}, registry {registry:?}"))?;
     Ok((out, ended.elapsed()))
 }
 
@@ -90,7 +105,7 @@ fn a_running_container_reads_every_file_through_kills_and_restarts() {
         let mut stack = Stack::start(fixture, "")?;
         // The last file shares its blocks with the TOC, which opening the layer fetched: it is
         // read only at the end.
-        let names: Vec<String> = (0..CYCLES * FILES_PER_CYCLE)
+        let names: Vec<String> = (0..2 * CYCLES * FILES_PER_CYCLE)
             .map(|i| format!("f{i:02}"))
             .chain(["tail".to_owned()])
             .collect();
@@ -106,59 +121,73 @@ fn a_running_container_reads_every_file_through_kills_and_restarts() {
         );
 
         let paths: Vec<&str> = expected.keys().map(String::as_str).collect();
-        let mut stalls = Vec::new();
+        let (mut reachable, mut stalled) = (Vec::new(), Vec::new());
         let cycled = paths.iter().filter(|p| !p.ends_with("tail")).copied();
         let cycled: Vec<&str> = cycled.collect();
         for (n, group) in cycled.chunks(FILES_PER_CYCLE).enumerate() {
-            // Every third cycle is a deliberate stop, the others a crash.
+            // Every third cycle is a deliberate stop, the others a crash; every other one
+            // restarts with the registry unreachable.
             let ending = if n % 3 == 2 {
                 Ending::Stop
             } else {
                 Ending::Kill
             };
+            let registry = if n % 2 == 1 {
+                RegistryDuringRestart::Stalled
+            } else {
+                RegistryDuringRestart::Reachable
+            };
             let exec = format!("read-{n}");
-            let (out, stall) = cycle(&mut stack, &keeper, &exec, group, ending)?;
-            stalls.push(stall);
+            let (out, stall) = cycle(&mut stack, &keeper, &exec, group, (ending, registry))?;
+            match registry {
+                RegistryDuringRestart::Reachable => reachable.push(stall),
+                RegistryDuringRestart::Stalled => stalled.push(stall),
+            }
             let want: BTreeMap<String, String> = group
                 .iter()
                 .map(|p| (p.to_string(), expected[*p].clone()))
                 .collect();
             anyhow::ensure!(
                 sums(&out) == want,
-                "cycle {n} ({ending:?}): read {out}, expected {want:#?}"
+                "cycle {n} ({ending:?}, registry {registry:?}): read {out}, expected {want:#?}"
             );
         }
         stack.ctd.wait_for_snapshotter("shoal")?;
 
-        // Every file again, through the same mounts, after ten daemons.
+        // Every file again, through the same mounts, after twenty daemons.
         drop_caches()?;
         let all = keeper.sums("read-all", &paths)?;
         anyhow::ensure!(sums(&all) == expected, "final read: {all}");
         let mounts_after = shoal_mounts_under(stack.daemon.root())?;
         anyhow::ensure!(
             mounts_after == mounts_before,
-            "{mounts_after} FUSE mounts after {CYCLES} restarts, {mounts_before} before"
+            "{mounts_after} FUSE mounts after {} restarts, {mounts_before} before",
+            2 * CYCLES
         );
         let log = stack.daemon.log();
         let carried = log
             .matches("layer carried over from an earlier daemon")
             .count();
+        let restarts = 2 * CYCLES;
         anyhow::ensure!(
-            carried == 2 * CYCLES,
+            carried == 2 * restarts,
             "{carried} layers carried over, expected {}",
-            2 * CYCLES
+            2 * restarts
         );
         anyhow::ensure!(
             !log.contains("read failed"),
             "a read failed across the restarts"
         );
-        stalls.sort();
-        eprintln!(
-            "stall across a stop and start, {} cycles: p50 {:?}, max {:?}",
-            stalls.len(),
-            percentile(&stalls, 0.5),
-            stalls.last().copied().unwrap_or_default()
-        );
+        for (registry, stalls) in [("reachable", &mut reachable), ("stalled", &mut stalled)] {
+            stalls.sort();
+            eprintln!(
+                "stall across a daemon's end and start, registry {registry} during the restart, \
+                 {} cycles: p50 {:?}, max {:?}",
+                stalls.len(),
+                percentile(stalls, 0.5),
+                stalls.last().copied().unwrap_or_default()
+            );
+        }
         Ok(())
     });
 }
@@ -187,8 +216,12 @@ fn an_overlaybd_container_reads_through_a_kill_and_a_stop() {
         // The last file lies beside the disk's metadata, which the pull fetched.
         for (n, (path, bytes)) in files.iter().take(2).enumerate() {
             let ending = [Ending::Kill, Ending::Stop][n];
+            let registry = [
+                RegistryDuringRestart::Stalled,
+                RegistryDuringRestart::Reachable,
+            ][n];
             let exec = format!("read-{n}");
-            let (out, _) = cycle(stack, &keeper, &exec, &[path], ending)?;
+            let (out, _) = cycle(stack, &keeper, &exec, &[path], (ending, registry))?;
             anyhow::ensure!(
                 out.contains(&overlaybd::sha256_hex(bytes)),
                 "cycle {n} ({ending:?}): read {out}"
@@ -298,6 +331,91 @@ fn with_the_holder_killed_too_running_containers_lose_their_layers_and_new_ones_
         anyhow::ensure!(
             !log.contains("layer carried over from an earlier daemon"),
             "nothing can have been carried over"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn an_upgrade_from_the_oldest_supported_release_keeps_running_containers_reading() {
+    privileged!();
+    let base = binary::upgrade_base_daemon().expect("locate the binaries");
+    let Some(base) = base else {
+        let test = crate::fixture::test_name();
+        if crate::fixture::in_ci() {
+            panic!("{test} must run under CI=true but target/upgrade-base/ was not built");
+        }
+        eprintln!("SKIP: {test} needs scripts/build-upgrade-base.sh run first");
+        return;
+    };
+    Fixture::run(|fixture| {
+        let current = binary::daemon()?;
+        let mut stack = Stack::start_with(fixture, "", |d| d.set_binary(base.clone()))?;
+        let names = ["a", "b", "c", "tail"];
+        let files: Vec<(&str, usize)> = names.iter().map(|n| (*n, FILE_SIZE)).collect();
+        let (layers, expected) = data_image(&files)?;
+        let image = stack.publish(fixture, "upgrade", &layers)?;
+        ensure_all_lazy(&stack.rpull(&image.estargz)?, 2)?;
+        let keeper = Keeper::start(&stack.ctd, &image.estargz, "keeper")?;
+        let mounts_before = shoal_mounts_under(stack.daemon.root())?;
+        let socket = fixture.path("run/fdholder.sock");
+        let holders = holders_at(&socket)?;
+        anyhow::ensure!(holders.len() == 1, "holders at the socket: {holders:?}");
+
+        // The upgrade: the old release stops (SIGTERM) with a read in flight and the new one
+        // starts while the registry still stalls; then a crash of the new one, for good measure.
+        stack.daemon.set_binary(current.clone());
+        let steps = [
+            (Ending::Stop, RegistryDuringRestart::Stalled),
+            (Ending::Kill, RegistryDuringRestart::Reachable),
+        ];
+        for (n, (step, path)) in steps.into_iter().zip(["/data/a", "/data/b"]).enumerate() {
+            let (out, stall) = cycle(&mut stack, &keeper, &format!("read-{n}"), &[path], step)?;
+            anyhow::ensure!(
+                sums(&out).get(path) == expected.get(path),
+                "{step:?}: read {out}"
+            );
+            eprintln!("stall across {step:?}: {stall:?}");
+        }
+        drop_caches()?;
+        let paths: Vec<&str> = expected.keys().map(String::as_str).collect();
+        let all = keeper.sums("read-all", &paths)?;
+        anyhow::ensure!(sums(&all) == expected, "final read: {all}");
+        anyhow::ensure!(
+            shoal_mounts_under(stack.daemon.root())? == mounts_before,
+            "the mounts changed across the upgrade"
+        );
+        // The old release's holder kept the connections and still does: a holder is never
+        // upgraded with the daemon.
+        anyhow::ensure!(
+            holders_at(&socket)? == holders,
+            "the holder changed across the upgrade"
+        );
+        let exe = std::fs::read_link(format!("/proc/{}/exe", holders[0]))?;
+        anyhow::ensure!(
+            exe == base.with_file_name("shoal-fdholder"),
+            "the holder is {}",
+            exe.display()
+        );
+        let log = stack.daemon.log();
+        let started: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("shoal-snapshotter serving"))
+            .collect();
+        let commit = std::fs::read_to_string(base.with_file_name("commit"))?;
+        let old = format!("({})", &commit.trim()[..7]);
+        anyhow::ensure!(
+            started.len() == 3
+                && started[0].contains(&old)
+                && !started[1].contains(&old)
+                && !started[2].contains(&old),
+            "expected the old release's start {old} and two of the new one's: {started:#?}"
+        );
+        anyhow::ensure!(
+            log.matches("layer carried over from an earlier daemon")
+                .count()
+                == 4,
+            "both layers carried over twice"
         );
         Ok(())
     });
