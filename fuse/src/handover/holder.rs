@@ -45,6 +45,9 @@ pub struct Holder {
 struct State {
     kept: BTreeMap<String, OwnedFd>,
     attached: usize,
+    /// Connections accepted and not yet hung up: a client whose first request is still on its
+    /// way must not find the holder gone.
+    open: usize,
     /// Since when no daemon is attached.
     alone_since: Instant,
 }
@@ -84,6 +87,7 @@ impl Holder {
             state: Arc::new(Mutex::new(State {
                 kept: BTreeMap::new(),
                 attached: 0,
+                open: 0,
                 alone_since: Instant::now(),
             })),
         })
@@ -101,6 +105,7 @@ impl Holder {
                         // SAFETY: accept returned a new fd that nothing else owns.
                         let connection = unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) };
                         let state = self.state.clone();
+                        state.lock().open += 1;
                         std::thread::spawn(move || serve(connection, &state));
                     }
                     Err(err) => warn!(error = %err, "accept failed"),
@@ -112,12 +117,18 @@ impl Holder {
                     })
                 }
             }
-            if self.tick() {
+            if self.tick() && !self.connection_waiting() {
                 info!(socket = %self.socket.display(), "nothing kept and no daemon attached; fd holder exiting");
                 let _ = std::fs::remove_file(&self.socket);
                 return Ok(());
             }
         }
+    }
+
+    /// Whether a client has connected and waits to be accepted.
+    fn connection_waiting(&self) -> bool {
+        let mut fds = [PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
     }
 
     /// Applies the policy once; true when the holder should exit.
@@ -141,6 +152,7 @@ impl Holder {
             state.kept.clear();
         }
         alone
+            && state.open == 0
             && state.kept.is_empty()
             && self.policy.idle_exit.is_some_and(|idle| alone_for >= idle)
     }
@@ -181,8 +193,9 @@ fn serve(connection: OwnedFd, state: &Mutex<State>) {
             break;
         }
     }
+    let mut state = state.lock();
+    state.open -= 1;
     if attached {
-        let mut state = state.lock();
         state.attached -= 1;
         if state.attached == 0 {
             state.alone_since = Instant::now();
