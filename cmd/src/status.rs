@@ -276,6 +276,9 @@ fn write_handover(
         "handover:   {}; {} connection(s) carried over at start",
         handover.store, handover.carried
     )?;
+    if handover.resent > 0 {
+        write!(f, ", {} request(s) resent to them", handover.resent)?;
+    }
     if handover.resend_unsupported > 0 {
         write!(
             f,
@@ -371,6 +374,7 @@ mod tests {
                     store: "fd holder at /run/shoal/fdholder.sock".into(),
                     carried: 2,
                     resend_unsupported: 0,
+                    resent: 3,
                     not_carried: vec![crate::metrics::NotCarried {
                         mountpoint: "/var/lib/shoal/snapshots/9/fs".into(),
                         reason: "its mount is gone".into(),
@@ -394,7 +398,8 @@ mod tests {
         );
         assert!(
             text.contains(
-                "handover:   fd holder at /run/shoal/fdholder.sock; 2 connection(s) carried over"
+                "handover:   fd holder at /run/shoal/fdholder.sock; 2 connection(s) carried over \
+                 at start, 3 request(s) resent to them"
             ),
             "{text}"
         );

@@ -17,14 +17,15 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use fuser::{BackgroundSession, Config, Filesystem, InitFlags, KernelConfig, Session};
+use fuser::{BackgroundSession, Config, Filesystem, InitFlags, KernelConfig, Request, Session};
 use nix::errno::Errno;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::syscall::{FuseMount, Syscall};
 use crate::FsError;
@@ -127,6 +128,39 @@ impl InitRecord {
     pub fn get(&self) -> Option<KernelInit> {
         *self.0.lock()
     }
+}
+
+/// Counts the requests the kernel sent again to connections taken over ([`UNIQUE_RESEND`] set
+/// in `unique`): those an earlier daemon had read and not answered. One per daemon, shared by
+/// its connections.
+#[derive(Debug, Clone, Default)]
+pub struct ResentRequests(Arc<AtomicU64>);
+
+impl ResentRequests {
+    /// Counts `request` if it was resent. Serving it needs nothing more: every answer depends
+    /// only on the request and the immutable layer, so it is the one the first daemon would
+    /// have given.
+    pub fn note(&self, request: &Request) {
+        let unique = request.unique().0;
+        if unique & UNIQUE_RESEND != 0 {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            debug!(
+                unique = unique & !UNIQUE_RESEND,
+                "request resent by the kernel after a takeover"
+            );
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// What a filesystem records about its connection from its callbacks, for the handover.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionRecord {
+    pub init: InitRecord,
+    pub resent: ResentRequests,
 }
 
 /// Why a connection could not be served.

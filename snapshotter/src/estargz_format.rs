@@ -145,6 +145,7 @@ impl OpenedLayer for OpenedEstargz {
             mountpoint,
             syscall: syscall.clone(),
             origin: carried.take(mountpoint),
+            resent: carried.resent(),
         };
         let session =
             layer::mount(self.layer, reader, runtime, target, prefetch).map_err(|source| {

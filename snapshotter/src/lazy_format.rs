@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use shoal_fetcher::BlobRef;
-use shoal_fuse::connection::Origin;
+use shoal_fuse::connection::{Origin, ResentRequests};
 use shoal_fuse::layer::MountedLayer;
 use shoal_fuse::syscall::Syscall;
 use shoal_fuse::tasks::Tasks;
@@ -62,22 +62,38 @@ pub trait OpenedLayer: Send {
 }
 
 /// FUSE connections an earlier daemon served, by the path each is mounted on, for a mount to
-/// take over instead of mounting anew.
+/// take over instead of mounting anew; and where the daemon counts the requests the kernel
+/// resends to them.
 #[derive(Debug, Default)]
-pub struct Carried(HashMap<PathBuf, Origin>);
+pub struct Carried {
+    origins: HashMap<PathBuf, Origin>,
+    resent: ResentRequests,
+}
 
 impl Carried {
+    pub fn new(resent: ResentRequests) -> Carried {
+        Carried {
+            origins: HashMap::new(),
+            resent,
+        }
+    }
+
     pub fn insert(&mut self, path: PathBuf, origin: Origin) {
-        self.0.insert(path, origin);
+        self.origins.insert(path, origin);
     }
 
     /// Where the connection at `path` comes from: the carried one, or a new mount.
     pub fn take(&mut self, path: &Path) -> Origin {
-        self.0.remove(path).unwrap_or(Origin::New)
+        self.origins.remove(path).unwrap_or(Origin::New)
+    }
+
+    /// The daemon's count of resent requests, for the filesystems serving these connections.
+    pub fn resent(&self) -> ResentRequests {
+        self.resent.clone()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.origins.is_empty()
     }
 }
 

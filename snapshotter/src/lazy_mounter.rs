@@ -17,7 +17,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use shoal_fetcher::{BlobRef, Digest, Fetcher};
-use shoal_fuse::connection::{self, Origin, Resend};
+use shoal_fuse::connection::{self, Origin, Resend, ResentRequests};
 use shoal_fuse::handover::FdStore;
 use shoal_fuse::syscall::Syscall;
 use tracing::{info, warn};
@@ -54,6 +54,7 @@ struct Handover {
     /// A stop ends every connection instead of leaving it to the next daemon.
     end_on_stop: AtomicBool,
     report: Mutex<HandoverReport>,
+    resent: ResentRequests,
 }
 
 /// What the handover did for this daemon, for status.
@@ -65,6 +66,8 @@ pub struct HandoverReport {
     pub carried: u64,
     /// Of those, on a kernel that could not resend what the earlier daemon left unanswered.
     pub resend_unsupported: u64,
+    /// Requests the kernel resent to those connections: read and not answered before.
+    pub resent: u64,
     /// Connections that could not be taken over or kept, with why.
     pub not_carried: Vec<(PathBuf, String)>,
 }
@@ -120,6 +123,7 @@ impl LazyMounter {
             waiting: Mutex::new(waiting),
             end_on_stop: AtomicBool::new(false),
             report: Mutex::new(report),
+            resent: ResentRequests::default(),
         });
         self
     }
@@ -136,17 +140,20 @@ impl LazyMounter {
     pub fn handover_report(&self) -> HandoverReport {
         self.handover
             .as_ref()
-            .map(|h| h.report.lock().clone())
+            .map(|h| HandoverReport {
+                resent: h.resent.count(),
+                ..h.report.lock().clone()
+            })
             .unwrap_or_default()
     }
 
     /// The connections left for `paths` that can be taken over: still mounted, with the INIT
     /// they negotiated persisted. The others are released.
     fn carried_for(&self, paths: &[PathBuf]) -> Carried {
-        let mut carried = Carried::default();
         let Some(handover) = &self.handover else {
-            return carried;
+            return Carried::default();
         };
+        let mut carried = Carried::new(handover.resent.clone());
         for path in paths {
             let Some(fd) = handover.waiting.lock().remove(path) else {
                 continue;

@@ -196,6 +196,7 @@ impl OpenedLayer for OpenedDisk {
             mountpoint: &dir,
             syscall: syscall.clone(),
             origin,
+            resent: carried.resent(),
         };
         let served = vdisk::mount(
             self.disk,

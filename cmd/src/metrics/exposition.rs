@@ -89,6 +89,12 @@ pub fn render(status: &DaemonStatus) -> String {
         &[("", status.handover.resend_unsupported)],
     );
     metric(
+        "handover_requests_resent_total",
+        "counter",
+        "Requests the kernel resent to connections taken over: read and not answered before.",
+        &[("", status.handover.resent)],
+    );
+    metric(
         "remote_layers_unmounted",
         "gauge",
         "Remote layers not mounted now; each is mounted from the registry before use.",

@@ -95,6 +95,10 @@ pub struct HandoverStatus {
     /// Of those, on a kernel that could not resend the requests the earlier daemon had read
     /// and not answered (before Linux 6.9): those requests wait until their mount goes.
     pub resend_unsupported: u64,
+    /// Requests the kernel resent to those connections: the earlier daemon had read them and
+    /// not answered.
+    #[serde(default)]
+    pub resent: u64,
     /// Connections that could not be taken over or kept, with why.
     pub not_carried: Vec<NotCarried>,
 }
@@ -231,6 +235,7 @@ impl Observed {
                     store: report.store,
                     carried: report.carried,
                     resend_unsupported: report.resend_unsupported,
+                    resent: report.resent,
                     not_carried: report
                         .not_carried
                         .into_iter()

@@ -15,7 +15,7 @@ use tokio::runtime::Handle;
 use tracing::warn;
 
 use super::{ChunkReader, EstargzLayer};
-use crate::connection::InitRecord;
+use crate::connection::ConnectionRecord;
 use shoal_formats::estargz::{self, Index, Ino, NodeKind};
 
 /// Layers never change, so the kernel may keep entries and attributes for as long as it likes.
@@ -26,7 +26,7 @@ pub struct LayerFs {
     layer: Arc<EstargzLayer>,
     reader: Arc<ChunkReader>,
     runtime: Handle,
-    init: InitRecord,
+    record: ConnectionRecord,
 }
 
 impl LayerFs {
@@ -34,13 +34,13 @@ impl LayerFs {
         layer: EstargzLayer,
         reader: Arc<ChunkReader>,
         runtime: Handle,
-        init: InitRecord,
+        record: ConnectionRecord,
     ) -> LayerFs {
         LayerFs {
             layer: Arc::new(layer),
             reader,
             runtime,
-            init,
+            record,
         }
     }
 
@@ -100,11 +100,12 @@ fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
 
 impl Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        self.init.record(config);
+        self.record.init.record(config);
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.record.resent.note(req);
         let Some(name) = name.to_str() else {
             return reply.error(Errno::ENOENT);
         };
@@ -118,14 +119,16 @@ impl Filesystem for LayerFs {
         }
     }
 
-    fn getattr(&self, _req: &Request, n: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, n: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.record.resent.note(req);
         match self.attr(ino(n)) {
             Some(attr) => reply.attr(&TTL, &attr),
             None => reply.error(Errno::ENOENT),
         }
     }
 
-    fn readlink(&self, _req: &Request, n: INodeNo, reply: ReplyData) {
+    fn readlink(&self, req: &Request, n: INodeNo, reply: ReplyData) {
+        self.record.resent.note(req);
         match self.index().node(ino(n)).map(|node| node.kind) {
             Some(NodeKind::Symlink { target }) => reply.data(target.as_bytes()),
             Some(_) => reply.error(Errno::EINVAL),
@@ -133,7 +136,8 @@ impl Filesystem for LayerFs {
         }
     }
 
-    fn open(&self, _req: &Request, n: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, n: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.record.resent.note(req);
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
@@ -148,12 +152,13 @@ impl Filesystem for LayerFs {
     /// ENOSYS with a warning on every mount).
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         _n: INodeNo,
         _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.record.resent.note(req);
         reply.ok();
     }
 
@@ -161,29 +166,31 @@ impl Filesystem for LayerFs {
     /// replay check, `sync` in a container), and fuser's default answers with a warning.
     fn fsync(
         &self,
-        _req: &Request,
+        req: &Request,
         _n: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.record.resent.note(req);
         reply.ok();
     }
 
     fn fsyncdir(
         &self,
-        _req: &Request,
+        req: &Request,
         _n: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.record.resent.note(req);
         reply.ok();
     }
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         n: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -192,6 +199,7 @@ impl Filesystem for LayerFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.record.resent.note(req);
         let ino = ino(n);
         let blob = &self.layer.blob;
         let started = Instant::now();
@@ -225,12 +233,13 @@ impl Filesystem for LayerFs {
 
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         n: INodeNo,
         _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.record.resent.note(req);
         let dir = ino(n);
         let Some(children) = self.index().children(dir) else {
             return reply.error(Errno::ENOTDIR);
@@ -251,13 +260,15 @@ impl Filesystem for LayerFs {
         reply.ok();
     }
 
-    fn statfs(&self, _req: &Request, _n: INodeNo, reply: ReplyStatfs) {
+    fn statfs(&self, req: &Request, _n: INodeNo, reply: ReplyStatfs) {
+        self.record.resent.note(req);
         let files = self.index().len() as u64;
         let blocks = self.layer.blob.size.div_ceil(4096);
         reply.statfs(blocks, 0, 0, files, 0, 4096, 255, 4096);
     }
 
-    fn getxattr(&self, _req: &Request, n: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, n: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.record.resent.note(req);
         let Some(node) = self.index().node(ino(n)) else {
             return reply.error(Errno::ENOENT);
         };
@@ -267,7 +278,8 @@ impl Filesystem for LayerFs {
         }
     }
 
-    fn listxattr(&self, _req: &Request, n: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, n: INodeNo, size: u32, reply: ReplyXattr) {
+        self.record.resent.note(req);
         let Some(node) = self.index().node(ino(n)) else {
             return reply.error(Errno::ENOENT);
         };

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use super::fs::{now_secs, LayerFs};
 use super::{ChunkReader, EstargzLayer};
-use crate::connection::{self, InitRecord, Origin, Resend};
+use crate::connection::{self, ConnectionRecord, InitRecord, Origin, Resend, ResentRequests};
 use crate::error::FsError;
 use crate::syscall::{FuseMount, MountError, Syscall};
 use crate::tasks::Tasks;
@@ -34,19 +34,23 @@ pub struct MountedLayer {
 }
 
 impl MountedLayer {
-    /// Serves the filesystem `build` makes around its INIT record at the target: mounts a new
-    /// connection or takes over the one the target's origin carries. Both formats start here.
+    /// Serves the filesystem `build` makes around its connection record at the target: mounts
+    /// a new connection or takes over the one the target's origin carries. Both formats start
+    /// here.
     pub(crate) fn start<FS: fuser::Filesystem + Send + 'static>(
-        build: impl FnOnce(InitRecord) -> FS,
+        build: impl FnOnce(ConnectionRecord) -> FS,
         target: MountTarget<'_>,
         fuse: &FuseMount,
         config: &Config,
     ) -> Result<MountedLayer, FsError> {
-        let init = InitRecord::default();
-        let fs = build(init.clone());
+        let record = ConnectionRecord {
+            init: InitRecord::default(),
+            resent: target.resent.clone(),
+        };
+        let fs = build(record.clone());
         let started = connection::start(
             fs,
-            &init,
+            &record.init,
             target.mountpoint,
             fuse,
             config,
@@ -147,6 +151,8 @@ pub struct MountTarget<'a> {
     pub mountpoint: &'a Path,
     pub syscall: Arc<dyn Syscall>,
     pub origin: Origin,
+    /// Where the daemon counts requests resent to its connections.
+    pub resent: ResentRequests,
 }
 
 /// Mounts `layer` read-only at the target's mountpoint (or serves the connection it carries);
@@ -172,7 +178,7 @@ pub fn mount(
     let prefetch_end = layer.index.prefetch_end().filter(|_| prefetch.landmark);
     let blob = layer.blob.clone();
     let (layer_reader, layer_runtime) = (reader.clone(), runtime.clone());
-    let build = |init| LayerFs::new(layer, layer_reader, layer_runtime, init);
+    let build = |record| LayerFs::new(layer, layer_reader, layer_runtime, record);
     let mut mounted = MountedLayer::start(build, target, &fuse, &config)?;
     if mounted.carried().is_some() {
         info!(blob = %blob.digest, mountpoint = %mountpoint.display(), at = now_secs(), "layer carried over from an earlier daemon");

@@ -16,7 +16,7 @@ use tokio::runtime::Handle;
 use tracing::warn;
 
 use super::{VirtualDisk, DISK_FILE};
-use crate::connection::InitRecord;
+use crate::connection::ConnectionRecord;
 
 /// The disk never changes, so the kernel may keep entries and attributes as long as it likes.
 const TTL: Duration = Duration::from_secs(24 * 3600);
@@ -27,7 +27,7 @@ pub struct DiskFs {
     disk: Arc<VirtualDisk>,
     blobs: Arc<dyn BlobRead>,
     runtime: Handle,
-    init: InitRecord,
+    record: ConnectionRecord,
 }
 
 impl DiskFs {
@@ -35,13 +35,13 @@ impl DiskFs {
         disk: Arc<VirtualDisk>,
         blobs: Arc<dyn BlobRead>,
         runtime: Handle,
-        init: InitRecord,
+        record: ConnectionRecord,
     ) -> DiskFs {
         DiskFs {
             disk,
             blobs,
             runtime,
-            init,
+            record,
         }
     }
 
@@ -74,11 +74,12 @@ impl DiskFs {
 
 impl Filesystem for DiskFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        self.init.record(config);
+        self.record.init.record(config);
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.record.resent.note(req);
         if parent != ROOT || name != DISK_FILE {
             return reply.error(Errno::ENOENT);
         }
@@ -88,14 +89,16 @@ impl Filesystem for DiskFs {
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.record.resent.note(req);
         match self.attr(ino) {
             Some(attr) => reply.attr(&TTL, &attr),
             None => reply.error(Errno::ENOENT),
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.record.resent.note(req);
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
@@ -110,12 +113,13 @@ impl Filesystem for DiskFs {
     /// Nothing is ever written, so a close has nothing to flush.
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.record.resent.note(req);
         reply.ok();
     }
 
@@ -123,29 +127,31 @@ impl Filesystem for DiskFs {
     /// replay check, `sync` in a container), and fuser's default answers with a warning.
     fn fsync(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.record.resent.note(req);
         reply.ok();
     }
 
     fn fsyncdir(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.record.resent.note(req);
         reply.ok();
     }
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -154,6 +160,7 @@ impl Filesystem for DiskFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.record.resent.note(req);
         if ino != DISK {
             return reply.error(Errno::EISDIR);
         }
@@ -176,12 +183,13 @@ impl Filesystem for DiskFs {
 
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.record.resent.note(req);
         if ino != ROOT {
             return reply.error(Errno::ENOTDIR);
         }
@@ -198,7 +206,8 @@ impl Filesystem for DiskFs {
         reply.ok();
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+    fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.record.resent.note(req);
         reply.statfs(self.disk.size().div_ceil(4096), 0, 0, 2, 0, 4096, 255, 4096);
     }
 }

@@ -39,7 +39,7 @@ pub fn mount(
     let mut config = Config::default();
     config.acl = SessionACL::Owner;
     config.n_threads = Some(THREADS);
-    let build = |init| DiskFs::new(disk, blobs, runtime, init);
+    let build = |record| DiskFs::new(disk, blobs, runtime, record);
     let mounted = MountedLayer::start(build, target, &fuse, &config)?;
     if mounted.carried().is_some() {
         info!(layer = %top, mountpoint = %mountpoint.display(), "virtual disk carried over from an earlier daemon");

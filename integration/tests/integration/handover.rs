@@ -28,6 +28,9 @@ fn drop_caches() -> Result<()> {
     std::fs::write("/proc/sys/vm/drop_caches", "3").context("drop the page cache")
 }
 
+/// What the daemon logs (at debug) for each request the kernel resends after a takeover.
+const RESENT: &str = "request resent by the kernel after a takeover";
+
 /// How a cycle ends the daemon.
 #[derive(Clone, Copy, Debug)]
 enum Ending {
@@ -60,6 +63,7 @@ fn cycle(
     let proxy = stack.registry.proxy();
     proxy.reset();
     proxy.inject("/blobs/", Fault::Stall);
+    let resent_before = stack.daemon.log().matches(RESENT).count();
     let reader = keeper.start_sums(exec, paths)?;
     // The daemon has read the container's request and waits on the registry for it.
     wait_until("a read held by the stalled registry", READ_TIMEOUT, || {
@@ -79,7 +83,15 @@ fn cycle(
     let out = reader
         .finish()
         .with_context(|| format!("{exec} across a {ending:?}, registry {registry:?}"))?;
-    Ok((out, ended.elapsed()))
+    let held = ended.elapsed();
+    // The read in flight reached the new daemon as a resent request, not as a new one.
+    let log = stack.daemon.log();
+    let resent = log.matches(RESENT).count();
+    anyhow::ensure!(
+        resent > resent_before,
+        "{exec}: no request was resent to the new daemon"
+    );
+    Ok((out, held))
 }
 
 /// FUSE mounts of type `fuse.shoal` under `dir`.
