@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Builds the daemon and fd holder of the oldest Shoal the current one promises to take running
 # mounts over from (UPGRADE_BASE below), into target/upgrade-base/, for the integration test
-# of an upgrade (`handover::an_upgrade_...`). The build shares this checkout's target
-# directory, so only Shoal's own crates are compiled again; run it before building the current
-# binaries, which cargo then puts back in target/debug/.
+# of an upgrade (`handover::an_upgrade_...`). It builds in a target directory of its own,
+# removed afterwards: sharing this checkout's lets cargo take the old release's crates for the
+# current ones (a path dependency's artifacts are named without its path).
 #
 # Raise UPGRADE_BASE only when a release drops compatibility with it, and say so in the README
 # ("Restarts, crashes and upgrades").
@@ -24,14 +24,14 @@ if ! git cat-file -e "$UPGRADE_BASE^{commit}" 2>/dev/null; then
   exit 1
 fi
 
-target=$(pwd)/target
+build=$(pwd)/target/upgrade-base-build
 source=$(mktemp -d)
-trap 'git worktree remove --force "$source" >/dev/null 2>&1 || rm -rf "$source"' EXIT
+trap 'git worktree remove --force "$source" >/dev/null 2>&1 || rm -rf "$source"; rm -rf "$build"' EXIT
 git worktree add --quiet --detach "$source" "$UPGRADE_BASE"
-(cd "$source" && CARGO_TARGET_DIR="$target" cargo build --quiet -p shoal-cmd \
+(cd "$source" && CARGO_TARGET_DIR="$build" cargo build --quiet -p shoal-cmd \
   --bin shoal-snapshotter --bin shoal-fdholder)
 rm -rf "$out"
 mkdir -p "$out"
-cp target/debug/shoal-snapshotter target/debug/shoal-fdholder "$out/"
+cp "$build/debug/shoal-snapshotter" "$build/debug/shoal-fdholder" "$out/"
 echo "$UPGRADE_BASE" >"$out/commit"
 echo "upgrade base: built $("$out/shoal-snapshotter" --version) in $out"

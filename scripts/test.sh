@@ -16,7 +16,7 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
-echo "== cargo build (the oldest release an upgrade takes mounts over from)"
+echo "== cargo build (the oldest release an upgrade takes mounts over from, in a target of its own)"
 scripts/build-upgrade-base.sh
 echo "== cargo build (binaries the end-to-end tests drive)"
 cargo build --workspace --bins
