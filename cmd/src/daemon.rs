@@ -84,6 +84,7 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
         fetcher.clone(),
         tokio::runtime::Handle::current(),
         policy.clone(),
+        reader.read_latency_histogram(),
     );
     // One request's deadline for the whole handshake: after that a download is faster.
     let mut mounter = LazyMounter::new(

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use shoal_fetcher::{BlobRef, Digest, Fetcher, ImageRef};
+use shoal_fetcher::{BlobRef, Digest, Fetcher, Histogram, ImageRef};
 use shoal_formats::overlaybd::{ANNOTATION_BLOB_DIGEST, ANNOTATION_FS_TYPE};
 use shoal_fuse::connection::Origin;
 use shoal_fuse::layer::MountTarget;
@@ -36,6 +36,8 @@ const DISK_DIR: &str = "vdisk";
 pub struct OverlaybdFormat {
     fetcher: Fetcher,
     runtime: Handle,
+    /// Where the disks' FUSE reads are timed (the daemon's one histogram of FUSE reads).
+    read_latency: Arc<Histogram>,
     background: Background,
 }
 
@@ -51,10 +53,16 @@ struct Background {
 }
 
 impl OverlaybdFormat {
-    pub fn new(fetcher: Fetcher, runtime: Handle, policy: MountPolicy) -> OverlaybdFormat {
+    pub fn new(
+        fetcher: Fetcher,
+        runtime: Handle,
+        policy: MountPolicy,
+        read_latency: Arc<Histogram>,
+    ) -> OverlaybdFormat {
         OverlaybdFormat {
             fetcher,
             runtime,
+            read_latency,
             background: Background {
                 policy,
                 fetching: Arc::default(),
@@ -68,6 +76,7 @@ impl OverlaybdFormat {
             fetcher: self.fetcher.clone(),
             runtime: self.runtime.clone(),
             background: self.background.clone(),
+            read_latency: self.read_latency.clone(),
         })
     }
 }
@@ -157,6 +166,7 @@ struct OpenedDisk {
     fetcher: Fetcher,
     runtime: Handle,
     background: Background,
+    read_latency: Arc<Histogram>,
 }
 
 impl OpenedLayer for OpenedDisk {
@@ -203,6 +213,7 @@ impl OpenedLayer for OpenedDisk {
             Arc::new(self.fetcher.clone()),
             self.runtime.clone(),
             target,
+            self.read_latency,
         )
         .map_err(|source| SnapshotError::ServeLayer {
             mountpoint: dir.clone(),
@@ -327,7 +338,8 @@ mod tests {
 
     fn mounter(dir: &Path, syscall: Arc<RecordingSyscall>) -> LazyMounter {
         let fetcher = fetcher(dir);
-        let format = OverlaybdFormat::new(fetcher.clone(), Handle::current(), policy());
+        let format =
+            OverlaybdFormat::new(fetcher.clone(), Handle::current(), policy(), Arc::default());
         LazyMounter::new(fetcher, syscall, vec![Box::new(format)], policy())
     }
 
@@ -345,7 +357,12 @@ mod tests {
     #[tokio::test]
     async fn only_overlaybd_layers_are_resolved_and_registry_failures_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        let format = OverlaybdFormat::new(fetcher(dir.path()), Handle::current(), policy());
+        let format = OverlaybdFormat::new(
+            fetcher(dir.path()),
+            Handle::current(),
+            policy(),
+            Arc::default(),
+        );
         assert!(!format.claims(&labels(false)));
         let err = format.open(&labels(false)).await.err().unwrap();
         assert!(matches!(err, Fallback::NotLazyFormat(_)), "{err}");

@@ -37,7 +37,8 @@ pub struct ChunkReader {
     memory: Mutex<Memory>,
     read_failures: AtomicU64,
     /// FUSE read requests, from arrival to reply.
-    read_latency: Histogram,
+    /// Shared with the overlaybd disks' filesystems: one histogram of every FUSE read.
+    read_latency: Arc<Histogram>,
 }
 
 /// What readers of lazily mounted layers have met since start.
@@ -65,7 +66,7 @@ impl ChunkReader {
                 cap: config.memory_bytes,
             }),
             read_failures: AtomicU64::new(0),
-            read_latency: Histogram::default(),
+            read_latency: Arc::default(),
         })
     }
 
@@ -83,6 +84,11 @@ impl ChunkReader {
     /// Counts one FUSE read that took `elapsed` from request to reply.
     pub fn observe_read(&self, elapsed: std::time::Duration) {
         self.read_latency.observe(elapsed);
+    }
+
+    /// Where other filesystems of this daemon count their FUSE reads too.
+    pub fn read_latency_histogram(&self) -> Arc<Histogram> {
+        self.read_latency.clone()
     }
 
     pub fn read_latency(&self) -> HistogramSnapshot {

@@ -4,14 +4,14 @@
 
 use std::ffi::OsStr;
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
     ReplyEntry, ReplyOpen, ReplyStatfs, Request,
 };
-use shoal_fetcher::BlobRead;
+use shoal_fetcher::{BlobRead, Histogram};
 use tokio::runtime::Handle;
 use tracing::warn;
 
@@ -28,6 +28,8 @@ pub struct DiskFs {
     blobs: Arc<dyn BlobRead>,
     runtime: Handle,
     record: ConnectionRecord,
+    /// Each FUSE read's time from request to reply.
+    read_latency: Arc<Histogram>,
 }
 
 impl DiskFs {
@@ -36,12 +38,14 @@ impl DiskFs {
         blobs: Arc<dyn BlobRead>,
         runtime: Handle,
         record: ConnectionRecord,
+        read_latency: Arc<Histogram>,
     ) -> DiskFs {
         DiskFs {
             disk,
             blobs,
             runtime,
             record,
+            read_latency,
         }
     }
 
@@ -164,12 +168,18 @@ impl Filesystem for DiskFs {
         if ino != DISK {
             return reply.error(Errno::EISDIR);
         }
+        let started = Instant::now();
         let pending = match self.disk.begin_read(&*self.blobs, offset, size.into()) {
-            Ok(bytes) => return reply.data(&bytes),
+            Ok(bytes) => {
+                reply.data(&bytes);
+                self.read_latency.observe(started.elapsed());
+                return;
+            }
             Err(pending) => pending,
         };
         let disk = self.disk.clone();
         let blobs = self.blobs.clone();
+        let read_latency = self.read_latency.clone();
         self.runtime.spawn(async move {
             match disk.finish_read(&*blobs, pending).await {
                 Ok(bytes) => reply.data(&bytes),
@@ -178,6 +188,7 @@ impl Filesystem for DiskFs {
                     reply.error(err.errno());
                 }
             }
+            read_latency.observe(started.elapsed());
         });
     }
 

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use fuser::{Config, SessionACL};
-use shoal_fetcher::BlobRead;
+use shoal_fetcher::{BlobRead, Histogram};
 use tokio::runtime::Handle;
 use tracing::info;
 
@@ -17,12 +17,14 @@ use crate::syscall::FuseMount;
 const THREADS: usize = 2;
 
 /// Mounts `disk` read-only at the target's mountpoint as the file [`super::DISK_FILE`] (or
-/// serves the connection it carries); reads that miss the cache run on `runtime`.
+/// serves the connection it carries); reads that miss the cache run on `runtime`, and every
+/// read's time is counted in `read_latency`.
 pub fn mount(
     disk: Arc<VirtualDisk>,
     blobs: Arc<dyn BlobRead>,
     runtime: Handle,
     target: MountTarget<'_>,
+    read_latency: Arc<Histogram>,
 ) -> Result<MountedLayer, FsError> {
     let mountpoint = target.mountpoint;
     let top = disk
@@ -39,7 +41,7 @@ pub fn mount(
     let mut config = Config::default();
     config.acl = SessionACL::Owner;
     config.n_threads = Some(THREADS);
-    let build = |record| DiskFs::new(disk, blobs, runtime, record);
+    let build = |record| DiskFs::new(disk, blobs, runtime, record, read_latency);
     let mounted = MountedLayer::start(build, target, &fuse, &config)?;
     if mounted.carried().is_some() {
         info!(layer = %top, mountpoint = %mountpoint.display(), "virtual disk carried over from an earlier daemon");

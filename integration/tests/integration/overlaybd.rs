@@ -399,7 +399,9 @@ pub(crate) fn publish_converted(
 fn a_container_reading_a_few_megabytes_of_a_large_image_fetches_little() {
     privileged!();
     Fixture::run(|fixture| {
-        let stack = Stack::start(fixture)?;
+        let address = crate::fixture::loopback_addr(9464);
+        let settings = format!("[metrics]\naddress = \"{address}\"\n");
+        let stack = Stack(lazy::Stack::start(fixture, &settings)?);
         let unread: Vec<Vec<u8>> = (0..8)
             .map(|_| random_bytes(24 << 20))
             .collect::<Result<_>>()?;
@@ -438,6 +440,10 @@ fn a_container_reading_a_few_megabytes_of_a_large_image_fetches_little() {
             fetched * 10 < total,
             "fetched {fetched} of {total} layer bytes, not under 10%"
         );
+        // The disk's FUSE reads are timed with the eStargz trees'.
+        let reads =
+            crate::metrics::Scrape::take(address)?.value("shoal_fuse_read_duration_seconds_count");
+        anyhow::ensure!(reads > 0.0, "no overlaybd FUSE read was timed");
         Ok(())
     })
 }
