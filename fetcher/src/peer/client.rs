@@ -5,6 +5,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use reqwest::header::HeaderValue;
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -144,27 +145,31 @@ impl PeerClient {
     }
 
     /// Bytes `range` of `blob` from `peer`'s cache, which must send exactly that many by
-    /// `deadline`.
+    /// `deadline`; `proof` are the headers that show this node may pull the blob, for a
+    /// blob of a private repository.
     pub async fn blocks(
         &self,
         peer: PeerAddr,
         blob: &Digest,
         range: Range<u64>,
+        proof: Option<[(&'static str, HeaderValue); 2]>,
         deadline: Instant,
     ) -> Result<Bytes, PeerFailure> {
         let timeout = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(100));
-        let response = self
+        let mut request = self
             .http
             .get(self.url(peer, &format!("/v1/blobs/{blob}")))
             .header(
                 reqwest::header::RANGE,
                 format!("bytes={}-{}", range.start, range.end - 1),
             )
-            .timeout(timeout)
-            .send()
-            .await;
+            .timeout(timeout);
+        for (name, value) in proof.into_iter().flatten() {
+            request = request.header(name, value);
+        }
+        let response = request.send().await;
         let response = checked(response)?;
         if response.status() != StatusCode::PARTIAL_CONTENT {
             return Err(PeerFailure::Failed(format!(

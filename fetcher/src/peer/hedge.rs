@@ -82,9 +82,15 @@ impl Peers {
         let range =
             self.block_bytes(blob, run.start).start..self.block_bytes(blob, run.end - 1).end;
         let started = Instant::now();
+        // A proof of pull access crosses only mutual TLS, to a holder of the blob.
+        let proof = self
+            .config
+            .tls
+            .as_ref()
+            .and_then(|_| self.gate.proof(&blob.image));
         match self
             .client
-            .blocks(holder, &blob.digest, range, deadline)
+            .blocks(holder, &blob.digest, range, proof, deadline)
             .await
         {
             Ok(bytes) => {

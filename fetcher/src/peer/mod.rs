@@ -20,6 +20,7 @@ mod announce;
 mod blockset;
 mod client;
 mod error;
+mod gate;
 mod hedge;
 mod held;
 mod index;
@@ -43,15 +44,18 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::join_all;
+use parking_lot::RwLock;
 use shoal_config::PeersConfig;
 use tracing::{debug, info, warn};
 
 use crate::cache::BlockKey;
 use crate::digest::Digest;
 use crate::reference::BlobRef;
+use crate::registry::RegistryClient;
 use announce::Announcer;
 use blockset::{BlockSet, MAX_SHARED_BLOCKS};
 use client::{PeerClient, PeerFailure};
+use gate::PullGate;
 use hedge::runs_by_holder;
 pub(crate) use held::HeldBlocks;
 use index::{Exclusions, OwnerIndex};
@@ -90,15 +94,19 @@ pub struct Peers {
     counters: PeerCounters,
     /// The pace peers have sent at, for when to hedge a request.
     pace: Pace,
+    /// Which blobs are private, proofs of pull access sent and checked.
+    gate: PullGate,
 }
 
 impl Peers {
     /// The peer side of a node whose cache has blocks of `block_size`; what it may share is
-    /// kept in `state` across restarts.
+    /// kept in `state` across restarts. `registry` is the client in force, through which
+    /// private repositories are recognised and peers' proofs of access checked.
     pub fn new(
         config: &PeersConfig,
         block_size: u64,
         state: Option<PathBuf>,
+        registry: Arc<RwLock<RegistryClient>>,
     ) -> Result<Peers, PeerError> {
         Ok(Peers {
             block_size,
@@ -118,6 +126,7 @@ impl Peers {
             shareable: Shareable::open(state),
             counters: PeerCounters::default(),
             pace: Pace::default(),
+            gate: PullGate::new(registry),
             config: config.clone(),
         })
     }
@@ -430,8 +439,9 @@ impl Peers {
         None
     }
 
-    /// Blocks of `blob` that just landed from the registry: shareable, and announced.
-    pub(crate) fn landed(&self, blob: &Digest, blocks: &[u64]) {
+    /// Blocks of `blob` that just landed from the registry: shareable (to peers that may
+    /// pull it, when the registry wanted this node's credential), and announced.
+    pub(crate) fn landed(&self, blob: &BlobRef, blocks: &[u64]) {
         let mut fresh = BlockSet::new();
         for &index in blocks {
             fresh.insert(index);
@@ -439,8 +449,9 @@ impl Peers {
         if fresh.is_empty() {
             return;
         }
-        self.shareable.add(blob, &fresh);
-        self.announcer.landed(blob, &fresh);
+        let private = self.gate.private_registry(&blob.image);
+        self.shareable.add(&blob.digest, &fresh, private);
+        self.announcer.landed(&blob.digest, &fresh);
     }
 
     /// Bytes `range` of `blob` passed the reader's check against hashes from a verified
@@ -461,7 +472,8 @@ impl Peers {
             }
         }
         if !fresh.is_empty() {
-            self.shareable.add(&blob.digest, &fresh);
+            let private = self.gate.private_registry(&blob.image);
+            self.shareable.add(&blob.digest, &fresh, private);
             self.announcer.landed(&blob.digest, &fresh);
         }
     }
