@@ -24,6 +24,9 @@ pub enum PeerFailure {
     Busy,
     /// It does not hold what was asked (404).
     Missing,
+    /// It will not give it to this node (403): for blocks of a private repository, this
+    /// node showed no proof of pull access the registry accepts (none yet, or a stale one).
+    Refused(String),
     /// Anything else: refused, reset, timed out, a bad answer.
     Failed(String),
 }
@@ -33,6 +36,7 @@ impl std::fmt::Display for PeerFailure {
         match self {
             PeerFailure::Busy => f.write_str("busy"),
             PeerFailure::Missing => f.write_str("does not hold it"),
+            PeerFailure::Refused(reason) => write!(f, "refused: {reason}"),
             PeerFailure::Failed(reason) => f.write_str(reason),
         }
     }
@@ -202,6 +206,7 @@ fn checked(
     match response.status() {
         StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => Err(PeerFailure::Busy),
         StatusCode::NOT_FOUND => Err(PeerFailure::Missing),
+        StatusCode::FORBIDDEN => Err(PeerFailure::Refused("answered 403".into())),
         status if status.is_success() => Ok(response),
         status => Err(PeerFailure::Failed(format!("answered {status}"))),
     }

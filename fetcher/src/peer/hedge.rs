@@ -109,7 +109,8 @@ impl Peers {
                 debug!(%holder, %failure, "block request to peer failed");
                 let (outcome, penalty) = match &failure {
                     PeerFailure::Busy => (Outcome::Busy, Some(Penalty::Busy)),
-                    PeerFailure::Missing => (Outcome::Failed, None),
+                    // A holder that withholds private blocks is right to: not its fault.
+                    PeerFailure::Missing | PeerFailure::Refused(_) => (Outcome::Failed, None),
                     PeerFailure::Failed(_) => (Outcome::Failed, Some(Penalty::Unreachable)),
                 };
                 self.counters.record(holder, outcome);
