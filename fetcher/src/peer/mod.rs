@@ -11,6 +11,8 @@
 //!   registry itself, or got from a peer and has since checked every byte of ([`shareable`]);
 //!   so bad bytes cannot spread, and a peer whose bytes fail verification is avoided. The
 //!   expected hashes come from the verified TOC, never from the sender.
+//! - Privacy: blocks of a blob whose registry wanted this node's credential go only to a
+//!   peer that proves, over mutual TLS, that the registry lets it pull the blob ([`gate`]).
 //! - A herd of nodes missing the same block does not all go to the registry: the index owner
 //!   lets one fetch it and the rest wait ([`index`]), for as long as that node renews its
 //!   right; a holder slower than peers' usual [`pace`] has a second holder asked too
