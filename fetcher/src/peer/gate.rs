@@ -21,6 +21,7 @@ use reqwest::header::HeaderValue;
 use sha2::{Digest as _, Sha256};
 use tracing::{debug, warn};
 
+use super::shareable::Audience;
 use super::wire::{PROOF_AUTHORIZATION, PROOF_REPOSITORY};
 use crate::digest::Digest;
 use crate::reference::ImageRef;
@@ -78,12 +79,14 @@ impl PullGate {
         self.registry.read().clone()
     }
 
-    /// The registry host whose credentials `image`'s blobs need, if they need any: what a
-    /// landed block of it is marked with.
-    pub fn private_registry(&self, image: &ImageRef) -> Option<String> {
-        self.registry()
-            .needs_credentials(image)
-            .then(|| image.host().to_owned())
+    /// Who may have blocks of `image`'s blobs that this node read: peers that may pull
+    /// them, when the registry wanted this node's credential for them.
+    pub fn audience(&self, image: &ImageRef) -> Audience {
+        if self.registry().needs_credentials(image) {
+            Audience::PullersFrom(image.host().to_owned())
+        } else {
+            Audience::Anyone
+        }
     }
 
     /// The headers proving this node may pull `image`'s repository, if it reads it with a
@@ -114,9 +117,7 @@ impl PullGate {
         let repository = headers
             .get(PROOF_REPOSITORY)
             .and_then(|value| value.to_str().ok());
-        let authorization = headers
-            .get(PROOF_AUTHORIZATION)
-            .and_then(|value| HeaderValue::from_bytes(value.as_bytes()).ok());
+        let authorization = headers.get(PROOF_AUTHORIZATION).cloned();
         let (Some(repository), Some(authorization)) = (repository, authorization) else {
             return Err(Refusal::NoProof);
         };

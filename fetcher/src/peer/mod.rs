@@ -64,7 +64,7 @@ use index::{Exclusions, OwnerIndex};
 use limiter::UploadLimiter;
 use member::{Membership, NodeId, Penalty};
 use pace::Pace;
-use shareable::Shareable;
+use shareable::{Audience, Shareable};
 use stats::{Outcome, PeerCounters, PeerGauges};
 use wire::{Advice, Lookup, Renew, MAX_LOOKUP_BLOCKS};
 
@@ -273,12 +273,18 @@ impl Peers {
                     continue;
                 };
                 let from = self.block_bytes(blob, run.blocks.start).start;
+                // Decided now: a block got with a proof stays private, whatever happens
+                // to this node's registry client before it is verified.
+                let audience = self.gate.audience(&blob.image);
                 for index in run.blocks {
                     let at = self.block_bytes(blob, index);
                     let part = bytes.slice((at.start - from) as usize..(at.end - from) as usize);
                     pending.remove(&index);
-                    self.shareable
-                        .got_from_peer(BlockKey::new(blob.digest.clone(), index), holder);
+                    self.shareable.got_from_peer(
+                        BlockKey::new(blob.digest.clone(), index),
+                        holder,
+                        audience.clone(),
+                    );
                     round.got.push((index, part));
                 }
             }
@@ -451,8 +457,8 @@ impl Peers {
         if fresh.is_empty() {
             return;
         }
-        let private = self.gate.private_registry(&blob.image);
-        self.shareable.add(&blob.digest, &fresh, private);
+        let audience = self.gate.audience(&blob.image);
+        self.shareable.add(&blob.digest, &fresh, audience);
         self.announcer.landed(&blob.digest, &fresh);
     }
 
@@ -463,19 +469,25 @@ impl Peers {
             return;
         }
         let mut fresh = BlockSet::new();
+        let mut arrived_private = None;
         for index in range.start / self.block_size..(range.end - 1) / self.block_size + 1 {
             let key = BlockKey::new(blob.digest.clone(), index);
-            if self
-                .shareable
-                .checked(&key, self.block_bytes(blob, index), range.clone())
-            {
+            let checked =
+                self.shareable
+                    .checked(&key, self.block_bytes(blob, index), range.clone());
+            if let Some(arrived) = checked {
+                if let Audience::PullersFrom(_) = arrived {
+                    arrived_private = Some(arrived);
+                }
                 fresh.insert(index);
                 PeerCounters::add(&self.counters.blocks_reshared, 1);
             }
         }
         if !fresh.is_empty() {
-            let private = self.gate.private_registry(&blob.image);
-            self.shareable.add(&blob.digest, &fresh, private);
+            // Private if the blocks arrived so, or if this node reads the blob with a
+            // credential now.
+            let audience = arrived_private.unwrap_or_else(|| self.gate.audience(&blob.image));
+            self.shareable.add(&blob.digest, &fresh, audience);
             self.announcer.landed(&blob.digest, &fresh);
         }
     }

@@ -64,11 +64,13 @@ struct SharedBlob {
     private: Option<String>,
 }
 
-/// A block that came from a peer: who sent it, and which of its bytes (sorted, disjoint
-/// ranges within the blob) checked out so far.
+/// A block that came from a peer: who sent it, which of its bytes (sorted, disjoint ranges
+/// within the blob) checked out so far, and to whom it may go once they all have (decided
+/// when it arrived, for this node's registry client may be replaced meanwhile).
 struct Sourced {
     from: PeerAddr,
     verified: Vec<Range<u64>>,
+    audience: Audience,
 }
 
 impl Shareable {
@@ -100,14 +102,13 @@ impl Shareable {
         }
     }
 
-    /// Makes `blocks` of `blob` shareable; `private` names the registry whose credentials
-    /// this node read them with, if it needed any.
-    pub fn add(&self, blob: &Digest, blocks: &BlockSet, private: Option<String>) {
+    /// Makes `blocks` of `blob` shareable to `audience` (a blob private once stays so).
+    pub fn add(&self, blob: &Digest, blocks: &BlockSet, audience: Audience) {
         let mut sets = self.sets.lock();
         let shared = sets.entry(blob.clone()).or_default();
         shared.blocks.merge(blocks);
-        if shared.private.is_none() {
-            shared.private = private;
+        if let (None, Audience::PullersFrom(registry)) = (&shared.private, audience) {
+            shared.private = Some(registry);
         }
         self.dirty.store(true, Ordering::Relaxed);
     }
@@ -125,38 +126,41 @@ impl Shareable {
             })
     }
 
-    /// Block `key` came from `from`, unverified.
-    pub fn got_from_peer(&self, key: BlockKey, from: PeerAddr) {
+    /// Block `key` came from `from`, unverified; once verified it may go to `audience`.
+    pub fn got_from_peer(&self, key: BlockKey, from: PeerAddr, audience: Audience) {
         self.sourced.lock().put(
             key,
             Sourced {
                 from,
                 verified: Vec::new(),
+                audience,
             },
         );
     }
 
     /// Bytes `checked` of block `key`, which spans `block` of its blob, passed a check.
-    /// True when that completes the block: it is then no longer tracked, and the caller
-    /// makes it shareable.
-    pub fn checked(&self, key: &BlockKey, block: Range<u64>, checked: Range<u64>) -> bool {
+    /// When that completes the block, it is no longer tracked and the audience it arrived
+    /// with is returned: the caller makes it shareable to them.
+    pub fn checked(
+        &self,
+        key: &BlockKey,
+        block: Range<u64>,
+        checked: Range<u64>,
+    ) -> Option<Audience> {
         let mut sourced = self.sourced.lock();
         if sourced.is_empty() {
-            return false;
+            return None;
         }
-        let Some(entry) = sourced.peek_mut(key) else {
-            return false;
-        };
+        let entry = sourced.peek_mut(key)?;
         let part = checked.start.max(block.start)..checked.end.min(block.end);
         if part.is_empty() {
-            return false;
+            return None;
         }
         cover(&mut entry.verified, part);
         if entry.verified.as_slice() == [block] {
-            sourced.pop(key);
-            return true;
+            return sourced.pop(key).map(|entry| entry.audience);
         }
-        false
+        None
     }
 
     /// Blocks `blocks` of `blob` failed a check: none of them is shared any longer, and the
@@ -327,14 +331,17 @@ mod tests {
         let shareable = Shareable::open(None);
         let blob = Digest::of(b"blob");
         let key = BlockKey::new(blob.clone(), 1);
-        shareable.got_from_peer(key, peer(1));
+        let private = Audience::PullersFrom("reg.example".into());
+        shareable.got_from_peer(key, peer(1), private.clone());
         // Block 1 spans 100..200; checks arrive in pieces, some reaching past it.
-        assert!(!shareable.checked(&key, 100..200, 50..120));
-        assert!(!shareable.checked(&key, 100..200, 150..250));
-        assert!(!shareable.checked(&BlockKey::new(blob.clone(), 2), 200..300, 200..300));
-        assert!(shareable.checked(&key, 100..200, 120..150));
+        assert!(shareable.checked(&key, 100..200, 50..120).is_none());
+        assert!(shareable.checked(&key, 100..200, 150..250).is_none());
+        let other = BlockKey::new(blob.clone(), 2);
+        assert!(shareable.checked(&other, 200..300, 200..300).is_none());
+        // Complete: shareable to whom it arrived for.
+        assert_eq!(shareable.checked(&key, 100..200, 120..150), Some(private));
         // Done with: a later check changes nothing, and nobody is blamed for it.
-        assert!(!shareable.checked(&key, 100..200, 100..200));
+        assert!(shareable.checked(&key, 100..200, 100..200).is_none());
         assert!(shareable.reject(&blob, 1..2).is_empty());
     }
 
@@ -342,8 +349,8 @@ mod tests {
     fn a_rejected_block_stops_being_shared_and_names_its_sender() {
         let shareable = Shareable::open(None);
         let blob = Digest::of(b"blob");
-        shareable.add(&blob, &set(&[0, 1, 2]), None);
-        shareable.got_from_peer(BlockKey::new(blob.clone(), 3), peer(7));
+        shareable.add(&blob, &set(&[0, 1, 2]), Audience::Anyone);
+        shareable.got_from_peer(BlockKey::new(blob.clone(), 3), peer(7), Audience::Anyone);
         assert!(shareable.contains_all(&blob, 0..3).is_some());
         let blamed = shareable.reject(&blob, 1..4);
         assert_eq!(blamed, HashSet::from([peer(7)]));
@@ -369,8 +376,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let shareable = Shareable::open(Some(dir.path().join("shareable")));
         let (kept, gone) = (Digest::of(b"kept"), Digest::of(b"gone"));
-        shareable.add(&kept, &set(&[0, 1, 2]), None);
-        shareable.add(&gone, &set(&[4]), None);
+        shareable.add(&kept, &set(&[0, 1, 2]), Audience::Anyone);
+        shareable.add(&gone, &set(&[4]), Audience::Anyone);
         shareable.save().unwrap();
         assert!(!shareable.is_dirty());
         // Block 1 of one blob was evicted, every block of the other.
@@ -397,11 +404,15 @@ mod tests {
         let path = dir.path().join("shareable");
         let blob = Digest::of(b"blob");
         let shareable = Shareable::open(Some(path.clone()));
-        shareable.add(&blob, &set(&[0, 5, 700]), None);
+        shareable.add(&blob, &set(&[0, 5, 700]), Audience::Anyone);
         let private = Digest::of(b"private");
-        shareable.add(&private, &set(&[1]), Some("reg.example:5000".into()));
+        shareable.add(
+            &private,
+            &set(&[1]),
+            Audience::PullersFrom("reg.example:5000".into()),
+        );
         // Marked private once, a blob stays so whatever lands later.
-        shareable.add(&private, &set(&[2]), None);
+        shareable.add(&private, &set(&[2]), Audience::Anyone);
         shareable.save().unwrap();
         let again = Shareable::open(Some(path.clone()));
         assert_eq!(again.contains_all(&blob, 5..6), Some(Audience::Anyone));
