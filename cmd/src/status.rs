@@ -325,6 +325,11 @@ fn write_peers(
         peers.index_evictions,
         peers.requests_refused
     )?;
+    writeln!(
+        f,
+        "            private repositories: {} requests refused without proof of pull access, {} proofs checked with the registry",
+        peers.private_refused, peers.pull_checks
+    )?;
     if peers.insecure {
         writeln!(
             f,

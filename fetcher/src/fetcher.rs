@@ -42,7 +42,8 @@ pub struct Fetcher {
 struct Inner {
     /// Replaced whole by [`Fetcher::reload_registry`]; a request in flight keeps the client
     /// it started with.
-    registry: RwLock<RegistryClient>,
+    /// Shared with the peers, which check peers' access to private repositories with it.
+    registry: Arc<RwLock<RegistryClient>>,
     /// Shared with the peer listener and announcer, which read it through
     /// [`HeldBlocks`](crate::peer::HeldBlocks).
     cache: Arc<ChunkCache>,
@@ -68,12 +69,13 @@ impl Fetcher {
             config.cache.block_size.0,
             config.cache.capacity.0,
         )?;
-        let registry = RegistryClient::new(&config.registry)?;
+        let registry = Arc::new(RwLock::new(RegistryClient::new(&config.registry)?));
         let peers = match &config.peers {
             Some(peers) => Some(Arc::new(Peers::new(
                 peers,
                 cache.block_size(),
                 Some(config.root.join("cache").join("shareable")),
+                registry.clone(),
             )?)),
             None => None,
         };
@@ -85,11 +87,11 @@ impl Fetcher {
         cache: ChunkCache,
         config: &FetchConfig,
     ) -> Fetcher {
-        Fetcher::build(registry, cache, config, None)
+        Fetcher::build(Arc::new(RwLock::new(registry)), cache, config, None)
     }
 
     fn build(
-        registry: RegistryClient,
+        registry: Arc<RwLock<RegistryClient>>,
         cache: ChunkCache,
         config: &FetchConfig,
         peers: Option<Arc<Peers>>,
@@ -97,7 +99,7 @@ impl Fetcher {
         let max_run_blocks = (MAX_RUN_BYTES / cache.block_size()).max(1);
         Fetcher {
             inner: Arc::new(Inner {
-                registry: RwLock::new(registry),
+                registry,
                 cache: Arc::new(cache),
                 flights: Arc::new(Flights::with_failure_window(FAILED_FETCH_WINDOW)),
                 remote: Semaphore::new(config.max_concurrent.max(1)),

@@ -761,3 +761,77 @@ async fn a_push_replaces_a_cached_pull_token_once_with_a_push_scoped_one() {
     client.get_blob_range(&blob, 10..20).await.unwrap();
     assert_eq!(auth.count(), 2);
 }
+
+/// What peers build repository-scoped reads on: a repository is private once the registry
+/// refused it anonymously and took the configured credential, the `Authorization` read with
+/// is this node's proof, and another node's proof is checked with one HEAD carrying exactly
+/// that value.
+#[tokio::test]
+async fn private_repositories_are_recognised_and_pull_proofs_checked() {
+    let alice = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("alice:s3cret")
+    );
+    let data = Arc::new(content(4_000));
+    let (served, wanted) = (data.clone(), alice.clone());
+    let server = TestServer::start(move |request| {
+        let private = request.path().starts_with("/v2/team/");
+        if private && request.header("authorization") != Some(wanted.as_str()) {
+            return Reply::status(401).header("WWW-Authenticate", r#"Basic realm="registry""#);
+        }
+        if request.method == "HEAD" {
+            return Reply::status(200);
+        }
+        Reply::blob(request, &served)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("docker-config.json"),
+        format!(
+            r#"{{"auths": {{"{}": {{"auth": "{}"}}}}}}"#,
+            server.host(),
+            base64::engine::general_purpose::STANDARD.encode("alice:s3cret")
+        ),
+    )
+    .unwrap();
+    let client = client(dir.path(), 0, &[(&server.host(), "")]);
+    let private = blob_on(&server.host(), &data);
+    let public = BlobRef::new(
+        ImageRef::repository(&server.host(), "open/app").unwrap(),
+        private.digest.clone(),
+        private.size,
+    );
+
+    client.get_blob_range(&public, 0..100).await.unwrap();
+    assert!(!client.needs_credentials(&public.image));
+    assert!(client.pull_authorization(&public.image).is_none());
+    assert!(!client.needs_credentials(&private.image), "not read yet");
+
+    client.get_blob_range(&private, 0..100).await.unwrap();
+    assert!(client.needs_credentials(&private.image));
+    assert_eq!(
+        client.pull_authorization(&private.image).unwrap(),
+        alice.as_str()
+    );
+
+    let before = server.count();
+    let good = reqwest::header::HeaderValue::from_str(&alice).unwrap();
+    let bad = reqwest::header::HeaderValue::from_static("Basic bWFsbG9yeTpndWVzcw==");
+    assert!(client
+        .may_pull(&private.image, &private.digest, &good)
+        .await
+        .unwrap());
+    assert!(!client
+        .may_pull(&private.image, &private.digest, &bad)
+        .await
+        .unwrap());
+    let checks = &server.requests()[before..];
+    assert_eq!(checks.len(), 2, "one HEAD per check, no retry with our own");
+    assert!(checks.iter().all(|check| check.method == "HEAD"
+        && check.path() == format!("/v2/team/app/blobs/{}", private.digest)));
+    assert_eq!(
+        checks[1].header("authorization"),
+        Some("Basic bWFsbG9yeTpndWVzcw==")
+    );
+}

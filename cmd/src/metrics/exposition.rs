@@ -332,7 +332,17 @@ fn render_peers(out: &mut String, peers: &PeerStats) {
         &[(String::new(), u64::from(peers.insecure))],
     );
     // Counters without labels: one line of name, help and value each.
-    let counters: [(&str, &str, u64); 11] = [
+    let counters: [(&str, &str, u64); 13] = [
+        (
+            "private_refused_total",
+            "Requests for blocks of a private repository refused (403) without a proof of pull access the registry accepts.",
+            peers.private_refused,
+        ),
+        (
+            "pull_checks_total",
+            "Peers' proofs of pull access checked with one HEAD at the registry.",
+            peers.pull_checks,
+        ),
         (
             "index_evictions_total",
             "Blobs the owner index forgot to stay under peers.index_memory.",

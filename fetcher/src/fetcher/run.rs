@@ -129,7 +129,7 @@ impl Fetcher {
                 self.store(blob, got).await;
                 // Shared only where peers may ask for it: blobs they can verify.
                 if let Some(peers) = peers {
-                    peers.landed(&blob.digest, &landed);
+                    peers.landed(blob, &landed);
                 }
             }
         };

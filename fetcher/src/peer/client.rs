@@ -5,6 +5,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use reqwest::header::HeaderValue;
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -23,6 +24,9 @@ pub enum PeerFailure {
     Busy,
     /// It does not hold what was asked (404).
     Missing,
+    /// It will not give it to this node (403): for blocks of a private repository, this
+    /// node showed no proof of pull access the registry accepts (none yet, or a stale one).
+    Refused(String),
     /// Anything else: refused, reset, timed out, a bad answer.
     Failed(String),
 }
@@ -32,6 +36,7 @@ impl std::fmt::Display for PeerFailure {
         match self {
             PeerFailure::Busy => f.write_str("busy"),
             PeerFailure::Missing => f.write_str("does not hold it"),
+            PeerFailure::Refused(reason) => write!(f, "refused: {reason}"),
             PeerFailure::Failed(reason) => f.write_str(reason),
         }
     }
@@ -144,27 +149,31 @@ impl PeerClient {
     }
 
     /// Bytes `range` of `blob` from `peer`'s cache, which must send exactly that many by
-    /// `deadline`.
+    /// `deadline`; `proof` are the headers that show this node may pull the blob, for a
+    /// blob of a private repository.
     pub async fn blocks(
         &self,
         peer: PeerAddr,
         blob: &Digest,
         range: Range<u64>,
+        proof: Option<[(&'static str, HeaderValue); 2]>,
         deadline: Instant,
     ) -> Result<Bytes, PeerFailure> {
         let timeout = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(100));
-        let response = self
+        let mut request = self
             .http
             .get(self.url(peer, &format!("/v1/blobs/{blob}")))
             .header(
                 reqwest::header::RANGE,
                 format!("bytes={}-{}", range.start, range.end - 1),
             )
-            .timeout(timeout)
-            .send()
-            .await;
+            .timeout(timeout);
+        for (name, value) in proof.into_iter().flatten() {
+            request = request.header(name, value);
+        }
+        let response = request.send().await;
         let response = checked(response)?;
         if response.status() != StatusCode::PARTIAL_CONTENT {
             return Err(PeerFailure::Failed(format!(
@@ -197,6 +206,7 @@ fn checked(
     match response.status() {
         StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => Err(PeerFailure::Busy),
         StatusCode::NOT_FOUND => Err(PeerFailure::Missing),
+        StatusCode::FORBIDDEN => Err(PeerFailure::Refused("answered 403".into())),
         status if status.is_success() => Ok(response),
         status => Err(PeerFailure::Failed(format!("answered {status}"))),
     }

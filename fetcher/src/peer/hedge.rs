@@ -82,9 +82,15 @@ impl Peers {
         let range =
             self.block_bytes(blob, run.start).start..self.block_bytes(blob, run.end - 1).end;
         let started = Instant::now();
+        // A proof of pull access crosses only mutual TLS, to a holder of the blob.
+        let proof = self
+            .config
+            .tls
+            .as_ref()
+            .and_then(|_| self.gate.proof(&blob.image));
         match self
             .client
-            .blocks(holder, &blob.digest, range, deadline)
+            .blocks(holder, &blob.digest, range, proof, deadline)
             .await
         {
             Ok(bytes) => {
@@ -103,7 +109,8 @@ impl Peers {
                 debug!(%holder, %failure, "block request to peer failed");
                 let (outcome, penalty) = match &failure {
                     PeerFailure::Busy => (Outcome::Busy, Some(Penalty::Busy)),
-                    PeerFailure::Missing => (Outcome::Failed, None),
+                    // A holder that withholds private blocks is right to: not its fault.
+                    PeerFailure::Missing | PeerFailure::Refused(_) => (Outcome::Failed, None),
                     PeerFailure::Failed(_) => (Outcome::Failed, Some(Penalty::Unreachable)),
                 };
                 self.counters.record(holder, outcome);

@@ -11,6 +11,8 @@
 //!   registry itself, or got from a peer and has since checked every byte of ([`shareable`]);
 //!   so bad bytes cannot spread, and a peer whose bytes fail verification is avoided. The
 //!   expected hashes come from the verified TOC, never from the sender.
+//! - Privacy: blocks of a blob whose registry wanted this node's credential go only to a
+//!   peer that proves, over mutual TLS, that the registry lets it pull the blob ([`gate`]).
 //! - A herd of nodes missing the same block does not all go to the registry: the index owner
 //!   lets one fetch it and the rest wait ([`index`]), for as long as that node renews its
 //!   right; a holder slower than peers' usual [`pace`] has a second holder asked too
@@ -20,6 +22,7 @@ mod announce;
 mod blockset;
 mod client;
 mod error;
+mod gate;
 mod hedge;
 mod held;
 mod index;
@@ -43,22 +46,25 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::join_all;
+use parking_lot::RwLock;
 use shoal_config::PeersConfig;
 use tracing::{debug, info, warn};
 
 use crate::cache::BlockKey;
 use crate::digest::Digest;
 use crate::reference::BlobRef;
+use crate::registry::RegistryClient;
 use announce::Announcer;
 use blockset::{BlockSet, MAX_SHARED_BLOCKS};
 use client::{PeerClient, PeerFailure};
+use gate::PullGate;
 use hedge::runs_by_holder;
 pub(crate) use held::HeldBlocks;
 use index::{Exclusions, OwnerIndex};
 use limiter::UploadLimiter;
 use member::{Membership, NodeId, Penalty};
 use pace::Pace;
-use shareable::Shareable;
+use shareable::{Audience, Shareable};
 use stats::{Outcome, PeerCounters, PeerGauges};
 use wire::{Advice, Lookup, Renew, MAX_LOOKUP_BLOCKS};
 
@@ -90,15 +96,19 @@ pub struct Peers {
     counters: PeerCounters,
     /// The pace peers have sent at, for when to hedge a request.
     pace: Pace,
+    /// Which blobs are private, proofs of pull access sent and checked.
+    gate: PullGate,
 }
 
 impl Peers {
     /// The peer side of a node whose cache has blocks of `block_size`; what it may share is
-    /// kept in `state` across restarts.
+    /// kept in `state` across restarts. `registry` is the client in force, through which
+    /// private repositories are recognised and peers' proofs of access checked.
     pub fn new(
         config: &PeersConfig,
         block_size: u64,
         state: Option<PathBuf>,
+        registry: Arc<RwLock<RegistryClient>>,
     ) -> Result<Peers, PeerError> {
         Ok(Peers {
             block_size,
@@ -118,6 +128,7 @@ impl Peers {
             shareable: Shareable::open(state),
             counters: PeerCounters::default(),
             pace: Pace::default(),
+            gate: PullGate::new(registry),
             config: config.clone(),
         })
     }
@@ -262,12 +273,18 @@ impl Peers {
                     continue;
                 };
                 let from = self.block_bytes(blob, run.blocks.start).start;
+                // Decided now: a block got with a proof stays private, whatever happens
+                // to this node's registry client before it is verified.
+                let audience = self.gate.audience(&blob.image);
                 for index in run.blocks {
                     let at = self.block_bytes(blob, index);
                     let part = bytes.slice((at.start - from) as usize..(at.end - from) as usize);
                     pending.remove(&index);
-                    self.shareable
-                        .got_from_peer(BlockKey::new(blob.digest.clone(), index), holder);
+                    self.shareable.got_from_peer(
+                        BlockKey::new(blob.digest.clone(), index),
+                        holder,
+                        audience.clone(),
+                    );
                     round.got.push((index, part));
                 }
             }
@@ -430,8 +447,9 @@ impl Peers {
         None
     }
 
-    /// Blocks of `blob` that just landed from the registry: shareable, and announced.
-    pub(crate) fn landed(&self, blob: &Digest, blocks: &[u64]) {
+    /// Blocks of `blob` that just landed from the registry: shareable (to peers that may
+    /// pull it, when the registry wanted this node's credential), and announced.
+    pub(crate) fn landed(&self, blob: &BlobRef, blocks: &[u64]) {
         let mut fresh = BlockSet::new();
         for &index in blocks {
             fresh.insert(index);
@@ -439,8 +457,9 @@ impl Peers {
         if fresh.is_empty() {
             return;
         }
-        self.shareable.add(blob, &fresh);
-        self.announcer.landed(blob, &fresh);
+        let audience = self.gate.audience(&blob.image);
+        self.shareable.add(&blob.digest, &fresh, audience);
+        self.announcer.landed(&blob.digest, &fresh);
     }
 
     /// Bytes `range` of `blob` passed the reader's check against hashes from a verified
@@ -450,18 +469,25 @@ impl Peers {
             return;
         }
         let mut fresh = BlockSet::new();
+        let mut arrived_private = None;
         for index in range.start / self.block_size..(range.end - 1) / self.block_size + 1 {
             let key = BlockKey::new(blob.digest.clone(), index);
-            if self
-                .shareable
-                .checked(&key, self.block_bytes(blob, index), range.clone())
-            {
+            let checked =
+                self.shareable
+                    .checked(&key, self.block_bytes(blob, index), range.clone());
+            if let Some(arrived) = checked {
+                if let Audience::PullersFrom(_) = arrived {
+                    arrived_private = Some(arrived);
+                }
                 fresh.insert(index);
                 PeerCounters::add(&self.counters.blocks_reshared, 1);
             }
         }
         if !fresh.is_empty() {
-            self.shareable.add(&blob.digest, &fresh);
+            // Private if the blocks arrived so, or if this node reads the blob with a
+            // credential now.
+            let audience = arrived_private.unwrap_or_else(|| self.gate.audience(&blob.image));
+            self.shareable.add(&blob.digest, &fresh, audience);
             self.announcer.landed(&blob.digest, &fresh);
         }
     }

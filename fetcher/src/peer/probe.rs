@@ -130,6 +130,15 @@ mod tests {
         assert_eq!(changes(&[], &[addr(9)], Some(addr(9))), (vec![], vec![]));
     }
 
+    fn no_registry() -> std::sync::Arc<parking_lot::RwLock<crate::registry::RegistryClient>> {
+        let client = crate::registry::RegistryClient::with_credentials(
+            &shoal_config::Config::parse("").unwrap().registry,
+            crate::registry::Credentials::default(),
+        )
+        .unwrap();
+        std::sync::Arc::new(parking_lot::RwLock::new(client))
+    }
+
     #[tokio::test]
     async fn static_names_and_the_dns_name_resolve_to_members() {
         let config = shoal_config::Config::parse(
@@ -138,7 +147,7 @@ mod tests {
         .unwrap()
         .peers
         .unwrap();
-        let peers = Peers::new(&config, 1 << 20, None).unwrap();
+        let peers = Peers::new(&config, 1 << 20, None, no_registry()).unwrap();
         let known = resolve(&peers).await;
         assert!(
             known.contains(&"127.0.0.2:7420".parse().unwrap()),
@@ -161,7 +170,7 @@ mod tests {
         .unwrap()
         .peers
         .unwrap();
-        let peers = Peers::new(&config, 1 << 20, None).unwrap();
+        let peers = Peers::new(&config, 1 << 20, None, no_registry()).unwrap();
         peers.members.set_known(resolve(&peers).await);
         // A listener that accepts and never answers: the probe times out.
         peers.members.probed(PeerAddr(addr), true, false);

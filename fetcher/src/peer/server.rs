@@ -6,6 +6,8 @@
 //! fails the handshake); without it, only requests from a member's address. Anyone else gets
 //! 403 from every route but `/health`, before a body is read. Announcements and renewals must
 //! also come from a member's peer address, and every body has a size limit (413 past it).
+//! Blocks of a private repository go only to a client that proves it may pull it
+//! ([`gate`](super::gate)).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,6 +30,7 @@ use super::blockset::BlockSet;
 use super::held::HeldBlocks;
 use super::index::Exclusions;
 use super::member::PeerAddr;
+use super::shareable::Audience;
 use super::stats::PeerCounters;
 use super::wire::{
     Announce, Health, Lookup, LookupReply, Renew, MAX_ANNOUNCE_BYTES, MAX_LOOKUP_BLOCKS,
@@ -134,7 +137,7 @@ async fn route(
             Err(reply) => reply,
         },
         (Method::GET, blob) if blob.starts_with("/v1/blobs/") => {
-            upload(held, peers, &blob["/v1/blobs/".len()..], &request).await
+            upload(held, peers, client, &blob["/v1/blobs/".len()..], &request).await
         }
         _ => plain(StatusCode::NOT_FOUND, "no such endpoint"),
     }
@@ -227,10 +230,12 @@ fn renewed(peers: &Peers, renew: Renew) -> Reply {
     plain(StatusCode::OK, "")
 }
 
-/// Serves bytes of blocks this node may share (fetched from the registry) and still holds.
+/// Serves bytes of blocks this node may share (fetched from the registry) and still holds,
+/// to this client.
 async fn upload(
     held: Arc<dyn HeldBlocks>,
     peers: &Peers,
+    client: Client,
     blob: &str,
     request: &Request<Incoming>,
 ) -> Reply {
@@ -250,8 +255,26 @@ async fn upload(
     };
     let block_size = peers.block_size;
     let blocks = range.start / block_size..(range.end - 1) / block_size + 1;
-    if !peers.shareable.contains_all(&blob, blocks) {
+    let Some(audience) = peers.shareable.contains_all(&blob, blocks) else {
         return plain(StatusCode::NOT_FOUND, "not held");
+    };
+    if let Audience::PullersFrom(registry) = audience {
+        let admitted = peers
+            .gate
+            .admit(&registry, &blob, client.certified, request.headers())
+            .await;
+        match admitted {
+            Ok(asked) => {
+                if asked {
+                    PeerCounters::add(&peers.counters.pull_checks, 1);
+                }
+            }
+            Err(refusal) => {
+                PeerCounters::add(&peers.counters.private_refused, 1);
+                debug!(remote = %client.remote, %blob, reason = refusal.reason(), "private blocks refused");
+                return plain(StatusCode::FORBIDDEN, refusal.reason());
+            }
+        }
     }
     let Some(_slot) = peers.limiter.try_start() else {
         PeerCounters::add(&peers.counters.uploads_refused, 1);

@@ -7,8 +7,12 @@
 //! once its chunks verify, but is never passed on, so bad bytes cannot spread; and its sender
 //! is remembered, to be blamed if a check fails.
 //!
+//! A blob whose registry wanted a credential from this node is marked private, with that
+//! registry's host: its blocks go only to peers that prove they may pull it
+//! ([`gate`](super::gate)). Once private, a blob stays so while any of it is shared.
+//!
 //! The shareable set survives restarts in one small file beside the cache: a node that
-//! restarts with a warm cache goes on sharing it.
+//! restarts with a warm cache goes on sharing it, to whom it did before.
 
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
@@ -33,7 +37,7 @@ use crate::digest::Digest;
 const SOURCED_CAP: usize = 1 << 18;
 
 pub struct Shareable {
-    sets: Mutex<HashMap<Digest, BlockSet>>,
+    sets: Mutex<HashMap<Digest, SharedBlob>>,
     sourced: Mutex<LruCache<BlockKey, Sourced>>,
     /// Where the sets are kept across restarts; `None` keeps them in memory only.
     file: Option<PathBuf>,
@@ -43,11 +47,30 @@ pub struct Shareable {
     saving: AtomicBool,
 }
 
-/// A block that came from a peer: who sent it, and which of its bytes (sorted, disjoint
-/// ranges within the blob) checked out so far.
+/// Who may have a blob's shared blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Audience {
+    /// Any peer: the registry served them to this node without a credential.
+    Anyone,
+    /// Peers that prove they may pull the blob from this registry (a host as references
+    /// name it).
+    PullersFrom(String),
+}
+
+/// The shared blocks of one blob, and the registry whose credentials they need, if any.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct SharedBlob {
+    blocks: BlockSet,
+    private: Option<String>,
+}
+
+/// A block that came from a peer: who sent it, which of its bytes (sorted, disjoint ranges
+/// within the blob) checked out so far, and to whom it may go once they all have (decided
+/// when it arrived, for this node's registry client may be replaced meanwhile).
 struct Sourced {
     from: PeerAddr,
     verified: Vec<Range<u64>>,
+    audience: Audience,
 }
 
 impl Shareable {
@@ -79,63 +102,73 @@ impl Shareable {
         }
     }
 
-    /// Makes `blocks` of `blob` shareable.
-    pub fn add(&self, blob: &Digest, blocks: &BlockSet) {
-        self.sets
-            .lock()
-            .entry(blob.clone())
-            .or_default()
-            .merge(blocks);
+    /// Makes `blocks` of `blob` shareable to `audience` (a blob private once stays so).
+    pub fn add(&self, blob: &Digest, blocks: &BlockSet, audience: Audience) {
+        let mut sets = self.sets.lock();
+        let shared = sets.entry(blob.clone()).or_default();
+        shared.blocks.merge(blocks);
+        if let (None, Audience::PullersFrom(registry)) = (&shared.private, audience) {
+            shared.private = Some(registry);
+        }
         self.dirty.store(true, Ordering::Relaxed);
     }
 
-    /// Whether every block of `blocks` of `blob` is shareable.
-    pub fn contains_all(&self, blob: &Digest, blocks: Range<u64>) -> bool {
+    /// Whether every block of `blocks` of `blob` is shareable, and to whom.
+    pub fn contains_all(&self, blob: &Digest, blocks: Range<u64>) -> Option<Audience> {
         let sets = self.sets.lock();
-        sets.get(blob)
-            .is_some_and(|set| blocks.clone().all(|index| set.contains(index)))
+        let shared = sets.get(blob)?;
+        blocks
+            .clone()
+            .all(|index| shared.blocks.contains(index))
+            .then(|| match &shared.private {
+                None => Audience::Anyone,
+                Some(registry) => Audience::PullersFrom(registry.clone()),
+            })
     }
 
-    /// Block `key` came from `from`, unverified.
-    pub fn got_from_peer(&self, key: BlockKey, from: PeerAddr) {
+    /// Block `key` came from `from`, unverified; once verified it may go to `audience`.
+    pub fn got_from_peer(&self, key: BlockKey, from: PeerAddr, audience: Audience) {
         self.sourced.lock().put(
             key,
             Sourced {
                 from,
                 verified: Vec::new(),
+                audience,
             },
         );
     }
 
     /// Bytes `checked` of block `key`, which spans `block` of its blob, passed a check.
-    /// True when that completes the block: it is then no longer tracked, and the caller
-    /// makes it shareable.
-    pub fn checked(&self, key: &BlockKey, block: Range<u64>, checked: Range<u64>) -> bool {
+    /// When that completes the block, it is no longer tracked and the audience it arrived
+    /// with is returned: the caller makes it shareable to them.
+    pub fn checked(
+        &self,
+        key: &BlockKey,
+        block: Range<u64>,
+        checked: Range<u64>,
+    ) -> Option<Audience> {
         let mut sourced = self.sourced.lock();
         if sourced.is_empty() {
-            return false;
+            return None;
         }
-        let Some(entry) = sourced.peek_mut(key) else {
-            return false;
-        };
+        let entry = sourced.peek_mut(key)?;
         let part = checked.start.max(block.start)..checked.end.min(block.end);
         if part.is_empty() {
-            return false;
+            return None;
         }
         cover(&mut entry.verified, part);
         if entry.verified.as_slice() == [block] {
-            sourced.pop(key);
-            return true;
+            return sourced.pop(key).map(|entry| entry.audience);
         }
-        false
+        None
     }
 
     /// Blocks `blocks` of `blob` failed a check: none of them is shared any longer, and the
     /// peers that sent any of them are returned to be blamed.
     pub fn reject(&self, blob: &Digest, blocks: Range<u64>) -> HashSet<PeerAddr> {
-        if let Some(set) = self.sets.lock().get_mut(blob) {
+        if let Some(shared) = self.sets.lock().get_mut(blob) {
             for index in blocks.clone() {
-                set.remove(index);
+                shared.blocks.remove(index);
             }
             self.dirty.store(true, Ordering::Relaxed);
         }
@@ -151,9 +184,9 @@ impl Shareable {
     pub fn retain_held(&self, held: &dyn HeldBlocks) -> Vec<(Digest, BlockSet)> {
         let mut sets = self.sets.lock();
         let before = sets.len();
-        for (blob, set) in sets.iter_mut() {
+        for (blob, shared) in sets.iter_mut() {
             let mut dropped = false;
-            set.retain(|index| {
+            shared.blocks.retain(|index| {
                 let kept = held.holds(&BlockKey::new(blob.clone(), index));
                 dropped |= !kept;
                 kept
@@ -162,12 +195,12 @@ impl Shareable {
                 self.dirty.store(true, Ordering::Relaxed);
             }
         }
-        sets.retain(|_, set| !set.is_empty());
+        sets.retain(|_, shared| !shared.blocks.is_empty());
         if sets.len() != before {
             self.dirty.store(true, Ordering::Relaxed);
         }
         sets.iter()
-            .map(|(blob, set)| (blob.clone(), set.clone()))
+            .map(|(blob, shared)| (blob.clone(), shared.blocks.clone()))
             .collect()
     }
 
@@ -203,8 +236,13 @@ impl Shareable {
         let text = {
             let sets = self.sets.lock();
             let mut text = String::new();
-            for (blob, set) in sets.iter() {
-                let _ = writeln!(text, "{blob} {}", set.to_hex());
+            for (blob, shared) in sets.iter() {
+                let _ = match &shared.private {
+                    None => writeln!(text, "{blob} {}", shared.blocks.to_hex()),
+                    Some(registry) => {
+                        writeln!(text, "{blob} {} {registry}", shared.blocks.to_hex())
+                    }
+                };
             }
             text
         };
@@ -226,16 +264,20 @@ impl Shareable {
     }
 }
 
-/// Lines of `<digest> <block set hex>`; `None` if any line is malformed.
-fn parse(text: &str) -> Option<HashMap<Digest, BlockSet>> {
+/// Lines of `<digest> <block set hex>[ <registry of a private blob>]`; `None` if any line
+/// is malformed.
+fn parse(text: &str) -> Option<HashMap<Digest, SharedBlob>> {
     text.lines()
         .filter(|line| !line.trim().is_empty())
         .map(|line| {
-            let (blob, blocks) = line.split_once(' ')?;
-            Some((
-                Digest::parse(blob).ok()?,
-                BlockSet::from_hex(blocks.trim())?,
-            ))
+            let mut fields = line.split_whitespace();
+            let blob = Digest::parse(fields.next()?).ok()?;
+            let blocks = BlockSet::from_hex(fields.next()?)?;
+            let private = fields.next().map(str::to_owned);
+            if fields.next().is_some() {
+                return None;
+            }
+            Some((blob, SharedBlob { blocks, private }))
         })
         .collect()
 }
@@ -289,14 +331,17 @@ mod tests {
         let shareable = Shareable::open(None);
         let blob = Digest::of(b"blob");
         let key = BlockKey::new(blob.clone(), 1);
-        shareable.got_from_peer(key, peer(1));
+        let private = Audience::PullersFrom("reg.example".into());
+        shareable.got_from_peer(key, peer(1), private.clone());
         // Block 1 spans 100..200; checks arrive in pieces, some reaching past it.
-        assert!(!shareable.checked(&key, 100..200, 50..120));
-        assert!(!shareable.checked(&key, 100..200, 150..250));
-        assert!(!shareable.checked(&BlockKey::new(blob.clone(), 2), 200..300, 200..300));
-        assert!(shareable.checked(&key, 100..200, 120..150));
+        assert!(shareable.checked(&key, 100..200, 50..120).is_none());
+        assert!(shareable.checked(&key, 100..200, 150..250).is_none());
+        let other = BlockKey::new(blob.clone(), 2);
+        assert!(shareable.checked(&other, 200..300, 200..300).is_none());
+        // Complete: shareable to whom it arrived for.
+        assert_eq!(shareable.checked(&key, 100..200, 120..150), Some(private));
         // Done with: a later check changes nothing, and nobody is blamed for it.
-        assert!(!shareable.checked(&key, 100..200, 100..200));
+        assert!(shareable.checked(&key, 100..200, 100..200).is_none());
         assert!(shareable.reject(&blob, 1..2).is_empty());
     }
 
@@ -304,13 +349,13 @@ mod tests {
     fn a_rejected_block_stops_being_shared_and_names_its_sender() {
         let shareable = Shareable::open(None);
         let blob = Digest::of(b"blob");
-        shareable.add(&blob, &set(&[0, 1, 2]));
-        shareable.got_from_peer(BlockKey::new(blob.clone(), 3), peer(7));
-        assert!(shareable.contains_all(&blob, 0..3));
+        shareable.add(&blob, &set(&[0, 1, 2]), Audience::Anyone);
+        shareable.got_from_peer(BlockKey::new(blob.clone(), 3), peer(7), Audience::Anyone);
+        assert!(shareable.contains_all(&blob, 0..3).is_some());
         let blamed = shareable.reject(&blob, 1..4);
         assert_eq!(blamed, HashSet::from([peer(7)]));
-        assert!(shareable.contains_all(&blob, 0..1));
-        assert!(!shareable.contains_all(&blob, 0..2));
+        assert!(shareable.contains_all(&blob, 0..1).is_some());
+        assert!(shareable.contains_all(&blob, 0..2).is_none());
     }
 
     /// Holds exactly the blocks it is given.
@@ -331,8 +376,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let shareable = Shareable::open(Some(dir.path().join("shareable")));
         let (kept, gone) = (Digest::of(b"kept"), Digest::of(b"gone"));
-        shareable.add(&kept, &set(&[0, 1, 2]));
-        shareable.add(&gone, &set(&[4]));
+        shareable.add(&kept, &set(&[0, 1, 2]), Audience::Anyone);
+        shareable.add(&gone, &set(&[4]), Audience::Anyone);
         shareable.save().unwrap();
         assert!(!shareable.is_dirty());
         // Block 1 of one blob was evicted, every block of the other.
@@ -343,9 +388,10 @@ mod tests {
         let sets = shareable.retain_held(&held);
         assert_eq!(sets.len(), 1, "a blob with nothing held is not announced");
         assert_eq!(sets[0].0, kept);
-        assert!(shareable.contains_all(&kept, 0..1) && shareable.contains_all(&kept, 2..3));
-        assert!(!shareable.contains_all(&kept, 1..2));
-        assert!(!shareable.contains_all(&gone, 4..5));
+        assert!(shareable.contains_all(&kept, 0..1).is_some());
+        assert!(shareable.contains_all(&kept, 2..3).is_some());
+        assert!(shareable.contains_all(&kept, 1..2).is_none());
+        assert!(shareable.contains_all(&gone, 4..5).is_none());
         assert!(
             shareable.is_dirty(),
             "what is shared changed and must be saved"
@@ -358,14 +404,27 @@ mod tests {
         let path = dir.path().join("shareable");
         let blob = Digest::of(b"blob");
         let shareable = Shareable::open(Some(path.clone()));
-        shareable.add(&blob, &set(&[0, 5, 700]));
+        shareable.add(&blob, &set(&[0, 5, 700]), Audience::Anyone);
+        let private = Digest::of(b"private");
+        shareable.add(
+            &private,
+            &set(&[1]),
+            Audience::PullersFrom("reg.example:5000".into()),
+        );
+        // Marked private once, a blob stays so whatever lands later.
+        shareable.add(&private, &set(&[2]), Audience::Anyone);
         shareable.save().unwrap();
         let again = Shareable::open(Some(path.clone()));
-        assert!(again.contains_all(&blob, 5..6) && again.contains_all(&blob, 700..701));
-        assert!(!again.contains_all(&blob, 1..2));
+        assert_eq!(again.contains_all(&blob, 5..6), Some(Audience::Anyone));
+        assert!(again.contains_all(&blob, 700..701).is_some());
+        assert!(again.contains_all(&blob, 1..2).is_none());
+        assert_eq!(
+            again.contains_all(&private, 1..3),
+            Some(Audience::PullersFrom("reg.example:5000".to_owned()))
+        );
 
         std::fs::write(&path, "sha256:nothex zz\n").unwrap();
         let damaged = Shareable::open(Some(path));
-        assert!(!damaged.contains_all(&blob, 0..1));
+        assert!(damaged.contains_all(&blob, 0..1).is_none());
     }
 }

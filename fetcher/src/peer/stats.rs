@@ -50,6 +50,13 @@ pub struct PeerStats {
     /// non-member as announcer or asker.
     #[serde(default)]
     pub requests_refused: u64,
+    /// Requests for blocks of a private repository refused (403): not over mutual TLS,
+    /// without a proof of pull access, or with one the registry did not accept.
+    #[serde(default)]
+    pub private_refused: u64,
+    /// Proofs of pull access checked with the registry (one HEAD each).
+    #[serde(default)]
+    pub pull_checks: u64,
     /// The listener is plain HTTP on a non-loopback address (`peers.insecure`).
     #[serde(default)]
     pub insecure: bool,
@@ -99,6 +106,8 @@ pub(crate) struct PeerCounters {
     pub bytes_uploaded: AtomicU64,
     pub uploads_refused: AtomicU64,
     pub requests_refused: AtomicU64,
+    pub private_refused: AtomicU64,
+    pub pull_checks: AtomicU64,
     per_peer: Mutex<BTreeMap<PeerAddr, PerPeer>>,
 }
 
@@ -156,6 +165,8 @@ impl PeerCounters {
             bytes_uploaded: load(&self.bytes_uploaded),
             uploads_refused: load(&self.uploads_refused),
             requests_refused: load(&self.requests_refused),
+            private_refused: load(&self.private_refused),
+            pull_checks: load(&self.pull_checks),
             insecure: false,
             index_blobs: 0,
             index_bytes: 0,

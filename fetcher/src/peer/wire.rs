@@ -9,11 +9,19 @@
 //!   owner keeps the asker's exclusive right to fetch them, so nodes waiting for them keep
 //!   waiting instead of fetching them too.
 //! - `GET /v1/blobs/<digest>` with `Range: bytes=a-b`: block bytes from a holder's cache;
-//!   404 when it does not hold them, 429 when it is busy.
+//!   404 when it does not hold them, 429 when it is busy. Blocks of a blob from a private
+//!   repository also need [`PROOF_REPOSITORY`] and [`PROOF_AUTHORIZATION`] (see
+//!   [`gate`](super::gate)); 403 without them, or when the registry refuses them.
 
 use serde::{Deserialize, Serialize};
 
 use super::blockset::MAX_SHARED_BLOCKS;
+
+/// The repository (on the registry the holder fetched the blob from) a block request's
+/// proof of pull access is for.
+pub const PROOF_REPOSITORY: &str = "shoal-repository";
+/// The `Authorization` value the requester reads that repository with: its proof.
+pub const PROOF_AUTHORIZATION: &str = "shoal-pull-authorization";
 
 /// Answers larger than this are refused.
 pub const MAX_BODY_BYTES: usize = 1 << 20;

@@ -1,7 +1,7 @@
 //! Registry authentication: docker `config.json` credentials (inline, or from the credential
 //! helpers it names), `WWW-Authenticate` challenges and the token cache.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -322,6 +322,10 @@ pub struct TokenCache {
     entries: Mutex<HashMap<Scope, CachedAuth>>,
     /// One refresh at a time per scope; one entry per scope ever used.
     refreshes: Mutex<HashMap<Scope, Arc<tokio::sync::Mutex<()>>>>,
+    /// Scopes whose registry refused us until we showed a configured credential: private
+    /// repositories, whose blocks go only to peers that prove they may pull them. Kept after
+    /// their token expires (one entry per scope ever used).
+    credentialed: Mutex<HashSet<Scope>>,
 }
 
 #[derive(Debug, Clone)]
@@ -355,13 +359,21 @@ impl TokenCache {
     }
 
     /// Stores `header`; `lifetime` is `None` for basic credentials, which do not expire.
+    /// `credentialed` says whether it was obtained with a configured credential (not an
+    /// anonymous token).
     pub fn insert(
         &self,
         host: &str,
         repository: &str,
         header: HeaderValue,
         lifetime: Option<Duration>,
+        credentialed: bool,
     ) {
+        if credentialed {
+            self.credentialed
+                .lock()
+                .insert((host.to_owned(), repository.to_owned()));
+        }
         let expires =
             lifetime.map(|lifetime| Instant::now() + lifetime.saturating_sub(TOKEN_EXPIRY_MARGIN));
         let mut entries = self.entries.lock();
@@ -369,6 +381,13 @@ impl TokenCache {
             (host.to_owned(), repository.to_owned()),
             CachedAuth { header, expires },
         );
+    }
+
+    /// Whether (`host`, `repository`) ever needed a configured credential.
+    pub fn is_credentialed(&self, host: &str, repository: &str) -> bool {
+        self.credentialed
+            .lock()
+            .contains(&(host.to_owned(), repository.to_owned()))
     }
 
     pub fn remove(&self, host: &str, repository: &str) {
@@ -471,11 +490,27 @@ mod tests {
     fn tokens_expire() {
         let cache = TokenCache::default();
         let header = HeaderValue::from_static("Bearer t");
-        cache.insert("h", "r", header.clone(), Some(Duration::from_secs(1)));
+        cache.insert("h", "r", header.clone(), Some(Duration::from_secs(1)), true);
         // The expiry margin exceeds the lifetime, so the token is already stale.
         assert!(cache.get("h", "r").is_none());
-        cache.insert("h", "r", header.clone(), Some(Duration::from_secs(600)));
+        // What needed a credential is remembered past its token.
+        assert!(cache.is_credentialed("h", "r"));
+        cache.insert(
+            "h",
+            "r",
+            header.clone(),
+            Some(Duration::from_secs(600)),
+            false,
+        );
         assert_eq!(cache.get("h", "r"), Some(header));
         assert!(cache.get("h", "other").is_none());
+        cache.insert(
+            "h",
+            "public",
+            HeaderValue::from_static("Bearer a"),
+            None,
+            false,
+        );
+        assert!(!cache.is_credentialed("h", "public"));
     }
 }

@@ -95,11 +95,11 @@ impl RegistryClient {
             }
             answered = true;
             tokens.remove(endpoint.host, repository);
-            let (header, lifetime) = self
+            let (header, lifetime, credentialed) = self
                 .answer_challenge(endpoint, repository, reply.headers(), access, budget)
                 .await
                 .map_err(RequestError::widen)?;
-            tokens.insert(endpoint.host, repository, header, lifetime);
+            tokens.insert(endpoint.host, repository, header, lifetime, credentialed);
         }
     }
 
@@ -125,8 +125,9 @@ impl RegistryClient {
         }
     }
 
-    /// Answers a 401's challenge with the `Authorization` value to retry with, and how long
-    /// it may be cached (a token's lifetime; basic credentials do not expire).
+    /// Answers a 401's challenge with the `Authorization` value to retry with, how long it
+    /// may be cached (a token's lifetime; basic credentials do not expire), and whether a
+    /// configured credential went into it (else it is an anonymous token).
     async fn answer_challenge(
         &self,
         endpoint: &Endpoint<'_>,
@@ -134,7 +135,7 @@ impl RegistryClient {
         headers: &HeaderMap,
         access: Access,
         budget: Budget,
-    ) -> Result<(HeaderValue, Option<std::time::Duration>), RequestError> {
+    ) -> Result<(HeaderValue, Option<std::time::Duration>, bool), RequestError> {
         let values: Vec<&str> = headers
             .get_all(WWW_AUTHENTICATE)
             .iter()
@@ -164,10 +165,12 @@ impl RegistryClient {
                     budget,
                 )
                 .await?;
-            return Ok((header, Some(lifetime)));
+            return Ok((header, Some(lifetime), credential.is_some()));
         }
         match (challenges.first(), credential) {
-            (Some(Challenge::Basic), Some(credential)) => Ok((credential.basic_header(), None)),
+            (Some(Challenge::Basic), Some(credential)) => {
+                Ok((credential.basic_header(), None, true))
+            }
             (Some(Challenge::Basic), None) => {
                 Err(RequestError::Http(self.no_credentials(endpoint)))
             }

@@ -48,6 +48,9 @@ pub enum RegistryError {
     #[error("fetch token {url}: {cause}")]
     FetchToken { url: String, cause: HttpFailure },
 
+    #[error("check a peer's pull access at {url}: {cause}")]
+    CheckPullAccess { url: String, cause: HttpFailure },
+
     #[error("verify {url}: expected {expected}, got {actual}")]
     VerifyDigest {
         url: String,

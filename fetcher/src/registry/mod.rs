@@ -4,6 +4,7 @@
 //! each endpoint it authenticates on demand (bearer tokens or basic credentials), retries
 //! transient failures with backoff, and follows redirects to blob storage.
 
+mod access;
 mod auth;
 mod challenge;
 mod error;

@@ -138,6 +138,29 @@ fn corrupt_metadata_db_refuses_to_start() {
     });
 }
 
+/// Peers on an address other hosts can reach, without mutual TLS and without asking for it
+/// in so many words: the daemon does not start, and says which setting to change.
+#[test]
+fn open_peers_without_tls_refuse_to_start_naming_the_setting() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let daemon = Daemon::configure_with(
+            fixture,
+            "\n[peers]\nlisten = \"0.0.0.0:7420\"\nstatic = [\"10.0.0.2:7420\"]\n",
+        )?;
+        let (status, output) = daemon.run_expecting_exit(fixture, "open-peers")?;
+        anyhow::ensure!(
+            !status.success(),
+            "started with an open peer port: {status}\n{output}"
+        );
+        anyhow::ensure!(
+            output.contains("peers.listen") && output.contains("insecure = true"),
+            "the refusal does not name the setting:\n{output}"
+        );
+        Ok(())
+    });
+}
+
 #[test]
 fn second_daemon_on_a_live_socket_refuses_to_start() {
     privileged!();

@@ -34,6 +34,7 @@ mod faults;
 mod herd;
 mod liar;
 mod outsiders;
+mod private;
 mod reshare;
 mod tls;
 
@@ -60,6 +61,10 @@ struct Cluster {
     registry_log: PathBuf,
     network: Network,
     host_registry: Registry,
+    /// The docker config nodes added from now on read registry credentials from.
+    docker_config: Option<PathBuf>,
+    /// `user:password` the registry in `reg` asks for, when it asks for one.
+    login: Option<String>,
 }
 
 struct Node {
@@ -83,8 +88,13 @@ struct Published {
 
 impl Cluster {
     /// Builds and converts the image on a loopback registry, then serves its storage from
-    /// the `reg` namespace behind a link of `mbit` megabits per second.
-    fn start_shaped(fixture: &Fixture, mbit: u32) -> Result<(Cluster, Published)> {
+    /// the `reg` namespace behind a link of `mbit` megabits per second; with `auth`
+    /// (`user:password` and the bcrypt hash of the password), only to clients that log in so.
+    fn start_with(
+        fixture: &Fixture,
+        mbit: u32,
+        auth: Option<(&str, &str)>,
+    ) -> Result<(Cluster, Published)> {
         let host_registry = Registry::start(fixture)?;
         let data = random_bytes(DATA_BYTES)?;
         let blob_sha256 = hex::encode(Sha256::digest(&data));
@@ -109,12 +119,24 @@ impl Cluster {
         let address = network.attach("reg")?;
         network.shape("reg", mbit)?;
         let config = fixture.path("registry/netns.yml");
+        let auth_section = match auth {
+            None => String::new(),
+            Some((login, hash)) => {
+                let user = login.split(':').next().unwrap_or(login);
+                let htpasswd = fixture.path("registry/htpasswd");
+                fs::write(&htpasswd, format!("{user}:{hash}\n"))?;
+                format!(
+                    "auth:\n  htpasswd:\n    realm: shoal-test\n    path: {}\n",
+                    htpasswd.display()
+                )
+            }
+        };
         fs::write(
             &config,
             format!(
                 "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: 127.0.0.1:{REGISTRY_BEHIND_DELAY}\n",
+                 http:\n  addr: 127.0.0.1:{REGISTRY_BEHIND_DELAY}\n{auth_section}",
                 fixture.path("registry/data").display()
             ),
         )?;
@@ -138,8 +160,13 @@ impl Cluster {
             registry_log,
             network,
             host_registry,
+            docker_config: None,
+            login: auth.map(|(login, _)| login.to_owned()),
         };
-        let probe = format!("{address}:{REGISTRY_PORT}");
+        let probe = match &cluster.login {
+            None => format!("{address}:{REGISTRY_PORT}"),
+            Some(login) => format!("{login}@{address}:{REGISTRY_PORT}"),
+        };
         wait_until(
             "the registry in its namespace",
             Duration::from_secs(20),
@@ -261,11 +288,15 @@ impl Cluster {
     ) -> Result<Node> {
         let config = fixture.path("shoal.toml");
         let socket = fixture.path("run/shoal.sock");
+        let credentials = match &self.docker_config {
+            None => String::new(),
+            Some(path) => format!("[registry]\ndocker_config = \"{}\"\n", path.display()),
+        };
         fs::write(
             &config,
             format!(
                 "root = \"{root}\"\nsocket = \"{socket}\"\n[log]\nlevel = \"info,shoal_fetcher=debug\"\n\
-                 [registry.hosts.\"{registry}\"]\nplain_http = true\n\
+                 {credentials}[registry.hosts.\"{registry}\"]\nplain_http = true\n\
                  [metrics]\naddress = \"{address}:{METRICS_PORT}\"\n{extra}",
                 root = fixture.path("shoal").display(),
                 socket = socket.display(),
@@ -492,6 +523,16 @@ fn with_shaped_cluster(
     mbit: u32,
     body: impl FnOnce(&mut Cluster, &Published) -> Result<()>,
 ) -> Result<()> {
+    with_cluster_of(fixture, mbit, None, body)
+}
+
+/// [`with_shaped_cluster`] whose registry asks for `auth` (see [`Cluster::start_with`]).
+fn with_cluster_of(
+    fixture: &Fixture,
+    mbit: u32,
+    auth: Option<(&str, &str)>,
+    body: impl FnOnce(&mut Cluster, &Published) -> Result<()>,
+) -> Result<()> {
     // One cluster at a time: these tests measure how nodes starting together share blocks
     // within a latency budget, and several clusters of containerd + daemons at once on a
     // small CI machine starve each other's peers of CPU, which those numbers do not describe.
@@ -500,7 +541,7 @@ fn with_shaped_cluster(
     let _one_at_a_time = CLUSTERS
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let (mut cluster, published) = Cluster::start_shaped(fixture, mbit)?;
+    let (mut cluster, published) = Cluster::start_with(fixture, mbit, auth)?;
     let outcome = body(&mut cluster, &published);
     if outcome.is_err() {
         cluster.dump_node_logs();

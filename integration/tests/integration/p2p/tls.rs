@@ -14,7 +14,7 @@ use crate::process;
 
 /// A CA, a certificate for every address of the test network (server and client use), and a
 /// client certificate from another CA; written with the openssl CLI. Returns the directory.
-fn certificates(fixture: &Fixture) -> Result<PathBuf> {
+pub(super) fn certificates(fixture: &Fixture) -> Result<PathBuf> {
     let dir = fixture.mkdir("tls")?;
     let openssl = |args: &[&str]| -> Result<String> {
         let mut command = Command::new("openssl");
