@@ -25,6 +25,14 @@ pub struct RawConfig {
     pub metrics: Option<RawMetrics>,
     pub peers: Option<RawPeers>,
     pub handover: Option<RawHandover>,
+    pub cri_proxy: Option<RawCriProxy>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCriProxy {
+    pub listen: Option<PathBuf>,
+    pub containerd: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]

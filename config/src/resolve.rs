@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::bytesize::ByteSize;
+use crate::cri_proxy::{self, CriProxyConfig};
 use crate::defaults;
 use crate::error::ConfigError;
 use crate::raw::{RawByteSize, RawConfig, RawHandover, RawHost, RawPeers};
@@ -25,6 +26,9 @@ pub struct Config {
     /// from the registry.
     pub peers: Option<PeersConfig>,
     pub handover: HandoverConfig,
+    /// The CRI image-service proxy that records kubelet's pull secrets; `None` (no
+    /// `[cri_proxy]` section): no proxy.
+    pub cri_proxy: Option<CriProxyConfig>,
 }
 
 /// Keeping lazy mounts serving across restarts of the daemon.
@@ -304,6 +308,7 @@ impl Config {
             metrics,
             peers: raw.peers.map(resolve_peers).transpose()?,
             handover: resolve_handover(raw.handover.unwrap_or_default())?,
+            cri_proxy: raw.cri_proxy.map(cri_proxy::resolve).transpose()?,
         })
     }
 
@@ -496,7 +501,7 @@ fn check_host_port(field: &str, entry: &str) -> Result<(), ConfigError> {
     }
 }
 
-fn absolute(field: &str, path: PathBuf) -> Result<PathBuf, ConfigError> {
+pub(crate) fn absolute(field: &str, path: PathBuf) -> Result<PathBuf, ConfigError> {
     if path.is_absolute() {
         Ok(path)
     } else {
@@ -572,6 +577,19 @@ mod tests {
         assert_eq!(peers.latency_budget.as_millis(), 2000);
         assert_eq!(peers.static_peers.len(), 2);
         assert!(peers.tls.is_some());
+        // So does `[cri_proxy]`, up to the blank line that ends it.
+        assert!(config.cri_proxy.is_none());
+        let at = text
+            .find("# [cri_proxy]")
+            .expect("the example documents [cri_proxy]");
+        let proxy: String = text[at..]
+            .lines()
+            .take_while(|line| !line.is_empty())
+            .map(|line| line.strip_prefix("# ").unwrap_or(line))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let proxy = Config::parse(&proxy).unwrap().cri_proxy.unwrap();
+        assert_eq!(proxy.listen, Path::new(defaults::CRI_PROXY_LISTEN));
     }
 
     #[test]

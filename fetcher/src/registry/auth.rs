@@ -328,6 +328,8 @@ pub struct TokenCache {
 struct CachedAuth {
     header: HeaderValue,
     expires: Option<Instant>,
+    /// Built from a pull secret current in this epoch: it ends with the epoch.
+    epoch: Option<u64>,
 }
 
 impl TokenCache {
@@ -341,33 +343,42 @@ impl TokenCache {
             .clone()
     }
 
-    pub fn get(&self, host: &str, repository: &str) -> Option<HeaderValue> {
+    /// The cached value, unless it expired or was built from a pull secret of an epoch
+    /// other than `epoch` (the pull secrets' now).
+    pub fn get(&self, host: &str, repository: &str, epoch: u64) -> Option<HeaderValue> {
         let mut entries = self.entries.lock();
         let key = (host.to_owned(), repository.to_owned());
         let entry = entries.get(&key)?;
-        match entry.expires {
-            Some(expires) if Instant::now() >= expires => {
-                entries.remove(&key);
-                None
-            }
-            _ => Some(entry.header.clone()),
+        let expired = entry
+            .expires
+            .is_some_and(|expires| Instant::now() >= expires);
+        if expired || entry.epoch.is_some_and(|built| built != epoch) {
+            entries.remove(&key);
+            return None;
         }
+        Some(entry.header.clone())
     }
 
-    /// Stores `header`; `lifetime` is `None` for basic credentials, which do not expire.
+    /// Stores `header`; `lifetime` is `None` for basic credentials, which do not expire;
+    /// `epoch` is the pull secrets' epoch when it was built from one.
     pub fn insert(
         &self,
         host: &str,
         repository: &str,
         header: HeaderValue,
         lifetime: Option<Duration>,
+        epoch: Option<u64>,
     ) {
         let expires =
             lifetime.map(|lifetime| Instant::now() + lifetime.saturating_sub(TOKEN_EXPIRY_MARGIN));
         let mut entries = self.entries.lock();
         entries.insert(
             (host.to_owned(), repository.to_owned()),
-            CachedAuth { header, expires },
+            CachedAuth {
+                header,
+                expires,
+                epoch,
+            },
         );
     }
 
@@ -471,11 +482,31 @@ mod tests {
     fn tokens_expire() {
         let cache = TokenCache::default();
         let header = HeaderValue::from_static("Bearer t");
-        cache.insert("h", "r", header.clone(), Some(Duration::from_secs(1)));
+        cache.insert("h", "r", header.clone(), Some(Duration::from_secs(1)), None);
         // The expiry margin exceeds the lifetime, so the token is already stale.
-        assert!(cache.get("h", "r").is_none());
-        cache.insert("h", "r", header.clone(), Some(Duration::from_secs(600)));
-        assert_eq!(cache.get("h", "r"), Some(header));
-        assert!(cache.get("h", "other").is_none());
+        assert!(cache.get("h", "r", 0).is_none());
+        cache.insert(
+            "h",
+            "r",
+            header.clone(),
+            Some(Duration::from_secs(600)),
+            None,
+        );
+        assert_eq!(cache.get("h", "r", 0), Some(header.clone()));
+        assert!(cache.get("h", "other", 0).is_none());
+    }
+
+    #[test]
+    fn what_a_pull_secret_built_ends_with_its_epoch() {
+        let cache = TokenCache::default();
+        let header = HeaderValue::from_static("Basic dTpw");
+        cache.insert("h", "r", header.clone(), None, Some(3));
+        assert_eq!(cache.get("h", "r", 3), Some(header.clone()));
+        assert!(cache.get("h", "r", 4).is_none());
+        // Gone for good, not only hidden.
+        assert!(cache.get("h", "r", 3).is_none());
+        // What no pull secret built lasts through any epoch.
+        cache.insert("h", "r", header.clone(), None, None);
+        assert_eq!(cache.get("h", "r", 9), Some(header));
     }
 }
