@@ -9,11 +9,13 @@
 //! - [`status`]: `shoal status`.
 //! - [`pull`]: `shoal rpull`, pulling through containerd with remote-snapshot labels.
 //! - [`convert`]: `shoal convert`, rebuilding an image as eStargz and pushing it.
+//! - [`cri_proxy`]: the CRI image-service proxy that records kubelet's pull secrets.
 //! - [`reload`]: SIGHUP in the daemon, `shoal reload` in the CLI.
 //! - [`version`]: the one version line every binary prints.
 
 pub mod client;
 pub mod convert;
+pub mod cri_proxy;
 pub mod daemon;
 pub mod handover;
 pub mod logging;

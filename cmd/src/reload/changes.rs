@@ -84,6 +84,11 @@ impl Changes {
             "the fd holder is attached at start",
             old.handover != new.handover,
         );
+        changes.restart(
+            "cri_proxy",
+            "the proxy's socket is bound at start",
+            old.cri_proxy != new.cri_proxy,
+        );
         changes
     }
 

@@ -32,6 +32,12 @@ pub struct Credential {
 }
 
 impl Credential {
+    /// The credential in a base64 `user:password` text, as docker's `auth` fields and CRI's
+    /// `AuthConfig.auth` hold it; `None` when it is not one.
+    pub fn decode(encoded: &str) -> Option<Credential> {
+        decode_auth("auth", encoded).ok()
+    }
+
     /// The `Authorization: Basic` value for this credential.
     pub fn basic_header(&self) -> HeaderValue {
         let encoded = BASE64.encode(format!("{}:{}", self.username, self.password));

@@ -24,6 +24,13 @@ pub(super) struct Chosen {
     epoch: Option<u64>,
 }
 
+/// Where a bearer challenge sends us for a token, and for what.
+struct TokenRealm<'a> {
+    realm: &'a str,
+    service: Option<&'a str>,
+    scope: &'a str,
+}
+
 /// What a request needs the registry to allow; it decides the scope of a bearer token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Access {
@@ -184,9 +191,11 @@ impl RegistryClient {
                 .fetch_token(
                     endpoint,
                     repository,
-                    realm,
-                    service.as_deref(),
-                    &scope,
+                    TokenRealm {
+                        realm,
+                        service: service.as_deref(),
+                        scope: &scope,
+                    },
                     credential,
                     budget,
                 )
@@ -210,12 +219,15 @@ impl RegistryClient {
         &self,
         endpoint: &Endpoint<'_>,
         repository: &str,
-        realm: &str,
-        service: Option<&str>,
-        scope: &str,
+        asked: TokenRealm<'_>,
         credential: Option<&Credential>,
         budget: Budget,
     ) -> Result<(HeaderValue, std::time::Duration), RequestError> {
+        let TokenRealm {
+            realm,
+            service,
+            scope,
+        } = asked;
         let fail = |cause| {
             RequestError::Complete(RegistryError::FetchToken {
                 url: realm.to_owned(),

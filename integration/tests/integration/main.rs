@@ -40,6 +40,7 @@ mod metrics;
 mod overlaybd;
 mod p2p;
 mod permissions;
+mod pull_secrets;
 mod reload;
 mod resilience;
 mod rpull;
