@@ -11,6 +11,7 @@
 //! - [`convert`]: `shoal convert`, rebuilding an image as eStargz and pushing it.
 //! - [`cri_proxy`]: the CRI image-service proxy that records kubelet's pull secrets.
 //! - [`reload`]: SIGHUP in the daemon, `shoal reload` in the CLI.
+//! - [`misconfiguration`]: containerd settings the fallback counters show to be missing.
 //! - [`version`]: the one version line every binary prints.
 
 pub mod client;
@@ -20,6 +21,7 @@ pub mod daemon;
 pub mod handover;
 pub mod logging;
 pub mod metrics;
+pub mod misconfiguration;
 pub mod pull;
 pub mod reload;
 pub mod runtime;

@@ -223,6 +223,7 @@ impl Stack {
             cri: true,
             cri_snapshotter: Some("shoal".to_owned()),
             cri_plain_http: vec![host],
+            cri_without_annotations: false,
         };
         let ctd = Containerd::start(fixture, &options)?;
         let cri = Cri::connect(ctd.address())?;
@@ -238,7 +239,7 @@ impl Stack {
 
     /// Converts the plain image to eStargz with `ctr-remote` (in the test namespace, away from
     /// the CRI plugin's) and pushes it as `test/estargz`; returns its reference.
-    fn push_estargz(&self) -> Result<String> {
+    pub(crate) fn push_estargz(&self) -> Result<String> {
         let estargz = self.plain.replace("/test/plain:", "/test/estargz:");
         self.ctd
             .ctr(&["image", "pull", "--plain-http", &self.plain])?;

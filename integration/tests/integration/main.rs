@@ -30,6 +30,7 @@ mod concurrent;
 mod conformance;
 mod convert;
 mod cri;
+mod cri_annotations;
 mod ctr;
 mod handover;
 mod harness;

@@ -114,6 +114,7 @@ fn a_pull_through_the_cri_proxy_lends_its_credentials_to_the_lazy_reads_until_re
             cri: true,
             cri_snapshotter: Some("shoal".to_owned()),
             cri_plain_http: vec![host.clone()],
+            cri_without_annotations: false,
         };
         let ctd = Containerd::start(fixture, &options)?;
         anyhow::ensure!(
