@@ -7,8 +7,6 @@
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::Result;
-
 use crate::binary;
 use crate::containerd::{self, Containerd};
 use crate::cri::{Cri, Stack};
