@@ -21,6 +21,6 @@ pub use bytesize::ByteSize;
 pub use cri_proxy::CriProxyConfig;
 pub use error::ConfigError;
 pub use resolve::{
-    CacheConfig, Config, FetchConfig, HandoverConfig, HostConfig, LogConfig, LogFormat,
-    MetricsConfig, PeerTls, PeersConfig, RegistryConfig,
+    CacheConfig, Config, CredentialProvidersConfig, FetchConfig, HandoverConfig, HostConfig,
+    LogConfig, LogFormat, MetricsConfig, PeerTls, PeersConfig, RegistryConfig,
 };

@@ -80,6 +80,8 @@ pub struct RawRegistry {
     pub retries: Option<i64>,
     pub deadline_secs: Option<i64>,
     pub docker_config: Option<PathBuf>,
+    pub credential_provider_config: Option<PathBuf>,
+    pub credential_provider_bin_dir: Option<PathBuf>,
     #[serde(default)]
     pub hosts: BTreeMap<String, RawHost>,
 }

@@ -135,8 +135,17 @@ pub struct RegistryConfig {
     pub deadline: Duration,
     /// Docker `config.json` whose `auths` supply credentials.
     pub docker_config: PathBuf,
+    /// kubelet's credential provider plugins, asked after the docker config.
+    pub credential_providers: Option<CredentialProvidersConfig>,
     /// Per-host settings, keyed by `host[:port]`.
     pub hosts: BTreeMap<String, HostConfig>,
+}
+
+/// kubelet's `--image-credential-provider-config` and `--image-credential-provider-bin-dir`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialProvidersConfig {
+    pub config: PathBuf,
+    pub bin_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -303,6 +312,23 @@ impl Config {
                 docker_config: registry
                     .docker_config
                     .unwrap_or_else(|| defaults::DOCKER_CONFIG.into()),
+                credential_providers: match (
+                    registry.credential_provider_config,
+                    registry.credential_provider_bin_dir,
+                ) {
+                    (None, None) => None,
+                    (Some(config), Some(bin_dir)) => Some(CredentialProvidersConfig {
+                        config: absolute("registry.credential_provider_config", config)?,
+                        bin_dir: absolute("registry.credential_provider_bin_dir", bin_dir)?,
+                    }),
+                    (None, Some(_)) | (Some(_), None) => {
+                        return Err(ConfigError::invalid(
+                            "registry.credential_provider_config",
+                            "set both `credential_provider_config` and \
+                             `credential_provider_bin_dir`, as kubelet takes both",
+                        ))
+                    }
+                },
                 hosts,
             },
             metrics,
@@ -577,6 +603,23 @@ mod tests {
         assert_eq!(peers.latency_budget.as_millis(), 2000);
         assert_eq!(peers.static_peers.len(), 2);
         assert!(peers.tls.is_some());
+        // The credential provider keys too, in place.
+        assert!(config.registry.credential_providers.is_none());
+        let providers = text
+            .replace("# credential_provider_config", "credential_provider_config")
+            .replace(
+                "# credential_provider_bin_dir",
+                "credential_provider_bin_dir",
+            );
+        let providers = Config::parse(&providers)
+            .unwrap()
+            .registry
+            .credential_providers
+            .expect("the example documents the credential providers");
+        assert_eq!(
+            providers.config,
+            Path::new("/etc/kubernetes/credential-provider.yaml")
+        );
         // So does `[cri_proxy]`, up to the blank line that ends it.
         assert!(config.cri_proxy.is_none());
         let at = text
@@ -590,6 +633,15 @@ mod tests {
             .join("\n");
         let proxy = Config::parse(&proxy).unwrap().cri_proxy.unwrap();
         assert_eq!(proxy.listen, Path::new(defaults::CRI_PROXY_LISTEN));
+    }
+
+    #[test]
+    fn credential_providers_need_both_paths() {
+        let one = "[registry]\ncredential_provider_config = \"/etc/k/p.yaml\"";
+        assert_eq!(field_of(one), "registry.credential_provider_config");
+        let relative = "[registry]\ncredential_provider_config = \"p.yaml\"\n\
+                        credential_provider_bin_dir = \"/bin\"";
+        assert_eq!(field_of(relative), "registry.credential_provider_config");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use reqwest::header::{HeaderMap, HeaderValue, WWW_AUTHENTICATE};
 use reqwest::{StatusCode, Url};
 
 use super::auth::{Challenge, Credential, TokenResponse};
-use super::error::RegistryError;
+use super::error::{CredentialsError, RegistryError};
 use super::failure::{CredentialSearch, HttpFailure};
 use super::retry::Budget;
 use super::transport::BodyPlan;
@@ -131,12 +131,19 @@ impl RegistryClient {
                 epoch: Some(found.epoch),
             }));
         }
-        let credential = self
+        let complete = |error: CredentialsError| RequestError::Complete(error.into());
+        let mut credential = self
             .inner
             .credentials
             .get(endpoint.host)
             .await
-            .map_err(|error| RequestError::Complete(error.into()))?;
+            .map_err(complete)?;
+        if let (None, Some(providers)) = (&credential, &self.inner.providers) {
+            credential = providers
+                .get(endpoint.host, repository)
+                .await
+                .map_err(complete)?;
+        }
         Ok(credential.map(|credential| Chosen {
             credential,
             epoch: None,
@@ -145,6 +152,12 @@ impl RegistryClient {
 
     pub(super) fn no_credentials(&self, endpoint: &Endpoint<'_>, repository: &str) -> HttpFailure {
         let mut looked_in = self.inner.credentials.looked_in(endpoint.host);
+        if let Some(providers) = &self.inner.providers {
+            looked_in = format!(
+                "{looked_in}, credential providers {}",
+                providers.names().join(", ")
+            );
+        }
         if let Some(secrets) = self.inner.pull_secrets.looked_in(endpoint.host, repository) {
             looked_in = format!("{secrets}, {looked_in}");
         }

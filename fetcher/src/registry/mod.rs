@@ -9,6 +9,7 @@ mod challenge;
 mod error;
 mod failure;
 mod helper;
+mod provider;
 mod pull_secrets;
 mod push;
 mod retry;
@@ -29,6 +30,7 @@ use tokio::time::Instant;
 pub use auth::{Credential, Credentials};
 pub use error::{CredentialsError, PushError, RegistryError};
 pub use failure::HttpFailure;
+pub use provider::CredentialProviders;
 pub use pull_secrets::{image_key, PullSecrets};
 pub use push::{BlobContent, Pushed, PushedManifest};
 use retry::Budget;
@@ -80,6 +82,8 @@ struct Inner {
     /// Asked before `credentials`, for the repository of the request; shared by every
     /// client a reload builds, and with the CRI proxy that records them.
     pull_secrets: PullSecrets,
+    /// kubelet's credential provider plugins, asked after `credentials`.
+    providers: Option<CredentialProviders>,
     tokens: TokenCache,
     policy: RetryPolicy,
 }
@@ -135,6 +139,13 @@ impl RegistryClient {
             timeout: config.timeout,
             deadline: config.deadline,
         };
+        let providers = match &config.credential_providers {
+            Some(providers) => Some(CredentialProviders::load(
+                &providers.config,
+                &providers.bin_dir,
+            )?),
+            None => None,
+        };
         let default_client = build_client("default", &HostConfig::default(), &policy)?;
         let mut clients = HashMap::new();
         for (host, host_config) in &config.hosts {
@@ -149,6 +160,7 @@ impl RegistryClient {
                 default_client,
                 credentials,
                 pull_secrets,
+                providers,
                 tokens: TokenCache::default(),
                 policy,
             }),

@@ -29,6 +29,7 @@ mod cli;
 mod concurrent;
 mod conformance;
 mod convert;
+mod credential_provider;
 mod cri;
 mod cri_annotations;
 mod ctr;

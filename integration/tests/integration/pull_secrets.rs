@@ -39,7 +39,7 @@ fn pull_secret() -> AuthConfig {
 
 /// Pushes the CRI test image, converted to eStargz by `shoal convert` with credentials of its
 /// own (the node under test has none), as `test/private:esgz`.
-fn push_private(fixture: &Fixture, registry: &Registry) -> Result<String> {
+pub(crate) fn push_private(fixture: &Fixture, registry: &Registry) -> Result<String> {
     let host = registry.host();
     let pusher = fixture.path("pusher-docker-config.json");
     fs::write(
