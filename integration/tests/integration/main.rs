@@ -10,6 +10,7 @@
 mod binary;
 mod client;
 mod containerd;
+mod cri_client;
 mod daemon;
 mod delay;
 mod dns;
