@@ -12,6 +12,7 @@ use shoal_config::Config;
 use shoal_fuse::layer::{ChunkReader, ReaderConfig};
 use shoal_fuse::syscall::LinuxSyscall;
 
+use crate::cri_proxy::CriProxy;
 use crate::logging::LogLevel;
 use crate::metrics::{self, Observed};
 use crate::reload::Reloader;
@@ -138,6 +139,16 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
         metrics::serve(address, observed).await?;
     }
 
+    // Its calls reach containerd, whose Prepares reach this daemon's socket (bound next).
+    let cri_proxy = match &config.cri_proxy {
+        Some(proxy) => Some(
+            CriProxy::start(proxy, fetcher.pull_secrets(), stop_rx.clone())
+                .await
+                .context("start the CRI image-service proxy")?,
+        ),
+        None => None,
+    };
+
     let landing = fetcher.clone();
     let mut reloader = Some(Reloader::new(path, config.clone(), fetcher, policy, log));
     let stopping = mounter.clone();
@@ -198,6 +209,15 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
         warn!(deadline = ?landing_deadline, "blocks still being cached after the drain deadline; closing");
     }
     let _ = std::fs::remove_file(&config.socket);
+    if let Some(proxy) = cri_proxy {
+        // Its calls in flight (a pull can take minutes) get the drain's bound too.
+        if let Err(err) = proxy.finish(DRAIN_DEADLINE).await {
+            warn!(
+                error = format!("{err:#}"),
+                "CRI image-service proxy ended with an error"
+            );
+        }
+    }
     // Leaves the lazy mounts serving for the next daemon, or ends them (`--shutdown`).
     if mounter.stop() {
         // No destructor may run from here: a FUSE reply a task still holds would answer EIO

@@ -9,15 +9,19 @@
 //! - [`status`]: `shoal status`.
 //! - [`pull`]: `shoal rpull`, pulling through containerd with remote-snapshot labels.
 //! - [`convert`]: `shoal convert`, rebuilding an image as eStargz and pushing it.
+//! - [`cri_proxy`]: the CRI image-service proxy that records kubelet's pull secrets.
 //! - [`reload`]: SIGHUP in the daemon, `shoal reload` in the CLI.
+//! - [`misconfiguration`]: containerd settings the fallback counters show to be missing.
 //! - [`version`]: the one version line every binary prints.
 
 pub mod client;
 pub mod convert;
+pub mod cri_proxy;
 pub mod daemon;
 pub mod handover;
 pub mod logging;
 pub mod metrics;
+pub mod misconfiguration;
 pub mod pull;
 pub mod reload;
 pub mod runtime;

@@ -146,6 +146,25 @@ impl std::fmt::Display for Status {
                     fallbacks.join(", ")
                 }
             )?;
+            for (i, fix) in crate::misconfiguration::fixes(&d.lazy_fallbacks)
+                .iter()
+                .enumerate()
+            {
+                let head = if i == 0 {
+                    "fix:        "
+                } else {
+                    "            "
+                };
+                writeln!(f, "{head}{fix}")?;
+            }
+            if !d.pull_secrets.is_empty() {
+                writeln!(
+                    f,
+                    "pull secrets: {} image(s) pulled through the CRI proxy: {}",
+                    d.pull_secrets.len(),
+                    d.pull_secrets.join(", ")
+                )?;
+            }
             writeln!(
                 f,
                 "cache:      {} of {} ({} blocks, {} evicted){}",
@@ -359,6 +378,31 @@ fn write_peers(
 mod tests {
     use super::*;
     use crate::metrics::{DaemonStatus, LayerReads, LayerStatus, UnmountedLayerStatus};
+
+    #[test]
+    fn names_the_fix_for_layers_that_came_without_annotations() {
+        let status = Status {
+            reachable: true,
+            daemon: Some(DaemonStatus {
+                lazy_fallbacks: [("missing_labels".to_owned(), 3)].into(),
+                pull_secrets: vec!["reg.example/team/app:1".into()],
+                ..DaemonStatus::default()
+            }),
+            ..Status::default()
+        };
+        let text = status.to_string();
+        assert!(
+            text.contains("fix:        3 layer(s) arrived without the annotations")
+                && text.contains("enable_remote_snapshot_annotations"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "pull secrets: 1 image(s) pulled through the CRI proxy: reg.example/team/app:1"
+            ),
+            "{text}"
+        );
+    }
 
     #[test]
     fn shows_each_mounted_layer_with_its_cached_share() {

@@ -8,6 +8,7 @@
 //! Architecture Invariant: no other crate reads TOML or knows a default; they receive `Config`.
 
 mod bytesize;
+mod cri_proxy;
 pub mod defaults;
 mod error;
 mod exposure;
@@ -17,8 +18,9 @@ mod resolve;
 mod salvage;
 
 pub use bytesize::ByteSize;
+pub use cri_proxy::CriProxyConfig;
 pub use error::ConfigError;
 pub use resolve::{
-    CacheConfig, Config, FetchConfig, HandoverConfig, HostConfig, LogConfig, LogFormat,
-    MetricsConfig, PeerTls, PeersConfig, RegistryConfig,
+    CacheConfig, Config, CredentialProvidersConfig, FetchConfig, HandoverConfig, HostConfig,
+    LogConfig, LogFormat, MetricsConfig, PeerTls, PeersConfig, RegistryConfig,
 };

@@ -25,6 +25,14 @@ pub struct RawConfig {
     pub metrics: Option<RawMetrics>,
     pub peers: Option<RawPeers>,
     pub handover: Option<RawHandover>,
+    pub cri_proxy: Option<RawCriProxy>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCriProxy {
+    pub listen: Option<PathBuf>,
+    pub containerd: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -72,6 +80,8 @@ pub struct RawRegistry {
     pub retries: Option<i64>,
     pub deadline_secs: Option<i64>,
     pub docker_config: Option<PathBuf>,
+    pub credential_provider_config: Option<PathBuf>,
+    pub credential_provider_bin_dir: Option<PathBuf>,
     #[serde(default)]
     pub hosts: BTreeMap<String, RawHost>,
 }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::bytesize::ByteSize;
+use crate::cri_proxy::{self, CriProxyConfig};
 use crate::defaults;
 use crate::error::ConfigError;
 use crate::raw::{RawByteSize, RawConfig, RawHandover, RawHost, RawPeers};
@@ -25,6 +26,9 @@ pub struct Config {
     /// from the registry.
     pub peers: Option<PeersConfig>,
     pub handover: HandoverConfig,
+    /// The CRI image-service proxy that records kubelet's pull secrets; `None` (no
+    /// `[cri_proxy]` section): no proxy.
+    pub cri_proxy: Option<CriProxyConfig>,
 }
 
 /// Keeping lazy mounts serving across restarts of the daemon.
@@ -131,8 +135,17 @@ pub struct RegistryConfig {
     pub deadline: Duration,
     /// Docker `config.json` whose `auths` supply credentials.
     pub docker_config: PathBuf,
+    /// kubelet's credential provider plugins, asked after the docker config.
+    pub credential_providers: Option<CredentialProvidersConfig>,
     /// Per-host settings, keyed by `host[:port]`.
     pub hosts: BTreeMap<String, HostConfig>,
+}
+
+/// kubelet's `--image-credential-provider-config` and `--image-credential-provider-bin-dir`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialProvidersConfig {
+    pub config: PathBuf,
+    pub bin_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -299,11 +312,29 @@ impl Config {
                 docker_config: registry
                     .docker_config
                     .unwrap_or_else(|| defaults::DOCKER_CONFIG.into()),
+                credential_providers: match (
+                    registry.credential_provider_config,
+                    registry.credential_provider_bin_dir,
+                ) {
+                    (None, None) => None,
+                    (Some(config), Some(bin_dir)) => Some(CredentialProvidersConfig {
+                        config: absolute("registry.credential_provider_config", config)?,
+                        bin_dir: absolute("registry.credential_provider_bin_dir", bin_dir)?,
+                    }),
+                    (None, Some(_)) | (Some(_), None) => {
+                        return Err(ConfigError::invalid(
+                            "registry.credential_provider_config",
+                            "set both `credential_provider_config` and \
+                             `credential_provider_bin_dir`, as kubelet takes both",
+                        ))
+                    }
+                },
                 hosts,
             },
             metrics,
             peers: raw.peers.map(resolve_peers).transpose()?,
             handover: resolve_handover(raw.handover.unwrap_or_default())?,
+            cri_proxy: raw.cri_proxy.map(cri_proxy::resolve).transpose()?,
         })
     }
 
@@ -496,7 +527,7 @@ fn check_host_port(field: &str, entry: &str) -> Result<(), ConfigError> {
     }
 }
 
-fn absolute(field: &str, path: PathBuf) -> Result<PathBuf, ConfigError> {
+pub(crate) fn absolute(field: &str, path: PathBuf) -> Result<PathBuf, ConfigError> {
     if path.is_absolute() {
         Ok(path)
     } else {
@@ -572,6 +603,45 @@ mod tests {
         assert_eq!(peers.latency_budget.as_millis(), 2000);
         assert_eq!(peers.static_peers.len(), 2);
         assert!(peers.tls.is_some());
+        // The credential provider keys too, in place.
+        assert!(config.registry.credential_providers.is_none());
+        let providers = text
+            .replace("# credential_provider_config", "credential_provider_config")
+            .replace(
+                "# credential_provider_bin_dir",
+                "credential_provider_bin_dir",
+            );
+        let providers = Config::parse(&providers)
+            .unwrap()
+            .registry
+            .credential_providers
+            .expect("the example documents the credential providers");
+        assert_eq!(
+            providers.config,
+            Path::new("/etc/kubernetes/credential-provider.yaml")
+        );
+        // So does `[cri_proxy]`, up to the blank line that ends it.
+        assert!(config.cri_proxy.is_none());
+        let at = text
+            .find("# [cri_proxy]")
+            .expect("the example documents [cri_proxy]");
+        let proxy: String = text[at..]
+            .lines()
+            .take_while(|line| !line.is_empty())
+            .map(|line| line.strip_prefix("# ").unwrap_or(line))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let proxy = Config::parse(&proxy).unwrap().cri_proxy.unwrap();
+        assert_eq!(proxy.listen, Path::new(defaults::CRI_PROXY_LISTEN));
+    }
+
+    #[test]
+    fn credential_providers_need_both_paths() {
+        let one = "[registry]\ncredential_provider_config = \"/etc/k/p.yaml\"";
+        assert_eq!(field_of(one), "registry.credential_provider_config");
+        let relative = "[registry]\ncredential_provider_config = \"p.yaml\"\n\
+                        credential_provider_bin_dir = \"/bin\"";
+        assert_eq!(field_of(relative), "registry.credential_provider_config");
     }
 
     #[test]

@@ -121,9 +121,16 @@ impl Fetcher {
     /// retries, and the credentials `docker_config` names, read again). On error the old
     /// client stays.
     pub fn reload_registry(&self, config: &RegistryConfig) -> Result<(), FetchError> {
-        let client = RegistryClient::new(config)?;
+        // The pull secrets outlive the client: they come from CRI pulls, not the config.
+        let client = RegistryClient::with_pull_secrets(config, self.pull_secrets())?;
         *self.inner.registry.write() = client;
         Ok(())
+    }
+
+    /// The pull secrets every registry client of this fetcher asks first (the CRI proxy
+    /// records them).
+    pub fn pull_secrets(&self) -> crate::PullSecrets {
+        self.inner.registry.read().pull_secrets().clone()
     }
 
     /// Where the registry client in force gets its credentials, without a secret.

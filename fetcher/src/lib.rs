@@ -50,9 +50,9 @@ pub use parse_error::ParseError;
 pub use peer::PeerError;
 pub use reference::{BlobRef, ImageRef};
 pub use registry::{
-    BlobContent, Credential, CredentialSources, Credentials, CredentialsError, HttpFailure,
-    Manifest, PushError, Pushed, PushedManifest, RegistryClient, RegistryError, RetryPolicy,
-    MANIFEST_MEDIA_TYPES, MAX_WHOLE_BLOB_BYTES,
+    image_key, BlobContent, Credential, CredentialProviders, CredentialSources, Credentials,
+    CredentialsError, HttpFailure, Manifest, PullSecrets, PushError, Pushed, PushedManifest,
+    RegistryClient, RegistryError, RetryPolicy, MANIFEST_MEDIA_TYPES, MAX_WHOLE_BLOB_BYTES,
 };
 pub use stats::{BlobBytes, FetchStats, Source, MAX_COUNTED_BLOBS};
 pub use trust::{Anchor, Anchored, BlobRead, Checked, Decode, Expect, MemoryBlobs, Rejection};

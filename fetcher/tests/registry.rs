@@ -835,3 +835,63 @@ async fn private_repositories_are_recognised_and_pull_proofs_checked() {
         Some("Basic bWFsbG9yeTpndWVzcw==")
     );
 }
+
+#[tokio::test]
+async fn a_pull_secret_serves_its_repository_until_forgotten() {
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("kubelet:from-secret")
+    );
+    let server = TestServer::start(move |request| {
+        if request.header("authorization") == Some(expected.as_str()) {
+            Reply::ok(br#"{"schemaVersion":2}"#.to_vec())
+                .header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        } else {
+            Reply::status(401).header("WWW-Authenticate", r#"Basic realm="registry""#)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 0, &[(&server.host(), "")]).registry;
+    let secrets = shoal_fetcher::PullSecrets::default();
+    secrets.fed_by("the CRI proxy at /run/test/cri.sock".to_owned());
+    let client = RegistryClient::with_pull_secrets(&config, secrets.clone()).unwrap();
+    let image = ImageRef::parse(&format!("{}/team/app:v1", server.host())).unwrap();
+    let no_credentials = |error: RegistryError| {
+        let text = error.to_string();
+        assert!(
+            text.contains("none were found")
+                && text.contains("/run/test/cri.sock")
+                && text.contains("team/app"),
+            "{text}"
+        );
+    };
+
+    no_credentials(client.get_manifest(&image).await.unwrap_err());
+    let credential = shoal_fetcher::Credential {
+        username: "kubelet".into(),
+        password: "from-secret".into(),
+    };
+    let _ = secrets.record(&image, credential.clone());
+    client.get_manifest(&image).await.unwrap();
+    // The manifest by digest, as a layer's lookup asks for it: the same repository.
+    let pinned = ImageRef::parse(&format!(
+        "{}/team/app@{}",
+        server.host(),
+        Digest::of(br#"{"schemaVersion":2}"#)
+    ))
+    .unwrap();
+    client.get_manifest(&pinned).await.unwrap();
+    // Another repository of the host is not the secret's.
+    let other = ImageRef::parse(&format!("{}/team/other:v1", server.host())).unwrap();
+    assert!(client.get_manifest(&other).await.is_err());
+    // A client built by a reload shares the secrets.
+    let reloaded =
+        RegistryClient::with_pull_secrets(&config, client.pull_secrets().clone()).unwrap();
+    reloaded.get_manifest(&image).await.unwrap();
+
+    // Forgotten: the basic header cached for the repository goes with it.
+    assert!(secrets.forget(&image));
+    no_credentials(client.get_manifest(&image).await.unwrap_err());
+    no_credentials(reloaded.get_manifest(&image).await.unwrap_err());
+}

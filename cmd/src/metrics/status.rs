@@ -83,6 +83,9 @@ pub struct DaemonStatus {
     /// Lazy mounts kept across restarts of the daemon.
     #[serde(default)]
     pub handover: HandoverStatus,
+    /// Images whose pull credentials the CRI proxy keeps for lazy reads (references only).
+    #[serde(default)]
+    pub pull_secrets: Vec<String>,
 }
 
 /// What keeping lazy mounts across restarts did for this daemon.
@@ -246,6 +249,7 @@ impl Observed {
                         .collect(),
                 }
             },
+            pull_secrets: self.fetcher.pull_secrets().images(),
         }
     }
 }

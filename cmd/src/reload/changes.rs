@@ -25,6 +25,10 @@ impl Changes {
         let (a, b) = (&old.registry, &new.registry);
         changes.apply("registry.hosts", a.hosts != b.hosts);
         changes.apply("registry.docker_config", a.docker_config != b.docker_config);
+        changes.apply(
+            "registry.credential_provider_config",
+            a.credential_providers != b.credential_providers,
+        );
         changes.apply("registry.timeout_secs", a.timeout != b.timeout);
         changes.apply("registry.retries", a.retries != b.retries);
         changes.apply("registry.deadline_secs", a.deadline != b.deadline);
@@ -83,6 +87,11 @@ impl Changes {
             "handover",
             "the fd holder is attached at start",
             old.handover != new.handover,
+        );
+        changes.restart(
+            "cri_proxy",
+            "the proxy's socket is bound at start",
+            old.cri_proxy != new.cri_proxy,
         );
         changes
     }

@@ -32,7 +32,7 @@ impl RegistryClient {
         if !tokens.is_credentialed(host, repository) {
             return None;
         }
-        tokens.get(host, repository)
+        tokens.get(host, repository, self.inner.pull_secrets.epoch())
     }
 
     /// Whether `authorization` lets its holder pull `blob` from `image`'s repository: one

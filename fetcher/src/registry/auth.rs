@@ -32,6 +32,12 @@ pub struct Credential {
 }
 
 impl Credential {
+    /// The credential in a base64 `user:password` text, as docker's `auth` fields and CRI's
+    /// `AuthConfig.auth` hold it; `None` when it is not one.
+    pub fn decode(encoded: &str) -> Option<Credential> {
+        decode_auth("auth", encoded).ok()
+    }
+
     /// The `Authorization: Basic` value for this credential.
     pub fn basic_header(&self) -> HeaderValue {
         let encoded = BASE64.encode(format!("{}:{}", self.username, self.password));
@@ -332,6 +338,8 @@ pub struct TokenCache {
 struct CachedAuth {
     header: HeaderValue,
     expires: Option<Instant>,
+    /// Built from a pull secret current in this epoch: it ends with the epoch.
+    epoch: Option<u64>,
 }
 
 impl TokenCache {
@@ -345,22 +353,25 @@ impl TokenCache {
             .clone()
     }
 
-    pub fn get(&self, host: &str, repository: &str) -> Option<HeaderValue> {
+    /// The cached value, unless it expired or was built from a pull secret of an epoch
+    /// other than `epoch` (the pull secrets' now).
+    pub fn get(&self, host: &str, repository: &str, epoch: u64) -> Option<HeaderValue> {
         let mut entries = self.entries.lock();
         let key = (host.to_owned(), repository.to_owned());
         let entry = entries.get(&key)?;
-        match entry.expires {
-            Some(expires) if Instant::now() >= expires => {
-                entries.remove(&key);
-                None
-            }
-            _ => Some(entry.header.clone()),
+        let expired = entry
+            .expires
+            .is_some_and(|expires| Instant::now() >= expires);
+        if expired || entry.epoch.is_some_and(|built| built != epoch) {
+            entries.remove(&key);
+            return None;
         }
+        Some(entry.header.clone())
     }
 
     /// Stores `header`; `lifetime` is `None` for basic credentials, which do not expire.
     /// `credentialed` says whether it was obtained with a configured credential (not an
-    /// anonymous token).
+    /// anonymous token); `epoch` is the pull secrets' epoch when it was built from one.
     pub fn insert(
         &self,
         host: &str,
@@ -368,6 +379,7 @@ impl TokenCache {
         header: HeaderValue,
         lifetime: Option<Duration>,
         credentialed: bool,
+        epoch: Option<u64>,
     ) {
         if credentialed {
             self.credentialed
@@ -379,7 +391,11 @@ impl TokenCache {
         let mut entries = self.entries.lock();
         entries.insert(
             (host.to_owned(), repository.to_owned()),
-            CachedAuth { header, expires },
+            CachedAuth {
+                header,
+                expires,
+                epoch,
+            },
         );
     }
 
@@ -490,9 +506,16 @@ mod tests {
     fn tokens_expire() {
         let cache = TokenCache::default();
         let header = HeaderValue::from_static("Bearer t");
-        cache.insert("h", "r", header.clone(), Some(Duration::from_secs(1)), true);
+        cache.insert(
+            "h",
+            "r",
+            header.clone(),
+            Some(Duration::from_secs(1)),
+            true,
+            None,
+        );
         // The expiry margin exceeds the lifetime, so the token is already stale.
-        assert!(cache.get("h", "r").is_none());
+        assert!(cache.get("h", "r", 0).is_none());
         // What needed a credential is remembered past its token.
         assert!(cache.is_credentialed("h", "r"));
         cache.insert(
@@ -501,16 +524,32 @@ mod tests {
             header.clone(),
             Some(Duration::from_secs(600)),
             false,
+            None,
         );
-        assert_eq!(cache.get("h", "r"), Some(header));
-        assert!(cache.get("h", "other").is_none());
+        assert_eq!(cache.get("h", "r", 0), Some(header.clone()));
+        assert!(cache.get("h", "other", 0).is_none());
         cache.insert(
             "h",
             "public",
             HeaderValue::from_static("Bearer a"),
             None,
             false,
+            None,
         );
         assert!(!cache.is_credentialed("h", "public"));
+    }
+
+    #[test]
+    fn what_a_pull_secret_built_ends_with_its_epoch() {
+        let cache = TokenCache::default();
+        let header = HeaderValue::from_static("Basic dTpw");
+        cache.insert("h", "r", header.clone(), None, true, Some(3));
+        assert_eq!(cache.get("h", "r", 3), Some(header.clone()));
+        assert!(cache.get("h", "r", 4).is_none());
+        // Gone for good, not only hidden.
+        assert!(cache.get("h", "r", 3).is_none());
+        // What no pull secret built lasts through any epoch.
+        cache.insert("h", "r", header.clone(), None, true, None);
+        assert_eq!(cache.get("h", "r", 9), Some(header));
     }
 }

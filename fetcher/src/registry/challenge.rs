@@ -12,11 +12,28 @@ use reqwest::header::{HeaderMap, HeaderValue, WWW_AUTHENTICATE};
 use reqwest::{StatusCode, Url};
 
 use super::auth::{Challenge, Credential, TokenResponse};
-use super::error::RegistryError;
+use super::error::{CredentialsError, RegistryError};
 use super::failure::{CredentialSearch, HttpFailure};
 use super::retry::Budget;
 use super::transport::BodyPlan;
 use super::{Endpoint, RegistryClient, RequestError, MAX_TOKEN_RESPONSE_BYTES};
+
+/// A challenge's answer: the `Authorization` value, how long it may be cached, whether a
+/// configured credential went into it, and the pull secrets' epoch it lasts while.
+type ChallengeAnswer = (HeaderValue, Option<std::time::Duration>, bool, Option<u64>);
+
+/// The credential a 401 is answered with, and the pull secrets' epoch when it is one.
+pub(super) struct Chosen {
+    credential: Credential,
+    epoch: Option<u64>,
+}
+
+/// Where a bearer challenge sends us for a token, and for what.
+struct TokenRealm<'a> {
+    realm: &'a str,
+    service: Option<&'a str>,
+    scope: &'a str,
+}
 
 /// What a request needs the registry to allow; it decides the scope of a bearer token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,10 +79,11 @@ impl RegistryClient {
         Fut: Future<Output = Result<A, RequestError<E>>>,
     {
         let tokens = &self.inner.tokens;
+        let epoch = || self.inner.pull_secrets.epoch();
         let mut borrowed = false;
         let mut answered = false;
         loop {
-            let auth = tokens.get(endpoint.host, repository);
+            let auth = tokens.get(endpoint.host, repository, epoch());
             let reply = send(auth.clone()).await?;
             if reply.status() != StatusCode::UNAUTHORIZED {
                 return Ok(reply);
@@ -76,18 +94,18 @@ impl RegistryClient {
             if answered {
                 return Err(RequestError::Http(
                     match self
-                        .credential(endpoint)
+                        .credential(endpoint, repository)
                         .await
                         .map_err(RequestError::widen)?
                     {
                         Some(_) => HttpFailure::Unauthorized,
-                        None => self.no_credentials(endpoint),
+                        None => self.no_credentials(endpoint, repository),
                     },
                 ));
             }
             let refresh = tokens.refresh_lock(endpoint.host, repository);
             let _one_refresh = refresh.lock().await;
-            let current = tokens.get(endpoint.host, repository);
+            let current = tokens.get(endpoint.host, repository, epoch());
             if !borrowed && current.is_some() && current != auth {
                 // Another request refreshed it while this one waited: try that first.
                 borrowed = true;
@@ -95,39 +113,77 @@ impl RegistryClient {
             }
             answered = true;
             tokens.remove(endpoint.host, repository);
-            let (header, lifetime, credentialed) = self
+            let (header, lifetime, credentialed, epoch) = self
                 .answer_challenge(endpoint, repository, reply.headers(), access, budget)
                 .await
                 .map_err(RequestError::widen)?;
-            tokens.insert(endpoint.host, repository, header, lifetime, credentialed);
+            tokens.insert(
+                endpoint.host,
+                repository,
+                header,
+                lifetime,
+                credentialed,
+                epoch,
+            );
         }
     }
 
-    /// The credential configured for `endpoint`'s host (a helper's is asked for afresh, for
-    /// those may rotate), if any.
+    /// The credential for `repository` on `endpoint`'s host: the latest pull secret of the
+    /// repository (the one kubelet pulled the image with), else the one the docker config
+    /// names for the host (a helper's is asked for afresh, for those may rotate), if any.
     pub(super) async fn credential(
         &self,
         endpoint: &Endpoint<'_>,
-    ) -> Result<Option<Credential>, RequestError> {
-        self.inner
+        repository: &str,
+    ) -> Result<Option<Chosen>, RequestError> {
+        if let Some(found) = self.inner.pull_secrets.find(endpoint.host, repository) {
+            return Ok(Some(Chosen {
+                credential: found.credential,
+                epoch: Some(found.epoch),
+            }));
+        }
+        let complete = |error: CredentialsError| RequestError::Complete(error.into());
+        let mut credential = self
+            .inner
             .credentials
             .get(endpoint.host)
             .await
-            .map_err(|error| RequestError::Complete(error.into()))
+            .map_err(complete)?;
+        if let (None, Some(providers)) = (&credential, &self.inner.providers) {
+            credential = providers
+                .get(endpoint.host, repository)
+                .await
+                .map_err(complete)?;
+        }
+        Ok(credential.map(|credential| Chosen {
+            credential,
+            epoch: None,
+        }))
     }
 
-    pub(super) fn no_credentials(&self, endpoint: &Endpoint<'_>) -> HttpFailure {
+    pub(super) fn no_credentials(&self, endpoint: &Endpoint<'_>, repository: &str) -> HttpFailure {
+        let mut looked_in = self.inner.credentials.looked_in(endpoint.host);
+        if let Some(providers) = &self.inner.providers {
+            looked_in = format!(
+                "{looked_in}, credential providers {}",
+                providers.names().join(", ")
+            );
+        }
+        if let Some(secrets) = self.inner.pull_secrets.looked_in(endpoint.host, repository) {
+            looked_in = format!("{secrets}, {looked_in}");
+        }
         HttpFailure::NoCredentials {
             searched: Box::new(CredentialSearch {
                 host: endpoint.host.to_owned(),
-                looked_in: self.inner.credentials.looked_in(endpoint.host),
+                looked_in,
             }),
         }
     }
 
     /// Answers a 401's challenge with the `Authorization` value to retry with, how long it
-    /// may be cached (a token's lifetime; basic credentials do not expire), and whether a
-    /// configured credential went into it (else it is an anonymous token).
+    /// may be cached (a token's lifetime; basic credentials do not expire), whether a
+    /// configured credential went into it (else it is an anonymous token), and the pull
+    /// secrets' epoch it lasts while, when a pull secret answered it.
     async fn answer_challenge(
         &self,
         endpoint: &Endpoint<'_>,
@@ -135,7 +191,7 @@ impl RegistryClient {
         headers: &HeaderMap,
         access: Access,
         budget: Budget,
-    ) -> Result<(HeaderValue, Option<std::time::Duration>, bool), RequestError> {
+    ) -> Result<ChallengeAnswer, RequestError> {
         let values: Vec<&str> = headers
             .get_all(WWW_AUTHENTICATE)
             .iter()
@@ -143,8 +199,9 @@ impl RegistryClient {
             .collect();
         let challenges: Vec<Challenge> =
             values.iter().filter_map(|v| Challenge::parse(v)).collect();
-        let credential = self.credential(endpoint).await?;
-        let credential = credential.as_ref();
+        let chosen = self.credential(endpoint, repository).await?;
+        let epoch = chosen.as_ref().and_then(|chosen| chosen.epoch);
+        let credential = chosen.as_ref().map(|chosen| &chosen.credential);
         let bearer = challenges.iter().find_map(|challenge| match challenge {
             Challenge::Bearer {
                 realm,
@@ -158,22 +215,25 @@ impl RegistryClient {
             let (header, lifetime) = self
                 .fetch_token(
                     endpoint,
-                    realm,
-                    service.as_deref(),
-                    &scope,
+                    repository,
+                    TokenRealm {
+                        realm,
+                        service: service.as_deref(),
+                        scope: &scope,
+                    },
                     credential,
                     budget,
                 )
                 .await?;
-            return Ok((header, Some(lifetime), credential.is_some()));
+            return Ok((header, Some(lifetime), credential.is_some(), epoch));
         }
         match (challenges.first(), credential) {
             (Some(Challenge::Basic), Some(credential)) => {
-                Ok((credential.basic_header(), None, true))
+                Ok((credential.basic_header(), None, true, epoch))
             }
-            (Some(Challenge::Basic), None) => {
-                Err(RequestError::Http(self.no_credentials(endpoint)))
-            }
+            (Some(Challenge::Basic), None) => Err(RequestError::Http(
+                self.no_credentials(endpoint, repository),
+            )),
             _ => Err(RequestError::Http(HttpFailure::Challenge {
                 header: values.join(", ").chars().take(200).collect(),
             })),
@@ -183,12 +243,16 @@ impl RegistryClient {
     async fn fetch_token(
         &self,
         endpoint: &Endpoint<'_>,
-        realm: &str,
-        service: Option<&str>,
-        scope: &str,
+        repository: &str,
+        asked: TokenRealm<'_>,
         credential: Option<&Credential>,
         budget: Budget,
     ) -> Result<(HeaderValue, std::time::Duration), RequestError> {
+        let TokenRealm {
+            realm,
+            service,
+            scope,
+        } = asked;
         let fail = |cause| {
             RequestError::Complete(RegistryError::FetchToken {
                 url: realm.to_owned(),
@@ -234,7 +298,9 @@ impl RegistryClient {
             })?;
         if !reply.status.is_success() {
             if reply.status == StatusCode::UNAUTHORIZED && credential.is_none() {
-                return Err(RequestError::Http(self.no_credentials(endpoint)));
+                return Err(RequestError::Http(
+                    self.no_credentials(endpoint, repository),
+                ));
             }
             return Err(fail(HttpFailure::Status {
                 status: reply.status.as_u16(),

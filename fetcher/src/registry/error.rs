@@ -118,6 +118,23 @@ pub enum CredentialsError {
     #[error("parse docker config {}: {reason}", path.display())]
     ParseDockerConfig { path: PathBuf, reason: String },
 
+    #[error("read credential provider config {}", path.display())]
+    ReadProviderConfig {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("parse credential provider config {}: {reason}", path.display())]
+    ParseProviderConfig { path: PathBuf, reason: String },
+
+    #[error("get credentials for {image} from credential provider `{provider}`: {reason}")]
+    CredentialProvider {
+        provider: String,
+        image: String,
+        reason: String,
+    },
+
     #[error("get credentials for {host} from credential helper `{helper}`: {reason}")]
     CredentialHelper {
         helper: String,

@@ -10,6 +10,8 @@ mod challenge;
 mod error;
 mod failure;
 mod helper;
+mod provider;
+mod pull_secrets;
 mod push;
 mod retry;
 mod sources;
@@ -29,6 +31,8 @@ use tokio::time::Instant;
 pub use auth::{Credential, Credentials};
 pub use error::{CredentialsError, PushError, RegistryError};
 pub use failure::HttpFailure;
+pub use provider::CredentialProviders;
+pub use pull_secrets::{image_key, PullSecrets};
 pub use push::{BlobContent, Pushed, PushedManifest};
 use retry::Budget;
 pub use retry::RetryPolicy;
@@ -76,6 +80,11 @@ struct Inner {
     clients: HashMap<String, Client>,
     default_client: Client,
     credentials: Credentials,
+    /// Asked before `credentials`, for the repository of the request; shared by every
+    /// client a reload builds, and with the CRI proxy that records them.
+    pull_secrets: PullSecrets,
+    /// kubelet's credential provider plugins, asked after `credentials`.
+    providers: Option<CredentialProviders>,
     tokens: TokenCache,
     policy: RetryPolicy,
 }
@@ -105,14 +114,38 @@ impl RegistryClient {
         RegistryClient::with_credentials(config, credentials)
     }
 
+    /// [`new`](Self::new), asking `pull_secrets` first.
+    pub fn with_pull_secrets(
+        config: &RegistryConfig,
+        pull_secrets: PullSecrets,
+    ) -> Result<RegistryClient, RegistryError> {
+        let credentials = Credentials::load(&config.docker_config)?;
+        RegistryClient::build(config, credentials, pull_secrets)
+    }
+
     pub fn with_credentials(
         config: &RegistryConfig,
         credentials: Credentials,
+    ) -> Result<RegistryClient, RegistryError> {
+        RegistryClient::build(config, credentials, PullSecrets::default())
+    }
+
+    fn build(
+        config: &RegistryConfig,
+        credentials: Credentials,
+        pull_secrets: PullSecrets,
     ) -> Result<RegistryClient, RegistryError> {
         let policy = RetryPolicy {
             retries: config.retries,
             timeout: config.timeout,
             deadline: config.deadline,
+        };
+        let providers = match &config.credential_providers {
+            Some(providers) => Some(CredentialProviders::load(
+                &providers.config,
+                &providers.bin_dir,
+            )?),
+            None => None,
         };
         let default_client = build_client("default", &HostConfig::default(), &policy)?;
         let mut clients = HashMap::new();
@@ -127,10 +160,17 @@ impl RegistryClient {
                 clients,
                 default_client,
                 credentials,
+                pull_secrets,
+                providers,
                 tokens: TokenCache::default(),
                 policy,
             }),
         })
+    }
+
+    /// The pull secrets this client asks first.
+    pub fn pull_secrets(&self) -> &PullSecrets {
+        &self.inner.pull_secrets
     }
 
     /// Where this client's credentials come from, host by host, without a secret.

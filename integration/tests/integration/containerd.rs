@@ -25,6 +25,9 @@ pub struct Options {
     pub cri_snapshotter: Option<String>,
     /// With `cri`: registries (`host:port`) the CRI plugin reaches over plain HTTP.
     pub cri_plain_http: Vec<String>,
+    /// With `cri_snapshotter`: keep containerd 1.6's default `disable_snapshot_annotations =
+    /// true`, as a node set up without Shoal's CRI settings has it.
+    pub cri_without_annotations: bool,
 }
 
 pub struct Containerd {
@@ -185,7 +188,8 @@ fn cri_config(options: &Options) -> String {
     if let Some(snapshotter) = &options.cri_snapshotter {
         config.push_str(&format!(
             "\n[{CRI}.containerd]\n  snapshotter = \"{snapshotter}\"\n  \
-             disable_snapshot_annotations = false\n"
+             disable_snapshot_annotations = {}\n",
+            options.cri_without_annotations
         ));
     }
     for host in &options.cri_plain_http {

@@ -8,165 +8,55 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use cri_tonic::transport::{Channel, Endpoint, Uri};
-use hyper_util::rt::TokioIo;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use k8s_cri::v1::{
-    Image, ImageSpec, ImageStatusRequest, ListImagesRequest, PullImageRequest, VersionRequest,
-};
 use sha2::{Digest, Sha256};
 
 use crate::containerd::{self, Containerd};
 use crate::convert;
+pub(crate) use crate::cri_client::Cri;
 use crate::daemon::Daemon;
-use crate::fixture::{privileged, wait_until, Fixture};
+use crate::fixture::{privileged, Fixture};
 use crate::image;
 use crate::process;
 use crate::registry::Registry;
 use crate::tree::{self, Op};
 
 /// The namespace the CRI plugin keeps images, content and snapshots in.
-const CRI_NAMESPACE: &str = "k8s.io";
-const CRI_READY_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const CRI_NAMESPACE: &str = "k8s.io";
 const CONVERT_TIMEOUT: Duration = Duration::from_secs(180);
 /// A file large enough that its layer spans many cache blocks; no test reads it, so a lazy
 /// pull fetches only a small part of that layer.
-const BIG_FILE: &str = "/data/big";
-const BIG_FILE_BYTES: usize = 8 << 20;
-
-/// A blocking client of the CRI image and runtime services on containerd's socket.
-struct Cri {
-    runtime: tokio::runtime::Runtime,
-    images: ImageServiceClient<Channel>,
-    runtime_service: RuntimeServiceClient<Channel>,
-}
-
-impl Cri {
-    fn connect(socket: &Path) -> Result<Cri> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .context("build the CRI client's runtime")?;
-        let path: PathBuf = socket.to_owned();
-        let channel = runtime
-            .block_on(async move {
-                // The URI is required by the API but unused: the connector dials the socket.
-                Endpoint::try_from("http://[::]:50051")?
-                    .connect_with_connector(tower::service_fn(move |_: Uri| {
-                        let path = path.clone();
-                        async move {
-                            tokio::net::UnixStream::connect(path)
-                                .await
-                                .map(TokioIo::new)
-                        }
-                    }))
-                    .await
-            })
-            .with_context(|| format!("connect to the CRI services at {}", socket.display()))?;
-        Ok(Cri {
-            runtime,
-            images: ImageServiceClient::new(channel.clone()),
-            runtime_service: RuntimeServiceClient::new(channel),
-        })
-    }
-
-    /// Waits until the CRI plugin answers (it initialises after containerd's socket is up).
-    fn wait_ready(&self) -> Result<String> {
-        let mut version = String::new();
-        wait_until(
-            "the CRI plugin to answer Version",
-            CRI_READY_TIMEOUT,
-            || {
-                let mut client = self.runtime_service.clone();
-                let reply = self
-                    .runtime
-                    .block_on(client.version(VersionRequest::default()))
-                    .context("CRI Version")?
-                    .into_inner();
-                version = format!("{} {}", reply.runtime_name, reply.runtime_version);
-                Ok(true)
-            },
-        )?;
-        Ok(version)
-    }
-
-    /// `PullImage`; returns the image reference the runtime reports (its config digest).
-    fn pull(&self, reference: &str) -> Result<String> {
-        let request = PullImageRequest {
-            image: Some(spec(reference)),
-            ..PullImageRequest::default()
-        };
-        let mut client = self.images.clone();
-        let reply = self
-            .runtime
-            .block_on(client.pull_image(request))
-            .with_context(|| format!("CRI PullImage {reference}"))?;
-        Ok(reply.into_inner().image_ref)
-    }
-
-    /// `ImageStatus`: the image, or `None` when the runtime does not have it.
-    fn status(&self, reference: &str) -> Result<Option<Image>> {
-        let request = ImageStatusRequest {
-            image: Some(spec(reference)),
-            verbose: false,
-        };
-        let mut client = self.images.clone();
-        let reply = self
-            .runtime
-            .block_on(client.image_status(request))
-            .with_context(|| format!("CRI ImageStatus {reference}"))?;
-        Ok(reply.into_inner().image)
-    }
-
-    /// `ListImages` without a filter.
-    fn list(&self) -> Result<Vec<Image>> {
-        let mut client = self.images.clone();
-        let reply = self
-            .runtime
-            .block_on(client.list_images(ListImagesRequest::default()))
-            .context("CRI ListImages")?;
-        Ok(reply.into_inner().images)
-    }
-}
-
-fn spec(reference: &str) -> ImageSpec {
-    ImageSpec {
-        image: reference.to_owned(),
-        ..ImageSpec::default()
-    }
-}
+pub(crate) const BIG_FILE: &str = "/data/big";
+pub(crate) const BIG_FILE_BYTES: usize = 8 << 20;
 
 /// What containerd stored of an image the CRI plugin pulled.
-struct PulledImage {
+pub(crate) struct PulledImage {
     /// The repository on the registry, e.g. `test/plain`.
     repository: String,
     manifest: String,
-    layers: Vec<Layer>,
+    pub(crate) layers: Vec<Layer>,
     /// The chainID of each layer: the name of its committed snapshot.
-    chains: Vec<String>,
+    pub(crate) chains: Vec<String>,
 }
 
-struct Layer {
-    digest: String,
-    size: u64,
+pub(crate) struct Layer {
+    pub(crate) digest: String,
+    pub(crate) size: u64,
 }
 
 /// The loopback registry with the plain test image, Shoal, and containerd whose CRI plugin
 /// pulls into Shoal.
-struct Stack {
-    registry: Registry,
-    ctd: Containerd,
-    daemon: Daemon,
-    cri: Cri,
+pub(crate) struct Stack {
+    pub(crate) registry: Registry,
+    pub(crate) ctd: Containerd,
+    pub(crate) daemon: Daemon,
+    pub(crate) cri: Cri,
     /// The plain OCI image (gzip layers), pushed through the counting proxy.
-    plain: String,
+    pub(crate) plain: String,
 }
 
 impl Stack {
@@ -183,6 +73,7 @@ impl Stack {
             cri: true,
             cri_snapshotter: Some("shoal".to_owned()),
             cri_plain_http: vec![host],
+            cri_without_annotations: false,
         };
         let ctd = Containerd::start(fixture, &options)?;
         let cri = Cri::connect(ctd.address())?;
@@ -198,7 +89,7 @@ impl Stack {
 
     /// Converts the plain image to eStargz with `ctr-remote` (in the test namespace, away from
     /// the CRI plugin's) and pushes it as `test/estargz`; returns its reference.
-    fn push_estargz(&self) -> Result<String> {
+    pub(crate) fn push_estargz(&self) -> Result<String> {
         let estargz = self.plain.replace("/test/plain:", "/test/estargz:");
         self.ctd
             .ctr(&["image", "pull", "--plain-http", &self.plain])?;
@@ -230,7 +121,7 @@ impl Stack {
     }
 
     /// Pulls over CRI and checks that ImageStatus and ListImages then report the image.
-    fn pull_and_find(&self, reference: &str) -> Result<String> {
+    pub(crate) fn pull_and_find(&self, reference: &str) -> Result<String> {
         let id = self.cri.pull(reference)?;
         anyhow::ensure!(id.starts_with("sha256:"), "PullImage answered {id:?}");
         let status = self
@@ -254,7 +145,7 @@ impl Stack {
 
     /// The manifest, layers and chainIDs of `reference` (whose config is `config_digest`), from
     /// what containerd stored in `k8s.io`.
-    fn layers_of(&self, reference: &str, config_digest: &str) -> Result<PulledImage> {
+    pub(crate) fn layers_of(&self, reference: &str, config_digest: &str) -> Result<PulledImage> {
         let config = self.json_content(config_digest)?;
         let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
             .as_array()
@@ -320,7 +211,7 @@ impl Stack {
     }
 
     /// The labels containerd reports for Shoal's snapshot `name` in `k8s.io`.
-    fn snapshot_labels(&self, name: &str) -> Result<BTreeMap<String, String>> {
+    pub(crate) fn snapshot_labels(&self, name: &str) -> Result<BTreeMap<String, String>> {
         let info = self.ctd.ctr_in(
             CRI_NAMESPACE,
             &["snapshots", "--snapshotter", "shoal", "info", name],
@@ -336,7 +227,7 @@ impl Stack {
     }
 
     /// Runs the layered check in a container of `reference` from the `k8s.io` namespace.
-    fn run_check(&self, reference: &str, id: &str) -> Result<()> {
+    pub(crate) fn run_check(&self, reference: &str, id: &str) -> Result<()> {
         let out = self.ctd.ctr_in(
             CRI_NAMESPACE,
             &[
@@ -357,7 +248,7 @@ impl Stack {
     }
 
     /// Body bytes the registry has sent for `layer`'s blob of `image` since the last reset.
-    fn fetched(&self, image: &PulledImage, layer: &Layer) -> u64 {
+    pub(crate) fn fetched(&self, image: &PulledImage, layer: &Layer) -> u64 {
         let path = format!("/v2/{}/blobs/{}", image.repository, layer.digest);
         self.registry
             .proxy()
@@ -368,7 +259,7 @@ impl Stack {
 }
 
 /// The layered test image plus a layer holding one big incompressible file.
-fn layers() -> Result<Vec<Vec<Op>>> {
+pub(crate) fn layers() -> Result<Vec<Vec<Op>>> {
     let mut layers = image::layered()?;
     layers.push(vec![tree::file(BIG_FILE, noise(BIG_FILE_BYTES), 0o644)]);
     Ok(layers)
@@ -390,7 +281,7 @@ fn noise(len: usize) -> Vec<u8> {
 
 /// OCI chainIDs: the first is the first diff_id, each next one
 /// `sha256(previous + " " + diff_id)`.
-fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+pub(crate) fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     let mut chain: Vec<String> = Vec::with_capacity(diff_ids.len());
     for diff_id in diff_ids {
         let next = match chain.last() {

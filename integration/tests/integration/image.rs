@@ -57,6 +57,11 @@ pub fn build(fixture: &Fixture, name: &str, layers: &[Vec<Op>]) -> Result<OciIma
 }
 
 impl OciImage {
+    /// The image as `shoal convert` and skopeo name a layout's image: `oci:<dir>:<tag>`.
+    pub fn oci(&self) -> String {
+        format!("oci:{}:{}", self.layout.display(), self.tag)
+    }
+
     /// Pushes to `registry_host` (plain HTTP) as `<repository>:<tag>`; returns the reference.
     pub fn push(&self, registry_host: &str, repository: &str) -> Result<String> {
         let reference = format!("{registry_host}/{repository}:{}", self.tag);

@@ -22,15 +22,41 @@ pub struct Registry {
     _process: Process,
 }
 
+/// The one account of a registry that wants credentials ([`Registry::start_private`]).
+pub const PRIVATE_USER: &str = "kubelet";
+pub const PRIVATE_PASSWORD: &str = "shoal-pull-secret";
+/// bcrypt (cost 5) of [`PRIVATE_PASSWORD`], as docker-registry's htpasswd file wants it; made
+/// once with Python's `crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=32))`.
+const PRIVATE_HTPASSWD: &str =
+    "kubelet:$2b$05$yeU90AUihOVu0zBBkuAxlu77scIleE97lkfRWs5jOaw3Rw3SvaSs.\n";
+
 impl Registry {
     pub fn start(fixture: &Fixture) -> Result<Registry> {
+        Registry::start_with(fixture, "")
+    }
+
+    /// A registry that answers every request without [`PRIVATE_USER`]'s basic credentials
+    /// with 401 (htpasswd authentication).
+    pub fn start_private(fixture: &Fixture) -> Result<Registry> {
+        let htpasswd = fixture.path("registry/htpasswd");
+        fs::create_dir_all(fixture.path("registry"))?;
+        fs::write(&htpasswd, PRIVATE_HTPASSWD)
+            .with_context(|| format!("write {}", htpasswd.display()))?;
+        let auth = format!(
+            "auth:\n  htpasswd:\n    realm: shoal-test\n    path: {}\n",
+            htpasswd.display()
+        );
+        Registry::start_with(fixture, &auth)
+    }
+
+    fn start_with(fixture: &Fixture, auth: &str) -> Result<Registry> {
         let addr = loopback_addr(5000);
         let storage = fixture.mkdir("registry/data")?;
         let config = fixture.path("registry/config.yml");
         let text = format!(
             "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
              storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-             http:\n  addr: {addr}\n",
+             http:\n  addr: {addr}\n{auth}",
             storage.display()
         );
         fs::write(&config, text).with_context(|| format!("write {}", config.display()))?;
