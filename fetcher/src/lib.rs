@@ -31,6 +31,7 @@ mod flight;
 mod latency;
 mod parse_error;
 pub mod peer;
+mod pieces;
 pub mod private;
 mod reference;
 mod registry;
