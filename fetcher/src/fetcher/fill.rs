@@ -26,6 +26,8 @@ use crate::stats::Source;
 /// How long foreground fetches must have been quiet before a fill starts: a container's
 /// start reads file after file with short pauses, which fills must not fall into.
 pub(super) const QUIET: Duration = Duration::from_millis(300);
+/// Written bytes between two gaps of a block below which the gaps are fetched as one range.
+const MERGE_SLACK: u64 = 16 << 10;
 /// Blocks waiting for a fill at most; more are left partial (and dropped at unmount).
 const MAX_QUEUED: usize = 4096;
 
@@ -105,9 +107,11 @@ impl Fetcher {
         }
     }
 
-    /// Waits until every queued fill is done: for whoever needs the cache caught up (tests,
-    /// reports). Fills have deadlines, so this ends.
+    /// Waits until the reads so far have cached their bytes and every fill they queued is
+    /// done: for whoever needs the cache caught up (tests, reports). Fills have deadlines,
+    /// so this ends.
     pub async fn filled(&self) {
+        self.settled().await;
         let fill = &self.inner.fill;
         loop {
             let changed = fill.changed.notified();
@@ -120,8 +124,8 @@ impl Fetcher {
         }
     }
 
-    /// Completes block `index` of `blob` from the registry: the bytes it lacks, in one range
-    /// request, joined with those it has, stored whole.
+    /// Completes block `index` of `blob` from the registry: the bytes it lacks (a range
+    /// request per gap, close gaps joined), joined with those it has, stored whole.
     async fn fill_block(&self, blob: &BlobRef, index: u64) {
         let inner = &self.inner;
         let key = BlockKey::new(&blob.digest, index);
@@ -129,48 +133,53 @@ impl Fetcher {
             return; // Someone fetches the whole block already.
         };
         let gaps = inner.cache.gaps(&blob.digest, blob.size, index);
-        let (Some(first), Some(last)) = (gaps.first(), gaps.last()) else {
+        if gaps.is_empty() {
             return;
-        };
+        }
         let span = self.geometry(blob).span(index);
-        // What lies before the first gap and after the last is read back from the cache;
-        // if it went meanwhile, it is fetched as well.
-        let mut fetch = first.start..last.end;
-        let mut head = inner.cache.read(&blob.digest, span.start..fetch.start);
-        if head.is_none() {
-            fetch.start = span.start;
-            head = Some(Bytes::new());
-        }
-        let mut tail = inner.cache.read(&blob.digest, fetch.end..span.end);
-        if tail.is_none() {
-            fetch.end = span.end;
-            tail = Some(Bytes::new());
-        }
-        let fetched = {
-            let Ok(_permit) = inner.remote.acquire().await else {
-                return;
-            };
-            let _in_flight = inner.counters.in_flight();
-            let started = Instant::now();
-            let fetched = self.registry().get_blob_range(blob, fetch.clone()).await;
-            inner.latency.observe(Source::Registry, started.elapsed());
-            fetched
-        };
-        let bytes = match fetched {
-            Ok(bytes) => bytes,
-            Err(error) => {
-                inner.counters.error();
-                tracing::debug!(block = %key, %error, "block fill failed");
-                lead.publish(Err(Arc::new(error.into())));
-                return;
+        // The bytes between the fetched ranges are read back from the cache; if any went
+        // meanwhile, the whole block is fetched instead.
+        let mut fetches = merged(gaps);
+        let mut parts: Vec<(u64, Bytes)> = Vec::new();
+        for kept in between(&span, &fetches) {
+            match inner.cache.read(&blob.digest, kept.clone()) {
+                Some(bytes) => parts.push((kept.start, bytes)),
+                None => {
+                    fetches = vec![span.clone()];
+                    parts.clear();
+                    break;
+                }
             }
-        };
-        inner
-            .counters
-            .served(&blob.digest, Source::Registry, bytes.len() as u64);
-        inner.counters.filled(bytes.len() as u64);
+        }
+        for range in fetches {
+            let fetched = {
+                let Ok(_permit) = inner.remote.acquire().await else {
+                    return;
+                };
+                let _in_flight = inner.counters.in_flight();
+                let started = Instant::now();
+                let fetched = self.registry().get_blob_range(blob, range.clone()).await;
+                inner.latency.observe(Source::Registry, started.elapsed());
+                fetched
+            };
+            let bytes = match fetched {
+                Ok(bytes) => bytes,
+                Err(error) => {
+                    inner.counters.error();
+                    tracing::debug!(block = %key, %error, "block fill failed");
+                    lead.publish(Err(Arc::new(error.into())));
+                    return;
+                }
+            };
+            inner
+                .counters
+                .served(&blob.digest, Source::Registry, bytes.len() as u64);
+            inner.counters.filled(bytes.len() as u64);
+            parts.push((range.start, bytes));
+        }
+        parts.sort_by_key(|(start, _)| *start);
         let mut block = BytesMut::with_capacity((span.end - span.start) as usize);
-        for part in [head.unwrap_or_default(), bytes, tail.unwrap_or_default()] {
+        for (_, part) in parts {
             block.extend_from_slice(&part);
         }
         let block = block.freeze();
@@ -178,6 +187,35 @@ impl Fetcher {
         self.store(blob, vec![(index, block)]).await;
         drop(lead);
     }
+}
+
+/// `gaps` (in order) joined where less than [`MERGE_SLACK`] of written bytes lies between
+/// them: fetching those again costs less than another request.
+fn merged(gaps: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(gaps.len());
+    for gap in gaps {
+        match merged.last_mut() {
+            Some(last) if gap.start - last.end < MERGE_SLACK => last.end = gap.end,
+            _ => merged.push(gap),
+        }
+    }
+    merged
+}
+
+/// The parts of `span` outside `fetches` (in order, within it).
+fn between(span: &Range<u64>, fetches: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut kept = Vec::new();
+    let mut at = span.start;
+    for fetch in fetches {
+        if fetch.start > at {
+            kept.push(at..fetch.start);
+        }
+        at = fetch.end;
+    }
+    if at < span.end {
+        kept.push(at..span.end);
+    }
+    kept
 }
 
 /// Fills queued blocks, one at a time, whenever foreground fetches have been quiet for
