@@ -107,6 +107,12 @@ impl Fetcher {
         }
     }
 
+    /// Blocks queued for a fill or being filled now.
+    pub fn fill_pending(&self) -> u64 {
+        let queue = self.inner.fill.queue.lock();
+        queue.order.len() as u64 + u64::from(queue.filling.is_some())
+    }
+
     /// Waits until the reads so far have cached their bytes and every fill they queued is
     /// done: for whoever needs the cache caught up (tests, reports). Fills have deadlines,
     /// so this ends.

@@ -9,12 +9,32 @@ use std::ops::Range;
 use bytes::Bytes;
 
 use super::{assemble, Fetcher, Mode, MAX_RUN_BYTES};
-use crate::cache::BlockKey;
+use crate::cache::{BlockGeometry, BlockKey};
 use crate::error::FetchError;
 use crate::flight::Waiter;
 use crate::pieces::{PieceLead, PieceWaiter};
 use crate::reference::BlobRef;
 use crate::stats::Source;
+
+/// Pieces are widened to this alignment (or a sixteenth of a block, when smaller), within
+/// their blocks: reads of neighbouring small files (a program's modules, its libraries) then
+/// find each other's bytes, for a few KiB more per piece instead of a round trip per file
+/// (stargz-snapshotter fetches 50 kB units likewise).
+const PIECE_ALIGN: u64 = 64 << 10;
+
+/// `missing` widened to the piece alignment, never past the blocks it lies in.
+fn widened(missing: &Range<u64>, geometry: &BlockGeometry) -> Range<u64> {
+    let align = (geometry.block_size / 16).clamp(1, PIECE_ALIGN);
+    let blocks = geometry.covering(missing);
+    let (first, last) = (geometry.span(blocks.start), geometry.span(blocks.end - 1));
+    let start = (missing.start / align * align).max(first.start);
+    let end = missing
+        .end
+        .div_ceil(align)
+        .saturating_mul(align)
+        .min(last.end);
+    start..end
+}
 
 /// One block's part of a read.
 enum Part {
@@ -83,7 +103,8 @@ impl Fetcher {
             .into_iter()
             .map(|part| match part {
                 Part::Missing(missing) => {
-                    let lead = inner.pieces.lead(blob.digest.raw(), missing.clone());
+                    let piece = widened(&missing, &geometry);
+                    let lead = inner.pieces.lead(blob.digest.raw(), piece);
                     let waiter = lead.waiter();
                     let guard = inner.runs.start();
                     let fetch = self.clone().fetch_piece(blob.clone(), lead);

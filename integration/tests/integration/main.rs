@@ -39,6 +39,7 @@ mod lazy;
 mod metrics;
 mod overlaybd;
 mod p2p;
+mod partial_reads;
 mod permissions;
 mod reload;
 mod resilience;

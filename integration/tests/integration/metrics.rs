@@ -22,10 +22,10 @@ use crate::lazy::{self, Stack};
 const DATA_BYTES: usize = 3 << 20;
 
 /// One scrape of `/metrics`: series (name with labels) → value.
-struct Scrape(BTreeMap<String, f64>);
+pub(crate) struct Scrape(BTreeMap<String, f64>);
 
 impl Scrape {
-    fn take(address: SocketAddr) -> Result<Scrape> {
+    pub(crate) fn take(address: SocketAddr) -> Result<Scrape> {
         let body = get(address, "/metrics")?;
         let mut series = BTreeMap::new();
         for line in body
@@ -45,7 +45,7 @@ impl Scrape {
 
     /// The sample `name` (labels included), 0 when absent, as Prometheus treats a counter
     /// that has not been exported yet.
-    fn value(&self, name: &str) -> f64 {
+    pub(crate) fn value(&self, name: &str) -> f64 {
         self.0.get(name).copied().unwrap_or(0.0)
     }
 
@@ -131,7 +131,7 @@ fn get_answer(address: SocketAddr, path: &str) -> Result<(u16, String)> {
 
 /// Evicts the kernel's page cache, so that the second container's reads reach the FUSE layer
 /// instead of pages the first one left behind.
-fn drop_page_cache() -> Result<()> {
+pub(crate) fn drop_page_cache() -> Result<()> {
     std::fs::write("/proc/sys/vm/drop_caches", "3").context("drop the page cache")
 }
 
