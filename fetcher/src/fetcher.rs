@@ -1,5 +1,6 @@
 //! [`Fetcher`]: bytes of a blob, from the chunk cache when it has them, else fetched, cached
-//! and shared with every concurrent reader of the same blocks.
+//! and shared with every concurrent reader of the same blocks (or, for reads without peers,
+//! of the same bytes: [`piece`], completed to whole blocks by [`fill`]).
 
 mod fill;
 mod piece;

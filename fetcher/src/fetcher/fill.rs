@@ -135,13 +135,15 @@ impl Fetcher {
     async fn fill_block(&self, blob: &BlobRef, index: u64) {
         let inner = &self.inner;
         let key = BlockKey::new(&blob.digest, index);
+        if inner.cache.contains(&key) {
+            return;
+        }
         let Joined::Lead(lead) = inner.flights.join(&key, false) else {
             return; // Someone fetches the whole block already.
         };
+        // Readers may follow this flight from now on: every way out publishes. No gap left
+        // (the reads covered the block) still means a store, of the bytes read back.
         let gaps = inner.cache.gaps(&blob.digest, blob.size, index);
-        if gaps.is_empty() {
-            return;
-        }
         let span = self.geometry(blob).span(index);
         // The bytes between the fetched ranges are read back from the cache; if any went
         // meanwhile, the whole block is fetched instead.
