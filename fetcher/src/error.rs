@@ -56,6 +56,16 @@ pub enum FetchError {
     #[error("fetch block {block}: the fetching task ended without an answer")]
     AbandonedFetch { block: BlockKey },
 
+    /// The fetch of a byte range its readers shared failed; every reader gets the same cause.
+    #[error("fetch bytes {range:?}: {cause}")]
+    JoinRangeFetch {
+        range: Range<u64>,
+        cause: Arc<FetchError>,
+    },
+
+    #[error("fetch bytes {range:?}: the fetching task ended without an answer")]
+    AbandonedRangeFetch { range: Range<u64> },
+
     /// Bytes failed their check twice: as first read, and fetched again from the registry.
     #[error("check bytes {range:?} of {blob}")]
     CheckRead {

@@ -1,6 +1,9 @@
 //! [`Fetcher`]: bytes of a blob, from the chunk cache when it has them, else fetched, cached
-//! and shared with every concurrent reader of the same blocks.
+//! and shared with every concurrent reader of the same blocks (or, for reads without peers,
+//! of the same bytes: [`piece`], completed to whole blocks by [`fill`]).
 
+mod fill;
+mod piece;
 mod run;
 
 use std::ops::Range;
@@ -17,6 +20,7 @@ use crate::error::FetchError;
 use crate::flight::{Flights, Joined, Lead, Waiter};
 use crate::latency::FetchLatency;
 use crate::peer::{self, Peers};
+use crate::pieces::Pieces;
 use crate::reference::BlobRef;
 use crate::registry::RegistryClient;
 use crate::runs::Runs;
@@ -57,6 +61,10 @@ struct Inner {
     peers: Option<Arc<Peers>>,
     /// Fetch runs not finished yet: a read is answered before its blocks are cached.
     runs: Arc<Runs>,
+    /// Byte ranges foreground reads are fetching, for readers of the same bytes to join.
+    pieces: Arc<Pieces>,
+    /// The partly cached blocks waiting to be completed in the background.
+    fill: Arc<fill::Fill>,
 }
 
 impl Fetcher {
@@ -108,6 +116,8 @@ impl Fetcher {
                 max_run_blocks,
                 peers,
                 runs: Arc::default(),
+                pieces: Arc::default(),
+                fill: Arc::default(),
             }),
         }
     }
@@ -207,6 +217,9 @@ impl Fetcher {
         }
         // No whole-range cache lookup first: callers (the trust layer) come here after
         // theirs missed, and `blocks` looks at each block anyway.
+        if self.fetches_pieces(mode) {
+            return self.read_pieces(blob, &range).await;
+        }
         let (parts, _runs) = self.blocks(blob, &range, mode).await?;
         Ok(assemble(parts))
     }
@@ -243,6 +256,7 @@ impl Fetcher {
                 .ended(&BlockKey::new(&blob.digest, index))
                 .await;
         }
+        self.inner.pieces.ended(blob.digest.raw(), &range).await;
         let fetcher = self.clone();
         let digest = blob.digest.clone();
         let dropped = range.clone();
@@ -256,7 +270,8 @@ impl Fetcher {
         Ok(assemble(parts))
     }
 
-    /// Brings `range` of `blob` into the cache from the registry without returning it.
+    /// Brings `range` of `blob` into the cache from the registry without returning it:
+    /// whole blocks, as prefetches always are.
     pub async fn prefetch(&self, blob: &BlobRef, range: Range<u64>) -> Result<(), FetchError> {
         self.prefetch_routed(blob, range, Route::Registry).await
     }

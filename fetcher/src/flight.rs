@@ -75,6 +75,30 @@ impl Flights {
 }
 
 impl Flights {
+    /// A wait for `key`'s fetch when one is under way; never starts one.
+    pub fn follow(&self, key: &BlockKey) -> Option<Waiter> {
+        let slot = self.pending.lock().get(key).cloned()?;
+        Some(Waiter { key: *key, slot })
+    }
+
+    /// Whether every block of `keys` failed its full fetch within the window: a fetch of
+    /// bytes within them gets one short attempt.
+    pub fn all_failed_recently(&self, keys: &[BlockKey]) -> bool {
+        !keys.is_empty() && keys.iter().all(|key| self.failed_recently(key))
+    }
+
+    /// Records the outcome of a fetch of bytes within `keys` that was not led as a block:
+    /// as [`Lead::publish`] does for a block's. A short attempt's failure is not recorded.
+    pub fn fetched(&self, keys: &[BlockKey], ok: bool, after_failure: bool) {
+        for key in keys {
+            match (ok, after_failure) {
+                (true, _) => self.forget_failure(key),
+                (false, false) => self.remember_failure(key),
+                (false, true) => {}
+            }
+        }
+    }
+
     /// Waits until nobody fetches `key` any more: its lead has cached the block, or failed.
     /// A refetch waits for this, so that it neither joins a flight whose bytes it rejected
     /// nor has those bytes land in the cache after it dropped them.

@@ -4,13 +4,15 @@
 //! - [`BlobRead`] is the front door the layers above see: each read says what its bytes must
 //!   match ([`Expect`]), and [`trust`] decides where they may come from, checks them, and
 //!   refetches, blames or shares. [`Fetcher`] implements it over the real tiers: it serves
-//!   `(blob, range)` from the [`ChunkCache`] or fetches the missing blocks, coalesced,
-//!   single-flight, bounded; [`MemoryBlobs`] implements it in memory, for tests.
+//!   `(blob, range)` from the [`ChunkCache`] or fetches what is missing, coalesced,
+//!   single-flight, bounded: whole blocks where peers may be asked, else just the bytes
+//!   read, whose blocks a background fill then completes; [`MemoryBlobs`] implements it in memory, for tests.
 //! - [`RegistryClient`] speaks the OCI distribution API: manifests, small blobs, byte ranges,
 //!   with bearer/basic auth, mirrors, retries and credential-safe redirects; it also pushes
 //!   blobs ([`BlobContent`]) and manifests.
 //! - [`ChunkCache`] keeps aligned blocks ([`BlockKey`], cut as [`BlockGeometry`] says) on
-//!   disk, durable before visible, bounded by LRU eviction with pinning.
+//!   disk, durable before visible, bounded by LRU eviction with pinning; and, in memory
+//!   only, the written parts of blocks not yet whole.
 //! - [`peer::Peers`] asks other nodes for blocks before the registry (rendezvous-placed
 //!   index owners, announcements, HTTP/2 block requests), and serves them this node's.
 //! - [`Digest`] (and its `Copy` bytes, [`RawDigest`]), [`ImageRef`] and [`BlobRef`] name
@@ -31,6 +33,7 @@ mod flight;
 mod latency;
 mod parse_error;
 pub mod peer;
+mod pieces;
 pub mod private;
 mod reference;
 mod registry;

@@ -37,6 +37,9 @@ pub struct FetchStats {
     pub in_flight: u64,
     /// Reads whose bytes failed their check (each then fetched once more from the registry).
     pub verify_failures: u64,
+    /// Of `bytes_from_registry`, those the background fill of partly read blocks fetched:
+    /// no read waited for them.
+    pub bytes_filled: u64,
 }
 
 /// Bytes of one blob served, by source, since the blob was first read (or since it came back
@@ -69,6 +72,7 @@ pub(crate) struct Counters {
     fetch_errors: AtomicU64,
     in_flight: AtomicU64,
     verify_failures: AtomicU64,
+    bytes_filled: AtomicU64,
     /// One lock per call, not per block: callers add up a read's cache hits first.
     blobs: Mutex<BlobTable>,
 }
@@ -116,6 +120,10 @@ impl Counters {
         self.verify_failures.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn filled(&self, bytes: u64) {
+        self.bytes_filled.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     /// Counts a fetch as in flight until the guard drops.
     pub fn in_flight(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -133,6 +141,7 @@ impl Counters {
             fetch_errors: load(&self.fetch_errors),
             in_flight: load(&self.in_flight),
             verify_failures: load(&self.verify_failures),
+            bytes_filled: load(&self.bytes_filled),
         }
     }
 }

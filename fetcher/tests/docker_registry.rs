@@ -152,11 +152,16 @@ async fn reads_blobs_and_manifests_from_the_real_registry() {
     assert_eq!(&bytes[..], &config_json[..]);
 
     let layer_blob = BlobRef::new(image, layer_digest, layer.len() as u64);
+    // A mounted layer pins its blob: the blocks its reads touched are then filled whole.
+    fetcher.cache().pin(&layer_blob.digest);
     let bytes = fetcher.read(&layer_blob, 70_000..250_000).await.unwrap();
     assert_eq!(&bytes[..], &layer[70_000..250_000]);
     let tail = fetcher.read(&layer_blob, 299_000..300_000).await.unwrap();
     assert_eq!(&tail[..], &layer[299_000..]);
-    // Reads return before their blocks are cached.
+    // Reads return before their bytes are cached, and fetch only those bytes; the rest of
+    // the blocks they touched is filled in the background.
     fetcher.settled().await;
+    assert!(fetcher.read_cached(&layer_blob, 70_000..250_000).is_some());
+    fetcher.filled().await;
     assert!(fetcher.read_cached(&layer_blob, 65_536..262_144).is_some());
 }

@@ -321,6 +321,8 @@ class Bench:
                 scenarios.append(scenario)
         workloads = images.workloads(self.work / "stage", self.args.tiny, self.args.large_mb,
                                      self.args.server_mb)
+        if self.args.workloads:
+            workloads = [w for w in workloads if w.name in self.args.workloads]
         try:
             self.start_registry()
             published = []
@@ -334,7 +336,7 @@ class Bench:
                     for number in range(1, self.args.runs + 1):
                         rows.append(self.cold_run(w, scenario, references[scenario.image],
                                                   number, needed))
-            fuse = self.fuse_read(self.args.fuse_mb)
+            fuse = self.fuse_read(self.args.fuse_mb) if self.args.fuse_mb > 0 else {}
         finally:
             self.stop_nodes()
             for proxy in (self.proxy, self.warm_proxy):
@@ -400,9 +402,12 @@ def parse_args():
     parser.add_argument("--rtt-ms", type=float, default=20.0)
     parser.add_argument("--large-mb", type=int, default=200, help="the large image's data")
     parser.add_argument("--server-mb", type=int, default=100, help="the server's assets")
-    parser.add_argument("--fuse-mb", type=int, default=256, help="the FUSE read file")
+    parser.add_argument("--fuse-mb", type=int, default=256,
+                        help="the FUSE read file (0: no FUSE read benchmark)")
     parser.add_argument("--stargz-bin", help="a built stargz-grpc (else built into --work)")
     parser.add_argument("--scenarios", nargs="*", help="only these scenarios")
+    parser.add_argument("--workloads", nargs="*",
+                        help="only these workloads (echo-large, python, server)")
     parser.add_argument("--tiny", action="store_true",
                         help="one 8 MB workload, one run, no shaping, no stargz: a smoke test")
     args = parser.parse_args()

@@ -171,6 +171,18 @@ pub fn render(status: &DaemonStatus) -> String {
         &[("", status.verify_failures)],
     );
     metric(
+        "fill_bytes_total",
+        "counter",
+        "Registry bytes fetched in the background to complete blocks reads left partial.",
+        &[("", status.bytes_filled)],
+    );
+    metric(
+        "fill_pending_blocks",
+        "gauge",
+        "Partly read blocks waiting for their background fill, or being filled.",
+        &[("", status.fill_pending_blocks)],
+    );
+    metric(
         "read_failures_total",
         "counter",
         "FUSE reads answered with EIO.",

@@ -63,6 +63,12 @@ pub struct DaemonStatus {
     pub fetch_errors: u64,
     pub fetches_in_flight: u64,
     pub verify_failures: u64,
+    /// Of `bytes_from_registry`, those background fills of partly read blocks fetched.
+    #[serde(default)]
+    pub bytes_filled: u64,
+    /// Partly read blocks waiting for their fill, or being filled.
+    #[serde(default)]
+    pub fill_pending_blocks: u64,
     pub read_failures: u64,
     /// Block read latency by source (`cache`, `registry`, `peer`).
     #[serde(default)]
@@ -190,6 +196,8 @@ impl Observed {
             fetch_errors: fetch.fetch_errors,
             fetches_in_flight: fetch.in_flight,
             verify_failures: fetch.verify_failures,
+            bytes_filled: fetch.bytes_filled,
+            fill_pending_blocks: self.fetcher.fill_pending(),
             read_failures: reader.read_failures,
             fetch_latency: [
                 ("cache", Source::Cache),

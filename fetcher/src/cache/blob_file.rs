@@ -15,6 +15,7 @@ use nix::fcntl::{fallocate, FallocateFlags};
 use parking_lot::Mutex;
 
 use super::bitmap::{sync_parent, BitmapFile, Presence};
+use super::extents::Extents;
 use super::geometry::BlockGeometry;
 use crate::digest::Digest;
 
@@ -37,6 +38,10 @@ struct Blocks {
     /// them here so that a hit never takes the cache's own lock.
     touched: Presence,
     any_touched: bool,
+    /// Written parts of blocks not present yet: readable while this process runs (the
+    /// bytes are in the data file, synced or not), never recorded on disk, so a restart
+    /// forgets them and cannot take an unwritten byte for data.
+    partial: Extents,
 }
 
 impl BlobFile {
@@ -110,6 +115,7 @@ impl BlobFile {
                 present,
                 touched: Presence::new(geometry.blocks())?,
                 any_touched: false,
+                partial: Extents::default(),
             }),
             evictions: AtomicU64::new(0),
         })
@@ -128,14 +134,20 @@ impl BlobFile {
         self.blocks.lock().present.iter().collect()
     }
 
-    /// Bytes `range` when every block under it is present, checked again after reading so
-    /// that a concurrent eviction cannot slip zeros in. The blocks count as just used.
+    /// Bytes `range` when every block under it is present or has the part of `range` it
+    /// holds written, checked again after reading so that a concurrent eviction cannot slip
+    /// zeros in. The blocks count as just used.
     pub fn read_present(&self, range: Range<u64>) -> io::Result<Option<Bytes>> {
         let before = self.evictions.load(Ordering::SeqCst);
         {
             let mut blocks = self.blocks.lock();
             let covering = self.geometry.covering(&range);
-            if !covering.clone().all(|index| blocks.present.get(index)) {
+            let held = |blocks: &Blocks, index: u64| {
+                let span = self.geometry.span(index);
+                let part = span.start.max(range.start)..span.end.min(range.end);
+                blocks.present.get(index) || blocks.partial.covers(index, &part)
+            };
+            if !covering.clone().all(|index| held(&blocks, index)) {
                 return Ok(None);
             }
             for index in covering {
@@ -170,8 +182,45 @@ impl BlobFile {
     /// already ([`write_block`](Self::write_block)).
     pub fn mark_present(&self, index: u64) -> io::Result<()> {
         self.bitmap.persist(index, true)?;
-        self.blocks.lock().present.set(index, true);
+        let mut blocks = self.blocks.lock();
+        blocks.present.set(index, true);
+        blocks.partial.remove(index);
         Ok(())
+    }
+
+    /// Writes `bytes` at `range` (all within block `index`, not present) without syncing,
+    /// then records them as a valid part of the block. The caller holds the block.
+    pub fn write_extent(&self, index: u64, range: Range<u64>, bytes: &[u8]) -> io::Result<()> {
+        self.data.write_all_at(bytes, range.start)?;
+        let mut blocks = self.blocks.lock();
+        if !blocks.present.get(index) {
+            blocks.partial.add(index, range);
+        }
+        Ok(())
+    }
+
+    /// The parts of block `index` neither present nor written: all of it when nothing is.
+    pub fn gaps(&self, index: u64) -> Vec<Range<u64>> {
+        let blocks = self.blocks.lock();
+        if blocks.present.get(index) {
+            return Vec::new();
+        }
+        blocks.partial.gaps(index, self.geometry.span(index))
+    }
+
+    /// Forgets block `index`'s written parts, hiding them from readers at once; whether it
+    /// had any. The caller holds the block, and may then punch its bytes out.
+    pub fn drop_extents(&self, index: u64) -> bool {
+        let dropped = self.blocks.lock().partial.remove(index);
+        if dropped {
+            self.evictions.fetch_add(1, Ordering::SeqCst);
+        }
+        dropped
+    }
+
+    /// Bytes written in blocks not present yet.
+    pub fn partial_bytes(&self) -> u64 {
+        self.blocks.lock().partial.bytes()
     }
 
     /// Hides block `index` from readers at once; [`persist_absent`](Self::persist_absent)

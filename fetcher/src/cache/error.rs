@@ -44,6 +44,13 @@ pub enum CacheError {
         expected: u64,
     },
 
+    #[error("cache bytes {range:?} of blob {blob}: {len} bytes given")]
+    CacheExtentLength {
+        blob: Digest,
+        range: std::ops::Range<u64>,
+        len: u64,
+    },
+
     #[error("cache block {block}: no space left in {}", path.display())]
     CacheNoSpace { block: BlockKey, path: PathBuf },
 

@@ -14,7 +14,9 @@
 mod bitmap;
 mod blob_file;
 mod error;
+mod extents;
 mod geometry;
+mod partial;
 mod recency;
 mod reload;
 mod space;
@@ -335,13 +337,16 @@ impl ChunkCache {
         outcome.map(|()| Written::Now)
     }
 
-    /// Drops every present block overlapping `range`, e.g. because its bytes failed
-    /// verification.
+    /// Drops every present or partly written block overlapping `range`, e.g. because its
+    /// bytes failed verification.
     pub fn invalidate(&self, digest: &Digest, range: Range<u64>) -> Result<(), CacheError> {
         let Some(blob) = self.blobs.read().get(&digest.raw()).cloned() else {
             return Ok(());
         };
         let end = range.end.min(blob.geometry.blob_size);
+        for index in blob.geometry.covering(&(range.start..end)) {
+            self.drop_partial(digest, index);
+        }
         let victims = {
             let mut state = self.state.lock();
             let mut victims = Vec::new();
@@ -386,6 +391,11 @@ impl ChunkCache {
             state.pins.remove(&digest.raw());
             self.move_tier(&mut state, digest, false);
         }
+    }
+
+    /// Whether someone (a mounted layer) pins blob `digest`.
+    pub fn is_pinned(&self, digest: &Digest) -> bool {
+        self.state.lock().pins.contains_key(&digest.raw())
     }
 
     /// Bytes of `digest` the cache holds (0 for a blob it has never seen).

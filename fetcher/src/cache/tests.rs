@@ -110,3 +110,79 @@ fn a_working_set_larger_than_the_cache_counts_its_refetches() {
     }
     assert_eq!(cache.usage().refetched_after_eviction, 0);
 }
+
+#[test]
+fn a_partial_block_serves_only_its_written_bytes_and_a_restart_forgets_it() {
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let blob = Digest::of(b"blob");
+    let size = 3 * MIB;
+    let cache = ChunkCache::open(dir.path(), MIB, 8 * MIB).unwrap();
+    let middle = MIB + MIB / 2..MIB + MIB / 2 + 4096;
+    cache
+        .insert_extent(&blob, size, middle.clone(), &[5u8; 4096])
+        .unwrap();
+    assert_eq!(cache.read(&blob, middle.clone()).unwrap(), vec![5u8; 4096]);
+    assert_eq!(
+        cache
+            .read(&blob, middle.start + 100..middle.end - 100)
+            .unwrap(),
+        vec![5u8; 3896]
+    );
+    // Nothing outside what was written: not a byte before or after, not the block.
+    assert!(cache.read(&blob, middle.start - 1..middle.end).is_none());
+    assert!(cache.read(&blob, middle.start..middle.end + 1).is_none());
+    assert!(cache.read(&blob, MIB..2 * MIB).is_none());
+    assert!(!cache.contains(&BlockKey::new(&blob, 1)));
+    assert_eq!(cache.usage().blocks, 0);
+    assert_eq!(
+        cache.gaps(&blob, size, 1),
+        vec![MIB..middle.start, middle.end..2 * MIB]
+    );
+
+    // An extent whose write fails is not readable.
+    *cache.fault.lock() = Some(Step::WriteData);
+    let other = 100..200;
+    assert!(cache
+        .insert_extent(&blob, size, other.clone(), &[6u8; 100])
+        .is_err());
+    *cache.fault.lock() = None;
+    assert!(cache.read(&blob, other).is_none());
+    drop(cache);
+
+    // As after a crash: the bytes are in the data file, but nothing says they are valid.
+    let cache = ChunkCache::open(dir.path(), MIB, 8 * MIB).unwrap();
+    assert!(cache.read(&blob, middle.clone()).is_none());
+    assert!(cache.read(&blob, MIB..2 * MIB).is_none());
+    assert_eq!(cache.gaps(&blob, size, 1), vec![MIB..2 * MIB]);
+    assert_eq!(cache.usage().blocks, 0);
+
+    // A partial block becomes whole, and then present, by a store of all its bytes.
+    cache
+        .insert_extent(&blob, size, middle.clone(), &[5u8; 4096])
+        .unwrap();
+    cache
+        .insert(&blob, size, 1, &vec![9u8; MIB as usize])
+        .unwrap();
+    assert!(cache.gaps(&blob, size, 1).is_empty());
+    assert_eq!(cache.partial_bytes(&blob), 0);
+    assert_eq!(cache.read(&blob, middle).unwrap(), vec![9u8; 4096]);
+    assert_eq!(cache.usage().blocks, 1);
+}
+
+#[test]
+fn invalidating_drops_partial_blocks_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = Digest::of(b"blob");
+    let size = 4 * BLOCK;
+    let cache = open(dir.path());
+    cache
+        .insert_extent(&blob, size, 100..BLOCK + 100, &vec![3u8; BLOCK as usize])
+        .unwrap();
+    assert!(cache.read(&blob, 100..BLOCK + 100).is_some());
+    cache.invalidate(&blob, 0..200).unwrap();
+    assert!(cache.read(&blob, 100..200).is_none());
+    // The partial block 1 was outside the range and stays.
+    assert_eq!(cache.partial_bytes(&blob), 100);
+    assert!(cache.read(&blob, BLOCK..BLOCK + 100).is_some());
+}

@@ -15,7 +15,7 @@ use crate::stats::Source;
 
 /// The one attempt a block gets within [`FAILED_FETCH_WINDOW`](super::FAILED_FETCH_WINDOW) (or `registry.timeout_secs`,
 /// when shorter).
-const AFTER_FAILURE_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(5);
+pub(super) const AFTER_FAILURE_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Fetcher {
     /// Fetches one run of adjacent blocks: from peers when they have them (unless this is a
@@ -42,7 +42,7 @@ impl Fetcher {
     }
 
     /// The peer network, when `mode` may ask it.
-    fn peers_for(&self, mode: Mode) -> Option<&Peers> {
+    pub(super) fn peers_for(&self, mode: Mode) -> Option<&Peers> {
         match mode {
             Mode::Index | Mode::Read { peers: true } => self.inner.peers.as_deref(),
             Mode::Read { peers: false } | Mode::Refetch => None,

@@ -141,8 +141,9 @@ impl ChunkReader {
     }
 
     /// Finishes a read [`read_cached`](Self::read_cached) could not answer, fetching the
-    /// chunks it did not find. A chunk that fails its digest is fetched once more from the
-    /// registry before the read fails.
+    /// chunks it did not find, all at once (a read covers a few chunks at most, and the
+    /// fetcher bounds the fetches in flight). A chunk that fails its digest is fetched once
+    /// more from the registry before the read fails.
     pub async fn read_pending(
         &self,
         blob: &BlobRef,
@@ -150,7 +151,13 @@ impl ChunkReader {
         ino: Ino,
         mut pending: Pending,
     ) -> Result<Bytes, FsError> {
-        for (chunk, found) in pending.chunks.iter().zip(pending.found.iter_mut()) {
+        let mut fetches = Vec::new();
+        for (at, (chunk, found)) in pending
+            .chunks
+            .iter()
+            .zip(pending.found.iter_mut())
+            .enumerate()
+        {
             if found.is_some() {
                 continue;
             }
@@ -158,8 +165,11 @@ impl ChunkReader {
                 *found = Some(bytes);
                 continue;
             }
-            match self.fetch_chunk(blob, index, ino, chunk).await {
-                Ok(bytes) => *found = Some(bytes),
+            fetches.push(async move { (at, self.fetch_chunk(blob, index, ino, chunk).await) });
+        }
+        for (at, fetched) in futures::future::join_all(fetches).await {
+            match fetched {
+                Ok(bytes) => pending.found[at] = Some(bytes),
                 Err(err) => {
                     self.read_failures.fetch_add(1, Ordering::Relaxed);
                     return Err(err);

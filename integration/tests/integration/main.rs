@@ -42,6 +42,7 @@ mod lazy;
 mod metrics;
 mod overlaybd;
 mod p2p;
+mod partial_reads;
 mod permissions;
 mod pull_secrets;
 mod reload;

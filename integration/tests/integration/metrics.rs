@@ -131,7 +131,7 @@ fn get_answer(address: SocketAddr, path: &str) -> Result<(u16, String)> {
 
 /// Evicts the kernel's page cache, so that the second container's reads reach the FUSE layer
 /// instead of pages the first one left behind.
-fn drop_page_cache() -> Result<()> {
+pub(crate) fn drop_page_cache() -> Result<()> {
     std::fs::write("/proc/sys/vm/drop_caches", "3").context("drop the page cache")
 }
 
