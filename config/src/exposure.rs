@@ -2,7 +2,7 @@
 //! on loopback unless the file asks for more in so many words (`peers.insecure`).
 
 use crate::error::ConfigError;
-use crate::resolve::PeersConfig;
+use crate::peers::PeersConfig;
 
 /// Without TLS a listener serves whoever reaches it from a member's address, so one that
 /// anything but this host can reach must be asked for (`insecure`).

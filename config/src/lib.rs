@@ -13,6 +13,7 @@ pub mod defaults;
 mod error;
 mod exposure;
 mod log_filter;
+mod peers;
 pub mod raw;
 mod resolve;
 mod salvage;
@@ -20,7 +21,8 @@ mod salvage;
 pub use bytesize::ByteSize;
 pub use cri_proxy::CriProxyConfig;
 pub use error::ConfigError;
+pub use peers::{PeerTls, PeersConfig};
 pub use resolve::{
     CacheConfig, Config, CredentialProvidersConfig, FetchConfig, HandoverConfig, HostConfig,
-    LogConfig, LogFormat, MetricsConfig, PeerTls, PeersConfig, RegistryConfig,
+    LogConfig, LogFormat, MetricsConfig, RegistryConfig,
 };
