@@ -102,7 +102,7 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
             }
             Err(err) => warn!(
                 error = format!("{err:#}"),
-                "no fd holder: lazy mounts end when this daemon stops"
+                "no fd store: lazy mounts end when this daemon stops"
             ),
         }
     }
@@ -175,6 +175,8 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
     // HTTP/2 handshake, and failed every Prepare for its reconnect back-off
     // ("timed out waiting for server handshake").
     let listener = crate::listener::bind_private(&config.socket, "socket").await?;
+    // The socket accepts from here on (the kernel queues connections until they are served).
+    crate::handover::notify_ready();
     let serve = Server::builder()
         .add_service(server(Arc::new(snapshotter)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);

@@ -24,7 +24,7 @@ const FILES_PER_CYCLE: usize = 1;
 const FILE_SIZE: usize = 1280 << 10;
 
 /// Empties the page cache, so reads reach FUSE again.
-fn drop_caches() -> Result<()> {
+pub(crate) fn drop_caches() -> Result<()> {
     std::fs::write("/proc/sys/vm/drop_caches", "3").context("drop the page cache")
 }
 
@@ -95,7 +95,7 @@ fn cycle(
 }
 
 /// FUSE mounts of type `fuse.shoal` under `dir`.
-fn shoal_mounts_under(dir: &std::path::Path) -> Result<usize> {
+pub(crate) fn shoal_mounts_under(dir: &std::path::Path) -> Result<usize> {
     let table = std::fs::read_to_string("/proc/self/mountinfo")?;
     let dir = dir.to_string_lossy();
     Ok(table
