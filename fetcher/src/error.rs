@@ -93,6 +93,9 @@ pub enum FetchError {
         actual: [u8; 32],
     },
 
+    #[error("unit {index} is outside the block digest table's {units} units")]
+    UnitOutsideTable { index: u64, units: u64 },
+
     #[error("blob {blob} has digest {actual}")]
     BlobDigestMismatch { blob: Digest, actual: String },
 

@@ -503,6 +503,26 @@ impl Peers {
         }
     }
 
+    /// `blob` failed its digest: every block of `blocks` a peer sent stops being shared and
+    /// its sender is blamed (however few of them lied: the digest cannot say which). The
+    /// blocks a peer sent, to be dropped.
+    pub(crate) fn rejected_all(&self, blob: &Digest, blocks: Range<u64>) -> Vec<u64> {
+        let sent = self.shareable.reject_sent(blob, blocks);
+        let senders: HashSet<PeerAddr> = sent.iter().map(|(_, peer)| *peer).collect();
+        for peer in senders {
+            warn!(%peer, %blob, "a blob with blocks from a peer failed its digest; avoiding it");
+            self.counters.record(peer, Outcome::BadData);
+            self.members
+                .penalise(peer, Penalty::BadData, Instant::now());
+        }
+        sent.into_iter().map(|(index, _)| index).collect()
+    }
+
+    /// Whether every peer proved itself a member: mutual TLS with the cluster's CA.
+    pub fn authenticated(&self) -> bool {
+        self.config.tls.is_some()
+    }
+
     fn block_bytes(&self, blob: &BlobRef, index: u64) -> Range<u64> {
         let start = index.saturating_mul(self.block_size).min(blob.size);
         start..start.saturating_add(self.block_size).min(blob.size)
