@@ -215,6 +215,24 @@ pub fn render(status: &DaemonStatus) -> String {
             .map(|(l, n)| (l.as_str(), *n))
             .collect::<Vec<_>>(),
     );
+    let per_block: Vec<(String, u64)> = status
+        .layers
+        .iter()
+        .filter(|l| !l.verified.is_empty())
+        .map(|l| {
+            let value = u64::from(l.verified == "per_block");
+            (format!("{{digest=\"{}\"}}", l.digest), value)
+        })
+        .collect();
+    metric(
+        "layer_verified_per_block",
+        "gauge",
+        "1 for an overlaybd blob whose blocks are each checked against its block digest table, 0 for one checked per blob only (CRCs, then its digest).",
+        &per_block
+            .iter()
+            .map(|(l, n)| (l.as_str(), *n))
+            .collect::<Vec<_>>(),
+    );
     let reads: Vec<(String, u64)> = status
         .layer_reads
         .iter()
@@ -519,6 +537,9 @@ mod tests {
             cached_bytes: 40,
             mounts: 1,
             carried_over: false,
+            verified: "per_block".into(),
+            verified_why: String::new(),
+            peers_allowed: true,
         });
         status.layer_reads.push(LayerReads {
             digest: "sha256:ab".into(),
@@ -543,6 +564,7 @@ mod tests {
         assert!(text.contains("shoal_fetch_duration_seconds_count{source=\"registry\"} 3"));
         assert!(text.contains("shoal_fuse_read_duration_seconds_count 0"));
         assert!(text.contains("shoal_layer_cached_bytes{digest=\"sha256:ab\"} 40"));
+        assert!(text.contains("shoal_layer_verified_per_block{digest=\"sha256:ab\"} 1"));
     }
 
     #[test]

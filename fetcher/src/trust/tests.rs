@@ -218,6 +218,9 @@ async fn a_blob_failing_its_digest_is_dropped_from_the_cache() {
 }
 
 const UNIT: u64 = 1024;
+/// The whole units under [`CHUNK`].
+const CHUNK_UNITS: Range<u64> = 0..3072;
+const WHOLE: Range<u64> = 0..SIZE as u64;
 
 fn unit_digests(bytes: &[u8]) -> Vec<[u8; 32]> {
     bytes.chunks(UNIT as usize).map(sha256).collect()
@@ -252,7 +255,7 @@ async fn units_under_a_table_come_from_peers_and_a_forged_one_is_refetched() {
     let got = blobs.read(&blob, CHUNK, expect).await.unwrap();
     assert_eq!(got, data[1000..3000]);
     assert_eq!((blobs.peer_fetches(), blobs.refetches()), (1, 0));
-    assert_eq!(blobs.passed(&blob.digest), [0..3072]);
+    assert_eq!(blobs.passed(&blob.digest), [CHUNK_UNITS]);
     assert_eq!(blobs.read_cached(&blob, CHUNK, expect).unwrap(), got);
 
     // A peer forging a unit the read touches, with every embedded check right: caught by the
@@ -269,7 +272,7 @@ async fn units_under_a_table_come_from_peers_and_a_forged_one_is_refetched() {
     assert_eq!((blobs.peer_fetches(), blobs.refetches()), (1, 1));
     assert_eq!(
         blobs.passed(&blob.digest),
-        [0..3072],
+        [CHUNK_UNITS],
         "only the registry's bytes"
     );
 
@@ -332,7 +335,7 @@ async fn with_mutual_tls_crc_checked_blocks_come_from_peers_and_a_bad_blob_blame
         .await
         .unwrap();
     blobs.verify_blob(&blob).await.unwrap();
-    assert_eq!(blobs.passed(&blob.digest), [0..SIZE as u64]);
+    assert_eq!(blobs.passed(&blob.digest), [WHOLE]);
     assert_eq!(blobs.blamed(), 1);
 }
 
