@@ -79,6 +79,10 @@ pub enum Expect<'a> {
     /// The decoder checks something that travels with the bytes (a ZFile block's CRC32C):
     /// anyone can forge it, so only the cache and the registry supply them.
     Embedded(&'a dyn Decode),
+    /// As [`Expect::Embedded`], for bytes the reader parses and keeps at once (a layer's
+    /// metadata), which a later check of the whole blob could not take back: only the cache
+    /// and the registry.
+    EmbeddedKept(&'a dyn Decode),
     /// Nothing per read: the raw bytes, covered only by a later check of the whole blob
     /// against its digest ([`BlobRead::verify_blob`]). Only the cache and the registry.
     BlobDigest,
@@ -154,7 +158,7 @@ impl Expect<'_> {
         match self {
             Expect::Sha256 { .. } => Checked::ChunkDigests,
             Expect::Embedded(_) => Checked::Embedded,
-            Expect::BlobDigest => Checked::BlobDigest,
+            Expect::BlobDigest | Expect::EmbeddedKept(_) => Checked::BlobDigest,
             Expect::UnitDigests { .. } => Checked::UnitDigests,
         }
     }
@@ -448,7 +452,7 @@ fn check(
             sha256_matches(&decoded, digest)?;
             Ok(decoded)
         }
-        Expect::Embedded(decode) => decode.decode(raw),
+        Expect::Embedded(decode) | Expect::EmbeddedKept(decode) => decode.decode(raw),
         Expect::BlobDigest => Ok(raw.clone()),
         Expect::UnitDigests { table, decode } => {
             table.check(raw, span)?;

@@ -310,6 +310,15 @@ async fn with_mutual_tls_crc_checked_blocks_come_from_peers_and_a_bad_blob_blame
     blobs.registry_serves(&blob.digest, data.clone());
     let crc_passes = |bytes: &Bytes| -> Result<Bytes, Rejection> { Ok(bytes.clone()) };
 
+    // Bytes parsed and kept at once (a layer's metadata): never from a peer, even so.
+    let kept = blobs
+        .read(&blob, CHUNK, Expect::EmbeddedKept(&crc_passes))
+        .await
+        .unwrap();
+    assert_eq!(kept, data[1000..3000]);
+    assert_eq!(blobs.peer_fetches(), 0);
+    blobs.discard(&blob).unwrap();
+
     // The forgery passes the embedded check: it is read, never vouched for...
     let got = blobs
         .read(&blob, CHUNK, Expect::Embedded(&crc_passes))

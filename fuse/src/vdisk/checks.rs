@@ -85,6 +85,19 @@ impl LayerChecks {
         }
     }
 
+    /// What ZFile blocks of metadata (the LSMT index, parsed at once and kept) must match:
+    /// the table, or their CRCs from the registry alone (peers' blocks are vouched for only
+    /// by the blob's digest, later, which could not take back what was kept).
+    pub fn kept_blocks<'a>(&'a self, decode: &'a dyn Decode) -> Expect<'a> {
+        match &self.table {
+            Some(table) => Expect::UnitDigests {
+                table: units(table),
+                decode,
+            },
+            None => Expect::EmbeddedKept(decode),
+        }
+    }
+
     /// What raw metadata bytes (parsed at once and kept) must match: the table, or only the
     /// whole blob's digest, later (so they come from the registry alone).
     pub fn raw(&self) -> Expect<'_> {

@@ -135,23 +135,36 @@ impl DiskLayer {
         blobs: &dyn BlobRead,
         span: &BlockSpan,
     ) -> Result<Bytes, FsError> {
-        read_blocks(blobs, &self.checks, &self.blob, self.layer.zfile(), span).await
+        read_blocks(
+            blobs,
+            &self.checks,
+            &self.blob,
+            self.layer.zfile(),
+            span,
+            false,
+        )
+        .await
     }
 }
 
-/// Blocks `span` of the ZFile `zfile` in `blob`, checked as `checks` say (the fetcher decides
-/// where they may come from); a span with a block that fails is fetched once more from the
-/// registry before the read fails.
+/// Blocks `span` of the ZFile `zfile` in `blob`, checked as `checks` say for data, or for
+/// metadata to be `kept` (the fetcher decides where they may come from); a span with a block
+/// that fails is fetched once more from the registry before the read fails.
 async fn read_blocks(
     blobs: &dyn BlobRead,
     checks: &LayerChecks,
     blob: &BlobRef,
     zfile: &ZFile,
     span: &BlockSpan,
+    kept: bool,
 ) -> Result<Bytes, FsError> {
     let decode = |raw: &Bytes| decode(zfile, span, raw);
+    let expect = match kept {
+        true => checks.kept_blocks(&decode),
+        false => checks.blocks(&decode),
+    };
     blobs
-        .read(blob, span.compressed.clone(), checks.blocks(&decode))
+        .read(blob, span.compressed.clone(), expect)
         .await
         .map_err(|source| FsError::ReadBlock {
             blob: blob.digest.to_string(),
@@ -173,7 +186,7 @@ async fn read_zfile(
         .span(range)
         .map_err(|source| FsError::OpenLayer(source.into()))?
         .shifted(at);
-    let blocks = read_blocks(blobs, checks, blob, zfile, &span).await?;
+    let blocks = read_blocks(blobs, checks, blob, zfile, &span, true).await?;
     Ok(blocks.slice(span.keep.clone()).to_vec())
 }
 
