@@ -93,6 +93,18 @@ pub enum FetchError {
         actual: [u8; 32],
     },
 
+    #[error(
+        "blob bytes {start}..{end} have sha256 {}, their block digest table says {}",
+        hex::encode(actual),
+        hex::encode(expected)
+    )]
+    UnitDigestMismatch {
+        start: u64,
+        end: u64,
+        expected: [u8; 32],
+        actual: [u8; 32],
+    },
+
     #[error("unit {index} is outside the block digest table's {units} units")]
     UnitOutsideTable { index: u64, units: u64 },
 

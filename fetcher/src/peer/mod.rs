@@ -4,13 +4,14 @@
 //!   rendezvous placement of each blob's index owners ([`rendezvous`]), the index this node
 //!   keeps for the blobs it owns ([`index`]), announcements of what it holds ([`announce`]),
 //!   and the client and listener of the HTTP/2 protocol ([`client`], [`server`], [`wire`]).
-//! - Integrity: [`crate::trust`] decides. Peers are asked only for bytes checked against
-//!   hashes from a verified index (eStargz: the TOC, itself checked against the layer's
-//!   annotation); overlaybd blobs, whose CRCs travel with the data, are never taken from
-//!   peers. A node shares only blocks it fetched from the
-//!   registry itself, or got from a peer and has since checked every byte of ([`shareable`]);
-//!   so bad bytes cannot spread, and a peer whose bytes fail verification is avoided. The
-//!   expected hashes come from the verified TOC, never from the sender.
+//! - Integrity: [`crate::trust`] decides. Peers are asked for bytes checked against hashes
+//!   from a verified index or table (eStargz: the TOC, itself checked against the layer's
+//!   annotation; overlaybd: the block digest table the manifest names), and, with mutual TLS
+//!   only, for overlaybd blocks whose CRCs travel with the data, which the blob's digest checks
+//!   once complete. A node shares only blocks it fetched from the registry itself, or got from
+//!   a peer and has since checked every byte of ([`shareable`]); so bad bytes cannot spread,
+//!   and a peer whose bytes fail verification is avoided. The expected hashes never come from
+//!   the sender.
 //! - Privacy: blocks of a blob whose registry wanted this node's credential go only to a
 //!   peer that proves, over mutual TLS, that the registry lets it pull the blob ([`gate`]).
 //! - A herd of nodes missing the same block does not all go to the registry: the index owner

@@ -3,7 +3,8 @@
 //!
 //! A block is shareable when this node fetched it from the registry, or got it from a peer
 //! and every one of its bytes has since passed a check against hashes from a verified index
-//! (an eStargz chunk digest, the TOC digest). Until then it serves this node's containers
+//! (an eStargz chunk digest, the TOC digest, an overlaybd block digest table, the blob's own
+//! digest). Until then it serves this node's containers
 //! once its chunks verify, but is never passed on, so bad bytes cannot spread; and its sender
 //! is remembered, to be blamed if a check fails.
 //!

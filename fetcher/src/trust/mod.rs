@@ -122,7 +122,16 @@ impl UnitDigests<'_> {
                     units: self.digests.len() as u64,
                 }) as Rejection
             })?;
-            sha256_matches(part, *expected)?;
+            let actual: [u8; 32] = Sha256::digest(part).into();
+            if actual != *expected {
+                let start = index * unit;
+                return Err(Box::new(FetchError::UnitDigestMismatch {
+                    start,
+                    end: start + part.len() as u64,
+                    expected: *expected,
+                    actual,
+                }));
+            }
         }
         Ok(())
     }
