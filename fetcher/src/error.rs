@@ -93,16 +93,12 @@ pub enum FetchError {
         actual: [u8; 32],
     },
 
-    #[error(
-        "blob bytes {start}..{end} have sha256 {}, their block digest table says {}",
-        hex::encode(actual),
-        hex::encode(expected)
-    )]
+    /// Digests in hex: the variant stays as small as the others.
+    #[error("blob bytes {range:?} have sha256 {actual}, their block digest table says {expected}")]
     UnitDigestMismatch {
-        start: u64,
-        end: u64,
-        expected: [u8; 32],
-        actual: [u8; 32],
+        range: Box<Range<u64>>,
+        expected: String,
+        actual: String,
     },
 
     #[error("unit {index} is outside the block digest table's {units} units")]

@@ -126,10 +126,9 @@ impl UnitDigests<'_> {
             if actual != *expected {
                 let start = index * unit;
                 return Err(Box::new(FetchError::UnitDigestMismatch {
-                    start,
-                    end: start + part.len() as u64,
-                    expected: *expected,
-                    actual,
+                    range: Box::new(start..start + part.len() as u64),
+                    expected: hex::encode(expected),
+                    actual: hex::encode(actual),
                 }));
             }
         }
