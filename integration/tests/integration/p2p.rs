@@ -81,7 +81,7 @@ struct Node {
 }
 
 /// The image under test: busybox, then `/data/blob` of random bytes, converted to eStargz
-/// (or overlaybd, see [`with_overlaybd_cluster`]).
+/// (or as `shoal convert` arguments say).
 struct Published {
     /// `repository:tag` on the registry, without host.
     path: String,
@@ -110,10 +110,10 @@ impl Cluster {
         ];
         image::build(fixture, "p2p", &layers)?;
         let layout = fixture.path("images/p2p");
-        let path = match convert_args.is_empty() {
-            true => "test/p2p:esgz".to_owned(),
-            false => "test/p2p:converted".to_owned(),
-        };
+        let path = format!(
+            "test/p2p:{}",
+            ["converted", "esgz"][convert_args.is_empty() as usize]
+        );
         convert(
             fixture,
             convert_args,
@@ -530,18 +530,6 @@ fn with_shaped_cluster(
     body: impl FnOnce(&mut Cluster, &Published) -> Result<()>,
 ) -> Result<()> {
     with_cluster_of(fixture, mbit, None, &[], body)
-}
-
-/// [`with_cluster`] with the image converted by `shoal convert --format overlaybd` and
-/// `extra` arguments.
-fn with_overlaybd_cluster(
-    fixture: &Fixture,
-    extra: &[&str],
-    body: impl FnOnce(&mut Cluster, &Published) -> Result<()>,
-) -> Result<()> {
-    let mut args = vec!["--format", "overlaybd"];
-    args.extend_from_slice(extra);
-    with_cluster_of(fixture, REGISTRY_MBIT, None, &args, body)
 }
 
 /// [`with_shaped_cluster`] whose registry asks for `auth` (see [`Cluster::start_with`]).

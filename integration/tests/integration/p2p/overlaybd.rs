@@ -16,10 +16,22 @@ use shoal_formats::overlaybd::{tar_wrapper, Window, ZFile};
 
 use super::tls::certificates;
 use super::{
-    ensure_all_right, peer_stat, start_together, with_overlaybd_cluster, Cluster, Published,
+    ensure_all_right, peer_stat, start_together, with_cluster_of, Cluster, Published, REGISTRY_MBIT,
 };
 use crate::convert::manifest_layers;
 use crate::fixture::{privileged, wait_until, Fixture};
+
+/// [`super::with_cluster`] with the image converted by `shoal convert --format overlaybd` and
+/// `extra` arguments.
+fn with_overlaybd_cluster(
+    fixture: &Fixture,
+    extra: &[&str],
+    body: impl FnOnce(&mut Cluster, &Published) -> Result<()>,
+) -> Result<()> {
+    let mut args = vec!["--format", "overlaybd"];
+    args.extend_from_slice(extra);
+    with_cluster_of(fixture, REGISTRY_MBIT, None, &args, body)
+}
 
 /// Every layer of the image as `shoal status` lists it on node `i`: (digest, verified).
 fn verified_layers(cluster: &Cluster, i: usize) -> Result<Vec<(String, String)>> {
