@@ -84,6 +84,14 @@ fn four_nodes_start_an_overlaybd_image_from_the_registry_about_once() {
                 "four nodes made the registry send {four_nodes} bytes, one alone {one_node}"
             );
             anyhow::ensure!(from_peers > 0, "no block came from a peer");
+            let node = &cluster.nodes[nodes[0]];
+            let mut status = node.shoal(&cluster.network)?;
+            status.arg("status");
+            let text = crate::process::run(&mut status, Duration::from_secs(20))?;
+            anyhow::ensure!(
+                text.contains("verified per block (block digest table); blocks from peers too"),
+                "shoal status does not say how layers are verified:\n{text}"
+            );
             Ok(())
         })
     });
