@@ -290,8 +290,7 @@ impl Background {
             tasks.spawn(runtime, async move {
                 // Moved in whole: dropped with the task, however it ends.
                 let mut running = running;
-                let layer = &disk.layers()[at];
-                match vdisk::fetch_and_verify(&fetcher, layer, configured).await {
+                match vdisk::fetch_and_verify(&fetcher, &disk, at, configured).await {
                     Ok(()) => {
                         info!(blob = %blob.digest, bytes = blob.size, "overlaybd layer fetched and its digest verified");
                         running.blob = None;

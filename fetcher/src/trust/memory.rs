@@ -197,6 +197,8 @@ impl Tiers for MemoryBlobs {
         }
         held.cache.remove(&blob.digest);
         held.blamed += 1;
+        // A blamed peer is avoided from then on.
+        held.peer.remove(&blob.digest);
         Ok(1)
     }
 

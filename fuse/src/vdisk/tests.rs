@@ -234,14 +234,15 @@ async fn a_whole_blob_is_checked_against_its_digest_and_dropped_when_wrong() {
     let blob = fixture_blob();
     let (blobs, blob_ref) = cached(&blob);
     let layer = open(&blobs, blob_ref.clone()).await.unwrap();
-    fetch_and_verify(&blobs, &layer, None).await.unwrap();
+    let disk = VirtualDisk::new(vec![layer], FsType::Ext4).unwrap();
+    fetch_and_verify(&blobs, &disk, 0, None).await.unwrap();
 
     // One byte differs in the tar padding: no CRC covers it, the digest does.
     let mut bad = blob.clone();
     let last = bad.len() - 1;
     bad[last] ^= 1;
     blobs.cache(&blob_ref.digest, bad);
-    let err = fetch_and_verify(&blobs, &layer, Some(1 << 30))
+    let err = fetch_and_verify(&blobs, &disk, 0, Some(1 << 30))
         .await
         .unwrap_err();
     assert!(
@@ -340,4 +341,47 @@ fn reopened_reference(blob: &[u8]) -> Vec<u8> {
         .read_exact_at(0, &mut want)
         .unwrap();
     want
+}
+
+#[tokio::test]
+async fn without_a_table_peers_blocks_are_checked_by_the_blob_digest_and_dropped_when_wrong() {
+    let blob = fixture_blob();
+    let blobs = MemoryBlobs::default();
+    blobs.peers_use_tls();
+    let digest = Digest::parse(&format!("sha256:{LAYER}")).unwrap();
+    let image = ImageRef::parse("127.0.0.1:1/test/hello:1").unwrap();
+    let blob_ref = BlobRef::new(image, digest.clone(), blob.len() as u64);
+    blobs.registry_serves(&digest, blob.clone());
+    let layer = open(&blobs, blob_ref.clone()).await.unwrap();
+    assert_eq!(
+        blobs.peer_fetches(),
+        0,
+        "a layer's metadata never comes from a peer"
+    );
+
+    // Data blocks may: a peer forges the superblock's block with a matching CRC.
+    let map = shoal_formats::overlaybd::BlockMap::new(&[layer.layer()]).unwrap();
+    let index = map
+        .plan(0, 4096)
+        .unwrap()
+        .iter()
+        .find_map(|step| match step {
+            shoal_formats::overlaybd::Step::Blocks { span, .. } => Some(span.blocks.start),
+            _ => None,
+        })
+        .unwrap();
+    let forged = forged_block(&blob, &layer, index);
+    let disk = VirtualDisk::new(vec![layer], FsType::Ext4).unwrap();
+    blobs.discard(&blob_ref).unwrap();
+    blobs.peer_serves(&digest, forged);
+    let want = reopened_reference(&blob);
+    let seen = disk.read(&blobs, 0, 4096).await.unwrap();
+    assert_ne!(seen, want, "the CRC passed: the forgery was read");
+    assert_eq!(blobs.peer_fetches(), 1);
+
+    // The background completion finds the blob's digest wrong, drops what the peer sent and
+    // blames it, forgets what was decoded of it, and completes the blob from the registry.
+    fetch_and_verify(&blobs, &disk, 0, None).await.unwrap();
+    assert_eq!(blobs.blamed(), 1);
+    assert_eq!(disk.read(&blobs, 0, 4096).await.unwrap(), want);
 }

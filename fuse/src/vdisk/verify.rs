@@ -13,19 +13,21 @@ use std::time::{Duration, Instant};
 
 use shoal_fetcher::{BlobRead, BlobRef, Checked, FetchError, Verification};
 
-use super::DiskLayer;
+use super::VirtualDisk;
 use crate::error::FsError;
 
 /// Step of the fetch: large enough to coalesce, small enough to pace.
 const STEP: u64 = 4 << 20;
 
-/// Fetches all of `layer`'s blob into the cache, at most `rate` bytes per second (`None`: as
-/// fast as the fetcher goes), verifying it as its checks say.
+/// Fetches all of the blob of `disk`'s layer `at` into the cache, at most `rate` bytes per
+/// second (`None`: as fast as the fetcher goes), verifying it as its checks say.
 pub async fn fetch_and_verify(
     blobs: &dyn BlobRead,
-    layer: &DiskLayer,
+    disk: &VirtualDisk,
+    at: usize,
     rate: Option<u64>,
 ) -> Result<(), FsError> {
+    let layer = &disk.layers()[at];
     let blob = layer.blob();
     let failed = |source| FsError::FetchBlob {
         blob: blob.digest.to_string(),
@@ -56,6 +58,8 @@ pub async fn fetch_and_verify(
         if !matches!(outcome, Err(FetchError::BlobDigestMismatch { .. })) {
             break;
         }
+        // What was decoded of the dropped blocks must not be served from memory either.
+        disk.forget_decoded(at);
     }
     outcome.map_err(failed)
 }
