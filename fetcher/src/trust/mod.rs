@@ -8,9 +8,9 @@
 //!   digest table its manifest names). Bytes whose check travels with them
 //!   ([`Expect::Embedded`], a ZFile block's forgeable CRC32C) come from peers only when every
 //!   peer proved itself a member (mutual TLS), and the whole blob's digest, checked once it is
-//!   complete, vouches for them later; bytes only a later whole-blob digest covers
-//!   ([`Expect::BlobDigest`], metadata parsed and kept at once) come from the cache and the
-//!   registry alone.
+//!   complete, vouches for them later; bytes parsed and kept at once, which that later check
+//!   could not take back ([`Expect::EmbeddedKept`], [`Expect::BlobDigest`]: a layer's
+//!   metadata), come from the cache and the registry alone.
 //! - **verify**: a read's bytes are decoded and checked before they are returned, from the
 //!   cache as from the network.
 //! - **reject and refetch once**: bytes that fail are dropped from the cache, their sending
@@ -77,7 +77,9 @@ pub enum Expect<'a> {
         decode: &'a dyn Decode,
     },
     /// The decoder checks something that travels with the bytes (a ZFile block's CRC32C):
-    /// anyone can forge it, so only the cache and the registry supply them.
+    /// anyone can forge it, so peers supply them only when every peer is authenticated
+    /// (mutual TLS), and only the whole blob's digest, later, vouches for them
+    /// ([`BlobRead::verify_blob`]); otherwise only the cache and the registry.
     Embedded(&'a dyn Decode),
     /// As [`Expect::Embedded`], for bytes the reader parses and keeps at once (a layer's
     /// metadata), which a later check of the whole blob could not take back: only the cache
