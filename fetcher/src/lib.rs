@@ -58,4 +58,7 @@ pub use registry::{
     RegistryClient, RegistryError, RetryPolicy, MANIFEST_MEDIA_TYPES, MAX_WHOLE_BLOB_BYTES,
 };
 pub use stats::{BlobBytes, FetchStats, Source, MAX_COUNTED_BLOBS};
-pub use trust::{Anchor, Anchored, BlobRead, Checked, Decode, Expect, MemoryBlobs, Rejection};
+pub use trust::{
+    Anchor, Anchored, BlobRead, Checked, Decode, Expect, MemoryBlobs, Rejection, UnitDigests,
+    Verification,
+};

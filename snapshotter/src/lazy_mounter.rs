@@ -370,6 +370,7 @@ impl LayerMounter for LazyMounter {
             None => format.reopen(resolved).map_err(fail)?,
         };
         let blobs = opened.blobs();
+        let verification = opened.verification();
         let mut carried = self.carried_for(&self.paths_of(mountpoint));
         if carried.is_empty() && reopened {
             // Whatever a previous daemon left there without a holder is a dead connection.
@@ -385,7 +386,8 @@ impl LayerMounter for LazyMounter {
         };
         self.keep_connections(&served);
         for blob in &blobs {
-            self.table.add(blob);
+            let verified = verification.iter().find(|(d, _)| *d == blob.digest);
+            self.table.add(blob, verified.map(|(_, v)| v.clone()));
         }
         // Operators grep these lines (README, "Observability"); eStargz's FUSE mount logs its own.
         if layer.format == LayerFormat::Overlaybd {

@@ -85,6 +85,10 @@ struct ConvertArgs {
     /// `os/arch[/variant]` to pick from a multi-platform source.
     #[arg(long, default_value = shoal_cmd::convert::DEFAULT_PLATFORM)]
     platform: String,
+    /// overlaybd: write no block digest table beside each layer, as other converters do
+    /// (peers then serve its blocks only over mutual TLS, checked per blob).
+    #[arg(long)]
+    no_block_digests: bool,
     /// `oci:<layout dir>[:tag]` or a registry reference.
     source: String,
     /// Registry reference to push the converted image to.
@@ -210,6 +214,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 prioritize_list: convert.prioritize_list,
                 chunk_size: convert.chunk_size,
                 platform: Some(convert.platform),
+                block_digests: !convert.no_block_digests,
             };
             let runtime = shoal_cmd::runtime::build()?;
             let progress = shoal_cmd::pull::Progress::new();

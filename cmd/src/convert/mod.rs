@@ -77,6 +77,8 @@ pub struct Options {
     pub chunk_size: u64,
     /// `os/arch[/variant]` to pick from an index; [`DEFAULT_PLATFORM`] when absent.
     pub platform: Option<String>,
+    /// overlaybd: push a block digest table beside each layer.
+    pub block_digests: bool,
 }
 
 impl Default for Options {
@@ -89,6 +91,7 @@ impl Default for Options {
             prioritize_list: None,
             chunk_size: DEFAULT_CHUNK_SIZE,
             platform: None,
+            block_digests: true,
         }
     }
 }

@@ -4,13 +4,14 @@
 //!   rendezvous placement of each blob's index owners ([`rendezvous`]), the index this node
 //!   keeps for the blobs it owns ([`index`]), announcements of what it holds ([`announce`]),
 //!   and the client and listener of the HTTP/2 protocol ([`client`], [`server`], [`wire`]).
-//! - Integrity: [`crate::trust`] decides. Peers are asked only for bytes checked against
-//!   hashes from a verified index (eStargz: the TOC, itself checked against the layer's
-//!   annotation); overlaybd blobs, whose CRCs travel with the data, are never taken from
-//!   peers. A node shares only blocks it fetched from the
-//!   registry itself, or got from a peer and has since checked every byte of ([`shareable`]);
-//!   so bad bytes cannot spread, and a peer whose bytes fail verification is avoided. The
-//!   expected hashes come from the verified TOC, never from the sender.
+//! - Integrity: [`crate::trust`] decides. Peers are asked for bytes checked against hashes
+//!   from a verified index or table (eStargz: the TOC, itself checked against the layer's
+//!   annotation; overlaybd: the block digest table the manifest names), and, with mutual TLS
+//!   only, for overlaybd blocks whose CRCs travel with the data, which the blob's digest checks
+//!   once complete. A node shares only blocks it fetched from the registry itself, or got from
+//!   a peer and has since checked every byte of ([`shareable`]); so bad bytes cannot spread,
+//!   and a peer whose bytes fail verification is avoided. The expected hashes never come from
+//!   the sender.
 //! - Privacy: blocks of a blob whose registry wanted this node's credential go only to a
 //!   peer that proves, over mutual TLS, that the registry lets it pull the blob ([`gate`]).
 //! - A herd of nodes missing the same block does not all go to the registry: the index owner
@@ -501,6 +502,26 @@ impl Peers {
             self.members
                 .penalise(peer, Penalty::BadData, Instant::now());
         }
+    }
+
+    /// `blob` failed its digest: every block of `blocks` a peer sent stops being shared and
+    /// its sender is blamed (however few of them lied: the digest cannot say which). The
+    /// blocks a peer sent, to be dropped.
+    pub(crate) fn rejected_all(&self, blob: &Digest, blocks: Range<u64>) -> Vec<u64> {
+        let sent = self.shareable.reject_sent(blob, blocks);
+        let senders: HashSet<PeerAddr> = sent.iter().map(|(_, peer)| *peer).collect();
+        for peer in senders {
+            warn!(%peer, %blob, "a blob with blocks from a peer failed its digest; avoiding it");
+            self.counters.record(peer, Outcome::BadData);
+            self.members
+                .penalise(peer, Penalty::BadData, Instant::now());
+        }
+        sent.into_iter().map(|(index, _)| index).collect()
+    }
+
+    /// Whether every peer proved itself a member: mutual TLS with the cluster's CA.
+    pub fn authenticated(&self) -> bool {
+        self.config.tls.is_some()
     }
 
     fn block_bytes(&self, blob: &BlobRef, index: u64) -> Range<u64> {
