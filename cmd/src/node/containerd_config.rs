@@ -75,7 +75,14 @@ pub fn merge(
             known.join(" and ")
         );
     };
-    let changed = merge_table(document.as_table_mut(), snippet.as_table());
+    // New tables go after everything the file has, in the snippet's order (the snippet's own
+    // positions would interleave them with the file's tables).
+    let mut next_position = last_position(document.as_table()) + 1;
+    let changed = merge_table(
+        document.as_table_mut(),
+        snippet.as_table(),
+        &mut next_position,
+    );
     if !changed {
         return Ok(Outcome::Unchanged);
     }
@@ -94,16 +101,50 @@ fn version_of(document: &DocumentMut) -> Option<i64> {
     document.get("version").and_then(Item::as_integer)
 }
 
+/// The largest display position of any table in `table`.
+fn last_position(table: &Table) -> usize {
+    let mut last = table.position().unwrap_or(0);
+    for (_, item) in table.iter() {
+        match item {
+            Item::Table(child) => last = last.max(last_position(child)),
+            Item::ArrayOfTables(entries) => {
+                for entry in entries.iter() {
+                    last = last.max(last_position(entry));
+                }
+            }
+            _ => {}
+        }
+    }
+    last
+}
+
+/// Numbers `table` and its tables from `next` on, in order.
+fn renumber(table: &mut Table, next: &mut usize) {
+    table.set_position(*next);
+    *next += 1;
+    for (_, item) in table.iter_mut() {
+        match item {
+            Item::Table(child) => renumber(child, next),
+            Item::ArrayOfTables(entries) => {
+                for entry in entries.iter_mut() {
+                    renumber(entry, next);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Adds or sets every key of `from` in `into`; true when anything differed.
-fn merge_table(into: &mut dyn TableLike, from: &Table) -> bool {
+fn merge_table(into: &mut dyn TableLike, from: &Table, next: &mut usize) -> bool {
     let mut changed = false;
     for (key, item) in from.iter() {
         match item {
             Item::Table(table) => match into.get_mut(key).and_then(Item::as_table_like_mut) {
-                Some(existing) => changed |= merge_table(existing, table),
+                Some(existing) => changed |= merge_table(existing, table, next),
                 None => {
                     let mut table = table.clone();
-                    table.set_implicit(true);
+                    renumber(&mut table, next);
                     into.insert(key, Item::Table(table));
                     changed = true;
                 }
@@ -118,7 +159,9 @@ fn merge_table(into: &mut dyn TableLike, from: &Table) -> bool {
                 };
                 for entry in entries.iter() {
                     if !existing.iter().any(|have| holds(have, entry)) {
-                        existing.push(entry.clone());
+                        let mut entry = entry.clone();
+                        renumber(&mut entry, next);
+                        existing.push(entry);
                         changed = true;
                     }
                 }
@@ -143,10 +186,12 @@ fn merge_table(into: &mut dyn TableLike, from: &Table) -> bool {
 
 /// Whether `have` already holds every value `wanted` sets (an array entry to leave alone).
 fn holds(have: &Table, wanted: &Table) -> bool {
-    wanted.iter().all(|(key, item)| match (have.get(key), item) {
-        (Some(Item::Value(have)), Item::Value(wanted)) => same_value(have, wanted),
-        _ => false,
-    })
+    wanted
+        .iter()
+        .all(|(key, item)| match (have.get(key), item) {
+            (Some(Item::Value(have)), Item::Value(wanted)) => same_value(have, wanted),
+            _ => false,
+        })
 }
 
 /// Equal as TOML values, whatever their quoting or comments.
@@ -236,7 +281,8 @@ mod tests {
 
     #[test]
     fn keeps_what_the_file_had_and_changes_only_the_snippets_keys() {
-        let original = "# node config\nversion = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  \
+        let original =
+            "# node config\nversion = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  \
                         snapshotter = \"overlayfs\" # default\n  default_runtime_name = \"runc\"\n";
         let (_dir, file, snippets) = setup(Some(original));
         let Outcome::Changed { backup } = merge(&file, &snippets, None).unwrap() else {
@@ -260,7 +306,8 @@ mod tests {
 
     #[test]
     fn array_entries_are_added_once() {
-        let original = "version = 3\n[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]\n  \
+        let original =
+            "version = 3\n[[plugins.'io.containerd.transfer.v1.local'.unpack_config]]\n  \
                         platform = \"linux/amd64\"\n  snapshotter = \"overlayfs\"\n";
         let (_dir, file, snippets) = setup(Some(original));
         assert!(matches!(
@@ -281,7 +328,11 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_read_without_touching_it() {
-        for bad in ["version = 2\n[plugins\n", "[plugins.cri]\nx = 1\n", "version = 4\n"] {
+        for bad in [
+            "version = 2\n[plugins\n",
+            "[plugins.cri]\nx = 1\n",
+            "version = 4\n",
+        ] {
             let (dir, file, snippets) = setup(Some(bad));
             assert!(merge(&file, &snippets, None).is_err(), "{bad}");
             assert_eq!(fs::read_to_string(&file).unwrap(), bad);
@@ -294,8 +345,6 @@ mod tests {
         let (_dir, file, snippets) = setup(None);
         assert!(merge(&file, &snippets, None).is_err());
         assert_eq!(merge(&file, &snippets, Some(3)).unwrap(), Outcome::Created);
-        assert!(fs::read_to_string(&file)
-            .unwrap()
-            .contains("version = 3"));
+        assert!(fs::read_to_string(&file).unwrap().contains("version = 3"));
     }
 }

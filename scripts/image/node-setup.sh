@@ -1,0 +1,95 @@
+#!/bin/sh
+# The `shoal` pod's init container (deploy/kubernetes/shoal.yaml): prepares this node for
+# the daemon, idempotently, and exits non-zero (leaving what it could not change as it was)
+# when a step fails.
+#
+# 1. containerd's config: Shoal's settings merged into the existing file (`shoal node-setup
+#    containerd-config`: other settings and comments kept, a backup beside it), and containerd
+#    restarted only when the file changed. A file that does not parse is refused untouched.
+# 2. The node's peer certificate, issued from the cluster's peer CA (when one is mounted).
+# 3. The daemon's config: the ConfigMap's template with @NODE_IP@ replaced, checked.
+# 4. The `shoal` CLI on the host (SHOAL_HOST_BIN_DIR), for `shoal status` on the node.
+#
+# Environment (the DaemonSet sets them; the defaults are the host paths as the pod sees them):
+#   CONTAINERD_CONFIG       containerd's config file       (/host/etc/containerd/config.toml)
+#   CONTAINERD_CONFIG_VERSION  version for a missing file  (asked of the host's containerd)
+#   RESTART_CONTAINERD      shell command that restarts it (nsenter into PID 1: systemctl
+#                           restart containerd; the pod runs with hostPID)
+#   SHOAL_CONFIG_TEMPLATE   the ConfigMap's file           (/etc/shoal-template/config.toml)
+#   SHOAL_CONFIG            where the daemon reads it      (/etc/shoal/config.toml)
+#   NODE_IP                 this node's address (the downward API's status.hostIP)
+#   PEER_CA_DIR, PEER_TLS_DIR  the CA Secret, the node's certificate (/etc/shoal-ca, /etc/shoal-tls)
+#   SHOAL_HOST_BIN_DIR      where to put the CLI on the host (unset: not installed)
+set -eu
+# busybox's sh runs its own applets before PATH: util-linux's are named by path.
+
+log() { echo "shoal-node-setup: $*"; }
+share=/usr/local/share/shoal
+containerd_config="${CONTAINERD_CONFIG:-/host/etc/containerd/config.toml}"
+restart="${RESTART_CONTAINERD:-/usr/bin/nsenter --target 1 --mount --uts --ipc --net --pid -- systemctl restart containerd}"
+template="${SHOAL_CONFIG_TEMPLATE:-/etc/shoal-template/config.toml}"
+config="${SHOAL_CONFIG:-/etc/shoal/config.toml}"
+ca_dir="${PEER_CA_DIR:-/etc/shoal-ca}"
+tls_dir="${PEER_TLS_DIR:-/etc/shoal-tls}"
+
+# 1. containerd
+version="${CONTAINERD_CONFIG_VERSION:-}"
+if [ -z "$version" ] && [ ! -s "$containerd_config" ]; then
+  # Only a missing file needs it: containerd 1.x reads version 2, 2.x version 3.
+  major="$(/usr/bin/nsenter --target 1 --mount -- containerd --version | sed -n 's/.* v\{0,1\}\([0-9]\{1,\}\)\..*/\1/p')"
+  case "$major" in
+    1) version=2 ;;
+    2) version=3 ;;
+    *) log "cannot tell the host containerd's version ($major); set CONTAINERD_CONFIG_VERSION" >&2; exit 1 ;;
+  esac
+fi
+merged="$(shoal node-setup containerd-config --file "$containerd_config" \
+  --snippet "$share/containerd-config.toml" --snippet "$share/containerd-config-v3.toml" \
+  ${version:+--default-version "$version"})"
+log "$merged"
+case "$merged" in
+  unchanged:*) log "containerd keeps running" ;;
+  *)
+    log "restarting containerd: $restart"
+    eval "$restart"
+    ;;
+esac
+
+# 2. the peer certificate: IP SAN = the node's address, server and client auth, one year,
+# a new one at every pod start.
+if [ -f "$ca_dir/ca.pem" ] && [ -f "$ca_dir/ca.key" ]; then
+  mkdir -p "$tls_dir"
+  cd "$tls_dir"
+  printf 'subjectAltName=IP:%s\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n' \
+    "${NODE_IP:?NODE_IP is not set}" >node.ext
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout tls.key -out node.csr -subj "/CN=shoal node $NODE_IP" 2>/dev/null
+  openssl x509 -req -in node.csr -CA "$ca_dir/ca.pem" -CAkey "$ca_dir/ca.key" \
+    -CAcreateserial -CAserial /tmp/ca.srl -days 365 -extfile node.ext -out tls.crt 2>/dev/null
+  cp "$ca_dir/ca.pem" ca.pem
+  rm -f node.csr node.ext
+  chmod 0400 tls.key
+  cd /
+  log "peer certificate issued for $NODE_IP"
+fi
+
+# 3. the daemon's config (checked after the certificate it names exists)
+if [ -f "$template" ]; then
+  mkdir -p "$(dirname "$config")"
+  sed "s/@NODE_IP@/${NODE_IP:?NODE_IP is not set (the downward API's status.hostIP)}/g" \
+    "$template" >"$config.new"
+  shoal-snapshotter --check-config "$config.new" >/dev/null
+  mv "$config.new" "$config"
+  log "config written to $config"
+fi
+
+# 4. the CLI on the host, replaced by a rename only when it differs
+if [ -n "${SHOAL_HOST_BIN_DIR:-}" ]; then
+  mkdir -p "$SHOAL_HOST_BIN_DIR"
+  if ! cmp -s /usr/local/bin/shoal "$SHOAL_HOST_BIN_DIR/shoal"; then
+    cp /usr/local/bin/shoal "$SHOAL_HOST_BIN_DIR/.shoal.new"
+    mv -f "$SHOAL_HOST_BIN_DIR/.shoal.new" "$SHOAL_HOST_BIN_DIR/shoal"
+    log "installed $(shoal --version) as $SHOAL_HOST_BIN_DIR/shoal"
+  fi
+fi
+log "done"
