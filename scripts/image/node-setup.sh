@@ -9,6 +9,10 @@
 # 2. The node's peer certificate, issued from the cluster's peer CA (when one is mounted).
 # 3. The daemon's config: the ConfigMap's template with @NODE_IP@ replaced, checked.
 # 4. The `shoal` CLI on the host (SHOAL_HOST_BIN_DIR), for `shoal status` on the node.
+# 5. The image filesystem kubelet measures: containerd's CRI names
+#    <containerd root>/io.containerd.snapshotter.v1.shoal, which a proxy snapshotter never
+#    creates; without it kubelet's image GC and imagefs eviction fail to stat it. A symlink
+#    to Shoal's root makes kubelet measure the disk the chunk cache and snapshots are on.
 #
 # Environment (the DaemonSet sets them; the defaults are the host paths as the pod sees them):
 #   CONTAINERD_CONFIG       containerd's config file       (/host/etc/containerd/config.toml)
@@ -20,6 +24,9 @@
 #   NODE_IP                 this node's address (the downward API's status.hostIP)
 #   PEER_CA_DIR, PEER_TLS_DIR  the CA Secret, the node's certificate (/etc/shoal-ca, /etc/shoal-tls)
 #   SHOAL_HOST_BIN_DIR      where to put the CLI on the host (unset: not installed)
+#   CONTAINERD_ROOT         containerd's root as the pod sees it (/host/var/lib/containerd;
+#                           unset or absent: step 5 is skipped)
+#   SHOAL_ROOT_ON_HOST      Shoal's root as the host sees it (/var/lib/shoal)
 set -eu
 # busybox's sh runs its own applets before PATH: util-linux's are named by path.
 
@@ -90,6 +97,15 @@ if [ -n "${SHOAL_HOST_BIN_DIR:-}" ]; then
     cp /usr/local/bin/shoal "$SHOAL_HOST_BIN_DIR/.shoal.new"
     mv -f "$SHOAL_HOST_BIN_DIR/.shoal.new" "$SHOAL_HOST_BIN_DIR/shoal"
     log "installed $(shoal --version) as $SHOAL_HOST_BIN_DIR/shoal"
+  fi
+fi
+# 5. kubelet's image filesystem
+containerd_root="${CONTAINERD_ROOT:-/host/var/lib/containerd}"
+if [ -d "$containerd_root" ]; then
+  imagefs="$containerd_root/io.containerd.snapshotter.v1.shoal"
+  if [ ! -e "$imagefs" ] && [ ! -L "$imagefs" ]; then
+    ln -s "${SHOAL_ROOT_ON_HOST:-/var/lib/shoal}" "$imagefs"
+    log "kubelet's image filesystem $imagefs now points at ${SHOAL_ROOT_ON_HOST:-/var/lib/shoal}"
   fi
 fi
 log "done"

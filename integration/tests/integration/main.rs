@@ -35,6 +35,7 @@ mod credential_provider;
 mod cri;
 mod cri_annotations;
 mod ctr;
+mod disk_accounting;
 mod handover;
 mod harness;
 mod hostile;

@@ -63,6 +63,7 @@ fn node_setup_merges_into_this_machines_containerd_config_once_and_refuses_a_bro
         let host_etc = fixture.mkdir("host-etc-containerd")?;
         let template_dir = fixture.mkdir("template")?;
         let shoal_etc = fixture.mkdir("shoal-etc")?;
+        let containerd_root = fixture.mkdir("host-var-lib-containerd")?;
         let file = host_etc.join("config.toml");
         let original = machine_config()?;
         fs::write(&file, &original)?;
@@ -92,6 +93,11 @@ fn node_setup_merges_into_this_machines_containerd_config_once_and_refuses_a_bro
                 &format!(
                     "type=bind,src={},dst=/etc/shoal,options=rbind:rw",
                     shoal_etc.display()
+                ),
+                "--mount",
+                &format!(
+                    "type=bind,src={},dst=/host/var/lib/containerd,options=rbind:rw",
+                    containerd_root.display()
                 ),
                 "--env",
                 "NODE_IP=127.0.0.1",
@@ -155,6 +161,11 @@ fn node_setup_merges_into_this_machines_containerd_config_once_and_refuses_a_bro
         {
             anyhow::ensure!(merged_text.contains(line), "comment {line:?} lost");
         }
+        let imagefs = containerd_root.join("io.containerd.snapshotter.v1.shoal");
+        assert_eq!(
+            fs::read_link(&imagefs).context("kubelet's image filesystem is not linked")?,
+            Path::new("/var/lib/shoal")
+        );
         let rendered = fs::read_to_string(shoal_etc.join("config.toml"))?;
         assert_eq!(rendered, "[metrics]\naddress = \"127.0.0.1:9464\"\n");
 
