@@ -699,6 +699,13 @@ mod tests {
         );
 
         sn.remove("chain1".into()).await.unwrap();
-        assert!(restarted.calls().last().unwrap().starts_with("unmount"));
+        let calls = restarted.calls();
+        assert_eq!(
+            calls[calls.len() - 2..],
+            [
+                format!("unmount {}", dir.path().join("snapshots/1/fs").display()),
+                "release sha256:l1".to_owned()
+            ]
+        );
     }
 }
