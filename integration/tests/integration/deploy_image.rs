@@ -14,6 +14,7 @@ use crate::binary;
 use crate::client::Snapshots;
 use crate::containerd::{self, Containerd};
 use crate::fixture::{loopback_addr, privileged, wait_until, Fixture};
+use crate::lazy;
 use crate::metrics::get_answer;
 use crate::process;
 
@@ -75,6 +76,98 @@ fn same_path(dir: &Path, options: &str) -> String {
     )
 }
 
+/// Starts the fd holder's container as the `shoal-fdholder` DaemonSet runs it, listening on
+/// `holder` (its directory mounted at the same path).
+fn start_holder(fixture: &Fixture, ctd: &Containerd, holder: &Path) -> Result<()> {
+    let log = fixture.path("holder-container.log");
+    fixture.register_log("holder container", &log);
+    let run = holder
+        .parent()
+        .context("the holder socket has no directory")?;
+    ctd.ctr(&[
+        "run",
+        "-d",
+        "--privileged",
+        "--net-host",
+        "--log-uri",
+        &format!("file://{}", log.display()),
+        "--mount",
+        &same_path(run, "rw"),
+        IMAGE,
+        "holder",
+        "shoal-fdholder",
+        "--socket",
+        &holder.to_string_lossy(),
+        "--idle-exit-secs",
+        "0",
+    ])?;
+    Ok(())
+}
+
+/// The host paths the daemon's container gets, as the DaemonSet's volumes give them.
+struct DaemonMounts<'a> {
+    config: &'a Path,
+    holder: &'a Path,
+    root: &'a Path,
+    run: &'a Path,
+    health: std::net::SocketAddr,
+}
+
+/// Starts the daemon's container (`shoal-run-daemon`, the image's command) as container
+/// `daemon`; its output goes to the returned log.
+fn start_daemon(fixture: &Fixture, ctd: &Containerd, mounts: &DaemonMounts) -> Result<PathBuf> {
+    let log = fixture.path("daemon-container.log");
+    fixture.register_log("daemon container", &log);
+    let etc = mounts
+        .config
+        .parent()
+        .context("the config has no directory")?;
+    let containerd_dir = ctd.address().parent().context("no socket directory")?;
+    ctd.ctr(&[
+        "run",
+        "-d",
+        "--privileged",
+        "--net-host",
+        "--log-uri",
+        &format!("file://{}", log.display()),
+        "--env",
+        &format!("SHOAL_CONFIG={}", mounts.config.display()),
+        "--env",
+        &format!("HOLDER_SOCKET={}", mounts.holder.display()),
+        "--env",
+        &format!("HEALTH_URL=http://{}/health", mounts.health),
+        "--mount",
+        &same_path(etc, "ro"),
+        // Bidirectional, as containerd's CRI sets it up: the FUSE mounts the daemon makes
+        // reach the host's containerd.
+        "--rootfs-propagation",
+        "rshared",
+        "--mount",
+        &same_path(mounts.root, "rshared:rw"),
+        "--mount",
+        &same_path(mounts.run, "rw"),
+        "--mount",
+        &same_path(containerd_dir, "rw"),
+        "--mount",
+        "type=bind,src=/dev/fuse,dst=/dev/fuse,options=rbind:rw",
+        IMAGE,
+        "daemon",
+    ])?;
+    Ok(log)
+}
+
+/// Waits until the daemon answers at `socket` and `/ready` at `metrics`.
+fn wait_serving(what: &str, socket: &Path, metrics: std::net::SocketAddr) -> Result<()> {
+    wait_until(what, Duration::from_secs(60), || {
+        let listed = Snapshots::connect(socket).and_then(|client| {
+            client
+                .list(&[])
+                .map_err(|status| anyhow::anyhow!("{status}"))
+        });
+        Ok(listed.is_ok() && get_answer(metrics, "/ready").is_ok_and(|(status, _)| status == 200))
+    })
+}
+
 #[test]
 fn the_image_runs_the_daemon_and_holder_under_containerd_and_serves() {
     privileged!();
@@ -128,66 +221,19 @@ fn the_image_runs_the_daemon_and_holder_under_containerd_and_serves() {
         );
         anyhow::ensure!(error.contains("does not answer"), "{error}");
 
-        let holder_log = fixture.path("holder-container.log");
-        fixture.register_log("holder container", &holder_log);
-        ctd.ctr(&[
-            "run",
-            "-d",
-            "--privileged",
-            "--net-host",
-            "--log-uri",
-            &format!("file://{}", holder_log.display()),
-            "--mount",
-            &same_path(&run, "rw"),
-            IMAGE,
-            "holder",
-            "shoal-fdholder",
-            "--socket",
-            &holder.to_string_lossy(),
-            "--idle-exit-secs",
-            "0",
-        ])?;
-        let daemon_log = fixture.path("daemon-container.log");
-        fixture.register_log("daemon container", &daemon_log);
-        ctd.ctr(&[
-            "run",
-            "-d",
-            "--privileged",
-            "--net-host",
-            "--log-uri",
-            &format!("file://{}", daemon_log.display()),
-            "--env",
-            &format!("SHOAL_CONFIG={}", config.display()),
-            "--env",
-            &format!("HOLDER_SOCKET={}", holder.display()),
-            "--env",
-            &format!("HEALTH_URL=http://{metrics}/health"),
-            "--mount",
-            &same_path(&etc, "ro"),
-            "--mount",
-            &same_path(&root, "rshared:rw"),
-            "--mount",
-            &same_path(&run, "rw"),
-            "--mount",
-            &same_path(containerd_dir, "rw"),
-            "--mount",
-            "type=bind,src=/dev/fuse,dst=/dev/fuse,options=rbind:rw",
-            IMAGE,
-            "daemon",
-        ])?;
-
-        let serving = |what: &str| {
-            wait_until(what, Duration::from_secs(60), || {
-                Ok(Snapshots::connect(&socket)
-                    .and_then(|client| {
-                        client
-                            .list(&[])
-                            .map_err(|status| anyhow::anyhow!("{status}"))
-                    })
-                    .is_ok()
-                    && get_answer(metrics, "/ready").is_ok_and(|(status, _)| status == 200))
-            })
-        };
+        start_holder(fixture, &ctd, &holder)?;
+        let daemon_log = start_daemon(
+            fixture,
+            &ctd,
+            &DaemonMounts {
+                config: &config,
+                holder: &holder,
+                root: &root,
+                run: &run,
+                health: metrics,
+            },
+        )?;
+        let serving = |what: &str| wait_serving(what, &socket, metrics);
         serving("the daemon's socket and /ready to answer")?;
         let ready = ctd.ctr(&[
             "task",
@@ -258,6 +304,90 @@ fn the_image_runs_the_daemon_and_holder_under_containerd_and_serves() {
         )?;
         let log = std::fs::read_to_string(&daemon_log)?;
         anyhow::ensure!(log.contains("shoal-run-daemon: stopped"), "{log}");
+        Ok(())
+    });
+}
+
+#[test]
+fn a_lazy_image_runs_from_the_containerized_daemon() {
+    privileged!();
+    Fixture::run(|fixture| {
+        // The registry, containerd and an eStargz image, published with the suite's own daemon,
+        // which then stops and leaves its root to the image's.
+        let mut stack = lazy::Stack::start(fixture, "")?;
+        let (layers, expected) = lazy::data_image(&[("blob", 3 << 20)])?;
+        let published = stack.publish(fixture, "in-image", &layers)?;
+        stack.daemon.stop()?;
+        import(&stack.ctd)?;
+
+        let root = stack.daemon.root().to_owned();
+        let socket = stack.daemon.socket().to_owned();
+        let run = socket.parent().context("no socket directory")?.to_owned();
+        // A holder of the containers' own, beside any the suite's daemon left.
+        let holder = run.join("holder-image.sock");
+        let metrics = loopback_addr(9464);
+        let etc = fixture.mkdir("image-etc")?;
+        let config = etc.join("config.toml");
+        let text = std::fs::read_to_string(stack.daemon.config())?;
+        let text = text.replace(
+            &fixture.path("run/fdholder.sock").display().to_string(),
+            &holder.display().to_string(),
+        );
+        std::fs::write(
+            &config,
+            format!("{text}\n[metrics]\naddress = \"{metrics}\"\n"),
+        )?;
+        // What kubelet needs for Bidirectional propagation: the host's side is a shared mount.
+        let root_arg = root.to_string_lossy().into_owned();
+        process::run(
+            Command::new("mount").args(["--bind", &root_arg, &root_arg]),
+            Duration::from_secs(30),
+        )?;
+        process::run(
+            Command::new("mount").args(["--make-shared", &root_arg]),
+            Duration::from_secs(30),
+        )?;
+
+        start_holder(fixture, &stack.ctd, &holder)?;
+        start_daemon(
+            fixture,
+            &stack.ctd,
+            &DaemonMounts {
+                config: &config,
+                holder: &holder,
+                root: &root,
+                run: &run,
+                health: metrics,
+            },
+        )?;
+        wait_serving("the image's daemon to serve", &socket, metrics)?;
+
+        // containerd dialed the suite's daemon at its start and redials with a backoff that
+        // grows while no daemon answers (grpc's, up to 120 s): the pull is tried again
+        // until containerd's connection reaches the image's daemon.
+        let mut pulled = String::new();
+        wait_until(
+            "containerd to reach the image's daemon",
+            Duration::from_secs(150),
+            || {
+                pulled = stack.rpull(&published.estargz)?;
+                Ok(true)
+            },
+        )?;
+        anyhow::ensure!(
+            pulled.contains(&format!(
+                "{} layers, {} lazy",
+                published.layers.len(),
+                published.layers.len()
+            )),
+            "not every layer mounted lazily: {pulled}"
+        );
+        let out = stack.run(&published.estargz, "lazy-in-image", "sha256sum /data/blob")?;
+        assert_eq!(
+            lazy::sums(&out),
+            expected,
+            "the container reads the right bytes"
+        );
         Ok(())
     });
 }
