@@ -64,6 +64,20 @@ fn node_setup_merges_into_this_machines_containerd_config_once_and_refuses_a_bro
         let template_dir = fixture.mkdir("template")?;
         let shoal_etc = fixture.mkdir("shoal-etc")?;
         let containerd_root = fixture.mkdir("host-var-lib-containerd")?;
+        let host_bin = fixture.mkdir("host-opt-shoal-bin")?;
+        let tls = fixture.mkdir("tls")?;
+        // The cluster's peer CA, as the Job leaves it in its Secret.
+        let ca = fixture.mkdir("ca")?;
+        process::run(
+            Command::new("openssl")
+                .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+                .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+                .args(["-subj", "/CN=test peer CA", "-keyout"])
+                .arg(ca.join("ca.key"))
+                .arg("-out")
+                .arg(ca.join("ca.pem")),
+            Duration::from_secs(30),
+        )?;
         let file = host_etc.join("config.toml");
         let original = machine_config()?;
         fs::write(&file, &original)?;
@@ -99,6 +113,23 @@ fn node_setup_merges_into_this_machines_containerd_config_once_and_refuses_a_bro
                     "type=bind,src={},dst=/host/var/lib/containerd,options=rbind:rw",
                     containerd_root.display()
                 ),
+                "--mount",
+                &format!(
+                    "type=bind,src={},dst=/host/opt/shoal/bin,options=rbind:rw",
+                    host_bin.display()
+                ),
+                "--mount",
+                &format!(
+                    "type=bind,src={},dst=/etc/shoal-ca,options=rbind:ro",
+                    ca.display()
+                ),
+                "--mount",
+                &format!(
+                    "type=bind,src={},dst=/etc/shoal-tls,options=rbind:rw",
+                    tls.display()
+                ),
+                "--env",
+                "SHOAL_HOST_BIN_DIR=/host/opt/shoal/bin",
                 "--env",
                 "NODE_IP=127.0.0.1",
                 "--env",
@@ -166,6 +197,36 @@ fn node_setup_merges_into_this_machines_containerd_config_once_and_refuses_a_bro
             fs::read_link(&imagefs).context("kubelet's image filesystem is not linked")?,
             Path::new("/var/lib/shoal")
         );
+        // The node's peer certificate: from the CA, for the node's address, both usages.
+        let verified = process::run(
+            Command::new("openssl")
+                .arg("verify")
+                .arg("-CAfile")
+                .arg(ca.join("ca.pem"))
+                .args(["-purpose", "sslserver"])
+                .arg(tls.join("tls.crt")),
+            Duration::from_secs(30),
+        )?;
+        anyhow::ensure!(verified.contains(": OK"), "{verified}");
+        let text = process::run(
+            Command::new("openssl")
+                .args(["x509", "-noout", "-text", "-in"])
+                .arg(tls.join("tls.crt")),
+            Duration::from_secs(30),
+        )?;
+        for wanted in ["IP Address:127.0.0.1", "TLS Web Client Authentication"] {
+            anyhow::ensure!(
+                text.contains(wanted),
+                "no {wanted} in the certificate: {text}"
+            );
+        }
+        assert_eq!(fs::read(tls.join("ca.pem"))?, fs::read(ca.join("ca.pem"))?);
+        // The CLI on the host runs.
+        let version = process::run(
+            Command::new(host_bin.join("shoal")).arg("--version"),
+            Duration::from_secs(30),
+        )?;
+        anyhow::ensure!(version.starts_with("shoal 0.1.0"), "{version}");
         let rendered = fs::read_to_string(shoal_etc.join("config.toml"))?;
         assert_eq!(rendered, "[metrics]\naddress = \"127.0.0.1:9464\"\n");
 
