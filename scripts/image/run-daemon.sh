@@ -13,12 +13,20 @@
 #                       holder must be the shoal-fdholder DaemonSet's, not one this container
 #                       would start, which would die with it
 #   HEALTH_URL          the daemon's /health (unset: no watchdog)
-#   HEALTH_FAILURES     consecutive failed checks, 10 s apart, before a restart (6)
+#   HEALTH_FAILURES     consecutive failed checks before a restart (6)
+#   HEALTH_INTERVAL     seconds between checks (10)
+#   START_GRACE         seconds a starting daemon has before failed checks count, unless it
+#                       answered already (300: remounting many layers takes a while)
+#   STOP_GRACE          seconds a daemon that stopped answering has to exit on SIGTERM before
+#                       SIGKILL (30)
 set -u
 
 config="${SHOAL_CONFIG:-/etc/shoal/config.toml}"
 holder="${HOLDER_SOCKET:-/run/shoal/fdholder.sock}"
 failures_allowed="${HEALTH_FAILURES:-6}"
+interval="${HEALTH_INTERVAL:-10}"
+grace="${STOP_GRACE:-30}"
+start_grace="${START_GRACE:-300}"
 log() { echo "shoal-run-daemon: $*"; }
 
 until [ -S "$holder" ]; do
@@ -41,25 +49,27 @@ while ! $stopping; do
   log "started shoal-snapshotter (pid $daemon)"
   failures=0
   healthy_once=false
+  running_for=0
   while kill -0 "$daemon" 2>/dev/null && ! $stopping; do
     # `sleep` in the background, so a signal is taken at once.
-    sleep 10 &
+    sleep "$interval" &
     wait $! 2>/dev/null
+    running_for=$((running_for + interval))
     [ -n "${HEALTH_URL:-}" ] || continue
     $stopping && break
     if curl -fsS --max-time 5 -o /dev/null "$HEALTH_URL" 2>/dev/null; then
       failures=0
       healthy_once=true
-    elif $healthy_once; then
-      # Only a daemon that answered once can have stopped answering: a start-up with many
-      # layers to mount again is not a hang.
+    elif $healthy_once || [ "$running_for" -ge "$start_grace" ]; then
+      # A start-up with many layers to mount again is not a hang: failures count once the
+      # daemon answered, or once it had its start grace.
       failures=$((failures + 1))
       if [ "$failures" -ge "$failures_allowed" ]; then
         log "no answer at $HEALTH_URL $failures times in a row; restarting the daemon"
         kill -TERM "$daemon" 2>/dev/null
-        # A daemon that does not stop within 30 s is killed: the holder keeps the mounts.
+        # A daemon that does not stop in time is killed: the holder keeps the mounts.
         n=0
-        while kill -0 "$daemon" 2>/dev/null && [ "$n" -lt 30 ]; do sleep 1; n=$((n + 1)); done
+        while kill -0 "$daemon" 2>/dev/null && [ "$n" -lt "$grace" ]; do sleep 1; n=$((n + 1)); done
         kill -KILL "$daemon" 2>/dev/null
       fi
     fi

@@ -136,6 +136,15 @@ fn start_daemon(fixture: &Fixture, ctd: &Containerd, mounts: &DaemonMounts) -> R
         &format!("HOLDER_SOCKET={}", mounts.holder.display()),
         "--env",
         &format!("HEALTH_URL=http://{}/health", mounts.health),
+        // The watchdog's pace shortened for the test (the manifest keeps 10 s and 6 checks).
+        "--env",
+        "HEALTH_INTERVAL=1",
+        "--env",
+        "HEALTH_FAILURES=2",
+        "--env",
+        "STOP_GRACE=2",
+        "--env",
+        "START_GRACE=3",
         "--mount",
         &same_path(etc, "ro"),
         // Bidirectional, as containerd's CRI sets it up: the FUSE mounts the daemon makes
@@ -197,24 +206,16 @@ fn the_image_runs_the_daemon_and_holder_under_containerd_and_serves() {
             },
         )?;
         import(&ctd)?;
-        let containerd_dir = ctd.address().parent().context("no socket directory")?;
         let address = ctd.address().to_string_lossy().into_owned();
 
-        // containerd lists the snapshotter, but no daemon answers: not ready.
-        let unready = ctd.ctr(&[
-            "run",
-            "--rm",
-            "--net-host",
-            "--mount",
-            &same_path(containerd_dir, "ro"),
-            IMAGE,
-            "probe-before",
-            "shoal",
-            "node-setup",
-            "ready",
-            "--address",
-            &address,
-        ]);
+        // containerd lists the snapshotter, but no daemon answers: not ready (the image's
+        // CLI is this run's, asked from here).
+        let unready = process::run(
+            Command::new(binary::cli()?)
+                .args(["node-setup", "ready", "--address"])
+                .arg(ctd.address()),
+            Duration::from_secs(30),
+        );
         let error = format!(
             "{:#}",
             unready.err().context("ready with no daemon running")?
@@ -249,17 +250,27 @@ fn the_image_runs_the_daemon_and_holder_under_containerd_and_serves() {
         ])?;
         anyhow::ensure!(ready.starts_with("ready: "), "{ready}");
 
-        // It serves containerd: its own image unpacked into it, and run from it.
-        let version = ctd.ctr(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "shoal",
-            IMAGE,
-            "from-shoal",
-            "shoal",
-            "--version",
-        ])?;
+        // It serves containerd: its own image unpacked into it, and run from it. containerd
+        // dialed the socket at its start, before any daemon answered, and redials with a
+        // growing backoff (grpc's, up to 120 s): the run is tried until it gets through.
+        let mut version = String::new();
+        wait_until(
+            "containerd to reach the daemon",
+            Duration::from_secs(150),
+            || {
+                version = ctd.ctr(&[
+                    "run",
+                    "--rm",
+                    "--snapshotter",
+                    "shoal",
+                    IMAGE,
+                    "from-shoal",
+                    "shoal",
+                    "--version",
+                ])?;
+                Ok(true)
+            },
+        )?;
         anyhow::ensure!(version.starts_with("shoal 0.1.0"), "{version}");
 
         // A daemon that dies is started again in the same container, which a new container
@@ -283,6 +294,29 @@ fn the_image_runs_the_daemon_and_holder_under_containerd_and_serves() {
             },
         )?;
         serving("the restarted daemon to serve")?;
+
+        // A daemon that stops answering /health (stopped, as a hung one would be) is killed
+        // and started again, in the same container.
+        ctd.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "stop-1",
+            "daemon",
+            "sh",
+            "-c",
+            "kill -STOP $(pidof shoal-snapshotter)",
+        ])?;
+        wait_until(
+            "the watchdog to restart the hung daemon",
+            Duration::from_secs(60),
+            || {
+                let log = std::fs::read_to_string(&daemon_log).unwrap_or_default();
+                Ok(log.contains("times in a row; restarting the daemon")
+                    && log.matches("started shoal-snapshotter").count() >= 3)
+            },
+        )?;
+        serving("the daemon started after the hang to serve")?;
         let tasks = ctd.ctr(&["task", "ls"])?;
         let daemon_task = tasks
             .lines()
