@@ -20,6 +20,7 @@ pub mod convert;
 pub mod cri_proxy;
 pub mod daemon;
 pub mod handover;
+pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod misconfiguration;

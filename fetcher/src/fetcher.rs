@@ -65,6 +65,8 @@ struct Inner {
     pieces: Arc<Pieces>,
     /// The partly cached blocks waiting to be completed in the background.
     fill: Arc<fill::Fill>,
+    /// The peer listener, probes and announcer, once started: they end with the fetcher.
+    peer_tasks: parking_lot::Mutex<Option<peer::PeerTasks>>,
 }
 
 impl Fetcher {
@@ -118,6 +120,7 @@ impl Fetcher {
                 runs: Arc::default(),
                 pieces: Arc::default(),
                 fill: Arc::default(),
+                peer_tasks: parking_lot::Mutex::new(None),
             }),
         }
     }
@@ -167,12 +170,14 @@ impl Fetcher {
     }
 
     /// Binds the peer listener and starts membership probing and announcements on the
-    /// current runtime; the bound address, or `None` when peers are not configured.
+    /// current runtime, until the last clone of this fetcher is dropped (a second start
+    /// ends the first's); the bound address, or `None` when peers are not configured.
     pub async fn start_peers(&self) -> Result<Option<std::net::SocketAddr>, FetchError> {
         let Some(peers) = self.inner.peers.clone() else {
             return Ok(None);
         };
-        let bound = peer::start(peers, self.inner.cache.clone()).await?;
+        let (bound, tasks) = peer::start(peers, self.inner.cache.clone()).await?;
+        *self.inner.peer_tasks.lock() = Some(tasks);
         Ok(Some(bound))
     }
 

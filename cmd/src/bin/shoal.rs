@@ -276,10 +276,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 Format::Estargz => runtime
                     .block_on(shoal_cmd::convert::convert(config, &options, &progress))?
                     .to_string(),
-                Format::Overlaybd | Format::OverlaybdZstd => {
+                Format::Overlaybd | Format::OverlaybdLz4 | Format::OverlaybdZstd => {
                     let algorithm = match convert.format {
-                        Format::OverlaybdZstd => Algorithm::Zstd,
-                        _ => Algorithm::Lz4,
+                        Format::OverlaybdLz4 => Algorithm::Lz4,
+                        _ => Algorithm::Zstd,
                     };
                     runtime
                         .block_on(overlaybd::convert(config, &options, algorithm, &progress))?

@@ -509,12 +509,26 @@ impl Peers {
     }
 }
 
+/// The peer network's background tasks (the listener, membership probes, announcements):
+/// aborted when dropped, so they end with whatever started them.
+#[derive(Debug)]
+pub(crate) struct PeerTasks(Vec<tokio::task::AbortHandle>);
+
+impl Drop for PeerTasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
 /// Binds the peer listener and starts membership upkeep, announcements and the listener on
-/// the current runtime, serving blocks from `held`. Returns the bound address.
+/// the current runtime, serving blocks from `held`. Returns the bound address and the tasks,
+/// which run until it is dropped.
 pub(crate) async fn start(
     peers: Arc<Peers>,
     held: Arc<dyn HeldBlocks>,
-) -> Result<std::net::SocketAddr, PeerError> {
+) -> Result<(std::net::SocketAddr, PeerTasks), PeerError> {
     let tls = peers.config.tls.as_ref().map(tls::acceptor).transpose()?;
     let listen = peers.config.listen;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -538,10 +552,12 @@ pub(crate) async fn start(
              member's address, including any local user of a member node; set peers.tls"
         );
     }
-    tokio::spawn(server::serve(listener, tls, peers.clone(), held.clone()));
-    tokio::spawn(probe::run(peers.clone()));
-    tokio::spawn(announce::run(peers, held));
-    Ok(bound)
+    let tasks = PeerTasks(vec![
+        tokio::spawn(server::serve(listener, tls, peers.clone(), held.clone())).abort_handle(),
+        tokio::spawn(probe::run(peers.clone())).abort_handle(),
+        tokio::spawn(announce::run(peers, held)).abort_handle(),
+    ]);
+    Ok((bound, tasks))
 }
 
 /// What one round of asking peers came to: blocks they sent, blocks to fetch from the

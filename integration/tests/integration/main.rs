@@ -23,6 +23,7 @@ mod netns;
 mod process;
 mod proxy;
 mod registry;
+mod service_manager;
 mod tree;
 
 mod bad_input;
@@ -53,3 +54,4 @@ mod reload;
 mod resilience;
 mod rpull;
 mod stargz_compat;
+mod systemd_store;
