@@ -1,7 +1,11 @@
 #!/bin/sh
-# The `shoal` pod's init container (deploy/kubernetes/shoal.yaml): prepares this node for
-# the daemon, idempotently, and exits non-zero (leaving what it could not change as it was)
-# when a step fails.
+# What the `shoal` pod (deploy/kubernetes/shoal.yaml) does to its node, idempotently; a step
+# that fails exits non-zero, leaving what it could not change as it was.
+#
+#   shoal-node-setup              the init container: steps 2 to 5
+#   shoal-node-setup containerd   the `containerd-config` container: step 1, once the daemon
+#                                 answers. Not before: with containerd's CRI pulling through
+#                                 Shoal, the daemon's own container could not be created.
 #
 # 1. containerd's config: Shoal's settings merged into the existing file (`shoal node-setup
 #    containerd-config`: other settings and comments kept, a backup beside it), and containerd
@@ -15,6 +19,8 @@
 #    to Shoal's root makes kubelet measure the disk the chunk cache and snapshots are on.
 #
 # Environment (the DaemonSet sets them; the defaults are the host paths as the pod sees them):
+#   SHOAL_SOCKET            the daemon's socket step 1 waits for (/run/shoal/shoal.sock;
+#                           empty: no wait)
 #   CONTAINERD_CONFIG       containerd's config file       (/host/etc/containerd/config.toml)
 #   CONTAINERD_CONFIG_VERSION  version for a missing file  (asked of the host's containerd)
 #   RESTART_CONTAINERD      shell command that restarts it (nsenter into PID 1: systemctl
@@ -39,28 +45,38 @@ config="${SHOAL_CONFIG:-/etc/shoal/config.toml}"
 ca_dir="${PEER_CA_DIR:-/etc/shoal-ca}"
 tls_dir="${PEER_TLS_DIR:-/etc/shoal-tls}"
 
-# 1. containerd
-version="${CONTAINERD_CONFIG_VERSION:-}"
-if [ -z "$version" ] && [ ! -s "$containerd_config" ]; then
-  # Only a missing file needs it: containerd 1.x reads version 2, 2.x version 3.
-  major="$(/usr/bin/nsenter --target 1 --mount -- containerd --version | sed -n 's/.* v\{0,1\}\([0-9]\{1,\}\)\..*/\1/p')"
-  case "$major" in
-    1) version=2 ;;
-    2) version=3 ;;
-    *) log "cannot tell the host containerd's version ($major); set CONTAINERD_CONFIG_VERSION" >&2; exit 1 ;;
+if [ "${1:-}" = containerd ]; then
+  socket="${SHOAL_SOCKET-/run/shoal/shoal.sock}"
+  if [ -n "$socket" ]; then
+    until shoal --socket "$socket" status >/dev/null 2>&1; do
+      log "waiting for the daemon at $socket"
+      sleep 2
+    done
+  fi
+  # 1. containerd
+  version="${CONTAINERD_CONFIG_VERSION:-}"
+  if [ -z "$version" ] && [ ! -s "$containerd_config" ]; then
+    # Only a missing file needs it: containerd 1.x reads version 2, 2.x version 3.
+    major="$(/usr/bin/nsenter --target 1 --mount -- containerd --version | sed -n 's/.* v\{0,1\}\([0-9]\{1,\}\)\..*/\1/p')"
+    case "$major" in
+      1) version=2 ;;
+      2) version=3 ;;
+      *) log "cannot tell the host containerd's version ($major); set CONTAINERD_CONFIG_VERSION" >&2; exit 1 ;;
+    esac
+  fi
+  merged="$(shoal node-setup containerd-config --file "$containerd_config" \
+    --snippet "$share/containerd-config.toml" --snippet "$share/containerd-config-v3.toml" \
+    ${version:+--default-version "$version"})"
+  log "$merged"
+  case "$merged" in
+    unchanged:*) log "containerd keeps running" ;;
+    *)
+      log "restarting containerd: $restart"
+      eval "$restart"
+      ;;
   esac
+  exit 0
 fi
-merged="$(shoal node-setup containerd-config --file "$containerd_config" \
-  --snippet "$share/containerd-config.toml" --snippet "$share/containerd-config-v3.toml" \
-  ${version:+--default-version "$version"})"
-log "$merged"
-case "$merged" in
-  unchanged:*) log "containerd keeps running" ;;
-  *)
-    log "restarting containerd: $restart"
-    eval "$restart"
-    ;;
-esac
 
 # 2. the peer certificate: IP SAN = the node's address, server and client auth, one year,
 # a new one at every pod start.

@@ -1,4 +1,4 @@
-//! The DaemonSet's init container, `shoal-node-setup` in the image, run under containerd
+//! The DaemonSet's node setup, `shoal-node-setup` in the image, run under containerd
 //! against a copy of this machine's own containerd config: it merges Shoal's settings into a
 //! file with other plugins (read back by containerd itself), does nothing on a second run,
 //! refuses a file it cannot parse without touching it, and keeps a backup; containerd is
@@ -134,9 +134,15 @@ fn node_setup_merges_into_this_machines_containerd_config_once_and_refuses_a_bro
                 "NODE_IP=127.0.0.1",
                 "--env",
                 "RESTART_CONTAINERD=echo restarted >> /host/etc/containerd/restarts",
+                // No daemon here to wait for.
+                "--env",
+                "SHOAL_SOCKET=",
                 IMAGE,
                 &format!("setup-{}", runs.get()),
-                "shoal-node-setup",
+                "sh",
+                "-c",
+                // The pod's `containerd-config` container, then its init container's steps.
+                "shoal-node-setup containerd && shoal-node-setup",
             ])
         };
         let restart_count = || {
