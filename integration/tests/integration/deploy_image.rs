@@ -222,6 +222,45 @@ fn the_image_runs_the_daemon_and_holder_under_containerd_and_serves() {
         );
         anyhow::ensure!(error.contains("does not answer"), "{error}");
 
+        // The pod's `containerd-config` container, started before the daemon: it must wait
+        // for it before touching containerd's config (restarting containerd is recorded).
+        let host_etc = fixture.mkdir("host-etc-containerd")?;
+        std::fs::write(host_etc.join("config.toml"), "version = 2\n")?;
+        let switch_log = fixture.path("containerd-config-container.log");
+        fixture.register_log("containerd-config container", &switch_log);
+        ctd.ctr(&[
+            "run",
+            "-d",
+            "--log-uri",
+            &format!("file://{}", switch_log.display()),
+            "--mount",
+            &same_path(&run, "rw"),
+            "--mount",
+            &format!(
+                "type=bind,src={},dst=/host/etc/containerd,options=rbind:rw",
+                host_etc.display()
+            ),
+            "--env",
+            &format!("SHOAL_SOCKET={}", socket.display()),
+            "--env",
+            "RESTART_CONTAINERD=echo restarted >> /host/etc/containerd/restarts",
+            IMAGE,
+            "containerd-config",
+            "shoal-node-setup",
+            "containerd",
+        ])?;
+        wait_until(
+            "the containerd-config container to wait for the daemon",
+            Duration::from_secs(30),
+            || {
+                let log = std::fs::read_to_string(&switch_log).unwrap_or_default();
+                Ok(log.contains("waiting for the daemon"))
+            },
+        )?;
+        anyhow::ensure!(
+            !host_etc.join("restarts").exists(),
+            "containerd restarted before the daemon answered"
+        );
         start_holder(fixture, &ctd, &holder)?;
         let daemon_log = start_daemon(
             fixture,
@@ -236,6 +275,13 @@ fn the_image_runs_the_daemon_and_holder_under_containerd_and_serves() {
         )?;
         let serving = |what: &str| wait_serving(what, &socket, metrics);
         serving("the daemon's socket and /ready to answer")?;
+        wait_until(
+            "the containerd-config container to switch containerd",
+            Duration::from_secs(30),
+            || Ok(host_etc.join("restarts").exists()),
+        )?;
+        let switched = std::fs::read_to_string(host_etc.join("config.toml"))?;
+        anyhow::ensure!(switched.contains("snapshotter = \"shoal\""), "{switched}");
         let ready = ctd.ctr(&[
             "task",
             "exec",
