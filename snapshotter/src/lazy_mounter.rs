@@ -455,6 +455,24 @@ impl LayerMounter for LazyMounter {
             .unwrap_or(0)
     }
 
+    fn release_cached(&self, digest: &str) {
+        let Ok(digest) = Digest::parse(digest) else {
+            return;
+        };
+        let cache = self.fetcher.cache();
+        let bytes = cache.cached_bytes(&digest);
+        // The same path as a failed verification's drop: hidden, absence synced, punched out.
+        match cache.invalidate(&digest, 0..u64::MAX) {
+            Ok(()) if bytes > 0 => {
+                info!(blob = %digest, bytes, "cache bytes of a removed layer released");
+            }
+            Ok(()) => {}
+            Err(error) => {
+                warn!(blob = %digest, %error, "cannot release a removed layer's cache bytes");
+            }
+        }
+    }
+
     fn mounted_blobs(&self) -> Vec<MountedBlob> {
         let mut blobs = self.table.list();
         let mounted = self.mounted();
