@@ -25,6 +25,7 @@ use crate::reference::BlobRef;
 use crate::registry::RegistryClient;
 use crate::runs::Runs;
 use crate::stats::{BlobBytes, Counters, FetchStats, Source};
+use crate::traces::TraceStore;
 use crate::trust::Route;
 use run::runs;
 
@@ -65,6 +66,8 @@ struct Inner {
     pieces: Arc<Pieces>,
     /// The partly cached blocks waiting to be completed in the background.
     fill: Arc<fill::Fill>,
+    /// Learned-prefetch traces kept on this node (shared with the peer listener).
+    traces: Arc<TraceStore>,
 }
 
 impl Fetcher {
@@ -105,6 +108,8 @@ impl Fetcher {
         peers: Option<Arc<Peers>>,
     ) -> Fetcher {
         let max_run_blocks = (MAX_RUN_BYTES / cache.block_size()).max(1);
+        // Beside the cache: `<root>/traces/`.
+        let traces = Arc::new(TraceStore::new(cache.dir().with_file_name("traces")));
         Fetcher {
             inner: Arc::new(Inner {
                 registry,
@@ -118,6 +123,7 @@ impl Fetcher {
                 runs: Arc::default(),
                 pieces: Arc::default(),
                 fill: Arc::default(),
+                traces,
             }),
         }
     }
@@ -148,6 +154,11 @@ impl Fetcher {
         self.inner.registry.read().credential_sources()
     }
 
+    /// The learned-prefetch traces kept on this node.
+    pub fn traces(&self) -> &Arc<TraceStore> {
+        &self.inner.traces
+    }
+
     pub fn cache(&self) -> &ChunkCache {
         &self.inner.cache
     }
@@ -172,7 +183,7 @@ impl Fetcher {
         let Some(peers) = self.inner.peers.clone() else {
             return Ok(None);
         };
-        let bound = peer::start(peers, self.inner.cache.clone()).await?;
+        let bound = peer::start(peers, self.inner.cache.clone(), self.inner.traces.clone()).await?;
         Ok(Some(bound))
     }
 

@@ -35,6 +35,7 @@ mod server;
 mod shareable;
 mod stats;
 mod tls;
+mod trace;
 mod wire;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -510,10 +511,11 @@ impl Peers {
 }
 
 /// Binds the peer listener and starts membership upkeep, announcements and the listener on
-/// the current runtime, serving blocks from `held`. Returns the bound address.
+/// the current runtime, serving blocks from `held` and traces from `traces`. Returns the bound address.
 pub(crate) async fn start(
     peers: Arc<Peers>,
     held: Arc<dyn HeldBlocks>,
+    traces: Arc<crate::traces::TraceStore>,
 ) -> Result<std::net::SocketAddr, PeerError> {
     let tls = peers.config.tls.as_ref().map(tls::acceptor).transpose()?;
     let listen = peers.config.listen;
@@ -538,7 +540,13 @@ pub(crate) async fn start(
              member's address, including any local user of a member node; set peers.tls"
         );
     }
-    tokio::spawn(server::serve(listener, tls, peers.clone(), held.clone()));
+    tokio::spawn(server::serve(
+        listener,
+        tls,
+        peers.clone(),
+        held.clone(),
+        traces,
+    ));
     tokio::spawn(probe::run(peers.clone()));
     tokio::spawn(announce::run(peers, held));
     Ok(bound)
