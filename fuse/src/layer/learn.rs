@@ -334,7 +334,7 @@ async fn replay(
     learning: &Learning,
     image: &Digest,
     layer: &EstargzLayer,
-    reader: &ChunkReader,
+    reader: &Arc<ChunkReader>,
     trace: &Trace,
     peer: Option<String>,
 ) {

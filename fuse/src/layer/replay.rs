@@ -6,8 +6,9 @@ use std::collections::HashSet;
 use std::ops::Range;
 
 use bytes::Bytes;
-use futures::StreamExt as _;
-use shoal_fetcher::BlobRef;
+use std::sync::Arc;
+
+use shoal_fetcher::{BlobRef, FetchError};
 use shoal_formats::estargz::{Chunk, Index, Ino};
 use tracing::debug;
 
@@ -45,7 +46,7 @@ impl ChunkReader {
     /// first start read them), merged into spans, the earliest read first, several at once;
     /// each chunk checked against its digest and kept in memory.
     pub async fn prefetch_chunks(
-        &self,
+        self: &Arc<Self>,
         blob: &BlobRef,
         index: &Index,
         entries: &[(u64, u64)],
@@ -68,35 +69,28 @@ impl ChunkReader {
             }
             wanted.push((order, chunk.clone()));
         }
-        let spans = spans(wanted);
-        let mut fetches = futures::stream::iter(spans)
-            .map(|span| async move {
-                let decoders: Vec<_> = span
-                    .chunks
-                    .iter()
-                    .map(|chunk| move |raw: &Bytes| decode(raw, chunk))
-                    .collect();
-                let parts: Vec<_> = span
-                    .chunks
-                    .iter()
-                    .zip(&decoders)
-                    .map(|(chunk, decoder)| (chunk_range(chunk), expect(chunk, decoder)))
-                    .collect();
-                let got = self
-                    .blobs()
-                    .read_parts(blob, span.range.clone(), &parts)
-                    .await;
-                (span, got)
-            })
-            .buffer_unordered(SPANS_IN_FLIGHT);
-        while let Some((span, got)) = fetches.next().await {
+        // Each span is a task of its own, so spans are decoded and checked on every worker
+        // thread at once; the set aborts those left when the replay is dropped (its layer
+        // unmounted).
+        let mut spans = spans(wanted).into_iter();
+        let mut fetches = tokio::task::JoinSet::new();
+        loop {
+            while fetches.len() < SPANS_IN_FLIGHT {
+                let Some(span) = spans.next() else { break };
+                let (reader, blob) = (self.clone(), blob.clone());
+                fetches.spawn(async move {
+                    let got = reader.fetch_span(&blob, &span).await;
+                    (span, got)
+                });
+            }
+            let Some(joined) = fetches.join_next().await else {
+                break;
+            };
+            let Ok((span, got)) = joined else { continue };
             match got {
-                Ok(decoded) => {
-                    for (chunk, bytes) in span.chunks.iter().zip(decoded) {
-                        replayed.chunks += 1;
-                        replayed.bytes += chunk.blob_end - chunk.blob_offset;
-                        self.remember(blob, chunk, bytes);
-                    }
+                Ok(count) => {
+                    replayed.chunks += count.0;
+                    replayed.bytes += count.1;
                 }
                 Err(error) => {
                     replayed.failed += span.chunks.len() as u64;
@@ -105,6 +99,32 @@ impl ChunkReader {
             }
         }
         replayed
+    }
+
+    /// Fetches one span's chunks with one read, each checked, and keeps them in memory;
+    /// how many chunks and compressed bytes.
+    async fn fetch_span(&self, blob: &BlobRef, span: &Span) -> Result<(u64, u64), FetchError> {
+        let decoders: Vec<_> = span
+            .chunks
+            .iter()
+            .map(|chunk| move |raw: &Bytes| decode(raw, chunk))
+            .collect();
+        let parts: Vec<_> = span
+            .chunks
+            .iter()
+            .zip(&decoders)
+            .map(|(chunk, decoder)| (chunk_range(chunk), expect(chunk, decoder)))
+            .collect();
+        let decoded = self
+            .blobs()
+            .read_parts(blob, span.range.clone(), &parts)
+            .await?;
+        let mut bytes = 0;
+        for (chunk, data) in span.chunks.iter().zip(decoded) {
+            bytes += chunk.blob_end - chunk.blob_offset;
+            self.remember(blob, chunk, data);
+        }
+        Ok((span.chunks.len() as u64, bytes))
     }
 }
 

@@ -161,7 +161,7 @@ fn a_trace_for_another_image_is_ignored_and_a_damaged_one_rejected() {
             // (sealed anew, so only the digest inside differs); node "bad" finds them damaged.
             let other = add_solo(cluster, "other")?;
             let bad = add_solo(cluster, "bad")?;
-            for (node, edit) in [(other, retarget as fn(&mut Vec<u8>)), (bad, damage)] {
+            for (node, edit) in [(other, retarget as fn(&mut [u8])), (bad, damage)] {
                 let dir = cluster.nodes[node].cache.with_file_name("traces");
                 fs::create_dir_all(&dir)?;
                 for path in &kept {
@@ -202,7 +202,7 @@ fn a_trace_for_another_image_is_ignored_and_a_damaged_one_rejected() {
 }
 
 /// Makes a trace name another image, sealed with a right checksum.
-fn retarget(bytes: &mut Vec<u8>) {
+fn retarget(bytes: &mut [u8]) {
     bytes[12..44].copy_from_slice(&[0x5a; 32]);
     let at = bytes.len() - 32;
     let sum = Sha256::digest(&bytes[..at]);
@@ -210,7 +210,7 @@ fn retarget(bytes: &mut Vec<u8>) {
 }
 
 /// Flips a byte inside a trace's entries or header.
-fn damage(bytes: &mut Vec<u8>) {
+fn damage(bytes: &mut [u8]) {
     let at = bytes.len() / 2;
     bytes[at] ^= 0x01;
 }
