@@ -20,8 +20,10 @@ packages=(
   # second eStargz producer, and stargz-snapshotter's Go library with the Go toolchain that
   # builds it offline (compatibility tests read Shoal's eStargz with it)
   stargz-snapshotter golang-go golang-github-containerd-stargz-snapshotter-dev
-  # the benchmark's chart (scripts/bench/report.py)
-  python3-matplotlib
+  # the benchmark's chart (scripts/bench/report.py); a virtual environment for the validator
+  python3-matplotlib python3-venv
+  # the DaemonSet image's programs beside Shoal's (scripts/build-image.sh)
+  util-linux mount ca-certificates
 )
 
 missing=()
@@ -44,6 +46,17 @@ fi
 # on loopback ports of their choosing, so the packaged one is stopped to keep the machine quiet.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet docker-registry 2>/dev/null; then
   systemctl stop docker-registry || true
+fi
+
+# The Kubernetes manifests' schema validator (PyPI; it ships the OpenAPI schemas, so the
+# test runs offline), in a virtual environment of its own under Debian's python3.
+validator_version=1.37.0
+validator=/opt/shoal-tools/validate
+if [ "$("$validator/bin/python" -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"))' 2>/dev/null)" != "$validator_version" ]; then
+  echo "install-deps: installing kubernetes-validate $validator_version in $validator"
+  rm -rf "$validator"
+  /usr/bin/python3 -m venv "$validator"
+  "$validator/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==$validator_version"
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -2,7 +2,6 @@
 //! and reloads its configuration on SIGHUP.
 
 use std::fs::File;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,7 +19,7 @@ use shoal_snapshotter::{
     server, tonic::transport::Server, EstargzFormat, LazyMounter, MountPolicy, MountSettings,
     OverlaybdFormat, ShoalSnapshotter,
 };
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
@@ -111,7 +110,7 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
             }
             Err(err) => warn!(
                 error = format!("{err:#}"),
-                "no fd holder: lazy mounts end when this daemon stops"
+                "no fd store: lazy mounts end when this daemon stops"
             ),
         }
     }
@@ -184,7 +183,9 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
     // once. Bound earlier, containerd connected during start-up, timed out waiting for the
     // HTTP/2 handshake, and failed every Prepare for its reconnect back-off
     // ("timed out waiting for server handshake").
-    let listener = bind(&config.socket).await?;
+    let listener = crate::listener::bind_private(&config.socket, "socket").await?;
+    // The socket accepts from here on (the kernel queues connections until they are served).
+    crate::handover::notify_ready();
     let serve = Server::builder()
         .add_service(server(Arc::new(snapshotter)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
@@ -289,21 +290,4 @@ async fn refuse_live_socket(socket: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// Binds the socket, replacing a stale one (the root lock proves nobody else serves it).
-async fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
-    if socket.exists() {
-        std::fs::remove_file(socket)
-            .with_context(|| format!("remove stale socket {}", socket.display()))?;
-    }
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    }
-    let listener =
-        UnixListener::bind(socket).with_context(|| format!("bind {}", socket.display()))?;
-    // containerd runs as root; nobody else has business on this socket.
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod {}", socket.display()))?;
-    Ok(listener)
 }

@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
-use shoal_config::{Config, HandoverConfig};
-use shoal_fuse::handover::{FdStore, HolderClient};
+use shoal_config::{Config, HandoverConfig, HandoverStore};
+use shoal_fuse::handover::{
+    systemd_notify, FdStore, HolderClient, SystemdEnvironment, SystemdStore,
+};
 use shoal_fuse::syscall::{LinuxSyscall, Syscall};
 
 /// The lock file in the root; it holds the pid of the daemon that has it.
@@ -25,13 +27,48 @@ fn holder_program() -> anyhow::Result<std::path::PathBuf> {
     Ok(exe.with_file_name("shoal-fdholder"))
 }
 
-/// Attaches to the fd holder, starting one if none answers.
+/// What systemd told this process, if it runs as a systemd service.
+fn systemd_environment() -> SystemdEnvironment {
+    let var = |name| std::env::var(name).ok();
+    SystemdEnvironment {
+        notify_socket: var("NOTIFY_SOCKET"),
+        fdstore: var("FDSTORE"),
+        listen_pid: var("LISTEN_PID"),
+        listen_fds: var("LISTEN_FDS"),
+        listen_fdnames: var("LISTEN_FDNAMES"),
+    }
+}
+
+/// The store the lazy mounts' connections are kept in: systemd's fd store (taking back the
+/// fds it passed this start) or the fd holder, attached to, or started when none answers.
 pub fn open_store(config: &HandoverConfig) -> anyhow::Result<Arc<dyn FdStore>> {
+    let systemd = systemd_environment();
+    let use_systemd = match config.store {
+        HandoverStore::Holder => false,
+        HandoverStore::Systemd => true,
+        HandoverStore::Auto => systemd.offers_fd_store(),
+    };
+    if use_systemd {
+        let store = SystemdStore::adopt(&systemd)
+            .map_err(|err| anyhow::anyhow!(shoal_fetcher::with_causes(&err)))
+            .context("handover.store: systemd's fd store")?;
+        return Ok(Arc::new(store));
+    }
     let program = holder_program()?;
     let client =
         HolderClient::connect_or_start(&config.holder_socket, &program, config.orphan_after)
             .map_err(|err| anyhow::anyhow!(shoal_fetcher::with_causes(&err)))?;
     Ok(Arc::new(client))
+}
+
+/// Tells systemd the daemon serves (`READY=1`, for a `Type=notify` unit); nothing when it does
+/// not run as a systemd service.
+pub fn notify_ready() {
+    if let Ok(socket) = std::env::var("NOTIFY_SOCKET") {
+        if let Err(err) = systemd_notify(&socket, "READY=1", None) {
+            tracing::warn!(error = %shoal_fetcher::with_causes(&err), "could not tell systemd the daemon is ready");
+        }
+    }
 }
 
 /// Writes this process's pid into the root's lock, so `--shutdown` can find the daemon.

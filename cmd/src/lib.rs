@@ -11,6 +11,7 @@
 //! - [`convert`]: `shoal convert`, rebuilding an image as eStargz and pushing it.
 //! - [`cri_proxy`]: the CRI image-service proxy that records kubelet's pull secrets.
 //! - [`reload`]: SIGHUP in the daemon, `shoal reload` in the CLI.
+//! - [`node`]: `shoal node-setup`, the Kubernetes node's containerd config merge and readiness.
 //! - [`misconfiguration`]: containerd settings the fallback counters show to be missing.
 //! - [`version`]: the one version line every binary prints.
 
@@ -19,9 +20,11 @@ pub mod convert;
 pub mod cri_proxy;
 pub mod daemon;
 pub mod handover;
+pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod misconfiguration;
+pub mod node;
 pub mod pull;
 pub mod reload;
 pub mod runtime;

@@ -254,6 +254,23 @@ impl std::fmt::Display for Status {
                         ""
                     }
                 )?;
+                let peers = match layer.peers_allowed {
+                    true => "blocks from peers too",
+                    false => "blocks from the cache and the registry only",
+                };
+                match layer.verified.as_str() {
+                    "per_block" => writeln!(
+                        f,
+                        "              verified per block (block digest table); {peers}"
+                    )?,
+                    "per_blob" => writeln!(
+                        f,
+                        "              verified per blob only ({}): CRC per block, the blob's \
+                         digest once complete; {peers}",
+                        layer.verified_why
+                    )?,
+                    _ => {}
+                }
                 if let Some(learned) = d.learned.iter().find(|l| l.digest == layer.digest) {
                     writeln!(f, "              {}", learned::line(learned))?;
                 }
@@ -423,6 +440,9 @@ mod tests {
                     cached_bytes: 1 << 20,
                     mounts: 2,
                     carried_over: true,
+                    verified: "per_blob".into(),
+                    verified_why: "no block digest table (made by another converter)".into(),
+                    peers_allowed: false,
                 }],
                 handover: crate::metrics::HandoverStatus {
                     store: "fd holder at /run/shoal/fdholder.sock".into(),
@@ -466,6 +486,14 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("cache:      3.0 MiB of 10.0 GiB"), "{text}");
+        assert!(
+            text.contains(
+                "verified per blob only (no block digest table (made by another converter)): \
+                 CRC per block, the blob's digest once complete; blocks from the cache and the \
+                 registry only"
+            ),
+            "{text}"
+        );
 
         let idle = Status {
             reachable: true,

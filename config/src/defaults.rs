@@ -40,6 +40,8 @@ pub const HANDOVER_HOLDER_SOCKET: &str = "/run/shoal/fdholder.sock";
 /// How long the fd holder keeps connections with no daemon attached: long enough for any
 /// restart or upgrade, short enough that a node whose daemon is gone for good lets go.
 pub const HANDOVER_ORPHAN_AFTER_SECS: u64 = 3600;
+/// systemd's fd store where systemd offers one, the fd holder elsewhere.
+pub const HANDOVER_STORE: &str = "auto";
 /// Where the CRI image-service proxy listens, for kubelet's `--image-service-endpoint`.
 pub const CRI_PROXY_LISTEN: &str = "/run/shoal/cri.sock";
 /// containerd's socket, which serves its CRI plugin.

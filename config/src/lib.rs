@@ -23,6 +23,6 @@ pub use cri_proxy::CriProxyConfig;
 pub use error::ConfigError;
 pub use peers::{PeerTls, PeersConfig};
 pub use resolve::{
-    CacheConfig, Config, CredentialProvidersConfig, FetchConfig, HandoverConfig, HostConfig,
-    LogConfig, LogFormat, MetricsConfig, RegistryConfig,
+    CacheConfig, Config, CredentialProvidersConfig, FetchConfig, HandoverConfig, HandoverStore,
+    HostConfig, LogConfig, LogFormat, MetricsConfig, RegistryConfig,
 };

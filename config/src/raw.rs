@@ -41,6 +41,7 @@ pub struct RawHandover {
     pub enabled: Option<bool>,
     pub holder_socket: Option<PathBuf>,
     pub orphan_after_secs: Option<i64>,
+    pub store: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -42,6 +42,20 @@ pub struct HandoverConfig {
     pub holder_socket: PathBuf,
     /// With no daemon attached for this long, the holder lets every connection go.
     pub orphan_after: Duration,
+    /// Which process keeps the connections.
+    pub store: HandoverStore,
+}
+
+/// Which process keeps the lazy mounts' connections between daemons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandoverStore {
+    /// systemd's fd store when systemd offers the service one (`$FDSTORE`, systemd 254 and
+    /// later, with `$NOTIFY_SOCKET`); the fd holder otherwise.
+    Auto,
+    /// Shoal's fd holder, `shoal-fdholder`.
+    Holder,
+    /// systemd's fd store, even where systemd does not say its size (before 254).
+    Systemd,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -376,6 +390,17 @@ fn resolve_handover(raw: RawHandover) -> Result<HandoverConfig, ConfigError> {
             .holder_socket
             .unwrap_or_else(|| defaults::HANDOVER_HOLDER_SOCKET.into()),
         orphan_after: Duration::from_secs(orphan_after as u64),
+        store: match raw.store.as_deref().unwrap_or(defaults::HANDOVER_STORE) {
+            "auto" => HandoverStore::Auto,
+            "holder" => HandoverStore::Holder,
+            "systemd" => HandoverStore::Systemd,
+            other => {
+                return Err(ConfigError::invalid(
+                    "handover.store",
+                    format!("`{other}` is not one of auto, holder, systemd"),
+                ))
+            }
+        },
     })
 }
 

@@ -93,6 +93,17 @@ pub enum FetchError {
         actual: [u8; 32],
     },
 
+    /// Digests in hex: the variant stays as small as the others.
+    #[error("blob bytes {range:?} have sha256 {actual}, their block digest table says {expected}")]
+    UnitDigestMismatch {
+        range: Box<Range<u64>>,
+        expected: String,
+        actual: String,
+    },
+
+    #[error("unit {index} is outside the block digest table's {units} units")]
+    UnitOutsideTable { index: u64, units: u64 },
+
     #[error("blob {blob} has digest {actual}")]
     BlobDigestMismatch { blob: Digest, actual: String },
 

@@ -68,6 +68,8 @@ struct Inner {
     fill: Arc<fill::Fill>,
     /// Learned-prefetch traces kept on this node (shared with the peer listener).
     traces: Arc<TraceStore>,
+    /// The peer listener, probes and announcer, once started: they end with the fetcher.
+    peer_tasks: parking_lot::Mutex<Option<peer::PeerTasks>>,
 }
 
 impl Fetcher {
@@ -124,6 +126,7 @@ impl Fetcher {
                 pieces: Arc::default(),
                 fill: Arc::default(),
                 traces,
+                peer_tasks: parking_lot::Mutex::new(None),
             }),
         }
     }
@@ -178,12 +181,15 @@ impl Fetcher {
     }
 
     /// Binds the peer listener and starts membership probing and announcements on the
-    /// current runtime; the bound address, or `None` when peers are not configured.
+    /// current runtime, until the last clone of this fetcher is dropped (a second start
+    /// ends the first's); the bound address, or `None` when peers are not configured.
     pub async fn start_peers(&self) -> Result<Option<std::net::SocketAddr>, FetchError> {
         let Some(peers) = self.inner.peers.clone() else {
             return Ok(None);
         };
-        let bound = peer::start(peers, self.inner.cache.clone(), self.inner.traces.clone()).await?;
+        let (bound, tasks) =
+            peer::start(peers, self.inner.cache.clone(), self.inner.traces.clone()).await?;
+        *self.inner.peer_tasks.lock() = Some(tasks);
         Ok(Some(bound))
     }
 

@@ -60,4 +60,7 @@ pub use registry::{
 };
 pub use stats::{BlobBytes, FetchStats, Source, MAX_COUNTED_BLOBS};
 pub use traces::{FoundTrace, TraceBook, TraceStore, TraceStoreError};
-pub use trust::{Anchor, Anchored, BlobRead, Checked, Decode, Expect, MemoryBlobs, Rejection};
+pub use trust::{
+    Anchor, Anchored, BlobRead, Checked, Decode, Expect, MemoryBlobs, Rejection, UnitDigests,
+    Verification,
+};

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use shoal_fetcher::BlobRef;
+use shoal_fetcher::{BlobRef, Digest, Verification};
 use shoal_fuse::connection::{Origin, ResentRequests};
 use shoal_fuse::layer::MountedLayer;
 use shoal_fuse::syscall::Syscall;
@@ -49,6 +49,12 @@ pub struct Opened {
 pub trait OpenedLayer: Send {
     /// The blobs its reads go to, top first: pinned in the cache and listed while mounted.
     fn blobs(&self) -> Vec<BlobRef>;
+
+    /// How its blobs' reads are verified, where the format lets that vary (overlaybd: per
+    /// block with a block digest table, else per blob), for status.
+    fn verification(&self) -> Vec<(Digest, Verification)> {
+        Vec::new()
+    }
 
     /// Mounts the layer read-only at `mountpoint` through `syscall`, serving again the FUSE
     /// connections in `carried` that an earlier daemon left for its paths, and leaving in place

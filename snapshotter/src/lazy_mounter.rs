@@ -370,6 +370,7 @@ impl LayerMounter for LazyMounter {
             None => format.reopen(resolved).map_err(fail)?,
         };
         let blobs = opened.blobs();
+        let verification = opened.verification();
         let mut carried = self.carried_for(&self.paths_of(mountpoint));
         if carried.is_empty() && reopened {
             // Whatever a previous daemon left there without a holder is a dead connection.
@@ -385,7 +386,8 @@ impl LayerMounter for LazyMounter {
         };
         self.keep_connections(&served);
         for blob in &blobs {
-            self.table.add(blob);
+            let verified = verification.iter().find(|(d, _)| *d == blob.digest);
+            self.table.add(blob, verified.map(|(_, v)| v.clone()));
         }
         // Operators grep these lines (README, "Observability"); eStargz's FUSE mount logs its own.
         if layer.format == LayerFormat::Overlaybd {
@@ -451,6 +453,24 @@ impl LayerMounter for LazyMounter {
         Digest::parse(digest)
             .map(|digest| self.fetcher.cache().cached_bytes(&digest))
             .unwrap_or(0)
+    }
+
+    fn release_cached(&self, digest: &str) {
+        let Ok(digest) = Digest::parse(digest) else {
+            return;
+        };
+        let cache = self.fetcher.cache();
+        let bytes = cache.cached_bytes(&digest);
+        // The same path as a failed verification's drop: hidden, absence synced, punched out.
+        match cache.invalidate(&digest, 0..u64::MAX) {
+            Ok(()) if bytes > 0 => {
+                info!(blob = %digest, bytes, "cache bytes of a removed layer released");
+            }
+            Ok(()) => {}
+            Err(error) => {
+                warn!(blob = %digest, %error, "cannot release a removed layer's cache bytes");
+            }
+        }
     }
 
     fn mounted_blobs(&self) -> Vec<MountedBlob> {

@@ -4,7 +4,7 @@
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 
-use shoal_fetcher::{BlobRef, Digest};
+use shoal_fetcher::{BlobRef, Digest, Verification};
 
 /// A blob served by at least one mounted layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +18,8 @@ pub struct MountedBlob {
     pub mounts: u32,
     /// Served over a FUSE connection an earlier daemon left, taken over at this one's start.
     pub carried_over: bool,
+    /// How its reads are verified, where the format lets that vary (overlaybd).
+    pub verification: Option<Verification>,
 }
 
 #[derive(Debug, Default)]
@@ -26,9 +28,11 @@ pub(crate) struct MountTable {
 }
 
 impl MountTable {
-    pub fn add(&self, blob: &BlobRef) {
+    /// One more mount serves `blob`, its reads verified as `verification` says (the latest
+    /// mount's word: a changed `cache.block_size` can change it across restarts).
+    pub fn add(&self, blob: &BlobRef, verification: Option<Verification>) {
         let mut blobs = self.blobs.lock();
-        blobs
+        let entry = blobs
             .entry(blob.digest.clone())
             .or_insert_with(|| MountedBlob {
                 digest: blob.digest.clone(),
@@ -36,8 +40,12 @@ impl MountTable {
                 repository: format!("{}/{}", blob.image.host(), blob.image.repository_name()),
                 mounts: 0,
                 carried_over: false,
-            })
-            .mounts += 1;
+                verification: None,
+            });
+        entry.mounts += 1;
+        if verification.is_some() {
+            entry.verification = verification;
+        }
     }
 
     pub fn remove(&self, digest: &Digest) {
@@ -66,9 +74,10 @@ mod tests {
         let digest = Digest::of(b"layer");
         let image = shoal_fetcher::ImageRef::repository("reg.example:5000", "team/app").unwrap();
         let blob = BlobRef::new(image, digest.clone(), 10);
-        table.add(&blob);
-        table.add(&blob);
+        table.add(&blob, None);
+        table.add(&blob, Some(Verification::PerBlock));
         assert_eq!(table.list()[0].mounts, 2);
+        assert_eq!(table.list()[0].verification, Some(Verification::PerBlock));
         assert_eq!(table.list()[0].repository, "reg.example:5000/team/app");
         table.remove(&digest);
         assert_eq!(table.list()[0].mounts, 1);

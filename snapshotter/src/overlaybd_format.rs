@@ -12,13 +12,13 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use shoal_fetcher::{BlobRef, Digest, Fetcher, Histogram, ImageRef};
-use shoal_formats::overlaybd::{ANNOTATION_BLOB_DIGEST, ANNOTATION_FS_TYPE};
+use shoal_fetcher::{BlobRef, Digest, Fetcher, Histogram, ImageRef, Verification};
+use shoal_formats::overlaybd::{TableRef, ANNOTATION_BLOB_DIGEST, ANNOTATION_FS_TYPE};
 use shoal_fuse::connection::Origin;
 use shoal_fuse::layer::MountTarget;
 use shoal_fuse::syscall::Syscall;
 use shoal_fuse::tasks::Tasks;
-use shoal_fuse::vdisk::{self, DiskLayer, FsType, VirtualDisk, DISK_FILE};
+use shoal_fuse::vdisk::{self, DiskLayer, FsType, LayerChecks, VirtualDisk, DISK_FILE};
 use shoal_fuse::FsError;
 use tokio::runtime::Handle;
 use tracing::{error, info};
@@ -118,8 +118,12 @@ impl LazyFormat for OverlaybdFormat {
             let digest =
                 Digest::parse(&descriptor.digest).map_err(|e| Fallback::Registry(e.to_string()))?;
             let blob = BlobRef::new(image.clone(), digest, descriptor.size);
+            // The table is named by the manifest just read (by digest when the labels carry
+            // one), so it is anchored in what the registry served.
+            let named = TableRef::from_annotations(&descriptor.annotations);
+            let checks = LayerChecks::fetch(&self.fetcher, &blob, named).await;
             layers.push(
-                DiskLayer::open(&self.fetcher, blob)
+                DiskLayer::open(&self.fetcher, blob, checks)
                     .await
                     .map_err(fallback_of)?,
             );
@@ -151,7 +155,8 @@ impl LazyFormat for OverlaybdFormat {
                 "persisted disk metadata has digest {actual}, expected {expected}"
             ));
         }
-        let disk = VirtualDisk::from_persisted(&resolved.index).map_err(|e| with_causes(&e))?;
+        let disk = VirtualDisk::from_persisted(&resolved.index, &self.fetcher)
+            .map_err(|e| with_causes(&e))?;
         Ok(self.opened(disk))
     }
 
@@ -175,6 +180,14 @@ impl OpenedLayer for OpenedDisk {
             .layers()
             .iter()
             .map(|l| l.blob().clone())
+            .collect()
+    }
+
+    fn verification(&self) -> Vec<(Digest, Verification)> {
+        self.disk
+            .layers()
+            .iter()
+            .map(|l| (l.blob().digest.clone(), l.checks().verification().clone()))
             .collect()
     }
 
@@ -243,19 +256,33 @@ impl OpenedLayer for OpenedDisk {
 }
 
 impl Background {
-    /// Starts, as tasks the mounting layer owns, the fetch and digest check of each of
-    /// `disk`'s blobs not fetched or being fetched already.
-    fn start(&self, tasks: &mut Tasks, runtime: &Handle, fetcher: &Fetcher, disk: &VirtualDisk) {
-        let Some(rate) = self.policy.get().prefetch.background_rate else {
-            return;
-        };
-        for layer in disk.layers() {
+    /// Starts, as tasks the mounting layer owns, the fetch and check of each of `disk`'s
+    /// blobs not fetched or being fetched already: all of them with `fetch.background`, and
+    /// always those whose blocks peers may send unchecked but for their CRC, so that the
+    /// blob's digest finds a forgery, and blames its sender, as soon as it can.
+    fn start(
+        &self,
+        tasks: &mut Tasks,
+        runtime: &Handle,
+        fetcher: &Fetcher,
+        disk: &Arc<VirtualDisk>,
+    ) {
+        let configured = self.policy.get().prefetch.background_rate;
+        for (at, layer) in disk.layers().iter().enumerate() {
+            let urgent = matches!(
+                layer.checks().verification(),
+                Verification::PerBlob { peers: true, .. }
+            );
+            if configured.is_none() && !urgent {
+                continue;
+            }
             let blob = layer.blob().clone();
             let fresh = self.lock().insert(blob.digest.clone());
             if !fresh {
                 continue;
             }
             let fetcher = fetcher.clone();
+            let disk = disk.clone();
             let running = Running {
                 background: self.clone(),
                 blob: Some(blob.digest.clone()),
@@ -263,7 +290,7 @@ impl Background {
             tasks.spawn(runtime, async move {
                 // Moved in whole: dropped with the task, however it ends.
                 let mut running = running;
-                match vdisk::fetch_and_verify(&fetcher, &blob, Some(rate)).await {
+                match vdisk::fetch_and_verify(&fetcher, &disk, at, configured).await {
                     Ok(()) => {
                         info!(blob = %blob.digest, bytes = blob.size, "overlaybd layer fetched and its digest verified");
                         running.blob = None;

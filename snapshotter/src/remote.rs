@@ -167,6 +167,11 @@ pub trait LayerMounter: Send + Sync + 'static {
         0
     }
 
+    /// Frees what the chunk cache holds of layer blob `digest`, whose last snapshot was just
+    /// removed: kubelet's image GC removes an image to get its disk back, so the cache bytes
+    /// its usage counted must go with it.
+    fn release_cached(&self, _digest: &str) {}
+
     /// The blobs mounted layers serve right now, for status.
     fn mounted_blobs(&self) -> Vec<crate::mount_table::MountedBlob> {
         Vec::new()

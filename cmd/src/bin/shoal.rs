@@ -39,6 +39,37 @@ enum Command {
     Rpull(RpullArgs),
     /// Rebuild an image as eStargz or overlaybd and push it, so its layers can be mounted lazily.
     Convert(ConvertArgs),
+    /// What the Kubernetes DaemonSet runs on each node: containerd's config, readiness.
+    #[command(subcommand, name = "node-setup")]
+    NodeSetup(NodeSetupCommand),
+}
+
+#[derive(Subcommand)]
+enum NodeSetupCommand {
+    /// Merge Shoal's settings into containerd's config (kept otherwise, comments too), with a
+    /// backup; prints `unchanged`, `created` or `changed` first, so a caller restarts
+    /// containerd only when the file changed. A file that does not parse is left untouched.
+    ContainerdConfig {
+        /// containerd's config file.
+        #[arg(long, default_value = "/etc/containerd/config.toml")]
+        file: PathBuf,
+        /// A snippet of Shoal's settings; the one whose `version` matches the file's is used.
+        #[arg(long = "snippet", required = true)]
+        snippets: Vec<PathBuf>,
+        /// The version to write when the file is missing or empty (2: containerd 1.x, 3: 2.x).
+        #[arg(long)]
+        default_version: Option<i64>,
+    },
+    /// Exit 0 only when containerd lists the snapshotter and the daemon answers at the socket
+    /// containerd dials for it (the DaemonSet's readiness probe).
+    Ready {
+        /// containerd's gRPC socket.
+        #[arg(long, default_value = shoal_cmd::pull::DEFAULT_ADDRESS)]
+        address: PathBuf,
+        /// The snapshotter's name in containerd.
+        #[arg(long, default_value = shoal_cmd::pull::DEFAULT_SNAPSHOTTER)]
+        snapshotter: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -85,6 +116,10 @@ struct ConvertArgs {
     /// `os/arch[/variant]` to pick from a multi-platform source.
     #[arg(long, default_value = shoal_cmd::convert::DEFAULT_PLATFORM)]
     platform: String,
+    /// overlaybd: write no block digest table beside each layer, as other converters do
+    /// (peers then serve its blocks only over mutual TLS, checked per blob).
+    #[arg(long)]
+    no_block_digests: bool,
     /// `oci:<layout dir>[:tag]` or a registry reference.
     source: String,
     /// Registry reference to push the converted image to.
@@ -200,6 +235,32 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::NodeSetup(NodeSetupCommand::ContainerdConfig {
+            file,
+            snippets,
+            default_version,
+        }) => {
+            use shoal_cmd::node::containerd_config::{merge, Outcome};
+            match merge(&file, &snippets, default_version)? {
+                Outcome::Unchanged => println!("unchanged: {}", file.display()),
+                Outcome::Created => println!("created: {}", file.display()),
+                Outcome::Changed { backup } => println!(
+                    "changed: {} (the previous file is {})",
+                    file.display(),
+                    backup.display()
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::NodeSetup(NodeSetupCommand::Ready {
+            address,
+            snapshotter,
+        }) => {
+            let runtime = shoal_cmd::runtime::build()?;
+            let line = runtime.block_on(shoal_cmd::node::ready::check(&address, &snapshotter))?;
+            println!("{line}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Convert(convert) => {
             let config = shoal_cmd::load_config(args.config.as_deref())?;
             let options = shoal_cmd::convert::Options {
@@ -210,6 +271,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 prioritize_list: convert.prioritize_list,
                 chunk_size: convert.chunk_size,
                 platform: Some(convert.platform),
+                block_digests: !convert.no_block_digests,
             };
             let runtime = shoal_cmd::runtime::build()?;
             let progress = shoal_cmd::pull::Progress::new();
@@ -219,10 +281,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 Format::Estargz => runtime
                     .block_on(shoal_cmd::convert::convert(config, &options, &progress))?
                     .to_string(),
-                Format::Overlaybd | Format::OverlaybdZstd => {
+                Format::Overlaybd | Format::OverlaybdLz4 | Format::OverlaybdZstd => {
                     let algorithm = match convert.format {
-                        Format::OverlaybdZstd => Algorithm::Zstd,
-                        _ => Algorithm::Lz4,
+                        Format::OverlaybdLz4 => Algorithm::Lz4,
+                        _ => Algorithm::Zstd,
                     };
                     runtime
                         .block_on(overlaybd::convert(config, &options, algorithm, &progress))?

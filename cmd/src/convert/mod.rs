@@ -52,9 +52,12 @@ const MAX_PRIORITIZE_LIST_BYTES: u64 = 16 << 20;
 pub enum Format {
     /// Seekable gzip layers with a TOC (file-level lazy reads).
     Estargz,
-    /// ext4 block layers: LSMT in LZ4-compressed ZFile (block-level lazy reads).
+    /// ext4 block layers: LSMT in zstd-compressed ZFile (block-level lazy reads); zstd moves
+    /// 18% fewer bytes than LZ4 for a Debian rootfs (README, "Layer formats in bytes").
     Overlaybd,
-    /// As `overlaybd`, with zstd-compressed blocks.
+    /// As `overlaybd`, with LZ4-compressed blocks (the reference converter's default).
+    OverlaybdLz4,
+    /// As `overlaybd` (zstd), named explicitly.
     OverlaybdZstd,
 }
 
@@ -74,6 +77,8 @@ pub struct Options {
     pub chunk_size: u64,
     /// `os/arch[/variant]` to pick from an index; [`DEFAULT_PLATFORM`] when absent.
     pub platform: Option<String>,
+    /// overlaybd: push a block digest table beside each layer.
+    pub block_digests: bool,
 }
 
 impl Default for Options {
@@ -86,6 +91,7 @@ impl Default for Options {
             prioritize_list: None,
             chunk_size: DEFAULT_CHUNK_SIZE,
             platform: None,
+            block_digests: true,
         }
     }
 }

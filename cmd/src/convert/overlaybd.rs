@@ -3,8 +3,10 @@
 //! The layers are applied in order to one ext4 work disk ([`super::overlaybd_disk`]); the 4 KiB
 //! blocks each layer changes become that layer's LSMT file, which is compressed into a ZFile
 //! (LZ4 or zstd, 4 KiB blocks with CRCs), wrapped in the `overlaybd.commit` tar and pushed with
-//! the overlaybd annotations. Each wrapped blob is an uncompressed tar, so it is its own diff
-//! ID. The manifest is pushed last, so a failed conversion never leaves a tag pointing at
+//! the overlaybd annotations. Beside each layer goes its block digest table (the sha256 of
+//! every 64 KiB of the blob, `shoal_formats::overlaybd::block_digests`), a blob of its own the
+//! layer's annotations name by digest, so that peers' blocks can be checked one by one. Each
+//! wrapped blob is an uncompressed tar, so it is its own diff ID. The manifest is pushed last, so a failed conversion never leaves a tag pointing at
 //! missing blobs. Needs root: the work disk is loop-mounted to apply layers.
 
 use std::collections::BTreeMap;
@@ -18,10 +20,12 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use shoal_config::{ByteSize, Config};
 use shoal_fetcher::{BlobContent, Digest, Pushed};
+use shoal_formats::overlaybd::block_digests::DEFAULT_UNIT;
 use shoal_formats::overlaybd::lsmt::{Extent, Writer};
 use shoal_formats::overlaybd::zfile::{self, Algorithm};
 use shoal_formats::overlaybd::{
-    tar_wrapper, ANNOTATION_BLOB_DIGEST, ANNOTATION_BLOB_SIZE, ANNOTATION_VERSION,
+    tar_wrapper, BlockDigests, TableRef, ANNOTATION_BLOB_DIGEST, ANNOTATION_BLOB_SIZE,
+    ANNOTATION_VERSION,
 };
 
 use super::job::Job;
@@ -151,6 +155,16 @@ pub async fn convert(
         }
         let digest = Digest::of(&built.blob);
         let size = built.blob.len() as u64;
+        let table = match options.block_digests {
+            true => Some(
+                push_table(client, repository, &built.blob)
+                    .await
+                    .with_context(|| {
+                        format!("block digest table of layer {}/{count}", index + 1)
+                    })?,
+            ),
+            false => None,
+        };
         let pushed = client
             .push_blob(
                 repository,
@@ -170,7 +184,9 @@ pub async fn convert(
         };
         progress.line(&report);
         reports.push(report);
-        layers.push(descriptor_of(&digest, size));
+        let mut descriptor = descriptor_of(&digest, size);
+        descriptor.annotations.extend(table.into_iter().flatten());
+        layers.push(descriptor);
     }
     progress.finish();
 
@@ -243,6 +259,26 @@ pub fn overlaybd_blob(changes: &[Change], algorithm: Algorithm) -> anyhow::Resul
     let payload =
         zfile::compress(&lsmt, ZFILE_BLOCK, algorithm).context("compress the lsmt layer")?;
     Ok(tar_wrapper::wrap(&payload))
+}
+
+/// Pushes the block digest table of `blob`; the annotations that name it.
+async fn push_table(
+    client: &shoal_fetcher::RegistryClient,
+    repository: &shoal_fetcher::ImageRef,
+    blob: &[u8],
+) -> anyhow::Result<[(String, String); 2]> {
+    let table = BlockDigests::of(blob, DEFAULT_UNIT)?.encode();
+    let digest = Digest::of(&table);
+    client
+        .push_blob(
+            repository,
+            &digest,
+            table.len() as u64,
+            &BlobContent::Bytes(Bytes::from(table.clone())),
+        )
+        .await
+        .context("push it")?;
+    Ok(TableRef::annotations(&table))
 }
 
 fn descriptor_of(digest: &Digest, size: u64) -> Descriptor {

@@ -10,7 +10,6 @@
 mod auth;
 mod service;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,7 +20,7 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::image_service_server::ImageServiceServer;
 use shoal_config::CriProxyConfig;
 use shoal_fetcher::PullSecrets;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -47,7 +46,7 @@ impl CriProxy {
         mut stop: watch::Receiver<bool>,
     ) -> anyhow::Result<CriProxy> {
         let containerd = connect(&config.containerd)?;
-        let listener = bind(&config.listen).await?;
+        let listener = crate::listener::bind_private(&config.listen, "cri_proxy.listen").await?;
         secrets.fed_by(format!("the CRI proxy at {}", config.listen.display()));
         let proxy = ImageProxy::new(containerd, secrets);
         let service = ImageServiceServer::new(proxy)
@@ -106,28 +105,4 @@ fn connect(socket: &Path) -> anyhow::Result<ImageServiceClient<cri_tonic::transp
     Ok(ImageServiceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
-}
-
-/// Binds `socket` (root's only, as kubelet runs as root), replacing a stale one; a socket
-/// something still answers on is refused.
-async fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
-    if socket.exists() {
-        if UnixStream::connect(socket).await.is_ok() {
-            anyhow::bail!(
-                "cri_proxy.listen {} is served by another process; stop it or choose another \
-                 socket",
-                socket.display()
-            );
-        }
-        std::fs::remove_file(socket)
-            .with_context(|| format!("remove stale socket {}", socket.display()))?;
-    }
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    }
-    let listener =
-        UnixListener::bind(socket).with_context(|| format!("bind {}", socket.display()))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod {}", socket.display()))?;
-    Ok(listener)
 }

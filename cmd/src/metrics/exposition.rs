@@ -9,6 +9,11 @@ use super::status::{DaemonStatus, LayerStatus};
 #[cfg(test)]
 use super::status::{LayerReads, UnmountedLayerStatus};
 
+/// Samples with owned labels, borrowed as the exposition's `metric` takes them.
+fn labelled(samples: &[(String, u64)]) -> Vec<(&str, u64)> {
+    samples.iter().map(|(l, n)| (l.as_str(), *n)).collect()
+}
+
 /// Prometheus text exposition of `status`.
 pub fn render(status: &DaemonStatus) -> String {
     let mut out = String::new();
@@ -201,19 +206,28 @@ pub fn render(status: &DaemonStatus) -> String {
         "layer_size_bytes",
         "gauge",
         "Compressed size of each lazily mounted blob.",
-        &sizes
-            .iter()
-            .map(|(l, n)| (l.as_str(), *n))
-            .collect::<Vec<_>>(),
+        &labelled(&sizes),
     );
     metric(
         "layer_cached_bytes",
         "gauge",
         "Bytes of each lazily mounted blob held by the chunk cache.",
-        &cached
-            .iter()
-            .map(|(l, n)| (l.as_str(), *n))
-            .collect::<Vec<_>>(),
+        &labelled(&cached),
+    );
+    let overlaybd = status.layers.iter().filter(|l| !l.verified.is_empty());
+    let per_block: Vec<(String, u64)> = overlaybd
+        .map(|l| {
+            (
+                format!("{{digest=\"{}\"}}", l.digest),
+                u64::from(l.verified == "per_block"),
+            )
+        })
+        .collect();
+    metric(
+        "layer_verified_per_block",
+        "gauge",
+        "1 for an overlaybd blob whose blocks are each checked against its block digest table, 0 for one checked per blob only (CRCs, then its digest).",
+        &labelled(&per_block),
     );
     let reads: Vec<(String, u64)> = status
         .layer_reads
@@ -236,10 +250,7 @@ pub fn render(status: &DaemonStatus) -> String {
         "layer_read_bytes_total",
         "counter",
         "Compressed bytes read of each blob, by source (the most recently read few thousand blobs).",
-        &reads
-            .iter()
-            .map(|(l, n)| (l.as_str(), *n))
-            .collect::<Vec<_>>(),
+        &labelled(&reads),
     );
     let by_source: Vec<(String, &HistogramSnapshot)> = status
         .fetch_latency
@@ -520,6 +531,9 @@ mod tests {
             cached_bytes: 40,
             mounts: 1,
             carried_over: false,
+            verified: "per_block".into(),
+            verified_why: String::new(),
+            peers_allowed: true,
         });
         status.layer_reads.push(LayerReads {
             digest: "sha256:ab".into(),
@@ -544,6 +558,7 @@ mod tests {
         assert!(text.contains("shoal_fetch_duration_seconds_count{source=\"registry\"} 3"));
         assert!(text.contains("shoal_fuse_read_duration_seconds_count 0"));
         assert!(text.contains("shoal_layer_cached_bytes{digest=\"sha256:ab\"} 40"));
+        assert!(text.contains("shoal_layer_verified_per_block{digest=\"sha256:ab\"} 1"));
     }
 
     #[test]

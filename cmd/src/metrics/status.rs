@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use shoal_fetcher::peer::PeerStats;
-use shoal_fetcher::{Fetcher, HistogramSnapshot, Source};
+use shoal_fetcher::{Fetcher, HistogramSnapshot, Source, Verification};
 use shoal_fuse::layer::{ChunkReader, LayerLearning, LearnStats, Learning};
 use shoal_snapshotter::ShoalSnapshotter;
 
@@ -155,6 +155,17 @@ pub struct LayerStatus {
     /// Served over a connection an earlier daemon left.
     #[serde(default)]
     pub carried_over: bool,
+    /// How an overlaybd blob's reads are verified: `per_block` (every block against the
+    /// layer's block digest table) or `per_blob` (ZFile CRCs, and the whole blob's digest once
+    /// complete); empty for other formats (eStargz: every chunk against the verified TOC).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub verified: String,
+    /// Why only per blob.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub verified_why: String,
+    /// Whether peers may send its blocks (overlaybd: with a table, or over mutual TLS).
+    #[serde(default)]
+    pub peers_allowed: bool,
 }
 
 /// The bytes of one blob served, by source, since the daemon started.
@@ -232,6 +243,20 @@ impl Observed {
                 .mounted_blobs()
                 .into_iter()
                 .map(|blob| LayerStatus {
+                    verified: match &blob.verification {
+                        Some(Verification::PerBlock) => "per_block".into(),
+                        Some(Verification::PerBlob { .. }) => "per_blob".into(),
+                        None => String::new(),
+                    },
+                    verified_why: match &blob.verification {
+                        Some(Verification::PerBlob { why, .. }) => why.clone(),
+                        _ => String::new(),
+                    },
+                    peers_allowed: self.fetcher.peers().is_some()
+                        && match &blob.verification {
+                            Some(Verification::PerBlob { peers, .. }) => *peers,
+                            _ => true,
+                        },
                     cached_bytes: self.fetcher.cache().cached_bytes(&blob.digest),
                     digest: blob.digest.to_string(),
                     repository: blob.repository.clone(),

@@ -15,7 +15,7 @@
 //! - [`progress`]: per-layer lines and the summary.
 //! - [`daemon_view`]: whether the daemon reads the image's registry as rpull does.
 
-mod containerd;
+pub(crate) mod containerd;
 mod content;
 mod daemon_view;
 pub(crate) mod image;

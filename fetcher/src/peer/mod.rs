@@ -4,13 +4,14 @@
 //!   rendezvous placement of each blob's index owners ([`rendezvous`]), the index this node
 //!   keeps for the blobs it owns ([`index`]), announcements of what it holds ([`announce`]),
 //!   and the client and listener of the HTTP/2 protocol ([`client`], [`server`], [`wire`]).
-//! - Integrity: [`crate::trust`] decides. Peers are asked only for bytes checked against
-//!   hashes from a verified index (eStargz: the TOC, itself checked against the layer's
-//!   annotation); overlaybd blobs, whose CRCs travel with the data, are never taken from
-//!   peers. A node shares only blocks it fetched from the
-//!   registry itself, or got from a peer and has since checked every byte of ([`shareable`]);
-//!   so bad bytes cannot spread, and a peer whose bytes fail verification is avoided. The
-//!   expected hashes come from the verified TOC, never from the sender.
+//! - Integrity: [`crate::trust`] decides. Peers are asked for bytes checked against hashes
+//!   from a verified index or table (eStargz: the TOC, itself checked against the layer's
+//!   annotation; overlaybd: the block digest table the manifest names), and, with mutual TLS
+//!   only, for overlaybd blocks whose CRCs travel with the data, which the blob's digest checks
+//!   once complete. A node shares only blocks it fetched from the registry itself, or got from
+//!   a peer and has since checked every byte of ([`shareable`]); so bad bytes cannot spread,
+//!   and a peer whose bytes fail verification is avoided. The expected hashes never come from
+//!   the sender.
 //! - Privacy: blocks of a blob whose registry wanted this node's credential go only to a
 //!   peer that proves, over mutual TLS, that the registry lets it pull the blob ([`gate`]).
 //! - A herd of nodes missing the same block does not all go to the registry: the index owner
@@ -504,19 +505,53 @@ impl Peers {
         }
     }
 
+    /// `blob` failed its digest: every block of `blocks` a peer sent stops being shared and
+    /// its sender is blamed (however few of them lied: the digest cannot say which). The
+    /// blocks a peer sent, to be dropped.
+    pub(crate) fn rejected_all(&self, blob: &Digest, blocks: Range<u64>) -> Vec<u64> {
+        let sent = self.shareable.reject_sent(blob, blocks);
+        let senders: HashSet<PeerAddr> = sent.iter().map(|(_, peer)| *peer).collect();
+        for peer in senders {
+            warn!(%peer, %blob, "a blob with blocks from a peer failed its digest; avoiding it");
+            self.counters.record(peer, Outcome::BadData);
+            self.members
+                .penalise(peer, Penalty::BadData, Instant::now());
+        }
+        sent.into_iter().map(|(index, _)| index).collect()
+    }
+
+    /// Whether every peer proved itself a member: mutual TLS with the cluster's CA.
+    pub fn authenticated(&self) -> bool {
+        self.config.tls.is_some()
+    }
+
     fn block_bytes(&self, blob: &BlobRef, index: u64) -> Range<u64> {
         let start = index.saturating_mul(self.block_size).min(blob.size);
         start..start.saturating_add(self.block_size).min(blob.size)
     }
 }
 
+/// The peer network's background tasks (the listener, membership probes, announcements):
+/// aborted when dropped, so they end with whatever started them.
+#[derive(Debug)]
+pub(crate) struct PeerTasks(Vec<tokio::task::AbortHandle>);
+
+impl Drop for PeerTasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
 /// Binds the peer listener and starts membership upkeep, announcements and the listener on
-/// the current runtime, serving blocks from `held` and traces from `traces`. Returns the bound address.
+/// the current runtime, serving blocks from `held` and traces from `traces`. Returns the bound
+/// address and the tasks, which run until it is dropped.
 pub(crate) async fn start(
     peers: Arc<Peers>,
     held: Arc<dyn HeldBlocks>,
     traces: Arc<crate::traces::TraceStore>,
-) -> Result<std::net::SocketAddr, PeerError> {
+) -> Result<(std::net::SocketAddr, PeerTasks), PeerError> {
     let tls = peers.config.tls.as_ref().map(tls::acceptor).transpose()?;
     let listen = peers.config.listen;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -540,16 +575,19 @@ pub(crate) async fn start(
              member's address, including any local user of a member node; set peers.tls"
         );
     }
-    tokio::spawn(server::serve(
-        listener,
-        tls,
-        peers.clone(),
-        held.clone(),
-        traces,
-    ));
-    tokio::spawn(probe::run(peers.clone()));
-    tokio::spawn(announce::run(peers, held));
-    Ok(bound)
+    let tasks = PeerTasks(vec![
+        tokio::spawn(server::serve(
+            listener,
+            tls,
+            peers.clone(),
+            held.clone(),
+            traces,
+        ))
+        .abort_handle(),
+        tokio::spawn(probe::run(peers.clone())).abort_handle(),
+        tokio::spawn(announce::run(peers, held)).abort_handle(),
+    ]);
+    Ok((bound, tasks))
 }
 
 /// What one round of asking peers came to: blocks they sent, blocks to fetch from the

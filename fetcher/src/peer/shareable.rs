@@ -3,7 +3,8 @@
 //!
 //! A block is shareable when this node fetched it from the registry, or got it from a peer
 //! and every one of its bytes has since passed a check against hashes from a verified index
-//! (an eStargz chunk digest, the TOC digest). Until then it serves this node's containers
+//! (an eStargz chunk digest, the TOC digest, an overlaybd block digest table, the blob's own
+//! digest). Until then it serves this node's containers
 //! once its chunks verify, but is never passed on, so bad bytes cannot spread; and its sender
 //! is remembered, to be blamed if a check fails.
 //!
@@ -176,6 +177,14 @@ impl Shareable {
     /// Blocks `blocks` of `blob` failed a check: none of them is shared any longer, and the
     /// peers that sent any of them are returned to be blamed.
     pub fn reject(&self, blob: &Digest, blocks: Range<u64>) -> HashSet<PeerAddr> {
+        self.reject_sent(blob, blocks)
+            .into_iter()
+            .map(|(_, peer)| peer)
+            .collect()
+    }
+
+    /// As [`reject`](Self::reject), with each block a peer sent and its sender.
+    pub fn reject_sent(&self, blob: &Digest, blocks: Range<u64>) -> Vec<(u64, PeerAddr)> {
         if let Some(shared) = self.sets.lock().get_mut(blob) {
             for index in blocks.clone() {
                 shared.blocks.remove(index);
@@ -183,9 +192,14 @@ impl Shareable {
             self.dirty.store(true, Ordering::Relaxed);
         }
         let mut sourced = self.sourced.lock();
+        if sourced.is_empty() {
+            return Vec::new();
+        }
         blocks
-            .filter_map(|index| sourced.pop(&BlockKey::new(blob.clone(), index)))
-            .map(|entry| entry.from)
+            .filter_map(|index| {
+                let entry = sourced.pop(&BlockKey::new(blob.clone(), index))?;
+                Some((index, entry.from))
+            })
             .collect()
     }
 

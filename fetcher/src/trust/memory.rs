@@ -2,7 +2,7 @@
 //! above (and the trust decisions themselves) are tested on real checks without a cache
 //! directory, peers or a registry.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::ops::Range;
 
@@ -33,6 +33,12 @@ struct Held {
     /// Fetches the peer answered, and fetches from the registry alone after a failed check.
     peer_fetches: u64,
     refetches: u64,
+    /// Blobs whose cached copy the peer sent.
+    from_peer: HashSet<Digest>,
+    /// Times the peer was blamed for a blob that failed its digest.
+    blamed: u64,
+    /// Whether the peer proved membership (mutual TLS).
+    authenticated: bool,
 }
 
 impl MemoryBlobs {
@@ -65,6 +71,16 @@ impl MemoryBlobs {
         let held = self.held();
         let passed = held.passed.iter().filter(|(blob, _)| blob == digest);
         passed.map(|(_, range)| range.clone()).collect()
+    }
+
+    /// The peer is authenticated as a member (as with mutual TLS).
+    pub fn peers_use_tls(&self) {
+        self.held().authenticated = true;
+    }
+
+    /// How many times the peer was blamed for a blob that failed its digest.
+    pub fn blamed(&self) -> u64 {
+        self.held().blamed
     }
 
     /// How many fetches the peer answered.
@@ -107,6 +123,7 @@ impl MemoryBlobs {
                 range: range.clone(),
             })?;
         held.cache.insert(blob.digest.clone(), bytes.clone());
+        held.from_peer.remove(&blob.digest);
         Self::slice(blob, &bytes, range)
     }
 
@@ -119,6 +136,7 @@ impl MemoryBlobs {
             if let Some(bytes) = held.peer.get(&blob.digest).cloned() {
                 held.peer_fetches += 1;
                 held.cache.insert(blob.digest.clone(), bytes.clone());
+                held.from_peer.insert(blob.digest.clone());
                 return Self::slice(blob, &bytes, &range);
             }
         }
@@ -170,5 +188,25 @@ impl Tiers for MemoryBlobs {
     fn discard(&self, blob: &BlobRef) -> Result<(), FetchError> {
         self.held().cache.remove(&blob.digest);
         Ok(())
+    }
+
+    fn drop_peer_blocks(&self, blob: &BlobRef) -> Result<u64, FetchError> {
+        let mut held = self.held();
+        if !held.from_peer.remove(&blob.digest) {
+            return Ok(0);
+        }
+        held.cache.remove(&blob.digest);
+        held.blamed += 1;
+        // A blamed peer is avoided from then on.
+        held.peer.remove(&blob.digest);
+        Ok(1)
+    }
+
+    fn block_size(&self) -> u64 {
+        1 << 20
+    }
+
+    fn peers_authenticated(&self) -> bool {
+        self.held().authenticated
     }
 }

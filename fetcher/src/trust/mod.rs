@@ -2,19 +2,26 @@
 //! they may come from, and what happens when they do not match. Every such decision is made
 //! here, over the [`Tiers`] below (cache, peers, registry), and nowhere else:
 //!
-//! - **allow**: peers are asked only for bytes checked against a digest that did not come from
-//!   them ([`Expect::Sha256`]: an eStargz chunk from the verified TOC, the TOC against its
-//!   layer annotation). Bytes whose check travels with them ([`Expect::Embedded`], a ZFile
-//!   block's forgeable CRC32C) or that only a later whole-blob digest covers
-//!   ([`Expect::BlobDigest`]) come from the cache and the registry alone.
+//! - **allow**: peers are asked for bytes checked against a digest that did not come from them
+//!   ([`Expect::Sha256`]: an eStargz chunk from the verified TOC, the TOC against its layer
+//!   annotation; [`Expect::UnitDigests`]: every unit of an overlaybd blob against the block
+//!   digest table its manifest names). Bytes whose check travels with them
+//!   ([`Expect::Embedded`], a ZFile block's forgeable CRC32C) come from peers only when every
+//!   peer proved itself a member (mutual TLS), and the whole blob's digest, checked once it is
+//!   complete, vouches for them later; bytes parsed and kept at once, which that later check
+//!   could not take back ([`Expect::EmbeddedKept`], [`Expect::BlobDigest`]: a layer's
+//!   metadata), come from the cache and the registry alone.
 //! - **verify**: a read's bytes are decoded and checked before they are returned, from the
 //!   cache as from the network.
 //! - **reject and refetch once**: bytes that fail are dropped from the cache, their sending
 //!   peer is blamed, and they are fetched once more from the registry alone; if those fail
 //!   too, the read fails (the FUSE layer answers EIO).
-//! - **share**: bytes that passed a [`Expect::Sha256`] check make the peer-sent blocks under
-//!   them shareable; nothing else does (blocks fetched from the registry are shareable as
-//!   they land, see [`crate::peer`]).
+//! - **share**: bytes that passed a [`Expect::Sha256`] or [`Expect::UnitDigests`] check, or a
+//!   blob whose whole digest matched, make the peer-sent blocks under them shareable; nothing
+//!   else does (blocks fetched from the registry are shareable as they land, see
+//!   [`crate::peer`]).
+//! - **blame per blob**: a blob whose digest does not match loses every block a peer sent,
+//!   and those peers are blamed ([`BlobRead::verify_blob`]).
 //!
 //! The layers above hand over what to check against and how to decode; they never report
 //! back what they checked.
@@ -70,11 +77,77 @@ pub enum Expect<'a> {
         decode: &'a dyn Decode,
     },
     /// The decoder checks something that travels with the bytes (a ZFile block's CRC32C):
-    /// anyone can forge it, so only the cache and the registry supply them.
+    /// anyone can forge it, so peers supply them only when every peer is authenticated
+    /// (mutual TLS), and only the whole blob's digest, later, vouches for them
+    /// ([`BlobRead::verify_blob`]); otherwise only the cache and the registry.
     Embedded(&'a dyn Decode),
+    /// As [`Expect::Embedded`], for bytes the reader parses and keeps at once (a layer's
+    /// metadata), which a later check of the whole blob could not take back: only the cache
+    /// and the registry.
+    EmbeddedKept(&'a dyn Decode),
     /// Nothing per read: the raw bytes, covered only by a later check of the whole blob
     /// against its digest ([`BlobRead::verify_blob`]). Only the cache and the registry.
     BlobDigest,
+    /// Every unit of raw bytes the read touches has the sha256 `table` lists (a table the
+    /// manifest anchors, never the sender's): peers may supply them. The read is widened to
+    /// whole units, each checked, before `decode` sees the bytes asked for.
+    UnitDigests {
+        table: UnitDigests<'a>,
+        decode: &'a dyn Decode,
+    },
+}
+
+/// The sha256 of every `unit` bytes of a blob's raw bytes (aligned; the last unit shorter).
+#[derive(Clone, Copy)]
+pub struct UnitDigests<'a> {
+    pub unit: u64,
+    pub digests: &'a [[u8; 32]],
+}
+
+impl UnitDigests<'_> {
+    /// `range` of a blob of `size` bytes, widened to whole units.
+    fn widen(&self, range: &Range<u64>, size: u64) -> Range<u64> {
+        let unit = self.unit.max(1);
+        let start = range.start / unit * unit;
+        let end = range.end.div_ceil(unit).saturating_mul(unit).min(size);
+        start.min(end)..end
+    }
+
+    /// Checks `raw`, bytes `at` of the blob (whole units), unit by unit.
+    fn check(&self, raw: &[u8], at: &Range<u64>) -> Result<(), Rejection> {
+        let unit = self.unit.max(1);
+        for (i, part) in raw.chunks(unit as usize).enumerate() {
+            let index = at.start / unit + i as u64;
+            let expected = self.digests.get(index as usize).ok_or_else(|| {
+                Box::new(FetchError::UnitOutsideTable {
+                    index,
+                    units: self.digests.len() as u64,
+                }) as Rejection
+            })?;
+            let actual: [u8; 32] = Sha256::digest(part).into();
+            if actual != *expected {
+                let start = index * unit;
+                return Err(Box::new(FetchError::UnitDigestMismatch {
+                    range: Box::new(start..start + part.len() as u64),
+                    expected: hex::encode(expected),
+                    actual: hex::encode(actual),
+                }));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How the reads of an overlaybd blob are verified, decided here for the reader (which builds
+/// its [`Expect`] from it) and for `shoal status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verification {
+    /// Every unit of the blob against its block digest table: peers may send any block.
+    PerBlock,
+    /// Each block by its embedded CRC, the blob by its digest once complete. `peers`: blocks
+    /// may come from peers meanwhile (they all proved membership with mutual TLS), so the blob
+    /// is completed in the background at once; `why`: why not per block.
+    PerBlob { peers: bool, why: String },
 }
 
 /// How the reads of some bytes are checked, which decides where a prefetch may take them from.
@@ -86,6 +159,8 @@ pub enum Checked {
     Embedded,
     /// By the whole blob's digest alone ([`Expect::BlobDigest`]).
     BlobDigest,
+    /// Every unit against a block digest table ([`Expect::UnitDigests`]).
+    UnitDigests,
 }
 
 impl Expect<'_> {
@@ -93,18 +168,35 @@ impl Expect<'_> {
         match self {
             Expect::Sha256 { .. } => Checked::ChunkDigests,
             Expect::Embedded(_) => Checked::Embedded,
-            Expect::BlobDigest => Checked::BlobDigest,
+            Expect::BlobDigest | Expect::EmbeddedKept(_) => Checked::BlobDigest,
+            Expect::UnitDigests { .. } => Checked::UnitDigests,
+        }
+    }
+
+    /// The raw bytes a read of `range` of a blob of `size` bytes fetches and checks.
+    fn span(&self, range: &Range<u64>, size: u64) -> Range<u64> {
+        match self {
+            Expect::UnitDigests { table, .. } => table.widen(range, size),
+            _ => range.clone(),
         }
     }
 }
 
 impl Checked {
     /// The one place that decides which tiers may supply bytes.
-    fn route(self) -> Route {
+    fn route<T: Tiers>(self, tiers: &T) -> Route {
         match self {
-            Checked::ChunkDigests => Route::Peers,
+            Checked::ChunkDigests | Checked::UnitDigests => Route::Peers,
+            // A forgeable check: only from peers that all hold a certificate of the cluster's
+            // CA, and the blob's digest, checked once it is complete, blames them later.
+            Checked::Embedded if tiers.peers_authenticated() => Route::Peers,
             Checked::Embedded | Checked::BlobDigest => Route::Registry,
         }
+    }
+
+    /// Whether bytes that passed this check may be shared on.
+    fn vouches(self) -> bool {
+        matches!(self, Checked::ChunkDigests | Checked::UnitDigests)
     }
 }
 
@@ -171,17 +263,24 @@ pub trait BlobRead: Send + Sync {
         checked: Checked,
     ) -> BoxFuture<'a, Result<(), FetchError>>;
 
-    /// Checks all of `blob` against its digest; a blob that fails is dropped from the cache,
-    /// so that nothing of it is served or shared again.
+    /// Checks all of `blob` against its digest. A blob that passes makes the blocks peers
+    /// sent of it shareable. One that fails loses every block a peer sent (and those peers are
+    /// blamed), or, when no peer sent any, is dropped from the cache whole, so that nothing
+    /// wrong of it is served or shared again.
     fn verify_blob<'a>(&'a self, blob: &'a BlobRef) -> BoxFuture<'a, Result<(), FetchError>>;
+
+    /// How the reads of an overlaybd blob whose block digest table has units of `unit` bytes
+    /// (`Err(why)`: it has none, or none that can be used) are verified.
+    fn verification(&self, unit: Result<u64, String>) -> Verification;
 }
 
 impl<T: Tiers> BlobRead for T {
     fn read_cached(&self, blob: &BlobRef, range: Range<u64>, expect: Expect<'_>) -> Option<Bytes> {
-        let raw = self.cached(blob, range.clone())?;
+        let span = expect.span(&range, blob.size);
+        let raw = self.cached(blob, span.clone())?;
         // A bad cached copy is left to `read`, which drops and refetches it.
-        let decoded = check(expect, &raw).ok()?;
-        passed(self, blob, range, expect);
+        let decoded = check(expect, &raw, &span, &range).ok()?;
+        passed(self, blob, span, expect);
         Some(decoded)
     }
 
@@ -218,11 +317,28 @@ impl<T: Tiers> BlobRead for T {
         range: Range<u64>,
         checked: Checked,
     ) -> BoxFuture<'a, Result<(), FetchError>> {
-        Box::pin(self.fill(blob, range, checked.route()))
+        Box::pin(self.fill(blob, range, checked.route(self)))
     }
 
     fn verify_blob<'a>(&'a self, blob: &'a BlobRef) -> BoxFuture<'a, Result<(), FetchError>> {
         Box::pin(verify_blob(self, blob))
+    }
+
+    fn verification(&self, unit: Result<u64, String>) -> Verification {
+        let per_blob = |why: String| Verification::PerBlob {
+            peers: Checked::Embedded.route(self) == Route::Peers,
+            why,
+        };
+        match unit {
+            // Peers trade whole cache blocks: each must be a whole number of units, so that
+            // a bad block is found, and its sender blamed, on its own.
+            Ok(unit) if unit <= self.block_size() => Verification::PerBlock,
+            Ok(unit) => per_blob(format!(
+                "its block digest table's {unit}-byte units are larger than cache.block_size ({} bytes)",
+                self.block_size()
+            )),
+            Err(why) => per_blob(why),
+        }
     }
 }
 
@@ -232,10 +348,11 @@ async fn read<T: Tiers>(
     range: Range<u64>,
     expect: Expect<'_>,
 ) -> Result<Bytes, FetchError> {
+    let span = expect.span(&range, blob.size);
     let raw = tiers
-        .fetch(blob, range.clone(), expect.checked().route())
+        .fetch(blob, span.clone(), expect.checked().route(tiers))
         .await?;
-    checked_or_refetched(tiers, blob, range, expect, &raw).await
+    checked_or_refetched(tiers, blob, range, span, expect, &raw).await
 }
 
 async fn read_parts<T: Tiers>(
@@ -253,46 +370,59 @@ async fn read_parts<T: Tiers>(
             size: span.end,
         });
     }
+    // Each part's check may need more than the part (whole units of a table): fetch them all.
+    let spans: Vec<Range<u64>> = parts
+        .iter()
+        .map(|(range, expect)| expect.span(range, blob.size))
+        .collect();
+    let fetched = spans.iter().fold(span.clone(), |all, s| {
+        all.start.min(s.start)..all.end.max(s.end)
+    });
     // The narrowest route any part's check allows.
     let route = if parts
         .iter()
-        .all(|(_, expect)| expect.checked() == Checked::ChunkDigests)
+        .all(|(_, expect)| expect.checked().route(tiers) == Route::Peers)
     {
         Route::Peers
     } else {
         Route::Registry
     };
-    let raw = tiers.fetch(blob, span.clone(), route).await?;
+    let raw = tiers.fetch(blob, fetched.clone(), route).await?;
     let mut decoded = Vec::with_capacity(parts.len());
-    for (range, expect) in parts {
-        let at = (range.start - span.start) as usize..(range.end - span.start) as usize;
+    for ((range, expect), part_span) in parts.iter().zip(spans) {
+        let at =
+            (part_span.start - fetched.start) as usize..(part_span.end - fetched.start) as usize;
         let part = raw.slice(at);
-        decoded.push(checked_or_refetched(tiers, blob, range.clone(), *expect, &part).await?);
+        decoded.push(
+            checked_or_refetched(tiers, blob, range.clone(), part_span, *expect, &part).await?,
+        );
     }
     Ok(decoded)
 }
 
-/// `raw`, the bytes `range` of `blob` as fetched, decoded and checked; if they fail, fetched
-/// once more from the registry alone and checked again.
+/// `raw`, the bytes `span` of `blob` as fetched, checked and the decoded bytes of `range`
+/// returned; if they fail, `span` is fetched once more from the registry alone and checked
+/// again.
 async fn checked_or_refetched<T: Tiers>(
     tiers: &T,
     blob: &BlobRef,
     range: Range<u64>,
+    span: Range<u64>,
     expect: Expect<'_>,
     raw: &Bytes,
 ) -> Result<Bytes, FetchError> {
-    let first = match check(expect, raw) {
+    let first = match check(expect, raw, &span, &range) {
         Ok(decoded) => {
-            passed(tiers, blob, range, expect);
+            passed(tiers, blob, span, expect);
             return Ok(decoded);
         }
         Err(first) => first,
     };
     warn!(blob = %blob.digest, ?range, error = %first, "bytes failed verification; fetching them again from the registry");
-    let again = tiers.refetch(blob, range.clone()).await?;
-    match check(expect, &again) {
+    let again = tiers.refetch(blob, span.clone()).await?;
+    match check(expect, &again, &span, &range) {
         Ok(decoded) => {
-            passed(tiers, blob, range, expect);
+            passed(tiers, blob, span, expect);
             Ok(decoded)
         }
         Err(source) => Err(FetchError::CheckRead {
@@ -374,9 +504,21 @@ async fn verify_blob<T: Tiers>(tiers: &T, blob: &BlobRef) -> Result<(), FetchErr
     }
     let actual = hex::encode(hasher.finalize());
     if actual == blob.digest.hex() {
+        // Every byte checked out: what peers sent of it may go on to others.
+        tiers.passed(blob, 0..blob.size);
         return Ok(());
     }
-    if let Err(error) = tiers.discard(blob) {
+    // The registry is the root of trust: when peers sent any of it, their blocks are the
+    // suspects, dropped with their senders blamed; otherwise the cached copy itself is bad.
+    let dropped = match tiers.drop_peer_blocks(blob) {
+        Ok(0) => tiers.discard(blob),
+        Ok(blocks) => {
+            warn!(blob = %blob.digest, blocks, "blob failed its digest; dropped the blocks peers sent of it and blamed them");
+            Ok(())
+        }
+        Err(error) => Err(error),
+    };
+    if let Err(error) = dropped {
         warn!(blob = %blob.digest, %error, "could not drop a blob that failed its digest");
     }
     Err(FetchError::BlobDigestMismatch {
@@ -385,16 +527,28 @@ async fn verify_blob<T: Tiers>(tiers: &T, blob: &BlobRef) -> Result<(), FetchErr
     })
 }
 
-/// Decodes `raw` and checks it as `expect` says.
-fn check(expect: Expect<'_>, raw: &Bytes) -> Result<Bytes, Rejection> {
+/// Decodes `raw` (bytes `span` of the blob) and checks it as `expect` says; the decoded
+/// bytes of `wanted`, which `span` covers.
+fn check(
+    expect: Expect<'_>,
+    raw: &Bytes,
+    span: &Range<u64>,
+    wanted: &Range<u64>,
+) -> Result<Bytes, Rejection> {
     match expect {
         Expect::Sha256 { digest, decode } => {
             let decoded = decode.decode(raw)?;
             sha256_matches(&decoded, digest)?;
             Ok(decoded)
         }
-        Expect::Embedded(decode) => decode.decode(raw),
+        Expect::Embedded(decode) | Expect::EmbeddedKept(decode) => decode.decode(raw),
         Expect::BlobDigest => Ok(raw.clone()),
+        Expect::UnitDigests { table, decode } => {
+            table.check(raw, span)?;
+            let from = (wanted.start - span.start) as usize;
+            let to = (wanted.end - span.start) as usize;
+            decode.decode(&raw.slice(from..to))
+        }
     }
 }
 
@@ -406,10 +560,10 @@ fn sha256_matches(bytes: &[u8], expected: [u8; 32]) -> Result<(), Rejection> {
     Err(Box::new(FetchError::Sha256Mismatch { expected, actual }))
 }
 
-/// Bytes that passed: only a check against a digest from a verified index vouches for
-/// peer-sent blocks.
+/// Bytes that passed: only a check against a digest from a verified index or table vouches
+/// for peer-sent blocks.
 fn passed<T: Tiers>(tiers: &T, blob: &BlobRef, range: Range<u64>, expect: Expect<'_>) {
-    if expect.checked() == Checked::ChunkDigests {
+    if expect.checked().vouches() {
         tiers.passed(blob, range);
     }
 }

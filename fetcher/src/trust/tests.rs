@@ -217,6 +217,157 @@ async fn a_blob_failing_its_digest_is_dropped_from_the_cache() {
         .is_none());
 }
 
+const UNIT: u64 = 1024;
+/// The whole units under [`CHUNK`].
+const CHUNK_UNITS: Range<u64> = 0..3072;
+const WHOLE: Range<u64> = 0..SIZE as u64;
+
+fn unit_digests(bytes: &[u8]) -> Vec<[u8; 32]> {
+    bytes.chunks(UNIT as usize).map(sha256).collect()
+}
+
+/// A forged copy whose every "embedded check" still passes: the decoder accepts anything, as
+/// a ZFile block with a recomputed CRC passes its CRC.
+fn forged_unit(data: &[u8], unit: usize) -> Vec<u8> {
+    let mut forged = data.to_vec();
+    forged[unit * UNIT as usize + 10] ^= 0xff;
+    forged
+}
+
+#[tokio::test]
+async fn units_under_a_table_come_from_peers_and_a_forged_one_is_refetched() {
+    let data = content();
+    let blob = blob_of(&data);
+    let digests = unit_digests(&data);
+    let table = UnitDigests {
+        unit: UNIT,
+        digests: &digests,
+    };
+    let expect = Expect::UnitDigests {
+        table,
+        decode: &raw,
+    };
+
+    // An honest peer: its bytes are used, and the whole units read vouch for its blocks.
+    let blobs = MemoryBlobs::default();
+    blobs.peer_serves(&blob.digest, data.clone());
+    blobs.registry_serves(&blob.digest, data.clone());
+    let got = blobs.read(&blob, CHUNK, expect).await.unwrap();
+    assert_eq!(got, data[1000..3000]);
+    assert_eq!((blobs.peer_fetches(), blobs.refetches()), (1, 0));
+    assert_eq!(blobs.passed(&blob.digest), [CHUNK_UNITS]);
+    assert_eq!(blobs.read_cached(&blob, CHUNK, expect).unwrap(), got);
+
+    // A peer forging a unit the read touches, with every embedded check right: caught by the
+    // table, fetched again from the registry (which blames the sender).
+    let blobs = MemoryBlobs::default();
+    blobs.peer_serves(&blob.digest, forged_unit(&data, 2));
+    blobs.registry_serves(&blob.digest, data.clone());
+    assert!(
+        blobs.read_cached(&blob, CHUNK, expect).is_none(),
+        "nothing cached yet"
+    );
+    let got = blobs.read(&blob, CHUNK, expect).await.unwrap();
+    assert_eq!(got, data[1000..3000]);
+    assert_eq!((blobs.peer_fetches(), blobs.refetches()), (1, 1));
+    assert_eq!(
+        blobs.passed(&blob.digest),
+        [CHUNK_UNITS],
+        "only the registry's bytes"
+    );
+
+    // A forged unit in the cache is never served from it.
+    let blobs = MemoryBlobs::default();
+    blobs.cache(&blob.digest, forged_unit(&data, 0));
+    assert!(blobs.read_cached(&blob, CHUNK, expect).is_none());
+
+    // The blob's last bytes; and a table too short for the blob refuses the read.
+    let blobs = MemoryBlobs::default();
+    blobs.registry_serves(&blob.digest, data.clone());
+    let tail = SIZE as u64 - 10..SIZE as u64;
+    let got = blobs.read(&blob, tail.clone(), expect).await.unwrap();
+    assert_eq!(got, data[SIZE - 10..]);
+    let short = UnitDigests {
+        unit: UNIT,
+        digests: &digests[..2],
+    };
+    let expect = Expect::UnitDigests {
+        table: short,
+        decode: &raw,
+    };
+    let err = blobs.read(&blob, CHUNK, expect).await.unwrap_err();
+    assert!(matches!(err, FetchError::CheckRead { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn with_mutual_tls_crc_checked_blocks_come_from_peers_and_a_bad_blob_blames_them() {
+    let data = content();
+    let blob = blob_of(&data);
+    let blobs = MemoryBlobs::default();
+    blobs.peers_use_tls();
+    let forged = forged_unit(&data, 1);
+    blobs.peer_serves(&blob.digest, forged.clone());
+    blobs.registry_serves(&blob.digest, data.clone());
+    let crc_passes = |bytes: &Bytes| -> Result<Bytes, Rejection> { Ok(bytes.clone()) };
+
+    // Bytes parsed and kept at once (a layer's metadata): never from a peer, even so.
+    let kept = blobs
+        .read(&blob, CHUNK, Expect::EmbeddedKept(&crc_passes))
+        .await
+        .unwrap();
+    assert_eq!(kept, data[1000..3000]);
+    assert_eq!(blobs.peer_fetches(), 0);
+    blobs.discard(&blob).unwrap();
+
+    // The forgery passes the embedded check: it is read, never vouched for...
+    let got = blobs
+        .read(&blob, CHUNK, Expect::Embedded(&crc_passes))
+        .await
+        .unwrap();
+    assert_eq!(got, forged[1000..3000]);
+    assert_eq!(blobs.peer_fetches(), 1);
+    assert!(blobs.passed(&blob.digest).is_empty());
+    // ...and the whole blob's digest finds it out: the peer's blocks go, and it is blamed.
+    let err = blobs.verify_blob(&blob).await.unwrap_err();
+    assert!(
+        matches!(err, FetchError::BlobDigestMismatch { .. }),
+        "{err}"
+    );
+    assert_eq!(blobs.blamed(), 1);
+    assert!(blobs
+        .read_cached(&blob, 0..64, Expect::BlobDigest)
+        .is_none());
+
+    // From the registry, the blob checks out and vouches for all of itself.
+    blobs
+        .prefetch(&blob, 0..SIZE as u64, Checked::BlobDigest)
+        .await
+        .unwrap();
+    blobs.verify_blob(&blob).await.unwrap();
+    assert_eq!(blobs.passed(&blob.digest), [WHOLE]);
+    assert_eq!(blobs.blamed(), 1);
+}
+
+#[test]
+fn a_table_is_used_when_its_units_fit_in_a_cache_block() {
+    let blobs = MemoryBlobs::default();
+    assert_eq!(blobs.verification(Ok(64 << 10)), Verification::PerBlock);
+    assert_eq!(blobs.verification(Ok(1 << 20)), Verification::PerBlock);
+    let Verification::PerBlob { peers, why } = blobs.verification(Ok(2 << 20)) else {
+        panic!("units larger than a block cannot check a block");
+    };
+    assert!(!peers, "no mutual TLS");
+    assert!(why.contains("cache.block_size"), "{why}");
+    blobs.peers_use_tls();
+    assert_eq!(
+        blobs.verification(Err("no block digest table".into())),
+        Verification::PerBlob {
+            peers: true,
+            why: "no block digest table".into()
+        }
+    );
+}
+
 #[tokio::test]
 async fn parts_read_together_are_each_checked_and_a_bad_one_refetched_alone() {
     let data = content();

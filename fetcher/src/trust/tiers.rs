@@ -58,6 +58,16 @@ pub trait Tiers: Send + Sync {
 
     /// `blob` failed its digest: none of it may be served or shared again.
     fn discard(&self, blob: &BlobRef) -> Result<(), FetchError>;
+
+    /// `blob` failed its digest: the blocks peers sent of it are dropped and their senders
+    /// blamed. How many blocks were dropped.
+    fn drop_peer_blocks(&self, blob: &BlobRef) -> Result<u64, FetchError>;
+
+    /// The unit peers trade: a cache block.
+    fn block_size(&self) -> u64;
+
+    /// Whether every peer is authenticated as a member of the cluster (mutual TLS).
+    fn peers_authenticated(&self) -> bool;
 }
 
 impl Tiers for Fetcher {
@@ -99,5 +109,26 @@ impl Tiers for Fetcher {
 
     fn discard(&self, blob: &BlobRef) -> Result<(), FetchError> {
         Ok(self.cache().invalidate(&blob.digest, 0..blob.size)?)
+    }
+
+    fn drop_peer_blocks(&self, blob: &BlobRef) -> Result<u64, FetchError> {
+        let Some(peers) = self.peers() else {
+            return Ok(0);
+        };
+        let geometry = self.cache().geometry(blob.size);
+        let blocks = peers.rejected_all(&blob.digest, geometry.covering(&(0..blob.size)));
+        for &index in &blocks {
+            self.cache()
+                .invalidate(&blob.digest, geometry.span(index))?;
+        }
+        Ok(blocks.len() as u64)
+    }
+
+    fn block_size(&self) -> u64 {
+        self.cache().block_size()
+    }
+
+    fn peers_authenticated(&self) -> bool {
+        self.peers().is_some_and(|peers| peers.authenticated())
     }
 }

@@ -16,6 +16,7 @@
 //! the [`Stack`] with each layer's blocks into a plan of [`Step`]s for any virtual-disk range,
 //! which the FUSE virtual disk executes through the fetcher.
 
+pub mod block_digests;
 mod block_map;
 mod disk;
 mod layer;
@@ -25,6 +26,7 @@ pub mod stack;
 pub mod tar_wrapper;
 pub mod zfile;
 
+pub use block_digests::{BlockDigests, BlockDigestsError, TableRef};
 pub use block_map::{BlockMap, BlockMapError, Step};
 pub use disk::{Disk, DiskError};
 pub use layer::{Layer, LayerError, LayerMeta};

@@ -1,17 +1,20 @@
 //! Where FUSE connections wait between daemons: an [`FdStore`] keeps a copy of each mounted
 //! layer's `/dev/fuse` fd, so the connection outlives a daemon that stops or dies, and hands
 //! the copies to the next daemon. Shoal's store is [`Holder`], a process that does nothing
-//! else, reached over a unix socket ([`HolderClient`]); its protocol is [`protocol`]'s.
+//! else, reached over a unix socket ([`HolderClient`]); its protocol is [`protocol`]'s. A
+//! daemon run as a systemd service may use systemd's own fd store instead ([`SystemdStore`]).
 
 mod client;
 mod holder;
 pub mod protocol;
+mod systemd;
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 
 pub use client::HolderClient;
 pub use holder::{Holder, HolderPolicy};
+pub use systemd::{notify as systemd_notify, SystemdEnvironment, SystemdStore};
 
 /// Why the fd store could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +51,24 @@ pub enum HandoverError {
         socket: PathBuf,
         seconds: u64,
     },
+    #[error("invalid {variable} from systemd: {why}")]
+    SystemdEnvironment { variable: &'static str, why: String },
+    #[error("take over the fd systemd passed for {name}")]
+    Adopt {
+        name: String,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("send to systemd's notify socket {socket}")]
+    Notify {
+        socket: PathBuf,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    #[error("systemd cannot store an fd named {name:?} (at most 255 ASCII bytes, no `:`)")]
+    UnstorableName { name: String },
+    #[error("systemd's fd store is full ({max} fds, the unit's FileDescriptorStoreMax=)")]
+    StoreFull { max: usize },
 }
 
 /// Keeps fds under names across the lives of daemons.

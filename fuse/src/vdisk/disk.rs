@@ -64,6 +64,12 @@ impl VirtualDisk {
         &self.layers
     }
 
+    /// Forgets the decoded blocks of layer `at` (its blob failed its digest, and the blocks
+    /// peers sent of it were dropped): later reads decode what the cache holds now.
+    pub fn forget_decoded(&self, at: usize) {
+        self.memory.forget(at);
+    }
+
     /// Decompressed block bytes held in memory.
     pub fn memory_bytes(&self) -> u64 {
         self.memory.bytes()

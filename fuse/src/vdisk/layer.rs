@@ -1,34 +1,44 @@
 //! One overlaybd layer blob, opened lazily: its metadata is fetched up front and parsed by
 //! [`Layer`]; data blocks are read as reads need them, each span of blocks through
-//! [`BlobRead`] with a decoder that checks every block's CRC32C and decompresses it (the
+//! [`BlobRead`] with a decoder that checks every block's CRC32C and decompresses it, and, when
+//! the layer has a usable block digest table, against that table ([`LayerChecks`]; the
 //! fetcher refetches a span that fails, once). What to read is planned in `shoal-formats`
 //! ([`ZFile::span`], [`shoal_formats::overlaybd::BlockMap`]); this file only executes it.
 
 use std::ops::Range;
 
 use bytes::Bytes;
-use shoal_fetcher::{BlobRead, BlobRef, Expect, Rejection};
+use shoal_fetcher::{BlobRead, BlobRef, Rejection};
 use shoal_formats::overlaybd::lsmt::{self, LsmtError, LsmtFile};
 use shoal_formats::overlaybd::tar_wrapper::{self, PROBE_LEN};
 use shoal_formats::overlaybd::zfile::{BlockSpan, ZFile, ZFileError, ZFileInfo, HEADER_SIZE};
 use shoal_formats::overlaybd::{Layer, LayerError, LayerMeta};
 
+use super::checks::LayerChecks;
 use crate::error::FsError;
 
-/// An opened overlaybd layer: its blob, the metadata it was parsed from, and the parse.
+/// An opened overlaybd layer: its blob, the metadata it was parsed from, the parse, and what
+/// its reads are checked against.
 #[derive(Debug)]
 pub struct DiskLayer {
     blob: BlobRef,
     layer: Layer,
     meta: LayerMeta,
+    checks: LayerChecks,
 }
 
 impl DiskLayer {
     /// Fetches and verifies the layer's tar wrapper, ZFile header, trailer and jump table, and
-    /// the LSMT header, trailer and index inside the ZFile.
-    pub async fn open(blobs: &dyn BlobRead, blob: BlobRef) -> Result<DiskLayer, FsError> {
+    /// the LSMT header, trailer and index inside the ZFile, each read checked as `checks` say.
+    pub async fn open(
+        blobs: &dyn BlobRead,
+        blob: BlobRef,
+        checks: LayerChecks,
+    ) -> Result<DiskLayer, FsError> {
+        let checks = &checks;
+        let fetch = |what, range| fetch(blobs, checks, &blob, what, range);
         let head_len = (PROBE_LEN as u64).min(blob.size);
-        let head = fetch(blobs, &blob, "tar header", 0..head_len).await?;
+        let head = fetch("tar header", 0..head_len).await?;
         let payload = tar_wrapper::locate(&head, blob.size).map_err(LayerError::from)?;
         let zfile_err = |source: ZFileError| FsError::OpenLayer(source.into());
         let record = HEADER_SIZE as u64;
@@ -37,17 +47,11 @@ impl DiskLayer {
         }
         let start = payload.offset;
         let end = payload.offset + payload.len;
-        let zfile_header = fetch(blobs, &blob, "zfile header", start..start + record).await?;
-        let zfile_trailer = fetch(blobs, &blob, "zfile trailer", end - record..end).await?;
+        let zfile_header = fetch("zfile header", start..start + record).await?;
+        let zfile_trailer = fetch("zfile trailer", end - record..end).await?;
         let info = ZFileInfo::parse(&zfile_header, &zfile_trailer).map_err(zfile_err)?;
         let table = info.jump_table_range(payload.len).map_err(zfile_err)?;
-        let jump_table = fetch(
-            blobs,
-            &blob,
-            "zfile jump table",
-            start + table.start..start + table.end,
-        )
-        .await?;
+        let jump_table = fetch("zfile jump table", start + table.start..start + table.end).await?;
         let zfile = ZFile::from_info(info, &jump_table).map_err(zfile_err)?;
 
         let size = zfile.uncompressed_size();
@@ -56,11 +60,12 @@ impl DiskLayer {
             return Err(FsError::OpenLayer(LsmtError::FileTooSmall { size }.into()));
         }
         let at = payload.offset;
-        let lsmt_header = read_zfile(blobs, &blob, &zfile, at, 0..record).await?;
-        let lsmt_trailer = read_zfile(blobs, &blob, &zfile, at, size - record..size).await?;
+        let read = |range| read_zfile(blobs, checks, &blob, &zfile, at, range);
+        let lsmt_header = read(0..record).await?;
+        let lsmt_trailer = read(size - record..size).await?;
         let (_, index) = LsmtFile::locate_index(&lsmt_header, &lsmt_trailer, size)
             .map_err(|source| FsError::OpenLayer(source.into()))?;
-        let lsmt_index = read_zfile(blobs, &blob, &zfile, at, index).await?;
+        let lsmt_index = read(index).await?;
         let meta = LayerMeta {
             payload_offset: payload.offset,
             payload_len: payload.len,
@@ -71,13 +76,27 @@ impl DiskLayer {
             lsmt_trailer,
             lsmt_index,
         };
-        DiskLayer::from_meta(blob, meta)
+        DiskLayer::from_meta(blob, meta, checks.clone())
     }
 
     /// Reopens a layer from metadata [`DiskLayer::meta`] held, verifying it again.
-    pub fn from_meta(blob: BlobRef, meta: LayerMeta) -> Result<DiskLayer, FsError> {
+    pub fn from_meta(
+        blob: BlobRef,
+        meta: LayerMeta,
+        checks: LayerChecks,
+    ) -> Result<DiskLayer, FsError> {
         let layer = Layer::parse(&meta, blob.size)?;
-        Ok(DiskLayer { blob, layer, meta })
+        Ok(DiskLayer {
+            blob,
+            layer,
+            meta,
+            checks,
+        })
+    }
+
+    /// What the layer's reads are checked against.
+    pub fn checks(&self) -> &LayerChecks {
+        &self.checks
     }
 
     pub fn blob(&self) -> &BlobRef {
@@ -106,7 +125,7 @@ impl DiskLayer {
         blobs.read_cached(
             &self.blob,
             span.compressed.clone(),
-            Expect::Embedded(&decode),
+            self.checks.blocks(&decode),
         )
     }
 
@@ -116,22 +135,36 @@ impl DiskLayer {
         blobs: &dyn BlobRead,
         span: &BlockSpan,
     ) -> Result<Bytes, FsError> {
-        read_blocks(blobs, &self.blob, self.layer.zfile(), span).await
+        read_blocks(
+            blobs,
+            &self.checks,
+            &self.blob,
+            self.layer.zfile(),
+            span,
+            false,
+        )
+        .await
     }
 }
 
-/// Blocks `span` of the ZFile `zfile` in `blob`: a CRC32C travels with each block, which
-/// anyone could forge, so the fetcher takes them from the cache and the registry alone; a
-/// span with a block that fails is fetched once more from the registry before the read fails.
+/// Blocks `span` of the ZFile `zfile` in `blob`, checked as `checks` say for data, or for
+/// metadata to be `kept` (the fetcher decides where they may come from); a span with a block
+/// that fails is fetched once more from the registry before the read fails.
 async fn read_blocks(
     blobs: &dyn BlobRead,
+    checks: &LayerChecks,
     blob: &BlobRef,
     zfile: &ZFile,
     span: &BlockSpan,
+    kept: bool,
 ) -> Result<Bytes, FsError> {
     let decode = |raw: &Bytes| decode(zfile, span, raw);
+    let expect = match kept {
+        true => checks.kept_blocks(&decode),
+        false => checks.blocks(&decode),
+    };
     blobs
-        .read(blob, span.compressed.clone(), Expect::Embedded(&decode))
+        .read(blob, span.compressed.clone(), expect)
         .await
         .map_err(|source| FsError::ReadBlock {
             blob: blob.digest.to_string(),
@@ -143,6 +176,7 @@ async fn read_blocks(
 /// Decompressed bytes `range` of the ZFile `zfile`, which starts `at` bytes into `blob`.
 async fn read_zfile(
     blobs: &dyn BlobRead,
+    checks: &LayerChecks,
     blob: &BlobRef,
     zfile: &ZFile,
     at: u64,
@@ -152,7 +186,7 @@ async fn read_zfile(
         .span(range)
         .map_err(|source| FsError::OpenLayer(source.into()))?
         .shifted(at);
-    let blocks = read_blocks(blobs, blob, zfile, &span).await?;
+    let blocks = read_blocks(blobs, checks, blob, zfile, &span, true).await?;
     Ok(blocks.slice(span.keep.clone()).to_vec())
 }
 
@@ -160,15 +194,17 @@ fn decode(zfile: &ZFile, span: &BlockSpan, raw: &Bytes) -> Result<Bytes, Rejecti
     Ok(Bytes::from(zfile.decode_span(span, raw)?))
 }
 
-/// Fetches metadata bytes `range` of `blob`: only the whole blob's digest covers them.
+/// Fetches metadata bytes `range` of `blob`: covered by the block digest table, or only by
+/// the whole blob's digest.
 async fn fetch(
     blobs: &dyn BlobRead,
+    checks: &LayerChecks,
     blob: &BlobRef,
     what: &'static str,
     range: Range<u64>,
 ) -> Result<Vec<u8>, FsError> {
     blobs
-        .read(blob, range, Expect::BlobDigest)
+        .read(blob, range, checks.raw())
         .await
         .map(|bytes| bytes.to_vec())
         .map_err(|source| FsError::FetchLayerMetadata {

@@ -65,6 +65,22 @@ impl BlockMemory {
         }
     }
 
+    /// Forgets every block of `layer`: its blob's cached bytes were dropped as bad.
+    pub(super) fn forget(&self, layer: usize) {
+        let mut inner = self.lock();
+        let held: Vec<BlockKey> = inner
+            .blocks
+            .iter()
+            .map(|(key, _)| *key)
+            .filter(|(at, _)| *at == layer)
+            .collect();
+        for key in held {
+            if let Some(block) = inner.blocks.pop(&key) {
+                inner.bytes -= block.len() as u64;
+            }
+        }
+    }
+
     /// Decompressed bytes held.
     pub(super) fn bytes(&self) -> u64 {
         self.lock().bytes
@@ -111,6 +127,17 @@ mod tests {
         memory.put(0, 3, &[block(9, 4)]);
         assert_eq!(memory.bytes(), 12);
         assert_eq!(memory.get(0, 3..4).unwrap(), vec![block(9, 4)]);
+    }
+
+    #[test]
+    fn a_layer_forgotten_keeps_no_block_and_counts_none() {
+        let memory = BlockMemory::new(1 << 20);
+        memory.put(0, 0, &[block(1, 100), block(2, 100)]);
+        memory.put(1, 0, &[block(3, 100)]);
+        memory.forget(0);
+        assert!(memory.get(0, 0..1).is_none());
+        assert!(memory.get(1, 0..1).is_some());
+        assert_eq!(memory.bytes(), 100);
     }
 
     #[test]

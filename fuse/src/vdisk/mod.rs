@@ -5,14 +5,16 @@
 //!   checked by `shoal_formats::overlaybd::Layer`).
 //! - [`VirtualDisk`]: layers stacked top first; `shoal_formats::overlaybd::BlockMap` plans each
 //!   read as spans of ZFile blocks, which are read through [`shoal_fetcher::BlobRead`] with a
-//!   decoder that checks each block's CRC and decompresses it (the fetcher refetches a bad span
-//!   once, never from peers), and kept in a small memory of decoded blocks. Its metadata
+//!   decoder that checks each block's CRC and decompresses it, and against the layer's block
+//!   digest table when it has one ([`LayerChecks`]; the fetcher decides where the bytes may
+//!   come from and refetches a bad span once), and kept in a small memory of decoded blocks. Its metadata
 //!   persists as bytes, so a restart reopens it without the registry.
 //! - [`fetch_and_verify`]: the background fetch of a whole blob, ending with its sha256 check.
 //! - [`mount`]: a FUSE filesystem holding the one file [`DISK_FILE`], whose content is the disk.
 //!
 //! The snapshotter loop-mounts that file read-only (ext4 or erofs, see [`FsType`]).
 
+mod checks;
 mod disk;
 mod fs;
 mod layer;
@@ -21,6 +23,7 @@ mod mount;
 mod persisted;
 mod verify;
 
+pub use checks::{LayerChecks, NO_TABLE};
 pub use disk::{PendingRead, VirtualDisk};
 pub use layer::DiskLayer;
 pub use mount::mount;

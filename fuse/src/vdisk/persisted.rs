@@ -1,12 +1,14 @@
-//! The bytes a snapshotter keeps for a virtual disk: every layer's verified metadata, so the
-//! disk reopens after a restart without the registry (and is verified again when it does).
+//! The bytes a snapshotter keeps for a virtual disk: every layer's verified metadata and block
+//! digest table, so the disk reopens after a restart without the registry (and is verified
+//! again when it does).
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use shoal_fetcher::{BlobRef, Digest, ImageRef};
-use shoal_formats::overlaybd::LayerMeta;
+use shoal_fetcher::{BlobRead, BlobRef, Digest, ImageRef, Verification};
+use shoal_formats::overlaybd::{BlockDigests, LayerMeta};
 
+use super::checks::{LayerChecks, NO_TABLE};
 use super::{DiskLayer, FsType, VirtualDisk};
 use crate::error::FsError;
 
@@ -40,6 +42,13 @@ struct PersistedLayer {
     lsmt_trailer: Vec<u8>,
     #[serde(with = "b64")]
     lsmt_index: Vec<u8>,
+    /// The layer's block digest table as fetched, checked and used; empty when it has none in
+    /// use (a record written before tables existed has none either).
+    #[serde(default, with = "b64", skip_serializing_if = "Vec::is_empty")]
+    block_digests: Vec<u8>,
+    /// Why the layer is checked per blob, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    per_blob: Option<String>,
 }
 
 impl VirtualDisk {
@@ -51,6 +60,11 @@ impl VirtualDisk {
             .map(|layer| {
                 let blob = layer.blob();
                 let meta = layer.meta().clone();
+                let checks = layer.checks();
+                let per_blob = match checks.verification() {
+                    Verification::PerBlock => None,
+                    Verification::PerBlob { why, .. } => Some(why.clone()),
+                };
                 PersistedLayer {
                     image: blob.image.to_string(),
                     digest: blob.digest.to_string(),
@@ -63,6 +77,8 @@ impl VirtualDisk {
                     lsmt_header: meta.lsmt_header,
                     lsmt_trailer: meta.lsmt_trailer,
                     lsmt_index: meta.lsmt_index,
+                    block_digests: checks.table().map(BlockDigests::encode).unwrap_or_default(),
+                    per_blob,
                 }
             })
             .collect();
@@ -75,8 +91,9 @@ impl VirtualDisk {
         serde_json::to_vec(&persisted).unwrap_or_default()
     }
 
-    /// Reopens a disk from [`VirtualDisk::persist`]'s bytes, verifying every layer's metadata.
-    pub fn from_persisted(bytes: &[u8]) -> Result<VirtualDisk, FsError> {
+    /// Reopens a disk from [`VirtualDisk::persist`]'s bytes, verifying every layer's metadata;
+    /// its reads are checked as `blobs` now allows.
+    pub fn from_persisted(bytes: &[u8], blobs: &dyn BlobRead) -> Result<VirtualDisk, FsError> {
         let persisted: PersistedDisk =
             serde_json::from_slice(bytes).map_err(|source| FsError::PersistedDisk { source })?;
         if persisted.version != VERSION {
@@ -104,7 +121,16 @@ impl VirtualDisk {
                     lsmt_trailer: layer.lsmt_trailer,
                     lsmt_index: layer.lsmt_index,
                 };
-                DiskLayer::from_meta(BlobRef::new(image, digest, layer.size), meta)
+                let table = if layer.block_digests.is_empty() {
+                    Err(layer.per_blob.unwrap_or_else(|| NO_TABLE.to_owned()))
+                } else {
+                    let parsed = BlockDigests::parse(&layer.block_digests, layer.size);
+                    Ok(parsed.map_err(|_| FsError::PersistedIndex {
+                        reason: "bad block digest table",
+                    })?)
+                };
+                let checks = LayerChecks::new(blobs, table);
+                DiskLayer::from_meta(BlobRef::new(image, digest, layer.size), meta, checks)
             })
             .collect::<Result<Vec<_>, _>>()?;
         VirtualDisk::new(layers, persisted.fs_type)

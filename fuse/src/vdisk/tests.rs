@@ -44,6 +44,12 @@ fn cached(blob: &[u8]) -> (MemoryBlobs, BlobRef) {
     (blobs, BlobRef::new(image, digest, size))
 }
 
+/// Opens the layer as one made by another converter: no block digest table.
+async fn open(blobs: &MemoryBlobs, blob: BlobRef) -> Result<DiskLayer, FsError> {
+    let checks = LayerChecks::new(blobs, Err(NO_TABLE.to_owned()));
+    DiskLayer::open(blobs, blob, checks).await
+}
+
 /// The same disk through the pure, synchronous readers.
 fn reference_disk(blob: Vec<u8>) -> Disk<ZFileReader<Window<Vec<u8>>>> {
     let size = blob.len() as u64;
@@ -56,7 +62,7 @@ fn reference_disk(blob: Vec<u8>) -> Disk<ZFileReader<Window<Vec<u8>>>> {
 async fn the_fixture_disk_reads_the_same_through_the_cache_and_after_reopening() {
     let blob = fixture_blob();
     let (blobs, blob_ref) = cached(&blob);
-    let layer = DiskLayer::open(&blobs, blob_ref).await.unwrap();
+    let layer = open(&blobs, blob_ref).await.unwrap();
     assert_eq!(layer.meta().payload_offset, 1536);
     assert_eq!(layer.lsmt().index_records(), 768);
     let disk = VirtualDisk::new(vec![layer], FsType::Ext4).unwrap();
@@ -66,7 +72,7 @@ async fn the_fixture_disk_reads_the_same_through_the_cache_and_after_reopening()
     assert_eq!(superblock[0x38..0x3a], EXT4_MAGIC);
 
     let reference = reference_disk(blob);
-    let reopened = VirtualDisk::from_persisted(&disk.persist()).unwrap();
+    let reopened = VirtualDisk::from_persisted(&disk.persist(), &blobs).unwrap();
     for (offset, len) in [
         (0, 4096),
         (1024, 131_072),
@@ -91,7 +97,7 @@ async fn the_fixture_disk_reads_the_same_through_the_cache_and_after_reopening()
 async fn corrupt_cached_blocks_are_never_served() {
     let blob = fixture_blob();
     let (blobs, blob_ref) = cached(&blob);
-    let layer = DiskLayer::open(&blobs, blob_ref.clone()).await.unwrap();
+    let layer = open(&blobs, blob_ref.clone()).await.unwrap();
     let disk = VirtualDisk::new(vec![layer], FsType::Ext4).unwrap();
 
     // Every compressed data block goes bad after the metadata was read.
@@ -126,7 +132,7 @@ async fn corrupt_cached_blocks_are_never_served() {
 async fn blocks_a_read_decoded_are_served_again_from_memory() {
     let blob = fixture_blob();
     let (blobs, blob_ref) = cached(&blob);
-    let layer = DiskLayer::open(&blobs, blob_ref.clone()).await.unwrap();
+    let layer = open(&blobs, blob_ref.clone()).await.unwrap();
     let disk = VirtualDisk::new(vec![layer], FsType::Ext4).unwrap();
     assert_eq!(disk.memory_bytes(), 0);
     let superblock = disk.read(&blobs, 1024, 1024).await.unwrap();
@@ -155,7 +161,7 @@ async fn blocks_a_read_decoded_are_served_again_from_memory() {
 /// The persisted record of the fixture disk as JSON, to tamper with.
 async fn persisted_json() -> serde_json::Value {
     let (blobs, blob_ref) = cached(&fixture_blob());
-    let layer = DiskLayer::open(&blobs, blob_ref).await.unwrap();
+    let layer = open(&blobs, blob_ref).await.unwrap();
     let disk = VirtualDisk::new(vec![layer], FsType::Ext4).unwrap();
     serde_json::from_slice(&disk.persist()).unwrap()
 }
@@ -168,13 +174,13 @@ fn edit_bytes(json: &mut serde_json::Value, field: &str, edit: impl FnOnce(&mut 
 }
 
 fn reopen(json: &serde_json::Value) -> Result<VirtualDisk, FsError> {
-    VirtualDisk::from_persisted(&serde_json::to_vec(json).unwrap())
+    VirtualDisk::from_persisted(&serde_json::to_vec(json).unwrap(), &MemoryBlobs::default())
 }
 
 #[tokio::test]
 async fn damaged_persisted_records_are_refused() {
     assert!(matches!(
-        VirtualDisk::from_persisted(b"not json"),
+        VirtualDisk::from_persisted(b"not json", &MemoryBlobs::default()),
         Err(FsError::PersistedDisk { .. })
     ));
     let good = persisted_json().await;
@@ -227,14 +233,16 @@ async fn damaged_persisted_records_are_refused() {
 async fn a_whole_blob_is_checked_against_its_digest_and_dropped_when_wrong() {
     let blob = fixture_blob();
     let (blobs, blob_ref) = cached(&blob);
-    fetch_and_verify(&blobs, &blob_ref, None).await.unwrap();
+    let layer = open(&blobs, blob_ref.clone()).await.unwrap();
+    let disk = VirtualDisk::new(vec![layer], FsType::Ext4).unwrap();
+    fetch_and_verify(&blobs, &disk, 0, None).await.unwrap();
 
     // One byte differs in the tar padding: no CRC covers it, the digest does.
     let mut bad = blob.clone();
     let last = bad.len() - 1;
     bad[last] ^= 1;
     blobs.cache(&blob_ref.digest, bad);
-    let err = fetch_and_verify(&blobs, &blob_ref, Some(1 << 30))
+    let err = fetch_and_verify(&blobs, &disk, 0, Some(1 << 30))
         .await
         .unwrap_err();
     assert!(
@@ -251,4 +259,129 @@ async fn a_whole_blob_is_checked_against_its_digest_and_dropped_when_wrong() {
         blobs.cached(&blob_ref, 0..512).is_none(),
         "the blob's cached blocks are dropped"
     );
+}
+
+/// `blob` with data block `index` of its ZFile rewritten (its last compressed byte, a literal
+/// in LZ4) and its CRC recomputed: it passes its CRC and decodes to other bytes.
+fn forged_block(blob: &[u8], layer: &DiskLayer, index: u64) -> Vec<u8> {
+    use shoal_formats::overlaybd::zfile::{crc32c_raw, BLOCK_CRC_SEED};
+    let at = layer.meta().payload_offset;
+    let block = layer.layer().zfile().block_range(index).unwrap();
+    let (start, end) = ((at + block.start) as usize, (at + block.end) as usize);
+    let mut forged = blob.to_vec();
+    forged[end - 5] ^= 0x01;
+    let crc = crc32c_raw(BLOCK_CRC_SEED, &forged[start..end - 4]);
+    forged[end - 4..end].copy_from_slice(&crc.to_le_bytes());
+    forged
+}
+
+#[tokio::test]
+async fn with_a_block_digest_table_a_block_forged_with_its_crc_is_never_served() {
+    use shoal_formats::overlaybd::BlockDigests;
+    let blob = fixture_blob();
+    let (blobs, blob_ref) = cached(&blob);
+    let table = BlockDigests::of(&blob, 4096).unwrap();
+    let checks = LayerChecks::new(&blobs, Ok(table.clone()));
+    assert_eq!(
+        checks.verification(),
+        &shoal_fetcher::Verification::PerBlock
+    );
+    let layer = DiskLayer::open(&blobs, blob_ref.clone(), checks)
+        .await
+        .unwrap();
+    let disk = VirtualDisk::new(vec![layer], FsType::Ext4).unwrap();
+    let superblock = disk.read_cached(&blobs, 1024, 1024).unwrap();
+    assert_eq!(superblock[0x38..0x3a], EXT4_MAGIC);
+
+    // The table persists with the disk, and reads go on being checked against it.
+    let reopened = VirtualDisk::from_persisted(&disk.persist(), &blobs).unwrap();
+    assert!(reopened.layers()[0].checks().table().is_some());
+
+    // The superblock's ZFile block, forged with a matching CRC.
+    let layer = &reopened.layers()[0];
+    let plain = open(&blobs, blob_ref.clone()).await.unwrap();
+    let map = shoal_formats::overlaybd::BlockMap::new(&[layer.layer()]).unwrap();
+    let plan = map.plan(0, 4096).unwrap();
+    let index = plan
+        .iter()
+        .find_map(|step| match step {
+            shoal_formats::overlaybd::Step::Blocks { span, .. } => Some(span.blocks.start),
+            _ => None,
+        })
+        .unwrap();
+    let forged = forged_block(&blob, layer, index);
+    blobs.cache(&blob_ref.digest, forged.clone());
+    let unchecked = VirtualDisk::new(vec![plain], FsType::Ext4).unwrap();
+    let seen = unchecked.read_cached(&blobs, 0, 4096);
+    assert!(
+        seen.is_some_and(|bytes| bytes != reopened_reference(&blob)),
+        "without a table the forgery passes its CRC"
+    );
+    assert!(
+        reopened.read_cached(&blobs, 0, 4096).is_none(),
+        "the table catches what the CRC does not"
+    );
+    // The refetch has nowhere to go here: an error, never the forged bytes.
+    assert!(reopened.read(&blobs, 0, 4096).await.is_err());
+
+    // A table whose unit is larger than a cache block cannot check blocks one by one: per blob.
+    let coarse = BlockDigests::of(&blob, 2 << 20).unwrap();
+    let checks = LayerChecks::new(&blobs, Ok(coarse));
+    assert!(checks.table().is_none());
+    assert!(matches!(
+        checks.verification(),
+        shoal_fetcher::Verification::PerBlob { why, .. } if why.contains("cache.block_size")
+    ));
+}
+
+/// The first 4 KiB of the fixture disk.
+fn reopened_reference(blob: &[u8]) -> Vec<u8> {
+    let mut want = vec![0u8; 4096];
+    reference_disk(blob.to_vec())
+        .read_exact_at(0, &mut want)
+        .unwrap();
+    want
+}
+
+#[tokio::test]
+async fn without_a_table_peers_blocks_are_checked_by_the_blob_digest_and_dropped_when_wrong() {
+    let blob = fixture_blob();
+    let blobs = MemoryBlobs::default();
+    blobs.peers_use_tls();
+    let digest = Digest::parse(&format!("sha256:{LAYER}")).unwrap();
+    let image = ImageRef::parse("127.0.0.1:1/test/hello:1").unwrap();
+    let blob_ref = BlobRef::new(image, digest.clone(), blob.len() as u64);
+    blobs.registry_serves(&digest, blob.clone());
+    let layer = open(&blobs, blob_ref.clone()).await.unwrap();
+    assert_eq!(
+        blobs.peer_fetches(),
+        0,
+        "a layer's metadata never comes from a peer"
+    );
+
+    // Data blocks may: a peer forges the superblock's block with a matching CRC.
+    let map = shoal_formats::overlaybd::BlockMap::new(&[layer.layer()]).unwrap();
+    let index = map
+        .plan(0, 4096)
+        .unwrap()
+        .iter()
+        .find_map(|step| match step {
+            shoal_formats::overlaybd::Step::Blocks { span, .. } => Some(span.blocks.start),
+            _ => None,
+        })
+        .unwrap();
+    let forged = forged_block(&blob, &layer, index);
+    let disk = VirtualDisk::new(vec![layer], FsType::Ext4).unwrap();
+    blobs.discard(&blob_ref).unwrap();
+    blobs.peer_serves(&digest, forged);
+    let want = reopened_reference(&blob);
+    let seen = disk.read(&blobs, 0, 4096).await.unwrap();
+    assert_ne!(seen, want, "the CRC passed: the forgery was read");
+    assert_eq!(blobs.peer_fetches(), 1);
+
+    // The background completion finds the blob's digest wrong, drops what the peer sent and
+    // blames it, forgets what was decoded of it, and completes the blob from the registry.
+    fetch_and_verify(&blobs, &disk, 0, None).await.unwrap();
+    assert_eq!(blobs.blamed(), 1);
+    assert_eq!(disk.read(&blobs, 0, 4096).await.unwrap(), want);
 }

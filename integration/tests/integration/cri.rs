@@ -60,7 +60,7 @@ pub(crate) struct Stack {
 }
 
 impl Stack {
-    fn start(fixture: &Fixture) -> Result<Stack> {
+    pub(crate) fn start(fixture: &Fixture) -> Result<Stack> {
         let registry = Registry::start(fixture)?;
         let built = image::build(fixture, "cri", &layers()?)?;
         let plain = built.push(&registry.host(), "test/plain")?;

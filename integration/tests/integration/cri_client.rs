@@ -10,8 +10,8 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    AuthConfig, Image, ImageSpec, ImageStatusRequest, ListImagesRequest, PullImageRequest,
-    RemoveImageRequest, VersionRequest,
+    AuthConfig, FilesystemUsage, Image, ImageFsInfoRequest, ImageSpec, ImageStatusRequest,
+    ListImagesRequest, PullImageRequest, RemoveImageRequest, VersionRequest,
 };
 
 use crate::fixture::wait_until;
@@ -120,6 +120,16 @@ impl Cri {
             .block_on(client.image_status(request))
             .with_context(|| format!("CRI ImageStatus {reference}"))?;
         Ok(reply.into_inner().image)
+    }
+
+    /// `ImageFsInfo`: the image filesystems kubelet's image GC and eviction read.
+    pub(crate) fn image_fs_info(&self) -> Result<Vec<FilesystemUsage>> {
+        let mut client = self.images.clone();
+        let reply = self
+            .runtime
+            .block_on(client.image_fs_info(ImageFsInfoRequest::default()))
+            .context("CRI ImageFsInfo")?;
+        Ok(reply.into_inner().image_filesystems)
     }
 
     /// `ListImages` without a filter.

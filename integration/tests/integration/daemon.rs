@@ -14,6 +14,7 @@ use crate::binary;
 use crate::client::Snapshots;
 use crate::fixture::{wait_until, Fixture};
 use crate::process::Process;
+use crate::service_manager::ServiceManager;
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -26,6 +27,8 @@ pub struct Daemon {
     log: PathBuf,
     /// Searched before the test's own `PATH` for the tools the daemon runs (a test's shim).
     path_prefix: Option<PathBuf>,
+    /// Started as this manager's service (systemd's part in it), when set.
+    service_manager: Option<std::sync::Arc<ServiceManager>>,
     process: Option<Process>,
 }
 
@@ -82,6 +85,7 @@ impl Daemon {
             config,
             log,
             path_prefix: None,
+            service_manager: None,
             process: None,
         })
     }
@@ -114,6 +118,25 @@ impl Daemon {
         self.path_prefix = dir;
     }
 
+    /// From the next launch on, the daemon starts as `manager`'s service, as systemd starts
+    /// one: with its notify socket and the fds its store holds.
+    pub fn set_service_manager(&mut self, manager: std::sync::Arc<ServiceManager>) {
+        self.service_manager = Some(manager);
+    }
+
+    /// Spawns the daemon, as a service when a manager is set, logging to `log`.
+    fn spawn(&self, log: &Path) -> Result<Process> {
+        match &self.service_manager {
+            None => Process::spawn("shoal-snapshotter", &mut self.command(), log),
+            Some(manager) => {
+                let (mut service, copies) = manager.service_command(&self.command())?;
+                let process = Process::spawn("shoal-snapshotter", &mut service, log);
+                drop(copies);
+                process
+            }
+        }
+    }
+
     fn command(&self) -> Command {
         let mut command = Command::new(&self.binary);
         command.arg("--config").arg(&self.config);
@@ -128,7 +151,7 @@ impl Daemon {
     /// Spawns the daemon and waits until its socket accepts connections.
     pub fn launch(&mut self) -> Result<()> {
         anyhow::ensure!(self.process.is_none(), "the daemon is already running");
-        let process = Process::spawn("shoal-snapshotter", &mut self.command(), &self.log)?;
+        let process = self.spawn(&self.log)?;
         let process = self.process.insert(process);
         let socket = self.socket.clone();
         wait_until("the daemon's socket", START_TIMEOUT, || {
@@ -144,7 +167,7 @@ impl Daemon {
     /// and is still starting (it opens its store and binds its socket after that).
     pub fn launch_starting(&mut self) -> Result<()> {
         anyhow::ensure!(self.process.is_none(), "the daemon is already running");
-        let process = Process::spawn("shoal-snapshotter", &mut self.command(), &self.log)?;
+        let process = self.spawn(&self.log)?;
         let process = self.process.insert(process);
         let lock = self.root.join("shoal.lock");
         wait_until("the daemon to lock its root", START_TIMEOUT, || {
@@ -193,7 +216,7 @@ impl Daemon {
     pub fn run_expecting_exit(&self, fixture: &Fixture, tag: &str) -> Result<(ExitStatus, String)> {
         let log = fixture.path(&format!("shoal-snapshotter-{tag}.log"));
         fixture.register_log(&format!("shoal-snapshotter ({tag})"), &log);
-        let mut process = Process::spawn("shoal-snapshotter", &mut self.command(), &log)?;
+        let mut process = self.spawn(&log)?;
         match process.wait_timeout(START_TIMEOUT)? {
             Some(status) => Ok((status, process.log())),
             None => anyhow::bail!(

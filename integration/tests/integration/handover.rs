@@ -5,6 +5,7 @@
 //! read completes with the right bytes. Nothing is remounted and no mount leaks.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -13,6 +14,7 @@ use crate::binary;
 use crate::fixture::{privileged, wait_until, Fixture};
 use crate::keeper::{Keeper, READ_TIMEOUT};
 use crate::lazy::{data_image, ensure_all_lazy, sums, Stack};
+use crate::metrics::Scrape;
 use crate::overlaybd;
 use crate::proxy::Fault;
 
@@ -24,7 +26,7 @@ const FILES_PER_CYCLE: usize = 1;
 const FILE_SIZE: usize = 1280 << 10;
 
 /// Empties the page cache, so reads reach FUSE again.
-fn drop_caches() -> Result<()> {
+pub(crate) fn drop_caches() -> Result<()> {
     std::fs::write("/proc/sys/vm/drop_caches", "3").context("drop the page cache")
 }
 
@@ -48,17 +50,36 @@ enum RegistryDuringRestart {
     Stalled,
 }
 
-/// One cycle: with the page cache dropped, `keeper` reads `paths` while the registry stalls
-/// every blob request, so the read is certainly in flight; the daemon is ended and a new one
-/// started, the stall lifted before or after that start. Returns what the reader printed and
-/// how long it was held from the daemon's end.
+/// The daemon's settings for these tests (its `/metrics`, on a loopback address of its own),
+/// and that address.
+pub(crate) fn watched_settings() -> (SocketAddr, String) {
+    let address = crate::fixture::loopback_addr(9464);
+    (address, format!("[metrics]\naddress = \"{address}\"\n"))
+}
+
+/// Waits until the daemon at `metrics` has no fill queued or running. A fill completes the
+/// blocks an earlier read fetched only part of, once reads are quiet; one reaching a stalled
+/// registry would pass for the read a cycle holds in flight, while that read has not even
+/// reached the daemon.
+fn wait_for_fills(metrics: SocketAddr) -> Result<()> {
+    wait_until("the daemon's fills to finish", READ_TIMEOUT, || {
+        Ok(Scrape::take(metrics)?.value("shoal_fill_pending_blocks") == 0.0)
+    })
+}
+
+/// One cycle: with the page cache dropped and no fill pending (the daemon's `/metrics` at
+/// `metrics`), `keeper` reads `paths` while the registry stalls every blob request, so the
+/// read is certainly in flight; the daemon is ended and a new one started, the stall lifted
+/// before or after that start. Returns what the reader printed and how long it was held from
+/// the daemon's end.
 fn cycle(
     stack: &mut Stack,
     keeper: &Keeper,
-    exec: &str,
-    paths: &[&str],
+    metrics: SocketAddr,
+    (exec, paths): (&str, &[&str]),
     (ending, registry): (Ending, RegistryDuringRestart),
 ) -> Result<(String, Duration)> {
+    wait_for_fills(metrics)?;
     drop_caches()?;
     let proxy = stack.registry.proxy();
     proxy.reset();
@@ -95,7 +116,7 @@ fn cycle(
 }
 
 /// FUSE mounts of type `fuse.shoal` under `dir`.
-fn shoal_mounts_under(dir: &std::path::Path) -> Result<usize> {
+pub(crate) fn shoal_mounts_under(dir: &std::path::Path) -> Result<usize> {
     let table = std::fs::read_to_string("/proc/self/mountinfo")?;
     let dir = dir.to_string_lossy();
     Ok(table
@@ -114,7 +135,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn a_running_container_reads_every_file_through_kills_and_restarts() {
     privileged!();
     Fixture::run(|fixture| {
-        let mut stack = Stack::start(fixture, "")?;
+        let (metrics, settings) = watched_settings();
+        let mut stack = Stack::start(fixture, &settings)?;
         // The last file shares its blocks with the TOC, which opening the layer fetched: it is
         // read only at the end.
         let names: Vec<String> = (0..2 * CYCLES * FILES_PER_CYCLE)
@@ -150,7 +172,13 @@ fn a_running_container_reads_every_file_through_kills_and_restarts() {
                 RegistryDuringRestart::Reachable
             };
             let exec = format!("read-{n}");
-            let (out, stall) = cycle(&mut stack, &keeper, &exec, group, (ending, registry))?;
+            let (out, stall) = cycle(
+                &mut stack,
+                &keeper,
+                metrics,
+                (&exec, group),
+                (ending, registry),
+            )?;
             match registry {
                 RegistryDuringRestart::Reachable => reachable.push(stall),
                 RegistryDuringRestart::Stalled => stalled.push(stall),
@@ -208,7 +236,8 @@ fn a_running_container_reads_every_file_through_kills_and_restarts() {
 fn an_overlaybd_container_reads_through_a_kill_and_a_stop() {
     privileged!();
     Fixture::run(|fixture| {
-        let mut obd = overlaybd::Stack::start(fixture)?;
+        let (metrics, settings) = watched_settings();
+        let mut obd = overlaybd::Stack::start_settings(fixture, &settings)?;
         let files: Vec<(String, Vec<u8>)> = (0..3)
             .map(|i| Ok((format!("/data/f{i}"), overlaybd::random_bytes(FILE_SIZE)?)))
             .collect::<Result<_>>()?;
@@ -233,7 +262,13 @@ fn an_overlaybd_container_reads_through_a_kill_and_a_stop() {
                 RegistryDuringRestart::Reachable,
             ][n];
             let exec = format!("read-{n}");
-            let (out, _) = cycle(stack, &keeper, &exec, &[path], (ending, registry))?;
+            let (out, _) = cycle(
+                stack,
+                &keeper,
+                metrics,
+                (&exec, &[path]),
+                (ending, registry),
+            )?;
             anyhow::ensure!(
                 out.contains(&overlaybd::sha256_hex(bytes)),
                 "cycle {n} ({ending:?}): read {out}"
@@ -362,7 +397,8 @@ fn an_upgrade_from_the_oldest_supported_release_keeps_running_containers_reading
     };
     Fixture::run(|fixture| {
         let current = binary::daemon()?;
-        let mut stack = Stack::start_with(fixture, "", |d| d.set_binary(base.clone()))?;
+        let (metrics, settings) = watched_settings();
+        let mut stack = Stack::start_with(fixture, &settings, |d| d.set_binary(base.clone()))?;
         let names = ["a", "b", "c", "tail"];
         let files: Vec<(&str, usize)> = names.iter().map(|n| (*n, FILE_SIZE)).collect();
         let (layers, expected) = data_image(&files)?;
@@ -382,7 +418,13 @@ fn an_upgrade_from_the_oldest_supported_release_keeps_running_containers_reading
             (Ending::Kill, RegistryDuringRestart::Reachable),
         ];
         for (n, (step, path)) in steps.into_iter().zip(["/data/a", "/data/b"]).enumerate() {
-            let (out, stall) = cycle(&mut stack, &keeper, &format!("read-{n}"), &[path], step)?;
+            let (out, stall) = cycle(
+                &mut stack,
+                &keeper,
+                metrics,
+                (&format!("read-{n}"), &[path]),
+                step,
+            )?;
             anyhow::ensure!(
                 sums(&out).get(path) == expected.get(path),
                 "{step:?}: read {out}"

@@ -105,6 +105,14 @@ fn a_staged_install_ships_stripped_binaries_and_uninstalls_cleanly() {
             unit.contains(&format!("ExecStart={PREFIX}/bin/shoal-snapshotter ")),
             "{unit}"
         );
+        // systemd waits for READY=1 and keeps the lazy mounts' connections in its fd store.
+        for setting in [
+            "Type=notify",
+            "FileDescriptorStoreMax=",
+            "FileDescriptorStorePreserve=yes",
+        ] {
+            anyhow::ensure!(unit.contains(setting), "the unit lacks {setting}: {unit}");
+        }
         let documentation = unit
             .lines()
             .find_map(|line| line.strip_prefix("Documentation=file://"))

@@ -109,7 +109,7 @@ fn get(address: SocketAddr, path: &str) -> Result<String> {
 }
 
 /// One plain HTTP/1.1 GET: the status code and the body as text.
-fn get_answer(address: SocketAddr, path: &str) -> Result<(u16, String)> {
+pub(crate) fn get_answer(address: SocketAddr, path: &str) -> Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))
         .with_context(|| format!("connect to metrics at {address}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;

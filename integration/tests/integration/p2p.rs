@@ -35,6 +35,7 @@ mod herd;
 mod learned;
 mod liar;
 mod outsiders;
+mod overlaybd;
 mod private;
 mod reshare;
 mod tls;
@@ -80,7 +81,8 @@ struct Node {
     daemon: Process,
 }
 
-/// The image under test: busybox, then `/data/blob` of random bytes, converted to eStargz.
+/// The image under test: busybox, then `/data/blob` of random bytes, converted to eStargz
+/// (or as `shoal convert` arguments say).
 struct Published {
     /// `repository:tag` on the registry, without host.
     path: String,
@@ -95,6 +97,7 @@ impl Cluster {
         fixture: &Fixture,
         mbit: u32,
         auth: Option<(&str, &str)>,
+        convert_args: &[&str],
     ) -> Result<(Cluster, Published)> {
         let host_registry = Registry::start(fixture)?;
         let data = random_bytes(DATA_BYTES)?;
@@ -108,10 +111,13 @@ impl Cluster {
         ];
         image::build(fixture, "p2p", &layers)?;
         let layout = fixture.path("images/p2p");
-        let path = "test/p2p:esgz".to_owned();
+        let path = format!(
+            "test/p2p:{}",
+            ["converted", "esgz"][convert_args.is_empty() as usize]
+        );
         convert(
             fixture,
-            &[],
+            convert_args,
             &format!("oci:{}", layout.display()),
             &format!("{}/{path}", host_registry.host()),
         )?;
@@ -455,7 +461,7 @@ impl Node {
 }
 
 /// What one node's start took and printed.
-struct Started {
+pub(super) struct Started {
     label: String,
     took: Duration,
     sum: Result<String>,
@@ -524,7 +530,7 @@ fn with_shaped_cluster(
     mbit: u32,
     body: impl FnOnce(&mut Cluster, &Published) -> Result<()>,
 ) -> Result<()> {
-    with_cluster_of(fixture, mbit, None, body)
+    with_cluster_of(fixture, mbit, None, &[], body)
 }
 
 /// [`with_shaped_cluster`] whose registry asks for `auth` (see [`Cluster::start_with`]).
@@ -532,6 +538,7 @@ fn with_cluster_of(
     fixture: &Fixture,
     mbit: u32,
     auth: Option<(&str, &str)>,
+    convert_args: &[&str],
     body: impl FnOnce(&mut Cluster, &Published) -> Result<()>,
 ) -> Result<()> {
     // One cluster at a time: these tests measure how nodes starting together share blocks
@@ -542,7 +549,7 @@ fn with_cluster_of(
     let _one_at_a_time = CLUSTERS
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let (mut cluster, published) = Cluster::start_with(fixture, mbit, auth)?;
+    let (mut cluster, published) = Cluster::start_with(fixture, mbit, auth, convert_args)?;
     let outcome = body(&mut cluster, &published);
     if outcome.is_err() {
         cluster.dump_node_logs();

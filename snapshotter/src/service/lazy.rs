@@ -312,6 +312,10 @@ mod tests {
             Ok(())
         }
 
+        fn release_cached(&self, digest: &str) {
+            self.calls.lock().push(format!("release {digest}"));
+        }
+
         fn cached_bytes(&self, digest: &str) -> u64 {
             // As if a tenth of each 1234-byte layer were cached.
             if digest.starts_with("sha256:") {
@@ -433,6 +437,38 @@ mod tests {
                 .count(),
             2
         );
+    }
+
+    #[tokio::test]
+    async fn removing_a_blobs_last_snapshot_releases_its_cached_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounter = Arc::new(RecordingMounter::default());
+        let sn = open(dir.path(), &mounter);
+        // Two images share layer l1 under different parents: two snapshots of one blob.
+        for (key, parent, target, layer) in [
+            ("extract-1 a", "", "a", "sha256:l0"),
+            ("extract-2 b", "a", "b", "sha256:l1"),
+            ("extract-3 c", "", "c", "sha256:l1"),
+        ] {
+            let err = sn
+                .prepare(key.into(), parent.into(), remote_labels(target, layer))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, SnapshotError::AlreadyExists { .. }), "{err}");
+        }
+        let released = || -> Vec<String> {
+            mounter
+                .calls()
+                .into_iter()
+                .filter(|call| call.starts_with("release "))
+                .collect()
+        };
+        sn.remove("b".into()).await.unwrap();
+        assert!(released().is_empty(), "c still uses l1: {:?}", released());
+        sn.remove("c".into()).await.unwrap();
+        assert_eq!(released(), ["release sha256:l1"]);
+        sn.remove("a".into()).await.unwrap();
+        assert_eq!(released(), ["release sha256:l1", "release sha256:l0"]);
     }
 
     #[tokio::test]
@@ -663,6 +699,13 @@ mod tests {
         );
 
         sn.remove("chain1".into()).await.unwrap();
-        assert!(restarted.calls().last().unwrap().starts_with("unmount"));
+        let calls = restarted.calls();
+        assert_eq!(
+            calls[calls.len() - 2..],
+            [
+                format!("unmount {}", dir.path().join("snapshots/1/fs").display()),
+                "release sha256:l1".to_owned()
+            ]
+        );
     }
 }

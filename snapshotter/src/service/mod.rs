@@ -518,8 +518,19 @@ impl Snapshotter for ShoalSnapshotter {
         self.blocking("remove", move |inner| {
             let record = inner.store.remove(&key)?;
             inner.unmounted.remove(&key);
-            if record.remote.is_some() {
+            if let Some(remote) = &record.remote {
                 inner.mounter.unmount(&inner.layout.upper(record.id))?;
+                // Another image's snapshot of the same blob keeps its cached bytes.
+                let shared = inner.store.list()?.iter().any(|entry| {
+                    entry
+                        .record
+                        .remote
+                        .as_ref()
+                        .is_some_and(|other| other.digest == remote.digest)
+                });
+                if !shared {
+                    inner.mounter.release_cached(&remote.digest);
+                }
             }
             let dir = inner.layout.dir(record.id);
             if let Err(err) = std::fs::remove_dir_all(&dir) {

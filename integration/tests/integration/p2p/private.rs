@@ -34,6 +34,7 @@ fn private_blocks_go_only_to_peers_that_prove_they_may_pull_them() {
             fixture,
             REGISTRY_MBIT,
             Some((LOGIN, HASH)),
+            &[],
             |cluster, published| {
                 let registry = cluster.registry_host()?;
                 let reference = format!("{registry}/{}", published.path);
