@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
 use shoal_config::Config;
-use shoal_fuse::layer::{ChunkReader, ReaderConfig};
+use shoal_fuse::layer::{ChunkReader, LearnSettings, Learning, ReaderConfig};
 use shoal_fuse::syscall::LinuxSyscall;
 
 use crate::cri_proxy::CriProxy;
@@ -74,11 +74,19 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
     );
     // Read at each open and mount; a reload replaces it.
     let policy = MountPolicy::new(MountSettings::of(&config));
+    let learning = Learning::new(
+        Arc::new(fetcher.clone()),
+        LearnSettings {
+            settle: config.fetch.learn_settle,
+            max_bytes: config.fetch.learn_max_bytes.0,
+        },
+    );
     let estargz = EstargzFormat::new(
         fetcher.clone(),
         reader.clone(),
         tokio::runtime::Handle::current(),
         policy.clone(),
+        config.fetch.learn.then(|| learning.clone()),
     );
     let overlaybd = OverlaybdFormat::new(
         fetcher.clone(),
@@ -133,6 +141,7 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
             snapshotter: snapshotter.clone(),
             fetcher: fetcher.clone(),
             reader,
+            learning,
             draining: stop_rx.clone(),
         };
         metrics::serve(address, observed).await?;

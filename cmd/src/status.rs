@@ -1,5 +1,7 @@
 //! `shoal status`: is the daemon answering, what does it hold, how much disk does it use.
 
+mod learned;
+
 use std::path::Path;
 
 use anyhow::Context;
@@ -268,6 +270,9 @@ impl std::fmt::Display for Status {
                         layer.verified_why
                     )?,
                     _ => {}
+                }
+                if let Some(learned) = d.learned.iter().find(|l| l.digest == layer.digest) {
+                    writeln!(f, "              {}", learned::line(learned))?;
                 }
                 if let Some(reads) = d.layer_reads.iter().find(|r| r.digest == layer.digest) {
                     writeln!(

@@ -10,6 +10,14 @@ pub const FETCH_MAX_CONCURRENT: usize = 32;
 pub const FETCH_PREFETCH: bool = true;
 pub const FETCH_BACKGROUND: bool = false;
 pub const FETCH_BACKGROUND_RATE: u64 = 20 << 20;
+/// Learned prefetch: record the chunks an image's first start reads, prefetch them later.
+pub const FETCH_LEARN: bool = true;
+/// A start has settled when no chunk was read for the first time for this long: longer than
+/// the pauses between an interpreter's imports, short enough to end before most containers.
+pub const FETCH_LEARN_SETTLE_SECS: u64 = 5;
+/// Compressed chunk bytes one layer's trace names at most: a start that reads the whole of a
+/// large layer does not make every later start fetch all of it ahead.
+pub const FETCH_LEARN_MAX_BYTES: u64 = 256 << 20;
 pub const REGISTRY_TIMEOUT_SECS: u64 = 30;
 pub const REGISTRY_RETRIES: u32 = 4;
 pub const REGISTRY_DEADLINE_SECS: u64 = 60;

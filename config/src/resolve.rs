@@ -97,6 +97,13 @@ pub struct FetchConfig {
     pub background: bool,
     /// Bytes per second the background fetch may use.
     pub background_rate: ByteSize,
+    /// Learned prefetch: record the chunks each image's first start reads from each layer,
+    /// and fetch them right at mount on later starts (here or on peers).
+    pub learn: bool,
+    /// A recording ends once no chunk was read for the first time for this long.
+    pub learn_settle: Duration,
+    /// A recording ends once it names this many compressed bytes.
+    pub learn_max_bytes: ByteSize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,6 +229,24 @@ impl Config {
             ));
         }
 
+        let learn_settle = positive(
+            "fetch.learn_settle_secs",
+            fetch.learn_settle_secs,
+            defaults::FETCH_LEARN_SETTLE_SECS as i64,
+            3600,
+        )?;
+        let learn_max_bytes = byte_size(
+            "fetch.learn_max_bytes",
+            fetch.learn_max_bytes,
+            defaults::FETCH_LEARN_MAX_BYTES,
+        )?;
+        if learn_max_bytes.0 == 0 {
+            return Err(ConfigError::invalid(
+                "fetch.learn_max_bytes",
+                "must be greater than zero",
+            ));
+        }
+
         let registry = raw.registry.unwrap_or_default();
         let timeout = positive(
             "registry.timeout_secs",
@@ -277,6 +302,9 @@ impl Config {
                 prefetch: fetch.prefetch.unwrap_or(defaults::FETCH_PREFETCH),
                 background: fetch.background.unwrap_or(defaults::FETCH_BACKGROUND),
                 background_rate,
+                learn: fetch.learn.unwrap_or(defaults::FETCH_LEARN),
+                learn_settle: Duration::from_secs(learn_settle as u64),
+                learn_max_bytes,
             },
             registry: RegistryConfig {
                 timeout: Duration::from_secs(timeout as u64),

@@ -25,6 +25,7 @@ use crate::reference::BlobRef;
 use crate::registry::RegistryClient;
 use crate::runs::Runs;
 use crate::stats::{BlobBytes, Counters, FetchStats, Source};
+use crate::traces::TraceStore;
 use crate::trust::Route;
 use run::runs;
 
@@ -65,6 +66,8 @@ struct Inner {
     pieces: Arc<Pieces>,
     /// The partly cached blocks waiting to be completed in the background.
     fill: Arc<fill::Fill>,
+    /// Learned-prefetch traces kept on this node (shared with the peer listener).
+    traces: Arc<TraceStore>,
     /// The peer listener, probes and announcer, once started: they end with the fetcher.
     peer_tasks: parking_lot::Mutex<Option<peer::PeerTasks>>,
 }
@@ -107,6 +110,8 @@ impl Fetcher {
         peers: Option<Arc<Peers>>,
     ) -> Fetcher {
         let max_run_blocks = (MAX_RUN_BYTES / cache.block_size()).max(1);
+        // Beside the cache: `<root>/traces/`.
+        let traces = Arc::new(TraceStore::new(cache.dir().with_file_name("traces")));
         Fetcher {
             inner: Arc::new(Inner {
                 registry,
@@ -120,6 +125,7 @@ impl Fetcher {
                 runs: Arc::default(),
                 pieces: Arc::default(),
                 fill: Arc::default(),
+                traces,
                 peer_tasks: parking_lot::Mutex::new(None),
             }),
         }
@@ -151,6 +157,11 @@ impl Fetcher {
         self.inner.registry.read().credential_sources()
     }
 
+    /// The learned-prefetch traces kept on this node.
+    pub fn traces(&self) -> &Arc<TraceStore> {
+        &self.inner.traces
+    }
+
     pub fn cache(&self) -> &ChunkCache {
         &self.inner.cache
     }
@@ -176,7 +187,8 @@ impl Fetcher {
         let Some(peers) = self.inner.peers.clone() else {
             return Ok(None);
         };
-        let (bound, tasks) = peer::start(peers, self.inner.cache.clone()).await?;
+        let (bound, tasks) =
+            peer::start(peers, self.inner.cache.clone(), self.inner.traces.clone()).await?;
         *self.inner.peer_tasks.lock() = Some(tasks);
         Ok(Some(bound))
     }

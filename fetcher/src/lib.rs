@@ -39,6 +39,7 @@ mod reference;
 mod registry;
 mod runs;
 mod stats;
+pub mod traces;
 pub mod trust;
 
 pub use cache::{
@@ -58,6 +59,7 @@ pub use registry::{
     RegistryClient, RegistryError, RetryPolicy, MANIFEST_MEDIA_TYPES, MAX_WHOLE_BLOB_BYTES,
 };
 pub use stats::{BlobBytes, FetchStats, Source, MAX_COUNTED_BLOBS};
+pub use traces::{FoundTrace, TraceBook, TraceStore, TraceStoreError};
 pub use trust::{
     Anchor, Anchored, BlobRead, Checked, Decode, Expect, MemoryBlobs, Rejection, UnitDigests,
     Verification,

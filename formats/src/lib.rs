@@ -6,9 +6,12 @@
 //! - [`overlaybd`]: the tar wrapper, [`overlaybd::ZFile`] (compressed, CRC-checked blocks),
 //!   [`overlaybd::LsmtFile`] (sector index), the merged [`overlaybd::Stack`] and the reference
 //!   [`overlaybd::Disk`] reader over any [`overlaybd::BlockSource`].
+//! - [`trace`]: learned-prefetch traces (the chunks an image's first start read from a layer),
+//!   versioned and checksummed.
 //!
 //! Architecture Invariant: depends on no other Shoal crate; the FUSE filesystems and
 //! `shoal convert` depend on it, never the other way round.
 
 pub mod estargz;
 pub mod overlaybd;
+pub mod trace;

@@ -50,7 +50,8 @@ def drop_caches():
 
 class Scenario:
     """How one snapshotter pulls and starts an image. `image` is "plain", "esgz" or
-    "overlaybd"; `daemon` is None, "stargz", "shoal" or "shoal-peer" (Shoal with a second,
+    "overlaybd"; `daemon` is None, "stargz", "shoal", "shoal-learned" (Shoal, cold, with the
+    traces an earlier start recorded) or "shoal-peer" (Shoal with a second,
     warm Shoal node as its peer)."""
 
     def __init__(self, name, snapshotter, image, daemon, note):
@@ -59,7 +60,7 @@ class Scenario:
 
     def node_daemon(self):
         """The daemon the measured node runs."""
-        return "shoal" if self.daemon == "shoal-peer" else self.daemon
+        return "shoal" if self.daemon in ("shoal-peer", "shoal-learned") else self.daemon
 
 
 SCENARIOS = [
@@ -72,7 +73,12 @@ SCENARIOS = [
     Scenario("shoal-overlaybd", "shoal", "overlaybd", "shoal", "Shoal, lazy overlaybd"),
     Scenario("shoal-warm-peer", "shoal", "esgz", "shoal-peer",
              "Shoal, lazy eStargz, a warm peer on the same machine (unshaped loopback)"),
+    Scenario("shoal-learned", "shoal", "esgz", "shoal-learned",
+             "Shoal, lazy eStargz, cold cache with the learned trace of an earlier start"),
 ]
+
+# Learned-prefetch scenario: a recording ends this long after the last new chunk read.
+LEARN_SETTLE_S = 2
 
 
 class Bench:
@@ -191,7 +197,33 @@ class Bench:
         log(f"{workload.name} warm peer ready: "
             f"{(self.warm_proxy.downstream_bytes - before) / 1e6:.1f} MB from the registry")
 
-    def start_measured(self, scenario):
+    def learn_up(self, workload, scenario, reference):
+        """Starts the workload once on a fresh node so that Shoal records its trace, and
+        keeps the traces (nothing else of that node) for the measured run."""
+        self.node.start("shoal", shoal_extra=f"[fetch]\nlearn_settle_secs = {LEARN_SETTLE_S}\n")
+        self.node.pull(reference)
+        self.node.create(scenario.snapshotter, reference)
+        self.node.start_and_wait(workload)
+        self.node.remove_container()
+        recorded = 'shoal_learn_traces_total{outcome="recorded"}'
+        node.wait_until("a trace to be recorded", lambda: self.node.metric(recorded) > 0,
+                        self.node.stack[0], timeout=120)
+        # Layers whose reads settled together are recorded within the same settle time.
+        time.sleep(LEARN_SETTLE_S + 1)
+        kept = self.work / "traces-kept"
+        if kept.exists():
+            shutil.rmtree(kept)
+        shutil.copytree(self.node.run_dir / "shoal" / "traces", kept)
+        log(f"{workload.name}: {self.node.metric(recorded)} traces recorded")
+        self.node.stop()
+        return kept
+
+    def start_measured(self, scenario, traces=None):
+        if scenario.daemon == "shoal-learned":
+            self.node.start("shoal")
+            # A cold node, but for the traces an earlier start recorded (as if from a peer).
+            shutil.copytree(traces, self.node.run_dir / "shoal" / "traces")
+            return
         if scenario.daemon != "shoal-peer":
             self.node.start(scenario.node_daemon(), stargz_bin=self.stargz_bin)
             return
@@ -204,11 +236,14 @@ class Bench:
 
     def cold_run(self, workload, scenario, reference, number, needed):
         try:
+            traces = None
             if scenario.daemon == "shoal-peer":
                 self.peer_ports = [(MEASURED_PEER_HOST, node.free_port(MEASURED_PEER_HOST)),
                                    (WARM_PEER_HOST, node.free_port(WARM_PEER_HOST))]
                 self.warm_up(workload, scenario, reference)
-            self.start_measured(scenario)
+            if scenario.daemon == "shoal-learned":
+                traces = self.learn_up(workload, scenario, reference)
+            self.start_measured(scenario, traces)
             drop_caches()
             before = self.proxy.downstream_bytes
             t0 = time.monotonic()
@@ -225,6 +260,10 @@ class Bench:
                 "peer_bytes": self.node.peer_bytes(),
                 "needed_bytes": needed, "limit_s": round(self.limit_seconds(needed), 3),
             }
+            prefetched = self.node.metric("shoal_learn_prefetched_bytes_total")
+            if prefetched:
+                log(f"{workload.name} {scenario.name} #{number}: the trace prefetched "
+                    f"{prefetched / 1e6:.1f} MB")
         finally:
             self.stop_nodes()
         log(f"{workload.name} {scenario.name} #{number}: pull {row['pull_s']}s create "

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use shoal_fetcher::{BlobRef, Digest, Fetcher, ImageRef};
 use shoal_formats::estargz::{TocDigest, TOC_DIGEST_ANNOTATION};
-use shoal_fuse::layer::{self, ChunkReader, EstargzLayer, MountTarget};
+use shoal_fuse::layer::{self, ChunkReader, EstargzLayer, Learn, Learning, MountTarget};
 use shoal_fuse::syscall::Syscall;
 use shoal_fuse::tasks::Tasks;
 use shoal_fuse::FsError;
@@ -32,6 +32,8 @@ struct Serving {
     runtime: Handle,
     /// Read when the layer is mounted.
     policy: MountPolicy,
+    /// Learned prefetch, when `fetch.learn` is on.
+    learning: Option<Arc<Learning>>,
 }
 
 impl EstargzFormat {
@@ -40,6 +42,7 @@ impl EstargzFormat {
         reader: Arc<ChunkReader>,
         runtime: Handle,
         policy: MountPolicy,
+        learning: Option<Arc<Learning>>,
     ) -> EstargzFormat {
         EstargzFormat {
             fetcher,
@@ -47,13 +50,17 @@ impl EstargzFormat {
                 reader,
                 runtime,
                 policy,
+                learning,
             },
         }
     }
 
-    fn opened(&self, layer: EstargzLayer) -> Box<dyn OpenedLayer> {
+    /// `image`: the manifest digest of the image the layer is mounted for, when known (a
+    /// Prepare's labels), which its learned prefetch is keyed by.
+    fn opened(&self, layer: EstargzLayer, image: Option<Digest>) -> Box<dyn OpenedLayer> {
         Box::new(OpenedEstargz {
             layer,
+            image,
             serving: self.serving.clone(),
         })
     }
@@ -96,12 +103,17 @@ impl LazyFormat for EstargzFormat {
         let (layer, persisted) = EstargzLayer::open(&self.fetcher, blob, expected)
             .await
             .map_err(fallback_of)?;
+        // Without the image's digest there is nothing to key a trace by: no learning.
+        let image = labels
+            .manifest_digest
+            .as_deref()
+            .and_then(|digest| Digest::parse(digest).ok());
         Ok(Opened {
             resolved: ResolvedLayer {
                 layer: remote,
                 index: persisted,
             },
-            layer: self.opened(layer),
+            layer: self.opened(layer, image),
         })
     }
 
@@ -114,13 +126,15 @@ impl LazyFormat for EstargzFormat {
             .map_err(|_| "bad TOC digest in metadata".to_owned())?;
         let layer = EstargzLayer::from_persisted(blob, &resolved.index, expected)
             .map_err(|e| with_causes(&e))?;
-        Ok(self.opened(layer))
+        // Mounted again after a restart: its start is long past, nothing to learn or replay.
+        Ok(self.opened(layer, None))
     }
 }
 
 /// An opened eStargz layer and what it is served with.
 struct OpenedEstargz {
     layer: EstargzLayer,
+    image: Option<Digest>,
     serving: Serving,
 }
 
@@ -139,7 +153,11 @@ impl OpenedLayer for OpenedEstargz {
             reader,
             runtime,
             policy,
+            learning,
         } = self.serving;
+        let learn = learning
+            .zip(self.image)
+            .map(|(learning, image)| Learn { learning, image });
         let prefetch = policy.get().prefetch;
         let target = MountTarget {
             mountpoint,
@@ -147,13 +165,12 @@ impl OpenedLayer for OpenedEstargz {
             origin: carried.take(mountpoint),
             resent: carried.resent(),
         };
-        let session =
-            layer::mount(self.layer, reader, runtime, target, prefetch).map_err(|source| {
-                SnapshotError::ServeLayer {
-                    mountpoint: mountpoint.to_owned(),
-                    source: Box::new(source),
-                }
-            })?;
+        let session = layer::mount(self.layer, reader, runtime, target, prefetch, learn).map_err(
+            |source| SnapshotError::ServeLayer {
+                mountpoint: mountpoint.to_owned(),
+                source: Box::new(source),
+            },
+        )?;
         Ok(Served {
             sessions: vec![session],
             tasks: Tasks::default(),
@@ -216,7 +233,7 @@ mod tests {
             prefetch: Default::default(),
             resolve_timeout: std::time::Duration::from_secs(30),
         });
-        EstargzFormat::new(fetcher, reader, Handle::current(), policy)
+        EstargzFormat::new(fetcher, reader, Handle::current(), policy, None)
     }
 
     #[tokio::test]

@@ -269,6 +269,7 @@ pub fn render(status: &DaemonStatus) -> String {
         "FUSE read requests of lazy layers, from request to reply.",
         &[(String::new(), &status.fuse_read_latency)],
     );
+    super::learned::render(&mut out, &status.learn);
     if let Some(peers) = &status.peers {
         render_peers(&mut out, peers);
     }

@@ -5,6 +5,7 @@
 //! connection.
 
 mod exposition;
+mod learned;
 mod process;
 mod status;
 
@@ -18,7 +19,7 @@ use tracing::{debug, info};
 pub use exposition::render;
 pub use process::ProcessSample;
 pub use status::{
-    DaemonStatus, HandoverStatus, LayerReads, LayerStatus, NotCarried, Observed,
+    DaemonStatus, HandoverStatus, LayerReads, LayerStatus, LearnedLayer, NotCarried, Observed,
     UnmountedLayerStatus,
 };
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use shoal_fetcher::peer::PeerStats;
 use shoal_fetcher::{Fetcher, HistogramSnapshot, Source, Verification};
-use shoal_fuse::layer::ChunkReader;
+use shoal_fuse::layer::{ChunkReader, LayerLearning, LearnStats, Learning};
 use shoal_snapshotter::ShoalSnapshotter;
 
 /// What the endpoint reports on.
@@ -15,6 +15,8 @@ pub struct Observed {
     pub snapshotter: ShoalSnapshotter,
     pub fetcher: Fetcher,
     pub reader: Arc<ChunkReader>,
+    /// Learned prefetch: what each layer recorded or replayed.
+    pub learning: Arc<Learning>,
     /// Turns true when the daemon starts draining for a stop: it is no longer ready.
     pub draining: tokio::sync::watch::Receiver<bool>,
 }
@@ -92,6 +94,20 @@ pub struct DaemonStatus {
     /// Images whose pull credentials the CRI proxy keeps for lazy reads (references only).
     #[serde(default)]
     pub pull_secrets: Vec<String>,
+    /// Learned prefetch's counters since start.
+    #[serde(default)]
+    pub learn: LearnStats,
+    /// What learned prefetch did for each layer blob mounted since start.
+    #[serde(default)]
+    pub learned: Vec<LearnedLayer>,
+}
+
+/// Learned prefetch of one layer blob.
+#[derive(Debug, Serialize, serde::Deserialize, Clone, PartialEq, Eq)]
+pub struct LearnedLayer {
+    pub digest: String,
+    #[serde(flatten)]
+    pub learning: LayerLearning,
 }
 
 /// What keeping lazy mounts across restarts did for this daemon.
@@ -283,6 +299,13 @@ impl Observed {
                 }
             },
             pull_secrets: self.fetcher.pull_secrets().images(),
+            learn: self.learning.stats(),
+            learned: self
+                .learning
+                .layers()
+                .into_iter()
+                .map(|(digest, learning)| LearnedLayer { digest, learning })
+                .collect(),
         }
     }
 }

@@ -74,6 +74,13 @@ impl Changes {
             f.max_concurrent != g.max_concurrent,
         );
         changes.restart(
+            "fetch.learn",
+            "learned prefetch is set up at start",
+            f.learn != g.learn
+                || f.learn_settle != g.learn_settle
+                || f.learn_max_bytes != g.learn_max_bytes,
+        );
+        changes.restart(
             "metrics.address",
             "the listener is bound at start",
             old.metrics != new.metrics,
@@ -127,6 +134,9 @@ impl Changes {
             },
             fetch: FetchConfig {
                 max_concurrent: old.fetch.max_concurrent,
+                learn: old.fetch.learn,
+                learn_settle: old.fetch.learn_settle,
+                learn_max_bytes: old.fetch.learn_max_bytes,
                 ..new.fetch.clone()
             },
             ..old.clone()

@@ -199,6 +199,41 @@ impl PeerClient {
     }
 }
 
+impl PeerClient {
+    /// The trace `peer` keeps of `blob` for `image`, at most
+    /// [`MAX_TRACE_BYTES`](crate::traces::MAX_TRACE_BYTES); `proof` as for blocks.
+    pub async fn trace(
+        &self,
+        peer: PeerAddr,
+        image: &Digest,
+        blob: &Digest,
+        proof: Option<[(&'static str, HeaderValue); 2]>,
+        timeout: Duration,
+    ) -> Result<Bytes, PeerFailure> {
+        let mut request = self
+            .http
+            .get(self.url(peer, &format!("/v1/traces/{image}/{blob}")))
+            .timeout(timeout);
+        for (name, value) in proof.into_iter().flatten() {
+            request = request.header(name, value);
+        }
+        let mut response = checked(request.send().await)?;
+        let limit = crate::traces::MAX_TRACE_BYTES;
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| PeerFailure::Failed(e.to_string()))?
+        {
+            if body.len() + chunk.len() > limit {
+                return Err(PeerFailure::Failed("trace too large".into()));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(body))
+    }
+}
+
 fn checked(
     response: Result<reqwest::Response, reqwest::Error>,
 ) -> Result<reqwest::Response, PeerFailure> {

@@ -36,6 +36,7 @@ mod server;
 mod shareable;
 mod stats;
 mod tls;
+mod trace;
 mod wire;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -544,11 +545,12 @@ impl Drop for PeerTasks {
 }
 
 /// Binds the peer listener and starts membership upkeep, announcements and the listener on
-/// the current runtime, serving blocks from `held`. Returns the bound address and the tasks,
-/// which run until it is dropped.
+/// the current runtime, serving blocks from `held` and traces from `traces`. Returns the bound
+/// address and the tasks, which run until it is dropped.
 pub(crate) async fn start(
     peers: Arc<Peers>,
     held: Arc<dyn HeldBlocks>,
+    traces: Arc<crate::traces::TraceStore>,
 ) -> Result<(std::net::SocketAddr, PeerTasks), PeerError> {
     let tls = peers.config.tls.as_ref().map(tls::acceptor).transpose()?;
     let listen = peers.config.listen;
@@ -574,7 +576,14 @@ pub(crate) async fn start(
         );
     }
     let tasks = PeerTasks(vec![
-        tokio::spawn(server::serve(listener, tls, peers.clone(), held.clone())).abort_handle(),
+        tokio::spawn(server::serve(
+            listener,
+            tls,
+            peers.clone(),
+            held.clone(),
+            traces,
+        ))
+        .abort_handle(),
         tokio::spawn(probe::run(peers.clone())).abort_handle(),
         tokio::spawn(announce::run(peers, held)).abort_handle(),
     ]);

@@ -1,5 +1,6 @@
 //! The peer listener: `/health`, the index of the blobs this node owns (`/v1/announce`,
-//! `/v1/lookup`) and block bytes from this node's cache (`/v1/blobs/<digest>`), over HTTP/2
+//! `/v1/lookup`), block bytes from this node's cache (`/v1/blobs/<digest>`) and learned-prefetch
+//! traces (`/v1/traces/<image>/<blob>`, see [`trace`](super::trace)), over HTTP/2
 //! (HTTP/1.1 too, for probes by hand), plain or mutual TLS.
 //!
 //! Who is served: with TLS, clients whose certificate the configured CA signed (anyone else
@@ -38,6 +39,7 @@ use super::wire::{
 };
 use super::Peers;
 use crate::digest::Digest;
+use crate::traces::TraceStore;
 
 type Reply = Response<Full<Bytes>>;
 
@@ -47,6 +49,7 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
     peers: Arc<Peers>,
     held: Arc<dyn HeldBlocks>,
+    traces: Arc<TraceStore>,
 ) {
     loop {
         let (stream, remote) = match listener.accept().await {
@@ -58,7 +61,7 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let (peers, held) = (peers.clone(), held.clone());
+        let (peers, held, traces) = (peers.clone(), held.clone(), traces.clone());
         let tls = tls.clone();
         // Past the TLS handshake, the client's certificate is the CA's: it is a peer.
         let client = Client {
@@ -67,8 +70,8 @@ pub async fn serve(
         };
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
-                let (peers, held) = (peers.clone(), held.clone());
-                async move { Ok::<_, Infallible>(route(&peers, held, client, request).await) }
+                let (peers, held, traces) = (peers.clone(), held.clone(), traces.clone());
+                async move { Ok::<_, Infallible>(route(&peers, held, traces, client, request).await) }
             });
             let builder = auto::Builder::new(TokioExecutor::new());
             let served = match tls {
@@ -106,6 +109,7 @@ struct Client {
 async fn route(
     peers: &Peers,
     held: Arc<dyn HeldBlocks>,
+    traces: Arc<TraceStore>,
     client: Client,
     request: Request<Incoming>,
 ) -> Reply {
@@ -138,6 +142,19 @@ async fn route(
         },
         (Method::GET, blob) if blob.starts_with("/v1/blobs/") => {
             upload(held, peers, client, &blob["/v1/blobs/".len()..], &request).await
+        }
+        (Method::GET, trace) if trace.starts_with("/v1/traces/") => {
+            let rest = &trace["/v1/traces/".len()..];
+            match peers
+                .serve_trace(traces, rest, client.certified, request.headers())
+                .await
+            {
+                Ok(bytes) => Response::new(Full::new(bytes)),
+                Err((status, why)) => {
+                    debug!(remote = %client.remote, path, why, "trace not served");
+                    plain(status, why)
+                }
+            }
         }
         _ => plain(StatusCode::NOT_FOUND, "no such endpoint"),
     }

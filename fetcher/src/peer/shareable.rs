@@ -127,6 +127,16 @@ impl Shareable {
             })
     }
 
+    /// To whom blocks of `blob` go, if this node shares any of it.
+    pub fn audience(&self, blob: &Digest) -> Option<Audience> {
+        let sets = self.sets.lock();
+        let shared = sets.get(blob)?;
+        Some(match &shared.private {
+            None => Audience::Anyone,
+            Some(registry) => Audience::PullersFrom(registry.clone()),
+        })
+    }
+
     /// Block `key` came from `from`, unverified; once verified it may go to `audience`.
     pub fn got_from_peer(&self, key: BlockKey, from: PeerAddr, audience: Audience) {
         self.sourced.lock().put(

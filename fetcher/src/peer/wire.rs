@@ -12,6 +12,9 @@
 //!   404 when it does not hold them, 429 when it is busy. Blocks of a blob from a private
 //!   repository also need [`PROOF_REPOSITORY`] and [`PROOF_AUTHORIZATION`] (see
 //!   [`gate`](super::gate)); 403 without them, or when the registry refuses them.
+//! - `GET /v1/traces/<image>/<blob>`: the learned-prefetch trace the node keeps for that
+//!   image's layer blob, as bytes ([`trace`](super::trace)); 404 without one, and the same
+//!   proof as for blocks for a private repository's blob.
 
 use serde::{Deserialize, Serialize};
 

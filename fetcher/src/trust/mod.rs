@@ -235,6 +235,17 @@ pub trait BlobRead: Send + Sync {
         expect: Expect<'a>,
     ) -> BoxFuture<'a, Result<Bytes, FetchError>>;
 
+    /// Several parts of `blob`, all within `span`, fetched together (one range, where the
+    /// tiers allow) from the tiers every part's check allows; each part is decoded and checked
+    /// as its `Expect` says, and a part that fails is fetched once more alone from the
+    /// registry before the read fails. For a prefetch of many small checked parts.
+    fn read_parts<'a>(
+        &'a self,
+        blob: &'a BlobRef,
+        span: Range<u64>,
+        parts: &'a [(Range<u64>, Expect<'a>)],
+    ) -> BoxFuture<'a, Result<Vec<Bytes>, FetchError>>;
+
     /// The index `anchor` locates in `blob`, whose decoded bytes must have sha256 `digest`;
     /// read once more from the registry alone if they do not.
     fn read_index<'a>(
@@ -280,6 +291,15 @@ impl<T: Tiers> BlobRead for T {
         expect: Expect<'a>,
     ) -> BoxFuture<'a, Result<Bytes, FetchError>> {
         Box::pin(read(self, blob, range, expect))
+    }
+
+    fn read_parts<'a>(
+        &'a self,
+        blob: &'a BlobRef,
+        span: Range<u64>,
+        parts: &'a [(Range<u64>, Expect<'a>)],
+    ) -> BoxFuture<'a, Result<Vec<Bytes>, FetchError>> {
+        Box::pin(read_parts(self, blob, span, parts))
     }
 
     fn read_index<'a>(
@@ -332,7 +352,66 @@ async fn read<T: Tiers>(
     let raw = tiers
         .fetch(blob, span.clone(), expect.checked().route(tiers))
         .await?;
-    let first = match check(expect, &raw, &span, &range) {
+    checked_or_refetched(tiers, blob, range, span, expect, &raw).await
+}
+
+async fn read_parts<T: Tiers>(
+    tiers: &T,
+    blob: &BlobRef,
+    span: Range<u64>,
+    parts: &[(Range<u64>, Expect<'_>)],
+) -> Result<Vec<Bytes>, FetchError> {
+    if let Some((range, _)) = parts.iter().find(|(range, _)| {
+        range.start < span.start || range.end > span.end || range.start > range.end
+    }) {
+        return Err(FetchError::RangeOutOfBounds {
+            digest: blob.digest.clone(),
+            range: range.clone(),
+            size: span.end,
+        });
+    }
+    // Each part's check may need more than the part (whole units of a table): fetch them all.
+    let spans: Vec<Range<u64>> = parts
+        .iter()
+        .map(|(range, expect)| expect.span(range, blob.size))
+        .collect();
+    let fetched = spans.iter().fold(span.clone(), |all, s| {
+        all.start.min(s.start)..all.end.max(s.end)
+    });
+    // The narrowest route any part's check allows.
+    let route = if parts
+        .iter()
+        .all(|(_, expect)| expect.checked().route(tiers) == Route::Peers)
+    {
+        Route::Peers
+    } else {
+        Route::Registry
+    };
+    let raw = tiers.fetch(blob, fetched.clone(), route).await?;
+    let mut decoded = Vec::with_capacity(parts.len());
+    for ((range, expect), part_span) in parts.iter().zip(spans) {
+        let at =
+            (part_span.start - fetched.start) as usize..(part_span.end - fetched.start) as usize;
+        let part = raw.slice(at);
+        decoded.push(
+            checked_or_refetched(tiers, blob, range.clone(), part_span, *expect, &part).await?,
+        );
+    }
+    Ok(decoded)
+}
+
+/// `raw`, the bytes `span` of `blob` as fetched, checked and the decoded bytes of `range`
+/// returned; if they fail, `span` is fetched once more from the registry alone and checked
+/// again.
+async fn checked_or_refetched<T: Tiers>(
+    tiers: &T,
+    blob: &BlobRef,
+    range: Range<u64>,
+    span: Range<u64>,
+    expect: Expect<'_>,
+    raw: &Bytes,
+) -> Result<Bytes, FetchError> {
+    let first = match check(expect, raw, &span, &range) {
         Ok(decoded) => {
             passed(tiers, blob, span, expect);
             return Ok(decoded);

@@ -367,3 +367,45 @@ fn a_table_is_used_when_its_units_fit_in_a_cache_block() {
         }
     );
 }
+
+#[tokio::test]
+async fn parts_read_together_are_each_checked_and_a_bad_one_refetched_alone() {
+    let data = content();
+    let blob = blob_of(&data);
+    let mut lied = data.clone();
+    // The peer's copy is right for the first part and wrong for the second.
+    lied[2500..2600].iter_mut().for_each(|b| *b ^= 0x5a);
+    let blobs = MemoryBlobs::default();
+    blobs.peer_serves(&blob.digest, lied);
+    blobs.registry_serves(&blob.digest, data.clone());
+    let (first, second) = (100..900, 2000..3000);
+    let parts = [
+        (
+            first.clone(),
+            Expect::Sha256 {
+                digest: sha256(&data[100..900]),
+                decode: &raw,
+            },
+        ),
+        (
+            second.clone(),
+            Expect::Sha256 {
+                digest: sha256(&data[2000..3000]),
+                decode: &raw,
+            },
+        ),
+    ];
+    let got = blobs.read_parts(&blob, 0..3000, &parts).await.unwrap();
+    assert_eq!(got, [&data[100..900], &data[2000..3000]]);
+    // One fetch of the span from the peer, one refetch of the bad part alone.
+    assert_eq!((blobs.peer_fetches(), blobs.refetches()), (1, 1));
+    assert_eq!(blobs.passed(&blob.digest), [first, second]);
+    let outside = [(
+        2900..3100,
+        Expect::Sha256 {
+            digest: [0; 32],
+            decode: &raw,
+        },
+    )];
+    assert!(blobs.read_parts(&blob, 0..3000, &outside).await.is_err());
+}

@@ -14,6 +14,7 @@ use fuser::{
 use tokio::runtime::Handle;
 use tracing::warn;
 
+use super::learn::Recorder;
 use super::{ChunkReader, EstargzLayer};
 use crate::connection::ConnectionRecord;
 use shoal_formats::estargz::{self, Index, Ino, NodeKind};
@@ -27,6 +28,8 @@ pub struct LayerFs {
     reader: Arc<ChunkReader>,
     runtime: Handle,
     record: ConnectionRecord,
+    /// Notes the chunks reads touch while this layer records a trace.
+    recorder: Option<Arc<Recorder>>,
 }
 
 impl LayerFs {
@@ -35,12 +38,14 @@ impl LayerFs {
         reader: Arc<ChunkReader>,
         runtime: Handle,
         record: ConnectionRecord,
+        recorder: Option<Arc<Recorder>>,
     ) -> LayerFs {
         LayerFs {
             layer: Arc::new(layer),
             reader,
             runtime,
             record,
+            recorder,
         }
     }
 
@@ -203,6 +208,11 @@ impl Filesystem for LayerFs {
         let ino = ino(n);
         let blob = &self.layer.blob;
         let started = Instant::now();
+        if let Some(recorder) = self.recorder.as_ref().filter(|r| r.is_active()) {
+            if let Some(chunks) = self.index().chunks_for(ino, offset, size.into()) {
+                recorder.note(ino, chunks);
+            }
+        }
         let pending = match self
             .reader
             .read_cached(blob, self.index(), ino, offset, size.into())

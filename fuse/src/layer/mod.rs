@@ -2,8 +2,10 @@
 //! through the chunk cache, and serving it as a read-only FUSE filesystem.
 
 mod fs;
+mod learn;
 mod mount;
 mod reader;
+mod replay;
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -18,8 +20,10 @@ use shoal_formats::estargz::{
     Index, OpenIndexError, TocDigest, FOOTER_SIZE,
 };
 
-pub use mount::{mount, MountTarget, MountedLayer, Prefetch};
+pub use learn::{LayerLearning, LearnSettings, LearnState, LearnStats, Learning};
+pub use mount::{mount, Learn, MountTarget, MountedLayer, Prefetch};
 pub use reader::{ChunkReader, Pending, ReaderConfig, ReaderStats};
+pub use replay::Replayed;
 
 /// An opened eStargz layer: its blob, file index and TOC digest.
 #[derive(Clone)]

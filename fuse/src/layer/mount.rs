@@ -11,6 +11,7 @@ use tokio::runtime::Handle;
 use tracing::{info, warn};
 
 use super::fs::{now_secs, LayerFs};
+use super::learn::{self, Learning, Recorder};
 use super::{ChunkReader, EstargzLayer};
 use crate::connection::{self, ConnectionRecord, InitRecord, Origin, Resend, ResentRequests};
 use crate::error::FsError;
@@ -146,6 +147,13 @@ const CHECKED: Checked = Checked::ChunkDigests;
 /// Step of the background fetch: large enough to coalesce, small enough to pace.
 const BACKGROUND_STEP: u64 = 4 << 20;
 
+/// Learned prefetch for a layer mounted for an image: replay its trace, or record one.
+pub struct Learn {
+    pub learning: Arc<Learning>,
+    /// The image's manifest digest, which keys the trace with the layer's blob digest.
+    pub image: shoal_fetcher::Digest,
+}
+
 /// Where and how a layer is mounted.
 pub struct MountTarget<'a> {
     pub mountpoint: &'a Path,
@@ -157,13 +165,15 @@ pub struct MountTarget<'a> {
 
 /// Mounts `layer` read-only at the target's mountpoint (or serves the connection it carries);
 /// reads that miss run on `runtime`. Starts the prefetch of the landmark-prioritized files
-/// and, if asked, of the whole layer, as tasks the returned layer owns.
+/// and, if asked, of the whole layer, and with `learn` the learned prefetch (a new mount
+/// only: a connection carried over has started long ago), as tasks the returned layer owns.
 pub fn mount(
     layer: EstargzLayer,
     reader: Arc<ChunkReader>,
     runtime: Handle,
     target: MountTarget<'_>,
     prefetch: Prefetch,
+    learn: Option<Learn>,
 ) -> Result<MountedLayer, FsError> {
     let mountpoint = target.mountpoint;
     // Containers run as any user; the kernel enforces modes (default_permissions).
@@ -178,8 +188,18 @@ pub fn mount(
     let prefetch_end = layer.index.prefetch_end().filter(|_| prefetch.landmark);
     let blob = layer.blob.clone();
     let (layer_reader, layer_runtime) = (reader.clone(), runtime.clone());
-    let build = |record| LayerFs::new(layer, layer_reader, layer_runtime, record);
+    let learner = learn.map(|learn| (learn, Recorder::new(), layer.clone()));
+    let recorder = learner.as_ref().map(|(_, recorder, _)| recorder.clone());
+    let build = |record| LayerFs::new(layer, layer_reader, layer_runtime, record, recorder);
     let mut mounted = MountedLayer::start(build, target, &fuse, &config)?;
+    if let Some((learn, recorder, layer)) = learner {
+        if mounted.carried().is_some() {
+            recorder.stop();
+        } else {
+            let task = learn::run(learn.learning, learn.image, layer, reader.clone(), recorder);
+            mounted.tasks.spawn(&runtime, task);
+        }
+    }
     if mounted.carried().is_some() {
         info!(blob = %blob.digest, mountpoint = %mountpoint.display(), at = now_secs(), "layer carried over from an earlier daemon");
     } else {

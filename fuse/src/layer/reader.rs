@@ -219,7 +219,7 @@ impl ChunkReader {
         (blob.digest.raw(), chunk.blob_offset, chunk.inner_offset)
     }
 
-    fn remembered(&self, blob: &BlobRef, chunk: &Chunk) -> Option<Bytes> {
+    pub(super) fn remembered(&self, blob: &BlobRef, chunk: &Chunk) -> Option<Bytes> {
         self.memory
             .lock()
             .chunks
@@ -227,7 +227,7 @@ impl ChunkReader {
             .cloned()
     }
 
-    fn remember(&self, blob: &BlobRef, chunk: &Chunk, bytes: Bytes) {
+    pub(super) fn remember(&self, blob: &BlobRef, chunk: &Chunk, bytes: Bytes) {
         let mut memory = self.memory.lock();
         let len = bytes.len() as u64;
         if len > memory.cap {
@@ -247,12 +247,12 @@ impl ChunkReader {
 }
 
 /// Where `chunk`'s compressed bytes lie in its blob.
-fn chunk_range(chunk: &Chunk) -> std::ops::Range<u64> {
+pub(super) fn chunk_range(chunk: &Chunk) -> std::ops::Range<u64> {
     chunk.blob_offset..chunk.blob_end
 }
 
 /// What `chunk`'s bytes must match: its sha256 from the verified TOC, once gunzipped.
-fn expect<'a>(chunk: &Chunk, decode: &'a dyn shoal_fetcher::Decode) -> Expect<'a> {
+pub(super) fn expect<'a>(chunk: &Chunk, decode: &'a dyn shoal_fetcher::Decode) -> Expect<'a> {
     Expect::Sha256 {
         digest: *chunk.digest.as_bytes(),
         decode,
@@ -260,7 +260,7 @@ fn expect<'a>(chunk: &Chunk, decode: &'a dyn shoal_fetcher::Decode) -> Expect<'a
 }
 
 /// Gunzips one chunk out of its compressed bytes.
-fn decode(raw: &Bytes, chunk: &Chunk) -> Result<Bytes, Rejection> {
+pub(super) fn decode(raw: &Bytes, chunk: &Chunk) -> Result<Bytes, Rejection> {
     Ok(Bytes::from(decompress_chunk(raw, chunk)?))
 }
 

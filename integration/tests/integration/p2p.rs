@@ -32,6 +32,7 @@ mod bench;
 mod dns;
 mod faults;
 mod herd;
+mod learned;
 mod liar;
 mod outsiders;
 mod overlaybd;
