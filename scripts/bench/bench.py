@@ -281,9 +281,10 @@ class Bench:
             if "overlaybd" not in help_text:
                 return "shoal-overlaybd: `shoal convert` has no overlaybd output yet"
             self.overlaybd = True
-        if scenario.daemon == "shoal-peer" and self.args.tiny and \
+        # Each runs the workload twice (a warm peer, or a recording start): not a smoke test's.
+        if scenario.daemon in ("shoal-peer", "shoal-learned") and self.args.tiny and \
                 scenario.name not in (self.args.scenarios or []):
-            return ("shoal-warm-peer: skipped in tiny mode (name it in --scenarios to "
+            return (f"{scenario.name}: skipped in tiny mode (name it in --scenarios to "
                     "include it)")
         if scenario.daemon == "stargz":
             if self.args.tiny and not self.args.stargz_bin:
