@@ -139,8 +139,10 @@ impl Fetcher {
             .covering(&range)
             .map(|index| BlockKey::new(&blob.digest, index))
             .collect();
+        // Foreground until its bytes are in the cache: a fill started earlier would see its
+        // block's extents without them and fetch them a second time.
+        let _foreground = inner.fill.foreground();
         let fetched = {
-            let _foreground = inner.fill.foreground();
             let Ok(_permit) = inner.remote.acquire().await else {
                 return;
             };
