@@ -103,6 +103,8 @@ pub struct ChunkCache {
     state: Mutex<State>,
     /// Signalled (with `state`) when a blob's files were created, or failed to be.
     created: Condvar,
+    /// Signalled (with `state`) when the last extent writer of a block is done.
+    extents_written: Condvar,
     space: SpaceAlarm,
     #[cfg(test)]
     fault: Mutex<Option<Step>>,
@@ -118,6 +120,9 @@ struct State {
     reserved: u64,
     /// Blocks being stored or evicted: each has one writer of its presence byte at a time.
     busy: HashSet<BlockKey>,
+    /// Blocks with extents being written, and by how many writers: extents of one block
+    /// are written side by side, while a store or a drop of the block waits for them.
+    writing: HashMap<BlockKey, u32>,
     /// Blobs whose files are being created.
     creating: HashSet<RawDigest>,
     pins: HashMap<RawDigest, u32>,
@@ -165,6 +170,7 @@ impl ChunkCache {
             blobs: RwLock::new(blobs),
             state: Mutex::new(state),
             created: Condvar::new(),
+            extents_written: Condvar::new(),
             space: SpaceAlarm::default(),
             #[cfg(test)]
             fault: Mutex::new(None),
@@ -274,6 +280,7 @@ impl ChunkCache {
         let now = Instant::now();
         let (victims, room) = {
             let mut state = self.state.lock();
+            self.wait_for_extents(&mut state, &key);
             if blob.is_present(index) {
                 state.recency.touch(&key);
                 return Ok(Written::Already);

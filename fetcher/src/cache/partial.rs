@@ -9,9 +9,12 @@
 //! not counted against the capacity: the background fill makes them whole within moments,
 //! or drops them.
 
+use std::collections::hash_map::Entry;
 use std::ops::Range;
 
-use super::{write_error, BlockKey, CacheError, ChunkCache, Step};
+use parking_lot::MutexGuard;
+
+use super::{write_error, BlockKey, CacheError, ChunkCache, State, Step};
 use crate::digest::Digest;
 
 impl ChunkCache {
@@ -59,16 +62,37 @@ impl ChunkCache {
         let key = BlockKey::new(digest, index);
         let blob = self.blob(digest, blob_size)?;
         {
+            // Another extent being written is no reason to skip this one (two reads in one
+            // block cache both); a store or a drop of the block under way is.
             let mut state = self.state.lock();
-            if blob.is_present(index) || !state.busy.insert(key) {
+            if blob.is_present(index) || state.busy.contains(&key) {
                 return Ok(());
             }
+            *state.writing.entry(key).or_default() += 1;
         }
         let written = self
             .fail_at(Step::WriteData)
             .and_then(|()| blob.write_extent(index, part, bytes));
-        self.state.lock().busy.remove(&key);
+        {
+            let mut state = self.state.lock();
+            if let Entry::Occupied(mut writers) = state.writing.entry(key) {
+                *writers.get_mut() -= 1;
+                if *writers.get() == 0 {
+                    writers.remove();
+                    self.extents_written.notify_all();
+                }
+            }
+        }
         written.map_err(|source| write_error(key, blob.path(), source))
+    }
+
+    /// Waits until no extent of block `key` is being written: a store or a drop must not
+    /// interleave with a writer's bytes. Writers hold no lock while they write and wait for
+    /// nothing, so this ends.
+    pub(super) fn wait_for_extents(&self, state: &mut MutexGuard<'_, State>, key: &BlockKey) {
+        while state.writing.contains_key(key) {
+            self.extents_written.wait(state);
+        }
     }
 
     /// The parts of block `index` of blob `digest` the cache holds neither whole nor
@@ -94,8 +118,12 @@ impl ChunkCache {
             return;
         };
         let key = BlockKey::new(digest, index);
-        if blob.is_present(index) || !self.state.lock().busy.insert(key) {
-            return;
+        {
+            let mut state = self.state.lock();
+            self.wait_for_extents(&mut state, &key);
+            if blob.is_present(index) || !state.busy.insert(key) {
+                return;
+            }
         }
         if blob.drop_extents(index) {
             if let Err(error) = blob.punch(index) {

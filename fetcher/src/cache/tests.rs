@@ -186,3 +186,45 @@ fn invalidating_drops_partial_blocks_too() {
     assert_eq!(cache.partial_bytes(&blob), 100);
     assert!(cache.read(&blob, BLOCK..BLOCK + 100).is_some());
 }
+
+#[test]
+fn extents_of_one_block_written_side_by_side_both_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = Digest::of(b"blob");
+    let size = 4 * BLOCK;
+    let cache = open(dir.path());
+    let key = BlockKey::new(&blob, 0);
+    // As while another read's extent of block 0 is being written: this one lands too (it
+    // used to be skipped, and the fill then fetched its bytes a second time).
+    *cache.state.lock().writing.entry(key).or_default() += 1;
+    cache
+        .insert_extent(&blob, size, 100..200, &[4u8; 100])
+        .unwrap();
+    assert_eq!(cache.read(&blob, 100..200).unwrap(), vec![4u8; 100]);
+    assert_eq!(cache.state.lock().writing.get(&key), Some(&1));
+    cache.state.lock().writing.remove(&key);
+
+    // Many writers at once, each its own part: the block has no gap left but theirs.
+    let parts: Vec<std::ops::Range<u64>> = (0..8).map(|i| i * 512..i * 512 + 256).collect();
+    std::thread::scope(|scope| {
+        for part in &parts {
+            let (cache, blob) = (&cache, &blob);
+            scope.spawn(move || {
+                let len = (part.end - part.start) as usize;
+                cache
+                    .insert_extent(blob, size, part.clone(), &vec![7u8; len])
+                    .unwrap();
+            });
+        }
+    });
+    let gaps = cache.gaps(&blob, size, 0);
+    let expected: Vec<std::ops::Range<u64>> =
+        (0..8).map(|i| i * 512 + 256..(i + 1) * 512).collect();
+    assert_eq!(gaps, expected);
+    assert!(cache.state.lock().writing.is_empty());
+
+    // A store of the whole block after them makes it present, with its own bytes.
+    cache.insert(&blob, size, 0, &block(9)).unwrap();
+    assert_eq!(cache.read(&blob, 0..BLOCK).unwrap(), block(9));
+    assert_eq!(cache.partial_bytes(&blob), 0);
+}
