@@ -107,19 +107,27 @@ impl Peers {
             }
             Err(failure) => {
                 debug!(%holder, %failure, "block request to peer failed");
-                let (outcome, penalty) = match &failure {
-                    PeerFailure::Busy => (Outcome::Busy, Some(Penalty::Busy)),
-                    // A holder that withholds private blocks is right to: not its fault.
-                    PeerFailure::Missing | PeerFailure::Refused(_) => (Outcome::Failed, None),
-                    PeerFailure::Failed(_) => (Outcome::Failed, Some(Penalty::Unreachable)),
+                let outcome = match &failure {
+                    PeerFailure::Busy => Outcome::Busy,
+                    _ => Outcome::Failed,
                 };
                 self.counters.record(holder, outcome);
-                if let Some(penalty) = penalty {
+                if let Some(penalty) = penalty_for(&failure) {
                     self.members.penalise(holder, penalty, Instant::now());
                 }
                 Err(failure)
             }
         }
+    }
+}
+
+/// How a holder that failed a block request is avoided: busy for a moment, unreachable for
+/// longer; a holder that withholds private blocks, or no longer holds them, is right to.
+pub(super) fn penalty_for(failure: &PeerFailure) -> Option<Penalty> {
+    match failure {
+        PeerFailure::Busy => Some(Penalty::Busy),
+        PeerFailure::Missing | PeerFailure::Refused(_) => None,
+        PeerFailure::Failed(_) => Some(Penalty::Unreachable),
     }
 }
 
@@ -144,7 +152,7 @@ pub(super) struct Hedged {
 
 impl Hedged {
     /// Records `holder`'s answer; true when it sent the bytes.
-    fn note(&mut self, holder: PeerAddr, answer: Result<Bytes, PeerFailure>) -> bool {
+    pub(super) fn note(&mut self, holder: PeerAddr, answer: Result<Bytes, PeerFailure>) -> bool {
         match answer {
             Ok(bytes) => {
                 self.got = Some((holder, bytes));

@@ -32,8 +32,12 @@ const LOAD_WINDOW: Duration = Duration::from_secs(2);
 
 /// Which nodes an owner leaves out of its advice.
 pub struct Exclusions<'a> {
-    /// Not to be named as holders: dead, penalised, or busy right now.
+    /// Not to be named as holders: dead or penalised.
     pub holder: &'a dyn Fn(&PeerAddr) -> bool,
+    /// Named after the others: busy right now. Such a holder answers shortly, and leaving it
+    /// out when it is the only one would send the asker to the registry for a block the
+    /// cluster has (in a herd, the first holder of every block is busy).
+    pub busy: &'a dyn Fn(&PeerAddr) -> bool,
     /// Whose grant no longer holds the others back: dead or penalised. A busy node is still
     /// fetching what it was granted, and handing its blocks to another node would fetch
     /// them twice.
@@ -222,6 +226,15 @@ impl OwnerIndex {
         }
     }
 
+    /// The node holding the grant on block `index` of `blob` at `now`, if one does: what the
+    /// simulation checks its invariants against.
+    #[cfg(any(test, feature = "sim"))]
+    pub fn grantee(&self, now: Instant, blob: &Digest, index: u64) -> Option<PeerAddr> {
+        let state = self.lock();
+        let (grantee, granted) = state.blobs.get(blob)?.grants.get(&index)?;
+        (now.duration_since(*granted) < self.grant).then_some(*grantee)
+    }
+
     /// Advice for blocks `first..first+count` of `blob`, asked by `from` (if it knows its own
     /// address), never naming `from` or a node `excluded.holder` as a holder, and passing
     /// over the grants of nodes `excluded.grantee`.
@@ -243,7 +256,7 @@ impl OwnerIndex {
             .retain(|_, (_, granted)| now.duration_since(*granted) < grant);
         let mut advice = Vec::with_capacity(count as usize);
         for index in first..first.saturating_add(count) {
-            let mut holders: Vec<(u32, PeerAddr)> = entry
+            let mut holders: Vec<(bool, u32, PeerAddr)> = entry
                 .holders
                 .iter_mut()
                 .filter(|(addr, holding)| {
@@ -256,16 +269,16 @@ impl OwnerIndex {
                         holding.handed_out = 0;
                         holding.window = now;
                     }
-                    (holding.handed_out, *addr)
+                    ((excluded.busy)(addr), holding.handed_out, *addr)
                 })
                 .collect();
             if !holders.is_empty() {
                 holders.sort();
-                if let Some(holding) = entry.holders.get_mut(&holders[0].1) {
+                if let Some(holding) = entry.holders.get_mut(&holders[0].2) {
                     holding.handed_out += 1;
                 }
                 advice.push(Advice::Holders {
-                    holders: holders.iter().map(|(_, a)| a.to_string()).collect(),
+                    holders: holders.iter().map(|(_, _, a)| a.to_string()).collect(),
                 });
                 continue;
             }
@@ -308,6 +321,7 @@ mod tests {
 
     const NONE: Exclusions<'static> = Exclusions {
         holder: &|_| false,
+        busy: &|_| false,
         grantee: &|_| false,
     };
 
@@ -353,6 +367,7 @@ mod tests {
         let dead = |a: &PeerAddr| *a == addr(2);
         let without_dead = Exclusions {
             holder: &dead,
+            busy: &|_| false,
             grantee: &dead,
         };
         assert_eq!(
@@ -438,6 +453,34 @@ mod tests {
         let b = first(6);
         assert_ne!(a[0], b[0], "hand-outs alternate between equal holders");
         assert_eq!(first(1), [addr(2).to_string()]);
+    }
+
+    #[test]
+    fn busy_holders_are_named_last_and_a_lone_busy_holder_still_is() {
+        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2), 1 << 20);
+        let blob = Digest::of(b"blob");
+        let t0 = Instant::now();
+        index.announce(t0, addr(1), &blob, &blocks(&[0, 1]), false);
+        index.announce(t0, addr(2), &blob, &blocks(&[0]), false);
+        let busy = |a: &PeerAddr| *a == addr(1);
+        let excluded = Exclusions {
+            holder: &|_| false,
+            busy: &busy,
+            grantee: &|_| false,
+        };
+        let holders = |advice: &Advice| match advice {
+            Advice::Holders { holders } => holders.clone(),
+            other => panic!("{other:?}"),
+        };
+        for _ in 0..3 {
+            let advice = index.lookup(t0, Some(addr(9)), &blob, 0, 2, &excluded);
+            assert_eq!(
+                holders(&advice[0]),
+                [addr(2).to_string(), addr(1).to_string()]
+            );
+            // Not a second registry fetch of a block the cluster has.
+            assert_eq!(holders(&advice[1]), [addr(1).to_string()]);
+        }
     }
 
     /// A block set of `blocks` blocks, all held, as a flood of announcements would send.

@@ -30,16 +30,19 @@ mod index;
 mod limiter;
 mod member;
 mod pace;
+mod plan;
 mod probe;
 mod rendezvous;
 mod server;
 mod shareable;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 mod stats;
 mod tls;
 mod trace;
 mod wire;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 use std::ops::Range;
 use std::path::PathBuf;
@@ -60,12 +63,12 @@ use announce::Announcer;
 use blockset::{BlockSet, MAX_SHARED_BLOCKS};
 use client::{PeerClient, PeerFailure};
 use gate::PullGate;
-use hedge::runs_by_holder;
 pub(crate) use held::HeldBlocks;
 use index::{Exclusions, OwnerIndex};
 use limiter::UploadLimiter;
 use member::{Membership, NodeId, Penalty};
 use pace::Pace;
+use plan::{AfterRound, PeerFetchPlan, Renewals, RunAnswer};
 use shareable::{Audience, Shareable};
 use stats::{Outcome, PeerCounters, PeerGauges};
 use wire::{Advice, Lookup, Renew, MAX_LOOKUP_BLOCKS};
@@ -78,8 +81,6 @@ pub use stats::{PeerStats, PerPeer};
 /// [`Peers::deadline`]). The owner ends a wait much sooner when that node dies or stops
 /// renewing; this bounds a wait on a node that renews but never finishes.
 const WAIT_BUDGETS: u32 = 10;
-/// How soon blocks whose holders are all busy are asked about again.
-const BUSY_RETRY: Duration = Duration::from_millis(50);
 
 pub struct Peers {
     config: PeersConfig,
@@ -186,91 +187,35 @@ impl Peers {
         if last - first >= MAX_LOOKUP_BLOCKS || last >= MAX_SHARED_BLOCKS {
             return PeerRound::registry(blocks.to_vec());
         }
-        let mut pending: BTreeSet<u64> = blocks.iter().copied().collect();
-        let mut tried: HashMap<u64, HashSet<PeerAddr>> = HashMap::new();
-        // Blocks whose every holder was busy, and since when: they wait a budget at most.
-        let mut busy_since: HashMap<u64, Instant> = HashMap::new();
-        let mut waited = false;
-        while let (Some(&first), Some(&last)) = (pending.first(), pending.last()) {
+        let mut plan = PeerFetchPlan::new(blocks, self.config.latency_budget);
+        while let Some(asking) = plan.asking() {
             if Instant::now() >= deadline {
                 break;
             }
-            let Some((owner, advice)) = self.lookup(blob, first..last + 1, deadline).await else {
+            let Some((owner, advice)) = self.lookup(blob, asking.clone(), deadline).await else {
                 break;
             };
-            let me = self.members.me();
-            let now = Instant::now();
-            let mut plan: Vec<(u64, Vec<PeerAddr>)> = Vec::new();
-            let mut wait = None;
-            for (index, advice) in (first..).zip(advice) {
-                if !pending.contains(&index) {
-                    continue;
-                }
-                match advice {
-                    Advice::Fetch => {
-                        pending.remove(&index);
-                        round.fetch.push(index);
-                        // The owner may send a node to the registry because the holders it
-                        // knew turned out busy or failing: that block waited on peers too.
-                        if tried.contains_key(&index) || busy_since.contains_key(&index) {
-                            PeerCounters::add(&self.counters.fallbacks, 1);
-                        }
-                    }
-                    Advice::Wait { retry_ms, .. } => {
-                        wait = Some(Duration::from_millis(retry_ms.clamp(5, 500)));
-                    }
-                    Advice::Holders { holders } => {
-                        let tried = tried.entry(index).or_default();
-                        let usable: Vec<PeerAddr> = holders
-                            .iter()
-                            .filter_map(|h| h.parse::<PeerAddr>().ok())
-                            .filter(|h| {
-                                Some(*h) != me
-                                    && !tried.contains(h)
-                                    && !self.members.is_avoided(h, now)
-                            })
-                            .collect();
-                        let some_busy = || {
-                            holders
-                                .iter()
-                                .filter_map(|h| h.parse::<PeerAddr>().ok())
-                                .any(|h| !tried.contains(&h) && self.members.is_busy(&h, now))
-                        };
-                        let budget = self.config.latency_budget;
-                        if !usable.is_empty() {
-                            plan.push((index, usable));
-                        } else if some_busy()
-                            && now < *busy_since.entry(index).or_insert(now) + budget
-                        {
-                            // Busy holders will answer shortly; the registry would be a
-                            // second fetch of the block for the cluster.
-                            wait = Some(BUSY_RETRY);
-                        } else {
-                            // Every holder was tried or is avoided: the registry.
-                            pending.remove(&index);
-                            round.fetch.push(index);
-                            PeerCounters::add(&self.counters.fallbacks, 1);
-                        }
-                    }
-                }
-            }
-            let requests = runs_by_holder(&plan).into_iter().map(|run| async move {
-                let outcome = self.get_hedged(blob, &run, deadline).await;
+            let step = plan.advise(
+                Instant::now(),
+                asking.start,
+                &advice,
+                self.members.me(),
+                &self.members,
+            );
+            PeerCounters::add(&self.counters.fallbacks, step.fallbacks);
+            let requests = step.runs.iter().map(|run| async move {
+                let outcome = self.get_hedged(blob, run, deadline).await;
                 (run, outcome)
             });
             let mut misled = false;
             for (run, outcome) in join_all(requests).await {
                 misled |= outcome.missing > 0;
-                if !outcome.busy.is_empty() {
-                    for index in run.blocks.clone() {
-                        busy_since.entry(index).or_insert(now);
-                    }
-                }
-                for holder in &outcome.failed {
-                    for index in run.blocks.clone() {
-                        tried.entry(index).or_default().insert(*holder);
-                    }
-                }
+                let answer = RunAnswer {
+                    got: outcome.got.as_ref().map(|(holder, _)| *holder),
+                    failed: outcome.failed,
+                    busy: !outcome.busy.is_empty(),
+                };
+                plan.answered(&step, run, &answer);
                 let Some((holder, bytes)) = outcome.got else {
                     continue;
                 };
@@ -278,10 +223,9 @@ impl Peers {
                 // Decided now: a block got with a proof stays private, whatever happens
                 // to this node's registry client before it is verified.
                 let audience = self.gate.audience(&blob.image);
-                for index in run.blocks {
+                for index in run.blocks.clone() {
                     let at = self.block_bytes(blob, index);
                     let part = bytes.slice((at.start - from) as usize..(at.end - from) as usize);
-                    pending.remove(&index);
                     self.shareable.got_from_peer(
                         BlockKey::new(blob.digest.clone(), index),
                         holder,
@@ -296,28 +240,23 @@ impl Peers {
                     PeerCounters::add(&self.counters.owners_avoided, 1);
                 }
             }
-            if !round.fetch.is_empty() {
-                // Others may be waiting for these: fetch them first, ask again after.
-                round.fetch.sort_unstable();
-                round.waiting = pending.into_iter().collect();
-                return round;
-            }
-            if plan.is_empty() {
-                match wait {
-                    Some(pause) => {
-                        waited = true;
-                        let until = (Instant::now() + pause).min(deadline);
-                        tokio::time::sleep_until(until.into()).await;
-                    }
-                    None => break,
+            match plan.after(&step) {
+                AfterRound::Registry => {
+                    // Others may be waiting for these: fetch them first, ask again after.
+                    (round.fetch, round.waiting) = plan.registry_first();
+                    return round;
                 }
+                AfterRound::Ask => {}
+                AfterRound::Pause(pause) => {
+                    let until = (Instant::now() + pause).min(deadline);
+                    tokio::time::sleep_until(until.into()).await;
+                }
+                AfterRound::Stop => break,
             }
         }
-        if waited || !tried.is_empty() || !busy_since.is_empty() {
-            PeerCounters::add(&self.counters.fallbacks, pending.len() as u64);
-        }
-        round.fetch.extend(pending);
-        round.fetch.sort_unstable();
+        let (fetch, fallbacks) = plan.give_up();
+        PeerCounters::add(&self.counters.fallbacks, fallbacks);
+        round.fetch = fetch;
         round
     }
 
@@ -331,21 +270,16 @@ impl Peers {
         blocks: Range<u64>,
         work: F,
     ) -> F::Output {
-        // A third of the grant: one renewal may be lost or late without the grant lapsing.
-        // Each may take as long as the grant has left, so a slow owner still counts; the
-        // renewals stop only once no owner took one for a whole grant, which has lapsed then.
-        let grant = self.config.latency_budget;
-        let every = (grant / 3).max(Duration::from_millis(20));
+        // Each renewal may take as long as the grant has left, so a slow owner still counts.
         let renewals = async {
-            let mut taken = Instant::now();
+            let mut renewals = Renewals::new(self.config.latency_budget, Instant::now());
             loop {
-                tokio::time::sleep(every).await;
-                let left = grant.saturating_sub(taken.elapsed());
-                if left.is_zero() {
+                tokio::time::sleep(renewals.every()).await;
+                let Some(left) = renewals.left(Instant::now()) else {
                     return;
-                }
+                };
                 if self.renew(blob, blocks.clone(), left).await {
-                    taken = Instant::now();
+                    renewals.taken(Instant::now());
                 }
             }
         };
@@ -406,7 +340,8 @@ impl Peers {
             PeerCounters::add(&self.counters.lookups, 1);
             if Some(owner) == me {
                 let excluded = Exclusions {
-                    holder: &|holder| self.members.is_avoided(holder, now),
+                    holder: &|holder| self.members.is_out(holder, now),
+                    busy: &|holder| self.members.is_busy(holder, now),
                     grantee: &|grantee| self.members.is_out(grantee, now),
                 };
                 let advice =

@@ -217,7 +217,8 @@ fn looked_up(peers: &Peers, lookup: Lookup) -> Reply {
         lookup.first,
         lookup.count,
         &Exclusions {
-            holder: &|holder| peers.members.is_avoided(holder, now),
+            holder: &|holder| peers.members.is_out(holder, now),
+            busy: &|holder| peers.members.is_busy(holder, now),
             grantee: &|grantee| peers.members.is_out(grantee, now),
         },
     );

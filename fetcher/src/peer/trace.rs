@@ -67,7 +67,8 @@ impl Peers {
         for owner in rendezvous::owners(&blob.digest, &live, self.config.owners) {
             let advice = if Some(owner) == me {
                 let excluded = Exclusions {
-                    holder: &|holder| self.members.is_avoided(holder, now),
+                    holder: &|holder| self.members.is_out(holder, now),
+                    busy: &|holder| self.members.is_busy(holder, now),
                     grantee: &|grantee| self.members.is_out(grantee, now),
                 };
                 self.index
