@@ -34,13 +34,15 @@ fn main() -> ExitCode {
         let report = run(&SimConfig::image_start(nodes, seed));
         eprintln!(
             "{nodes} nodes: {} events, {:.1} s of virtual time, simulated in {:.1} s; \
-             {} waits, {} fallbacks, {} busy answers, {} renewals, {} owners",
+             {} waits, {} fallbacks ({} after busy holders), {} busy answers, {} timeouts, {} renewals, {} owners",
             report.events,
             report.span.as_secs_f64(),
             started.elapsed().as_secs_f64(),
             report.waits,
             report.fallbacks,
+            report.busy_expired,
             report.busy,
+            report.timeouts,
             report.renewals,
             report.owners_used,
         );

@@ -24,6 +24,8 @@ pub struct PeerFetchPlan {
     budget: Duration,
     pending: BTreeSet<u64>,
     tried: HashMap<u64, HashSet<PeerAddr>>,
+    /// Holders the owner named for each block so far.
+    named: HashMap<u64, HashSet<PeerAddr>>,
     busy_since: HashMap<u64, Instant>,
     waited: bool,
     fetch: Vec<u64>,
@@ -37,6 +39,8 @@ pub struct PeerStep {
     pub runs: Vec<HolderRun>,
     pub wait: Option<Duration>,
     pub fallbacks: u64,
+    /// Of those, blocks whose holders were all busy for a budget.
+    pub busy_expired: u64,
     /// When the advice was taken, which busy answers to its requests are dated from.
     at: Option<Instant>,
 }
@@ -72,6 +76,7 @@ impl PeerFetchPlan {
             budget,
             pending: blocks.iter().copied().collect(),
             tried: HashMap::new(),
+            named: HashMap::new(),
             busy_since: HashMap::new(),
             waited: false,
             fetch: Vec::new(),
@@ -120,6 +125,17 @@ impl PeerFetchPlan {
                     let tried = self.tried.entry(index).or_default();
                     let holders: Vec<PeerAddr> =
                         holders.iter().filter_map(|h| h.parse().ok()).collect();
+                    // A block that gained a holder is spreading: its busy holders are a herd
+                    // being served, not one stuck holder, and the registry would be a second
+                    // fetch of it. The budget of waiting on busy holders starts again.
+                    let named = self.named.entry(index).or_default();
+                    let mut spreading = false;
+                    for holder in &holders {
+                        spreading |= named.insert(*holder);
+                    }
+                    if let (true, Some(since)) = (spreading, self.busy_since.get_mut(&index)) {
+                        *since = now;
+                    }
                     let usable: Vec<PeerAddr> = holders
                         .iter()
                         .copied()
@@ -145,6 +161,7 @@ impl PeerFetchPlan {
                         self.pending.remove(&index);
                         self.fetch.push(index);
                         step.fallbacks += 1;
+                        step.busy_expired += u64::from(self.busy_since.contains_key(&index));
                     }
                 }
             }
@@ -331,6 +348,39 @@ mod tests {
         let t1 = t0 + BUDGET;
         members.penalise(addr(2), Penalty::Busy, t1);
         let step = plan.advise(t1, 0, &[holders(&[2])], Some(addr(1)), &members);
+        assert_eq!((step.wait, step.fallbacks), (None, 1));
+        assert_eq!(plan.after(&step), AfterRound::Registry);
+    }
+
+    #[test]
+    fn a_block_gaining_holders_waits_on_busy_holders_past_one_budget() {
+        use super::super::member::Penalty;
+        let members = members();
+        let t0 = Instant::now();
+        let mut plan = PeerFetchPlan::new(&[0], BUDGET);
+        members.penalise(addr(2), Penalty::Busy, t0);
+        let step = plan.advise(t0, 0, &[holders(&[2])], Some(addr(1)), &members);
+        assert_eq!(step.wait, Some(BUSY_RETRY));
+        plan.after(&step);
+        // Nearly a budget later a second holder appears, busy as well: the wait goes on.
+        let t1 = t0 + BUDGET - Duration::from_millis(10);
+        members.penalise(addr(2), Penalty::Busy, t1);
+        members.penalise(addr(3), Penalty::Busy, t1);
+        let step = plan.advise(t1, 0, &[holders(&[2, 3])], Some(addr(1)), &members);
+        assert_eq!(step.wait, Some(BUSY_RETRY));
+        plan.after(&step);
+        // Past a budget since the first busy answer, not since the last new holder.
+        let t2 = t0 + BUDGET + Duration::from_millis(500);
+        members.penalise(addr(2), Penalty::Busy, t2);
+        members.penalise(addr(3), Penalty::Busy, t2);
+        let step = plan.advise(t2, 0, &[holders(&[2, 3])], Some(addr(1)), &members);
+        assert_eq!((step.wait, step.fallbacks), (Some(BUSY_RETRY), 0));
+        plan.after(&step);
+        // No new holder for a whole budget: stuck, so the registry.
+        let t3 = t1 + BUDGET;
+        members.penalise(addr(2), Penalty::Busy, t3);
+        members.penalise(addr(3), Penalty::Busy, t3);
+        let step = plan.advise(t3, 0, &[holders(&[3, 2])], Some(addr(1)), &members);
         assert_eq!((step.wait, step.fallbacks), (None, 1));
         assert_eq!(plan.after(&step), AfterRound::Registry);
     }

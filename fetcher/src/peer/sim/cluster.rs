@@ -142,6 +142,8 @@ pub(super) struct Cluster {
     pub reads: Vec<Read>,
     pub registry: Fifo,
     pub metrics: Metrics,
+    /// Each layer's owners when every member is live.
+    placement: Vec<Vec<usize>>,
 }
 
 /// The simulated node `n`'s address.
@@ -194,7 +196,7 @@ impl Cluster {
                 Event::Start(n),
             );
         }
-        let blobs = (0..layers)
+        let blobs: Vec<Digest> = (0..layers)
             .map(|l| Digest::of(format!("sim-layer-{}-{l}", config.seed).as_bytes()))
             .collect();
         // Reads go over the layers side by side, as a start reads files from all of them.
@@ -208,12 +210,24 @@ impl Cluster {
                 }
             }
         }
+        let by_addr: HashMap<PeerAddr, usize> = nodes
+            .iter()
+            .enumerate()
+            .map(|(n, node)| (node.addr, n))
+            .collect();
+        let everyone: Vec<PeerAddr> = addrs.iter().copied().collect();
+        let placement = blobs
+            .iter()
+            .map(|blob| {
+                rendezvous::owners(blob, &everyone, config.owners)
+                    .iter()
+                    .map(|addr| by_addr[addr])
+                    .collect()
+            })
+            .collect();
         Cluster {
-            by_addr: nodes
-                .iter()
-                .enumerate()
-                .map(|(n, node)| (node.addr, n))
-                .collect(),
+            placement,
+            by_addr,
             registry: Fifo::new(config.registry_up),
             metrics: Metrics::new(config.nodes, &config.layers),
             config,
@@ -298,6 +312,12 @@ impl Cluster {
     /// The owners of `layer`'s index as node `n` places them now.
     pub fn owners(&self, n: usize, layer: usize) -> Vec<usize> {
         let node = &self.nodes[n];
+        // Placement over every member is the same for all: computed once (rendezvous hashes
+        // each member per call, which dominated large runs). Members leave a node's live set
+        // only when it takes them for unreachable (nothing here misleads or sends bad data).
+        if node.unprobed.is_empty() {
+            return self.placement[layer].clone();
+        }
         let now = self.queue.instant(self.queue.now());
         rendezvous::owners(
             &self.blobs[layer],
@@ -423,6 +443,7 @@ impl Cluster {
         };
         let step = plan.advise(now, first, advice, Some(node.addr), &node.members);
         self.metrics.fallbacks += step.fallbacks;
+        self.metrics.busy_expired += step.busy_expired;
         let runs = step.runs.clone();
         r.step = Some(step);
         r.races.clear();

@@ -18,6 +18,8 @@ pub(super) struct Metrics {
     pub hedges: u64,
     pub hedge_losers: u64,
     pub busy: u64,
+    pub timeouts: u64,
+    pub busy_expired: u64,
     /// Blocks a node got a second time.
     pub duplicates: u64,
     pub late_rounds: u64,
@@ -48,6 +50,8 @@ impl Metrics {
             hedges: 0,
             hedge_losers: 0,
             busy: 0,
+            timeouts: 0,
+            busy_expired: 0,
             duplicates: 0,
             late_rounds: 0,
             registry_bytes: 0,
@@ -192,6 +196,10 @@ pub struct SimReport {
     pub fallbacks: u64,
     pub hedges: u64,
     pub busy: u64,
+    /// Requests to holders that ran past the requester's deadline.
+    pub timeouts: u64,
+    /// Blocks sent to the registry because their holders were all busy for a budget.
+    pub busy_expired: u64,
     /// Time from a node's start to its having the working set, by percentile.
     pub p50: Duration,
     pub p99: Duration,
@@ -251,6 +259,8 @@ impl SimReport {
             fallbacks: metrics.fallbacks,
             hedges: metrics.hedges,
             busy: metrics.busy,
+            timeouts: metrics.timeouts,
+            busy_expired: metrics.busy_expired,
             p50: percentile(0.50),
             p99: percentile(0.99),
             max: times.last().copied().unwrap_or(Duration::MAX),

@@ -253,6 +253,7 @@ impl Cluster {
             self.queue
                 .at(arrived.min(until + latency), Event::UploadDone(holder));
             if arrived > until {
+                self.metrics.timeouts += 1;
                 (Answer::TimedOut, until)
             } else {
                 (Answer::Sent, arrived)
