@@ -208,6 +208,8 @@ fn a_slow_holder_is_hedged_with_another_holder() {
             // and, having checked it, holds it too.
             for (node, tag) in [(fast, "fast"), (slow, "slow")] {
                 cluster.run_counted(&[node], &reference, tag, published)?;
+                // The asker must find both holders at the owner.
+                cluster.wait_announced(node)?;
             }
             let slow_status = cluster.nodes[slow].status(&cluster.network)?;
             anyhow::ensure!(
