@@ -29,12 +29,13 @@ fn main() -> ExitCode {
     }
     let mut table = SimReport::table_header();
     let mut broken = false;
+    let mut details = String::new();
     for nodes in sizes {
         let started = std::time::Instant::now();
         let report = run(&SimConfig::image_start(nodes, seed));
-        eprintln!(
+        let detail = format!(
             "{nodes} nodes: {} events, {:.1} s of virtual time, simulated in {:.1} s; \
-             {} waits, {} fallbacks ({} after busy holders), {} busy answers, {} timeouts, {} renewals, {} owners",
+             {} waits, {} fallbacks ({} after busy holders), {} busy answers, {} timeouts, {} renewals, {} owners, longest wait for an owner {:?}",
             report.events,
             report.span.as_secs_f64(),
             started.elapsed().as_secs_f64(),
@@ -45,7 +46,10 @@ fn main() -> ExitCode {
             report.timeouts,
             report.renewals,
             report.owners_used,
+            report.owner_wait,
         );
+        eprintln!("{detail}");
+        details.push_str(&format!("- {detail}\n"));
         for violation in report.invariants.violations() {
             eprintln!("{nodes} nodes: INVARIANT BROKEN: {violation}");
             broken = true;
@@ -56,7 +60,8 @@ fn main() -> ExitCode {
     }
     println!("\n{table}");
     if let Some(path) = out {
-        if let Err(error) = std::fs::write(&path, &table) {
+        let text = format!("Seed {seed}.\n\n{table}\n{details}");
+        if let Err(error) = std::fs::write(&path, text) {
             eprintln!("cannot write {path}: {error}");
             return ExitCode::FAILURE;
         }

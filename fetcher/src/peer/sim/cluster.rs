@@ -304,6 +304,15 @@ impl Cluster {
         }
     }
 
+    /// A request reaching `owner` at `arrive` waits for its CPU: when it is answered.
+    pub fn owner_queue(&mut self, owner: usize, arrive: Duration) -> Duration {
+        let at = self.nodes[owner]
+            .cpu
+            .serve(arrive, self.config.owner_service);
+        self.metrics.owner_queue(at - arrive);
+        at
+    }
+
     /// One-way latency between two nodes.
     pub fn latency(&self, a: usize, b: usize) -> Duration {
         self.nodes[a].latency + self.nodes[b].latency
@@ -419,9 +428,7 @@ impl Cluster {
             return self.advised(read, asking.start, &advice);
         }
         let arrive = now + self.latency(n, owner);
-        let at = self.nodes[owner]
-            .cpu
-            .serve(arrive, self.config.owner_service);
+        let at = self.owner_queue(owner, arrive);
         self.queue.at(
             at,
             Event::AtOwner {
@@ -525,9 +532,7 @@ impl Cluster {
                 continue;
             }
             let arrive = now + self.latency(n, owner);
-            let at = self.nodes[owner]
-                .cpu
-                .serve(arrive, self.config.owner_service);
+            let at = self.owner_queue(owner, arrive);
             self.queue.at(
                 at,
                 Event::AnnounceAtOwner {

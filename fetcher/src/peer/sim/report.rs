@@ -35,6 +35,8 @@ pub(super) struct Metrics {
     owner_per_second: HashMap<(usize, u64), u64>,
     /// The longest a read asked peers before it went to the registry.
     longest_peer_phase: Duration,
+    /// The longest a request waited for an owner's CPU.
+    owner_wait: Duration,
     reads: u64,
     longest_read: Duration,
 }
@@ -66,6 +68,7 @@ impl Metrics {
             owner_requests: vec![0; nodes],
             owner_per_second: HashMap::new(),
             longest_peer_phase: Duration::ZERO,
+            owner_wait: Duration::ZERO,
             reads: 0,
             longest_read: Duration::ZERO,
         }
@@ -115,6 +118,10 @@ impl Metrics {
                 open.swap_remove(at);
             }
         }
+    }
+
+    pub fn owner_queue(&mut self, waited: Duration) {
+        self.owner_wait = self.owner_wait.max(waited);
     }
 
     pub fn peer_phase(&mut self, took: Duration) {
@@ -192,6 +199,8 @@ pub struct SimReport {
     pub owner_requests_max: u64,
     pub owner_peak_per_second: u64,
     pub owners_used: usize,
+    /// The longest a request waited for an owner's CPU.
+    pub owner_wait: Duration,
     pub waits: u64,
     pub fallbacks: u64,
     pub hedges: u64,
@@ -255,6 +264,7 @@ impl SimReport {
                 .max()
                 .unwrap_or(0),
             owners_used: metrics.owner_requests.iter().filter(|&&n| n > 0).count(),
+            owner_wait: metrics.owner_wait,
             waits: metrics.waits,
             fallbacks: metrics.fallbacks,
             hedges: metrics.hedges,

@@ -442,9 +442,7 @@ impl Cluster {
         }
         self.metrics.renewals += 1;
         let arrive = now + self.latency(n, owner);
-        let at = self.nodes[owner]
-            .cpu
-            .serve(arrive, self.config.owner_service);
+        let at = self.owner_queue(owner, arrive);
         self.queue.at(
             at,
             Event::RenewAtOwner {
