@@ -18,6 +18,10 @@
 //!   lets one fetch it and the rest wait ([`index`]), for as long as that node renews its
 //!   right; a holder slower than peers' usual [`pace`] has a second holder asked too
 //!   ([`hedge`]).
+//! - The decisions of a round of asking peers and of renewing a grant are made without I/O or
+//!   a clock of their own ([`plan`]); [`Peers::fetch`] and [`Peers::renewing`] drive them, and
+//!   so does a deterministic simulation of whole clusters ([`sim`], for tests and the `sim`
+//!   feature).
 
 mod announce;
 mod blockset;
