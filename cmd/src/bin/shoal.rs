@@ -39,6 +39,10 @@ enum Command {
     Rpull(RpullArgs),
     /// Rebuild an image as eStargz or overlaybd and push it, so its layers can be mounted lazily.
     Convert(ConvertArgs),
+    /// Cold starts of an image on this node: overlayfs against Shoal (and stargz-snapshotter
+    /// with --stargz-socket), each run on a private containerd and daemon that are removed
+    /// afterwards; prints a table, writes a CSV and a PNG chart.
+    Bench(BenchArgs),
     /// What the Kubernetes DaemonSet runs on each node: containerd's config, readiness.
     #[command(subcommand, name = "node-setup")]
     NodeSetup(NodeSetupCommand),
@@ -94,6 +98,39 @@ struct RpullArgs {
     require_lazy: bool,
     /// Image reference, e.g. `registry.example.com/app:1.0`.
     reference: String,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Cold runs per scenario; the table shows their median.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// stargz-snapshotter's socket: adds its scenario (the daemon is yours, not the bench's).
+    #[arg(long, value_name = "PATH")]
+    stargz_socket: Option<PathBuf>,
+    /// The registry speaks plain HTTP (its bytes and requests are then counted).
+    #[arg(long)]
+    plain_http: bool,
+    /// Results folder (default `shoal-bench-<unix time>` here).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// One row per run (default `<out>/bench.csv`).
+    #[arg(long, value_name = "FILE")]
+    csv: Option<PathBuf>,
+    /// The chart (default `<out>/bench.png`).
+    #[arg(long, value_name = "FILE")]
+    png: Option<PathBuf>,
+    /// Where each run's private containerd and daemon live, removed afterwards.
+    #[arg(long, value_name = "DIR", default_value = "/var/tmp")]
+    work: PathBuf,
+    /// The longest one run may take, e.g. `10m`.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    /// Image reference, e.g. `registry.example.com/app:1.0` (eStargz for a lazy Shoal run).
+    reference: String,
+    /// The command to time instead of the image's entrypoint (after `--`).
+    #[arg(last = true)]
+    command: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -233,6 +270,23 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 );
                 return Ok(ExitCode::FAILURE);
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(bench) => {
+            let options = shoal_cmd::bench::Options {
+                reference: bench.reference,
+                command: bench.command,
+                runs: bench.runs,
+                stargz_socket: bench.stargz_socket,
+                plain_http: bench.plain_http,
+                out: bench.out,
+                csv: bench.csv,
+                png: bench.png,
+                work: bench.work,
+                timeout: bench.timeout,
+            };
+            let report = shoal_cmd::bench::run(&options)?;
+            print!("{}", report.table);
             Ok(ExitCode::SUCCESS)
         }
         Command::NodeSetup(NodeSetupCommand::ContainerdConfig {
