@@ -95,11 +95,6 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     };
     let csv_path = options.csv.clone().unwrap_or_else(|| out.join("bench.csv"));
     let png_path = options.png.clone().unwrap_or_else(|| out.join("bench.png"));
-    for path in [&csv_path, &png_path] {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
-        }
-    }
 
     let namespace = format!("shoal-bench-{}", std::process::id());
     let work = WorkDir::create(&options.work.join(&namespace))?;
@@ -129,7 +124,12 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         work.0.display(),
         out.display()
     ));
-    if relay.is_none() {
+    if let Some(relay) = &relay {
+        progress(&format!(
+            "the registry is relayed through {} to count bytes and requests",
+            relay.address()
+        ));
+    } else {
         progress("an HTTPS registry is not relayed: bytes and requests are not counted");
     }
 
@@ -161,6 +161,11 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     drop(work);
 
     let table = table::render(&runs);
+    for path in [&csv_path, &png_path] {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+        }
+    }
     fs::write(&csv_path, table::csv(&runs))
         .with_context(|| format!("write {}", csv_path.display()))?;
     let title = format!("shoal bench {}", options.reference);
@@ -346,9 +351,10 @@ impl ColdRun<'_> {
         // The container has done what is measured: a server would run on.
         let _ = node.ctr_quiet(&["tasks", "kill", "--signal", "SIGKILL", CONTAINER]);
         let _ = node::wait_output(child, Duration::from_secs(30));
+        interrupt::check()?;
         let line = first.with_context(|| {
             format!(
-                "the container's output; ctr said:\n{}",
+                "read the container's output (ctr's log: {:?})",
                 node::log_tail(&ctr_log)
             )
         })?;
