@@ -147,7 +147,7 @@ pub fn render(runs: &[Run], title: &str) -> Vec<u8> {
 
 /// The smallest of 1, 2 or 5 times a power of ten at or above `value` (1 for nothing).
 fn nice_ceiling(value: f64) -> f64 {
-    if !(value > 0.0) {
+    if value.is_nan() || value <= 0.0 {
         return 1.0;
     }
     let power = 10f64.powf(value.log10().floor());
