@@ -1,5 +1,5 @@
 //! `shoal bench REF [-- CMD...]`: cold starts of the user's image on the user's node,
-//! overlayfs against Shoal (and stargz-snapshotter when its socket is given), the median of
+//! overlayfs against Shoal (and stargz-snapshotter when its socket or binary is given), the median of
 //! `--runs` each, as a table on stdout, a CSV and a PNG chart.
 //!
 //! Cold means nothing of the image is on the node: every run gets a node of its own
@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use shoal_fetcher::ImageRef;
 
-use self::node::{Binaries, Node, Snapshotter};
+use self::node::{Binaries, Node, Snapshotter, Stargz};
 use self::relay::Relay;
 use self::table::Run;
 
@@ -46,6 +46,8 @@ pub struct Options {
     pub command: Vec<String>,
     pub runs: usize,
     pub stargz_socket: Option<PathBuf>,
+    /// A stargz-snapshotter daemon binary to run privately, cold, like Shoal's.
+    pub stargz_bin: Option<PathBuf>,
     /// The registry speaks plain HTTP: it is then relayed and its bytes and requests counted.
     pub plain_http: bool,
     /// The results folder (default `shoal-bench-<unix time>` in the current folder).
@@ -108,8 +110,15 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         None => options.reference.clone(),
     };
     let mut scenarios = vec![Snapshotter::Overlayfs, Snapshotter::Shoal];
-    if let Some(socket) = &options.stargz_socket {
-        scenarios.push(Snapshotter::Stargz(socket.clone()));
+    if let Some(binary) = &options.stargz_bin {
+        scenarios.push(Snapshotter::Stargz(Stargz::Private(binary.clone())));
+    } else if let Some(socket) = &options.stargz_socket {
+        scenarios.push(Snapshotter::Stargz(Stargz::Socket(socket.clone())));
+        progress(
+            "stargz-snapshotter is your daemon: its cache is not cleared between runs, so runs \
+             after the first may find the image's chunks in it (--stargz-bin runs a private, \
+             cold one)",
+        );
     }
     progress(&format!(
         "{} cold runs each of {} for {}, containerd namespace {namespace}, work in {}; \

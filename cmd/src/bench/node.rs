@@ -1,7 +1,8 @@
 //! One cold run's private node: a containerd of its own (root, state and sockets under the
 //! run's folder) and, for Shoal, a `shoal-snapshotter` of its own with an empty root, so that
 //! nothing the user's containerd or Shoal cache holds makes a run warm. stargz-snapshotter is
-//! the user's daemon, reached at its socket as a proxy plugin. Everything the run made in the
+//! either a private daemon as well (`--stargz-bin`) or the user's, reached at its socket as a
+//! proxy plugin (`--stargz-socket`). Everything the run made in the
 //! containerd namespace is removed and the namespace deleted before the node stops.
 
 use std::fs;
@@ -27,8 +28,17 @@ pub enum Snapshotter {
     Overlayfs,
     /// A private `shoal-snapshotter`.
     Shoal,
-    /// The user's stargz-snapshotter at this socket.
-    Stargz(PathBuf),
+    /// stargz-snapshotter.
+    Stargz(Stargz),
+}
+
+/// Which stargz-snapshotter a scenario uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stargz {
+    /// The user's daemon at this socket (its cache is not the bench's).
+    Socket(PathBuf),
+    /// A private daemon of this binary (`--address`, `--root`) with an empty root.
+    Private(PathBuf),
 }
 
 impl Snapshotter {
@@ -61,7 +71,8 @@ pub struct Node {
     pub shoal_config: PathBuf,
     binaries: Binaries,
     containerd: Option<Child>,
-    shoal: Option<Child>,
+    /// The private snapshotter daemon (Shoal's, or stargz-snapshotter's).
+    daemon: Option<Child>,
     stopped: bool,
 }
 
@@ -95,7 +106,7 @@ impl Node {
             shoal_config,
             binaries: binaries.clone(),
             containerd: None,
-            shoal: None,
+            daemon: None,
             stopped: false,
         };
         let proxy = match &node.snapshotter {
@@ -103,13 +114,27 @@ impl Node {
             Snapshotter::Shoal => {
                 let mut command = Command::new(&binaries.shoal_snapshotter);
                 command.arg("--config").arg(&node.shoal_config);
-                node.shoal = Some(spawn(&mut command, &dir.join("shoal.log"))?);
+                node.daemon = Some(spawn(&mut command, &dir.join("shoal.log"))?);
                 node.wait_for("shoal-snapshotter", &dir.join("shoal.log"), |_| {
                     shoal_socket.exists()
                 })?;
                 Some(("shoal", shoal_socket.clone()))
             }
-            Snapshotter::Stargz(socket) => {
+            Snapshotter::Stargz(Stargz::Private(binary)) => {
+                let socket = dir.join("z.sock");
+                let mut command = Command::new(binary);
+                command
+                    .arg("--address")
+                    .arg(&socket)
+                    .arg("--root")
+                    .arg(dir.join("stargz"));
+                node.daemon = Some(spawn(&mut command, &dir.join("stargz.log"))?);
+                node.wait_for("stargz-snapshotter", &dir.join("stargz.log"), |_| {
+                    socket.exists()
+                })?;
+                Some(("stargz", socket))
+            }
+            Snapshotter::Stargz(Stargz::Socket(socket)) => {
                 if !socket.exists() {
                     bail!(
                         "no stargz-snapshotter socket at {} (--stargz-socket)",
@@ -157,7 +182,7 @@ impl Node {
             if ready(self) {
                 return Ok(());
             }
-            let exited = [self.shoal.as_mut(), self.containerd.as_mut()]
+            let exited = [self.daemon.as_mut(), self.containerd.as_mut()]
                 .into_iter()
                 .flatten()
                 .any(|child| matches!(child.try_wait(), Ok(Some(_))));
@@ -207,12 +232,12 @@ impl Node {
     }
 
     /// The pid whose CPU and memory a run reports: the process that did the snapshotting work
-    /// (Shoal's daemon; containerd, which unpacks for overlayfs); none for stargz.
+    /// (the private daemon; containerd, which unpacks for overlayfs); none for the user's
+    /// stargz-snapshotter.
     pub fn daemon_pid(&self) -> Option<u32> {
         match self.snapshotter {
-            Snapshotter::Shoal => self.shoal.as_ref().map(Child::id),
             Snapshotter::Overlayfs => self.containerd.as_ref().map(Child::id),
-            Snapshotter::Stargz(_) => None,
+            _ => self.daemon.as_ref().map(Child::id),
         }
     }
 
@@ -288,9 +313,9 @@ impl Node {
     }
 
     fn shut_down(&mut self) -> anyhow::Result<()> {
-        // containerd first (it holds the snapshotter's connection), then Shoal, which
+        // containerd first (it holds the snapshotter's connection), then the daemon, which
         // unmounts its layers as it stops.
-        for child in [self.containerd.take(), self.shoal.take()]
+        for child in [self.containerd.take(), self.daemon.take()]
             .into_iter()
             .flatten()
         {

@@ -40,7 +40,7 @@ enum Command {
     /// Rebuild an image as eStargz or overlaybd and push it, so its layers can be mounted lazily.
     Convert(ConvertArgs),
     /// Cold starts of an image on this node: overlayfs against Shoal (and stargz-snapshotter
-    /// with --stargz-socket), each run on a private containerd and daemon that are removed
+    /// with --stargz-socket or --stargz-bin), each run on a private containerd and daemon that are removed
     /// afterwards; prints a table, writes a CSV and a PNG chart.
     Bench(BenchArgs),
     /// What the Kubernetes DaemonSet runs on each node: containerd's config, readiness.
@@ -105,9 +105,14 @@ struct BenchArgs {
     /// Cold runs per scenario; the table shows their median.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// stargz-snapshotter's socket: adds its scenario (the daemon is yours, not the bench's).
-    #[arg(long, value_name = "PATH")]
+    /// stargz-snapshotter's socket: adds its scenario (the daemon is yours, and its cache is
+    /// not cleared between runs).
+    #[arg(long, value_name = "PATH", conflicts_with = "stargz_bin")]
     stargz_socket: Option<PathBuf>,
+    /// A stargz-snapshotter daemon binary (`--address`, `--root`): adds its scenario, run
+    /// privately and cold like Shoal's.
+    #[arg(long, value_name = "PATH")]
+    stargz_bin: Option<PathBuf>,
     /// The registry speaks plain HTTP (its bytes and requests are then counted).
     #[arg(long)]
     plain_http: bool,
@@ -278,6 +283,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 command: bench.command,
                 runs: bench.runs,
                 stargz_socket: bench.stargz_socket,
+                stargz_bin: bench.stargz_bin,
                 plain_http: bench.plain_http,
                 out: bench.out,
                 csv: bench.csv,
