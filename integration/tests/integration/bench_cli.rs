@@ -68,16 +68,24 @@ fn push_image(fixture: &Fixture, registry: &Registry) -> Result<String> {
 }
 
 fn bench(fixture: &Fixture, args: &[&str]) -> Result<Outcome> {
-    let stdout_path = fixture.path("bench.stdout");
-    let stderr_path = fixture.path("bench.stderr");
-    let mut child = Command::new(binary::cli()?)
+    let child = start_bench(fixture, args)?;
+    finish_bench(fixture, child)
+}
+
+fn start_bench(fixture: &Fixture, args: &[&str]) -> Result<std::process::Child> {
+    Command::new(binary::cli()?)
         .arg("bench")
         .args(args)
         .stdin(Stdio::null())
-        .stdout(fs::File::create(&stdout_path)?)
-        .stderr(fs::File::create(&stderr_path)?)
+        .stdout(fs::File::create(fixture.path("bench.stdout"))?)
+        .stderr(fs::File::create(fixture.path("bench.stderr"))?)
         .spawn()
-        .context("start shoal bench")?;
+        .context("start shoal bench")
+}
+
+fn finish_bench(fixture: &Fixture, mut child: std::process::Child) -> Result<Outcome> {
+    let stdout_path = fixture.path("bench.stdout");
+    let stderr_path = fixture.path("bench.stderr");
     let deadline = Instant::now() + BENCH_TIMEOUT;
     let status = loop {
         if let Some(status) = child.try_wait()? {
@@ -332,6 +340,56 @@ fn a_bad_reference_fails_clearly_and_leaves_nothing() {
             "{}",
             outcome.stderr
         );
+        assert_nothing_left(&work)
+    });
+}
+
+#[test]
+fn an_interrupted_bench_cleans_up_and_fails() {
+    privileged!();
+    Fixture::run(|fixture| {
+        let registry = Registry::start(fixture)?;
+        let reference = push_image(fixture, &registry)?;
+        let work = fixture.mkdir("work")?;
+        let out = fixture.path("results");
+        // A command that runs on without printing: the bench is waiting for its output.
+        let child = start_bench(
+            fixture,
+            &[
+                "--plain-http",
+                "--work",
+                &work.to_string_lossy(),
+                "--out",
+                &out.to_string_lossy(),
+                &reference,
+                "--",
+                "sleep",
+                "120",
+            ],
+        )?;
+        let waiting = || {
+            Ok(fs::read_to_string(fixture.path("bench.stderr"))
+                .unwrap_or_default()
+                .contains("starting the container"))
+        };
+        let waited =
+            crate::fixture::wait_until("the bench to start the container", BENCH_TIMEOUT, waiting);
+        // The container is being started or runs; SIGINT, as Ctrl-C sends it (also when the
+        // wait failed, so that the bench ends).
+        std::thread::sleep(Duration::from_millis(500));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )?;
+        let outcome = finish_bench(fixture, child)?;
+        waited?;
+        assert!(!outcome.status.success(), "{}", outcome.stderr);
+        assert!(
+            outcome.stderr.contains("overlayfs run 1/3: interrupted"),
+            "{}",
+            outcome.stderr
+        );
+        assert!(!out.exists(), "no results for an interrupted bench");
         assert_nothing_left(&work)
     });
 }
