@@ -204,10 +204,13 @@ fn find_binaries() -> anyhow::Result<Binaries> {
             shoal.display()
         );
     }
-    let on_path = |name: &str| -> anyhow::Result<PathBuf> {
+    let find = |name: &str| -> Option<PathBuf> {
         std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
             .map(|dir| dir.join(name))
             .find(|path| path.is_file())
+    };
+    let on_path = |name: &str| -> anyhow::Result<PathBuf> {
+        find(name)
             .with_context(|| format!("no {name} on PATH (the bench runs a private containerd)"))
     };
     Ok(Binaries {
@@ -215,6 +218,7 @@ fn find_binaries() -> anyhow::Result<Binaries> {
         shoal,
         containerd: on_path("containerd")?,
         ctr: on_path("ctr")?,
+        ctr_remote: find("ctr-remote"),
     })
 }
 
@@ -303,22 +307,40 @@ impl ColdRun<'_> {
     fn measure(&self, node: &Node) -> anyhow::Result<Run> {
         let name = self.snapshotter.name();
         let before = self.relay.map(Relay::counted);
-        progress(&format!(
-            "{}: pulling {}",
-            self.label, self.options.reference
-        ));
-        let started = Instant::now();
-        let mut pull = Command::new(&self.binaries.shoal);
-        pull.arg("--config")
-            .arg(&node.shoal_config)
-            .arg("rpull")
-            .arg("--address")
-            .arg(&node.address)
-            .args(["--namespace", self.namespace, "--snapshotter", name]);
+        let mut pull = match (&self.snapshotter, &self.binaries.ctr_remote) {
+            // containerd's pull with unpack: layers are unpacked as they arrive.
+            (Snapshotter::Overlayfs, Some(ctr_remote)) => {
+                let mut pull = Command::new(ctr_remote);
+                pull.arg("--address")
+                    .arg(&node.address)
+                    .args(["--namespace", self.namespace, "images", "rpull"])
+                    .args(["--snapshotter", name]);
+                pull
+            }
+            _ => {
+                let mut pull = Command::new(&self.binaries.shoal);
+                pull.arg("--config")
+                    .arg(&node.shoal_config)
+                    .arg("rpull")
+                    .arg("--address")
+                    .arg(&node.address)
+                    .args(["--namespace", self.namespace, "--snapshotter", name]);
+                pull
+            }
+        };
         if self.relay.is_some() {
             pull.arg("--plain-http");
         }
         pull.arg(self.reference);
+        let tool = Path::new(pull.get_program())
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        progress(&format!(
+            "{}: pulling {} ({tool} rpull)",
+            self.label, self.options.reference
+        ));
+        let started = Instant::now();
         let pull_log = node.dir.join("pull.log");
         let child = node::spawn(&mut pull, &pull_log)?;
         let status = self.wait("pull", child, started)?;

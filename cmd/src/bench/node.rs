@@ -59,6 +59,9 @@ pub struct Binaries {
     pub shoal_snapshotter: PathBuf,
     pub containerd: PathBuf,
     pub ctr: PathBuf,
+    /// stargz-snapshotter's `ctr-remote`, when on PATH: its `rpull` is containerd's own pull
+    /// with unpack (layers unpacked as they arrive), the overlayfs baseline.
+    pub ctr_remote: Option<PathBuf>,
 }
 
 /// A started node; [`Node::stop`] (or dropping it) cleans up after it.
