@@ -157,6 +157,16 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
         None => None,
     };
 
+    // Ends (with its jobs) when dropped at the end of this function.
+    let _preheat = match &config.preheat {
+        Some(preheat) => Some(
+            crate::preheat::PreheatService::start(preheat, fetcher.clone())
+                .await
+                .context("start the preheat API")?,
+        ),
+        None => None,
+    };
+
     let landing = fetcher.clone();
     let mut reloader = Some(Reloader::new(path, config.clone(), fetcher, policy, log));
     let stopping = mounter.clone();

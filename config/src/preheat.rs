@@ -143,7 +143,10 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_field() {
-        assert_eq!(field_of("[preheat]\nlisten = \"nowhere\""), "preheat.listen");
+        assert_eq!(
+            field_of("[preheat]\nlisten = \"nowhere\""),
+            "preheat.listen"
+        );
         // Reachable from other hosts without a credential.
         assert_eq!(
             field_of("[preheat]\nlisten = \"0.0.0.0:7430\""),

@@ -55,8 +55,9 @@ pub use peer::PeerError;
 pub use reference::{BlobRef, ImageRef};
 pub use registry::{
     image_key, BlobContent, Credential, CredentialProviders, CredentialSources, Credentials,
-    CredentialsError, HttpFailure, Manifest, PullSecrets, PushError, Pushed, PushedManifest,
-    RegistryClient, RegistryError, RetryPolicy, MANIFEST_MEDIA_TYPES, MAX_WHOLE_BLOB_BYTES,
+    CredentialsError, HttpFailure, LentAuthorization, Manifest, PullSecrets, PushError, Pushed,
+    PushedManifest, RegistryClient, RegistryError, RetryPolicy, MANIFEST_MEDIA_TYPES,
+    MAX_WHOLE_BLOB_BYTES,
 };
 pub use stats::{BlobBytes, FetchStats, Source, MAX_COUNTED_BLOBS};
 pub use traces::{FoundTrace, TraceBook, TraceStore, TraceStoreError};
