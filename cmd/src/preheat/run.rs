@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use shoal_fetcher::trust::{BlobRead, Checked};
 use shoal_fetcher::{
     with_causes, BlobRef, FetchStats, Fetcher, HttpFailure, ImageRef, RegistryError,
@@ -61,16 +61,29 @@ async fn preheat_image(
     // where the registry refuses without it, so that a public image stays public.
     let mut _lent = None;
     let manifest = match registry.get_manifest(image).await {
-        Err(error) if wants_credentials(&error) && preheat.authorization.is_some() => {
-            let value = preheat.authorization.as_deref().unwrap_or_default();
+        Ok(manifest) => manifest,
+        Err(error) if wants_credentials(&error) => {
+            let Some(value) = preheat.authorization.as_deref() else {
+                bail!(
+                    "fetch the manifest of {image}: {} (and the job brought no Authorization header)",
+                    with_causes(&error)
+                );
+            };
             let header = reqwest::header::HeaderValue::from_str(value)
-                .context("the request's Authorization header")?;
+                .context("the job's Authorization header")?;
             _lent = Some(registry.lend_authorization(image, header, preheat.timeout));
-            registry.get_manifest(image).await
+            match registry.get_manifest(image).await {
+                Ok(manifest) => manifest,
+                Err(error) if wants_credentials(&error) => bail!(
+                    "fetch the manifest of {image}: the registry refused the job's \
+                     Authorization header ({})",
+                    with_causes(&error)
+                ),
+                Err(error) => bail!("fetch the manifest of {image}: {}", with_causes(&error)),
+            }
         }
-        other => other,
-    }
-    .map_err(|error| anyhow::anyhow!("fetch the manifest of {image}: {}", with_causes(&error)))?;
+        Err(error) => bail!("fetch the manifest of {image}: {}", with_causes(&error)),
+    };
     let (_, document) = Document::parse(&manifest.media_type, &manifest.bytes)
         .with_context(|| format!("read the manifest of {image}"))?;
     let manifest = match document {
