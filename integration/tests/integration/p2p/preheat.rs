@@ -263,10 +263,26 @@ fn config_digest(cluster: &Cluster, path: &str) -> Result<String> {
          application/vnd.docker.distribution.manifest.v2+json\r\nConnection: close\r\n\r\n",
         cluster.host_registry()
     )?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer)?;
-    let body = answer.split("\r\n\r\n").nth(1).context("a body")?;
-    let manifest: serde_json::Value = serde_json::from_str(body).context("parse the manifest")?;
+    // The registry's proxy may keep the connection open: read just the answer's length.
+    let mut reader = BufReader::new(stream);
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse()?;
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&body).context("parse the manifest")?;
     manifest["config"]["digest"]
         .as_str()
         .map(str::to_owned)
