@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use shoal_fetcher::{Digest, ImageRef};
 
-use super::jobs::{Job, Progress, State};
+use super::jobs::{BlobOutcome, Job, Progress, State};
 
 /// The cluster id jobs report: Shoal has one cluster, the node's peers.
 pub const CLUSTER_ID: u64 = 1;
@@ -48,8 +48,8 @@ pub struct CreateJobArgs {
     /// Go's `time.Duration`: nanoseconds; 0 for none.
     #[serde(default)]
     pub timeout: i64,
-    /// Shoal's own: how many nodes should take a share of the blocks from the preheating
-    /// node (Harbor never sends it; its `scope` decides then).
+    /// Shoal's own: how many other nodes take each blob whole from the preheating node
+    /// (Harbor never sends it; its `scope` decides then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<u64>,
 }
@@ -61,7 +61,7 @@ pub struct Preheat {
     /// The `Authorization` to read the registry with, when the caller sent one.
     pub authorization: Option<String>,
     pub timeout: Duration,
-    /// Nodes to take a share of the blocks; `None`: every live peer.
+    /// Other nodes that take each blob whole; `None`: as many as each blob has index owners.
     pub nodes: Option<u64>,
 }
 
@@ -99,9 +99,10 @@ impl CreateJob {
         };
         let nodes = match (args.nodes, args.scope.as_str()) {
             (Some(n), _) => Some(n),
-            // One seed peer: the preheating node and the blocks' index owners, no more.
+            // One seed peer: the preheating node alone.
             (None, "single_seed_peer") => Some(0),
-            (None, "" | "all_seed_peers" | "all_peers" | "single_peer") => None,
+            (None, "all_peers") => Some(u64::MAX),
+            (None, "" | "all_seed_peers" | "single_peer") => None,
             (None, other) => return Err(format!("scope `{other}` is not supported")),
         };
         Ok(Preheat {
@@ -191,10 +192,16 @@ pub struct Task {
 impl JobView {
     /// `job` as the API shows it; `hostname` and `ip` name the preheating node.
     pub fn of(job: &Job, hostname: &str, ip: &str) -> JobView {
-        let task = |url: &str, description: Option<String>| Task {
-            url: url.to_owned(),
-            hostname: hostname.to_owned(),
-            ip: ip.to_owned(),
+        let task = |blob: &BlobOutcome, description: Option<String>| Task {
+            url: blob.url.clone(),
+            hostname: match blob.node {
+                None => hostname.to_owned(),
+                Some(node) => node.to_string(),
+            },
+            ip: match blob.node {
+                None => ip.to_owned(),
+                Some(node) => node.ip().to_string(),
+            },
             description,
         };
         let job_states = match job.state {
@@ -206,7 +213,7 @@ impl JobView {
                         .blobs
                         .iter()
                         .filter(|blob| blob.failure.is_none())
-                        .map(|blob| task(&blob.url, None))
+                        .map(|blob| task(blob, None))
                         .collect(),
                     failure_tasks: job
                         .blobs
@@ -214,7 +221,7 @@ impl JobView {
                         .filter_map(|blob| {
                             blob.failure
                                 .as_ref()
-                                .map(|why| task(&blob.url, Some(why.clone())))
+                                .map(|why| task(blob, Some(why.clone())))
                         })
                         .collect(),
                     scheduler_cluster_id: CLUSTER_ID,
@@ -241,7 +248,7 @@ fn rfc3339(time: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::preheat::jobs::{BlobOutcome, Jobs};
+    use crate::preheat::jobs::Jobs;
 
     /// What Harbor's driver marshals for an image of a project (Go's `json.Marshal` of
     /// `dragonflyCreateJobRequest`, field order and zero values included).
@@ -328,10 +335,12 @@ mod tests {
         let blobs = vec![
             BlobOutcome {
                 url: "http://h/v2/r/blobs/sha256:1".into(),
+                node: None,
                 failure: None,
             },
             BlobOutcome {
                 url: "http://h/v2/r/blobs/sha256:2".into(),
+                node: Some("10.0.0.3:7420".parse().unwrap()),
                 failure: Some("status 404".into()),
             },
         ];
@@ -348,6 +357,7 @@ mod tests {
             serde_json::json!({"url": "http://h/v2/r/blobs/sha256:1", "hostname": "node-a", "ip": "10.0.0.2"})
         );
         assert_eq!(result["failure_tasks"][0]["description"], "status 404");
+        assert_eq!(result["failure_tasks"][0]["ip"], "10.0.0.3");
 
         let failed = jobs.create("r/b:1".into()).unwrap();
         assert!(jobs.finish(failed.id, Some("manifest unknown".into()), Vec::new()));

@@ -51,6 +51,8 @@ pub struct Progress {
 pub struct BlobOutcome {
     /// The blob's URL on its registry.
     pub url: String,
+    /// The peer address of the node that took it; `None`: the preheating node.
+    pub node: Option<std::net::SocketAddr>,
     /// `None`: it is in the cluster; else why not.
     pub failure: Option<String>,
 }

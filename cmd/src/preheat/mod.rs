@@ -5,6 +5,7 @@
 //! - [`api`]: the JSON of the requests and answers, as Harbor's driver marshals and reads it.
 //! - [`jobs`]: the jobs in memory (bounded), each PENDING until it ends once.
 //! - [`run`]: one job: the manifest, then every blob through the fetcher and the peers.
+//! - [`spread`]: asking other nodes (each blob's index owners first) to take the blobs.
 //! - [`http`]: routes, the caller's credential, status codes.
 //! - [`cli`]: `shoal preheat REF`.
 
@@ -13,6 +14,7 @@ pub mod cli;
 pub mod http;
 pub mod jobs;
 pub mod run;
+pub mod spread;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

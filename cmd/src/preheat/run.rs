@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use shoal_fetcher::trust::{BlobRead, Checked};
 use shoal_fetcher::{
     with_causes, BlobRef, FetchStats, Fetcher, HttpFailure, ImageRef, RegistryError,
 };
 
 use super::api::Preheat;
 use super::jobs::{BlobOutcome, Jobs};
+use super::spread;
 use crate::pull::image::{choose, Document, Platform};
 
 /// A blob is brought in steps of this many bytes, each reported as it lands.
@@ -118,13 +118,18 @@ async fn preheat_image(
         let url = blob_url(blob);
         match preheat_blob(fetcher, jobs, id, blob, &start).await {
             Ok(()) => {
-                outcomes.push(BlobOutcome { url, failure: None });
+                outcomes.push(BlobOutcome {
+                    url,
+                    node: None,
+                    failure: None,
+                });
                 jobs.progress(id, |p| p.blobs_done += 1);
             }
             Err(error) => {
                 let why = format!("{error:#}");
                 outcomes.push(BlobOutcome {
                     url,
+                    node: None,
                     failure: Some(why.clone()),
                 });
                 failed.get_or_insert(why);
@@ -134,15 +139,26 @@ async fn preheat_image(
     if let Some(why) = failed {
         anyhow::bail!("preheat {image}: {why}");
     }
-    // A rollout right after must find every block at its owners: wait (bounded) until this
-    // node's announcements have gone out.
-    if let Some(peers) = fetcher.peers() {
-        jobs.progress(id, |p| p.phase = "announcing".into());
-        let until = tokio::time::Instant::now() + ANNOUNCE_WAIT;
-        while peers.stats().announcing && tokio::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    let Some(peers) = fetcher.peers() else {
+        return Ok(());
+    };
+    // The blocks' owners must know this node holds them before anyone is asked to take them
+    // from it: wait (bounded) until its announcements have gone out.
+    jobs.progress(id, |p| p.phase = "announcing".into());
+    let until = tokio::time::Instant::now() + ANNOUNCE_WAIT;
+    while peers.stats().announcing && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    spread::spread(
+        peers,
+        jobs,
+        id,
+        &blobs,
+        preheat.nodes,
+        preheat.timeout,
+        outcomes,
+    )
+    .await;
     Ok(())
 }
 
@@ -159,7 +175,8 @@ async fn preheat_blob(
         let end = (offset + STEP_BYTES).min(blob.size);
         // Peers first (whole blocks, under the owners' grants), the registry for the rest;
         // nothing here reaches a container, and the digest below vouches for every byte.
-        BlobRead::prefetch(fetcher, blob, offset..end, Checked::ChunkDigests)
+        fetcher
+            .warm_range(blob, offset..end)
             .await
             .map_err(|error| {
                 anyhow::anyhow!("fetch blob {}: {}", blob.digest, with_causes(&error))
@@ -174,8 +191,8 @@ async fn preheat_blob(
         });
     }
     // Makes the blocks peers sent shareable (or drops them, blaming their senders).
-    fetcher.settled().await;
-    BlobRead::verify_blob(fetcher, blob)
+    fetcher
+        .warm_check(blob)
         .await
         .map_err(|error| anyhow::anyhow!("check blob {}: {}", blob.digest, with_causes(&error)))
 }
@@ -203,7 +220,7 @@ fn pinned(image: &ImageRef, digest: &str) -> anyhow::Result<ImageRef> {
 }
 
 /// The blob's URL on its registry, for the job's result (Harbor shows it).
-fn blob_url(blob: &BlobRef) -> String {
+pub(super) fn blob_url(blob: &BlobRef) -> String {
     format!(
         "{}/v2/{}/blobs/{}",
         blob.image.api_host(),

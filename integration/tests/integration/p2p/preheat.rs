@@ -336,6 +336,15 @@ fn a_harbor_preheat_leaves_a_rollout_nothing_to_fetch_from_the_registry() {
                 "{job}"
             );
             anyhow::ensure!(job["progress"]["bytes_done"] == job["progress"]["bytes_total"]);
+            // Each blob went on to its index owners (two per blob by default) over the peers.
+            let (asked, spread) = (
+                job["progress"]["nodes_asked"].as_u64().unwrap_or(0),
+                job["progress"]["nodes_spread"].as_u64().unwrap_or(0),
+            );
+            anyhow::ensure!(
+                asked >= 2 && spread == asked,
+                "spread to {spread}/{asked}: {job}"
+            );
 
             // The rollout on every other node: layers come from the peers alone.
             let config = config_digest(cluster, &published.path)?;
@@ -370,15 +379,17 @@ fn a_harbor_preheat_leaves_a_rollout_nothing_to_fetch_from_the_registry() {
                 layer_bytes == 0,
                 "the rollout fetched layer bytes from the registry: {sent:?}"
             );
-            anyhow::ensure!(from_peers as usize > super::DATA_BYTES);
 
-            // `shoal preheat` on the preheating node: progress, then success (all cached now).
+            // `shoal preheat` on the preheating node, to every other node: progress, then
+            // success (every node holds the image by now).
             let node = &cluster.nodes[nodes[0]];
             let mut command = node.shoal(&cluster.network)?;
-            command.args(["preheat", &reference]);
+            command.args(["preheat", &reference, "--nodes", "3"]);
             let out = process::run(&mut command, JOB_WITHIN)?;
             anyhow::ensure!(
-                out.contains("blobs") && out.contains("succeeded"),
+                out.contains("fetching blobs")
+                    && out.contains("spread to 3/3 nodes")
+                    && out.contains("succeeded"),
                 "shoal preheat printed {out}"
             );
             // And a failure: exit status non-zero, the reason on stderr.
