@@ -1,18 +1,20 @@
 //! One preheat job: the image's manifest (with the caller's registry credential, if the
 //! registry wants one), then every blob it names, config and layers (eStargz, overlaybd and
-//! ordinary layers alike, whole), brought into this node's cache through the fetcher: each
+//! ordinary layers alike, whole; an overlaybd layer's block digest table too), brought into this node's cache through the fetcher: each
 //! block from a peer that holds it, else fetched once in the cluster from the registry under
 //! its index owner's grant, stored and announced to its owners. A blob is then checked
 //! against its digest, which makes what peers sent of it shareable, so that every block of
 //! the image can be served from here; a rollout finds each block at its owners.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use shoal_fetcher::{
-    with_causes, BlobRef, FetchStats, Fetcher, HttpFailure, ImageRef, RegistryError,
+    with_causes, BlobRef, Digest, FetchStats, Fetcher, HttpFailure, ImageRef, RegistryError,
 };
+use shoal_formats::overlaybd::TableRef;
 
 use super::api::Preheat;
 use super::jobs::{BlobOutcome, Jobs};
@@ -103,10 +105,20 @@ async fn preheat_image(
             }
         }
     };
-    let blobs: Vec<BlobRef> = std::iter::once(&manifest.config)
+    let mut blobs: Vec<BlobRef> = std::iter::once(&manifest.config)
         .chain(&manifest.layers)
         .map(|descriptor| BlobRef::new(image.clone(), descriptor.digest.clone(), descriptor.size))
         .collect();
+    // An overlaybd layer's block digest table (`shoal convert` writes one beside each layer)
+    // is a blob of its own, which every node reads before the layer: preheat it too.
+    for layer in &manifest.layers {
+        let annotations: HashMap<String, String> = layer.annotations.clone().into_iter().collect();
+        if let Some(Ok(table)) = TableRef::from_annotations(&annotations) {
+            let digest = Digest::parse(&table.digest)
+                .with_context(|| format!("the block digest table of layer {}", layer.digest))?;
+            blobs.push(BlobRef::new(image.clone(), digest, table.size));
+        }
+    }
     jobs.progress(id, |p| {
         p.phase = "fetching blobs".into();
         p.blobs_total = blobs.len() as u64;

@@ -350,6 +350,16 @@ fn a_harbor_preheat_leaves_a_rollout_nothing_to_fetch_from_the_registry() {
             let config = config_digest(cluster, &published.path)?;
             let before = registry_bytes_by_blob(cluster);
             let rollout = &nodes[1..];
+            let peer_bytes = |cluster: &Cluster| -> Result<u64> {
+                let mut sum = 0;
+                for &i in rollout {
+                    sum += cluster.nodes[i].status(&cluster.network)?["bytes_from_peers"]
+                        .as_u64()
+                        .unwrap_or(0);
+                }
+                Ok(sum)
+            };
+            let peers_before = peer_bytes(cluster)?;
             let started = start_together(cluster, rollout, &reference, "rollout");
             ensure_all_right(&started, &published.blob_sha256)?;
             let sent = sent_between(&before, &registry_bytes_by_blob(cluster));
@@ -359,16 +369,11 @@ fn a_harbor_preheat_leaves_a_rollout_nothing_to_fetch_from_the_registry() {
                 .filter(|(digest, _)| **digest != config)
                 .map(|(_, bytes)| bytes)
                 .sum();
-            let mut from_peers = 0;
-            for &i in rollout {
-                from_peers += cluster.nodes[i].status(&cluster.network)?["bytes_from_peers"]
-                    .as_u64()
-                    .unwrap_or(0);
-            }
+            let from_peers = peer_bytes(cluster)? - peers_before;
             eprintln!(
                 "preheat: registry blob bytes during the preheat {preheated}; during the \
                  rollout on {} nodes: layers {layer_bytes}, config {config_bytes} (rpull reads \
-                 it itself); bytes from peers {from_peers}",
+                 it itself); bytes the rollout read from peers {from_peers}",
                 rollout.len()
             );
             anyhow::ensure!(
@@ -387,7 +392,7 @@ fn a_harbor_preheat_leaves_a_rollout_nothing_to_fetch_from_the_registry() {
             command.args(["preheat", &reference, "--nodes", "3"]);
             let out = process::run(&mut command, JOB_WITHIN)?;
             anyhow::ensure!(
-                out.contains("fetching blobs")
+                out.contains("3/3 blobs")
                     && out.contains("spread to 3/3 nodes")
                     && out.contains("succeeded"),
                 "shoal preheat printed {out}"
@@ -467,6 +472,53 @@ fn a_preheat_without_the_credentials_the_registry_wants_fails_and_with_them_succ
                 if !answer.starts_with("HTTP/1.1 401") {
                     bail!("without the token: {answer}");
                 }
+                Ok(())
+            },
+        )
+    });
+}
+
+#[test]
+fn a_preheated_overlaybd_image_rolls_out_without_the_registry() {
+    privileged!();
+    Fixture::run(|fixture| {
+        with_cluster_of(
+            fixture,
+            REGISTRY_MBIT,
+            None,
+            &["--format", "overlaybd"],
+            |cluster, published| {
+                let reference = format!("{}/{}", cluster.registry_host()?, published.path);
+                let budget = "latency_budget_ms = 5000".to_owned();
+                let preheater = budget.clone() + &preheat_section();
+                let nodes = cluster.add_peers("b", &[&preheater, &budget, &budget, &budget])?;
+
+                // `shoal preheat` this time, with its defaults.
+                let before = cluster.registry_blob_bytes();
+                let mut command = cluster.nodes[nodes[0]].shoal(&cluster.network)?;
+                command.args(["preheat", &reference]);
+                let out = process::run(&mut command, JOB_WITHIN)?;
+                anyhow::ensure!(out.contains("succeeded"), "shoal preheat printed {out}");
+                let preheated = cluster.registry_blob_bytes() - before;
+
+                let config = config_digest(cluster, &published.path)?;
+                let before = registry_bytes_by_blob(cluster);
+                let started = start_together(cluster, &nodes[1..], &reference, "rollout");
+                ensure_all_right(&started, &published.blob_sha256)?;
+                let sent = sent_between(&before, &registry_bytes_by_blob(cluster));
+                let layer_bytes: u64 = sent
+                    .iter()
+                    .filter(|(digest, _)| **digest != config)
+                    .map(|(_, bytes)| bytes)
+                    .sum();
+                eprintln!(
+                    "preheat (overlaybd): registry blob bytes during the preheat {preheated}; \
+                     during the rollout on 3 nodes: layers and tables {layer_bytes}"
+                );
+                anyhow::ensure!(
+                    layer_bytes == 0,
+                    "the rollout fetched layer bytes from the registry: {sent:?}"
+                );
                 Ok(())
             },
         )
