@@ -499,6 +499,7 @@ fn a_preheated_overlaybd_image_rolls_out_without_the_registry() {
                 command.args(["preheat", &reference]);
                 let out = process::run(&mut command, JOB_WITHIN)?;
                 anyhow::ensure!(out.contains("succeeded"), "shoal preheat printed {out}");
+                eprintln!("shoal preheat printed:\n{out}");
                 let preheated = cluster.registry_blob_bytes() - before;
 
                 let config = config_digest(cluster, &published.path)?;
