@@ -44,7 +44,8 @@ pub struct Preheater {
     jobs: Arc<Jobs>,
     /// The jobs' tasks: dropped (aborted) with the service.
     running: Mutex<JoinSet<()>>,
-    /// Who the job results name as the node that did the work.
+    /// Who the job results name as the node that did the work (the listener's address until
+    /// the peers' probes found this node's own).
     hostname: String,
     ip: String,
 }
@@ -66,7 +67,14 @@ impl Preheater {
     }
 
     fn view(&self, job: &Job) -> JobView {
-        JobView::of(job, &self.hostname, &self.ip)
+        // The peer address, once the probes found it: what the other nodes know this one by.
+        let ip = self
+            .fetcher
+            .peers()
+            .and_then(|peers| peers.me())
+            .map(|me| me.0.ip().to_string())
+            .unwrap_or_else(|| self.ip.clone());
+        JobView::of(job, &self.hostname, &ip)
     }
 }
 
@@ -87,11 +95,7 @@ impl PreheatService {
             .with_context(|| format!("bind preheat.listen {}", config.listen))?;
         let address = listener.local_addr().context("preheat listener address")?;
         let preheater = Arc::new(Preheater {
-            ip: fetcher
-                .peers()
-                .and_then(|peers| peers.me())
-                .map(|me| me.0.ip().to_string())
-                .unwrap_or_else(|| address.ip().to_string()),
+            ip: address.ip().to_string(),
             fetcher,
             auth: config.auth.clone(),
             jobs: Arc::default(),

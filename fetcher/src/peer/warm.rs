@@ -109,3 +109,28 @@ impl Peers {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_warm_request_names_the_blob_and_nothing_else() {
+        let blob = BlobRef::new(
+            ImageRef::parse("10.0.0.1:5000/team/app:v1").unwrap(),
+            Digest::of(b"layer"),
+            5,
+        );
+        let warm = Warm::of(&blob);
+        assert_eq!(warm.repository, "10.0.0.1:5000/team/app");
+        let back = warm.blob().unwrap();
+        assert_eq!(back.image.host(), "10.0.0.1:5000");
+        assert_eq!(back.image.repository_name(), "team/app");
+        assert_eq!((back.digest, back.size), (blob.digest, 5));
+        let bad = Warm {
+            digest: "sha256:nothex".into(),
+            ..warm
+        };
+        assert!(bad.blob().is_err());
+    }
+}
