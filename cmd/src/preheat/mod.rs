@@ -16,6 +16,9 @@ pub mod jobs;
 pub mod run;
 pub mod spread;
 
+#[cfg(test)]
+mod service_tests;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
