@@ -76,8 +76,9 @@ fn same_path(dir: &Path, options: &str) -> String {
     )
 }
 
-/// Starts the fd holder's container as the `shoal-fdholder` DaemonSet runs it, listening on
-/// `holder` (its directory mounted at the same path).
+/// Starts the fd holder's container as the `shoal-fdholder` DaemonSet runs it (`shoal-run-holder`,
+/// on a host without systemd the holder itself), listening on `holder` (its directory mounted
+/// at the same path).
 fn start_holder(fixture: &Fixture, ctd: &Containerd, holder: &Path) -> Result<()> {
     let log = fixture.path("holder-container.log");
     fixture.register_log("holder container", &log);
@@ -93,13 +94,11 @@ fn start_holder(fixture: &Fixture, ctd: &Containerd, holder: &Path) -> Result<()
         &format!("file://{}", log.display()),
         "--mount",
         &same_path(run, "rw"),
+        "--env",
+        &format!("HOLDER_SOCKET={}", holder.display()),
         IMAGE,
         "holder",
-        "shoal-fdholder",
-        "--socket",
-        &holder.to_string_lossy(),
-        "--idle-exit-secs",
-        "0",
+        "shoal-run-holder",
     ])?;
     Ok(())
 }
