@@ -103,6 +103,13 @@ fn start_holder(fixture: &Fixture, ctd: &Containerd, holder: &Path) -> Result<()
     Ok(())
 }
 
+/// Starts the fd holder's container, then the daemon's, as the two DaemonSets run them on a
+/// node without systemd; the daemon container's log.
+fn start_pods(fixture: &Fixture, ctd: &Containerd, mounts: &DaemonMounts) -> Result<PathBuf> {
+    start_holder(fixture, ctd, mounts.holder)?;
+    start_daemon(fixture, ctd, mounts)
+}
+
 /// The host paths the daemon's container gets, as the DaemonSet's volumes give them.
 struct DaemonMounts<'a> {
     config: &'a Path,
@@ -260,8 +267,7 @@ fn the_image_runs_the_daemon_and_holder_under_containerd_and_serves() {
             !host_etc.join("restarts").exists(),
             "containerd restarted before the daemon answered"
         );
-        start_holder(fixture, &ctd, &holder)?;
-        let daemon_log = start_daemon(
+        let daemon_log = start_pods(
             fixture,
             &ctd,
             &DaemonMounts {
@@ -427,8 +433,7 @@ fn a_lazy_image_runs_from_the_containerized_daemon() {
             Duration::from_secs(30),
         )?;
 
-        start_holder(fixture, &stack.ctd, &holder)?;
-        start_daemon(
+        start_pods(
             fixture,
             &stack.ctd,
             &DaemonMounts {
