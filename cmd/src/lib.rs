@@ -11,6 +11,7 @@
 //! - [`convert`]: `shoal convert`, rebuilding an image as eStargz and pushing it.
 //! - [`bench`]: `shoal bench`, cold starts of an image: overlayfs against Shoal.
 //! - [`cri_proxy`]: the CRI image-service proxy that records kubelet's pull secrets.
+//! - [`preheat`]: the preheat API (Dragonfly open API subset Harbor calls) and `shoal preheat`.
 //! - [`reload`]: SIGHUP in the daemon, `shoal reload` in the CLI.
 //! - [`node`]: `shoal node-setup`, the Kubernetes node's containerd config merge and readiness.
 //! - [`misconfiguration`]: containerd settings the fallback counters show to be missing.
@@ -27,6 +28,7 @@ pub mod logging;
 pub mod metrics;
 pub mod misconfiguration;
 pub mod node;
+pub mod preheat;
 pub mod pull;
 pub mod reload;
 pub mod runtime;

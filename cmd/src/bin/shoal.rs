@@ -37,6 +37,9 @@ enum Command {
     },
     /// Pull an image through containerd, letting the snapshotter mount layers lazily.
     Rpull(RpullArgs),
+    /// Warm the cluster with an image before a rollout: the daemon fetches its blocks once
+    /// and spreads them over the peers (through the daemon's `[preheat]` API).
+    Preheat(PreheatArgs),
     /// Rebuild an image as eStargz or overlaybd and push it, so its layers can be mounted lazily.
     Convert(ConvertArgs),
     /// Cold starts of an image on this node: overlayfs against Shoal (and stargz-snapshotter
@@ -136,6 +139,19 @@ struct BenchArgs {
     /// The command to time instead of the image's entrypoint (after `--`).
     #[arg(last = true)]
     command: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct PreheatArgs {
+    /// Image reference (`registry/repository:tag` or `@sha256:...`).
+    reference: String,
+    /// How many peers take a share of the blocks from the preheating node; default: every
+    /// live peer.
+    #[arg(long)]
+    nodes: Option<u64>,
+    /// Give up after this long (e.g. `10m`).
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 #[derive(clap::Args)]
@@ -319,6 +335,20 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             let runtime = shoal_cmd::runtime::build()?;
             let line = runtime.block_on(shoal_cmd::node::ready::check(&address, &snapshotter))?;
             println!("{line}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Preheat(preheat) => {
+            let config = shoal_cmd::load_config(args.config.as_deref())?;
+            let runtime = shoal_cmd::runtime::build()?;
+            let mut out = std::io::stdout();
+            let job = runtime.block_on(shoal_cmd::preheat::cli::preheat(
+                &config,
+                &preheat.reference,
+                preheat.nodes,
+                preheat.timeout,
+                &mut out,
+            ))?;
+            println!("preheat job {} succeeded: {}", job.id, job.image);
             Ok(ExitCode::SUCCESS)
         }
         Command::Convert(convert) => {
