@@ -54,7 +54,8 @@ done
 # The Debian packages whose programs the pods run, and the programs.
 packages=(busybox-static openssl curl mount util-linux ca-certificates libc6)
 programs=(/bin/busybox /usr/bin/openssl /usr/bin/curl /bin/mount /bin/umount /usr/bin/nsenter)
-own_files=(scripts/image/node-setup.sh scripts/image/run-daemon.sh scripts/image/make-peer-ca.sh
+own_files=(scripts/image/node-setup.sh scripts/image/run-daemon.sh scripts/image/run-holder.sh
+  scripts/image/make-peer-ca.sh scripts/shoal-snapshotter.service scripts/shoal-fdholder.service
   deploy/kubernetes/containerd-config.toml deploy/kubernetes/containerd-config-v3.toml)
 
 # Skipped when nothing that goes in changed: the binaries, this script, the files it copies
@@ -103,9 +104,10 @@ else
   printf 'hosts: files dns\n' >"$rootfs/etc/nsswitch.conf"
   install -m 0755 scripts/image/node-setup.sh "$rootfs/usr/local/bin/shoal-node-setup"
   install -m 0755 scripts/image/run-daemon.sh "$rootfs/usr/local/bin/shoal-run-daemon"
+  install -m 0755 scripts/image/run-holder.sh "$rootfs/usr/local/bin/shoal-run-holder"
   install -m 0755 scripts/image/make-peer-ca.sh "$rootfs/usr/local/bin/shoal-make-peer-ca"
   install -m 0644 deploy/kubernetes/containerd-config.toml deploy/kubernetes/containerd-config-v3.toml \
-    "$rootfs/usr/local/share/shoal/"
+    scripts/shoal-snapshotter.service scripts/shoal-fdholder.service "$rootfs/usr/local/share/shoal/"
   dpkg-query -W "${packages[@]}" >"$rootfs/usr/local/share/shoal/packages.txt"
 
   rm -rf "$out"

@@ -157,6 +157,16 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
         None => None,
     };
 
+    // Ends, with its jobs, once the socket stops serving (below).
+    let preheat = match &config.preheat {
+        Some(preheat) => Some(
+            crate::preheat::PreheatService::start(preheat, fetcher.clone())
+                .await
+                .context("start the preheat API")?,
+        ),
+        None => None,
+    };
+
     let landing = fetcher.clone();
     let mut reloader = Some(Reloader::new(path, config.clone(), fetcher, policy, log));
     let stopping = mounter.clone();
@@ -204,6 +214,8 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
             Ok(())
         }
     };
+    // Preheat jobs are in memory only: a stopping daemon ends them (and their fetches).
+    drop(preheat);
     // Reads are answered before their blocks are cached: let those already answered land,
     // within a bound, so that a restart finds them. A handover bounds it tighter: the lazy
     // mounts' readers wait for the next daemon meanwhile, and it fetches again what is lost.

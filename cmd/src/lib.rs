@@ -9,12 +9,15 @@
 //! - [`status`]: `shoal status`.
 //! - [`pull`]: `shoal rpull`, pulling through containerd with remote-snapshot labels.
 //! - [`convert`]: `shoal convert`, rebuilding an image as eStargz and pushing it.
+//! - [`bench`]: `shoal bench`, cold starts of an image: overlayfs against Shoal.
 //! - [`cri_proxy`]: the CRI image-service proxy that records kubelet's pull secrets.
+//! - [`preheat`]: the preheat API (Dragonfly open API subset Harbor calls) and `shoal preheat`.
 //! - [`reload`]: SIGHUP in the daemon, `shoal reload` in the CLI.
 //! - [`node`]: `shoal node-setup`, the Kubernetes node's containerd config merge and readiness.
 //! - [`misconfiguration`]: containerd settings the fallback counters show to be missing.
 //! - [`version`]: the one version line every binary prints.
 
+pub mod bench;
 pub mod client;
 pub mod convert;
 pub mod cri_proxy;
@@ -25,6 +28,7 @@ pub mod logging;
 pub mod metrics;
 pub mod misconfiguration;
 pub mod node;
+pub mod preheat;
 pub mod pull;
 pub mod reload;
 pub mod runtime;

@@ -46,3 +46,6 @@ pub const HANDOVER_STORE: &str = "auto";
 pub const CRI_PROXY_LISTEN: &str = "/run/shoal/cri.sock";
 /// containerd's socket, which serves its CRI plugin.
 pub const CRI_PROXY_CONTAINERD: &str = "/run/containerd/containerd.sock";
+
+/// The preheat API (`[preheat]`): Dragonfly manager's open API subset Harbor calls.
+pub const PREHEAT_LISTEN: &str = "127.0.0.1:7430";

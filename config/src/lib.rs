@@ -14,6 +14,7 @@ mod error;
 mod exposure;
 mod log_filter;
 mod peers;
+mod preheat;
 pub mod raw;
 mod resolve;
 mod salvage;
@@ -22,6 +23,7 @@ pub use bytesize::ByteSize;
 pub use cri_proxy::CriProxyConfig;
 pub use error::ConfigError;
 pub use peers::{PeerTls, PeersConfig};
+pub use preheat::{PreheatAuth, PreheatConfig};
 pub use resolve::{
     CacheConfig, Config, CredentialProvidersConfig, FetchConfig, HandoverConfig, HandoverStore,
     HostConfig, LogConfig, LogFormat, MetricsConfig, RegistryConfig,

@@ -26,6 +26,7 @@ pub struct RawConfig {
     pub peers: Option<RawPeers>,
     pub handover: Option<RawHandover>,
     pub cri_proxy: Option<RawCriProxy>,
+    pub preheat: Option<RawPreheat>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -33,6 +34,15 @@ pub struct RawConfig {
 pub struct RawCriProxy {
     pub listen: Option<PathBuf>,
     pub containerd: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPreheat {
+    pub listen: Option<String>,
+    pub token: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -9,6 +9,7 @@ use crate::cri_proxy::{self, CriProxyConfig};
 use crate::defaults;
 use crate::error::ConfigError;
 use crate::peers::{resolve_peers, PeersConfig};
+use crate::preheat::{self, PreheatConfig};
 use crate::raw::{RawByteSize, RawConfig, RawHandover, RawHost};
 
 /// Shoal's validated configuration. Build it with [`Config::load`] or [`Config::parse`].
@@ -30,6 +31,9 @@ pub struct Config {
     /// The CRI image-service proxy that records kubelet's pull secrets; `None` (no
     /// `[cri_proxy]` section): no proxy.
     pub cri_proxy: Option<CriProxyConfig>,
+    /// The preheat API Harbor (as a Dragonfly provider) and `shoal preheat` call; `None`
+    /// (no `[preheat]` section): no listener.
+    pub preheat: Option<PreheatConfig>,
 }
 
 /// Keeping lazy mounts serving across restarts of the daemon.
@@ -336,6 +340,7 @@ impl Config {
             peers: raw.peers.map(resolve_peers).transpose()?,
             handover: resolve_handover(raw.handover.unwrap_or_default())?,
             cri_proxy: raw.cri_proxy.map(cri_proxy::resolve).transpose()?,
+            preheat: raw.preheat.map(preheat::resolve).transpose()?,
         })
     }
 
@@ -519,6 +524,31 @@ mod tests {
             .join("\n");
         let proxy = Config::parse(&proxy).unwrap().cri_proxy.unwrap();
         assert_eq!(proxy.listen, Path::new(defaults::CRI_PROXY_LISTEN));
+        // And `[preheat]`, up to the blank line that ends it, its credentials uncommented.
+        assert!(config.preheat.is_none());
+        let at = text
+            .find("# [preheat]")
+            .expect("the example documents [preheat]");
+        let section: Vec<String> = text[at..]
+            .lines()
+            .take_while(|line| !line.is_empty())
+            .map(|line| line.trim_start_matches('#').trim_start().to_owned())
+            .collect();
+        let bearer: Vec<&str> = section
+            .iter()
+            .map(String::as_str)
+            .filter(|line| !line.starts_with("username") && !line.starts_with("password"))
+            .collect();
+        let preheat = Config::parse(&bearer.join("\n")).unwrap().preheat.unwrap();
+        assert_eq!(preheat.listen.to_string(), defaults::PREHEAT_LISTEN);
+        assert!(matches!(preheat.auth, crate::PreheatAuth::Bearer(_)));
+        let basic: Vec<&str> = section
+            .iter()
+            .map(String::as_str)
+            .filter(|line| !line.starts_with("token"))
+            .collect();
+        let preheat = Config::parse(&basic.join("\n")).unwrap().preheat.unwrap();
+        assert!(matches!(preheat.auth, crate::PreheatAuth::Basic { .. }));
     }
 
     #[test]

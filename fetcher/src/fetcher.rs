@@ -5,6 +5,7 @@
 mod fill;
 mod piece;
 mod run;
+mod warm;
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -187,6 +188,7 @@ impl Fetcher {
         let Some(peers) = self.inner.peers.clone() else {
             return Ok(None);
         };
+        peers.set_warmer(self.warmer());
         let (bound, tasks) =
             peer::start(peers, self.inner.cache.clone(), self.inner.traces.clone()).await?;
         *self.inner.peer_tasks.lock() = Some(tasks);

@@ -26,6 +26,7 @@
 
 mod cache;
 mod causes;
+mod completion;
 mod digest;
 mod error;
 mod fetcher;
@@ -46,6 +47,7 @@ pub use cache::{
     BlockGeometry, BlockKey, CacheError, CacheUsage, ChunkCache, MAX_CACHED_BLOB_BYTES,
 };
 pub use causes::with_causes;
+pub use completion::Completion;
 pub use digest::{Digest, RawDigest};
 pub use error::FetchError;
 pub use fetcher::Fetcher;
@@ -55,8 +57,9 @@ pub use peer::PeerError;
 pub use reference::{BlobRef, ImageRef};
 pub use registry::{
     image_key, BlobContent, Credential, CredentialProviders, CredentialSources, Credentials,
-    CredentialsError, HttpFailure, Manifest, PullSecrets, PushError, Pushed, PushedManifest,
-    RegistryClient, RegistryError, RetryPolicy, MANIFEST_MEDIA_TYPES, MAX_WHOLE_BLOB_BYTES,
+    CredentialsError, HttpFailure, LentAuthorization, Manifest, PullSecrets, PushError, Pushed,
+    PushedManifest, RegistryClient, RegistryError, RetryPolicy, MANIFEST_MEDIA_TYPES,
+    MAX_WHOLE_BLOB_BYTES,
 };
 pub use stats::{BlobBytes, FetchStats, Source, MAX_COUNTED_BLOBS};
 pub use traces::{FoundTrace, TraceBook, TraceStore, TraceStoreError};

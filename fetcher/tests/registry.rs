@@ -895,3 +895,45 @@ async fn a_pull_secret_serves_its_repository_until_forgotten() {
     no_credentials(client.get_manifest(&image).await.unwrap_err());
     no_credentials(reloaded.get_manifest(&image).await.unwrap_err());
 }
+
+#[tokio::test]
+async fn a_lent_authorization_reads_for_its_job_only_and_marks_the_repository_private() {
+    let token = "Bearer a-pull-token-from-harbor";
+    let manifest = br#"{"schemaVersion":2}"#.to_vec();
+    let server = TestServer::start(move |request| {
+        if request.header("authorization") == Some(token) {
+            Reply::ok(manifest.clone())
+        } else {
+            Reply::status(401).header("WWW-Authenticate", r#"Basic realm="registry""#)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = client(dir.path(), 0, &[(&server.host(), "")]);
+    let image = ImageRef::parse(&format!("{}/team/app:v1", server.host())).unwrap();
+    let other = ImageRef::parse(&format!("{}/team/other:v1", server.host())).unwrap();
+    assert!(client.get_manifest(&image).await.is_err());
+
+    let lent = client.lend_authorization(
+        &image,
+        reqwest::header::HeaderValue::from_static(token),
+        Duration::from_secs(60),
+    );
+    client.get_manifest(&image).await.unwrap();
+    // Read with a credential: its blobs are private, gated between peers.
+    assert!(client.needs_credentials(&image));
+    // Only for the repository it was lent for.
+    assert!(client.get_manifest(&other).await.is_err());
+
+    drop(lent);
+    assert!(client.get_manifest(&image).await.is_err());
+    assert!(
+        server
+            .requests()
+            .iter()
+            .filter(|r| r.header("authorization") == Some(token))
+            .count()
+            == 1,
+        "the token went out only while lent"
+    );
+}

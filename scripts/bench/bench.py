@@ -48,15 +48,21 @@ def drop_caches():
     Path("/proc/sys/vm/drop_caches").write_text("3")
 
 
+# Background completion unthrottled: the link is the limit being measured.
+BACKGROUND = '[fetch]\nbackground = true\nbackground_rate = "10GiB"\n'
+
+
 class Scenario:
     """How one snapshotter pulls and starts an image. `image` is "plain", "esgz" or
     "overlaybd"; `daemon` is None, "stargz", "shoal", "shoal-learned" (Shoal, cold, with the
     traces an earlier start recorded) or "shoal-peer" (Shoal with a second,
     warm Shoal node as its peer)."""
 
-    def __init__(self, name, snapshotter, image, daemon, note):
+    def __init__(self, name, snapshotter, image, daemon, note, shoal_extra=""):
         self.name, self.snapshotter, self.image, self.daemon, self.note = \
             name, snapshotter, image, daemon, note
+        # More Shoal configuration (see `node.Node.start`).
+        self.shoal_extra = shoal_extra
 
     def node_daemon(self):
         """The daemon the measured node runs."""
@@ -75,6 +81,12 @@ SCENARIOS = [
              "Shoal, lazy eStargz, a warm peer on the same machine (unshaped loopback)"),
     Scenario("shoal-learned", "shoal", "esgz", "shoal-learned",
              "Shoal, lazy eStargz, cold cache with the learned trace of an earlier start"),
+    Scenario("shoal-background", "shoal", "esgz", "shoal",
+             "Shoal, lazy eStargz, every layer completed in the background from its mount",
+             shoal_extra=BACKGROUND),
+    Scenario("shoal-overlaybd-background", "shoal", "overlaybd", "shoal",
+             "Shoal, lazy overlaybd, every layer completed in the background from its mount",
+             shoal_extra=BACKGROUND),
 ]
 
 # Learned-prefetch scenario: a recording ends this long after the last new chunk read.
@@ -225,7 +237,8 @@ class Bench:
             shutil.copytree(traces, self.node.run_dir / "shoal" / "traces")
             return
         if scenario.daemon != "shoal-peer":
-            self.node.start(scenario.node_daemon(), stargz_bin=self.stargz_bin)
+            self.node.start(scenario.node_daemon(), stargz_bin=self.stargz_bin,
+                            shoal_extra=scenario.shoal_extra)
             return
         members = [f"{host}:{port}" for host, port in self.peer_ports]
         self.node.start("shoal", peers=(members[0], members))
@@ -281,9 +294,10 @@ class Bench:
             if "overlaybd" not in help_text:
                 return "shoal-overlaybd: `shoal convert` has no overlaybd output yet"
             self.overlaybd = True
-        # Each runs the workload twice (a warm peer, or a recording start): not a smoke test's.
-        if scenario.daemon in ("shoal-peer", "shoal-learned") and self.args.tiny and \
-                scenario.name not in (self.args.scenarios or []):
+        # Each runs the workload twice (a warm peer, or a recording start), or measures a
+        # setting's effect: not a smoke test's.
+        extra = scenario.daemon in ("shoal-peer", "shoal-learned") or scenario.shoal_extra
+        if extra and self.args.tiny and scenario.name not in (self.args.scenarios or []):
             return (f"{scenario.name}: skipped in tiny mode (name it in --scenarios to "
                     "include it)")
         if scenario.daemon == "stargz":
@@ -360,7 +374,7 @@ class Bench:
             else:
                 scenarios.append(scenario)
         workloads = images.workloads(self.work / "stage", self.args.tiny, self.args.large_mb,
-                                     self.args.server_mb)
+                                     self.args.server_mb, self.args.readall_mb)
         if self.args.workloads:
             workloads = [w for w in workloads if w.name in self.args.workloads]
         try:
@@ -442,12 +456,14 @@ def parse_args():
     parser.add_argument("--rtt-ms", type=float, default=20.0)
     parser.add_argument("--large-mb", type=int, default=200, help="the large image's data")
     parser.add_argument("--server-mb", type=int, default=100, help="the server's assets")
+    parser.add_argument("--readall-mb", type=int, default=100,
+                        help="readall's assets, beside python's stdlib")
     parser.add_argument("--fuse-mb", type=int, default=256,
                         help="the FUSE read file (0: no FUSE read benchmark)")
     parser.add_argument("--stargz-bin", help="a built stargz-grpc (else built into --work)")
     parser.add_argument("--scenarios", nargs="*", help="only these scenarios")
     parser.add_argument("--workloads", nargs="*",
-                        help="only these workloads (echo-large, python, server)")
+                        help="only these workloads (echo-large, python, server, readall)")
     parser.add_argument("--tiny", action="store_true",
                         help="one 8 MB workload, one run, no shaping, no stargz: a smoke test")
     args = parser.parse_args()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BUSYBOX = Path("/bin/busybox")
-BUSYBOX_APPLETS = ["sh", "echo", "cat", "sleep", "ls", "head"]
+BUSYBOX_APPLETS = ["sh", "echo", "cat", "sleep", "ls", "head", "find"]
 PYTHON = Path("/usr/bin/python3.11")
 PYTHON_IMPORTS = "json, decimal, email.parser, http.client, asyncio, argparse, logging"
 # Parts of the stdlib no import here touches and that only make the image slower to build.
@@ -102,7 +102,8 @@ def python_layer(stage: Path) -> list:
     return needed
 
 
-def workloads(stage_root: Path, tiny: bool, large_mb: int, server_mb: int) -> list:
+def workloads(stage_root: Path, tiny: bool, large_mb: int, server_mb: int,
+              readall_mb: int = 100) -> list:
     """Stages every workload's layers under `stage_root` (once; reused when present)."""
     chosen = []
 
@@ -119,6 +120,12 @@ def workloads(stage_root: Path, tiny: bool, large_mb: int, server_mb: int) -> li
         # Its entrypoint names the assets it reads (the first 40%), so it is set when staged.
         chosen.append(Workload("server", f"{server_mb} MB of assets, reads 40% then ready",
                                [], "ready", "ready"))
+        # Reads every file of the image: where a lazy snapshotter must not lose to a pull.
+        chosen.append(Workload("readall", f"python3 + stdlib and {readall_mb} MB of assets, "
+                               "reads every file", ["/bin/sh", "-c",
+                                                    "find /usr /srv -type f -exec cat {} + "
+                                                    ">/dev/null; echo read all"],
+                               None, "read all"))
 
     for w in chosen:
         base = stage_root / w.name
@@ -151,6 +158,15 @@ def workloads(stage_root: Path, tiny: bool, large_mb: int, server_mb: int) -> li
                             f"cat {' '.join(read)} >/dev/null; echo ready; exec sleep 600"]
             w.needed = ["/bin/busybox"] + read
             w.layers = [str(bb), str(data)]
+        elif w.name == "readall":
+            bb, py, data = base / "layer0", base / "layer1", base / "layer2"
+            busybox_layer(bb)
+            python_layer(py)
+            random_files(data, "/srv/assets", max(readall_mb // 4, 1), 4 * MIB)
+            w.layers = [str(bb), str(py), str(data)]
+            w.needed = ["/bin/busybox"] + [
+                "/" + str(f.relative_to(layer)) for layer in (py, data)
+                for f in sorted(layer.rglob("*")) if f.is_file() and not f.is_symlink()]
         done.write_text(json.dumps({"layers": w.layers, "needed": w.needed,
                                     "entrypoint": w.entrypoint}))
     return chosen

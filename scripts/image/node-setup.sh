@@ -2,10 +2,12 @@
 # What the `shoal` pod (deploy/kubernetes/shoal.yaml) does to its node, idempotently; a step
 # that fails exits non-zero, leaving what it could not change as it was.
 #
-#   shoal-node-setup              the init container: steps 2 to 5
+#   shoal-node-setup              the init container: steps 2 to 6
 #   shoal-node-setup containerd   the `containerd-config` container: step 1, once the daemon
 #                                 answers. Not before: with containerd's CRI pulling through
 #                                 Shoal, the daemon's own container could not be created.
+#   shoal-node-setup mode         prints where the daemon runs on this node: `host` (a systemd
+#                                 unit of the host's) or `pod` (the DaemonSet's container)
 #
 # 1. containerd's config: Shoal's settings merged into the existing file (`shoal node-setup
 #    containerd-config`: other settings and comments kept, a backup beside it), and containerd
@@ -17,6 +19,11 @@
 #    <containerd root>/io.containerd.snapshotter.v1.shoal, which a proxy snapshotter never
 #    creates; without it kubelet's image GC and imagefs eviction fail to stat it. A symlink
 #    to Shoal's root makes kubelet measure the disk the chunk cache and snapshots are on.
+# 6. On a host that runs systemd: the daemon and the fd holder as the host's own units, so
+#    that after a reboot they start before containerd (a pod-hosted daemon could not: its
+#    container needs a snapshot from the daemon itself). The binaries go to
+#    SHOAL_HOST_BIN_DIR, the units to SHOAL_UNIT_DIR; the daemon's unit is restarted (its
+#    mounts carried over) only when its binary, unit or config changed, the holder's never.
 #
 # Environment (the DaemonSet sets them; the defaults are the host paths as the pod sees them):
 #   SHOAL_SOCKET            the daemon's socket step 1 waits for (/run/shoal/shoal.sock;
@@ -33,6 +40,13 @@
 #   CONTAINERD_ROOT         containerd's root as the pod sees it (/host/var/lib/containerd;
 #                           unset or absent: step 5 is skipped)
 #   SHOAL_ROOT_ON_HOST      Shoal's root as the host sees it (/var/lib/shoal)
+#   SHOAL_DAEMON            where the daemon runs: auto (host when the host runs systemd),
+#                           host or pod (auto)
+#   HOST_ROOT               the host's root file system as the pod sees it (/proc/1/root,
+#                           with hostPID), where `auto` looks for /run/systemd/system
+#   SHOAL_UNIT_DIR          the host's systemd unit directory (/host/etc/systemd/system)
+#   SHOAL_BIN_DIR_ON_HOST   SHOAL_HOST_BIN_DIR as the host sees it (/opt/shoal/bin)
+#   HOST_SYSTEMCTL          the host's systemctl (nsenter into PID 1: systemctl)
 set -eu
 # busybox's sh runs its own applets before PATH: util-linux's are named by path.
 
@@ -44,6 +58,33 @@ template="${SHOAL_CONFIG_TEMPLATE:-/etc/shoal-template/config.toml}"
 config="${SHOAL_CONFIG:-/etc/shoal/config.toml}"
 ca_dir="${PEER_CA_DIR:-/etc/shoal-ca}"
 tls_dir="${PEER_TLS_DIR:-/etc/shoal-tls}"
+host_systemctl="${HOST_SYSTEMCTL:-/usr/bin/nsenter --target 1 --mount --uts --ipc --net --pid -- systemctl}"
+
+daemon_mode() {
+  case "${SHOAL_DAEMON:-auto}" in
+    host | pod) echo "$SHOAL_DAEMON" ;;
+    auto) if [ -d "${HOST_ROOT:-/proc/1/root}/run/systemd/system" ]; then echo host; else echo pod; fi ;;
+    *) log "SHOAL_DAEMON must be auto, host or pod, not $SHOAL_DAEMON" >&2; exit 2 ;;
+  esac
+}
+
+# Puts file $1 at $2 by a rename when it differs (a running program keeps its old file);
+# says whether it changed by its status.
+install_changed() {
+  if cmp -s "$1" "$2"; then
+    return 1
+  fi
+  mkdir -p "$(dirname "$2")"
+  cp "$1" "$2.shoal-new"
+  chmod "$3" "$2.shoal-new"
+  mv -f "$2.shoal-new" "$2"
+}
+
+if [ "${1:-}" = mode ]; then
+  daemon_mode
+  exit 0
+fi
+mode="$(daemon_mode)"
 
 if [ "${1:-}" = containerd ]; then
   socket="${SHOAL_SOCKET-/run/shoal/shoal.sock}"
@@ -97,23 +138,30 @@ if [ -f "$ca_dir/ca.pem" ] && [ -f "$ca_dir/ca.key" ]; then
 fi
 
 # 3. the daemon's config (checked after the certificate it names exists)
+restart_daemon=false
 if [ -f "$template" ]; then
   mkdir -p "$(dirname "$config")"
   sed "s/@NODE_IP@/${NODE_IP:?NODE_IP is not set (the downward API's status.hostIP)}/g" \
     "$template" >"$config.new"
   shoal-snapshotter --check-config "$config.new" >/dev/null
-  mv "$config.new" "$config"
-  log "config written to $config"
+  if install_changed "$config.new" "$config" 0644; then
+    restart_daemon=true
+    log "config written to $config"
+  fi
+  rm -f "$config.new"
 fi
 
-# 4. the CLI on the host, replaced by a rename only when it differs
+# 4. the CLI on the host (and, when the host runs the daemon, the daemon and the holder),
+# replaced by a rename only when it differs
 if [ -n "${SHOAL_HOST_BIN_DIR:-}" ]; then
-  mkdir -p "$SHOAL_HOST_BIN_DIR"
-  if ! cmp -s /usr/local/bin/shoal "$SHOAL_HOST_BIN_DIR/shoal"; then
-    cp /usr/local/bin/shoal "$SHOAL_HOST_BIN_DIR/.shoal.new"
-    mv -f "$SHOAL_HOST_BIN_DIR/.shoal.new" "$SHOAL_HOST_BIN_DIR/shoal"
-    log "installed $(shoal --version) as $SHOAL_HOST_BIN_DIR/shoal"
-  fi
+  binaries=shoal
+  [ "$mode" = host ] && binaries="shoal shoal-snapshotter shoal-fdholder"
+  for binary in $binaries; do
+    if install_changed "/usr/local/bin/$binary" "$SHOAL_HOST_BIN_DIR/$binary" 0755; then
+      log "installed $binary ($(shoal --version)) as $SHOAL_HOST_BIN_DIR/$binary"
+      [ "$binary" = shoal-snapshotter ] && restart_daemon=true
+    fi
+  done
 fi
 # 5. kubelet's image filesystem
 containerd_root="${CONTAINERD_ROOT:-/host/var/lib/containerd}"
@@ -123,5 +171,38 @@ if [ -d "$containerd_root" ]; then
     ln -s "${SHOAL_ROOT_ON_HOST:-/var/lib/shoal}" "$imagefs"
     log "kubelet's image filesystem $imagefs now points at ${SHOAL_ROOT_ON_HOST:-/var/lib/shoal}"
   fi
+fi
+# 6. the host's units
+if [ "$mode" = host ]; then
+  unit_dir="${SHOAL_UNIT_DIR:-/host/etc/systemd/system}"
+  bin_on_host="${SHOAL_BIN_DIR_ON_HOST:-/opt/shoal/bin}"
+  [ -n "${SHOAL_HOST_BIN_DIR:-}" ] || { log "SHOAL_HOST_BIN_DIR is not set: no binaries for the host's units" >&2; exit 1; }
+  reload=false
+  for unit in shoal-fdholder shoal-snapshotter; do
+    # The image carries no README: the units point at the project's.
+    sed -e "s|@BINDIR@|$bin_on_host|g" -e '/^Documentation=/d' \
+      "$share/$unit.service" >"/tmp/$unit.service"
+    if install_changed "/tmp/$unit.service" "$unit_dir/$unit.service" 0644; then
+      reload=true
+      [ "$unit" = shoal-snapshotter ] && restart_daemon=true
+      log "unit $unit.service written to $unit_dir"
+    fi
+    rm -f "/tmp/$unit.service"
+  done
+  if $reload; then
+    $host_systemctl daemon-reload
+  fi
+  $host_systemctl enable shoal-fdholder.service shoal-snapshotter.service
+  # The holder is only started, never restarted: it holds the lazy mounts' connections (a
+  # new holder binary takes over at the next boot).
+  $host_systemctl start shoal-fdholder.service
+  if $restart_daemon; then
+    # A restart carries the lazy mounts over to the new daemon (README "Restarts").
+    log "restarting shoal-snapshotter.service on the host"
+    $host_systemctl restart shoal-snapshotter.service
+  else
+    $host_systemctl start shoal-snapshotter.service
+  fi
+  log "the host runs the daemon: shoal-snapshotter.service"
 fi
 log "done"

@@ -7,7 +7,12 @@
 # would replace, so it could never start. A daemon restarted in place keeps the container; the
 # lazy mounts survive it (the fd holder keeps their FUSE connections, README "Restarts").
 #
+# On a host that runs systemd the daemon is the host's unit (`shoal-node-setup mode` says
+# `host`; the init container installed and started it, README "Kubernetes"): this container
+# then only stays up, so that the pod's readiness probe follows that daemon.
+#
 # Environment:
+#   SHOAL_DAEMON        auto, host or pod, as for shoal-node-setup (auto)
 #   SHOAL_CONFIG        the daemon's config (/etc/shoal/config.toml)
 #   HOLDER_SOCKET       the fd holder's socket to wait for (/run/shoal/fdholder.sock): the
 #                       holder must be the shoal-fdholder DaemonSet's, not one this container
@@ -28,6 +33,15 @@ interval="${HEALTH_INTERVAL:-10}"
 grace="${STOP_GRACE:-30}"
 start_grace="${START_GRACE:-300}"
 log() { echo "shoal-run-daemon: $*"; }
+
+if [ "$(shoal-node-setup mode)" = host ]; then
+  log "the host runs the daemon (shoal-snapshotter.service); following it"
+  trap 'log stopped; exit 0' TERM INT
+  while :; do
+    sleep 3600 &
+    wait $!
+  done
+fi
 
 until [ -S "$holder" ]; do
   log "waiting for the fd holder at $holder"

@@ -12,6 +12,7 @@ use shoal_fuse::handover::{Holder, HolderPolicy};
 #[derive(Parser)]
 #[command(
     name = "shoal-fdholder",
+    version = shoal_cmd::version::VERSION,
     about = "Keeps Shoal's FUSE connections alive between daemons"
 )]
 struct Args {

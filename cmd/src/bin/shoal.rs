@@ -37,8 +37,15 @@ enum Command {
     },
     /// Pull an image through containerd, letting the snapshotter mount layers lazily.
     Rpull(RpullArgs),
+    /// Warm the cluster with an image before a rollout: the daemon fetches its blocks once
+    /// and spreads them over the peers (through the daemon's `[preheat]` API).
+    Preheat(PreheatArgs),
     /// Rebuild an image as eStargz or overlaybd and push it, so its layers can be mounted lazily.
     Convert(ConvertArgs),
+    /// Cold starts of an image on this node: overlayfs against Shoal (and stargz-snapshotter
+    /// with --stargz-socket or --stargz-bin), each run on a private containerd and daemon that are removed
+    /// afterwards; prints a table, writes a CSV and a PNG chart.
+    Bench(BenchArgs),
     /// What the Kubernetes DaemonSet runs on each node: containerd's config, readiness.
     #[command(subcommand, name = "node-setup")]
     NodeSetup(NodeSetupCommand),
@@ -94,6 +101,57 @@ struct RpullArgs {
     require_lazy: bool,
     /// Image reference, e.g. `registry.example.com/app:1.0`.
     reference: String,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Cold runs per scenario; the table shows their median.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// stargz-snapshotter's socket: adds its scenario (the daemon is yours, and its cache is
+    /// not cleared between runs).
+    #[arg(long, value_name = "PATH", conflicts_with = "stargz_bin")]
+    stargz_socket: Option<PathBuf>,
+    /// A stargz-snapshotter daemon binary (`--address`, `--root`): adds its scenario, run
+    /// privately and cold like Shoal's.
+    #[arg(long, value_name = "PATH")]
+    stargz_bin: Option<PathBuf>,
+    /// The registry speaks plain HTTP (its bytes and requests are then counted).
+    #[arg(long)]
+    plain_http: bool,
+    /// Results folder (default `shoal-bench-<unix time>` here).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// One row per run (default `<out>/bench.csv`).
+    #[arg(long, value_name = "FILE")]
+    csv: Option<PathBuf>,
+    /// The chart (default `<out>/bench.png`).
+    #[arg(long, value_name = "FILE")]
+    png: Option<PathBuf>,
+    /// Where each run's private containerd and daemon live, removed afterwards.
+    #[arg(long, value_name = "DIR", default_value = "/var/tmp")]
+    work: PathBuf,
+    /// The longest one run may take, e.g. `10m`.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    /// Image reference, e.g. `registry.example.com/app:1.0` (eStargz for a lazy Shoal run).
+    reference: String,
+    /// The command to time instead of the image's entrypoint (after `--`).
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct PreheatArgs {
+    /// Image reference (`registry/repository:tag` or `@sha256:...`).
+    reference: String,
+    /// How many peers take a share of the blocks from the preheating node; default: every
+    /// live peer.
+    #[arg(long)]
+    nodes: Option<u64>,
+    /// Give up after this long (e.g. `10m`).
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 #[derive(clap::Args)]
@@ -235,6 +293,24 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(bench) => {
+            let options = shoal_cmd::bench::Options {
+                reference: bench.reference,
+                command: bench.command,
+                runs: bench.runs,
+                stargz_socket: bench.stargz_socket,
+                stargz_bin: bench.stargz_bin,
+                plain_http: bench.plain_http,
+                out: bench.out,
+                csv: bench.csv,
+                png: bench.png,
+                work: bench.work,
+                timeout: bench.timeout,
+            };
+            let report = shoal_cmd::bench::run(&options)?;
+            print!("{}", report.table);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::NodeSetup(NodeSetupCommand::ContainerdConfig {
             file,
             snippets,
@@ -259,6 +335,20 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             let runtime = shoal_cmd::runtime::build()?;
             let line = runtime.block_on(shoal_cmd::node::ready::check(&address, &snapshotter))?;
             println!("{line}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Preheat(preheat) => {
+            let config = shoal_cmd::load_config(args.config.as_deref())?;
+            let runtime = shoal_cmd::runtime::build()?;
+            let mut out = std::io::stdout();
+            let job = runtime.block_on(shoal_cmd::preheat::cli::preheat(
+                &config,
+                &preheat.reference,
+                preheat.nodes,
+                preheat.timeout,
+                &mut out,
+            ))?;
+            println!("preheat job {} succeeded: {}", job.id, job.image);
             Ok(ExitCode::SUCCESS)
         }
         Command::Convert(convert) => {

@@ -100,6 +100,11 @@ impl Changes {
             "the proxy's socket is bound at start",
             old.cri_proxy != new.cri_proxy,
         );
+        changes.restart(
+            "preheat",
+            "the preheat API is bound at start",
+            old.preheat != new.preheat,
+        );
         changes
     }
 

@@ -70,6 +70,11 @@ impl Fill {
         Some(last.map_or(Duration::ZERO, |last| QUIET.saturating_sub(last.elapsed())))
     }
 
+    /// Whether foreground fetches are under way.
+    pub(super) fn busy(&self) -> bool {
+        self.foreground.load(Ordering::SeqCst) > 0
+    }
+
     fn idle(&self) -> bool {
         let queue = self.queue.lock();
         queue.order.is_empty() && queue.filling.is_none()
@@ -105,6 +110,11 @@ impl Fetcher {
         if start {
             tokio::spawn(fill_worker(fill.clone(), Arc::downgrade(&self.inner)));
         }
+    }
+
+    /// Whether reads are fetching bytes a container waits for now.
+    pub fn foreground_fetching(&self) -> bool {
+        self.inner.fill.busy()
     }
 
     /// Blocks queued for a fill or being filled now.

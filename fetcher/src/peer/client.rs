@@ -14,6 +14,7 @@ use shoal_config::PeersConfig;
 use super::error::PeerError;
 use super::member::PeerAddr;
 use super::tls;
+use super::warm::Warm;
 use super::wire::{Announce, Health, Lookup, LookupReply, Renew, MAX_BODY_BYTES};
 use crate::digest::Digest;
 
@@ -113,6 +114,39 @@ impl PeerClient {
         timeout: Duration,
     ) -> Result<(), PeerFailure> {
         self.post_only(peer, "/v1/renew", renew, timeout).await
+    }
+
+    /// Asks `peer` to take a whole blob; waits until it has. A refusal carries its reason.
+    pub async fn warm(
+        &self,
+        peer: PeerAddr,
+        warm: &Warm,
+        timeout: Duration,
+    ) -> Result<(), PeerFailure> {
+        let response = self
+            .http
+            .post(self.url(peer, "/v1/warm"))
+            .json(warm)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| PeerFailure::Failed(e.to_string()))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        if matches!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            return Err(PeerFailure::Busy);
+        }
+        let body = response.bytes().await.unwrap_or_default();
+        let reason = String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned();
+        Err(PeerFailure::Failed(format!(
+            "answered {status}: {}",
+            reason.trim()
+        )))
     }
 
     /// A POST whose answer carries nothing but its status.

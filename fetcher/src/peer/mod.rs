@@ -44,6 +44,7 @@ pub mod sim;
 mod stats;
 mod tls;
 mod trace;
+mod warm;
 mod wire;
 
 use std::collections::HashSet;
@@ -80,6 +81,7 @@ use wire::{Advice, Lookup, Renew, MAX_LOOKUP_BLOCKS};
 pub use error::PeerError;
 pub use member::PeerAddr;
 pub use stats::{PeerStats, PerPeer};
+pub use warm::{Warm, Warmer, WARM_TIMEOUT};
 
 /// Latency budgets a block may be waited for while another node fetches it (see
 /// [`Peers::deadline`]). The owner ends a wait much sooner when that node dies or stops
@@ -105,6 +107,10 @@ pub struct Peers {
     pace: Pace,
     /// Which blobs are private, proofs of pull access sent and checked.
     gate: PullGate,
+    /// What takes a whole blob when a peer asks (`POST /v1/warm`): the fetcher, once started.
+    warmer: RwLock<Option<Arc<dyn Warmer>>>,
+    /// Bounds the blobs taken at once for peers.
+    warming: tokio::sync::Semaphore,
 }
 
 impl Peers {
@@ -136,6 +142,8 @@ impl Peers {
             counters: PeerCounters::default(),
             pace: Pace::default(),
             gate: PullGate::new(registry),
+            warmer: RwLock::new(None),
+            warming: tokio::sync::Semaphore::new(warm::MAX_WARMING),
             config: config.clone(),
         })
     }

@@ -33,6 +33,7 @@ use super::index::Exclusions;
 use super::member::PeerAddr;
 use super::shareable::Audience;
 use super::stats::PeerCounters;
+use super::warm::Warm;
 use super::wire::{
     Announce, Health, Lookup, LookupReply, Renew, MAX_ANNOUNCE_BYTES, MAX_LOOKUP_BLOCKS,
     MAX_QUERY_BYTES,
@@ -138,6 +139,19 @@ async fn route(
         },
         (Method::POST, "/v1/renew") => match body::<Renew, _>(request, MAX_QUERY_BYTES).await {
             Ok(renew) => renewed(peers, renew),
+            Err(reply) => reply,
+        },
+        (Method::POST, "/v1/warm") => match body::<Warm, _>(request, MAX_QUERY_BYTES).await {
+            Ok(warm) => match peers.warm(warm).await {
+                Ok(()) => plain(StatusCode::OK, "taken"),
+                Err((status, why)) => {
+                    debug!(remote = %client.remote, why, "blob not taken");
+                    plain(
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                        &why,
+                    )
+                }
+            },
             Err(reply) => reply,
         },
         (Method::GET, blob) if blob.starts_with("/v1/blobs/") => {

@@ -406,6 +406,18 @@ impl TokenCache {
             .contains(&(host.to_owned(), repository.to_owned()))
     }
 
+    /// Removes the value of (`host`, `repository`) if it is still `header`.
+    pub fn remove_if(&self, host: &str, repository: &str, header: &HeaderValue) {
+        let mut entries = self.entries.lock();
+        let key = (host.to_owned(), repository.to_owned());
+        if entries
+            .get(&key)
+            .is_some_and(|entry| entry.header == *header)
+        {
+            entries.remove(&key);
+        }
+    }
+
     pub fn remove(&self, host: &str, repository: &str) {
         let mut entries = self.entries.lock();
         entries.remove(&(host.to_owned(), repository.to_owned()));

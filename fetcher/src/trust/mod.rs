@@ -272,6 +272,10 @@ pub trait BlobRead: Send + Sync {
     /// How the reads of an overlaybd blob whose block digest table has units of `unit` bytes
     /// (`Err(why)`: it has none, or none that can be used) are verified.
     fn verification(&self, unit: Result<u64, String>) -> Verification;
+
+    /// Whether reads are fetching bytes a container waits for now: background work yields
+    /// to them.
+    fn foreground_fetching(&self) -> bool;
 }
 
 impl<T: Tiers> BlobRead for T {
@@ -322,6 +326,10 @@ impl<T: Tiers> BlobRead for T {
 
     fn verify_blob<'a>(&'a self, blob: &'a BlobRef) -> BoxFuture<'a, Result<(), FetchError>> {
         Box::pin(verify_blob(self, blob))
+    }
+
+    fn foreground_fetching(&self) -> bool {
+        Tiers::foreground_fetching(self)
     }
 
     fn verification(&self, unit: Result<u64, String>) -> Verification {

@@ -68,6 +68,11 @@ pub trait Tiers: Send + Sync {
 
     /// Whether every peer is authenticated as a member of the cluster (mutual TLS).
     fn peers_authenticated(&self) -> bool;
+
+    /// Whether reads are fetching bytes a container waits for now.
+    fn foreground_fetching(&self) -> bool {
+        false
+    }
 }
 
 impl Tiers for Fetcher {
@@ -126,6 +131,10 @@ impl Tiers for Fetcher {
 
     fn block_size(&self) -> u64 {
         self.cache().block_size()
+    }
+
+    fn foreground_fetching(&self) -> bool {
+        Fetcher::foreground_fetching(self)
     }
 
     fn peers_authenticated(&self) -> bool {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fuser::{BackgroundSession, Config, SessionACL};
-use shoal_fetcher::Checked;
+use shoal_fetcher::{Checked, Completion};
 use tokio::runtime::Handle;
 use tracing::{info, warn};
 
@@ -144,9 +144,6 @@ pub struct Prefetch {
 /// verified TOC (an index is not built otherwise), so peers may supply it.
 const CHECKED: Checked = Checked::ChunkDigests;
 
-/// Step of the background fetch: large enough to coalesce, small enough to pace.
-const BACKGROUND_STEP: u64 = 4 << 20;
-
 /// Learned prefetch for a layer mounted for an image: replay its trace, or record one.
 pub struct Learn {
     pub learning: Arc<Learning>,
@@ -223,22 +220,23 @@ pub fn mount(
     Ok(mounted)
 }
 
-/// Fetches the whole blob into the cache at `rate` bytes per second, skipping what is cached.
+/// Fetches the whole blob into the cache at `rate` bytes per second, skipping what is
+/// cached, several ranges at once while no read is fetching.
 async fn background_fetch(reader: &ChunkReader, blob: &shoal_fetcher::BlobRef, rate: u64) {
-    let started = std::time::Instant::now();
-    let mut offset = 0;
-    while offset < blob.size {
-        let end = (offset + BACKGROUND_STEP).min(blob.size);
-        if let Err(err) = reader.blobs().prefetch(blob, offset..end, CHECKED).await {
-            warn!(blob = %blob.digest, error = %shoal_fetcher::with_causes(&err), "background fetch stopped");
-            return;
+    let blobs = reader.blobs();
+    let completed = Completion::new(Some(rate))
+        .run(
+            blob,
+            || blobs.foreground_fetching(),
+            |range| blobs.prefetch(blob, range, CHECKED),
+        )
+        .await;
+    match completed {
+        Ok(()) => {
+            info!(blob = %blob.digest, bytes = blob.size, "layer fully fetched in the background")
         }
-        offset = end;
-        // Pace against the start so a slow step is not followed by a burst.
-        let due = std::time::Duration::from_secs_f64(offset as f64 / rate.max(1) as f64);
-        if let Some(wait) = due.checked_sub(started.elapsed()) {
-            tokio::time::sleep(wait).await;
+        Err(err) => {
+            warn!(blob = %blob.digest, error = %shoal_fetcher::with_causes(&err), "background fetch stopped")
         }
     }
-    info!(blob = %blob.digest, bytes = blob.size, "layer fully fetched in the background");
 }

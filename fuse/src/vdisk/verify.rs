@@ -8,19 +8,14 @@
 //!   sent (their senders blamed, and avoided from then on), so one more round completes it
 //!   from elsewhere; with no peer involved, the fetcher drops it whole.
 
-use std::ops::Range;
-use std::time::{Duration, Instant};
-
-use shoal_fetcher::{BlobRead, BlobRef, Checked, FetchError, Verification};
+use shoal_fetcher::{BlobRead, Checked, Completion, FetchError, Verification};
 
 use super::VirtualDisk;
 use crate::error::FsError;
 
-/// Step of the fetch: large enough to coalesce, small enough to pace.
-const STEP: u64 = 4 << 20;
-
 /// Fetches all of the blob of `disk`'s layer `at` into the cache, at most `rate` bytes per
-/// second (`None`: as fast as the fetcher goes), verifying it as its checks say.
+/// second (`None`: as fast as the fetcher goes), several ranges at once while no read is
+/// fetching, verifying it as its checks say.
 pub async fn fetch_and_verify(
     blobs: &dyn BlobRead,
     disk: &VirtualDisk,
@@ -34,13 +29,23 @@ pub async fn fetch_and_verify(
         source,
     };
     let checks = layer.checks();
+    let completion = Completion::new(rate);
+    let foreground = || blobs.foreground_fetching();
     let rounds = match checks.verification() {
         Verification::PerBlock => {
-            return paced(blob, rate, |range| async move {
-                blobs.read(blob, range, checks.raw()).await.map(drop)
-            })
-            .await
-            .map_err(failed);
+            // Whole blocks are prefetched, then each unit is checked in the cache (a bad one
+            // is fetched again): units read directly would be fetched as a container's reads
+            // are, and count as the foreground this completion yields to.
+            return completion
+                .run(blob, foreground, |range| async move {
+                    let expect = checks.raw();
+                    blobs
+                        .prefetch(blob, range.clone(), expect.checked())
+                        .await?;
+                    blobs.read(blob, range, expect).await.map(drop)
+                })
+                .await
+                .map_err(failed);
         }
         Verification::PerBlob { peers: true, .. } => 2,
         Verification::PerBlob { peers: false, .. } => 1,
@@ -48,10 +53,11 @@ pub async fn fetch_and_verify(
     let mut outcome = Ok(());
     for _ in 0..rounds {
         outcome = async {
-            paced(blob, rate, |range| {
-                blobs.prefetch(blob, range, Checked::Embedded)
-            })
-            .await?;
+            completion
+                .run(blob, foreground, |range| {
+                    blobs.prefetch(blob, range, Checked::Embedded)
+                })
+                .await?;
             blobs.verify_blob(blob).await
         }
         .await;
@@ -62,27 +68,4 @@ pub async fn fetch_and_verify(
         disk.forget_decoded(at);
     }
     outcome.map_err(failed)
-}
-
-/// Runs `step` over `blob` in [`STEP`]-byte ranges, at most `rate` bytes per second.
-async fn paced<F, Fut>(blob: &BlobRef, rate: Option<u64>, step: F) -> Result<(), FetchError>
-where
-    F: Fn(Range<u64>) -> Fut,
-    Fut: std::future::Future<Output = Result<(), FetchError>>,
-{
-    let started = Instant::now();
-    let mut offset = 0;
-    while offset < blob.size {
-        let end = (offset + STEP).min(blob.size);
-        step(offset..end).await?;
-        offset = end;
-        if let Some(rate) = rate {
-            // Pace against the start so a slow step is not followed by a burst.
-            let due = Duration::from_secs_f64(offset as f64 / rate.max(1) as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                tokio::time::sleep(wait).await;
-            }
-        }
-    }
-    Ok(())
 }

@@ -76,8 +76,9 @@ fn same_path(dir: &Path, options: &str) -> String {
     )
 }
 
-/// Starts the fd holder's container as the `shoal-fdholder` DaemonSet runs it, listening on
-/// `holder` (its directory mounted at the same path).
+/// Starts the fd holder's container as the `shoal-fdholder` DaemonSet runs it (`shoal-run-holder`,
+/// on a host without systemd the holder itself), listening on `holder` (its directory mounted
+/// at the same path).
 fn start_holder(fixture: &Fixture, ctd: &Containerd, holder: &Path) -> Result<()> {
     let log = fixture.path("holder-container.log");
     fixture.register_log("holder container", &log);
@@ -93,15 +94,20 @@ fn start_holder(fixture: &Fixture, ctd: &Containerd, holder: &Path) -> Result<()
         &format!("file://{}", log.display()),
         "--mount",
         &same_path(run, "rw"),
+        "--env",
+        &format!("HOLDER_SOCKET={}", holder.display()),
         IMAGE,
         "holder",
-        "shoal-fdholder",
-        "--socket",
-        &holder.to_string_lossy(),
-        "--idle-exit-secs",
-        "0",
+        "shoal-run-holder",
     ])?;
     Ok(())
+}
+
+/// Starts the fd holder's container, then the daemon's, as the two DaemonSets run them on a
+/// node without systemd; the daemon container's log.
+fn start_pods(fixture: &Fixture, ctd: &Containerd, mounts: &DaemonMounts) -> Result<PathBuf> {
+    start_holder(fixture, ctd, mounts.holder)?;
+    start_daemon(fixture, ctd, mounts)
 }
 
 /// The host paths the daemon's container gets, as the DaemonSet's volumes give them.
@@ -261,8 +267,7 @@ fn the_image_runs_the_daemon_and_holder_under_containerd_and_serves() {
             !host_etc.join("restarts").exists(),
             "containerd restarted before the daemon answered"
         );
-        start_holder(fixture, &ctd, &holder)?;
-        let daemon_log = start_daemon(
+        let daemon_log = start_pods(
             fixture,
             &ctd,
             &DaemonMounts {
@@ -428,8 +433,7 @@ fn a_lazy_image_runs_from_the_containerized_daemon() {
             Duration::from_secs(30),
         )?;
 
-        start_holder(fixture, &stack.ctd, &holder)?;
-        start_daemon(
+        start_pods(
             fixture,
             &stack.ctd,
             &DaemonMounts {

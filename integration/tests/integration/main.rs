@@ -28,6 +28,7 @@ mod tree;
 
 mod bad_input;
 mod bench;
+mod bench_cli;
 mod cli;
 mod concurrent;
 mod conformance;

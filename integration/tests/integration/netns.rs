@@ -4,7 +4,7 @@
 //! every namespace is removed on drop, also when the test fails.
 
 use std::fs::File;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -146,6 +146,27 @@ impl Network {
         })
         .join()
         .map_err(|_| anyhow::anyhow!("the socket-binding thread panicked"))?
+    }
+
+    /// A TCP connection to `address` made from inside `label`'s namespace (as a client on
+    /// that host would make it).
+    pub fn connect_tcp(&self, label: &str, address: SocketAddr) -> Result<TcpStream> {
+        let path = self.namespace_path(label)?;
+        std::thread::spawn(move || -> Result<TcpStream> {
+            let namespace =
+                File::open(&path).with_context(|| format!("open {}", path.display()))?;
+            // SAFETY: `namespace` is an open namespace file for the whole call; setns changes
+            // only this short-lived thread's network namespace.
+            let rc = unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("enter {}", path.display()));
+            }
+            TcpStream::connect_timeout(&address, Duration::from_secs(10))
+                .with_context(|| format!("connect to {address} in a namespace"))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the connecting thread panicked"))?
     }
 
     /// Gives `label`'s loopback device `address` too (for a server at an address its

@@ -265,3 +265,170 @@ fn node_setup_merges_into_this_machines_containerd_config_once_and_refuses_a_bro
         Ok(())
     });
 }
+
+/// The calls the recording `systemctl` got, one line each.
+fn calls(file: &Path) -> Vec<String> {
+    fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn on_a_systemd_host_node_setup_installs_the_daemon_as_the_hosts_unit_and_restarts_it_only_on_change(
+) {
+    privileged!();
+    Fixture::run(|fixture| {
+        let ctd = Containerd::start(fixture, &containerd::Options::default())?;
+        import(&ctd)?;
+        let units = fixture.mkdir("host-etc-systemd-system")?;
+        let host_bin = fixture.mkdir("host-opt-shoal-bin")?;
+        let template_dir = fixture.mkdir("template")?;
+        let shoal_etc = fixture.mkdir("host-etc-shoal")?;
+        // The host's /run/systemd as a systemd host has it: `system` in it says systemd runs.
+        let run_systemd = fixture.mkdir("host-run-systemd")?;
+        fs::create_dir(run_systemd.join("system"))?;
+        let record = fixture.mkdir("record")?;
+        fs::write(record.join("systemctl"), "echo \"$*\" >> /record/calls\n")?;
+        let template = template_dir.join("config.toml");
+        fs::write(&template, "[metrics]\naddress = \"@NODE_IP@:9464\"\n")?;
+        let bind = |src: &Path, dst: &str, options: &str| {
+            format!(
+                "type=bind,src={},dst={dst},options=rbind:{options}",
+                src.display()
+            )
+        };
+        let mounts = [
+            bind(&units, "/host/etc/systemd/system", "rw"),
+            bind(&host_bin, "/host/opt/shoal/bin", "rw"),
+            bind(&template_dir, "/etc/shoal-template", "ro"),
+            bind(&shoal_etc, "/etc/shoal", "rw"),
+            bind(&run_systemd, "/host/run/systemd", "ro"),
+            bind(&record, "/record", "rw"),
+        ];
+        let runs = std::cell::Cell::new(0);
+        let run = |command: &str| {
+            runs.set(runs.get() + 1);
+            let name = format!("host-setup-{}", runs.get());
+            let mut args: Vec<&str> = vec!["run", "--rm"];
+            for mount in &mounts {
+                args.extend(["--mount", mount]);
+            }
+            args.extend([
+                "--env",
+                "SHOAL_HOST_BIN_DIR=/host/opt/shoal/bin",
+                "--env",
+                "HOST_ROOT=/host",
+                "--env",
+                "HOST_SYSTEMCTL=sh /record/systemctl",
+                "--env",
+                "NODE_IP=127.0.0.1",
+                "--env",
+                "CONTAINERD_ROOT=/nonexistent",
+                IMAGE,
+                &name,
+                "sh",
+                "-c",
+                command,
+            ]);
+            ctd.ctr(&args)
+        };
+        let record_calls = record.join("calls");
+
+        assert_eq!(run("shoal-node-setup mode")?.trim(), "host");
+        let first = run("shoal-node-setup")?;
+        anyhow::ensure!(
+            first.contains("the host runs the daemon: shoal-snapshotter.service"),
+            "{first}"
+        );
+        assert_eq!(
+            calls(&record_calls),
+            [
+                "daemon-reload",
+                "enable shoal-fdholder.service shoal-snapshotter.service",
+                "start shoal-fdholder.service",
+                "restart shoal-snapshotter.service",
+            ],
+            "{first}"
+        );
+        let unit = fs::read_to_string(units.join("shoal-snapshotter.service"))?;
+        for wanted in [
+            "ExecStart=/opt/shoal/bin/shoal-snapshotter --config /etc/shoal/config.toml",
+            // After a reboot the daemon serves before containerd starts pulling through it.
+            "Before=containerd.service",
+            "WantedBy=multi-user.target",
+            "Type=notify",
+        ] {
+            anyhow::ensure!(unit.contains(wanted), "no {wanted:?} in the unit:\n{unit}");
+        }
+        anyhow::ensure!(!unit.contains('@'), "a placeholder is left:\n{unit}");
+        let holder = fs::read_to_string(units.join("shoal-fdholder.service"))?;
+        anyhow::ensure!(
+            holder.contains(
+                "ExecStart=/opt/shoal/bin/shoal-fdholder --socket /run/shoal/fdholder.sock"
+            ),
+            "{holder}"
+        );
+        for binary in ["shoal", "shoal-snapshotter", "shoal-fdholder"] {
+            let version = process::run(
+                Command::new(host_bin.join(binary)).arg("--version"),
+                Duration::from_secs(30),
+            )?;
+            anyhow::ensure!(version.contains("0.1.0"), "{binary}: {version}");
+        }
+        assert_eq!(
+            fs::read_to_string(shoal_etc.join("config.toml"))?,
+            "[metrics]\naddress = \"127.0.0.1:9464\"\n"
+        );
+
+        // Nothing changed: the units are started (a no-op when they run), not restarted.
+        fs::remove_file(&record_calls)?;
+        let second = run("shoal-node-setup")?;
+        assert_eq!(
+            calls(&record_calls),
+            [
+                "enable shoal-fdholder.service shoal-snapshotter.service",
+                "start shoal-fdholder.service",
+                "start shoal-snapshotter.service",
+            ],
+            "{second}"
+        );
+
+        // A changed config restarts the daemon (its mounts carried over), never the holder.
+        fs::remove_file(&record_calls)?;
+        fs::write(&template, "[metrics]\naddress = \"@NODE_IP@:9465\"\n")?;
+        let third = run("shoal-node-setup")?;
+        assert_eq!(
+            calls(&record_calls),
+            [
+                "enable shoal-fdholder.service shoal-snapshotter.service",
+                "start shoal-fdholder.service",
+                "restart shoal-snapshotter.service",
+            ],
+            "{third}"
+        );
+
+        // The pods' containers follow the host's units instead of running their own: the
+        // holder's container takes no socket, the daemon's starts no daemon.
+        let followed = run(
+            "timeout 3 shoal-run-holder; timeout 3 shoal-run-daemon; ls /run/shoal; echo listed",
+        )?;
+        anyhow::ensure!(
+            followed.contains("the host runs the holder (shoal-fdholder.service)")
+                && followed.contains("the host runs the daemon (shoal-snapshotter.service)")
+                && followed.contains("listed")
+                && !followed.contains("fdholder.sock")
+                && !followed.contains("started shoal-snapshotter"),
+            "{followed}"
+        );
+
+        // Without systemd on the host: the pod runs the daemon, no unit is touched.
+        fs::remove_dir(run_systemd.join("system"))?;
+        fs::remove_file(&record_calls)?;
+        assert_eq!(run("shoal-node-setup mode")?.trim(), "pod");
+        run("shoal-node-setup")?;
+        assert!(calls(&record_calls).is_empty(), "systemctl was called");
+        Ok(())
+    });
+}

@@ -36,6 +36,7 @@ mod learned;
 mod liar;
 mod outsiders;
 mod overlaybd;
+mod preheat;
 mod private;
 mod reshare;
 mod tls;
