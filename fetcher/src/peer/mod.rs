@@ -206,6 +206,7 @@ impl Peers {
             let Some((owner, advice)) = self.lookup(blob, first..last + 1, deadline).await else {
                 break;
             };
+            debug!(blob = %blob.digest, first, ?owner, ?advice, "index advice");
             let me = self.members.me();
             let now = Instant::now();
             let mut plan: Vec<(u64, Vec<PeerAddr>)> = Vec::new();
