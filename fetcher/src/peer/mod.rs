@@ -207,6 +207,7 @@ impl Peers {
             let Some((owner, advice)) = self.lookup(blob, asking.clone(), deadline).await else {
                 break;
             };
+            debug!(blob = %blob.digest, first = asking.start, ?owner, ?advice, "index advice");
             let step = plan.advise(
                 Instant::now(),
                 asking.start,
