@@ -131,28 +131,28 @@ impl Network {
     /// A UDP socket bound to `address` inside `label`'s namespace: a socket stays in the
     /// namespace it was made in, whichever thread uses it afterwards.
     pub fn bind_udp(&self, label: &str, address: SocketAddr) -> Result<UdpSocket> {
-        let path = self.namespace_path(label)?;
-        std::thread::spawn(move || -> Result<UdpSocket> {
-            let namespace =
-                File::open(&path).with_context(|| format!("open {}", path.display()))?;
-            // SAFETY: `namespace` is an open namespace file for the whole call; setns changes
-            // only this short-lived thread's network namespace.
-            let rc = unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error())
-                    .with_context(|| format!("enter {}", path.display()));
-            }
+        self.in_namespace(label, move || {
             UdpSocket::bind(address).with_context(|| format!("bind {address} in a namespace"))
         })
-        .join()
-        .map_err(|_| anyhow::anyhow!("the socket-binding thread panicked"))?
     }
 
     /// A TCP connection to `address` made from inside `label`'s namespace (as a client on
     /// that host would make it).
     pub fn connect_tcp(&self, label: &str, address: SocketAddr) -> Result<TcpStream> {
+        self.in_namespace(label, move || {
+            TcpStream::connect_timeout(&address, Duration::from_secs(10))
+                .with_context(|| format!("connect to {address} in a namespace"))
+        })
+    }
+
+    /// What `make` returns, run on a short-lived thread that entered `label`'s namespace.
+    fn in_namespace<T: Send + 'static>(
+        &self,
+        label: &str,
+        make: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let path = self.namespace_path(label)?;
-        std::thread::spawn(move || -> Result<TcpStream> {
+        std::thread::spawn(move || -> Result<T> {
             let namespace =
                 File::open(&path).with_context(|| format!("open {}", path.display()))?;
             // SAFETY: `namespace` is an open namespace file for the whole call; setns changes
@@ -162,11 +162,10 @@ impl Network {
                 return Err(std::io::Error::last_os_error())
                     .with_context(|| format!("enter {}", path.display()));
             }
-            TcpStream::connect_timeout(&address, Duration::from_secs(10))
-                .with_context(|| format!("connect to {address} in a namespace"))
+            make()
         })
         .join()
-        .map_err(|_| anyhow::anyhow!("the connecting thread panicked"))?
+        .map_err(|_| anyhow::anyhow!("the thread in namespace {label} panicked"))?
     }
 
     /// Gives `label`'s loopback device `address` too (for a server at an address its
