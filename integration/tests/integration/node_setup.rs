@@ -88,10 +88,17 @@ fn node_setup_merges_into_this_machines_containerd_config_once_and_refuses_a_bro
         )?;
         let restarts = host_etc.join("restarts");
         let runs = std::cell::Cell::new(0);
+        // The scripts' output goes to a file of the test's: containerd 1.6's shim can lose
+        // what a container that exits at once wrote (seen in CI: "error copying stderr", and
+        // the refusal below read as empty).
+        let out = fixture.mkdir("out")?;
         let setup = || {
             runs.set(runs.get() + 1);
-            ctd.ctr(&[
+            let _ = fs::remove_file(out.join("log"));
+            let ran = ctd.ctr(&[
                 "run",
+                "--mount",
+                &format!("type=bind,src={},dst=/out,options=rbind:rw", out.display()),
                 "--rm",
                 "--mount",
                 &format!(
@@ -142,8 +149,11 @@ fn node_setup_merges_into_this_machines_containerd_config_once_and_refuses_a_bro
                 "sh",
                 "-c",
                 // The pod's `containerd-config` container, then its init container's steps.
-                "shoal-node-setup containerd && shoal-node-setup",
-            ])
+                "{ shoal-node-setup containerd && shoal-node-setup; } >/out/log 2>&1",
+            ]);
+            let output = fs::read_to_string(out.join("log")).unwrap_or_default();
+            ran.map(|_| output.clone())
+                .with_context(|| format!("the scripts printed:\n{output}"))
         };
         let restart_count = || {
             fs::read_to_string(&restarts)
@@ -311,10 +321,13 @@ fn on_a_systemd_host_node_setup_installs_the_daemon_as_the_hosts_unit_and_restar
         let run = |command: &str| {
             runs.set(runs.get() + 1);
             let name = format!("host-setup-{}", runs.get());
+            // To a file of the test's, as above: the shim can lose a short run's output.
+            let script = format!("{{ {command}; }} >/record/out 2>&1");
             let mut args: Vec<&str> = vec!["run", "--rm"];
             for mount in &mounts {
                 args.extend(["--mount", mount]);
             }
+            let _ = fs::remove_file(record.join("out"));
             args.extend([
                 "--env",
                 "SHOAL_HOST_BIN_DIR=/host/opt/shoal/bin",
@@ -330,9 +343,12 @@ fn on_a_systemd_host_node_setup_installs_the_daemon_as_the_hosts_unit_and_restar
                 &name,
                 "sh",
                 "-c",
-                command,
+                &script,
             ]);
-            ctd.ctr(&args)
+            let ran = ctd.ctr(&args);
+            let output = fs::read_to_string(record.join("out")).unwrap_or_default();
+            ran.map(|_| output.clone())
+                .with_context(|| format!("the scripts printed:\n{output}"))
         };
         let record_calls = record.join("calls");
 
