@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use shoal_fetcher::{
-    with_causes, BlobRef, Digest, FetchStats, Fetcher, HttpFailure, ImageRef, RegistryError,
+    with_causes, BlobRef, Completion, Digest, FetchStats, Fetcher, HttpFailure, ImageRef,
+    RegistryError,
 };
 use shoal_formats::overlaybd::TableRef;
 
@@ -21,8 +22,6 @@ use super::jobs::{BlobOutcome, Jobs};
 use super::spread;
 use crate::pull::image::{choose, Document, Platform};
 
-/// A blob is brought in steps of this many bytes, each reported as it lands.
-const STEP_BYTES: u64 = 16 << 20;
 /// How long the end of a job waits for this node's announcements to reach the owners.
 const ANNOUNCE_WAIT: Duration = Duration::from_secs(30);
 
@@ -182,26 +181,27 @@ async fn preheat_blob(
     blob: &BlobRef,
     start: &FetchStats,
 ) -> anyhow::Result<()> {
-    let mut offset = 0;
-    while offset < blob.size {
-        let end = (offset + STEP_BYTES).min(blob.size);
-        // Peers first (whole blocks, under the owners' grants), the registry for the rest;
-        // nothing here reaches a container, and the digest below vouches for every byte.
-        fetcher
-            .warm_range(blob, offset..end)
-            .await
-            .map_err(|error| {
-                anyhow::anyhow!("fetch blob {}: {}", blob.digest, with_causes(&error))
-            })?;
-        let landed = end - offset;
-        offset = end;
-        let now = fetcher.stats();
-        jobs.progress(id, |p| {
-            p.bytes_done += landed;
-            p.bytes_from_registry = now.bytes_from_registry - start.bytes_from_registry;
-            p.bytes_from_peers = now.bytes_from_peers - start.bytes_from_peers;
-        });
-    }
+    // Peers first (whole blocks, under the owners' grants), the registry for the rest, in
+    // the ranges of a background completion, each reported as it lands; nothing here
+    // reaches a container, and the digest below vouches for every byte.
+    Completion::new(None)
+        .run(
+            blob,
+            || fetcher.foreground_fetching(),
+            |range| async move {
+                let landed = range.end - range.start;
+                fetcher.warm_range(blob, range).await?;
+                let now = fetcher.stats();
+                jobs.progress(id, |p| {
+                    p.bytes_done += landed;
+                    p.bytes_from_registry = now.bytes_from_registry - start.bytes_from_registry;
+                    p.bytes_from_peers = now.bytes_from_peers - start.bytes_from_peers;
+                });
+                Ok(())
+            },
+        )
+        .await
+        .map_err(|error| anyhow::anyhow!("fetch blob {}: {}", blob.digest, with_causes(&error)))?;
     // Makes the blocks peers sent shareable (or drops them, blaming their senders).
     fetcher
         .warm_check(blob)
