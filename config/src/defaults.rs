@@ -10,6 +10,10 @@ pub const FETCH_MAX_CONCURRENT: usize = 32;
 pub const FETCH_PREFETCH: bool = true;
 pub const FETCH_BACKGROUND: bool = false;
 pub const FETCH_BACKGROUND_RATE: u64 = 20 << 20;
+/// A layer whose reads have brought in this share of it is completed in the background: a
+/// container that read half a layer reads the rest (README, Benchmark: "readall"), and one
+/// that reads a little of a large layer never gets near it ("echo-large", "server").
+pub const FETCH_COMPLETE_AFTER_PERCENT: u8 = 50;
 /// Learned prefetch: record the chunks an image's first start reads, prefetch them later.
 pub const FETCH_LEARN: bool = true;
 /// A start has settled when no chunk was read for the first time for this long: longer than

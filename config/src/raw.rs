@@ -82,6 +82,7 @@ pub struct RawFetch {
     pub prefetch: Option<bool>,
     pub background: Option<bool>,
     pub background_rate: Option<RawByteSize>,
+    pub complete_after_percent: Option<i64>,
     pub learn: Option<bool>,
     pub learn_settle_secs: Option<i64>,
     pub learn_max_bytes: Option<RawByteSize>,

@@ -101,6 +101,9 @@ pub struct FetchConfig {
     pub background: bool,
     /// Bytes per second the background fetch may use.
     pub background_rate: ByteSize,
+    /// Complete a layer in the background, as fast as the link goes, once reads have brought
+    /// in this share of it (1..=100); `None`: only with `background`.
+    pub complete_after_percent: Option<u8>,
     /// Learned prefetch: record the chunks each image's first start reads from each layer,
     /// and fetch them right at mount on later starts (here or on peers).
     pub learn: bool,
@@ -233,6 +236,18 @@ impl Config {
             ));
         }
 
+        let complete_after_percent = match fetch.complete_after_percent {
+            None => Some(defaults::FETCH_COMPLETE_AFTER_PERCENT),
+            Some(0) => None,
+            Some(percent @ 1..=100) => Some(percent as u8),
+            Some(other) => {
+                return Err(ConfigError::invalid(
+                    "fetch.complete_after_percent",
+                    format!("{other} is outside 0..=100 (0: never)"),
+                ))
+            }
+        };
+
         let learn_settle = positive(
             "fetch.learn_settle_secs",
             fetch.learn_settle_secs,
@@ -306,6 +321,7 @@ impl Config {
                 prefetch: fetch.prefetch.unwrap_or(defaults::FETCH_PREFETCH),
                 background: fetch.background.unwrap_or(defaults::FETCH_BACKGROUND),
                 background_rate,
+                complete_after_percent,
                 learn: fetch.learn.unwrap_or(defaults::FETCH_LEARN),
                 learn_settle: Duration::from_secs(learn_settle as u64),
                 learn_max_bytes,
@@ -571,6 +587,25 @@ mod tests {
         assert!(err.contains("rooot"), "{err}");
         let err = cause(Config::parse("[cache]\nsize = 3").unwrap_err());
         assert!(err.contains("size"), "{err}");
+    }
+
+    #[test]
+    fn read_triggered_completion_is_a_share_of_the_layer_and_zero_turns_it_off() {
+        let default = Config::parse("").unwrap();
+        assert_eq!(
+            default.fetch.complete_after_percent,
+            Some(defaults::FETCH_COMPLETE_AFTER_PERCENT)
+        );
+        let off = Config::parse("[fetch]\ncomplete_after_percent = 0").unwrap();
+        assert_eq!(off.fetch.complete_after_percent, None);
+        let all = Config::parse("[fetch]\ncomplete_after_percent = 100").unwrap();
+        assert_eq!(all.fetch.complete_after_percent, Some(100));
+        for bad in ["101", "-1"] {
+            assert_eq!(
+                field_of(&format!("[fetch]\ncomplete_after_percent = {bad}")),
+                "fetch.complete_after_percent"
+            );
+        }
     }
 
     #[test]

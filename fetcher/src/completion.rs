@@ -4,6 +4,11 @@
 //! a configured rate. While foreground reads are fetching, one step at a time goes on: the
 //! reads jump the queue, but completion never stops (stargz-snapshotter pauses its
 //! background fetch for 5 s after any read; a container reading much keeps it paused).
+//!
+//! A blob is completed from its mount (`fetch.background`), or once reads have brought in a
+//! good share of it ([`read_most`], `fetch.complete_after_percent`): a container that has
+//! read half a layer will most likely read the rest, and the rest then comes at link speed
+//! instead of read by read.
 
 use std::future::Future;
 use std::ops::Range;
@@ -19,6 +24,24 @@ use crate::reference::BlobRef;
 pub const STEP: u64 = 4 << 20;
 /// Steps in flight at once while no foreground read is fetching.
 pub const STREAMS: usize = 4;
+
+/// How often [`read_most`] looks at what is cached: often enough that a container reading a
+/// layer through at link speed gains most of the completion, rarely enough to cost nothing.
+pub const READ_POLL: Duration = Duration::from_millis(250);
+
+/// Returns once `cached()` says at least `share` (0 < share <= 1) of a `size`-byte blob is
+/// cached; never if it does not come to that (the caller's task ends with its layer).
+pub async fn read_most(cached: impl Fn() -> u64, size: u64, share: f64) {
+    let wanted = (size as f64 * share).ceil() as u64;
+    let mut poll = tokio::time::interval(READ_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        poll.tick().await;
+        if cached() >= wanted {
+            return;
+        }
+    }
+}
 
 /// How one blob is completed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +191,22 @@ mod tests {
         assert_eq!(asked.len(), 6);
         assert_eq!(most, 1);
         assert_eq!(started.elapsed(), Duration::from_secs(6));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn read_most_returns_once_the_share_is_cached_and_not_before() {
+        let cached = AtomicUsize::new(0);
+        let started = Instant::now();
+        let waiting = read_most(|| cached.load(Ordering::SeqCst) as u64, 1000, 0.5);
+        tokio::pin!(waiting);
+        // 499 of 1000 bytes: not yet, however long it waits.
+        cached.store(499, Ordering::SeqCst);
+        assert!(tokio::time::timeout(Duration::from_secs(60), &mut waiting)
+            .await
+            .is_err());
+        cached.store(500, Ordering::SeqCst);
+        waiting.await;
+        assert!(started.elapsed() <= Duration::from_secs(60) + READ_POLL);
     }
 
     #[tokio::test(start_paused = true)]

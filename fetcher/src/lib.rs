@@ -47,7 +47,7 @@ pub use cache::{
     BlockGeometry, BlockKey, CacheError, CacheUsage, ChunkCache, MAX_CACHED_BLOB_BYTES,
 };
 pub use causes::with_causes;
-pub use completion::Completion;
+pub use completion::{read_most, Completion};
 pub use digest::{Digest, RawDigest};
 pub use error::FetchError;
 pub use fetcher::Fetcher;

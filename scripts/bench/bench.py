@@ -24,6 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import debian  # noqa: E402
 import images  # noqa: E402
 import link  # noqa: E402
 import node  # noqa: E402
@@ -50,6 +51,8 @@ def drop_caches():
 
 # Background completion unthrottled: the link is the limit being measured.
 BACKGROUND = '[fetch]\nbackground = true\nbackground_rate = "10GiB"\n'
+# Read-triggered completion (on by default) off: each layer only ever fetches what is read.
+NO_COMPLETION = '[fetch]\ncomplete_after_percent = 0\n'
 
 
 class Scenario:
@@ -84,6 +87,12 @@ SCENARIOS = [
     Scenario("shoal-background", "shoal", "esgz", "shoal",
              "Shoal, lazy eStargz, every layer completed in the background from its mount",
              shoal_extra=BACKGROUND),
+    Scenario("shoal-no-completion", "shoal", "esgz", "shoal",
+             "Shoal, lazy eStargz, layers never completed after reads (complete_after_percent = 0)",
+             shoal_extra=NO_COMPLETION),
+    Scenario("shoal-overlaybd-no-completion", "shoal", "overlaybd", "shoal",
+             "Shoal, lazy overlaybd, layers never completed after reads",
+             shoal_extra=NO_COMPLETION),
     Scenario("shoal-overlaybd-background", "shoal", "overlaybd", "shoal",
              "Shoal, lazy overlaybd, every layer completed in the background from its mount",
              shoal_extra=BACKGROUND),
@@ -375,6 +384,10 @@ class Bench:
                 scenarios.append(scenario)
         workloads = images.workloads(self.work / "stage", self.args.tiny, self.args.large_mb,
                                      self.args.server_mb, self.args.readall_mb)
+        if self.args.debian:
+            workloads += debian.workloads(self.work / "stage",
+                                          Path(self.args.debian_cache or self.work / "debian"),
+                                          self.args.tiny)
         if self.args.workloads:
             workloads = [w for w in workloads if w.name in self.args.workloads]
         try:
@@ -463,7 +476,13 @@ def parse_args():
     parser.add_argument("--stargz-bin", help="a built stargz-grpc (else built into --work)")
     parser.add_argument("--scenarios", nargs="*", help="only these scenarios")
     parser.add_argument("--workloads", nargs="*",
-                        help="only these workloads (echo-large, python, server, readall)")
+                        help="only these workloads (echo-large, python, server, readall, and "
+                        "with --debian deb-python, deb-http, deb-cc, deb-readall)")
+    parser.add_argument("--debian", action="store_true",
+                        help="add the workloads on a debootstrapped Debian bookworm image "
+                        "(needs Debian's package registry the first time)")
+    parser.add_argument("--debian-cache",
+                        help="where the debootstrapped rootfs are kept (default: WORK/debian)")
     parser.add_argument("--tiny", action="store_true",
                         help="one 8 MB workload, one run, no shaping, no stargz: a smoke test")
     args = parser.parse_args()

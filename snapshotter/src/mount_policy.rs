@@ -14,7 +14,7 @@ use shoal_fuse::layer::Prefetch;
 #[derive(Debug, Clone, Copy)]
 pub struct MountSettings {
     /// What a mounted layer fetches ahead of its reads (`fetch.prefetch`, `fetch.background`,
-    /// `fetch.background_rate`).
+    /// `fetch.background_rate`, `fetch.complete_after_percent`).
     pub prefetch: Prefetch,
     /// How long finding and opening a layer may take, whatever its format
     /// (`registry.timeout_secs`): a registry that hangs must not hang containerd's Prepare.
@@ -30,6 +30,10 @@ impl MountSettings {
                     .fetch
                     .background
                     .then_some(config.fetch.background_rate.0),
+                complete_after: config
+                    .fetch
+                    .complete_after_percent
+                    .map(|percent| f64::from(percent) / 100.0),
             },
             resolve_timeout: config.registry.timeout,
         }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use shoal_fetcher::{BlobRef, Digest, Fetcher, Histogram, ImageRef, Verification};
+use shoal_fetcher::{read_most, BlobRef, Digest, Fetcher, Histogram, ImageRef, Verification};
 use shoal_formats::overlaybd::{TableRef, ANNOTATION_BLOB_DIGEST, ANNOTATION_FS_TYPE};
 use shoal_fuse::connection::Origin;
 use shoal_fuse::layer::MountTarget;
@@ -267,15 +267,19 @@ impl Background {
         fetcher: &Fetcher,
         disk: &Arc<VirtualDisk>,
     ) {
-        let configured = self.policy.get().prefetch.background_rate;
+        let prefetch = self.policy.get().prefetch;
+        let configured = prefetch.background_rate;
         for (at, layer) in disk.layers().iter().enumerate() {
             let urgent = matches!(
                 layer.checks().verification(),
                 Verification::PerBlob { peers: true, .. }
             );
-            if configured.is_none() && !urgent {
-                continue;
-            }
+            // Started now, or once reads have brought in this share of the blob.
+            let after_reads = match (configured.is_some() || urgent, prefetch.complete_after) {
+                (true, _) => None,
+                (false, Some(share)) => Some(share),
+                (false, None) => continue,
+            };
             let blob = layer.blob().clone();
             let fresh = self.lock().insert(blob.digest.clone());
             if !fresh {
@@ -290,6 +294,10 @@ impl Background {
             tasks.spawn(runtime, async move {
                 // Moved in whole: dropped with the task, however it ends.
                 let mut running = running;
+                if let Some(share) = after_reads {
+                    read_most(|| fetcher.cache().cached_bytes(&blob.digest), blob.size, share).await;
+                    info!(blob = %blob.digest, share, "reads brought in most of the overlaybd layer; completing it");
+                }
                 match vdisk::fetch_and_verify(&fetcher, &disk, at, configured).await {
                     Ok(()) => {
                         info!(blob = %blob.digest, bytes = blob.size, "overlaybd layer fetched and its digest verified");

@@ -42,6 +42,10 @@ impl Changes {
             "fetch.background_rate",
             f.background_rate != g.background_rate,
         );
+        changes.apply(
+            "fetch.complete_after_percent",
+            f.complete_after_percent != g.complete_after_percent,
+        );
 
         changes.restart(
             "root",

@@ -276,6 +276,9 @@ pub trait BlobRead: Send + Sync {
     /// Whether reads are fetching bytes a container waits for now: background work yields
     /// to them.
     fn foreground_fetching(&self) -> bool;
+
+    /// Bytes of `blob` the cache holds (whole blocks): how much of it has been brought in.
+    fn cached_bytes(&self, blob: &BlobRef) -> u64;
 }
 
 impl<T: Tiers> BlobRead for T {
@@ -330,6 +333,10 @@ impl<T: Tiers> BlobRead for T {
 
     fn foreground_fetching(&self) -> bool {
         Tiers::foreground_fetching(self)
+    }
+
+    fn cached_bytes(&self, blob: &BlobRef) -> u64 {
+        Tiers::cached_bytes(self, blob)
     }
 
     fn verification(&self, unit: Result<u64, String>) -> Verification {

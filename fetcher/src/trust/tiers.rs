@@ -73,6 +73,11 @@ pub trait Tiers: Send + Sync {
     fn foreground_fetching(&self) -> bool {
         false
     }
+
+    /// Bytes of `blob` the cache holds in whole blocks.
+    fn cached_bytes(&self, _blob: &BlobRef) -> u64 {
+        0
+    }
 }
 
 impl Tiers for Fetcher {
@@ -135,6 +140,10 @@ impl Tiers for Fetcher {
 
     fn foreground_fetching(&self) -> bool {
         Fetcher::foreground_fetching(self)
+    }
+
+    fn cached_bytes(&self, blob: &BlobRef) -> u64 {
+        self.cache().cached_bytes(&blob.digest)
     }
 
     fn peers_authenticated(&self) -> bool {

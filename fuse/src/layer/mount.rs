@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fuser::{BackgroundSession, Config, SessionACL};
-use shoal_fetcher::{Checked, Completion};
+use shoal_fetcher::{read_most, Checked, Completion};
 use tokio::runtime::Handle;
 use tracing::{info, warn};
 
@@ -138,6 +138,9 @@ pub struct Prefetch {
     pub landmark: bool,
     /// The whole layer in the background, at most this many bytes per second.
     pub background_rate: Option<u64>,
+    /// Without `background_rate`: the whole layer in the background, unpaced, once this
+    /// share (0 < share <= 1) of it is cached.
+    pub complete_after: Option<f64>,
 }
 
 /// How a layer's reads check what is prefetched: every chunk against its digest from the
@@ -202,7 +205,10 @@ pub fn mount(
     } else {
         info!(blob = %blob.digest, mountpoint = %mountpoint.display(), at = now_secs(), "layer mounted");
     }
-    if prefetch_end.is_some() || prefetch.background_rate.is_some() {
+    let complete_after = prefetch
+        .complete_after
+        .filter(|_| prefetch.background_rate.is_none());
+    if prefetch_end.is_some() || prefetch.background_rate.is_some() || complete_after.is_some() {
         mounted.tasks.spawn(&runtime, async move {
             if let Some(end) = prefetch_end {
                 match reader.blobs().prefetch(&blob, 0..end, CHECKED).await {
@@ -213,18 +219,23 @@ pub fn mount(
                 }
             }
             if let Some(rate) = prefetch.background_rate {
-                background_fetch(&reader, &blob, rate).await;
+                background_fetch(&reader, &blob, Some(rate)).await;
+            } else if let Some(share) = complete_after {
+                let blobs = reader.blobs();
+                read_most(|| blobs.cached_bytes(&blob), blob.size, share).await;
+                info!(blob = %blob.digest, share, "reads brought in most of the layer; completing it");
+                background_fetch(&reader, &blob, None).await;
             }
         });
     }
     Ok(mounted)
 }
 
-/// Fetches the whole blob into the cache at `rate` bytes per second, skipping what is
-/// cached, several ranges at once while no read is fetching.
-async fn background_fetch(reader: &ChunkReader, blob: &shoal_fetcher::BlobRef, rate: u64) {
+/// Fetches the whole blob into the cache at most `rate` bytes per second (`None`: as fast as
+/// the link goes), skipping what is cached, several ranges at once while no read is fetching.
+async fn background_fetch(reader: &ChunkReader, blob: &shoal_fetcher::BlobRef, rate: Option<u64>) {
     let blobs = reader.blobs();
-    let completed = Completion::new(Some(rate))
+    let completed = Completion::new(rate)
         .run(
             blob,
             || blobs.foreground_fetching(),

@@ -51,6 +51,7 @@ mod p2p;
 mod partial_reads;
 mod permissions;
 mod pull_secrets;
+mod read_completion;
 mod reload;
 mod resilience;
 mod rpull;

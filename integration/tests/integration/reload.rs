@@ -2,7 +2,7 @@
 //! needs a restart, and keep the old configuration when the new one is invalid.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::binary;
 use crate::daemon::Daemon;
 use crate::fixture::{privileged, wait_until, Fixture};
-use crate::lazy::{data_image, ensure_all_lazy, ensure_sums, Stack};
+use crate::lazy::{data_image, ensure_all_lazy, ensure_sums, mountpoints_of, Stack};
 
 #[test]
 fn sighup_reloads_and_an_invalid_file_keeps_the_old_config() {
@@ -104,17 +104,6 @@ fn check_config_and_version_name_the_field_and_the_commit() {
     });
 }
 
-/// Where the daemon's log says it mounted eStargz blob `digest` (its `layer mounted` lines).
-fn mountpoints_of(log: &str, digest: &str) -> Vec<PathBuf> {
-    let blob = format!("blob={digest} ");
-    log.lines()
-        .filter(|line| line.contains(" layer mounted ") && line.contains(&blob))
-        .filter_map(|line| line.split("mountpoint=").nth(1))
-        .filter_map(|rest| rest.split_whitespace().next())
-        .map(PathBuf::from)
-        .collect()
-}
-
 /// The kernel's id of the mount at `mountpoint` (`/proc/self/mountinfo`): a remount has another.
 fn mount_id(mountpoint: &Path) -> Result<String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
@@ -156,10 +145,13 @@ fn a_reload_keeps_lazy_mounts_serving_and_applies_to_the_next_mount() {
         let config = std::fs::read_to_string(stack.daemon.config())?;
         std::fs::write(
             stack.daemon.config(),
-            format!(
-                "{}\n[fetch]\nbackground = true\nbackground_rate = \"64MiB\"\n",
-                config.replace("level = \"debug\"", "level = \"info\"")
-            ),
+            config
+                .replace("level = \"debug\"", "level = \"info\"")
+                .replacen(
+                    "[fetch]\n",
+                    "[fetch]\nbackground = true\nbackground_rate = \"64MiB\"\n",
+                    1,
+                ),
         )?;
         let reload = Command::new(binary::cli()?)
             .arg("--socket")

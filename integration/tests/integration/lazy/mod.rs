@@ -335,6 +335,17 @@ pub(crate) fn data_image(files: &[(&str, usize)]) -> Result<DataImage> {
     Ok((vec![base_layer()?, data], expected))
 }
 
+/// Where the daemon's log says it mounted eStargz blob `digest` (its `layer mounted` lines).
+pub(crate) fn mountpoints_of(log: &str, digest: &str) -> Vec<PathBuf> {
+    let blob = format!("blob={digest} ");
+    log.lines()
+        .filter(|line| line.contains(" layer mounted ") && line.contains(&blob))
+        .filter_map(|line| line.split("mountpoint=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(PathBuf::from)
+        .collect()
+}
+
 /// Fails unless rpull's output shows all `count` layers mounted lazily.
 pub(crate) fn ensure_all_lazy(out: &str, count: usize) -> Result<()> {
     let lazy = out
