@@ -26,8 +26,11 @@ const TOOL_TIMEOUT: Duration = Duration::from_secs(300);
 const GREETING: &str = "hello from the upper layer";
 const ENTRYPOINT: [&str; 3] = ["/bin/sh", "-c", "cat /app/data/greeting"];
 
-/// A gzip'd layer tar of `entries`: directories end in `/`, symlinks are `(name, None, target)`.
-fn layer(entries: &[(&str, Option<&[u8]>, Option<&str>)]) -> Result<Vec<u8>> {
+/// A tar entry: name (a directory's ends in `/`), file data, symlink target.
+type Entry<'a> = (&'a str, Option<&'a [u8]>, Option<&'a str>);
+
+/// A gzip'd layer tar of `entries`.
+fn layer(entries: &[Entry]) -> Result<Vec<u8>> {
     let mut builder = tar::Builder::new(Vec::new());
     for (name, data, link) in entries {
         let mut header = tar::Header::new_ustar();
