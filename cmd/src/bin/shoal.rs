@@ -178,9 +178,9 @@ struct ConvertArgs {
     /// (peers then serve its blocks only over mutual TLS, checked per blob).
     #[arg(long)]
     no_block_digests: bool,
-    /// Run the image's Entrypoint and Cmd (or the command after `--`) once, as root of a runc
-    /// sandbox over the unpacked image, and place the files it reads first in each layer,
-    /// before `.prefetch.landmark` (eStargz only; needs root).
+    /// Run the image's Entrypoint and Cmd (or the command after `--`) once, as the image's
+    /// User in a runc sandbox over the unpacked image, and place the files it reads first in
+    /// each layer, before `.prefetch.landmark` (eStargz only; needs root).
     #[arg(long)]
     optimize: bool,
     /// How long the `--optimize` run may take; a command still running then is stopped and
