@@ -178,10 +178,22 @@ struct ConvertArgs {
     /// (peers then serve its blocks only over mutual TLS, checked per blob).
     #[arg(long)]
     no_block_digests: bool,
+    /// Run the image's Entrypoint and Cmd (or the command after `--`) once, as the image's
+    /// User in a runc sandbox over the unpacked image, and place the files it reads first in
+    /// each layer, before `.prefetch.landmark` (eStargz only; needs root).
+    #[arg(long)]
+    optimize: bool,
+    /// How long the `--optimize` run may take; a command still running then is stopped and
+    /// what it read until then is prioritized.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, requires = "optimize")]
+    optimize_timeout: std::time::Duration,
     /// `oci:<layout dir>[:tag]` or a registry reference.
     source: String,
     /// Registry reference to push the converted image to.
     destination: String,
+    /// With `--optimize`: the command to run instead of the image's Entrypoint and Cmd.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -362,7 +374,19 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 chunk_size: convert.chunk_size,
                 platform: Some(convert.platform),
                 block_digests: !convert.no_block_digests,
+                optimize: convert
+                    .optimize
+                    .then(|| shoal_cmd::convert::optimize::Optimize {
+                        command: convert.command.clone(),
+                        timeout: convert.optimize_timeout,
+                    }),
             };
+            if !convert.optimize && !convert.command.is_empty() {
+                anyhow::bail!("a command after `--` is only run with --optimize");
+            }
+            if convert.optimize && convert.format != shoal_cmd::convert::Format::Estargz {
+                anyhow::bail!("--optimize lays out eStargz layers; use it with --format estargz");
+            }
             let runtime = shoal_cmd::runtime::build()?;
             let progress = shoal_cmd::pull::Progress::new();
             use shoal_cmd::convert::{overlaybd, Format};

@@ -14,12 +14,15 @@
 //! - [`layer`]: one layer's checks and conversion.
 //! - [`manifest`]: the new layer descriptors, config and manifest (pure).
 //! - [`report`]: per-layer lines and the [`Summary`].
+//! - [`optimize`]: `--optimize`, the image's command run once and the files it reads placed
+//!   first in the layers that provide them.
 //! - [`overlaybd`] and [`overlaybd_disk`]: `--format overlaybd`, the layers applied to an ext4
 //!   work disk and the blocks each changes written as overlaybd layers.
 
 pub mod job;
 pub mod layer;
 pub mod manifest;
+pub mod optimize;
 pub mod overlaybd;
 pub mod overlaybd_disk;
 pub mod report;
@@ -79,6 +82,8 @@ pub struct Options {
     pub platform: Option<String>,
     /// overlaybd: push a block digest table beside each layer.
     pub block_digests: bool,
+    /// Run the image's command once and prioritize what it reads (eStargz only).
+    pub optimize: Option<optimize::Optimize>,
 }
 
 impl Default for Options {
@@ -92,6 +97,7 @@ impl Default for Options {
             chunk_size: DEFAULT_CHUNK_SIZE,
             platform: None,
             block_digests: true,
+            optimize: None,
         }
     }
 }
@@ -110,6 +116,10 @@ pub async fn convert(
         .prefix("shoal-convert-")
         .tempdir()
         .context("create a work directory")?;
+    let learned = match &options.optimize {
+        Some(optimize) => Some(optimize::learn(&job, optimize, work_dir.path(), progress).await?),
+        None => None,
+    };
     let push = Push {
         source: &job.source,
         client: &job.client,
@@ -121,6 +131,7 @@ pub async fn convert(
             ..BuildOptions::default()
         },
         progress,
+        learned: learned.map(|l| l.per_layer),
     };
     let result = push.layers(&job.manifest.layers).await;
     progress.finish();
@@ -193,6 +204,8 @@ struct Push<'a> {
     work_dir: &'a Path,
     build: BuildOptions,
     progress: &'a Progress,
+    /// `--optimize`: each layer's files read by the run, placed before the listed ones.
+    learned: Option<Vec<Vec<String>>>,
 }
 
 impl Push<'_> {
@@ -224,7 +237,7 @@ impl Push<'_> {
         let output = self.work_dir.join(format!("{index}.estargz"));
         let built = {
             let (input, original, output) = (blob.path.clone(), original.clone(), output.clone());
-            let (work_dir, build) = (self.work_dir.to_owned(), self.build.clone());
+            let (work_dir, build) = (self.work_dir.to_owned(), self.layer_build(index));
             tokio::task::spawn_blocking(move || {
                 layer::convert(&input, &original, &output, &work_dir, &build)
             })
@@ -256,9 +269,30 @@ impl Push<'_> {
                 estargz_size: descriptor.size,
                 toc_digest: built.toc_digest,
                 pushed,
+                prioritized: self.learned.as_ref().map(|learned| {
+                    learned.get(index).map_or(0, |files| {
+                        files
+                            .iter()
+                            .filter(|f| !built.missed_prioritized.contains(f))
+                            .count()
+                    })
+                }),
             },
             descriptor,
         })
+    }
+}
+
+impl Push<'_> {
+    /// The build options of layer `index`: its learned files first, then the listed ones.
+    fn layer_build(&self, index: usize) -> BuildOptions {
+        let mut build = self.build.clone();
+        if let Some(learned) = &self.learned {
+            let mut prioritized = learned.get(index).cloned().unwrap_or_default();
+            prioritized.extend(build.prioritized);
+            build.prioritized = prioritized;
+        }
+        build
     }
 }
 

@@ -12,6 +12,8 @@ use std::process::Command;
 use anyhow::{bail, Context};
 use sha2::{Digest as _, Sha256};
 
+use super::optimize::attribution::{path_key, LayerFiles};
+
 /// Virtual size of converted disks, as the reference converter's ext4 base layer.
 pub const VIRTUAL_SIZE: u64 = 64 << 30;
 /// Filesystem block, and the unit changes are recorded in.
@@ -219,8 +221,8 @@ fn run(command: &mut Command) -> anyhow::Result<()> {
 
 /// Unpacks an OCI layer tar onto `root`: `.wh.NAME` removes NAME, `.wh..wh..opq` empties its
 /// directory of what lower layers put there, and an entry replaces whatever was at its path
-/// (directories merge).
-pub fn apply_tar<R: Read>(tar: R, root: &Path) -> anyhow::Result<()> {
+/// (directories merge). Returns what the layer holds, for telling which layer provides a path.
+pub fn apply_tar<R: Read>(tar: R, root: &Path) -> anyhow::Result<LayerFiles> {
     let mut archive = tar::Archive::new(tar);
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);
@@ -231,6 +233,7 @@ pub fn apply_tar<R: Read>(tar: R, root: &Path) -> anyhow::Result<()> {
         .canonicalize()
         .with_context(|| format!("resolve {}", root.display()))?;
     let mut written: HashSet<PathBuf> = HashSet::new();
+    let mut files = LayerFiles::default();
     for entry in archive.entries().context("read the layer tar")? {
         let mut entry = entry.context("read the layer tar")?;
         let raw = entry
@@ -253,11 +256,13 @@ pub fn apply_tar<R: Read>(tar: R, root: &Path) -> anyhow::Result<()> {
                     }
                 }
             }
+            files.opaque.insert(path_key(&parent));
             continue;
         }
         if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
             let dir = inside(&root, &parent)?;
             remove(&dir.join(hidden))?;
+            files.whiteouts.insert(path_key(&parent.join(hidden)));
             continue;
         }
         let target = inside(&root, &parent)?.join(&name);
@@ -270,9 +275,10 @@ pub fn apply_tar<R: Read>(tar: R, root: &Path) -> anyhow::Result<()> {
         entry
             .unpack_in(&root)
             .with_context(|| format!("unpack {}", rel.display()))?;
+        files.entries.insert(path_key(&rel));
         written.insert(rel);
     }
-    Ok(())
+    Ok(files)
 }
 
 /// `path` without `.`, a leading `/`, or any `..` (then `None`).

@@ -18,6 +18,8 @@ pub struct LayerReport {
     pub estargz_size: u64,
     pub toc_digest: TocDigest,
     pub pushed: Pushed,
+    /// `--optimize`: how many of the files the run read this layer placed first.
+    pub prioritized: Option<usize>,
 }
 
 /// How the whole conversion went.
@@ -43,6 +45,9 @@ impl fmt::Display for LayerReport {
             ByteSize(self.estargz_size),
             self.toc_digest
         )?;
+        if let Some(count) = self.prioritized {
+            write!(f, ", {count} files prioritized")?;
+        }
         if self.pushed == Pushed::Present {
             write!(f, " (already in the registry)")?;
         }
@@ -89,6 +94,7 @@ mod tests {
             estargz_size: 13_002_342,
             toc_digest: toc,
             pushed: Pushed::Uploaded,
+            prioritized: None,
         };
         assert_eq!(
             report.to_string(),
@@ -103,5 +109,15 @@ mod tests {
             .to_string()
             .starts_with("layer 1/3: 512 B -> 12.4 MiB"));
         assert!(present.to_string().ends_with("(already in the registry)"));
+        let optimized = LayerReport {
+            prioritized: Some(7),
+            ..present
+        };
+        assert!(
+            optimized
+                .to_string()
+                .ends_with(", 7 files prioritized (already in the registry)"),
+            "{optimized}"
+        );
     }
 }

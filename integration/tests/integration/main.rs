@@ -46,6 +46,7 @@ mod k8s_manifests;
 mod lazy;
 mod metrics;
 mod node_setup;
+mod optimize;
 mod overlaybd;
 mod p2p;
 mod partial_reads;

@@ -139,6 +139,19 @@ mod tests {
     }
 
     #[test]
+    fn files_whose_parents_live_in_a_lower_layer_are_still_prioritized() {
+        // An upper layer of files only: the reference builder counts these as missing.
+        let entries = [
+            named("app/data/other", Kind::Reg, ""),
+            named("app/data/greeting", Kind::Reg, ""),
+        ];
+        let order = order(&entries, &["/app/data/greeting".to_owned()]);
+        assert_eq!(order.prioritized, [1]);
+        assert_eq!(order.rest, [0]);
+        assert!(order.missed.is_empty());
+    }
+
+    #[test]
     fn self_and_cyclic_hardlinks_terminate() {
         let entries = [
             named("a", Kind::Hardlink, "b"),
