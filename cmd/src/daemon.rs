@@ -106,7 +106,7 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
         match tokio::task::spawn_blocking(move || crate::handover::open_store(&handover)).await? {
             Ok(store) => {
                 info!(store = %store.describe(), "lazy mounts are kept across restarts");
-                mounter = mounter.with_handover(store);
+                mounter = mounter.with_handover(store, &config.root);
             }
             Err(err) => warn!(
                 error = format!("{err:#}"),

@@ -99,17 +99,25 @@ impl LazyMounter {
     }
 
     /// Keeps every FUSE connection in `store` and takes back what it holds from an earlier
-    /// daemon, as layers are mounted again.
-    pub fn with_handover(mut self, store: Arc<dyn FdStore>) -> LazyMounter {
+    /// daemon rooted at `root`, as layers are mounted again. What the store holds for mounts
+    /// outside `root` is another daemon's (a second daemon on the node, a benchmark's, a
+    /// test's, given the same store by mistake): neither taken nor released.
+    pub fn with_handover(mut self, store: Arc<dyn FdStore>, root: &Path) -> LazyMounter {
         let mut report = HandoverReport {
             store: store.describe(),
             ..HandoverReport::default()
         };
         let waiting = match store.kept() {
-            Ok(kept) => kept
-                .into_iter()
-                .map(|(name, fd)| (PathBuf::from(name), fd))
-                .collect(),
+            Ok(kept) => {
+                let (ours, others): (Vec<_>, Vec<_>) = kept
+                    .into_iter()
+                    .map(|(name, fd)| (PathBuf::from(name), fd))
+                    .partition(|(path, _)| path.starts_with(root));
+                if !others.is_empty() {
+                    warn!(store = %report.store, root = %root.display(), connections = others.len(), "the fd store holds connections of mounts outside this daemon's root; left alone (does another daemon share the store?)");
+                }
+                ours.into_iter().collect()
+            }
             Err(err) => {
                 warn!(store = %report.store, error = %crate::error::with_causes(&err), "could not take back the connections an earlier daemon left; their layers are mounted anew");
                 report

@@ -355,7 +355,7 @@ async fn connections_left_for_gone_mounts_or_snapshots_are_released_not_served()
         fs,
         ..
     } = h;
-    let mounter = mounter.with_handover(store.clone());
+    let mounter = mounter.with_handover(store.clone(), _dir.path());
     mounter.mount(&resolved(), &fs).unwrap();
     let report = mounter.handover_report();
     assert_eq!(report.carried, 0);
@@ -378,4 +378,33 @@ async fn connections_left_for_gone_mounts_or_snapshots_are_released_not_served()
     assert!(syscall.calls().contains(&Call::Unmount(orphan.clone())));
     assert!(!syscall.table().contains(&orphan));
     assert!(store.kept.lock().is_empty());
+}
+
+#[tokio::test]
+async fn connections_of_mounts_outside_the_root_are_neither_taken_nor_released() {
+    let h = harness();
+    let store = Arc::new(MemoryStore::default());
+    let elsewhere = tempfile::tempdir().unwrap();
+    let theirs = elsewhere.path().join("snapshots/1/fs");
+    store
+        .keep(&theirs.to_string_lossy(), null_fd().as_fd())
+        .unwrap();
+    let Harness {
+        _dir, mounter, fs, ..
+    } = h;
+    let mounter = mounter.with_handover(store.clone(), _dir.path());
+    mounter.mount(&resolved(), &fs).unwrap();
+    mounter.remounted();
+    assert!(
+        store.released.lock().is_empty(),
+        "released another daemon's connection"
+    );
+    let kept = store.kept.lock();
+    assert!(kept
+        .iter()
+        .any(|(name, _)| Path::new(name) == theirs.as_path()));
+    drop(kept);
+    let report = mounter.handover_report();
+    assert_eq!(report.carried, 0);
+    assert!(report.not_carried.is_empty(), "{report:?}");
 }
