@@ -38,6 +38,7 @@ mod outsiders;
 mod overlaybd;
 mod preheat;
 mod private;
+mod referrer;
 mod reshare;
 mod tls;
 
@@ -49,7 +50,7 @@ const METRICS_PORT: u16 = 9464;
 const REGISTRY_MBIT: u32 = 100;
 const REGISTRY_RTT: Duration = Duration::from_millis(20);
 /// Where the registry itself listens, inside its namespace.
-const REGISTRY_BEHIND_DELAY: u16 = 5001;
+pub(super) const REGISTRY_BEHIND_DELAY: u16 = 5001;
 const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
 const DATA_BYTES: usize = 6 << 20;
 
