@@ -91,6 +91,8 @@ struct Inner {
     providers: Option<CredentialProviders>,
     tokens: TokenCache,
     policy: RetryPolicy,
+    /// Hosts whose referrers API answered 404: asked at the referrers tag directly since.
+    without_referrers_api: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Answer for Reply {
@@ -168,6 +170,7 @@ impl RegistryClient {
                 providers,
                 tokens: TokenCache::default(),
                 policy,
+                without_referrers_api: Default::default(),
             }),
         })
     }

@@ -33,7 +33,7 @@ pub fn referrers_tag(subject: &Digest) -> String {
 
 impl RegistryClient {
     /// The referrers of `subject` in `image`'s repository: from the referrers API, else (on
-    /// 404) from the referrers tag.
+    /// 404, remembered for the host: one round trip less next time) from the referrers tag.
     pub async fn get_referrers(
         &self,
         image: &ImageRef,
@@ -44,8 +44,15 @@ impl RegistryClient {
         let plan = BodyPlan::Full {
             limit: MAX_MANIFEST_BYTES,
         };
-        let api = self
-            .execute(
+        let host = image.api_host().to_owned();
+        let known_absent = self.inner.without_referrers_api.lock().contains(&host);
+        let api = if known_absent {
+            Err(RegistryError::FetchReferrers {
+                url: String::new(),
+                cause: HttpFailure::Status { status: 404 },
+            })
+        } else {
+            self.execute(
                 image,
                 &format!("referrers/{subject}"),
                 &headers,
@@ -53,7 +60,8 @@ impl RegistryClient {
                 self.inner.policy,
                 &|url, cause| RegistryError::FetchReferrers { url, cause },
             )
-            .await;
+            .await
+        };
         match api {
             Ok((_, reply)) => {
                 return Ok(Referrers::Api(Manifest {
@@ -63,7 +71,9 @@ impl RegistryClient {
                 }))
             }
             Err(error) if !is_not_found(&error) => return Err(error),
-            Err(_) => {}
+            Err(_) => {
+                self.inner.without_referrers_api.lock().insert(host);
+            }
         }
         let tag = referrers_tag(subject);
         let tagged = image
