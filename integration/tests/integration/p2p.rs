@@ -306,8 +306,13 @@ impl Cluster {
             format!(
                 "root = \"{root}\"\nsocket = \"{socket}\"\n[log]\nlevel = \"info,shoal_fetcher=debug\"\n\
                  {credentials}[registry.hosts.\"{registry}\"]\nplain_http = true\n\
-                 [metrics]\naddress = \"{address}:{METRICS_PORT}\"\n{extra}",
+                 [metrics]\naddress = \"{address}:{METRICS_PORT}\"\n\
+                 [handover]\nholder_socket = \"{holder}\"\n{extra}",
                 root = fixture.path("shoal").display(),
+                // A holder of the node's own: one shared by every node of the machine (other
+                // tests' too) gives a starting daemon the others' connections, which it then
+                // releases as no snapshot of its own has them, unmounting live layers.
+                holder = fixture.path("run/fdholder.sock").display(),
                 socket = socket.display(),
                 registry = self.registry_host()?,
             ),
