@@ -16,6 +16,8 @@ pub const FETCH_BACKGROUND_RATE: u64 = 20 << 20;
 pub const FETCH_COMPLETE_AFTER_PERCENT: u8 = 50;
 /// Learned prefetch: record the chunks an image's first start reads, prefetch them later.
 pub const FETCH_LEARN: bool = true;
+/// Pushing traces to registries writes to them: asked for, never by default.
+pub const FETCH_LEARN_PUSH: bool = false;
 /// A start has settled when no chunk was read for the first time for this long: longer than
 /// the pauses between an interpreter's imports, short enough to end before most containers.
 pub const FETCH_LEARN_SETTLE_SECS: u64 = 5;

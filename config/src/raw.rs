@@ -86,6 +86,7 @@ pub struct RawFetch {
     pub learn: Option<bool>,
     pub learn_settle_secs: Option<i64>,
     pub learn_max_bytes: Option<RawByteSize>,
+    pub learn_push: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -111,6 +111,8 @@ pub struct FetchConfig {
     pub learn_settle: Duration,
     /// A recording ends once it names this many compressed bytes.
     pub learn_max_bytes: ByteSize,
+    /// Push each recorded trace to the image's registry as an OCI referrer artifact.
+    pub learn_push: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -325,6 +327,7 @@ impl Config {
                 learn: fetch.learn.unwrap_or(defaults::FETCH_LEARN),
                 learn_settle: Duration::from_secs(learn_settle as u64),
                 learn_max_bytes,
+                learn_push: fetch.learn_push.unwrap_or(defaults::FETCH_LEARN_PUSH),
             },
             registry: RegistryConfig {
                 timeout: Duration::from_secs(timeout as u64),

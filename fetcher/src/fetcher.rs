@@ -4,6 +4,7 @@
 
 mod fill;
 mod piece;
+mod referrer;
 mod run;
 mod warm;
 
@@ -69,6 +70,12 @@ struct Inner {
     fill: Arc<fill::Fill>,
     /// Learned-prefetch traces kept on this node (shared with the peer listener).
     traces: Arc<TraceStore>,
+    /// `fetch.learn_push`: push recorded traces to the registry.
+    learn_push: bool,
+    /// Each image's trace artifact as its registry names it, looked up once.
+    artifacts: crate::referrer::ArtifactMemo,
+    /// One trace push at a time: each reads, modifies and writes the referrers tag.
+    push_turn: tokio::sync::Mutex<()>,
     /// The peer listener, probes and announcer, once started: they end with the fetcher.
     peer_tasks: parking_lot::Mutex<Option<peer::PeerTasks>>,
 }
@@ -127,6 +134,9 @@ impl Fetcher {
                 pieces: Arc::default(),
                 fill: Arc::default(),
                 traces,
+                learn_push: config.learn_push,
+                artifacts: Default::default(),
+                push_turn: tokio::sync::Mutex::new(()),
                 peer_tasks: parking_lot::Mutex::new(None),
             }),
         }

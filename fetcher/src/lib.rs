@@ -37,6 +37,7 @@ pub mod peer;
 mod pieces;
 pub mod private;
 mod reference;
+pub mod referrer;
 mod registry;
 mod runs;
 mod stats;
@@ -62,7 +63,7 @@ pub use registry::{
     MAX_WHOLE_BLOB_BYTES,
 };
 pub use stats::{BlobBytes, FetchStats, Source, MAX_COUNTED_BLOBS};
-pub use traces::{FoundTrace, TraceBook, TraceStore, TraceStoreError};
+pub use traces::{FoundTrace, TraceBook, TraceOrigin, TraceStore, TraceStoreError};
 pub use trust::{
     Anchor, Anchored, BlobRead, Checked, Decode, Expect, MemoryBlobs, Rejection, UnitDigests,
     Verification,

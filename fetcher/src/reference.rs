@@ -86,6 +86,21 @@ impl ImageRef {
         ImageRef::parse(&format!("{host}/{repository}"))
     }
 
+    /// This repository's `tag`.
+    pub fn with_tag(&self, tag: &str) -> Result<ImageRef, ParseError> {
+        ImageRef::parse(&format!("{}/{}:{tag}", self.host, self.repository))
+    }
+
+    /// This repository's manifest `digest`.
+    pub fn with_digest(&self, digest: &Digest) -> ImageRef {
+        ImageRef {
+            host: self.host.clone(),
+            repository: self.repository.clone(),
+            tag: None,
+            digest: Some(digest.clone()),
+        }
+    }
+
     /// The registry as named in references and in the `registry.hosts` configuration.
     pub fn host(&self) -> &str {
         &self.host

@@ -9,6 +9,7 @@
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -16,6 +17,7 @@ use futures::future::BoxFuture;
 use crate::digest::Digest;
 use crate::fetcher::Fetcher;
 use crate::reference::BlobRef;
+use crate::referrer::{PushedTraces, ReferrerError};
 
 /// The largest trace kept, served or accepted from a peer (the format's own cap is below).
 pub const MAX_TRACE_BYTES: usize = 5 << 20;
@@ -83,6 +85,40 @@ impl TraceStore {
         }
     }
 
+    /// Every trace kept for `image`, by layer blob digest (in blob order); files that are
+    /// not a trace's are skipped.
+    pub fn list(&self, image: &Digest) -> Result<Vec<(Digest, Bytes)>, TraceStoreError> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(TraceStoreError::ReadTrace {
+                    path: self.dir.clone(),
+                    source,
+                })
+            }
+        };
+        let prefix = format!("{}-", image.hex());
+        let mut blobs = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let blob = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|n| n.strip_suffix(".trace"))
+                .and_then(|hex| Digest::parse(&format!("sha256:{hex}")).ok());
+            blobs.extend(blob);
+        }
+        blobs.sort();
+        let mut kept = Vec::new();
+        for blob in blobs {
+            if let Some(bytes) = self.get(image, &blob)? {
+                kept.push((blob, bytes));
+            }
+        }
+        Ok(kept)
+    }
+
     /// Keeps `bytes` as the trace of `blob` for `image`: written whole to a temporary file,
     /// synced and renamed over any earlier one, so a crash leaves one or the other.
     pub fn put(&self, image: &Digest, blob: &Digest, bytes: &[u8]) -> Result<(), TraceStoreError> {
@@ -121,9 +157,33 @@ impl TraceStore {
 #[derive(Debug, Clone)]
 pub struct FoundTrace {
     pub bytes: Bytes,
-    /// `None`: this node's own; else the peer that sent it.
-    pub peer: Option<String>,
+    pub origin: TraceOrigin,
 }
+
+/// Where a trace was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TraceOrigin {
+    /// This node's own.
+    Node,
+    /// The peer (its address) that sent it.
+    Peer(String),
+    /// The trace artifact in the image's registry (`host/repository`).
+    Registry(String),
+}
+
+impl TraceOrigin {
+    /// Where, as logs and status say it.
+    pub fn describe(&self) -> String {
+        match self {
+            TraceOrigin::Node => "this node".to_owned(),
+            TraceOrigin::Peer(peer) => peer.clone(),
+            TraceOrigin::Registry(repository) => format!("registry {repository}"),
+        }
+    }
+}
+
+/// Time a layer gives the registry to name and give its trace, lookup included.
+pub const REGISTRY_TRACE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the layers above find and keep traces, without seeing the [`Fetcher`].
 pub trait TraceBook: Send + Sync {
@@ -136,6 +196,14 @@ pub trait TraceBook: Send + Sync {
 
     /// Keeps `bytes` as this node's trace of `blob` for `image` (served to peers from then).
     fn keep(&self, image: &Digest, blob: &Digest, bytes: &[u8]) -> Result<(), TraceStoreError>;
+
+    /// With `fetch.learn_push`, pushes this node's traces of `image` (whose layer `blob` was
+    /// just recorded) to its registry as its trace artifact; `None` when pushing is off.
+    fn publish<'a>(
+        &'a self,
+        image: &'a Digest,
+        blob: &'a BlobRef,
+    ) -> BoxFuture<'a, Option<Result<PushedTraces, ReferrerError>>>;
 }
 
 impl TraceBook for Fetcher {
@@ -151,18 +219,33 @@ impl TraceBook for Fetcher {
                 .await
                 .unwrap_or(Ok(None))?;
             if let Some(bytes) = local {
-                return Ok(Some(FoundTrace { bytes, peer: None }));
-            }
-            let Some(peers) = self.peers() else {
-                return Ok(None);
-            };
-            Ok(peers
-                .trace(image, blob)
-                .await
-                .map(|(peer, bytes)| FoundTrace {
+                return Ok(Some(FoundTrace {
                     bytes,
-                    peer: Some(peer.to_string()),
-                }))
+                    origin: TraceOrigin::Node,
+                }));
+            }
+            if let Some(peers) = self.peers() {
+                if let Some((peer, bytes)) = peers.trace(image, blob).await {
+                    return Ok(Some(FoundTrace {
+                        bytes,
+                        origin: TraceOrigin::Peer(peer.to_string()),
+                    }));
+                }
+            }
+            Ok(self.registry_trace(image, blob).await)
+        })
+    }
+
+    fn publish<'a>(
+        &'a self,
+        image: &'a Digest,
+        blob: &'a BlobRef,
+    ) -> BoxFuture<'a, Option<Result<PushedTraces, ReferrerError>>> {
+        Box::pin(async move {
+            if !self.learn_push() {
+                return None;
+            }
+            Some(self.push_traces(&blob.image, image).await)
         })
     }
 
@@ -189,6 +272,26 @@ mod tests {
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(store.dir()), 0o700);
         assert_eq!(mode(&store.path(&image, &blob)), 0o600);
+    }
+
+    #[test]
+    fn an_images_traces_are_listed_by_layer_and_no_other_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TraceStore::new(dir.path().join("traces"));
+        let (image, other) = (Digest::of(b"i"), Digest::of(b"o"));
+        assert!(store.list(&image).unwrap().is_empty(), "no directory yet");
+        let (b1, b2) = (Digest::of(b"b1"), Digest::of(b"b2"));
+        store.put(&image, &b1, b"one").unwrap();
+        store.put(&image, &b2, b"two").unwrap();
+        store.put(&other, &b1, b"else").unwrap();
+        std::fs::write(
+            store.dir().join(format!("{}-junk.trace", image.hex())),
+            b"x",
+        )
+        .unwrap();
+        let mut want = vec![(b1, Bytes::from("one")), (b2, Bytes::from("two"))];
+        want.sort();
+        assert_eq!(store.list(&image).unwrap(), want);
     }
 
     #[test]

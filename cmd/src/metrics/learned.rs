@@ -16,12 +16,13 @@ pub fn render(out: &mut String, learn: &LearnStats) {
     };
     metric(
         "traces_total",
-        "Learned-prefetch traces: recorded and kept, replayed (of which from a peer), \
+        "Learned-prefetch traces: recorded and kept, replayed (of which from a peer, from the registry), \
          rejected as damaged, ignored as another image's.",
         &[
             ("{outcome=\"recorded\"}", learn.recorded),
             ("{outcome=\"replayed\"}", learn.replayed),
             ("{outcome=\"from_peer\"}", learn.from_peers),
+            ("{outcome=\"from_registry\"}", learn.from_registry),
             ("{outcome=\"rejected\"}", learn.rejected),
             ("{outcome=\"ignored\"}", learn.ignored),
         ],

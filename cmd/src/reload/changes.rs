@@ -82,7 +82,8 @@ impl Changes {
             "learned prefetch is set up at start",
             f.learn != g.learn
                 || f.learn_settle != g.learn_settle
-                || f.learn_max_bytes != g.learn_max_bytes,
+                || f.learn_max_bytes != g.learn_max_bytes
+                || f.learn_push != g.learn_push,
         );
         changes.restart(
             "metrics.address",
@@ -146,6 +147,7 @@ impl Changes {
                 learn: old.fetch.learn,
                 learn_settle: old.fetch.learn_settle,
                 learn_max_bytes: old.fetch.learn_max_bytes,
+                learn_push: old.fetch.learn_push,
                 ..new.fetch.clone()
             },
             ..old.clone()

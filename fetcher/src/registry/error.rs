@@ -35,6 +35,9 @@ pub enum RegistryError {
     #[error("fetch manifest {url}: {cause}")]
     FetchManifest { url: String, cause: HttpFailure },
 
+    #[error("list referrers {url}: {cause}")]
+    FetchReferrers { url: String, cause: HttpFailure },
+
     #[error("fetch blob {url}: {cause}")]
     FetchBlob { url: String, cause: HttpFailure },
 

@@ -14,6 +14,7 @@ mod lent;
 mod provider;
 mod pull_secrets;
 mod push;
+mod referrers;
 mod retry;
 mod sources;
 mod transport;
@@ -36,6 +37,7 @@ pub use lent::LentAuthorization;
 pub use provider::CredentialProviders;
 pub use pull_secrets::{image_key, PullSecrets};
 pub use push::{BlobContent, Pushed, PushedManifest};
+pub use referrers::{is_not_found, Referrers, OCI_INDEX};
 use retry::Budget;
 pub use retry::RetryPolicy;
 pub use sources::CredentialSources;
@@ -89,6 +91,8 @@ struct Inner {
     providers: Option<CredentialProviders>,
     tokens: TokenCache,
     policy: RetryPolicy,
+    /// Hosts whose referrers API answered 404: asked at the referrers tag directly since.
+    without_referrers_api: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Answer for Reply {
@@ -166,6 +170,7 @@ impl RegistryClient {
                 providers,
                 tokens: TokenCache::default(),
                 policy,
+                without_referrers_api: Default::default(),
             }),
         })
     }

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use shoal_fetcher::{Digest, TraceBook};
+use shoal_fetcher::{Digest, TraceBook, TraceOrigin};
 use shoal_formats::estargz::{Chunk, Ino};
 use shoal_formats::trace::{Trace, Unit, MAX_ENTRIES};
 use tokio::sync::Notify;
@@ -57,7 +57,8 @@ pub struct LayerLearning {
     pub chunks: u64,
     /// Their compressed bytes.
     pub bytes: u64,
-    /// The peer the trace came from (empty: this node's own).
+    /// Where the trace came from: a peer's address, `registry <host>/<repository>`, or
+    /// empty for this node's own.
     #[serde(default)]
     pub peer: String,
     /// Why a trace was not used, when one was found.
@@ -86,6 +87,8 @@ pub struct LearnStats {
     pub recorded: u64,
     pub replayed: u64,
     pub from_peers: u64,
+    #[serde(default)]
+    pub from_registry: u64,
     /// Traces that did not parse.
     pub rejected: u64,
     /// Traces for another image or layer.
@@ -100,6 +103,7 @@ struct Counters {
     recorded: AtomicU64,
     replayed: AtomicU64,
     from_peers: AtomicU64,
+    from_registry: AtomicU64,
     rejected: AtomicU64,
     ignored: AtomicU64,
     prefetched_chunks: AtomicU64,
@@ -134,6 +138,7 @@ impl Learning {
             recorded: get(&c.recorded),
             replayed: get(&c.replayed),
             from_peers: get(&c.from_peers),
+            from_registry: get(&c.from_registry),
             rejected: get(&c.rejected),
             ignored: get(&c.ignored),
             prefetched_chunks: get(&c.prefetched_chunks),
@@ -272,7 +277,7 @@ pub(crate) async fn run(
         }
     };
     if let Some(found) = found {
-        let from = found.peer.clone().unwrap_or_else(|| "this node".into());
+        let from = found.origin.describe();
         match Trace::decode(&found.bytes) {
             Ok(trace)
                 if trace.unit == Unit::EstargzChunk
@@ -280,7 +285,7 @@ pub(crate) async fn run(
                     && trace.layer == blob.digest.raw().0 =>
             {
                 recorder.stop();
-                replay(&learning, &image, &layer, &reader, &trace, found.peer).await;
+                replay(&learning, &image, &layer, &reader, &trace, found.origin).await;
                 return;
             }
             Ok(trace) => {
@@ -322,6 +327,15 @@ pub(crate) async fn run(
                 l.chunks = chunks;
                 l.bytes = bytes;
             });
+            match learning.book.publish(&image, blob).await {
+                None => {}
+                Some(Ok(pushed)) => {
+                    info!(blob = %blob.digest, %image, artifact = %pushed.artifact, traces = pushed.traces, tag = pushed.tag.as_deref().unwrap_or(""), "traces pushed to the registry")
+                }
+                Some(Err(error)) => {
+                    warn!(blob = %blob.digest, %image, error = %shoal_fetcher::with_causes(&error), "traces not pushed to the registry")
+                }
+            }
         }
         Ok(Err(error)) => {
             warn!(blob = %blob.digest, %image, error = %shoal_fetcher::with_causes(&error), "trace recorded but not kept")
@@ -336,8 +350,12 @@ async fn replay(
     layer: &EstargzLayer,
     reader: &Arc<ChunkReader>,
     trace: &Trace,
-    peer: Option<String>,
+    origin: TraceOrigin,
 ) {
+    let peer = match &origin {
+        TraceOrigin::Node => None,
+        other => Some(other.describe()),
+    };
     let blob = &layer.blob;
     learning.report(&blob.digest, |l| {
         l.state = LearnState::Replaying;
@@ -360,13 +378,16 @@ async fn replay(
         l.bytes = replayed.bytes;
     });
     if let Some(peer) = peer {
-        add(&c.from_peers, 1);
+        match origin {
+            TraceOrigin::Registry(_) => add(&c.from_registry, 1),
+            _ => add(&c.from_peers, 1),
+        }
         // Kept here too, so this node can give it on.
         let bytes = trace.encode();
         let (book, image, digest) = (learning.book.clone(), image.clone(), blob.digest.clone());
         let kept = tokio::task::spawn_blocking(move || book.keep(&image, &digest, &bytes)).await;
         if let Ok(Err(error)) = kept {
-            warn!(%peer, error = %shoal_fetcher::with_causes(&error), "trace from a peer not kept");
+            warn!(from = %peer, error = %shoal_fetcher::with_causes(&error), "trace from elsewhere not kept");
         }
     }
 }

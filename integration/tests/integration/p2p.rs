@@ -38,6 +38,7 @@ mod outsiders;
 mod overlaybd;
 mod preheat;
 mod private;
+mod referrer;
 mod reshare;
 mod tls;
 
@@ -49,7 +50,7 @@ const METRICS_PORT: u16 = 9464;
 const REGISTRY_MBIT: u32 = 100;
 const REGISTRY_RTT: Duration = Duration::from_millis(20);
 /// Where the registry itself listens, inside its namespace.
-const REGISTRY_BEHIND_DELAY: u16 = 5001;
+pub(super) const REGISTRY_BEHIND_DELAY: u16 = 5001;
 const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
 const DATA_BYTES: usize = 6 << 20;
 
@@ -306,8 +307,13 @@ impl Cluster {
             format!(
                 "root = \"{root}\"\nsocket = \"{socket}\"\n[log]\nlevel = \"info,shoal_fetcher=debug\"\n\
                  {credentials}[registry.hosts.\"{registry}\"]\nplain_http = true\n\
-                 [metrics]\naddress = \"{address}:{METRICS_PORT}\"\n{extra}",
+                 [metrics]\naddress = \"{address}:{METRICS_PORT}\"\n\
+                 [handover]\nholder_socket = \"{holder}\"\n{extra}",
                 root = fixture.path("shoal").display(),
+                // A holder of the node's own: one shared by every node of the machine (other
+                // tests' too) gives a starting daemon the others' connections, which it then
+                // releases as no snapshot of its own has them, unmounting live layers.
+                holder = fixture.path("run/fdholder.sock").display(),
                 socket = socket.display(),
                 registry = self.registry_host()?,
             ),

@@ -14,11 +14,11 @@ use super::{with_cluster, Cluster, Published};
 use crate::fixture::{privileged, wait_until, Fixture};
 
 /// Short, so a recording ends soon after the container's last read.
-const LEARN: &str = "[fetch]\nlearn_settle_secs = 1\n";
+pub(super) const LEARN: &str = "[fetch]\nlearn_settle_secs = 1\n";
 
 /// Runs the image on node `i` and waits until each layer it read has its trace recorded;
 /// returns the learned layers (digest, chunks) from its status.
-fn record(
+pub(super) fn record(
     cluster: &Cluster,
     i: usize,
     reference: &str,
@@ -44,7 +44,7 @@ fn record(
 }
 
 /// Node `i`'s kept traces.
-fn traces(cluster: &Cluster, i: usize) -> Result<Vec<PathBuf>> {
+pub(super) fn traces(cluster: &Cluster, i: usize) -> Result<Vec<PathBuf>> {
     let dir = cluster.nodes[i].cache.with_file_name("traces");
     let mut files: Vec<PathBuf> = fs::read_dir(&dir)
         .with_context(|| format!("list {}", dir.display()))?
@@ -210,7 +210,7 @@ fn retarget(bytes: &mut [u8]) {
 }
 
 /// Flips a byte inside a trace's entries or header.
-fn damage(bytes: &mut [u8]) {
+pub(super) fn damage(bytes: &mut [u8]) {
     let at = bytes.len() / 2;
     bytes[at] ^= 0x01;
 }
