@@ -10,10 +10,9 @@ pub const FETCH_MAX_CONCURRENT: usize = 32;
 pub const FETCH_PREFETCH: bool = true;
 pub const FETCH_BACKGROUND: bool = false;
 pub const FETCH_BACKGROUND_RATE: u64 = 20 << 20;
-/// A layer whose reads have brought in this share of it is completed in the background: a
-/// container that read half a layer reads the rest (README, Benchmark: "readall"), and one
-/// that reads a little of a large layer never gets near it ("echo-large", "server").
-pub const FETCH_COMPLETE_AFTER_PERCENT: u8 = 50;
+/// Read-triggered completion is off (0): measured, it moves more bytes and starts no faster
+/// (README, Benchmark: "Completion started by reads").
+pub const FETCH_COMPLETE_AFTER_PERCENT: u8 = 0;
 /// Learned prefetch: record the chunks an image's first start reads, prefetch them later.
 pub const FETCH_LEARN: bool = true;
 /// Pushing traces to registries writes to them: asked for, never by default.

@@ -238,11 +238,13 @@ impl Config {
             ));
         }
 
-        let complete_after_percent = match fetch.complete_after_percent {
-            None => Some(defaults::FETCH_COMPLETE_AFTER_PERCENT),
-            Some(0) => None,
-            Some(percent @ 1..=100) => Some(percent as u8),
-            Some(other) => {
+        let complete_after_percent = match fetch
+            .complete_after_percent
+            .unwrap_or(defaults::FETCH_COMPLETE_AFTER_PERCENT.into())
+        {
+            0 => None,
+            percent @ 1..=100 => Some(percent as u8),
+            other => {
                 return Err(ConfigError::invalid(
                     "fetch.complete_after_percent",
                     format!("{other} is outside 0..=100 (0: never)"),
@@ -595,10 +597,9 @@ mod tests {
     #[test]
     fn read_triggered_completion_is_a_share_of_the_layer_and_zero_turns_it_off() {
         let default = Config::parse("").unwrap();
-        assert_eq!(
-            default.fetch.complete_after_percent,
-            Some(defaults::FETCH_COMPLETE_AFTER_PERCENT)
-        );
+        assert_eq!(default.fetch.complete_after_percent, None);
+        let half = Config::parse("[fetch]\ncomplete_after_percent = 50").unwrap();
+        assert_eq!(half.fetch.complete_after_percent, Some(50));
         let off = Config::parse("[fetch]\ncomplete_after_percent = 0").unwrap();
         assert_eq!(off.fetch.complete_after_percent, None);
         let all = Config::parse("[fetch]\ncomplete_after_percent = 100").unwrap();

@@ -6,9 +6,8 @@
 //! background fetch for 5 s after any read; a container reading much keeps it paused).
 //!
 //! A blob is completed from its mount (`fetch.background`), or once reads have brought in a
-//! good share of it ([`read_most`], `fetch.complete_after_percent`): a container that has
-//! read half a layer will most likely read the rest, and the rest then comes at link speed
-//! instead of read by read.
+//! share of it ([`read_most`], `fetch.complete_after_percent`, off by default: started midway
+//! it fetches again bytes that reads are fetching, README "Completion started by reads").
 
 use std::future::Future;
 use std::ops::Range;

@@ -33,8 +33,8 @@ pub struct Daemon {
 }
 
 /// `extra` with read-triggered completion (`fetch.complete_after_percent`) off unless it sets
-/// it: completing a layer its reads brought in half of adds background bytes to what most
-/// tests count; the tests of that completion turn it on.
+/// it, whatever the default: it adds background bytes to what most tests count; the tests of
+/// that completion turn it on.
 pub fn without_read_completion(extra: &str) -> String {
     if extra.contains("complete_after_percent") {
         extra.to_owned()
