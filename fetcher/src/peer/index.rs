@@ -23,8 +23,15 @@ use crate::digest::Digest;
 const BLOB_COST: usize = 192;
 const HOLDER_COST: usize = 96;
 const GRANT_COST: usize = 48;
-/// Holders kept per blob; the stalest are forgotten first.
-const MAX_HOLDERS: usize = 256;
+/// Holders kept per blob; the stalest are forgotten first. Enough for every node of a large
+/// cluster: an owner that forgets holders tells later askers that nobody holds a block many
+/// nodes have, and they go to the registry. Memory stays bounded by this and by the cap
+/// (a holder costs `HOLDER_COST` plus its block set: about 0.5 MiB for a blob held by 4,096
+/// nodes), which forgets the stalest holders of a blob too large on its own.
+const MAX_HOLDERS: usize = 4096;
+/// Holders named in one answer, least loaded first: enough for a hedge and for retries on
+/// others when some are busy, without an answer growing with the cluster.
+pub const NAMED_HOLDERS: usize = 8;
 /// How soon an asker told to wait asks again.
 const RETRY: Duration = Duration::from_millis(20);
 /// Hand-outs of a holder are counted over windows this long to find the least loaded.
@@ -256,7 +263,7 @@ impl OwnerIndex {
             .retain(|_, (_, granted)| now.duration_since(*granted) < grant);
         let mut advice = Vec::with_capacity(count as usize);
         for index in first..first.saturating_add(count) {
-            let mut holders: Vec<(bool, u32, PeerAddr)> = entry
+            let mut holders: Vec<(u32, PeerAddr)> = entry
                 .holders
                 .iter_mut()
                 .filter(|(addr, holding)| {
@@ -269,16 +276,16 @@ impl OwnerIndex {
                         holding.handed_out = 0;
                         holding.window = now;
                     }
-                    ((excluded.busy)(addr), holding.handed_out, *addr)
+                    (holding.handed_out, *addr)
                 })
                 .collect();
             if !holders.is_empty() {
-                holders.sort();
-                if let Some(holding) = entry.holders.get_mut(&holders[0].2) {
+                let named = name_holders(&mut holders, excluded.busy);
+                if let Some(holding) = entry.holders.get_mut(&named[0]) {
                     holding.handed_out += 1;
                 }
                 advice.push(Advice::Holders {
-                    holders: holders.iter().map(|(_, _, a)| a.to_string()).collect(),
+                    holders: named.iter().map(PeerAddr::to_string).collect(),
                 });
                 continue;
             }
@@ -301,6 +308,28 @@ impl OwnerIndex {
         state.settle(blob, self.cap);
         advice
     }
+}
+
+/// The few of `holders` (hand-outs, address) an answer names: the least handed out first,
+/// busy ones after the others (named still: a busy holder answers shortly, and leaving out
+/// a lone one would send the asker to the registry for a block the cluster has).
+fn name_holders(
+    holders: &mut [(u32, PeerAddr)],
+    busy: &dyn Fn(&PeerAddr) -> bool,
+) -> Vec<PeerAddr> {
+    // Only the least handed out are candidates: sorting a thousand holders per block on
+    // every lookup is what a large cluster's owner cannot afford.
+    let candidates = (NAMED_HOLDERS * 4).min(holders.len());
+    if candidates < holders.len() {
+        holders.select_nth_unstable(candidates - 1);
+    }
+    let candidates = &mut holders[..candidates];
+    candidates.sort_unstable();
+    let (free, busy): (Vec<PeerAddr>, Vec<PeerAddr>) = candidates
+        .iter()
+        .map(|(_, addr)| *addr)
+        .partition(|addr| !busy(addr));
+    free.into_iter().chain(busy).take(NAMED_HOLDERS).collect()
 }
 
 #[cfg(test)]

@@ -17,6 +17,12 @@ use super::wire::Advice;
 
 /// How soon blocks whose holders are all busy are asked about again.
 pub const BUSY_RETRY: Duration = Duration::from_millis(50);
+/// How long, in budgets, a block whose holders are all busy is waited for while no new
+/// holder of it appears. A busy holder is alive and sending the block to others, who then
+/// hold it too; only a holder that stays busy this long without the block spreading is
+/// stuck, and the registry is a second fetch of the block for the cluster. The fetch's
+/// deadline bounds the wait whatever happens.
+pub const BUSY_BUDGETS: u32 = 5;
 
 /// One fetch's state across its rounds of lookups: blocks still pending, holders tried for
 /// each, blocks whose holders were all busy (and since when), and blocks for the registry.
@@ -151,7 +157,9 @@ impl PeerFetchPlan {
                     if !usable.is_empty() {
                         plan.push((index, usable));
                     } else if some_busy()
-                        && now < *self.busy_since.entry(index).or_insert(now) + self.budget
+                        && now
+                            < *self.busy_since.entry(index).or_insert(now)
+                                + self.budget * BUSY_BUDGETS
                     {
                         // Busy holders will answer shortly; the registry would be a second
                         // fetch of the block for the cluster.
