@@ -263,7 +263,7 @@ impl OwnerIndex {
             .retain(|_, (_, granted)| now.duration_since(*granted) < grant);
         let mut advice = Vec::with_capacity(count as usize);
         for index in first..first.saturating_add(count) {
-            let mut holders: Vec<(u32, PeerAddr)> = entry
+            let mut holders: Vec<(bool, u32, PeerAddr)> = entry
                 .holders
                 .iter_mut()
                 .filter(|(addr, holding)| {
@@ -276,11 +276,11 @@ impl OwnerIndex {
                         holding.handed_out = 0;
                         holding.window = now;
                     }
-                    (holding.handed_out, *addr)
+                    ((excluded.busy)(addr), holding.handed_out, *addr)
                 })
                 .collect();
             if !holders.is_empty() {
-                let named = name_holders(&mut holders, excluded.busy);
+                let named = name_holders(&mut holders);
                 if let Some(holding) = entry.holders.get_mut(&named[0]) {
                     holding.handed_out += 1;
                 }
@@ -310,26 +310,19 @@ impl OwnerIndex {
     }
 }
 
-/// The few of `holders` (hand-outs, address) an answer names: the least handed out first,
-/// busy ones after the others (named still: a busy holder answers shortly, and leaving out
-/// a lone one would send the asker to the registry for a block the cluster has).
-fn name_holders(
-    holders: &mut [(u32, PeerAddr)],
-    busy: &dyn Fn(&PeerAddr) -> bool,
-) -> Vec<PeerAddr> {
-    // Only the least handed out are candidates: sorting a thousand holders per block on
-    // every lookup is what a large cluster's owner cannot afford.
-    let candidates = (NAMED_HOLDERS * 4).min(holders.len());
-    if candidates < holders.len() {
-        holders.select_nth_unstable(candidates - 1);
+/// The few of `holders` (busy, hand-outs, address) an answer names: free ones before busy
+/// ones (named still: a busy holder answers shortly, and leaving out a lone one would send
+/// the asker to the registry for a block the cluster has), the least handed out first.
+fn name_holders(holders: &mut [(bool, u32, PeerAddr)]) -> Vec<PeerAddr> {
+    // A partial selection: sorting a thousand holders per block on every lookup is what a
+    // large cluster's owner cannot afford.
+    let named = NAMED_HOLDERS.min(holders.len());
+    if named < holders.len() {
+        holders.select_nth_unstable(named - 1);
     }
-    let candidates = &mut holders[..candidates];
-    candidates.sort_unstable();
-    let (free, busy): (Vec<PeerAddr>, Vec<PeerAddr>) = candidates
-        .iter()
-        .map(|(_, addr)| *addr)
-        .partition(|addr| !busy(addr));
-    free.into_iter().chain(busy).take(NAMED_HOLDERS).collect()
+    let named = &mut holders[..named];
+    named.sort_unstable();
+    named.iter().map(|(_, _, addr)| *addr).collect()
 }
 
 #[cfg(test)]
@@ -509,6 +502,79 @@ mod tests {
             );
             // Not a second registry fetch of a block the cluster has.
             assert_eq!(holders(&advice[1]), [addr(1).to_string()]);
+        }
+    }
+
+    /// The `n`th of many nodes.
+    fn node(n: u32) -> PeerAddr {
+        let [_, b, c, d] = (n + 1).to_be_bytes();
+        PeerAddr(std::net::SocketAddr::from(([10, b, c, d], 7420)))
+    }
+
+    #[test]
+    fn a_thousand_holders_are_remembered_and_an_answer_names_a_few_spread_over_them() {
+        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2), 64 << 20);
+        let blob = Digest::of(b"blob");
+        let t0 = Instant::now();
+        // The first holder alone has block 1; a thousand announce block 0 after it.
+        index.announce(t0, node(0), &blob, &blocks(&[0, 1]), false);
+        for n in 1..1000 {
+            let at = t0 + Duration::from_micros(u64::from(n));
+            index.announce(at, node(n), &blob, &blocks(&[0]), false);
+        }
+        let t1 = t0 + Duration::from_millis(10);
+        let names = |advice: &Advice| match advice {
+            Advice::Holders { holders } => holders.clone(),
+            other => panic!("{other:?}"),
+        };
+        let advice = index.lookup(t1, Some(node(5000)), &blob, 0, 2, &NONE);
+        assert_eq!(names(&advice[0]).len(), NAMED_HOLDERS);
+        assert_eq!(
+            names(&advice[1]),
+            [node(0).to_string()],
+            "the stalest of a thousand holders is not forgotten"
+        );
+        // Hand-outs go to the least handed out first: a herd of askers is spread.
+        let mut first = std::collections::HashSet::new();
+        for asker in 0..500 {
+            let advice = index.lookup(t1, Some(node(2000 + asker)), &blob, 0, 1, &NONE);
+            let named = names(&advice[0]);
+            assert_eq!(named.len(), NAMED_HOLDERS);
+            first.insert(named[0].clone());
+        }
+        assert_eq!(
+            first.len(),
+            500,
+            "no holder handed out twice before all once"
+        );
+    }
+
+    #[test]
+    fn busy_holders_are_named_after_free_ones_among_many() {
+        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2), 64 << 20);
+        let blob = Digest::of(b"blob");
+        let t0 = Instant::now();
+        for n in 0..100 {
+            index.announce(t0, node(n), &blob, &blocks(&[0]), false);
+        }
+        // All but three are busy: those three come first.
+        let busy = |a: &PeerAddr| ![node(7), node(42), node(99)].contains(a);
+        let excluded = Exclusions {
+            holder: &|_| false,
+            busy: &busy,
+            grantee: &|_| false,
+        };
+        match &index.lookup(t0, Some(node(500)), &blob, 0, 1, &excluded)[0] {
+            Advice::Holders { holders } => {
+                let mut free = holders[..3].to_vec();
+                free.sort();
+                let mut want = [node(7), node(42), node(99)]
+                    .map(|a| a.to_string())
+                    .to_vec();
+                want.sort();
+                assert_eq!((free, holders.len()), (want, NAMED_HOLDERS));
+            }
+            other => panic!("{other:?}"),
         }
     }
 
