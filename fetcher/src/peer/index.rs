@@ -23,8 +23,15 @@ use crate::digest::Digest;
 const BLOB_COST: usize = 192;
 const HOLDER_COST: usize = 96;
 const GRANT_COST: usize = 48;
-/// Holders kept per blob; the stalest are forgotten first.
-const MAX_HOLDERS: usize = 256;
+/// Holders kept per blob; the stalest are forgotten first. Enough for every node of a large
+/// cluster: an owner that forgets holders tells later askers that nobody holds a block many
+/// nodes have, and they go to the registry. Memory stays bounded by this and by the cap
+/// (a holder costs `HOLDER_COST` plus its block set: about 0.5 MiB for a blob held by 4,096
+/// nodes), which forgets the stalest holders of a blob too large on its own.
+const MAX_HOLDERS: usize = 4096;
+/// Holders named in one answer, least loaded first: enough for a hedge and for retries on
+/// others when some are busy, without an answer growing with the cluster.
+pub const NAMED_HOLDERS: usize = 8;
 /// How soon an asker told to wait asks again.
 const RETRY: Duration = Duration::from_millis(20);
 /// Hand-outs of a holder are counted over windows this long to find the least loaded.
@@ -273,12 +280,12 @@ impl OwnerIndex {
                 })
                 .collect();
             if !holders.is_empty() {
-                holders.sort();
-                if let Some(holding) = entry.holders.get_mut(&holders[0].2) {
+                let named = name_holders(&mut holders);
+                if let Some(holding) = entry.holders.get_mut(&named[0]) {
                     holding.handed_out += 1;
                 }
                 advice.push(Advice::Holders {
-                    holders: holders.iter().map(|(_, _, a)| a.to_string()).collect(),
+                    holders: named.iter().map(PeerAddr::to_string).collect(),
                 });
                 continue;
             }
@@ -301,6 +308,21 @@ impl OwnerIndex {
         state.settle(blob, self.cap);
         advice
     }
+}
+
+/// The few of `holders` (busy, hand-outs, address) an answer names: free ones before busy
+/// ones (named still: a busy holder answers shortly, and leaving out a lone one would send
+/// the asker to the registry for a block the cluster has), the least handed out first.
+fn name_holders(holders: &mut [(bool, u32, PeerAddr)]) -> Vec<PeerAddr> {
+    // A partial selection: sorting a thousand holders per block on every lookup is what a
+    // large cluster's owner cannot afford.
+    let named = NAMED_HOLDERS.min(holders.len());
+    if named < holders.len() {
+        holders.select_nth_unstable(named - 1);
+    }
+    let named = &mut holders[..named];
+    named.sort_unstable();
+    named.iter().map(|(_, _, addr)| *addr).collect()
 }
 
 #[cfg(test)]
@@ -480,6 +502,79 @@ mod tests {
             );
             // Not a second registry fetch of a block the cluster has.
             assert_eq!(holders(&advice[1]), [addr(1).to_string()]);
+        }
+    }
+
+    /// The `n`th of many nodes.
+    fn node(n: u32) -> PeerAddr {
+        let [_, b, c, d] = (n + 1).to_be_bytes();
+        PeerAddr(std::net::SocketAddr::from(([10, b, c, d], 7420)))
+    }
+
+    #[test]
+    fn a_thousand_holders_are_remembered_and_an_answer_names_a_few_spread_over_them() {
+        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2), 64 << 20);
+        let blob = Digest::of(b"blob");
+        let t0 = Instant::now();
+        // The first holder alone has block 1; a thousand announce block 0 after it.
+        index.announce(t0, node(0), &blob, &blocks(&[0, 1]), false);
+        for n in 1..1000 {
+            let at = t0 + Duration::from_micros(u64::from(n));
+            index.announce(at, node(n), &blob, &blocks(&[0]), false);
+        }
+        let t1 = t0 + Duration::from_millis(10);
+        let names = |advice: &Advice| match advice {
+            Advice::Holders { holders } => holders.clone(),
+            other => panic!("{other:?}"),
+        };
+        let advice = index.lookup(t1, Some(node(5000)), &blob, 0, 2, &NONE);
+        assert_eq!(names(&advice[0]).len(), NAMED_HOLDERS);
+        assert_eq!(
+            names(&advice[1]),
+            [node(0).to_string()],
+            "the stalest of a thousand holders is not forgotten"
+        );
+        // Hand-outs go to the least handed out first: a herd of askers is spread.
+        let mut first = std::collections::HashSet::new();
+        for asker in 0..500 {
+            let advice = index.lookup(t1, Some(node(2000 + asker)), &blob, 0, 1, &NONE);
+            let named = names(&advice[0]);
+            assert_eq!(named.len(), NAMED_HOLDERS);
+            first.insert(named[0].clone());
+        }
+        assert_eq!(
+            first.len(),
+            500,
+            "no holder handed out twice before all once"
+        );
+    }
+
+    #[test]
+    fn busy_holders_are_named_after_free_ones_among_many() {
+        let index = OwnerIndex::new(Duration::from_secs(60), Duration::from_secs(2), 64 << 20);
+        let blob = Digest::of(b"blob");
+        let t0 = Instant::now();
+        for n in 0..100 {
+            index.announce(t0, node(n), &blob, &blocks(&[0]), false);
+        }
+        // All but three are busy: those three come first.
+        let busy = |a: &PeerAddr| ![node(7), node(42), node(99)].contains(a);
+        let excluded = Exclusions {
+            holder: &|_| false,
+            busy: &busy,
+            grantee: &|_| false,
+        };
+        match &index.lookup(t0, Some(node(500)), &blob, 0, 1, &excluded)[0] {
+            Advice::Holders { holders } => {
+                let mut free = holders[..3].to_vec();
+                free.sort();
+                let mut want = [node(7), node(42), node(99)]
+                    .map(|a| a.to_string())
+                    .to_vec();
+                want.sort();
+                assert_eq!((free, holders.len()), (want, NAMED_HOLDERS));
+            }
+            other => panic!("{other:?}"),
         }
     }
 

@@ -17,6 +17,12 @@ use super::wire::Advice;
 
 /// How soon blocks whose holders are all busy are asked about again.
 pub const BUSY_RETRY: Duration = Duration::from_millis(50);
+/// How long, in budgets, a block whose holders are all busy is waited for while no new
+/// holder of it appears. A busy holder is alive and sending the block to others, who then
+/// hold it too; only a holder that stays busy this long without the block spreading is
+/// stuck, and the registry is a second fetch of the block for the cluster. The fetch's
+/// deadline bounds the wait whatever happens.
+pub const BUSY_BUDGETS: u32 = 5;
 
 /// One fetch's state across its rounds of lookups: blocks still pending, holders tried for
 /// each, blocks whose holders were all busy (and since when), and blocks for the registry.
@@ -151,7 +157,9 @@ impl PeerFetchPlan {
                     if !usable.is_empty() {
                         plan.push((index, usable));
                     } else if some_busy()
-                        && now < *self.busy_since.entry(index).or_insert(now) + self.budget
+                        && now
+                            < *self.busy_since.entry(index).or_insert(now)
+                                + self.budget * BUSY_BUDGETS
                     {
                         // Busy holders will answer shortly; the registry would be a second
                         // fetch of the block for the cluster.
@@ -334,8 +342,11 @@ mod tests {
         assert_eq!(plan.after(&step), AfterRound::Registry);
     }
 
+    /// How long busy holders are waited for without the block spreading.
+    const BUSY_WAIT: Duration = Duration::from_secs(2 * BUSY_BUDGETS as u64);
+
     #[test]
-    fn busy_holders_are_waited_for_one_budget_at_most() {
+    fn busy_holders_are_waited_for_a_few_budgets_at_most() {
         use super::super::member::Penalty;
         let members = members();
         let t0 = Instant::now();
@@ -344,16 +355,64 @@ mod tests {
         let step = plan.advise(t0, 0, &[holders(&[2])], Some(addr(1)), &members);
         assert_eq!(step.wait, Some(BUSY_RETRY));
         assert_eq!(plan.after(&step), AfterRound::Pause(BUSY_RETRY));
-        // Still busy a budget later (penalised again): the registry.
+        // Still busy a budget later: a herd being served, waited for still.
         let t1 = t0 + BUDGET;
         members.penalise(addr(2), Penalty::Busy, t1);
         let step = plan.advise(t1, 0, &[holders(&[2])], Some(addr(1)), &members);
+        assert_eq!((step.wait, step.fallbacks), (Some(BUSY_RETRY), 0));
+        plan.after(&step);
+        // Still busy and the block not spreading for the whole wait: the registry.
+        let t2 = t0 + BUSY_WAIT;
+        members.penalise(addr(2), Penalty::Busy, t2);
+        let step = plan.advise(t2, 0, &[holders(&[2])], Some(addr(1)), &members);
         assert_eq!((step.wait, step.fallbacks), (None, 1));
         assert_eq!(plan.after(&step), AfterRound::Registry);
     }
 
     #[test]
-    fn a_block_gaining_holders_waits_on_busy_holders_past_one_budget() {
+    fn a_block_whose_holders_are_busy_waits_then_goes_to_another_holder() {
+        use super::super::member::Penalty;
+        let members = members();
+        let t0 = Instant::now();
+        let mut plan = PeerFetchPlan::new(&[0, 1], BUDGET);
+        members.penalise(addr(2), Penalty::Busy, t0);
+        let step = plan.advise(
+            t0,
+            0,
+            &[holders(&[2]), holders(&[2])],
+            Some(addr(1)),
+            &members,
+        );
+        assert!(step.runs.is_empty());
+        assert_eq!(plan.after(&step), AfterRound::Pause(BUSY_RETRY));
+        // Past one budget (where the registry used to take over) the owner names a free
+        // holder: it is asked, and nothing goes to the registry.
+        let t1 = t0 + BUDGET + Duration::from_millis(100);
+        members.penalise(addr(2), Penalty::Busy, t1);
+        let step = plan.advise(
+            t1,
+            0,
+            &[holders(&[2, 3]), holders(&[2, 3])],
+            Some(addr(1)),
+            &members,
+        );
+        assert_eq!(step.fallbacks, 0);
+        assert_eq!(
+            (step.runs[0].holder, step.runs[0].blocks.clone()),
+            (addr(3), 0..2)
+        );
+        let answer = RunAnswer {
+            got: Some(addr(3)),
+            ..RunAnswer::default()
+        };
+        plan.answered(&step, &step.runs[0].clone(), &answer);
+        assert_eq!(plan.after(&step), AfterRound::Ask);
+        assert_eq!(plan.asking(), None);
+        assert_eq!(plan.give_up(), (vec![], 0));
+    }
+
+    #[test]
+    fn a_block_gaining_holders_waits_on_busy_holders_past_the_busy_wait() {
         use super::super::member::Penalty;
         let members = members();
         let t0 = Instant::now();
@@ -362,22 +421,22 @@ mod tests {
         let step = plan.advise(t0, 0, &[holders(&[2])], Some(addr(1)), &members);
         assert_eq!(step.wait, Some(BUSY_RETRY));
         plan.after(&step);
-        // Nearly a budget later a second holder appears, busy as well: the wait goes on.
-        let t1 = t0 + BUDGET - Duration::from_millis(10);
+        // Nearly a busy wait later a second holder appears, busy as well: the wait goes on.
+        let t1 = t0 + BUSY_WAIT - Duration::from_millis(10);
         members.penalise(addr(2), Penalty::Busy, t1);
         members.penalise(addr(3), Penalty::Busy, t1);
         let step = plan.advise(t1, 0, &[holders(&[2, 3])], Some(addr(1)), &members);
         assert_eq!(step.wait, Some(BUSY_RETRY));
         plan.after(&step);
-        // Past a budget since the first busy answer, not since the last new holder.
-        let t2 = t0 + BUDGET + Duration::from_millis(500);
+        // Past a busy wait since the first busy answer, not since the last new holder.
+        let t2 = t0 + BUSY_WAIT + Duration::from_millis(500);
         members.penalise(addr(2), Penalty::Busy, t2);
         members.penalise(addr(3), Penalty::Busy, t2);
         let step = plan.advise(t2, 0, &[holders(&[2, 3])], Some(addr(1)), &members);
         assert_eq!((step.wait, step.fallbacks), (Some(BUSY_RETRY), 0));
         plan.after(&step);
-        // No new holder for a whole budget: stuck, so the registry.
-        let t3 = t1 + BUDGET;
+        // No new holder for a whole busy wait: stuck, so the registry.
+        let t3 = t1 + BUSY_WAIT;
         members.penalise(addr(2), Penalty::Busy, t3);
         members.penalise(addr(3), Penalty::Busy, t3);
         let step = plan.advise(t3, 0, &[holders(&[3, 2])], Some(addr(1)), &members);

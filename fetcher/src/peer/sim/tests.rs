@@ -62,3 +62,20 @@ fn a_herd_takes_each_block_from_the_registry_once() {
         "{report:#?}"
     );
 }
+
+#[test]
+fn a_herd_past_the_upload_slots_keeps_registry_bytes_within_a_tenth_of_the_need() {
+    // 60 nodes on 16 upload slots each: every new block has far more askers than its first
+    // holder can serve, and they wait for the block to spread instead of fetching it again.
+    for seed in 1..4 {
+        let mut config = SimConfig::image_start(60, seed);
+        config.layers = vec![24, 12, 6];
+        let report = run(&config);
+        assert!(report.invariants.violations().is_empty(), "{report:#?}");
+        assert!(
+            report.registry_ratio() <= 1.1,
+            "seed {seed}: {:.3}x: {report:#?}",
+            report.registry_ratio()
+        );
+    }
+}
