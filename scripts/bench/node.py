@@ -114,7 +114,10 @@ class Node:
             text = (f'root = "{self.run_dir}/shoal"\nsocket = "{self.run_dir}/shoal.sock"\n'
                     f'[cache]\ncapacity = "50GiB"\n{shoal_extra}'
                     f'[registry.hosts."{self.registry}"]\nplain_http = true\n'
-                    f'[metrics]\naddress = "127.0.0.1:{self.metrics_port}"\n')
+                    f'[metrics]\naddress = "127.0.0.1:{self.metrics_port}"\n'
+                    # Every run starts from nothing: no connection kept for the next one, and
+                    # nothing left in (or taken from) the node's own fd holder.
+                    f'[handover]\nenabled = false\n')
             if peers:
                 listen, members = peers
                 listed = ", ".join(f'"{m}"' for m in members)
