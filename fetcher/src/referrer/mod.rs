@@ -176,13 +176,7 @@ pub async fn push(
             trace: Descriptor::new(TRACE_MEDIA_TYPE, digest.as_str(), size),
         });
     }
-    let listed = registry
-        .get_referrers(repository, subject)
-        .await
-        .map_err(|source| ReferrerError::ListReferrers {
-            subject: subject.clone(),
-            source,
-        })?;
+    let listed = list_referrers(registry, repository, subject).await?;
     // Another node's traces of layers this one has none of stay in the new artifact.
     let index = match &listed {
         Referrers::Api(index) => Some(index.bytes.clone()),
@@ -254,19 +248,28 @@ pub async fn push(
     })
 }
 
+/// What the registry lists as referring to image `subject` (its referrers API, else the tag).
+async fn list_referrers(
+    registry: &RegistryClient,
+    repository: &ImageRef,
+    subject: &Digest,
+) -> Result<Referrers, ReferrerError> {
+    registry
+        .get_referrers(repository, subject)
+        .await
+        .map_err(|source| ReferrerError::ListReferrers {
+            subject: subject.clone(),
+            source,
+        })
+}
+
 /// The newest trace artifact the registry lists for image `subject`, if any.
 pub async fn lookup(
     registry: &RegistryClient,
     repository: &ImageRef,
     subject: &Digest,
 ) -> Result<Option<TraceArtifact>, ReferrerError> {
-    let listed = registry
-        .get_referrers(repository, subject)
-        .await
-        .map_err(|source| ReferrerError::ListReferrers {
-            subject: subject.clone(),
-            source,
-        })?;
+    let listed = list_referrers(registry, repository, subject).await?;
     let index = match listed {
         Referrers::Api(index) => index.bytes,
         Referrers::Tag { index: None, .. } => return Ok(None),

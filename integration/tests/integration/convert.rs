@@ -61,6 +61,24 @@ pub(crate) fn skopeo(args: &[&str]) -> Result<String> {
 }
 
 /// The layers of `reference`'s manifest in its registry: (digest, size), bottom first.
+/// `shoal rpull --plain-http reference` with the fixture's daemon config, into `ctd`'s
+/// namespace: its output.
+pub(crate) fn rpull_in_fixture(
+    fixture: &Fixture,
+    ctd: &Containerd,
+    reference: &str,
+) -> Result<String> {
+    let mut rpull = Command::new(binary::cli()?);
+    rpull
+        .arg("--config")
+        .arg(fixture.path("shoal.toml"))
+        .arg("rpull")
+        .arg("--address")
+        .arg(fixture.path("containerd/c.sock"))
+        .args(["-n", ctd.namespace(), "--plain-http", reference]);
+    process::run(&mut rpull, TOOL_TIMEOUT)
+}
+
 pub(crate) fn manifest_layers(reference: &str) -> Result<Vec<(String, u64)>> {
     inspect_raw(reference, false)?["layers"]
         .as_array()
@@ -396,15 +414,7 @@ fn converted_image_is_mounted_lazily_and_runs() {
         let ctd = Containerd::start(fixture, &options)?;
 
         registry.proxy().reset();
-        let mut rpull = Command::new(binary::cli()?);
-        rpull
-            .arg("--config")
-            .arg(fixture.path("shoal.toml"))
-            .arg("rpull")
-            .arg("--address")
-            .arg(fixture.path("containerd/c.sock"))
-            .args(["-n", ctd.namespace(), "--plain-http", &reference]);
-        let out = process::run(&mut rpull, TOOL_TIMEOUT)?;
+        let out = rpull_in_fixture(fixture, &ctd, &reference)?;
         anyhow::ensure!(out.contains("3 layers, 3 lazy"), "rpull: {out}");
         let run = ctd.ctr(&[
             "run",

@@ -252,15 +252,7 @@ fn optimized_image_prioritizes_what_the_entrypoint_reads_and_runs_lazily() {
             ..containerd::Options::default()
         };
         let ctd = Containerd::start(fixture, &options)?;
-        let mut rpull = Command::new(binary::cli()?);
-        rpull
-            .arg("--config")
-            .arg(fixture.path("shoal.toml"))
-            .arg("rpull")
-            .arg("--address")
-            .arg(fixture.path("containerd/c.sock"))
-            .args(["-n", ctd.namespace(), "--plain-http", &reference]);
-        let pulled = process::run(&mut rpull, TOOL_TIMEOUT)?;
+        let pulled = crate::convert::rpull_in_fixture(fixture, &ctd, &reference)?;
         anyhow::ensure!(pulled.contains("2 layers, 2 lazy"), "rpull: {pulled}");
         let run = ctd.ctr(&[
             "run",

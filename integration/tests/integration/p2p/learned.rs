@@ -56,6 +56,26 @@ pub(super) fn traces(cluster: &Cluster, i: usize) -> Result<Vec<PathBuf>> {
 }
 
 /// Adds a node without peers, with a short settle time.
+/// Waits (bounded) until node `i`'s status shows `layers` layers whose traces are replayed;
+/// their status entries.
+pub(super) fn replayed(
+    cluster: &Cluster,
+    i: usize,
+    layers: usize,
+) -> Result<Vec<serde_json::Value>> {
+    let mut learned = Vec::new();
+    wait_until(
+        "the traces to be prefetched",
+        Duration::from_secs(60),
+        || {
+            let status = cluster.nodes[i].status(&cluster.network)?;
+            learned = status["learned"].as_array().cloned().unwrap_or_default();
+            Ok(learned.len() == layers && learned.iter().all(|l| l["state"] == "replayed"))
+        },
+    )?;
+    Ok(learned)
+}
+
 fn add_solo(cluster: &mut Cluster, label: &str) -> Result<usize> {
     let address = cluster.network.attach(label)?;
     cluster.push_node(label, address, LEARN)
@@ -74,16 +94,7 @@ fn a_trace_recorded_on_one_node_is_prefetched_by_a_peer_before_its_container_run
 
             // The peer only pulls: its layers are mounted, no container runs yet.
             cluster.nodes[second].rpull(&cluster.network, &reference)?;
-            let mut learned = Vec::new();
-            wait_until(
-                "the trace to be prefetched",
-                Duration::from_secs(60),
-                || {
-                    let status = cluster.nodes[second].status(&cluster.network)?;
-                    learned = status["learned"].as_array().cloned().unwrap_or_default();
-                    Ok(learned.len() == 2 && learned.iter().all(|l| l["state"] == "replayed"))
-                },
-            )?;
+            let learned = replayed(cluster, second, 2)?;
             let before = cluster.nodes[second].status(&cluster.network)?;
             for (digest, chunks) in &recorded {
                 let layer = learned

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::learned::{damage, record, traces, LEARN};
+use super::learned::{damage, record, replayed, traces, LEARN};
 use super::{with_cluster, Cluster, Published, REGISTRY_BEHIND_DELAY};
 use crate::fixture::{privileged, wait_until, Fixture};
 use crate::process;
@@ -309,16 +309,7 @@ fn a_trace_pushed_to_the_registry_is_prefetched_by_a_node_no_peer_serves() {
             // prefetched at mount, before any container runs.
             let fresh = add_learner(cluster, "fresh", false)?;
             cluster.nodes[fresh].rpull(&cluster.network, &reference)?;
-            let mut learned = Vec::new();
-            wait_until(
-                "the registry's traces to be prefetched",
-                Duration::from_secs(60),
-                || {
-                    let status = cluster.nodes[fresh].status(&cluster.network)?;
-                    learned = status["learned"].as_array().cloned().unwrap_or_default();
-                    Ok(learned.len() == 2 && learned.iter().all(|l| l["state"] == "replayed"))
-                },
-            )?;
+            let learned = replayed(cluster, fresh, 2)?;
             let before = cluster.nodes[fresh].status(&cluster.network)?;
             for (digest, chunks) in &recorded {
                 let layer = learned
