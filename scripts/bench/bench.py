@@ -267,7 +267,7 @@ class Bench:
                 traces = self.learn_up(workload, scenario, reference)
             self.start_measured(scenario, traces)
             drop_caches()
-            before = self.proxy.downstream_bytes
+            before, asked = self.proxy.downstream_bytes, self.proxy.requests
             t0 = time.monotonic()
             self.node.pull(reference)
             t1 = time.monotonic()
@@ -281,7 +281,12 @@ class Bench:
                 "registry_bytes": self.proxy.downstream_bytes - before,
                 "peer_bytes": self.node.peer_bytes(),
                 "needed_bytes": needed, "limit_s": round(self.limit_seconds(needed), 3),
+                "requests": self.proxy.requests - asked,
             }
+            process = self.node.daemon_process
+            usage = process.usage() if process else None
+            row["daemon_cpu_s"] = round(usage[0], 2) if usage else ""
+            row["daemon_peak_rss_mb"] = round(usage[1] / 1e6, 1) if usage else ""
             prefetched = self.node.metric("shoal_learn_prefetched_bytes_total")
             if prefetched:
                 log(f"{workload.name} {scenario.name} #{number}: the trace prefetched "
@@ -291,7 +296,8 @@ class Bench:
         log(f"{workload.name} {scenario.name} #{number}: pull {row['pull_s']}s create "
             f"{row['create_s']}s ready {row['ready_s']}s total {row['total_s']}s, "
             f"{row['registry_bytes'] / 1e6:.1f} MB from the registry, "
-            f"{row['peer_bytes'] / 1e6:.1f} MB from peers")
+            f"{row['peer_bytes'] / 1e6:.1f} MB from peers, {row['requests']} requests, "
+            f"daemon {row['daemon_cpu_s']} CPU s, peak RSS {row['daemon_peak_rss_mb']} MB")
         return row
 
     # -- scenarios available here ----------------------------------------------------------

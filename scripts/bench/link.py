@@ -62,6 +62,8 @@ class DelayProxy:
         self.upstream = upstream
         self.one_way = rtt_ms / 2000.0
         self.downstream_bytes = 0
+        # HTTP requests sent to the registry (request lines seen going up).
+        self.requests = 0
         self.port = None
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -120,6 +122,8 @@ class DelayProxy:
                     break
                 if downstream:
                     self.downstream_bytes += len(data)
+                else:
+                    self.requests += sum(data.count(m) for m in (b"GET /", b"HEAD /"))
                 await queue.put((time.monotonic() + self.one_way, data))
         except ConnectionError:
             pass

@@ -3,6 +3,7 @@ scenario has one, and containerd with its own root, state and sockets, everythin
 node's run folder so that each cold run starts from nothing. The warm-peer scenario runs two.
 """
 
+import os
 import shutil
 import signal
 import subprocess
@@ -37,6 +38,20 @@ class Process:
 
     def alive(self):
         return self.proc.poll() is None
+
+    def usage(self):
+        """(CPU seconds, peak RSS bytes) of the process so far, from /proc; None once gone."""
+        try:
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return None
+        # Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+        fields = stat.rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        peak = next((int(line.split()[1]) * 1024 for line in status.splitlines()
+                     if line.startswith("VmHWM:")), 0)
+        return cpu, peak
 
     def stop(self):
         if self.alive():
@@ -107,6 +122,8 @@ class Node:
         self.clear()
         self.run_dir.mkdir(parents=True)
         self.daemon = daemon
+        # The snapshotter daemon's process (Shoal's or stargz's), for its CPU and memory.
+        self.daemon_process = None
         proxies = ""
         if daemon == "shoal":
             self.metrics_port = free_port()
@@ -128,6 +145,7 @@ class Node:
                               [self.bins / "shoal-snapshotter", "--config", self.shoal_config],
                               self.run_dir / "shoal.log")
             self.stack.append(process)
+            self.daemon_process = process
             socket = self.run_dir / "shoal.sock"
             wait_until("shoal-snapshotter", socket.exists, process)
             proxies = f'[proxy_plugins.shoal]\n  type = "snapshot"\n  address = "{socket}"\n'
@@ -137,6 +155,7 @@ class Node:
                                               self.run_dir / "stargz"],
                               self.run_dir / "stargz.log")
             self.stack.append(process)
+            self.daemon_process = process
             wait_until("stargz-grpc", socket.exists, process)
             proxies = f'[proxy_plugins.stargz]\n  type = "snapshot"\n  address = "{socket}"\n'
         ctd = self.run_dir / "containerd"

@@ -6,7 +6,8 @@ import statistics
 from pathlib import Path
 
 FIELDS = ["workload", "scenario", "run", "pull_s", "create_s", "ready_s", "total_s",
-          "registry_bytes", "peer_bytes", "needed_bytes", "limit_s"]
+          "registry_bytes", "peer_bytes", "needed_bytes", "limit_s", "requests",
+          "daemon_cpu_s", "daemon_peak_rss_mb"]
 MEASURES = [("pull_s", "pull s"), ("create_s", "create s"), ("ready_s", "start→ready s"),
             ("total_s", "total s")]
 
@@ -38,7 +39,8 @@ def write_markdown(rows: list, settings: dict, skipped: list, path: Path):
              "(containerd content and snapshots, snapshotter state and caches, page cache "
              "dropped). Cells: median (min–max).", ""]
     header = ["workload", "scenario"] + [label for _, label in MEASURES] + \
-        ["registry MB", "peer MB", "limit s (needed MB)"]
+        ["registry MB", "peer MB", "requests", "daemon CPU s", "daemon peak RSS MB",
+         "limit s (needed MB)"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for (workload, scenario), runs in groups(rows):
@@ -46,6 +48,11 @@ def write_markdown(rows: list, settings: dict, skipped: list, path: Path):
         cells += [spread([r[key] for r in runs]) for key, _ in MEASURES]
         cells.append(spread([r["registry_bytes"] for r in runs], 1e6, 1))
         cells.append(spread([r["peer_bytes"] for r in runs], 1e6, 1))
+        cells.append(spread([r["requests"] for r in runs], 1, 0))
+        for key in ("daemon_cpu_s", "daemon_peak_rss_mb"):
+            measured = [r[key] for r in runs if r[key] != ""]
+            cells.append(spread(measured, 1, 2 if key == "daemon_cpu_s" else 1)
+                         if measured else "")
         first = runs[0]
         cells.append(f"{first['limit_s']:.2f} ({first['needed_bytes'] / 1e6:.1f})")
         lines.append("| " + " | ".join(cells) + " |")
@@ -56,8 +63,13 @@ def write_markdown(rows: list, settings: dict, skipped: list, path: Path):
 
 def write_chart(rows: list, settings: dict, path: Path):
     """Stacked medians (pull, create, start→ready) per workload and scenario, min–max of the
-    total as error bars, the physical limit as a marker."""
-    import matplotlib
+    total as error bars, the physical limit as a marker. Skipped, saying so, without
+    matplotlib: the tables are the results, the chart a view of them."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"bench: no chart ({path.name}): matplotlib is not installed", flush=True)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
