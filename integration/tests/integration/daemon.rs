@@ -32,19 +32,6 @@ pub struct Daemon {
     process: Option<Process>,
 }
 
-/// `extra` with read-triggered completion (`fetch.complete_after_percent`) off unless it sets
-/// it, whatever the default: it adds background bytes to what most tests count; the tests of
-/// that completion turn it on.
-pub fn without_read_completion(extra: &str) -> String {
-    if extra.contains("complete_after_percent") {
-        extra.to_owned()
-    } else if extra.contains("[fetch]\n") {
-        extra.replacen("[fetch]\n", "[fetch]\ncomplete_after_percent = 0\n", 1)
-    } else {
-        format!("{extra}\n[fetch]\ncomplete_after_percent = 0\n")
-    }
-}
-
 impl Daemon {
     /// Configures a daemon rooted in the fixture and starts it.
     pub fn start(fixture: &Fixture) -> Result<Daemon> {
@@ -76,7 +63,6 @@ impl Daemon {
         // The daemon must create the socket's directory itself.
         let socket = fixture.path("run/shoal.sock");
         let config = fixture.path("shoal.toml");
-        let extra = &without_read_completion(extra);
         let mut text = format!(
             "root = \"{}\"\nsocket = \"{}\"\n\n[log]\nlevel = \"debug\"\n{extra}",
             root.display(),

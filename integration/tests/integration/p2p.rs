@@ -297,7 +297,6 @@ impl Cluster {
     ) -> Result<Node> {
         let config = fixture.path("shoal.toml");
         let socket = fixture.path("run/shoal.sock");
-        let extra = &crate::daemon::without_read_completion(extra);
         let credentials = match &self.docker_config {
             None => String::new(),
             Some(path) => format!("[registry]\ndocker_config = \"{}\"\n", path.display()),

@@ -145,13 +145,10 @@ fn a_reload_keeps_lazy_mounts_serving_and_applies_to_the_next_mount() {
         let config = std::fs::read_to_string(stack.daemon.config())?;
         std::fs::write(
             stack.daemon.config(),
-            config
-                .replace("level = \"debug\"", "level = \"info\"")
-                .replacen(
-                    "[fetch]\n",
-                    "[fetch]\nbackground = true\nbackground_rate = \"64MiB\"\n",
-                    1,
-                ),
+            format!(
+                "{}\n[fetch]\nbackground = true\nbackground_rate = \"64MiB\"\n",
+                config.replace("level = \"debug\"", "level = \"info\"")
+            ),
         )?;
         let reload = Command::new(binary::cli()?)
             .arg("--socket")
