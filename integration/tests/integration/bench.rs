@@ -17,7 +17,8 @@ use crate::process;
 const BENCH_TIMEOUT: Duration = Duration::from_secs(240);
 const PNG_MAGIC: &[u8] = b"\x89PNG\r\n\x1a\n";
 const CSV_HEADER: &str = "workload,scenario,run,pull_s,create_s,ready_s,total_s,\
-                          registry_bytes,peer_bytes,needed_bytes,limit_s";
+                          registry_bytes,peer_bytes,needed_bytes,limit_s,requests,\
+                          daemon_cpu_s,daemon_peak_rss_mb";
 
 #[test]
 fn tiny_mode_writes_a_table_a_csv_and_a_chart() {
@@ -65,6 +66,17 @@ fn tiny_mode_writes_a_table_a_csv_and_a_chart() {
         let bytes = |i: usize| -> f64 { rows[i][7].parse().unwrap_or(f64::NAN) };
         assert!(bytes(0) > 8e6, "{csv}");
         assert!(bytes(1) < bytes(0) / 2.0, "{csv}");
+        // Requests counted for every run; the daemon's CPU and memory for Shoal's (overlayfs
+        // has no daemon of its own).
+        for row in &rows {
+            assert!(row[11].parse::<u64>().is_ok_and(|n| n > 0), "{row:?}");
+        }
+        assert_eq!((rows[0][12], rows[0][13]), ("", ""), "{csv}");
+        let usage = |i: usize| -> f64 { rows[1][i].parse().unwrap_or(f64::NAN) };
+        assert!(
+            usage(12) > 0.0 && usage(13) > 1.0,
+            "shoal's CPU and RSS: {csv}"
+        );
 
         let table = fs::read_to_string(out.join("bench.md")).context("read bench.md")?;
         assert!(
