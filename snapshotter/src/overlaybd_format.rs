@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use shoal_fetcher::{read_most, BlobRef, Digest, Fetcher, Histogram, ImageRef, Verification};
+use shoal_fetcher::{
+    read_most, BlobRead, BlobRef, Digest, Fetcher, Histogram, ImageRef, Verification,
+};
 use shoal_formats::overlaybd::{TableRef, ANNOTATION_BLOB_DIGEST, ANNOTATION_FS_TYPE};
 use shoal_fuse::connection::Origin;
 use shoal_fuse::layer::MountTarget;
@@ -295,7 +297,7 @@ impl Background {
                 // Moved in whole: dropped with the task, however it ends.
                 let mut running = running;
                 if let Some(share) = after_reads {
-                    read_most(|| fetcher.cache().cached_bytes(&blob.digest), blob.size, share).await;
+                    read_most(|| BlobRead::cached_bytes(&fetcher, &blob), blob.size, share).await;
                     info!(blob = %blob.digest, share, "reads brought in most of the overlaybd layer; completing it");
                 }
                 match vdisk::fetch_and_verify(&fetcher, &disk, at, configured).await {
