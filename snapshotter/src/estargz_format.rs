@@ -1,6 +1,7 @@
 //! eStargz as a [`LazyFormat`]: finds a layer in its image's manifest, opens it (footer and TOC
 //! through the chunk cache, TOC digest checked against the annotation) and serves it over FUSE,
-//! its prefetch owned by the mounted layer.
+//! its prefetch owned by the mounted layer. The first layer's open starts the opens of the
+//! eStargz layers above it in the manifest ([`OpenAhead`]), which their Prepares then take.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,14 +16,33 @@ use tokio::runtime::Handle;
 
 use crate::error::{with_causes, SnapshotError};
 use crate::lazy_format::{Carried, LazyFormat, Opened, OpenedLayer, Served};
-use crate::manifest::chain_of;
+use crate::manifest::{layers_of, Descriptor};
 use crate::mount_policy::MountPolicy;
+use crate::open_ahead::OpenAhead;
 use crate::remote::{Fallback, LayerFormat, LayerLabels, RemoteLayer, ResolvedLayer};
 
 /// Opens and serves eStargz layers.
 pub struct EstargzFormat {
     fetcher: Fetcher,
     serving: Serving,
+    /// The layers above a prepared one, opened before containerd prepares them.
+    ahead: OpenAhead<AheadKey, Ahead>,
+}
+
+/// Which layer an open ahead is for: the image reference it is fetched by, its blob and the
+/// TOC digest it is verified against, all as the layer's own Prepare labels them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct AheadKey {
+    image_ref: String,
+    blob: String,
+    toc: String,
+}
+
+/// A layer opened ahead: what its Prepare's open would have returned.
+struct Ahead {
+    remote: RemoteLayer,
+    layer: EstargzLayer,
+    persisted: Vec<u8>,
 }
 
 /// What every eStargz layer is served with.
@@ -46,12 +66,50 @@ impl EstargzFormat {
     ) -> EstargzFormat {
         EstargzFormat {
             fetcher,
+            ahead: OpenAhead::new(runtime.clone()),
             serving: Serving {
                 reader,
                 runtime,
                 policy,
                 learning,
             },
+        }
+    }
+
+    /// Starts opening the eStargz layers in `above` (a manifest's layers above the one being
+    /// prepared), each under the key its own Prepare will look it up by.
+    fn open_above(&self, image_ref: &str, above: &[Descriptor]) {
+        for descriptor in above {
+            let Some(toc) = descriptor.annotations.get(TOC_DIGEST_ANNOTATION) else {
+                continue;
+            };
+            let Ok(expected) = toc.parse::<TocDigest>() else {
+                continue;
+            };
+            let remote = RemoteLayer {
+                format: LayerFormat::Estargz,
+                image_ref: image_ref.to_owned(),
+                digest: descriptor.digest.clone(),
+                size: descriptor.size,
+                index_digest: toc.clone(),
+            };
+            let Ok(blob) = blob_of(&remote) else {
+                continue;
+            };
+            let key = AheadKey {
+                image_ref: image_ref.to_owned(),
+                blob: descriptor.digest.clone(),
+                toc: toc.clone(),
+            };
+            let fetcher = self.fetcher.clone();
+            self.ahead.start(key, async move {
+                let (layer, persisted) = EstargzLayer::open(&fetcher, blob, expected).await?;
+                Ok::<_, FsError>(Ahead {
+                    remote,
+                    layer,
+                    persisted,
+                })
+            });
         }
     }
 
@@ -88,32 +146,46 @@ impl LazyFormat for EstargzFormat {
             )));
         };
         let expected: TocDigest = toc.parse().map_err(|_| Fallback::UnverifiableIndex)?;
+        // Without the image's digest there is nothing to key a trace by: no learning.
+        let learned_as = labels
+            .manifest_digest
+            .as_deref()
+            .and_then(|digest| Digest::parse(digest).ok());
+        let key = AheadKey {
+            image_ref: labels.image_ref.clone(),
+            blob: labels.layer_digest.clone(),
+            toc: toc.clone(),
+        };
+        if let Some(ahead) = self.ahead.take(&key).await {
+            return Ok(Opened {
+                resolved: ResolvedLayer {
+                    layer: ahead.remote,
+                    index: ahead.persisted,
+                },
+                layer: self.opened(ahead.layer, learned_as),
+            });
+        }
         let image =
             ImageRef::parse(&labels.image_ref).map_err(|e| Fallback::Registry(e.to_string()))?;
-        let chain = chain_of(&self.fetcher, &image, labels).await?;
-        let descriptor = chain.last().ok_or(Fallback::MissingLabels)?;
+        let layers = layers_of(&self.fetcher, &image, labels).await?;
+        self.open_above(&labels.image_ref, layers.above());
         let remote = RemoteLayer {
             format: LayerFormat::Estargz,
             image_ref: labels.image_ref.clone(),
             digest: labels.layer_digest.clone(),
-            size: descriptor.size,
+            size: layers.labelled().size,
             index_digest: toc,
         };
         let blob = blob_of(&remote).map_err(Fallback::Registry)?;
         let (layer, persisted) = EstargzLayer::open(&self.fetcher, blob, expected)
             .await
             .map_err(fallback_of)?;
-        // Without the image's digest there is nothing to key a trace by: no learning.
-        let image = labels
-            .manifest_digest
-            .as_deref()
-            .and_then(|digest| Digest::parse(digest).ok());
         Ok(Opened {
             resolved: ResolvedLayer {
                 layer: remote,
                 index: persisted,
             },
-            layer: self.opened(layer, image),
+            layer: self.opened(layer, learned_as),
         })
     }
 

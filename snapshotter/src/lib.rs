@@ -10,6 +10,8 @@
 //!   tests, FUSE in the daemon): [`LazyMounter`], one lifecycle for every format, with the
 //!   per-format parts behind [`LazyFormat`]: [`EstargzFormat`] (a FUSE tree) and
 //!   [`OverlaybdFormat`] (a chain's virtual disk over FUSE, loop-mounted read-only).
+//!   An image's first eStargz Prepare opens the layers above it ahead (`open_ahead`), so later
+//!   Prepares find their TOCs fetched and verified.
 //! - [`MountPolicy`]: the prefetch and resolve timeout that layers are opened and mounted
 //!   with, read at each open and mount so that a reload applies from the next layer on.
 //! - [`SnapshotError`]: the crate's one error type; `From<SnapshotError> for tonic::Status` is the
@@ -29,6 +31,7 @@ mod manifest;
 mod metadata;
 mod mount_policy;
 mod mount_table;
+mod open_ahead;
 mod overlaybd_format;
 pub mod remote;
 mod service;

@@ -35,20 +35,55 @@ pub async fn chain_of(
     image: &ImageRef,
     labels: &LayerLabels,
 ) -> Result<Vec<Descriptor>, Fallback> {
+    let mut layers = layers_of(fetcher, image, labels).await?;
+    layers.all.truncate(layers.at + 1);
+    Ok(layers.all)
+}
+
+/// Every layer of an image's manifest, bottom first, and where the labelled one is.
+#[derive(Debug, Clone)]
+pub struct ImageLayers {
+    pub all: Vec<Descriptor>,
+    /// The index in `all` of the layer the labels name.
+    pub at: usize,
+}
+
+impl ImageLayers {
+    /// The labelled layer.
+    pub fn labelled(&self) -> &Descriptor {
+        &self.all[self.at]
+    }
+
+    /// The layers above the labelled one, bottom first: those containerd prepares next.
+    pub fn above(&self) -> &[Descriptor] {
+        &self.all[self.at + 1..]
+    }
+}
+
+/// The layers of the manifest that holds the labelled layer, from the manifest the labels name
+/// (by digest when they carry one, else by reference; in an index, the manifest holding it).
+pub async fn layers_of(
+    fetcher: &Fetcher,
+    image: &ImageRef,
+    labels: &LayerLabels,
+) -> Result<ImageLayers, Fallback> {
     let registry = |e: shoal_fetcher::ParseError| Fallback::Registry(e.to_string());
     let top = match &labels.manifest_digest {
         Some(digest) => at_digest(image, digest).map_err(registry)?,
         None => image.clone(),
     };
     let doc = manifest(fetcher, &top).await?;
-    if let Some(chain) = chain_in(&doc, &labels.layer_digest) {
-        return Ok(chain);
+    if let Some(layers) = layers_in(doc.layers, &labels.layer_digest) {
+        return Ok(layers);
     }
     // An index: the layer is in one of its manifests (a few at most, so ask each in turn).
     for child in doc.manifests.iter().take(MAX_INDEX_MANIFESTS) {
         let child = at_digest(image, &child.digest).map_err(registry)?;
-        if let Some(chain) = chain_in(&manifest(fetcher, &child).await?, &labels.layer_digest) {
-            return Ok(chain);
+        if let Some(layers) = layers_in(
+            manifest(fetcher, &child).await?.layers,
+            &labels.layer_digest,
+        ) {
+            return Ok(layers);
         }
     }
     Err(Fallback::Registry(format!(
@@ -57,9 +92,9 @@ pub async fn chain_of(
     )))
 }
 
-fn chain_in(doc: &Document, layer: &str) -> Option<Vec<Descriptor>> {
-    let at = doc.layers.iter().position(|l| l.digest == layer)?;
-    Some(doc.layers[..=at].to_vec())
+fn layers_in(all: Vec<Descriptor>, layer: &str) -> Option<ImageLayers> {
+    let at = all.iter().position(|l| l.digest == layer)?;
+    Some(ImageLayers { all, at })
 }
 
 async fn manifest(fetcher: &Fetcher, image: &ImageRef) -> Result<Document, Fallback> {

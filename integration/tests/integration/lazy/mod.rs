@@ -29,6 +29,7 @@ use crate::proxy::Fault;
 use crate::registry::Registry;
 use crate::tree::{self, Op};
 
+mod ahead;
 mod integrity;
 
 /// Where source images are pulled and converted, so that the namespace under test starts empty.
