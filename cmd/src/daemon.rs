@@ -93,6 +93,7 @@ pub async fn run(started: Started) -> anyhow::Result<()> {
         tokio::runtime::Handle::current(),
         policy.clone(),
         reader.read_latency_histogram(),
+        config.fetch.learn.then(|| learning.clone()),
     );
     // One request's deadline for the whole handshake: after that a download is faster.
     let mut mounter = LazyMounter::new(

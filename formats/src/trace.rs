@@ -1,5 +1,6 @@
-//! Learned-prefetch traces: which chunks of one layer blob the first start of one image read,
-//! in the order it first read them. Pure: bytes in, a [`Trace`] out, and back.
+//! Learned-prefetch traces: which chunks (eStargz) or ZFile blocks (overlaybd) of one layer
+//! blob the first start of one image read, in the order it first read them. Pure: bytes in, a
+//! [`Trace`] out, and back.
 //!
 //! A trace only says what to fetch ahead; it never vouches for bytes (every chunk fetched for
 //! it is checked against the verified TOC like any read), so a trace that lies costs bytes,
@@ -13,13 +14,16 @@
 //! |---|---|
 //! | 8 | magic `SHOALTRC` |
 //! | 2 | version, 1 |
-//! | 1 | unit: 1 = eStargz chunk, named by (inode, file offset) |
+//! | 1 | unit: 1 = eStargz chunk, named by (inode, file offset); 2 = overlaybd ZFile blocks, named by (first block, block count) |
 //! | 1 | reserved, 0 |
 //! | 32 | sha256 of the image's manifest |
 //! | 32 | sha256 of the layer blob |
 //! | 4 | entry count `n` |
 //! | 16 × n | entries: two u64 each |
 //! | 32 | sha256 of every byte above |
+//!
+//! A new unit keeps the version: a reader that does not know a unit refuses the trace
+//! ([`TraceError::UnknownUnit`]), which is what an older daemon does with an overlaybd trace.
 
 use sha2::{Digest as _, Sha256};
 
@@ -43,18 +47,24 @@ pub enum Unit {
     /// A chunk of an eStargz layer: the inode of its file (a function of the TOC alone) and
     /// an offset in the file that the chunk covers.
     EstargzChunk,
+    /// Consecutive blocks of an overlaybd layer blob's ZFile: the index of the first block
+    /// and how many. Indices are the ZFile's own (its jump table's), so they name the same
+    /// compressed bytes on every node, and each is checked like any read when fetched.
+    OverlaybdBlocks,
 }
 
 impl Unit {
     fn code(self) -> u8 {
         match self {
             Unit::EstargzChunk => 1,
+            Unit::OverlaybdBlocks => 2,
         }
     }
 
     fn of(code: u8) -> Option<Unit> {
         match code {
             1 => Some(Unit::EstargzChunk),
+            2 => Some(Unit::OverlaybdBlocks),
             _ => None,
         }
     }
@@ -267,6 +277,20 @@ mod tests {
                 count: MAX_ENTRIES + 1
             })
         );
+    }
+
+    #[test]
+    fn an_overlaybd_trace_keeps_its_unit_and_an_estargz_one_its_bytes() {
+        let blocks = Trace {
+            unit: Unit::OverlaybdBlocks,
+            entries: vec![(40, 3), (0, 1), (7, 12)],
+            ..trace(0)
+        };
+        let bytes = blocks.encode();
+        assert_eq!(bytes[10], 2, "the unit's code");
+        assert_eq!(Trace::decode(&bytes), Ok(blocks));
+        // An eStargz trace is unchanged by the new unit: same bytes as before it existed.
+        assert_eq!(trace(1).encode()[10], 1);
     }
 
     #[test]

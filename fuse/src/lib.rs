@@ -5,6 +5,8 @@
 //!   that verifies every chunk before it is served, and [`layer::mount`].
 //! - [`vdisk`]: an overlaybd layer stack's merged virtual disk ([`vdisk::VirtualDisk`]), read
 //!   through the chunk cache with every ZFile block CRC-checked, served as one FUSE file.
+//! - `learn`: learned prefetch for both (recording the parts a first start reads, finding a
+//!   trace and replaying it), re-exported through [`layer`].
 //! - [`syscall`]: the one seam for mount syscalls (FUSE mount, unmount, read-only loop mount,
 //!   the mount table), real and recording; [`tasks`]: background tasks a mounted layer owns.
 //! - [`connection`]: a layer's FUSE connection, served new or carried over from an earlier
@@ -20,6 +22,7 @@ pub mod connection;
 mod error;
 pub mod handover;
 pub mod layer;
+mod learn;
 pub mod syscall;
 pub mod tasks;
 pub mod vdisk;

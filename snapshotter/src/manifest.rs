@@ -28,18 +28,6 @@ pub struct Descriptor {
     pub annotations: HashMap<String, String>,
 }
 
-/// The layers of the labelled layer's `image` from the bottom up to and including that layer,
-/// from the manifest the labels name (by digest when they carry one, else by reference).
-pub async fn chain_of(
-    fetcher: &Fetcher,
-    image: &ImageRef,
-    labels: &LayerLabels,
-) -> Result<Vec<Descriptor>, Fallback> {
-    let mut layers = layers_of(fetcher, image, labels).await?;
-    layers.all.truncate(layers.at + 1);
-    Ok(layers.all)
-}
-
 /// Every layer of an image's manifest, bottom first, and where the labelled one is.
 #[derive(Debug, Clone)]
 pub struct ImageLayers {

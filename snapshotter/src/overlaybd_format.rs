@@ -17,17 +17,19 @@ use shoal_fetcher::{
 };
 use shoal_formats::overlaybd::{TableRef, ANNOTATION_BLOB_DIGEST, ANNOTATION_FS_TYPE};
 use shoal_fuse::connection::Origin;
-use shoal_fuse::layer::MountTarget;
+use shoal_fuse::layer::{Learn, Learning, MountTarget};
 use shoal_fuse::syscall::Syscall;
 use shoal_fuse::tasks::Tasks;
-use shoal_fuse::vdisk::{self, DiskLayer, FsType, LayerChecks, VirtualDisk, DISK_FILE};
+use shoal_fuse::vdisk::{
+    self, DiskLayer, DiskRecording, FsType, LayerChecks, VirtualDisk, DISK_FILE,
+};
 use shoal_fuse::FsError;
 use tokio::runtime::Handle;
 use tracing::{error, info};
 
 use crate::error::{with_causes, SnapshotError};
 use crate::lazy_format::{Carried, LazyFormat, Opened, OpenedLayer, Served};
-use crate::manifest::chain_of;
+use crate::manifest::layers_of;
 use crate::mount_policy::MountPolicy;
 use crate::remote::{Fallback, LayerFormat, LayerLabels, RemoteLayer, ResolvedLayer};
 
@@ -41,6 +43,8 @@ pub struct OverlaybdFormat {
     /// Where the disks' FUSE reads are timed (the daemon's one histogram of FUSE reads).
     read_latency: Arc<Histogram>,
     background: Background,
+    /// Learned prefetch, when `fetch.learn` is on.
+    learning: Option<Arc<Learning>>,
 }
 
 /// The background fetch of mounted blobs.
@@ -60,6 +64,7 @@ impl OverlaybdFormat {
         runtime: Handle,
         policy: MountPolicy,
         read_latency: Arc<Histogram>,
+        learning: Option<Arc<Learning>>,
     ) -> OverlaybdFormat {
         OverlaybdFormat {
             fetcher,
@@ -69,16 +74,25 @@ impl OverlaybdFormat {
                 policy,
                 fetching: Arc::default(),
             },
+            learning,
         }
     }
 
-    fn opened(&self, disk: VirtualDisk) -> Box<dyn OpenedLayer> {
+    /// `image`: the manifest digest of the image whose top layer this disk is, when known (a
+    /// Prepare's labels), which its blobs' learned prefetch is keyed by.
+    fn opened(&self, disk: VirtualDisk, image: Option<Digest>) -> Box<dyn OpenedLayer> {
+        let learn = self
+            .learning
+            .clone()
+            .zip(image)
+            .map(|(learning, image)| Learn { learning, image });
         Box::new(OpenedDisk {
             disk: Arc::new(disk),
             fetcher: self.fetcher.clone(),
             runtime: self.runtime.clone(),
             background: self.background.clone(),
             read_latency: self.read_latency.clone(),
+            learn,
         })
     }
 }
@@ -102,8 +116,9 @@ impl LazyFormat for OverlaybdFormat {
         }
         let image =
             ImageRef::parse(&labels.image_ref).map_err(|e| Fallback::Registry(e.to_string()))?;
-        let chain = chain_of(&self.fetcher, &image, labels).await?;
-        let top = chain.last().ok_or(Fallback::MissingLabels)?;
+        let in_image = layers_of(&self.fetcher, &image, labels).await?;
+        let chain = &in_image.all[..=in_image.at];
+        let top = in_image.labelled();
         let fs_type =
             FsType::from_annotation(top.annotations.get(ANNOTATION_FS_TYPE).map(String::as_str))
                 .ok_or_else(|| {
@@ -131,6 +146,14 @@ impl LazyFormat for OverlaybdFormat {
             );
         }
         let disk = VirtualDisk::new(layers, fs_type).map_err(fallback_of)?;
+        // Containers read the disk of the image's top layer alone; the disks below it are
+        // mounted too, and their reads (a filesystem's mount) are no start to learn from.
+        // Without the image's digest there is nothing to key a trace by.
+        let learned_for = labels
+            .manifest_digest
+            .as_deref()
+            .filter(|_| in_image.above().is_empty())
+            .and_then(|digest| Digest::parse(digest).ok());
         let index = disk.persist();
         let index_digest = Digest::of(&index).to_string();
         Ok(Opened {
@@ -144,7 +167,7 @@ impl LazyFormat for OverlaybdFormat {
                 },
                 index,
             },
-            layer: self.opened(disk),
+            layer: self.opened(disk, learned_for),
         })
     }
 
@@ -159,7 +182,8 @@ impl LazyFormat for OverlaybdFormat {
         }
         let disk = VirtualDisk::from_persisted(&resolved.index, &self.fetcher)
             .map_err(|e| with_causes(&e))?;
-        Ok(self.opened(disk))
+        // Mounted again after a restart: its start is long past, nothing to learn or replay.
+        Ok(self.opened(disk, None))
     }
 
     fn companions(&self, mountpoint: &Path) -> Vec<PathBuf> {
@@ -174,6 +198,7 @@ struct OpenedDisk {
     runtime: Handle,
     background: Background,
     read_latency: Arc<Histogram>,
+    learn: Option<Learn>,
 }
 
 impl OpenedLayer for OpenedDisk {
@@ -223,12 +248,18 @@ impl OpenedLayer for OpenedDisk {
             origin,
             resent: carried.resent(),
         };
+        let layers = self.disk.layers().len();
+        let learn = self
+            .learn
+            .map(|learn| (learn, Arc::new(DiskRecording::new(layers))));
+        let recording = learn.as_ref().map(|(_, recording)| recording.clone());
         let served = vdisk::mount(
             self.disk,
             Arc::new(self.fetcher.clone()),
             self.runtime.clone(),
             target,
             self.read_latency,
+            learn,
         )
         .map_err(|source| SnapshotError::ServeLayer {
             mountpoint: dir.clone(),
@@ -249,6 +280,10 @@ impl OpenedLayer for OpenedDisk {
                     mountpoint: mountpoint.to_owned(),
                     source,
                 })?;
+        }
+        // From here on the disk's reads are its containers'.
+        if let Some(recording) = recording {
+            recording.filesystem_mounted();
         }
         Ok(Served {
             sessions: vec![served],
@@ -375,8 +410,13 @@ mod tests {
 
     fn mounter(dir: &Path, syscall: Arc<RecordingSyscall>) -> LazyMounter {
         let fetcher = fetcher(dir);
-        let format =
-            OverlaybdFormat::new(fetcher.clone(), Handle::current(), policy(), Arc::default());
+        let format = OverlaybdFormat::new(
+            fetcher.clone(),
+            Handle::current(),
+            policy(),
+            Arc::default(),
+            None,
+        );
         LazyMounter::new(fetcher, syscall, vec![Box::new(format)], policy())
     }
 
@@ -399,6 +439,7 @@ mod tests {
             Handle::current(),
             policy(),
             Arc::default(),
+            None,
         );
         assert!(!format.claims(&labels(false)));
         let err = format.open(&labels(false)).await.err().unwrap();

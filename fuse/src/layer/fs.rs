@@ -14,9 +14,9 @@ use fuser::{
 use tokio::runtime::Handle;
 use tracing::warn;
 
-use super::learn::Recorder;
 use super::{ChunkReader, EstargzLayer};
 use crate::connection::ConnectionRecord;
+use crate::learn::Recorder;
 use shoal_formats::estargz::{self, Index, Ino, NodeKind};
 
 /// Layers never change, so the kernel may keep entries and attributes for as long as it likes.
@@ -210,7 +210,11 @@ impl Filesystem for LayerFs {
         let started = Instant::now();
         if let Some(recorder) = self.recorder.as_ref().filter(|r| r.is_active()) {
             if let Some(chunks) = self.index().chunks_for(ino, offset, size.into()) {
-                recorder.note(ino, chunks);
+                let parts = chunks.iter().map(|chunk| {
+                    let bytes = chunk.blob_end - chunk.blob_offset;
+                    ((ino.get(), chunk.file_offset), bytes)
+                });
+                recorder.note(parts);
             }
         }
         let pending = match self

@@ -2,7 +2,6 @@
 //! through the chunk cache, and serving it as a read-only FUSE filesystem.
 
 mod fs;
-mod learn;
 mod mount;
 mod reader;
 mod replay;
@@ -20,10 +19,11 @@ use shoal_formats::estargz::{
     Index, OpenIndexError, TocDigest, FOOTER_SIZE,
 };
 
-pub use learn::{LayerLearning, LearnSettings, LearnState, LearnStats, Learning};
-pub use mount::{mount, Learn, MountTarget, MountedLayer, Prefetch};
+pub use crate::learn::{
+    LayerLearning, Learn, LearnSettings, LearnState, LearnStats, Learning, Replayed,
+};
+pub use mount::{mount, MountTarget, MountedLayer, Prefetch};
 pub use reader::{ChunkReader, Pending, ReaderConfig, ReaderStats};
-pub use replay::Replayed;
 
 /// An opened eStargz layer: its blob, file index and TOC digest.
 #[derive(Clone)]

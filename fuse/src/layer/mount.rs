@@ -11,10 +11,11 @@ use tokio::runtime::Handle;
 use tracing::{info, warn};
 
 use super::fs::{now_secs, LayerFs};
-use super::learn::{self, Learning, Recorder};
+use super::replay::ChunkTrace;
 use super::{ChunkReader, EstargzLayer};
 use crate::connection::{self, ConnectionRecord, InitRecord, Origin, Resend, ResentRequests};
 use crate::error::FsError;
+use crate::learn::{self, Learn, Recorder};
 use crate::syscall::{FuseMount, MountError, Syscall};
 use crate::tasks::Tasks;
 
@@ -31,7 +32,7 @@ pub struct MountedLayer {
     carried: Option<Resend>,
     syscall: Arc<dyn Syscall>,
     detached: bool,
-    tasks: Tasks,
+    pub(crate) tasks: Tasks,
 }
 
 impl MountedLayer {
@@ -147,13 +148,6 @@ pub struct Prefetch {
 /// verified TOC (an index is not built otherwise), so peers may supply it.
 const CHECKED: Checked = Checked::ChunkDigests;
 
-/// Learned prefetch for a layer mounted for an image: replay its trace, or record one.
-pub struct Learn {
-    pub learning: Arc<Learning>,
-    /// The image's manifest digest, which keys the trace with the layer's blob digest.
-    pub image: shoal_fetcher::Digest,
-}
-
 /// Where and how a layer is mounted.
 pub struct MountTarget<'a> {
     pub mountpoint: &'a Path,
@@ -196,7 +190,12 @@ pub fn mount(
         if mounted.carried().is_some() {
             recorder.stop();
         } else {
-            let task = learn::run(learn.learning, learn.image, layer, reader.clone(), recorder);
+            let blob = layer.blob.clone();
+            let target = ChunkTrace {
+                layer,
+                reader: reader.clone(),
+            };
+            let task = learn::run(learn.learning, learn.image, blob, target, recorder);
             mounted.tasks.spawn(&runtime, task);
         }
     }

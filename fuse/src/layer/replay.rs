@@ -1,18 +1,23 @@
-//! Replaying a learned trace: the chunks it names, fetched before a container asks for them.
-//! The trace only says which chunks; each is looked up in the layer's verified index (a name
-//! the index does not have is skipped) and checked against its TOC digest as any read.
+//! Replaying a learned trace of an eStargz layer: the chunks it names, fetched before a
+//! container asks for them. The trace only says which chunks; each is looked up in the layer's
+//! verified index (a name the index does not have is skipped) and checked against its TOC
+//! digest as any read.
 
 use std::collections::HashSet;
 use std::ops::Range;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use std::sync::Arc;
 
 use shoal_fetcher::{BlobRef, FetchError};
 use shoal_formats::estargz::{Chunk, Index, Ino};
+use shoal_formats::trace::Unit;
 use tracing::debug;
 
 use super::reader::{chunk_range, decode, expect, ChunkReader};
+use super::EstargzLayer;
+use crate::learn::{Replayed, TraceTarget};
 
 /// Chunks closer than this in the blob are fetched with one range (the gap comes along).
 const MERGE_GAP: u64 = 32 << 10;
@@ -21,17 +26,28 @@ const MAX_SPAN: u64 = 2 << 20;
 /// Spans in flight at once (the fetcher bounds the fetches beneath them too).
 const SPANS_IN_FLIGHT: usize = 16;
 
-/// What a replay fetched.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Replayed {
-    /// Chunks fetched and checked (not in memory before).
-    pub chunks: u64,
-    /// Their compressed bytes.
-    pub bytes: u64,
-    /// Chunks whose fetch failed (a container's read fetches them again).
-    pub failed: u64,
-    /// Trace entries the index does not have.
-    pub unknown: u64,
+/// An eStargz layer as its trace names it: chunks by (inode, file offset).
+pub(super) struct ChunkTrace {
+    pub(super) layer: EstargzLayer,
+    pub(super) reader: Arc<ChunkReader>,
+}
+
+impl TraceTarget for ChunkTrace {
+    fn unit(&self) -> Unit {
+        Unit::EstargzChunk
+    }
+
+    /// Any entry fits: one the index does not have is skipped at replay.
+    fn check(&self, _entries: &[(u64, u64)]) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn replay<'a>(&'a self, entries: &'a [(u64, u64)]) -> BoxFuture<'a, Replayed> {
+        Box::pin(
+            self.reader
+                .prefetch_chunks(&self.layer.blob, &self.layer.index, entries),
+        )
+    }
 }
 
 /// Chunks fetched with one range, and when the trace first named one of them.

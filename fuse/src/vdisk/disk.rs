@@ -157,7 +157,7 @@ impl VirtualDisk {
         Ok(out)
     }
 
-    fn plan(&self, offset: u64, len: u64) -> Result<Vec<Step>, FsError> {
+    pub(super) fn plan(&self, offset: u64, len: u64) -> Result<Vec<Step>, FsError> {
         let len = len.min(self.size().saturating_sub(offset));
         if len == 0 {
             return Ok(Vec::new());

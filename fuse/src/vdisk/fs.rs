@@ -15,6 +15,7 @@ use shoal_fetcher::{BlobRead, Histogram};
 use tokio::runtime::Handle;
 use tracing::warn;
 
+use super::replay::DiskRecording;
 use super::{VirtualDisk, DISK_FILE};
 use crate::connection::ConnectionRecord;
 
@@ -30,6 +31,8 @@ pub struct DiskFs {
     record: ConnectionRecord,
     /// Each FUSE read's time from request to reply.
     read_latency: Arc<Histogram>,
+    /// The first start's reads, while learned prefetch records them.
+    recording: Option<Arc<DiskRecording>>,
 }
 
 impl DiskFs {
@@ -39,6 +42,7 @@ impl DiskFs {
         runtime: Handle,
         record: ConnectionRecord,
         read_latency: Arc<Histogram>,
+        recording: Option<Arc<DiskRecording>>,
     ) -> DiskFs {
         DiskFs {
             disk,
@@ -46,6 +50,7 @@ impl DiskFs {
             runtime,
             record,
             read_latency,
+            recording,
         }
     }
 
@@ -169,6 +174,9 @@ impl Filesystem for DiskFs {
             return reply.error(Errno::EISDIR);
         }
         let started = Instant::now();
+        if let Some(recording) = self.recording.as_ref().filter(|r| r.is_active()) {
+            recording.note(&self.disk, offset, size.into());
+        }
         let pending = match self.disk.begin_read(&*self.blobs, offset, size.into()) {
             Ok(bytes) => {
                 reply.data(&bytes);

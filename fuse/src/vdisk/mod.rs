@@ -10,7 +10,9 @@
 //!   come from and refetches a bad span once), and kept in a small memory of decoded blocks. Its metadata
 //!   persists as bytes, so a restart reopens it without the registry.
 //! - [`fetch_and_verify`]: the background fetch of a whole blob, ending with its sha256 check.
-//! - [`mount`]: a FUSE filesystem holding the one file [`DISK_FILE`], whose content is the disk.
+//! - [`mount`]: a FUSE filesystem holding the one file [`DISK_FILE`], whose content is the disk;
+//!   with learned prefetch, each blob's first-start reads recorded as runs of ZFile blocks, or
+//!   a trace of them fetched at mount (`replay.rs`).
 //!
 //! The snapshotter loop-mounts that file read-only (ext4 or erofs, see [`FsType`]).
 
@@ -21,12 +23,14 @@ mod layer;
 mod memory;
 mod mount;
 mod persisted;
+mod replay;
 mod verify;
 
 pub use checks::{LayerChecks, NO_TABLE};
 pub use disk::{PendingRead, VirtualDisk};
 pub use layer::DiskLayer;
 pub use mount::mount;
+pub use replay::DiskRecording;
 pub use verify::fetch_and_verify;
 
 /// Name of the file, at the root of a disk's FUSE mount, whose content is the virtual disk.

@@ -29,13 +29,13 @@ fn fixtures() -> PathBuf {
     PathBuf::from("/work/shared/fixtures/overlaybd")
 }
 
-fn fixture_blob() -> Vec<u8> {
+pub(super) fn fixture_blob() -> Vec<u8> {
     let blobs = fixtures().join("hello-world/blobs/sha256");
     std::fs::read(blobs.join(LAYER)).expect("fixture blob")
 }
 
 /// Blobs whose cache holds `blob` and whose registry has nothing.
-fn cached(blob: &[u8]) -> (MemoryBlobs, BlobRef) {
+pub(super) fn cached(blob: &[u8]) -> (MemoryBlobs, BlobRef) {
     let blobs = MemoryBlobs::default();
     let digest = Digest::parse(&format!("sha256:{LAYER}")).unwrap();
     blobs.cache(&digest, blob.to_vec());
@@ -45,7 +45,7 @@ fn cached(blob: &[u8]) -> (MemoryBlobs, BlobRef) {
 }
 
 /// Opens the layer as one made by another converter: no block digest table.
-async fn open(blobs: &MemoryBlobs, blob: BlobRef) -> Result<DiskLayer, FsError> {
+pub(super) async fn open(blobs: &MemoryBlobs, blob: BlobRef) -> Result<DiskLayer, FsError> {
     let checks = LayerChecks::new(blobs, Err(NO_TABLE.to_owned()));
     DiskLayer::open(blobs, blob, checks).await
 }

@@ -48,6 +48,7 @@ mod metrics;
 mod node_setup;
 mod optimize;
 mod overlaybd;
+mod overlaybd_learned;
 mod p2p;
 mod partial_reads;
 mod permissions;

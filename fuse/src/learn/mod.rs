@@ -1,31 +1,34 @@
-//! Learned prefetch of eStargz layers. The first start of an image on a node records which
-//! chunks of each layer its containers read, in order, until reads settle (no chunk read for
-//! the first time for `settle`, or `max_bytes` of chunks); the trace is kept by image manifest
-//! and layer blob digest ([`TraceBook`]). A later mount of that layer for that image (on this
-//! node, or on any peer, which finds the trace through the peer network) fetches exactly those
-//! chunks at once ([`super::replay`]), before the container asks.
+//! Learned prefetch, for every lazy format. The first start of an image on a node records
+//! which parts of each layer blob its containers read, in order, until reads settle (no part
+//! read for the first time for `settle`, or `max_bytes` of them); the trace is kept by image
+//! manifest and layer blob digest ([`TraceBook`]). A later mount of that blob for that image
+//! (on this node, or on any peer, which finds the trace through the peer network or the
+//! registry) fetches exactly those parts at once, before the container asks.
 //!
-//! A trace is only ever a list of what to fetch: every chunk is checked against the verified
-//! TOC like any read. One recorded for another image or layer is ignored; one that does not
-//! parse is rejected with one log line. Either way the layer goes on as without a trace, and
-//! records its own (which replaces a rejected one).
+//! What a part is belongs to the format, behind [`TraceTarget`]: an eStargz chunk
+//! (`layer/replay.rs`), overlaybd ZFile blocks (`vdisk/replay.rs`). A trace is only ever a list
+//! of what to fetch: every part is checked like any read. One recorded for another image,
+//! layer or format is ignored; one that does not parse, or names parts the blob does not
+//! have, is rejected with one log line. Either way the layer goes on as without a trace, and
+//! records its own (which replaces the unusable one).
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+mod recorder;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tokio::time::Instant;
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use shoal_fetcher::{Digest, TraceBook, TraceOrigin};
-use shoal_formats::estargz::{Chunk, Ino};
-use shoal_formats::trace::{Trace, Unit, MAX_ENTRIES};
-use tokio::sync::Notify;
+use shoal_fetcher::{BlobRef, Digest, TraceBook, TraceOrigin};
+use shoal_formats::trace::{Trace, Unit};
 use tracing::{info, warn};
 
-use super::{ChunkReader, EstargzLayer};
+pub(crate) use recorder::Recorder;
 
 /// Layers whose learning is reported, at most (the oldest forgotten first).
 const MAX_REPORTED: usize = 4096;
@@ -35,8 +38,15 @@ const MAX_REPORTED: usize = 4096;
 pub struct LearnSettings {
     /// No chunk read for the first time for this long: the start has settled.
     pub settle: Duration,
-    /// Compressed bytes of chunks recorded at most.
+    /// Compressed bytes of parts recorded at most.
     pub max_bytes: u64,
+}
+
+/// Learned prefetch for a layer mounted for an image: replay its trace, or record one.
+pub struct Learn {
+    pub learning: Arc<Learning>,
+    /// The image's manifest digest, which keys the trace with the layer's blob digest.
+    pub image: Digest,
 }
 
 /// The daemon's learned prefetch: where traces are found and kept, and what each layer did.
@@ -53,7 +63,7 @@ pub struct LayerLearning {
     /// The image's manifest digest.
     pub image: String,
     pub state: LearnState,
-    /// Chunks recorded, or fetched ahead by the replay.
+    /// Chunks (eStargz) or ZFile blocks (overlaybd) recorded, or fetched ahead by the replay.
     pub chunks: u64,
     /// Their compressed bytes.
     pub bytes: u64,
@@ -166,105 +176,46 @@ impl Learning {
     }
 }
 
-/// The chunks a layer's reads touch, in the order first touched, while it records.
-pub(crate) struct Recorder {
-    active: AtomicBool,
-    state: Mutex<Recording>,
-    changed: Notify,
+/// What one format does with the trace of one layer blob.
+pub(crate) trait TraceTarget: Send + Sync {
+    /// The unit its traces name.
+    fn unit(&self) -> Unit;
+
+    /// Why `entries` cannot name parts of this blob, if they cannot: the trace is rejected.
+    fn check(&self, entries: &[(u64, u64)]) -> Result<(), String>;
+
+    /// The entries a recording noted, as the trace keeps them.
+    fn recorded(&self, entries: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+        entries
+    }
+
+    /// Fetches the parts `entries` name (in the order first read), each checked as any read.
+    fn replay<'a>(&'a self, entries: &'a [(u64, u64)]) -> BoxFuture<'a, Replayed>;
 }
 
-#[derive(Default)]
-struct Recording {
-    seen: HashSet<(u64, u64)>,
-    order: Vec<(u64, u64)>,
-    bytes: u64,
-    last_new: Option<Instant>,
+/// What a replay fetched.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// Parts (chunks, blocks) fetched and checked (not in memory or the cache before).
+    pub chunks: u64,
+    /// Their compressed bytes.
+    pub bytes: u64,
+    /// Parts whose fetch failed (a container's read fetches them again).
+    pub failed: u64,
+    /// Trace entries the layer does not have.
+    pub unknown: u64,
 }
 
-impl Recorder {
-    pub(crate) fn new() -> Arc<Recorder> {
-        Arc::new(Recorder {
-            active: AtomicBool::new(true),
-            state: Mutex::default(),
-            changed: Notify::new(),
-        })
-    }
-
-    pub(crate) fn is_active(&self) -> bool {
-        self.active.load(Ordering::Relaxed)
-    }
-
-    /// A read of `ino` touched `chunks`. Called on the FUSE thread: a lock and a set insert.
-    pub(crate) fn note(&self, ino: Ino, chunks: &[Chunk]) {
-        if !self.is_active() {
-            return;
-        }
-        let mut state = self.state.lock();
-        let mut new = false;
-        for chunk in chunks {
-            if state.order.len() >= MAX_ENTRIES {
-                break;
-            }
-            let name = (ino.get(), chunk.file_offset);
-            if state.seen.insert(name) {
-                state.order.push(name);
-                state.bytes += chunk.blob_end - chunk.blob_offset;
-                new = true;
-            }
-        }
-        if new {
-            state.last_new = Some(Instant::now());
-            drop(state);
-            self.changed.notify_one();
-        }
-    }
-
-    /// Stops recording (a trace is used instead, or the recording is done).
-    pub(crate) fn stop(&self) {
-        self.active.store(false, Ordering::Relaxed);
-    }
-
-    /// Waits until reads have settled as `settings` says (at least one chunk read), then
-    /// stops and returns what was recorded and its compressed bytes.
-    async fn settled(&self, settings: LearnSettings) -> (Vec<(u64, u64)>, u64) {
-        loop {
-            let (last, bytes, full) = {
-                let state = self.state.lock();
-                (
-                    state.last_new,
-                    state.bytes,
-                    state.order.len() >= MAX_ENTRIES,
-                )
-            };
-            if bytes >= settings.max_bytes || full {
-                break;
-            }
-            match last {
-                None => self.changed.notified().await,
-                Some(last) => {
-                    let due = last + settings.settle;
-                    if Instant::now() >= due {
-                        break;
-                    }
-                    tokio::time::sleep_until(due).await;
-                }
-            }
-        }
-        self.stop();
-        let mut state = self.state.lock();
-        (std::mem::take(&mut state.order), state.bytes)
-    }
-}
-
-/// One mounted layer's learning: finds a trace and replays it, or records one.
+/// One mounted layer blob's learning: finds a trace and replays it into `target`, or records
+/// one with `recorder`, which the layer's reads note their parts to.
 pub(crate) async fn run(
     learning: Arc<Learning>,
     image: Digest,
-    layer: EstargzLayer,
-    reader: Arc<ChunkReader>,
+    blob: BlobRef,
+    target: impl TraceTarget,
     recorder: Arc<Recorder>,
 ) {
-    let blob = &layer.blob;
+    let blob = &blob;
     learning.report(&blob.digest, |l| {
         l.image = image.to_string();
         l.state = LearnState::Looking;
@@ -278,17 +229,13 @@ pub(crate) async fn run(
     };
     if let Some(found) = found {
         let from = found.origin.describe();
-        match Trace::decode(&found.bytes) {
-            Ok(trace)
-                if trace.unit == Unit::EstargzChunk
-                    && trace.image == image.raw().0
-                    && trace.layer == blob.digest.raw().0 =>
-            {
+        match judge(&found.bytes, &image, blob, &target) {
+            Judged::Usable(trace) => {
                 recorder.stop();
-                replay(&learning, &image, &layer, &reader, &trace, found.origin).await;
+                replay(&learning, &image, blob, &target, &trace, found.origin).await;
                 return;
             }
-            Ok(trace) => {
+            Judged::Elsewhere(trace) => {
                 add(&learning.counters.ignored, 1);
                 let recorded_for = Digest::from_raw(shoal_fetcher::RawDigest(trace.image));
                 info!(blob = %blob.digest, %image, %recorded_for, from, "trace was recorded for another image or layer; ignored");
@@ -296,7 +243,7 @@ pub(crate) async fn run(
                     l.reason = format!("a trace from {from} was recorded for another image or layer ({recorded_for})");
                 });
             }
-            Err(error) => {
+            Judged::Rejected(error) => {
                 add(&learning.counters.rejected, 1);
                 warn!(blob = %blob.digest, %image, from, %error, "trace rejected: not used for prefetch");
                 learning.report(&blob.digest, |l| {
@@ -306,10 +253,10 @@ pub(crate) async fn run(
         }
     }
     learning.report(&blob.digest, |l| l.state = LearnState::Recording);
-    let (entries, bytes) = recorder.settled(learning.settings).await;
-    let chunks = entries.len() as u64;
+    let (entries, chunks, bytes) = recorder.settled(learning.settings).await;
+    let entries = target.recorded(entries);
     let trace = Trace {
-        unit: Unit::EstargzChunk,
+        unit: target.unit(),
         image: image.raw().0,
         layer: blob.digest.raw().0,
         entries,
@@ -344,11 +291,40 @@ pub(crate) async fn run(
     }
 }
 
+/// What a found trace is to a blob.
+#[derive(Debug, PartialEq)]
+enum Judged {
+    /// Recorded for this image and blob, in the target's unit, naming parts the blob has.
+    Usable(Trace),
+    /// Recorded for another image, blob or format.
+    Elsewhere(Trace),
+    /// Not a trace (why), or one for this blob naming parts it does not have: damaged,
+    /// however well sealed.
+    Rejected(String),
+}
+
+fn judge(bytes: &[u8], image: &Digest, blob: &BlobRef, target: &impl TraceTarget) -> Judged {
+    let trace = match Trace::decode(bytes) {
+        Ok(trace) => trace,
+        Err(error) => return Judged::Rejected(error.to_string()),
+    };
+    let ours = trace.unit == target.unit()
+        && trace.image == image.raw().0
+        && trace.layer == blob.digest.raw().0;
+    if !ours {
+        return Judged::Elsewhere(trace);
+    }
+    match target.check(&trace.entries) {
+        Ok(()) => Judged::Usable(trace),
+        Err(why) => Judged::Rejected(why),
+    }
+}
+
 async fn replay(
     learning: &Learning,
     image: &Digest,
-    layer: &EstargzLayer,
-    reader: &Arc<ChunkReader>,
+    blob: &BlobRef,
+    target: &impl TraceTarget,
     trace: &Trace,
     origin: TraceOrigin,
 ) {
@@ -356,16 +332,13 @@ async fn replay(
         TraceOrigin::Node => None,
         other => Some(other.describe()),
     };
-    let blob = &layer.blob;
     learning.report(&blob.digest, |l| {
         l.state = LearnState::Replaying;
         l.peer = peer.clone().unwrap_or_default();
     });
-    info!(blob = %blob.digest, %image, chunks = trace.entries.len(), from = peer.as_deref().unwrap_or("this node"), "prefetching the chunks a trace names");
+    info!(blob = %blob.digest, %image, entries = trace.entries.len(), from = peer.as_deref().unwrap_or("this node"), "prefetching what a trace names");
     let started = Instant::now();
-    let replayed = reader
-        .prefetch_chunks(blob, &layer.index, &trace.entries)
-        .await;
+    let replayed = target.replay(&trace.entries).await;
     let c = &learning.counters;
     add(&c.replayed, 1);
     add(&c.prefetched_chunks, replayed.chunks);
@@ -395,67 +368,70 @@ async fn replay(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_formats::estargz::Sha256Digest;
+    use shoal_fetcher::ImageRef;
 
-    fn chunk(file_offset: u64, blob_offset: u64) -> Chunk {
-        Chunk {
-            file_offset,
-            size: 100,
-            blob_offset,
-            blob_end: blob_offset + 50,
-            inner_offset: 0,
-            digest: Sha256Digest::from_bytes([0; 32]),
+    /// A blob of 10 parts, named (index, 1).
+    struct TenParts;
+
+    impl TraceTarget for TenParts {
+        fn unit(&self) -> Unit {
+            Unit::OverlaybdBlocks
+        }
+
+        fn check(&self, entries: &[(u64, u64)]) -> Result<(), String> {
+            match entries.iter().all(|&(at, _)| at < 10) {
+                true => Ok(()),
+                false => Err("past the end".into()),
+            }
+        }
+
+        fn replay<'a>(&'a self, _: &'a [(u64, u64)]) -> BoxFuture<'a, Replayed> {
+            Box::pin(async { Replayed::default() })
         }
     }
 
-    const SETTINGS: LearnSettings = LearnSettings {
-        settle: Duration::from_secs(5),
-        max_bytes: 1 << 20,
-    };
-
-    #[tokio::test(start_paused = true)]
-    async fn a_recording_keeps_first_reads_in_order_until_they_settle() {
-        let recorder = Recorder::new();
-        let ino = Ino::new(7);
-        let settled = {
-            let recorder = recorder.clone();
-            tokio::spawn(async move { recorder.settled(SETTINGS).await })
+    #[test]
+    fn a_trace_is_used_only_for_its_image_blob_and_unit_and_only_when_it_fits() {
+        let image = Digest::of(b"image");
+        let blob = BlobRef::new(
+            ImageRef::parse("registry.test/img:1").unwrap(),
+            Digest::of(b"blob"),
+            100,
+        );
+        let trace = Trace {
+            unit: Unit::OverlaybdBlocks,
+            image: image.raw().0,
+            layer: blob.digest.raw().0,
+            entries: vec![(3, 1), (0, 1)],
         };
-        // Nothing read yet: a recording waits however long that takes.
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        assert!(!settled.is_finished());
-        recorder.note(ino, &[chunk(100, 1000), chunk(0, 900)]);
-        tokio::time::sleep(Duration::from_secs(4)).await;
-        // A chunk read again is not new, and does not delay the end.
-        recorder.note(ino, &[chunk(0, 900)]);
-        recorder.note(Ino::new(9), &[chunk(0, 5000)]);
-        tokio::time::sleep(Duration::from_secs(4)).await;
-        assert!(!settled.is_finished(), "a new chunk 4 s ago: not settled");
-        recorder.note(ino, &[chunk(0, 900)]);
-        let (entries, bytes) = settled.await.unwrap();
-        assert_eq!(entries, [(7, 100), (7, 0), (9, 0)]);
-        assert_eq!(bytes, 150);
-        assert!(!recorder.is_active());
-        // Once stopped, reads are not noted.
-        recorder.note(ino, &[chunk(500, 7000)]);
-        assert_eq!(recorder.state.lock().order.len(), 0);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_recording_ends_at_its_byte_cap_without_waiting() {
-        let recorder = Recorder::new();
-        let settings = LearnSettings {
-            max_bytes: 100,
-            ..SETTINGS
+        let judged = |trace: &Trace| judge(&trace.encode(), &image, &blob, &TenParts);
+        assert_eq!(judged(&trace), Judged::Usable(trace.clone()));
+        for other in [
+            Trace {
+                unit: Unit::EstargzChunk,
+                ..trace.clone()
+            },
+            Trace {
+                image: [7; 32],
+                ..trace.clone()
+            },
+            Trace {
+                layer: [7; 32],
+                ..trace.clone()
+            },
+        ] {
+            assert_eq!(judged(&other), Judged::Elsewhere(other.clone()));
+        }
+        let outside = Trace {
+            entries: vec![(3, 1), (10, 1)],
+            ..trace.clone()
         };
-        let settled = {
-            let recorder = recorder.clone();
-            tokio::spawn(async move { recorder.settled(settings).await })
-        };
-        recorder.note(Ino::new(2), &[chunk(0, 0), chunk(100, 50)]);
-        let started = Instant::now();
-        let (entries, bytes) = settled.await.unwrap();
-        assert_eq!((entries.len(), bytes), (2, 100));
-        assert!(started.elapsed() < SETTINGS.settle);
+        assert_eq!(judged(&outside), Judged::Rejected("past the end".into()));
+        let mut damaged = trace.encode();
+        damaged[90] ^= 1;
+        assert!(matches!(
+            judge(&damaged, &image, &blob, &TenParts),
+            Judged::Rejected(_)
+        ));
     }
 }
