@@ -71,6 +71,20 @@ fn restart_without_cache(stack: &mut Stack, reference: &str) -> Result<()> {
     Ok(())
 }
 
+/// `shoal rpull` after a restart: containerd redials the daemon with a back-off, so its first
+/// calls may still fail as unavailable, and only those are tried again (bounded).
+fn rpull_after_restart(stack: &Stack, reference: &str) -> Result<()> {
+    wait_until(
+        "rpull after the restart",
+        Duration::from_secs(120),
+        || match stack.rpull(reference) {
+            Ok(_) => Ok(true),
+            Err(err) if format!("{err:#}").contains("(Unavailable)") => Ok(false),
+            Err(err) => Err(err),
+        },
+    )
+}
+
 /// Makes a trace name a block far past the end of any blob, sealed with a right checksum.
 fn past_the_end(bytes: &mut [u8]) {
     bytes[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
@@ -141,7 +155,7 @@ fn a_trace_of_the_first_start_is_prefetched_at_mount_after_the_cache_is_lost() {
 
         // The node loses its cache: the next mount fetches the recorded blocks at once.
         restart_without_cache(&mut stack, &reference)?;
-        stack.rpull(&reference)?;
+        rpull_after_restart(&stack, &reference)?;
         let replayed = learned(address, 2, "replayed")?;
         let data_learned = replayed
             .iter()
@@ -191,7 +205,7 @@ fn a_trace_of_the_first_start_is_prefetched_at_mount_after_the_cache_is_lost() {
             }
             fs::write(&path, bytes)?;
         }
-        stack.rpull(&reference)?;
+        rpull_after_restart(&stack, &reference)?;
         run(&stack, "rejected")?;
         learned(address, 2, "recorded")?;
         let learn = &status(address)?["learn"];
