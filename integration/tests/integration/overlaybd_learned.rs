@@ -1,8 +1,9 @@
 //! Learned prefetch of overlaybd images end to end, through real containerd, the loopback
 //! registry and FUSE: the first start of a converted image records, for each blob of its top
-//! layer's disk, the ZFile blocks the container's reads needed; after the node loses its cache
-//! (traces kept), the next mount fetches exactly those blocks before any container runs, so
-//! the container's reads of the data layer cost the registry nothing; a damaged trace, and one
+//! layer's disk, the ZFile blocks the container's reads needed, and pushes the traces to the
+//! registry; a node with nothing but the registry, and then one that lost its cache but kept
+//! the traces, fetches exactly those blocks at mount, before any container runs, so the
+//! container's reads of the data layer cost the registry nothing; a damaged trace, and one
 //! naming blocks the blob does not have, change nothing but a log line each.
 
 use std::fs;
@@ -85,6 +86,50 @@ fn rpull_after_restart(stack: &Stack, reference: &str) -> Result<()> {
     )
 }
 
+/// After a restart: pulls the image and waits until both blobs of its top disk replayed their
+/// traces (from `origin`: `registry ` for the registry's, empty for this node's), checking
+/// that the data layer's replay fetched every block of /data/read; the bytes prefetched of
+/// the data layer and those the registry sent of it.
+fn replayed_start(
+    stack: &Stack,
+    address: SocketAddr,
+    reference: &str,
+    data: &str,
+    origin: &str,
+) -> Result<(u64, u64)> {
+    rpull_after_restart(stack, reference)?;
+    let replayed = learned(address, 2, "replayed")?;
+    anyhow::ensure!(
+        replayed.iter().all(|l| match origin {
+            "" => l["peer"] == "",
+            prefix => l["peer"].as_str().is_some_and(|p| p.starts_with(prefix)),
+        }),
+        "traces not from {origin:?}: {replayed:#?}"
+    );
+    let data_learned = replayed
+        .iter()
+        .find(|l| l["digest"] == data)
+        .context("the data layer did not replay")?;
+    let prefetched = data_learned["bytes"].as_u64().unwrap_or(0);
+    let sent = stack.registry.proxy().response_bytes_for(data);
+    // The mount reads none of /data/read: the replay fetched every block of it.
+    anyhow::ensure!(
+        data_learned["chunks"].as_u64().unwrap_or(0) >= 1024
+            && prefetched > 0
+            && sent >= prefetched,
+        "the replay of the data layer: {data_learned}, the registry sent {sent} bytes of it"
+    );
+    let learn = &status(address)?["learn"];
+    let from_registry = u64::from(!origin.is_empty()) * 2;
+    anyhow::ensure!(
+        learn["replayed"].as_u64() == Some(2)
+            && learn["from_registry"].as_u64() == Some(from_registry)
+            && learn["prefetched_bytes"].as_u64().unwrap_or(0) >= prefetched,
+        "counters after the replay: {learn:#}"
+    );
+    Ok((prefetched, sent))
+}
+
 /// Makes a trace name a block far past the end of any blob, sealed with a right checksum.
 fn past_the_end(bytes: &mut [u8]) {
     bytes[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
@@ -102,7 +147,7 @@ fn a_trace_of_the_first_start_is_prefetched_at_mount_after_the_cache_is_lost() {
         // background fill of partial ones adds registry bytes while the test counts them.
         let settings = format!(
             "[metrics]\naddress = \"{address}\"\n[cache]\nblock_size = \"64KiB\"\n\
-             [fetch]\nlearn_settle_secs = 2\n"
+             [fetch]\nlearn_settle_secs = 2\nlearn_push = true\n"
         );
         let mut stack = Stack::start_settings(fixture, &settings)?;
         let read = random_bytes(4 << 20)?;
@@ -153,43 +198,36 @@ fn a_trace_of_the_first_start_is_prefetched_at_mount_after_the_cache_is_lost() {
         let kept = traces(&stack)?;
         anyhow::ensure!(kept.len() == 2, "traces kept: {kept:?}");
 
-        // The node loses its cache: the next mount fetches the recorded blocks at once.
-        restart_without_cache(&mut stack, &reference)?;
-        rpull_after_restart(&stack, &reference)?;
-        let replayed = learned(address, 2, "replayed")?;
-        let data_learned = replayed
-            .iter()
-            .find(|l| l["digest"] == data.as_str())
-            .context("the data layer did not replay")?;
-        let prefetched = data_learned["bytes"].as_u64().unwrap_or(0);
-        let from_registry = stack.registry.proxy().response_bytes_for(&data);
-        // The mount reads none of /data/read: the replay fetched every block of it.
-        anyhow::ensure!(
-            data_learned["chunks"].as_u64().unwrap_or(0) >= 1024
-                && prefetched > 0
-                && from_registry >= prefetched,
-            "the replay of the data layer: {data_learned}, the registry sent {from_registry} \
-             bytes of it"
-        );
-        let before = status(address)?;
-        anyhow::ensure!(
-            before["learn"]["replayed"].as_u64() == Some(2)
-                && before["learn"]["prefetched_bytes"].as_u64().unwrap_or(0) >= prefetched,
-            "counters after the replay: {:#}",
-            before["learn"]
-        );
-        // Then the container reads only what is there: not one byte more of the data layer.
-        run(&stack, "replayed")?;
-        let after = stack.registry.proxy().response_bytes_for(&data);
-        anyhow::ensure!(
-            after == from_registry,
-            "the container fetched {} bytes of the data layer the trace should have brought",
-            after - from_registry
-        );
-        eprintln!(
-            "overlaybd learned prefetch: {data_blocks} blocks recorded of the data layer, \
-             {prefetched} bytes prefetched at mount, {from_registry} sent by the registry"
-        );
+        // The traces are pushed to the registry as a referrer artifact of the image.
+        wait_until("traces to be pushed", Duration::from_secs(60), || {
+            let log = stack.daemon.log();
+            Ok(log.matches("traces pushed to the registry").count() == 2)
+        })?;
+
+        // A new node (no cache, no traces, no peers) finds them in the registry; then the
+        // node loses its cache but keeps the traces (the registry's, kept on replay). Each
+        // time the next mount fetches the recorded blocks at once, before the container runs.
+        for (keep_traces, origin) in [(false, "registry "), (true, "")] {
+            restart_without_cache(&mut stack, &reference)?;
+            if !keep_traces {
+                fs::remove_dir_all(stack.daemon.root().join("traces"))?;
+            }
+            let (prefetched, sent) = replayed_start(&stack, address, &reference, &data, origin)?;
+            let before = stack.registry.proxy().response_bytes_for(&data);
+            // Then the container reads only what is there: not one byte more of the data layer.
+            run(&stack, &format!("replayed-{keep_traces}"))?;
+            let after = stack.registry.proxy().response_bytes_for(&data);
+            anyhow::ensure!(
+                after == before,
+                "the container fetched {} bytes of the data layer the trace should have brought",
+                after - before
+            );
+            eprintln!(
+                "overlaybd learned prefetch (trace from {origin:?}): {data_blocks} blocks \
+                 recorded of the data layer, {prefetched} bytes prefetched at mount, {sent} \
+                 sent by the registry"
+            );
+        }
 
         // A damaged trace and one naming blocks past the blob's end: each is rejected with one
         // log line, nothing is prefetched, and the start records its own again.
