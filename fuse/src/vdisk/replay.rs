@@ -5,7 +5,6 @@
 //! [`shoal_fetcher::BlobRead`] with the layer's own checks (CRC32C, and the block digest table
 //! when the layer has one), exactly as a container's read, and lands in the chunk cache.
 
-use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -237,30 +236,51 @@ struct Span {
 }
 
 /// The blocks `entries` name (checked to fit `zfile`) merged into spans of neighbours in the
-/// blob, ordered by the earliest read in each.
+/// blob, ordered by the earliest read in each. Runs are merged as ranges, so a trace naming
+/// a whole blob in one entry costs a span per 2 MiB, not a record per block.
 fn spans(zfile: &ZFile, entries: &[(u64, u64)]) -> Vec<Span> {
-    let mut first_read: BTreeMap<u64, usize> = BTreeMap::new();
-    for (order, &(first, len)) in entries.iter().enumerate() {
-        for block in first..first.saturating_add(len).min(zfile.block_count()) {
-            first_read.entry(block).or_insert(order);
+    let count = zfile.block_count();
+    let mut runs: Vec<(Range<u64>, usize)> = entries
+        .iter()
+        .enumerate()
+        .map(|(order, &(first, len))| {
+            (
+                first.min(count)..first.saturating_add(len).min(count),
+                order,
+            )
+        })
+        .filter(|(run, _)| !run.is_empty())
+        .collect();
+    runs.sort_by_key(|(run, _)| run.start);
+    // Overlapping runs (a recording never writes them) become one, read when its first was.
+    let mut disjoint: Vec<(Range<u64>, usize)> = Vec::with_capacity(runs.len());
+    for (run, order) in runs {
+        match disjoint.last_mut() {
+            Some((last, first_read)) if run.start < last.end => {
+                last.end = last.end.max(run.end);
+                *first_read = (*first_read).min(order);
+            }
+            _ => disjoint.push((run, order)),
         }
     }
     let compressed = |block| zfile.block_range(block).unwrap_or(0..0);
     let mut spans: Vec<Span> = Vec::new();
-    for (block, order) in first_read {
-        let range = compressed(block);
-        match spans.last_mut() {
-            Some(span)
-                if range.start <= compressed(span.blocks.end - 1).end + MERGE_GAP
-                    && range.end - compressed(span.blocks.start).start <= MAX_SPAN =>
-            {
-                span.blocks.end = block + 1;
-                span.first_read = span.first_read.min(order);
+    for (run, order) in disjoint {
+        for block in run {
+            let range = compressed(block);
+            match spans.last_mut() {
+                Some(span)
+                    if range.start <= compressed(span.blocks.end - 1).end + MERGE_GAP
+                        && range.end - compressed(span.blocks.start).start <= MAX_SPAN =>
+                {
+                    span.blocks.end = block + 1;
+                    span.first_read = span.first_read.min(order);
+                }
+                _ => spans.push(Span {
+                    first_read: order,
+                    blocks: block..block + 1,
+                }),
             }
-            _ => spans.push(Span {
-                first_read: order,
-                blocks: block..block + 1,
-            }),
         }
     }
     spans.sort_by_key(|span| span.first_read);
@@ -368,6 +388,40 @@ mod tests {
         // A replay of what the cache holds fetches nothing.
         assert_eq!(target.replay(&entries).await, Replayed::default());
         assert!(zfile.block_count() > 0);
+    }
+
+    #[tokio::test]
+    async fn blocks_are_fetched_in_spans_the_earliest_read_first_each_block_once() {
+        let (_, disk) = uncached_disk(None).await;
+        let zfile = disk.layers()[0].layer().zfile();
+        let last = zfile.block_count() - 1;
+        let at = |block: u64| zfile.block_range(block).unwrap();
+        // The first and last blocks lie far apart in the blob: two spans, the last block's
+        // (read first) first; the first block named twice is fetched once.
+        assert!(at(last).start > at(0).end + MERGE_GAP);
+        let got = spans(zfile, &[(last, 1), (0, 1), (0, 1)]);
+        assert_eq!(
+            got,
+            [
+                Span {
+                    first_read: 0,
+                    blocks: last..last + 1
+                },
+                Span {
+                    first_read: 1,
+                    blocks: 0..1
+                },
+            ]
+        );
+        // One entry naming every block: spans cover each block once, none longer than the cap.
+        let whole = spans(zfile, &[(0, last + 1), (3, 2)]);
+        let mut next = 0;
+        for span in &whole {
+            assert_eq!(span.blocks.start, next);
+            assert!(at(span.blocks.end - 1).end - at(span.blocks.start).start <= MAX_SPAN);
+            next = span.blocks.end;
+        }
+        assert_eq!(next, last + 1);
     }
 
     #[tokio::test]
