@@ -3,7 +3,8 @@
 //! the registry about once, and a peer that forges blocks (CRCs recomputed, so they pass the
 //! ZFile check) is caught block by block and blamed. Without a table (another converter's
 //! image) peers are used only over mutual TLS, and the forgery is caught by the blob's digest
-//! once the blob is complete, which drops what peers sent and blames them.
+//! once the blob is complete, which drops what peers sent and blames them. A trace of the
+//! blocks one node's first start read is found by a peer, which fetches them at mount.
 
 use std::fs;
 use std::os::unix::fs::FileExt;
@@ -281,6 +282,74 @@ fn without_a_table_a_forged_blob_is_caught_by_its_digest_over_mutual_tls() {
                     .iter()
                     .any(|log| log.contains("failed its digest; dropped the blocks peers sent")),
                 "no node dropped the peer's blocks"
+            );
+            Ok(())
+        })
+    });
+}
+
+#[test]
+fn an_overlaybd_trace_recorded_on_one_node_is_prefetched_by_a_peer_at_mount() {
+    privileged!();
+    Fixture::run(|fixture| {
+        with_overlaybd_cluster(fixture, &[], |cluster, published| {
+            let reference = format!("{}/{}", cluster.registry_host()?, published.path);
+            let settings = format!("latency_budget_ms = 3000\n{}", super::learned::LEARN);
+            let nodes = cluster.add_peers("t", &[settings.as_str(); 2])?;
+            let (first, second) = (nodes[0], nodes[1]);
+            // Both blobs of the top layer's disk are read by `sha256sum /data/blob`.
+            let recorded = super::learned::record(cluster, first, &reference, published)?;
+
+            // The peer only pulls: its disks are mounted, no container runs yet.
+            cluster.nodes[second].rpull(&cluster.network, &reference)?;
+            let learned = super::learned::replayed(cluster, second, 2)?;
+            let from = cluster.nodes[first].peer_name();
+            let replay_of = |digest: &str| learned.iter().find(|l| l["digest"] == digest);
+            anyhow::ensure!(
+                recorded.iter().all(|(digest, _)| {
+                    replay_of(digest).is_some_and(|l| l["peer"] == from.as_str())
+                }),
+                "traces not from {from}: {learned:#?}"
+            );
+            // The data layer's blocks were fetched ahead (the base layer's may all have come
+            // with the reads that mounted the disk, which fetch whole cache blocks).
+            let (data, blocks) = recorded
+                .iter()
+                .max_by_key(|(_, blocks)| *blocks)
+                .context("no layer recorded")?;
+            let data_replay = replay_of(data).context("the data layer did not replay")?;
+            anyhow::ensure!(
+                data_replay["chunks"].as_u64().unwrap_or(0) > 0,
+                "the peer's replay {data_replay} where {blocks} blocks were recorded"
+            );
+            let fetched = |status: &serde_json::Value| -> u64 {
+                let reads = status["layer_reads"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                reads
+                    .iter()
+                    .filter(|r| r["digest"] == data.as_str())
+                    .map(|r| {
+                        r["bytes_from_registry"].as_u64().unwrap_or(0)
+                            + r["bytes_from_peers"].as_u64().unwrap_or(0)
+                    })
+                    .sum()
+            };
+            let before = cluster.nodes[second].status(&cluster.network)?;
+            let sum = cluster.nodes[second].run_sum(&reference, "after-prefetch")?;
+            anyhow::ensure!(
+                sum == published.blob_sha256,
+                "the peer's container saw {sum}"
+            );
+            // Then the container reads only what is there: no byte more of the data layer.
+            let after = cluster.nodes[second].status(&cluster.network)?;
+            anyhow::ensure!(
+                fetched(&after) == fetched(&before),
+                "the container fetched data-layer bytes the trace should have brought: \
+                 {} before, {} after",
+                fetched(&before),
+                fetched(&after)
             );
             Ok(())
         })
