@@ -84,6 +84,8 @@ SCENARIOS = [
              "Shoal, lazy eStargz, a warm peer on the same machine (unshaped loopback)"),
     Scenario("shoal-learned", "shoal", "esgz", "shoal-learned",
              "Shoal, lazy eStargz, cold cache with the learned trace of an earlier start"),
+    Scenario("shoal-overlaybd-learned", "shoal", "overlaybd", "shoal-learned",
+             "Shoal, lazy overlaybd, cold cache with the learned trace of an earlier start"),
     Scenario("shoal-background", "shoal", "esgz", "shoal",
              "Shoal, lazy eStargz, every layer completed in the background from its mount",
              shoal_extra=BACKGROUND),

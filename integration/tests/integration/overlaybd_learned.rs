@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::convert::manifest_layers;
 use crate::fixture::{loopback_addr, privileged, wait_until, Fixture};
 use crate::overlaybd::{loops_under, publish_converted, random_bytes, sha256_hex, Stack};
+use crate::p2p::trace_files;
 
 /// A trace's header: magic, version, unit, reserved, two digests, entry count.
 const HEADER_LEN: usize = 80;
@@ -46,14 +47,7 @@ fn learned(address: SocketAddr, layers: usize, state: &str) -> Result<Vec<serde_
 
 /// The daemon's kept traces.
 fn traces(stack: &Stack) -> Result<Vec<PathBuf>> {
-    let dir = stack.daemon.root().join("traces");
-    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
-        .with_context(|| format!("list {}", dir.display()))?
-        .map(|entry| entry.map(|e| e.path()))
-        .collect::<std::io::Result<_>>()?;
-    files.retain(|path| path.extension().is_some_and(|e| e == "trace"));
-    files.sort();
-    Ok(files)
+    trace_files(&stack.daemon.root().join("traces"))
 }
 
 /// Removes the image (its snapshots, disks and loop devices go), stops the daemon, drops its

@@ -33,6 +33,7 @@ mod dns;
 mod faults;
 mod herd;
 mod learned;
+pub(crate) use learned::trace_files;
 mod liar;
 mod outsiders;
 mod overlaybd;

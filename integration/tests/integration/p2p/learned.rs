@@ -4,7 +4,7 @@
 //! that is damaged, is not used.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -45,14 +45,43 @@ pub(super) fn record(
 
 /// Node `i`'s kept traces.
 pub(super) fn traces(cluster: &Cluster, i: usize) -> Result<Vec<PathBuf>> {
-    let dir = cluster.nodes[i].cache.with_file_name("traces");
-    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+    trace_files(&cluster.nodes[i].cache.with_file_name("traces"))
+}
+
+/// The trace files kept in a daemon's `traces` directory, sorted.
+pub(crate) fn trace_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
         .with_context(|| format!("list {}", dir.display()))?
         .map(|entry| entry.map(|e| e.path()))
         .collect::<std::io::Result<_>>()?;
     files.retain(|path| path.extension().is_some_and(|e| e == "trace"));
     files.sort();
     Ok(files)
+}
+
+/// Bytes of blob `digest` a node's reads took from the registry (and from peers, with
+/// `from_peers`), by its `shoal status --json`.
+pub(crate) fn layer_bytes_fetched(
+    status: &serde_json::Value,
+    digest: &str,
+    from_peers: bool,
+) -> u64 {
+    let reads = status["layer_reads"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    reads
+        .iter()
+        .filter(|r| r["digest"] == digest)
+        .map(|r| {
+            let peers = if from_peers {
+                r["bytes_from_peers"].as_u64().unwrap_or(0)
+            } else {
+                0
+            };
+            r["bytes_from_registry"].as_u64().unwrap_or(0) + peers
+        })
+        .sum()
 }
 
 /// Adds a node without peers, with a short settle time.
@@ -121,20 +150,8 @@ fn a_trace_recorded_on_one_node_is_prefetched_by_a_peer_before_its_container_run
                 .iter()
                 .max_by_key(|(_, chunks)| *chunks)
                 .context("no layer recorded")?;
-            let fetched = |status: &serde_json::Value| -> u64 {
-                let reads = status["layer_reads"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default();
-                reads
-                    .iter()
-                    .filter(|r| r["digest"] == data.as_str())
-                    .map(|r| {
-                        r["bytes_from_registry"].as_u64().unwrap_or(0)
-                            + r["bytes_from_peers"].as_u64().unwrap_or(0)
-                    })
-                    .sum()
-            };
+            let fetched =
+                |status: &serde_json::Value| layer_bytes_fetched(status, data.as_str(), true);
             let sum = cluster.nodes[second].run_sum(&reference, "after-prefetch")?;
             anyhow::ensure!(
                 sum == published.blob_sha256,

@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 use shoal_formats::overlaybd::zfile::{crc32c_raw, BLOCK_CRC_SEED};
 use shoal_formats::overlaybd::{tar_wrapper, Window, ZFile};
 
+use super::learned::layer_bytes_fetched;
 use super::tls::certificates;
 use super::{
     ensure_all_right, peer_stat, start_together, with_cluster_of, Cluster, Published, REGISTRY_MBIT,
@@ -322,20 +323,8 @@ fn an_overlaybd_trace_recorded_on_one_node_is_prefetched_by_a_peer_at_mount() {
                 data_replay["chunks"].as_u64().unwrap_or(0) > 0,
                 "the peer's replay {data_replay} where {blocks} blocks were recorded"
             );
-            let fetched = |status: &serde_json::Value| -> u64 {
-                let reads = status["layer_reads"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default();
-                reads
-                    .iter()
-                    .filter(|r| r["digest"] == data.as_str())
-                    .map(|r| {
-                        r["bytes_from_registry"].as_u64().unwrap_or(0)
-                            + r["bytes_from_peers"].as_u64().unwrap_or(0)
-                    })
-                    .sum()
-            };
+            let fetched =
+                |status: &serde_json::Value| layer_bytes_fetched(status, data.as_str(), true);
             let before = cluster.nodes[second].status(&cluster.network)?;
             let sum = cluster.nodes[second].run_sum(&reference, "after-prefetch")?;
             anyhow::ensure!(

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::learned::{damage, record, replayed, traces, LEARN};
+use super::learned::{damage, layer_bytes_fetched, record, replayed, traces, LEARN};
 use super::{with_cluster, Cluster, Published, REGISTRY_BEHIND_DELAY};
 use crate::fixture::{privileged, wait_until, Fixture};
 use crate::process;
@@ -337,17 +337,7 @@ fn a_trace_pushed_to_the_registry_is_prefetched_by_a_node_no_peer_serves() {
                 .iter()
                 .max_by_key(|(_, chunks)| *chunks)
                 .context("no layer recorded")?;
-            let fetched = |status: &Value| -> u64 {
-                let reads = status["layer_reads"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default();
-                reads
-                    .iter()
-                    .filter(|r| r["digest"] == data.as_str())
-                    .map(|r| r["bytes_from_registry"].as_u64().unwrap_or(0))
-                    .sum()
-            };
+            let fetched = |status: &Value| layer_bytes_fetched(status, data.as_str(), false);
             let sum = cluster.nodes[fresh].run_sum(&reference, "after-registry-prefetch")?;
             anyhow::ensure!(sum == published.blob_sha256, "the container saw {sum}");
             let after = cluster.nodes[fresh].status(&cluster.network)?;
