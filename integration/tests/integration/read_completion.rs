@@ -57,8 +57,13 @@ fn a_layer_read_half_through_is_completed_once_and_one_read_a_little_is_not() {
             Ok(completed(&layer.digest))
         })?;
         let sent = blob_bytes();
+        // The completion starts at its first look after reads cached half the layer, while the
+        // read of /data/a may still be fetching the rest of it: those last bytes the two may
+        // both fetch (README, "Completion started by reads"). What was cached before it started
+        // is never fetched again, which would cost the first half of /data/a once more.
+        let overlap = (8 << 20) - layer.size / 2;
         assert!(
-            sent <= layer.size + SLACK,
+            sent <= layer.size + overlap + SLACK,
             "{sent} bytes of a {}-byte blob: completion fetched what reads had cached",
             layer.size
         );
