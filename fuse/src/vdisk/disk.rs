@@ -104,7 +104,20 @@ impl VirtualDisk {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, PendingRead> {
+        self.begin_read_noting(blobs, offset, len, |_| {})
+    }
+
+    /// [`VirtualDisk::begin_read`], showing `planned` the read's plan first, so a caller that
+    /// needs it (learned prefetch's recording) does not plan the read a second time.
+    pub fn begin_read_noting(
+        &self,
+        blobs: &dyn BlobRead,
+        offset: u64,
+        len: u64,
+        planned: impl FnOnce(&[Step]),
+    ) -> Result<Vec<u8>, PendingRead> {
         let steps = self.plan(offset, len).map_err(|e| PendingRead(Err(e)))?;
+        planned(&steps);
         let mut out = Vec::with_capacity(steps.iter().map(Step::len).sum::<u64>() as usize);
         for (at, step) in steps.iter().enumerate() {
             match step {

@@ -174,10 +174,16 @@ impl Filesystem for DiskFs {
             return reply.error(Errno::EISDIR);
         }
         let started = Instant::now();
-        if let Some(recording) = self.recording.as_ref().filter(|r| r.is_active()) {
-            recording.note(&self.disk, offset, size.into());
-        }
-        let pending = match self.disk.begin_read(&*self.blobs, offset, size.into()) {
+        let recording = self.recording.as_ref().filter(|r| r.is_active());
+        let noted = |steps: &[_]| {
+            if let Some(recording) = recording {
+                recording.note(&self.disk, steps);
+            }
+        };
+        let pending = match self
+            .disk
+            .begin_read_noting(&*self.blobs, offset, size.into(), noted)
+        {
             Ok(bytes) => {
                 reply.data(&bytes);
                 self.read_latency.observe(started.elapsed());

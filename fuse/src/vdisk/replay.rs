@@ -60,14 +60,10 @@ impl DiskRecording {
         self.layers.iter().for_each(|r| r.stop());
     }
 
-    /// A read of the disk's bytes `offset..offset + len`: notes every block it needs, each as
-    /// (index, 1) with its compressed length. Planned here once more, which costs an index
-    /// lookup per read, and only while a recording lasts.
-    pub(super) fn note(&self, disk: &VirtualDisk, offset: u64, len: u64) {
-        let Ok(steps) = disk.plan(offset, len) else {
-            return;
-        };
-        for step in &steps {
+    /// A read of the disk, by the plan the read itself made: notes every block it needs, each
+    /// as (index, 1) with its compressed length.
+    pub(super) fn note(&self, disk: &VirtualDisk, steps: &[Step]) {
+        for step in steps {
             let Step::Blocks { layer, span } = step else {
                 continue;
             };
@@ -332,7 +328,7 @@ mod tests {
         let recording = DiskRecording::new(1);
         recording.filesystem_mounted();
         for &(offset, len) in reads {
-            recording.note(disk, offset, len);
+            recording.note(disk, &disk.plan(offset, len).unwrap());
         }
         let settings = LearnSettings {
             settle: Duration::ZERO,
