@@ -59,6 +59,35 @@ pub(crate) fn trace_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Runs the image on node `i` and fails unless its container saw the published blob and
+/// fetched no byte of blob `data` (from the registry or peers) beyond what `before`, the
+/// node's status before the run, shows: what the trace brought is all it reads.
+pub(super) fn run_fetching_nothing_more(
+    cluster: &Cluster,
+    i: usize,
+    reference: &str,
+    published: &Published,
+    data: &str,
+    before: &serde_json::Value,
+) -> Result<()> {
+    let sum = cluster.nodes[i].run_sum(reference, "after-prefetch")?;
+    anyhow::ensure!(
+        sum == published.blob_sha256,
+        "the peer's container saw {sum}"
+    );
+    let after = cluster.nodes[i].status(&cluster.network)?;
+    let (was, is) = (
+        layer_bytes_fetched(before, data, true),
+        layer_bytes_fetched(&after, data, true),
+    );
+    anyhow::ensure!(
+        was == is,
+        "the container fetched data-layer bytes the trace should have brought: \
+         {was} before, {is} after"
+    );
+    Ok(())
+}
+
 /// Bytes of blob `digest` a node's reads took from the registry (and from peers, with
 /// `from_peers`), by its `shoal status --json`.
 pub(crate) fn layer_bytes_fetched(
@@ -150,21 +179,7 @@ fn a_trace_recorded_on_one_node_is_prefetched_by_a_peer_before_its_container_run
                 .iter()
                 .max_by_key(|(_, chunks)| *chunks)
                 .context("no layer recorded")?;
-            let fetched =
-                |status: &serde_json::Value| layer_bytes_fetched(status, data.as_str(), true);
-            let sum = cluster.nodes[second].run_sum(&reference, "after-prefetch")?;
-            anyhow::ensure!(
-                sum == published.blob_sha256,
-                "the peer's container saw {sum}"
-            );
-            let after = cluster.nodes[second].status(&cluster.network)?;
-            anyhow::ensure!(
-                fetched(&after) == fetched(&before),
-                "the container fetched data-layer bytes the trace should have brought: \
-                 {} before, {} after",
-                fetched(&before),
-                fetched(&after)
-            );
+            run_fetching_nothing_more(cluster, second, &reference, published, data, &before)?;
             eprintln!(
                 "learned prefetch: recorded {recorded:?}; the peer prefetched {} bytes",
                 before["learn"]["prefetched_bytes"]
